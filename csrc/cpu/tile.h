@@ -1,0 +1,56 @@
+// Token tiles: the CPU kernels work on tiles of kTile tokens held transposed, [features][kTile], in
+// the accumulation type, so that the innermost loop runs over tokens with contiguous vector loads
+// whatever column a nonzero points to.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_isa.h"
+
+namespace sparseadapter {
+
+// 64 bytes of acc_t: one AVX-512 register, two AVX2 or four SSE registers.
+template <typename acc_t>
+struct Vec64 {
+  typedef acc_t type __attribute__((vector_size(64)));
+  static constexpr int kLanes = 64 / sizeof(acc_t);
+};
+
+template <typename acc_t>
+SA_ALWAYS_INLINE typename Vec64<acc_t>::type load_vec(const acc_t* p) {
+  typename Vec64<acc_t>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+SA_ALWAYS_INLINE void store_vec(acc_t* p, typename Vec64<acc_t>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// dst[k * kTile + t] = src[t * ld + k] for t < rows, k < cols; tokens rows..kTile are zero-filled,
+// so partial tiles compute on zeros instead of on stale data. Reads run along src rows (contiguous);
+// blocks of kBlock features keep the strided writes within a few cache lines.
+template <int kTile, typename scalar_t, typename acc_t>
+SA_ALWAYS_INLINE void load_transposed_tile(
+    const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* dst) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t k0 = 0; k0 < cols; k0 += kBlock) {
+    const int64_t kn = cols - k0 < kBlock ? cols - k0 : kBlock;
+    for (int64_t t = 0; t < rows; ++t) {
+      const scalar_t* s = src + t * ld + k0;
+      acc_t* d = dst + k0 * kTile + t;
+      for (int64_t k = 0; k < kn; ++k) {
+        d[k * kTile] = static_cast<acc_t>(s[k]);
+      }
+    }
+    for (int64_t t = rows; t < kTile; ++t) {
+      for (int64_t k = 0; k < kn; ++k) {
+        dst[(k0 + k) * kTile + t] = acc_t(0);
+      }
+    }
+  }
+}
+
+}  // namespace sparseadapter

@@ -1,0 +1,23 @@
+// Kernel entry points of each back end. Inputs arrive checked, flattened to 2-D and contiguous
+// (validation.h); outputs arrive allocated and contiguous. Every CUDA kernel has a CPU twin here
+// that computes the same function.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "validation.h"
+
+namespace sparseadapter {
+
+// y[n, r] = bias[r] + sum_{e in row r} values[e] * x[n, col[e]];  y: [num_tokens, out_features].
+// Must write every element of y, also when nnz == 0 or in_features == 0.
+void spmm_cpu_kernel(const SpmmInputs& in, at::Tensor& y);
+// out[e] = sum_n grad_out[n, row(e)] * x[n, col[e]];  out: [nnz]. Called with num_tokens > 0, nnz > 0.
+void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out);
+
+#ifdef SPARSEADAPTER_WITH_CUDA
+void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y);
+void sddmm_cuda_kernel(const SddmmInputs& in, at::Tensor& out);
+#endif
+
+}  // namespace sparseadapter

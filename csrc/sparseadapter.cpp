@@ -1,0 +1,43 @@
+// Operator schemas of the `sparseadapter` namespace: the one place they are defined.
+//
+// A sparse weight W has the shape of an nn.Linear weight, [out_features, in_features], stored as CSR
+// over its rows (crow_indices: out_features + 1, col_indices: nnz, values: nnz). Every op computes
+// with the CSR arrays directly; none of them densifies W.
+//
+// Back ends register kernels in csrc/cpu/register_cpu.cpp and csrc/cuda/register_cuda.cu; the
+// pattern-only ops are device-agnostic ATen code in csrc/pattern.cpp. Fake kernels and autograd are
+// registered from Python (sparseadapter_ext/ops.py), following pytorch/extension-cpp.
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparseadapter, m) {
+  // y[..., r] = bias[r] + sum_{e in row r} values[e] * x[..., col_indices[e]]   (y = x @ W.T + b).
+  // row_order, if given, is a permutation of the rows (longest first) used by the CUDA kernel to
+  // balance work; it never changes the result.
+  m.def(
+      "spmm(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+      "Tensor? row_order=None, Tensor? bias=None) -> Tensor");
+
+  // Sampled dense-dense product: out[e] = sum_n grad_out[n, row(e)] * x[n, col_indices[e]], summed
+  // over all leading dims n. This is the gradient of spmm with respect to `values`.
+  m.def("sddmm(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor");
+
+  // The transposed pattern: CSR of W.T ([num_cols, num_rows]) plus perm, so that
+  // values_t = values[perm]. Pattern-only: computed once per pattern, kept as buffers.
+  m.def(
+      "csr_transpose(Tensor crow_indices, Tensor col_indices, SymInt num_cols) "
+      "-> (Tensor crow_indices_t, Tensor col_indices_t, Tensor perm)");
+
+  // Rows sorted by decreasing nnz (stable): the load-balancing order for spmm. Pattern-only.
+  m.def("csr_row_order(Tensor crow_indices) -> Tensor");
+
+  // The O(nnz) structural check of a CSR pattern of shape [num_rows, num_cols]; raises ValueError
+  // naming the first problem found. Run at construction and on explicit request, not per call.
+  m.def("validate_csr(Tensor crow_indices, Tensor col_indices, SymInt num_rows, SymInt num_cols) -> ()");
+
+  // The differentiable sparse linear layer: spmm plus everything its backward needs (the transposed
+  // pattern and both row orders), so that autograd works under torch.compile and torch.export.
+  m.def(
+      "sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor crow_indices, Tensor col_indices, "
+      "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, "
+      "Tensor row_order_t) -> Tensor");
+}

@@ -1,0 +1,199 @@
+#include "validation.h"
+
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace sparseadapter {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(
+      t.device() == device, op, ": ", name, " is on ", t.device(), " but x is on ", device,
+      "; move all arguments to one device");
+}
+
+void check_same_index_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& crow) {
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == crow.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+      " but crow_indices has dtype ", crow.scalar_type(), "; use one index dtype for the pattern");
+}
+
+// The shape/dtype/device facts every CSR argument must satisfy, for a pattern of `rows` rows.
+void check_pattern(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const at::Device& device) {
+  check_index_tensor(op, "crow_indices", crow_indices);
+  check_index_tensor(op, "col_indices", col_indices);
+  check_same_index_dtype(op, "col_indices", col_indices, crow_indices);
+  TORCH_CHECK_VALUE(
+      crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
+  check_device(op, "crow_indices", crow_indices, device);
+  check_device(op, "col_indices", col_indices, device);
+}
+
+void check_fits_index_dtype(const char* op, const at::Tensor& crow, int64_t size, const char* what) {
+  if (crow.scalar_type() == at::kInt) {
+    TORCH_CHECK_VALUE(
+        size <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ", size,
+        " does not fit int32 indices; use int64 indices");
+  }
+}
+
+}  // namespace
+
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+      " must be int32 or int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+}
+
+SpmmInputs check_spmm_inputs(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& row_order,
+    const std::optional<at::Tensor>& bias,
+    c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()), op,
+      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
+      device_type);
+  const auto device = x.device();
+  check_pattern(op, crow_indices, col_indices, device);
+
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_TYPE(
+      values.scalar_type() == x.scalar_type(), op, ": values has dtype ", values.scalar_type(),
+      " but x has dtype ", x.scalar_type());
+  check_device(op, "values", values, device);
+  TORCH_CHECK_VALUE(
+      values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
+      " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
+
+  SpmmInputs in;
+  in.out_features = crow_indices.numel() - 1;
+  in.in_features = x.size(-1);
+  in.nnz = values.numel();
+  check_fits_index_dtype(op, crow_indices, in.in_features, "in_features");
+
+  if (row_order.has_value()) {
+    check_index_tensor(op, "row_order", *row_order);
+    check_same_index_dtype(op, "row_order", *row_order, crow_indices);
+    check_device(op, "row_order", *row_order, device);
+    TORCH_CHECK_VALUE(
+        row_order->numel() == in.out_features, op, ": row_order has ", row_order->numel(),
+        " entries but the pattern has ", in.out_features, " rows");
+    in.row_order = row_order->contiguous();
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(
+        bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ", bias->scalar_type(),
+        " but x has dtype ", x.scalar_type());
+    check_device(op, "bias", *bias, device);
+    TORCH_CHECK_VALUE(
+        bias->dim() == 1 && bias->numel() == in.out_features, op, ": bias must have shape [",
+        in.out_features, "] (one entry per row), got ", bias->sizes());
+    in.bias = bias->contiguous();
+  }
+
+  in.out_shape = x.sizes().vec();
+  in.out_shape.back() = in.out_features;
+  in.x = x.reshape({-1, in.in_features}).contiguous();
+  in.num_tokens = in.x.size(0);
+  in.values = values.contiguous();
+  in.crow_indices = crow_indices.contiguous();
+  in.col_indices = col_indices.contiguous();
+  return in;
+}
+
+SddmmInputs check_sddmm_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    c10::DeviceType device_type) {
+  constexpr const char* op = "sddmm";
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()), op,
+      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
+      device_type);
+  const auto device = x.device();
+  check_pattern(op, crow_indices, col_indices, device);
+  check_device(op, "grad_out", grad_out, device);
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
+      grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+
+  SddmmInputs in;
+  in.out_features = crow_indices.numel() - 1;
+  in.in_features = x.size(-1);
+  in.nnz = col_indices.numel();
+  check_fits_index_dtype(op, crow_indices, in.in_features, "in_features");
+  TORCH_CHECK_VALUE(
+      grad_out.dim() == x.dim(), op, ": grad_out has shape ", grad_out.sizes(), " but x has shape ",
+      x.sizes(), "; they must share leading dims");
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(
+        grad_out.size(d) == x.size(d), op, ": grad_out has shape ", grad_out.sizes(),
+        " but x has shape ", x.sizes(), "; they must share leading dims");
+  }
+  TORCH_CHECK_VALUE(
+      grad_out.size(-1) == in.out_features, op, ": grad_out's last dim is ", grad_out.size(-1),
+      " but the pattern has ", in.out_features, " rows");
+
+  in.x = x.reshape({-1, in.in_features}).contiguous();
+  in.grad_out = grad_out.reshape({-1, in.out_features}).contiguous();
+  in.num_tokens = in.x.size(0);
+  in.crow_indices = crow_indices.contiguous();
+  in.col_indices = col_indices.contiguous();
+  return in;
+}
+
+void check_transposed_pattern(
+    const SpmmInputs& forward,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t) {
+  constexpr const char* op = "sparse_linear";
+  const auto device = forward.x.device();
+  check_pattern(op, crow_indices_t, col_indices_t, device);
+  check_same_index_dtype(op, "crow_indices_t", crow_indices_t, forward.crow_indices);
+  TORCH_CHECK_VALUE(
+      crow_indices_t.numel() == forward.in_features + 1, op, ": x has ", forward.in_features,
+      " features but the weight has ", crow_indices_t.numel() - 1,
+      " columns (crow_indices_t has ", crow_indices_t.numel(), " entries)");
+  TORCH_CHECK_VALUE(
+      col_indices_t.numel() == forward.nnz, op, ": col_indices_t has ", col_indices_t.numel(),
+      " entries but the pattern has nnz = ", forward.nnz);
+  check_index_tensor(op, "perm_t", perm_t);
+  check_same_index_dtype(op, "perm_t", perm_t, forward.crow_indices);
+  check_device(op, "perm_t", perm_t, device);
+  TORCH_CHECK_VALUE(
+      perm_t.numel() == forward.nnz, op, ": perm_t has ", perm_t.numel(),
+      " entries but the pattern has nnz = ", forward.nnz);
+  check_index_tensor(op, "row_order_t", row_order_t);
+  check_same_index_dtype(op, "row_order_t", row_order_t, forward.crow_indices);
+  check_device(op, "row_order_t", row_order_t, device);
+  TORCH_CHECK_VALUE(
+      row_order_t.numel() == forward.in_features, op, ": row_order_t has ", row_order_t.numel(),
+      " entries but the weight has ", forward.in_features, " columns");
+}
+
+}  // namespace sparseadapter

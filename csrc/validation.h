@@ -1,0 +1,68 @@
+// Input checks shared by every back end. Each check is O(1) in the data (shapes, dtypes, devices,
+// lengths) and runs on every call; the O(nnz) structural check of a pattern is the validate_csr op.
+// Failures raise Python ValueError / TypeError with a message that names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace sparseadapter {
+
+// spmm's inputs, flattened to 2-D and made contiguous so kernels can index them directly.
+struct SpmmInputs {
+  at::Tensor x;                          // [num_tokens, in_features]
+  at::Tensor values;                     // [nnz]
+  at::Tensor crow_indices;               // [out_features + 1]
+  at::Tensor col_indices;                // [nnz]
+  std::optional<at::Tensor> row_order;   // [out_features]
+  std::optional<at::Tensor> bias;        // [out_features]
+  std::vector<int64_t> out_shape;        // x's leading dims + [out_features]
+  int64_t num_tokens = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int64_t nnz = 0;
+};
+
+SpmmInputs check_spmm_inputs(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const std::optional<at::Tensor>& row_order,
+    const std::optional<at::Tensor>& bias,
+    c10::DeviceType device_type);
+
+// sddmm's inputs, flattened to 2-D and made contiguous.
+struct SddmmInputs {
+  at::Tensor grad_out;      // [num_tokens, out_features]
+  at::Tensor x;             // [num_tokens, in_features]
+  at::Tensor crow_indices;  // [out_features + 1]
+  at::Tensor col_indices;   // [nnz]
+  int64_t num_tokens = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int64_t nnz = 0;
+};
+
+SddmmInputs check_sddmm_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    c10::DeviceType device_type);
+
+// sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
+void check_transposed_pattern(
+    const SpmmInputs& forward,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t);
+
+// Index tensors: 1-D, int32 or int64. Shared with the pattern ops.
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t);
+
+}  // namespace sparseadapter

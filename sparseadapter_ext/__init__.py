@@ -1,0 +1,22 @@
+"""SparseAdapter's compiled ops: `torch.ops.sparseadapter.*` with typed wrappers, fake kernels and
+autograd. This package knows tensors only; modules live in `sparseadapter`."""
+from . import _C  # noqa: F401  (loading the library registers torch.ops.sparseadapter)
+from .ops import (
+    csr_row_order,
+    csr_transpose,
+    has_cuda_kernels,
+    sddmm,
+    sparse_linear,
+    spmm,
+    validate_csr,
+)
+
+__all__ = [
+    "csr_row_order",
+    "csr_transpose",
+    "has_cuda_kernels",
+    "sddmm",
+    "sparse_linear",
+    "spmm",
+    "validate_csr",
+]

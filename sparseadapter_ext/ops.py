@@ -1,0 +1,135 @@
+"""Typed wrappers over torch.ops.sparseadapter, their fake kernels (for torch.compile / export) and
+the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseadapter.cpp."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.sparseadapter
+
+
+def spmm(
+    x: Tensor,
+    values: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    row_order: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """`x @ W.T + bias` for `x` of shape `[..., in_features]` and `W` in CSR. Not differentiable:
+    use `sparse_linear` for training."""
+    return _ops.spmm.default(x, values, crow_indices, col_indices, row_order, bias)
+
+
+def sddmm(grad_out: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    """`out[e] = sum_n grad_out[n, row(e)] * x[n, col(e)]`: the gradient of spmm's values."""
+    return _ops.sddmm.default(grad_out, x, crow_indices, col_indices)
+
+
+def csr_transpose(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """CSR of `W.T` and `perm` with `values_t = values[perm]`."""
+    return _ops.csr_transpose.default(crow_indices, col_indices, num_cols)
+
+
+def csr_row_order(crow_indices: Tensor) -> Tensor:
+    """Rows by decreasing nnz (stable), the CUDA kernels' load-balancing order."""
+    return _ops.csr_row_order.default(crow_indices)
+
+
+def validate_csr(crow_indices: Tensor, col_indices: Tensor, num_rows: int, num_cols: int) -> None:
+    """Raise ValueError naming the first structural problem of a CSR pattern (O(nnz))."""
+    _ops.validate_csr.default(crow_indices, col_indices, num_rows, num_cols)
+
+
+def sparse_linear(
+    x: Tensor,
+    values: Tensor,
+    bias: Optional[Tensor],
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    row_order: Tensor,
+    crow_indices_t: Tensor,
+    col_indices_t: Tensor,
+    perm_t: Tensor,
+    row_order_t: Tensor,
+) -> Tensor:
+    """Differentiable `x @ W.T + bias`; the transposed pattern and row orders come from
+    `csr_transpose` and `csr_row_order` and are computed once per pattern."""
+    return _ops.sparse_linear.default(
+        x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t
+    )
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of the extension carries the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("sparseadapter::spmm", "CUDA")
+
+
+# Fake kernels: output metadata only, so graphs can be traced without running the ops.
+
+def _linear_output(x: Tensor, crow_indices: Tensor) -> Tensor:
+    torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
+    return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+
+@torch.library.register_fake("sparseadapter::spmm")
+def _spmm_fake(x, values, crow_indices, col_indices, row_order=None, bias=None):
+    return _linear_output(x, crow_indices)
+
+
+@torch.library.register_fake("sparseadapter::sparse_linear")
+def _sparse_linear_fake(x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t):
+    torch._check(
+        x.shape[-1] == crow_indices_t.shape[0] - 1,
+        lambda: f"sparse_linear: x has {x.shape[-1]} features but the weight has {crow_indices_t.shape[0] - 1} columns",
+    )
+    return _linear_output(x, crow_indices)
+
+
+@torch.library.register_fake("sparseadapter::sddmm")
+def _sddmm_fake(grad_out, x, crow_indices, col_indices):
+    return x.new_empty(col_indices.shape)
+
+
+@torch.library.register_fake("sparseadapter::csr_transpose")
+def _csr_transpose_fake(crow_indices, col_indices, num_cols):
+    return crow_indices.new_empty((num_cols + 1,)), col_indices.new_empty(col_indices.shape), col_indices.new_empty(col_indices.shape)
+
+
+@torch.library.register_fake("sparseadapter::csr_row_order")
+def _csr_row_order_fake(crow_indices):
+    return crow_indices.new_empty((crow_indices.shape[0] - 1,))
+
+
+@torch.library.register_fake("sparseadapter::validate_csr")
+def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
+    return None
+
+
+# Autograd of sparse_linear: grad_x = grad_y @ W through the transposed pattern (spmm), grad_values
+# by SDDMM, grad_bias by a sum. Index tensors get no gradient.
+
+def _sparse_linear_setup_context(ctx, inputs, output):
+    x, values, bias, crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = inputs
+    ctx.save_for_backward(
+        x if ctx.needs_input_grad[1] else None,
+        values if ctx.needs_input_grad[0] else None,
+        crow, col, crow_t, col_t, perm_t, row_order_t,
+    )
+
+
+def _sparse_linear_backward(ctx, grad_y):
+    x, values, crow, col, crow_t, col_t, perm_t, row_order_t = ctx.saved_tensors
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.spmm.default(grad_y, values.index_select(0, perm_t), crow_t, col_t, row_order_t, None)
+    if ctx.needs_input_grad[1]:
+        grad_values = _ops.sddmm.default(grad_y, x, crow, col)
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "sparseadapter::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup_context
+)
