@@ -1,0 +1,267 @@
+"""SparseLinear against dense F.linear and torch.sparse CSR, in the style of torch.utils.benchmark.
+
+For x of shape [N, in] and a weight [out, in] with a random mask (sparsity = fraction of weights
+REMOVED), times the forward and the forward+backward (gradients to x and to the weight values) of
+
+  ours    sparseadapter.SparseLinear.from_dense(w, mask, bias)(x)
+  dense   F.linear(x, w * mask, bias)            (w * mask computed once, outside the timer)
+  csr     torch.sparse CSR (MKL on CPU, cuSPARSE on GPU): the faster, per config, of
+            mm      torch.addmm(bias[:, None], w_csr, x.T).T   (torch.sparse.mm(w_csr, x.T).T plus bias)
+            linear  F.linear(x, w_csr, bias)
+          forward+backward uses `mm` on a CSR tensor built from a values leaf, so the weight gradient
+          is the nnz-sized one, like ours.
+
+Every config is checked once before timing (ours against dense: output, grad_x, grad_values) so a
+fast wrong kernel cannot report a number; a failed check is printed as FAIL and makes the exit
+status 1. Medians of Timer.blocked_autorange; the table is torch.utils.benchmark.Compare.
+
+    python benchmarks/bench_sparse_linear.py                          # CPU fp32, N=4096, 1 thread
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sparse_linear.py --threads 2
+    python benchmarks/bench_sparse_linear.py --device cuda --dtype bfloat16 --tokens 4096 32768
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+import sparseadapter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (rtol, atol relative to the largest reference magnitude) for ours vs dense in the same dtype.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
+DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "768x256"]
+METHODS = ("ours", "dense", "csr")
+
+
+def parse_shape(text):
+    parts = re.split(r"x|->|:|,", text.strip())
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"shape must look like IN x OUT (e.g. 768x64), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="N, the rows of x")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.8, 0.9, 0.95],
+                   help="fraction of weights removed")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                   help="IN x OUT, e.g. 768x64")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per blocked_autorange")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", metavar="PATH", help="append markdown tables to PATH")
+    p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.shapes, args.sparsity, args.min_run_time = [64], [(48, 16), (16, 40)], [0.9], 0.01
+    for s in args.sparsity:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--sparsity values must be in [0, 1), got {s}")
+    return args
+
+
+def machine_header(args):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    lines = [
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"machine: {platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
+        f"python {platform.python_version()}",
+        f"threads: torch.set_num_threads({args.threads}) | "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
+        f"device {args.device} | dtype {args.dtype} | min_run_time {args.min_run_time}s | seed {args.seed}",
+    ]
+    if args.device == "cuda":
+        lines.insert(2, f"gpu: {torch.cuda.get_device_name()} | CUDA {torch.version.cuda}")
+    return lines
+
+
+class Config:
+    """One (N, shape, sparsity): the inputs and the three methods, forward and forward+backward."""
+
+    def __init__(self, n, in_f, out_f, sparsity, dtype, device, seed):
+        g = torch.Generator().manual_seed(seed)
+        bound = in_f ** -0.5  # nn.Linear's scale, so outputs are O(1)
+        w = torch.empty(out_f, in_f).uniform_(-bound, bound, generator=g)
+        mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+        bias = torch.empty(out_f).uniform_(-bound, bound, generator=g)
+        x = torch.randn(n, in_f, generator=g)
+        to = dict(dtype=dtype, device=device)
+        self.x, self.bias = x.to(**to), bias.to(**to)
+        self.grad_y = torch.randn(n, out_f, generator=g).to(**to)
+        self.mask = mask.to(device)
+        self.w_dense = (w * mask).to(**to)
+        self.ours = sparseadapter.SparseLinear.from_dense(w.to(**to), self.mask, self.bias)
+        self.ours.bias.requires_grad_(False)  # gradients to x and values only, for every method
+        self.w_csr = self.w_dense.to_sparse_csr()
+        self.nnz = int(mask.sum())
+
+    # forward
+    def ours_fwd(self):
+        return self.ours(self.x)
+
+    def dense_fwd(self):
+        return F.linear(self.x, self.w_dense, self.bias)
+
+    def csr_mm_fwd(self):
+        return torch.addmm(self.bias[:, None], self.w_csr, self.x.T).T
+
+    def csr_linear_fwd(self):
+        return F.linear(self.x, self.w_csr, self.bias)
+
+    # forward+backward: gradients by autograd.grad, so nothing accumulates between runs
+    def ours_fwdbwd(self, x):
+        return torch.autograd.grad(self.ours(x), (x, self.ours.values), self.grad_y)
+
+    def dense_fwdbwd(self, x, w):
+        return torch.autograd.grad(F.linear(x, w, self.bias), (x, w), self.grad_y)
+
+    def csr_fwdbwd(self, x, values):
+        w = torch.sparse_csr_tensor(self.w_csr.crow_indices(), self.w_csr.col_indices(), values,
+                                    self.w_csr.shape, check_invariants=False)
+        return torch.autograd.grad(torch.addmm(self.bias[:, None], w, x.T).T, (x, values), self.grad_y)
+
+    def leaves(self):
+        return {"x": self.x.detach().requires_grad_(True),
+                "w": self.w_dense.detach().requires_grad_(True),
+                "values": self.w_csr.values().detach().requires_grad_(True)}
+
+    def check(self):
+        """Ours against dense in the same dtype; returns None or a message naming the mismatch."""
+        rtol, atol = TOLERANCES[self.x.dtype]
+        leaves = self.leaves()
+        gx, gv = self.ours_fwdbwd(leaves["x"])
+        dgx, dgw = self.dense_fwdbwd(leaves["x"], leaves["w"])
+        pairs = {"output": (self.ours_fwd(), self.dense_fwd()), "grad_x": (gx, dgx),
+                 "grad_values": (gv, dgw[self.mask])}
+        for name, (got, want) in pairs.items():
+            scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol * scale):
+                err = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else "shape"
+                return f"{name} mismatch (max abs err {err}, tol rtol={rtol} atol={atol * scale:.2e})"
+        return None
+
+
+def time_it(fn, fn_args, opts, label, sub_label, description):
+    timer = benchmark.Timer(stmt="fn(*fn_args)", globals={"fn": fn, "fn_args": fn_args}, num_threads=opts.threads,
+                            label=label, sub_label=sub_label, description=description)
+    return timer.blocked_autorange(min_run_time=opts.min_run_time)
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+    warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+
+    header = machine_header(args)
+    print("\n".join(header), flush=True)
+    results, measurements, notes, failed = [], [], {}, False
+    for n in args.tokens:
+        for in_f, out_f in args.shapes:
+            for sparsity in args.sparsity:
+                cfg = Config(n, in_f, out_f, sparsity, dtype, device, args.seed)
+                sub = f"{in_f}->{out_f} s={sparsity:g}"
+                tag = f"{args.dtype} N={n} {args.device} threads={args.threads}"
+                row = {"n": n, "shape": f"{in_f}→{out_f}", "sparsity": sparsity, "nnz": cfg.nnz}
+                problem = cfg.check()
+                if problem:
+                    failed = True
+                    row["fail"] = problem
+                    print(f"FAIL {sub} N={n}: {problem}", flush=True)
+                for mode in ("fwd", "fwd+bwd"):
+                    label = f"SparseLinear {mode}, {tag}"
+                    for method in METHODS:
+                        if method == "ours" and problem:
+                            continue
+                        try:
+                            m, variant = measure(cfg, method, mode, args, label, sub)
+                        except RuntimeError as err:  # e.g. torch.sparse CSR lacks this dtype
+                            notes[(method, mode)] = str(err).splitlines()[0][:160]
+                            continue
+                        measurements.append(m)
+                        row[(method, mode)] = m.median * 1e3
+                        if variant:
+                            row[("variant", mode)] = variant
+                results.append(row)
+                del cfg
+    compare = benchmark.Compare(measurements)
+    compare.trim_significant_figures()
+    compare.print()
+    for (method, mode), why in notes.items():
+        print(f"n/a: {method} {mode}: {why}")
+    if args.markdown:
+        write_markdown(args.markdown, header, results, notes)
+    return 1 if failed else 0
+
+
+def measure(cfg, method, mode, opts, label, sub):
+    """Returns (Measurement, csr variant name or None)."""
+    if mode == "fwd":
+        if method != "csr":
+            return time_it(getattr(cfg, f"{method}_fwd"), (), opts, label, sub, method), None
+        best = None
+        for variant in ("mm", "linear"):
+            m = time_it(getattr(cfg, f"csr_{variant}_fwd"), (), opts, label, sub, "torch.sparse")
+            if best is None or m.median < best[0].median:
+                best = (m, variant)
+        return best
+    leaves = cfg.leaves()
+    args = {"ours": (leaves["x"],), "dense": (leaves["x"], leaves["w"]),
+            "csr": (leaves["x"], leaves["values"])}[method]
+    return time_it(getattr(cfg, f"{method}_fwdbwd"), args, opts, label, sub,
+                   "torch.sparse" if method == "csr" else method), ("mm" if method == "csr" else None)
+
+
+def fmt(v):
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def ratio(a, b):
+    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def write_markdown(path, header, results, notes):
+    out = ["", "```", *header, "```", ""]
+    for mode, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward (grads to x and values)")):
+        out += [f"**{title}** — median ms; ratios > 1 mean ours is faster", "",
+                "| N | shape | sparsity | ours ms | dense ms | torch.sparse ms | dense/ours | torch.sparse/ours |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            ours, dense, csr = (r.get((m, mode)) for m in METHODS)
+            csr_txt = fmt(csr) + (f" ({r[('variant', mode)]})" if csr is not None else "")
+            ours_txt = "FAIL" if "fail" in r else fmt(ours)
+            out.append(f"| {r['n']} | {r['shape']} | {r['sparsity']:g} | {ours_txt} | {fmt(dense)} | {csr_txt} "
+                       f"| {ratio(dense, ours)} | {ratio(csr, ours)} |")
+        out.append("")
+    out += [f"- n/a: {method} {mode}: `{why}`" for (method, mode), why in notes.items()]
+    out += [f"- FAIL {r['shape']} s={r['sparsity']:g} N={r['n']}: {r['fail']}" for r in results if "fail" in r]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

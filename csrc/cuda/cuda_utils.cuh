@@ -1,0 +1,111 @@
+// Device helpers shared by the CUDA kernels: device limits, vector loads, and the layout of a token
+// tile of x staged in shared memory.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace sparseadapter {
+namespace cuda_utils {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The limits every launch plan needs, read off the device of the inputs (cheap attribute reads).
+struct DeviceLimits {
+  int sm_count;
+  int smem_optin;  // the most dynamic shared memory one block may ask for
+};
+
+inline DeviceLimits device_limits(int device) {
+  DeviceLimits d{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return d;
+}
+
+// A block gets more than 48 KiB of dynamic shared memory only after its kernel's limit is raised.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// N elements loaded or stored as one access (16 bytes for the 16-byte loads of x).
+template <typename T, int N>
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Elements of scalar_t per 16-byte load.
+template <typename scalar_t>
+constexpr int kVecWidth = 16 / static_cast<int>(sizeof(scalar_t));
+
+__device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+__device__ __forceinline__ double warp_shfl_xor(double v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+// ---------------------------------------------------------------------------------------------
+// Staged x tile: T tokens x w columns, converted once to the accumulation type, stored so that
+//  - a warp reading one column for its 32 tokens (spmm: lane = token), and
+//  - a warp reading 32 different columns for one token (sddmm: lane = nonzero, consecutive columns
+//    for dense rows)
+// are both free of bank conflicts, and so are the staging stores, where lane i writes column
+// V*i + q of one token (V = elements per 16-byte load). For T = 32 element (k, t) lives at
+// k*32 + (t ^ f(k)), f(k) = (k / V + (k % V) * (32 / V)) mod 32: f is a bijection on any 32
+// consecutive columns and on the 32 columns {V*i + q}. Since k*32 has no low bits,
+// k*32 + (t ^ f(k)) == (k*32 + f(k)) ^ t: a reader keeps base(k) and xors in its token.
+// For T = 1 (one token per tile) the tile is simply xs[k].
+template <int T, int V>
+__device__ __forceinline__ int tile_base(int k) {
+  static_assert(T == 32 || T == 1, "token tiles are 32 tokens or 1");
+  if constexpr (T == 32) {
+    const int f = ((k / V) + (k % V) * (32 / V)) & 31;
+    return (k << 5) | f;
+  } else {
+    return k;
+  }
+}
+
+// Stages x[n0 : n0 + nt, k0 : k0 + w] (row pitch in_features) into xs; tokens nt..T-1 are zeroed so
+// that lanes past the last token read defined values. Called by the whole block.
+template <int T, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_x_tile(
+    const scalar_t* __restrict__ x, int64_t in_features, int64_t n0, int nt, int64_t k0, int w,
+    acc_t* __restrict__ xs) {
+  constexpr int V = kVecWidth<scalar_t>;
+  const scalar_t* base = x + n0 * in_features + k0;
+  const bool vec = in_features % V == 0 && w % V == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  if (vec) {
+    const int wv = w / V;
+    const int total = nt * wv;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int t = i / wv;
+      const int k = (i - t * wv) * V;
+      const auto v = *reinterpret_cast<const Vec<scalar_t, V>*>(base + t * in_features + k);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        xs[tile_base<T, V>(k + q) ^ t] = static_cast<acc_t>(v.v[q]);
+      }
+    }
+  } else {
+    const int total = nt * w;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int t = i / w;
+      const int k = i - t * w;
+      xs[tile_base<T, V>(k) ^ t] = static_cast<acc_t>(base[t * in_features + k]);
+    }
+  }
+  const int missing = (T - nt) * w;
+  for (int i = threadIdx.x; i < missing; i += blockDim.x) {
+    const int t = nt + i / w;
+    const int k = i % w;
+    xs[tile_base<T, V>(k) ^ t] = acc_t(0);
+  }
+}
+
+}  // namespace cuda_utils
+}  // namespace sparseadapter
