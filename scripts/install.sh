@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates a virtual environment and installs SparseAdapter into it (editable, with test extras).
+#   VENV        where to put it (default: .venv in the repository)
+#   TORCH_SPEC  which torch to install (default: torch==2.13.0, the CPU build)
+# The extension compiles against the torch in that environment (--no-build-isolation); it gets the
+# CUDA kernels when that torch is a CUDA build and a toolkit is found (see README, "CUDA").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
+"$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"
