@@ -13,7 +13,9 @@ REMOVED), times the forward and the forward+backward (gradients to x and to the 
 
 Every config is checked once before timing (ours against dense: output, grad_x, grad_values) so a
 fast wrong kernel cannot report a number; a failed check is printed as FAIL and makes the exit
-status 1. Medians of Timer.blocked_autorange; the table is torch.utils.benchmark.Compare.
+status 1. Each method is timed with Timer.blocked_autorange in --rounds interleaved rounds (so load
+from other processes falls on all methods alike), the blocks merged and the median reported; the
+printed table is torch.utils.benchmark.Compare, --markdown appends medians and ratios.
 
     python benchmarks/bench_sparse_linear.py                          # CPU fp32, N=4096, 1 thread
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sparse_linear.py --threads 2
@@ -57,13 +59,22 @@ def parse_args(argv=None):
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
                    help="IN x OUT, e.g. 768x64")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per blocked_autorange")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timing per method and config, split over --rounds (default 1.0 on cpu, "
+                        "0.2 on cuda)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="interleaved rounds per config; each method's blocks are merged (median of all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append markdown tables to PATH")
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
     if args.quick:
-        args.tokens, args.shapes, args.sparsity, args.min_run_time = [64], [(48, 16), (16, 40)], [0.9], 0.01
+        args.tokens, args.shapes, args.sparsity, args.min_run_time = [64], [(48, 16), (16, 40)], [0.9], 0.02
+        args.rounds = 2
+    if args.min_run_time is None:
+        args.min_run_time = 1.0 if args.device == "cpu" else 0.2
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     for s in args.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
@@ -85,8 +96,10 @@ def machine_header(args):
         f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
         f"python {platform.python_version()}",
         f"threads: torch.set_num_threads({args.threads}) | "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        f"device {args.device} | dtype {args.dtype} | min_run_time {args.min_run_time}s | seed {args.seed}",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
+        f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+        f"device {args.device} | dtype {args.dtype} | min_run_time {args.min_run_time}s in {args.rounds} "
+        f"interleaved rounds | seed {args.seed}",
     ]
     if args.device == "cuda":
         lines.insert(2, f"gpu: {torch.cuda.get_device_name()} | CUDA {torch.version.cuda}")
@@ -159,10 +172,45 @@ class Config:
         return None
 
 
-def time_it(fn, fn_args, opts, label, sub_label, description):
-    timer = benchmark.Timer(stmt="fn(*fn_args)", globals={"fn": fn, "fn_args": fn_args}, num_threads=opts.threads,
-                            label=label, sub_label=sub_label, description=description)
-    return timer.blocked_autorange(min_run_time=opts.min_run_time)
+def candidates(cfg, mode):
+    """(method, variant, fn, fn_args) for every timed call of one mode; torch.sparse's forward has two
+    variants and the faster one is reported."""
+    if mode == "fwd":
+        return [("ours", None, cfg.ours_fwd, ()), ("dense", None, cfg.dense_fwd, ()),
+                ("csr", "mm", cfg.csr_mm_fwd, ()), ("csr", "linear", cfg.csr_linear_fwd, ())]
+    leaves = cfg.leaves()
+    return [("ours", None, cfg.ours_fwdbwd, (leaves["x"],)),
+            ("dense", None, cfg.dense_fwdbwd, (leaves["x"], leaves["w"])),
+            ("csr", "mm", cfg.csr_fwdbwd, (leaves["x"], leaves["values"]))]
+
+
+def measure_mode(cfg, mode, opts, label, sub, skip, notes):
+    """Times every candidate in `opts.rounds` interleaved rounds (so load from other processes falls on
+    all methods alike) and merges each candidate's blocks into one Measurement. Returns
+    {method: (Measurement, variant)}."""
+    todo, blocks = [], {}
+    for method, variant, fn, fn_args in candidates(cfg, mode):
+        if method in skip:
+            continue
+        try:  # one untimed call: torch.sparse CSR raises for dtypes it lacks (e.g. bf16 on CPU and CUDA)
+            fn(*fn_args)
+        except RuntimeError as err:
+            notes[(method if variant is None else f"{method} ({variant})", mode)] = str(err).strip().splitlines()[0][:160]
+            continue
+        todo.append((method, variant, fn, fn_args))
+    for r in range(opts.rounds):
+        for method, variant, fn, fn_args in todo[r % len(todo):] + todo[:r % len(todo)] if todo else []:
+            timer = benchmark.Timer(
+                stmt="fn(*fn_args)", globals={"fn": fn, "fn_args": fn_args}, num_threads=opts.threads,
+                label=label, sub_label=sub, description="torch.sparse" if method == "csr" else method)
+            blocks.setdefault((method, variant), []).append(
+                timer.blocked_autorange(min_run_time=opts.min_run_time / opts.rounds))
+    best = {}
+    for (method, variant), ms in blocks.items():
+        m = benchmark.Measurement.merge(ms)[0]
+        if method not in best or m.median < best[method][0].median:
+            best[method] = (m, variant)
+    return best
 
 
 def run(args):
@@ -190,14 +238,8 @@ def run(args):
                     print(f"FAIL {sub} N={n}: {problem}", flush=True)
                 for mode in ("fwd", "fwd+bwd"):
                     label = f"SparseLinear {mode}, {tag}"
-                    for method in METHODS:
-                        if method == "ours" and problem:
-                            continue
-                        try:
-                            m, variant = measure(cfg, method, mode, args, label, sub)
-                        except RuntimeError as err:  # e.g. torch.sparse CSR lacks this dtype
-                            notes[(method, mode)] = str(err).splitlines()[0][:160]
-                            continue
+                    timed = measure_mode(cfg, mode, args, label, sub, {"ours"} if problem else set(), notes)
+                    for method, (m, variant) in timed.items():
                         measurements.append(m)
                         row[(method, mode)] = m.median * 1e3
                         if variant:
@@ -212,24 +254,6 @@ def run(args):
     if args.markdown:
         write_markdown(args.markdown, header, results, notes)
     return 1 if failed else 0
-
-
-def measure(cfg, method, mode, opts, label, sub):
-    """Returns (Measurement, csr variant name or None)."""
-    if mode == "fwd":
-        if method != "csr":
-            return time_it(getattr(cfg, f"{method}_fwd"), (), opts, label, sub, method), None
-        best = None
-        for variant in ("mm", "linear"):
-            m = time_it(getattr(cfg, f"csr_{variant}_fwd"), (), opts, label, sub, "torch.sparse")
-            if best is None or m.median < best[0].median:
-                best = (m, variant)
-        return best
-    leaves = cfg.leaves()
-    args = {"ours": (leaves["x"],), "dense": (leaves["x"], leaves["w"]),
-            "csr": (leaves["x"], leaves["values"])}[method]
-    return time_it(getattr(cfg, f"{method}_fwdbwd"), args, opts, label, sub,
-                   "torch.sparse" if method == "csr" else method), ("mm" if method == "csr" else None)
 
 
 def fmt(v):

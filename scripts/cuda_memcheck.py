@@ -1,0 +1,28 @@
+"""A short workout of every CUDA kernel path for compute-sanitizer (memcheck): odd sizes, empty rows,
+nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype."""
+import torch
+
+import sparseadapter_ext as ops
+from sparseadapter import SparseLinear
+
+CASES = [(37, 53, 0.3, 71), (17, 23, 0.0, 9), (19, 21, 1.0, 35), (33, 65, 0.4, 1), (5, 4099, 0.05, 40),
+         (64, 768, 0.1, 300)]
+
+
+def main():
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for out_f, in_f, density, tokens in CASES:
+            mask = torch.rand(out_f, in_f, generator=gen) < density
+            layer = SparseLinear.from_dense(torch.randn(out_f, in_f, generator=gen), mask, torch.randn(out_f))
+            layer = layer.to("cuda", dtype)
+            x = torch.randn(tokens, in_f, generator=gen).to("cuda", dtype).requires_grad_()
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+            ops.sddmm(torch.randn_like(y), x.detach(), layer.crow_indices, layer.col_indices)
+    torch.cuda.synchronize()
+    print("memcheck workout done")
+
+
+if __name__ == "__main__":
+    main()

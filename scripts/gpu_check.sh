@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (torch 2.11+cu130 there, nothing installable): build the extension in place,
+# run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmark; print a summary last.
+# Writes logs under $OUT (the device tool's output folder), or ./gpu-out elsewhere.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/python" PYTHONUNBUFFERED=1
+NVCC=$(command -v nvcc)
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+summary=()
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+start=$SECONDS
+if FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  summary+=("build: ok ($((SECONDS - start)) s)")
+else
+  tail -40 "$OUT/build.log"
+  echo "build: FAILED"
+  exit 1
+fi
+
+start=$SECONDS
+python3 -m pytest -q -p no:cacheprovider tests -k cuda >"$OUT/tests.log" 2>&1
+summary+=("CUDA tests: $(tail -1 "$OUT/tests.log") ($((SECONDS - start)) s)")
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+
+start=$SECONDS
+if command -v compute-sanitizer >/dev/null; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/cuda_memcheck.py >"$OUT/memcheck.log" 2>&1
+  summary+=("memcheck: exit $? — $(grep -E 'ERROR SUMMARY|memcheck workout' "$OUT/memcheck.log" | tr '\n' ' ') ($((SECONDS - start)) s)")
+fi
+
+start=$SECONDS
+: >"$OUT/gpu_bench.md"
+for dtype in bfloat16 float16; do
+  python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens 4096 32768 \
+    --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 || tail -20 "$OUT/bench_$dtype.log"
+done
+summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md")
+
+echo
+cat "$OUT/gpu_bench.md"
+echo
+printf '%s\n' "${summary[@]}"
