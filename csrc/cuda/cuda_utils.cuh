@@ -11,7 +11,7 @@
 namespace sparseadapter {
 namespace cuda_utils {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The limits every launch plan needs, read off the device of the inputs (cheap attribute reads).
 struct DeviceLimits {
@@ -53,10 +53,11 @@ __device__ __forceinline__ double warp_shfl_xor(double v, int mask) { return __s
 //  - a warp reading one column for its 32 tokens (spmm: lane = token), and
 //  - a warp reading 32 different columns for one token (sddmm: lane = nonzero, consecutive columns
 //    for dense rows)
-// are both free of bank conflicts, and so are the staging stores, where lane i writes column
-// V*i + q of one token (V = elements per 16-byte load). For T = 32 element (k, t) lives at
-// k*32 + (t ^ f(k)), f(k) = (k / V + (k % V) * (32 / V)) mod 32: f is a bijection on any 32
-// consecutive columns and on the 32 columns {V*i + q}. Since k*32 has no low bits,
+// are free of bank conflicts (the latter: for 32 consecutive columns starting at a multiple of 32;
+// any other 32 consecutive columns have at most one 2-way conflict), and so are the staging stores,
+// where lane i writes column V*i + q of one token (V = elements per 16-byte load). For T = 32
+// element (k, t) lives at k*32 + (t ^ f(k)), f(k) = (k / V + (k % V) * (32 / V)) mod 32: f is a
+// bijection on the 32 columns {32*a + i} and on the 32 columns {V*i + q}. Since k*32 has no low bits,
 // k*32 + (t ^ f(k)) == (k*32 + f(k)) ^ t: a reader keeps base(k) and xors in its token.
 // For T = 1 (one token per tile) the tile is simply xs[k].
 template <int T, int V>

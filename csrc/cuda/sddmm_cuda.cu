@@ -69,8 +69,10 @@ __device__ __forceinline__ int64_t row_of(const index_t* crow, int64_t num_rows,
   return lo;
 }
 
+// Staged: at most 64 registers (two blocks per SM where shared memory allows). Global reads: more
+// registers for loads in flight, one block per SM (at 64 the float64 variant spilled).
 template <typename scalar_t, typename index_t, bool kStageX>
-__global__ void __launch_bounds__(kThreads) sddmm_kernel(const SddmmParams<scalar_t, index_t> p) {
+__global__ void __launch_bounds__(kThreads, kStageX ? 2 : 1) sddmm_kernel(const SddmmParams<scalar_t, index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kVecWidth<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -122,21 +124,20 @@ __global__ void __launch_bounds__(kThreads) sddmm_kernel(const SddmmParams<scala
     }
     __syncthreads();
 
-    // Tokens past nt read zeros from the staged tiles; global reads are guarded instead.
+    // Both tiles staged: a fixed trip count (tokens past nt read staged zeros). Otherwise some
+    // reads go to global memory, and the loop stops at nt.
     const auto g_at = [&](int k, int t) -> acc_t {
-      if (stage_g) {
-        return gs[gofs[k] + t];
-      }
-      return t < nt ? static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + grow[k]]) : acc_t(0);
+      return stage_g ? gs[gofs[k] + t]
+                     : static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + grow[k]]);
     };
     const auto x_at = [&](int k, int t) -> acc_t {
       if constexpr (kStageX) {
         return xs[xofs[k] ^ t];
       } else {
-        return t < nt ? static_cast<acc_t>(p.x[(n0 + t) * p.in_features + xcol[k]]) : acc_t(0);
+        return static_cast<acc_t>(p.x[(n0 + t) * p.in_features + xcol[k]]);
       }
     };
-    if (stage_g) {
+    if (kStageX && stage_g) {
 #pragma unroll 8
       for (int t = 0; t < kTile; ++t) {
 #pragma unroll
@@ -145,8 +146,8 @@ __global__ void __launch_bounds__(kThreads) sddmm_kernel(const SddmmParams<scala
         }
       }
     } else {
-#pragma unroll 8
-      for (int t = 0; t < kTile; ++t) {
+#pragma unroll 2
+      for (int t = 0; t < nt; ++t) {
 #pragma unroll
         for (int k = 0; k < kPerThread; ++k) {
           acc[k] += g_at(k, t) * x_at(k, t);

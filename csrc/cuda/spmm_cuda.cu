@@ -62,7 +62,6 @@ template <typename scalar_t, typename index_t, int T>
 __global__ void __launch_bounds__(kThreads) spmm_tiled_kernel(const SpmmParams<scalar_t, index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kVecWidth<scalar_t>;
-  constexpr int S = 32 / T;  // lanes that share one token and split a row's nonzeros
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);         // [kWarps][32] values (T == 32)
@@ -186,27 +185,29 @@ void launch_spmm(const SpmmInputs& in, at::Tensor& y, const DeviceLimits& dev, c
   if (has_order && tiles >= dev.sm_count) {
     splits = 1;
   }
-  // The output tile gets at most half of shared memory; x's chunk gets the rest.
-  const int64_t fixed = kWarps * 32 * static_cast<int64_t>(sizeof(acc_t) + sizeof(int));  // pair buffers
+  // Shared memory: x's chunk first (fewest chunks), keeping room for an output tile of at least
+  // kMinRows rows; the output tile then takes what is left. kc depends only on in_features, the
+  // dtype and the device, never on row_order or the split: chunking fixes the order of the
+  // additions, so the same row gives the same bits whichever block computes it.
+  constexpr int64_t kMinRows = 256;
+  const int64_t acc_bytes = sizeof(acc_t);
+  const int64_t fixed = kWarps * 32 * (acc_bytes + static_cast<int64_t>(sizeof(int)));  // pair buffers
   const int64_t budget = dev.smem_optin - fixed;
-  const int64_t max_rows = budget / 2 / (T * static_cast<int64_t>(sizeof(acc_t))) - 1;
-  TORCH_CHECK(max_rows >= 1, "spmm: not enough shared memory");
-  int64_t rows = ceil_div(out, splits);
-  if (rows > max_rows) {
-    splits = ceil_div(out, max_rows);
-    rows = ceil_div(out, splits);
-  }
-  const int64_t pitch = rows | 1;
-  const int64_t ys_bytes = T * pitch * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t col_bytes = T * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t col_bytes = T * acc_bytes;
   int64_t kc = 0;
   if (in.nnz > 0 && in.in_features > 0) {
-    kc = std::min<int64_t>(in.in_features, (budget - ys_bytes) / col_bytes);
+    kc = std::min<int64_t>(in.in_features, (budget - T * (kMinRows + 1) * acc_bytes) / col_bytes);
     if (kc < in.in_features) {
       kc -= kc % 32;  // whole 16-byte vectors per chunk
     }
     TORCH_CHECK(kc > 0, "spmm: not enough shared memory");
   }
+  const int64_t max_rows = (budget - kc * col_bytes) / col_bytes - 1;  // pitch = rows | 1 fits
+  int64_t rows = std::min(ceil_div(out, splits), max_rows);
+  splits = ceil_div(out, rows);  // no empty splits
+  rows = ceil_div(out, splits);
+  const int64_t pitch = rows | 1;
+  const int64_t ys_bytes = T * pitch * acc_bytes;
   const int64_t grid = tiles * splits;
   TORCH_CHECK(grid <= INT_MAX, "spmm: too many tokens for one launch (", in.num_tokens, ")");
 
