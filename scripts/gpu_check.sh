@@ -24,21 +24,24 @@ else
 fi
 
 start=$SECONDS
-python3 -m pytest -q -p no:cacheprovider tests -k cuda >"$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests -k cuda >"$OUT/tests.log" 2>&1
 summary+=("CUDA tests: $(tail -1 "$OUT/tests.log") ($((SECONDS - start)) s)")
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 
 start=$SECONDS
 if command -v compute-sanitizer >/dev/null; then
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/cuda_memcheck.py >"$OUT/memcheck.log" 2>&1
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/cuda_memcheck.py >"$OUT/memcheck.log" 2>&1
   summary+=("memcheck: exit $? — $(grep -E 'ERROR SUMMARY|memcheck workout' "$OUT/memcheck.log" | tr '\n' ' ') ($((SECONDS - start)) s)")
 fi
 
 start=$SECONDS
 : >"$OUT/gpu_bench.md"
-for dtype in bfloat16 float16; do
-  python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens 4096 32768 \
-    --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 || tail -20 "$OUT/bench_$dtype.log"
+for run in "bfloat16 4096 32768" "float16 32768"; do
+  set -- $run
+  dtype=$1; shift
+  timeout 150 python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens "$@" \
+    --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 ||
+    tail -20 "$OUT/bench_$dtype.log"
 done
 summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md")
 

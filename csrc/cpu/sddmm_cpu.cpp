@@ -35,7 +35,7 @@ struct SddmmArgs {
   int64_t tiles_per_slab;
 };
 
-template <typename scalar_t, typename index_t>
+template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t s_begin, int64_t s_end) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = typename Vec64<acc_t>::type;
@@ -51,8 +51,8 @@ SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t
     for (int64_t tile = s * a.tiles_per_slab; tile < tile_end; ++tile) {
       const int64_t n0 = tile * kTile;
       const int64_t nt = std::min(kTile, a.num_tokens - n0);
-      load_transposed_tile<kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
-      load_transposed_tile<kTile>(
+      load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
+      load_transposed_tile<kIsa, kTile>(
           a.grad_out + n0 * a.out_features, a.out_features, nt, a.out_features, gt.data());
       for (int64_t r = 0; r < a.out_features; ++r) {
         const int64_t e_begin = a.crow[r];
@@ -83,15 +83,15 @@ SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t
 
 template <typename scalar_t, typename index_t>
 SA_TARGET_AVX512 void sddmm_slabs_avx512(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs(a, b, e);
+  sddmm_slabs<CpuIsa::kAvx512>(a, b, e);
 }
 template <typename scalar_t, typename index_t>
 SA_TARGET_AVX2 void sddmm_slabs_avx2(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs(a, b, e);
+  sddmm_slabs<CpuIsa::kAvx2>(a, b, e);
 }
 template <typename scalar_t, typename index_t>
 void sddmm_slabs_baseline(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs(a, b, e);
+  sddmm_slabs<CpuIsa::kBaseline>(a, b, e);
 }
 
 template <typename scalar_t, typename index_t>

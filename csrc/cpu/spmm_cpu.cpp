@@ -36,7 +36,7 @@ struct SpmmArgs {
   int64_t rows_per_block;
 };
 
-template <typename scalar_t, typename index_t>
+template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = typename Vec64<acc_t>::type;
@@ -51,7 +51,7 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
     if (tile != staged_tile) {
-      load_transposed_tile<kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt);
+      load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt);
       staged_tile = tile;
     }
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
@@ -84,15 +84,15 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
 
 template <typename scalar_t, typename index_t>
 SA_TARGET_AVX512 void spmm_work_items_avx512(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items(a, b, e);
+  spmm_work_items<CpuIsa::kAvx512>(a, b, e);
 }
 template <typename scalar_t, typename index_t>
 SA_TARGET_AVX2 void spmm_work_items_avx2(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items(a, b, e);
+  spmm_work_items<CpuIsa::kAvx2>(a, b, e);
 }
 template <typename scalar_t, typename index_t>
 void spmm_work_items_baseline(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items(a, b, e);
+  spmm_work_items<CpuIsa::kBaseline>(a, b, e);
 }
 
 template <typename scalar_t, typename index_t>

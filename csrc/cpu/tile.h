@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cpu_isa.h"
+#include "transpose_avx512.h"
 
 namespace sparseadapter {
 
@@ -30,13 +31,13 @@ SA_ALWAYS_INLINE void store_vec(acc_t* p, typename Vec64<acc_t>::type v) {
 }
 
 // dst[k * kTile + t] = src[t * ld + k] for t < rows, k < cols; tokens rows..kTile are zero-filled,
-// so partial tiles compute on zeros instead of on stale data. Reads run along src rows (contiguous);
-// blocks of kBlock features keep the strided writes within a few cache lines.
+// so partial tiles compute on zeros instead of on stale data. The scalar path reads along src rows
+// (contiguous) in blocks of kBlock features, which keeps the strided writes within a few cache lines.
 template <int kTile, typename scalar_t, typename acc_t>
-SA_ALWAYS_INLINE void load_transposed_tile(
-    const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* dst) {
+SA_ALWAYS_INLINE void load_transposed_tile_scalar(
+    const scalar_t* src, int64_t ld, int64_t rows, int64_t k_begin, int64_t cols, acc_t* dst) {
   constexpr int64_t kBlock = 16;
-  for (int64_t k0 = 0; k0 < cols; k0 += kBlock) {
+  for (int64_t k0 = k_begin; k0 < cols; k0 += kBlock) {
     const int64_t kn = cols - k0 < kBlock ? cols - k0 : kBlock;
     for (int64_t t = 0; t < rows; ++t) {
       const scalar_t* s = src + t * ld + k0;
@@ -51,6 +52,27 @@ SA_ALWAYS_INLINE void load_transposed_tile(
       }
     }
   }
+}
+
+// The same, with whole 16x16 blocks transposed in AVX-512 registers where the ISA variant allows.
+template <CpuIsa kIsa, int kTile, typename scalar_t, typename acc_t>
+SA_ALWAYS_INLINE void load_transposed_tile(
+    const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* dst) {
+#if SA_X86_MULTIVERSION
+  if constexpr (kIsa == CpuIsa::kAvx512 && kHasAvx512Transpose<scalar_t> && kTile % 16 == 0) {
+    if (rows == kTile) {
+      const int64_t full_cols = cols - cols % 16;
+      for (int64_t k0 = 0; k0 < full_cols; k0 += 16) {
+        for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+          transpose16x16_to_float(src + t0 * ld + k0, ld, dst + k0 * kTile + t0, kTile);
+        }
+      }
+      load_transposed_tile_scalar<kTile>(src, ld, rows, full_cols, cols, dst);
+      return;
+    }
+  }
+#endif
+  load_transposed_tile_scalar<kTile>(src, ld, rows, 0, cols, dst);
 }
 
 }  // namespace sparseadapter
