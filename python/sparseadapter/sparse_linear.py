@@ -47,12 +47,16 @@ class SparseLinear(nn.Module):
         elif values.shape != col_indices.shape:
             raise ValueError(
                 f"values has shape {tuple(values.shape)} but the pattern has nnz = {col_indices.numel()}")
+        elif values.device != device:
+            raise ValueError(f"values is on {values.device} but the pattern is on {device}")
         self.values = nn.Parameter(values.detach().clone())
         if isinstance(bias, bool):
             bias = torch.zeros(self.out_features, dtype=values.dtype, device=device) if bias else None
         if bias is not None:
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            if bias.device != device:
+                raise ValueError(f"bias is on {bias.device} but the pattern is on {device}")
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
@@ -72,7 +76,8 @@ class SparseLinear(nn.Module):
         index_dtype: Optional[torch.dtype] = None,
     ) -> "SparseLinear":
         """Keep `weight[mask]`. `weight` is an nn.Linear weight `[out_features, in_features]`; `mask`
-        has the same shape (bool, or nonzero = keep)."""
+        has the same shape (bool, or nonzero = keep). The layer lives on weight's device and dtype;
+        mask and bias are moved there."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
         if mask.shape != weight.shape:
@@ -80,6 +85,8 @@ class SparseLinear(nn.Module):
         keep = (mask if mask.dtype == torch.bool else mask != 0).to(weight.device)
         crow, col = mask_to_csr(keep, index_dtype)
         out_features, in_features = weight.shape
+        if bias is not None:
+            bias = bias.to(weight.device, weight.dtype)
         return cls(in_features, out_features, crow, col, weight.detach()[keep], bias, validate=False)
 
     def forward(self, x: Tensor) -> Tensor:
