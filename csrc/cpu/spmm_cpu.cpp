@@ -45,6 +45,7 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
 
   std::vector<acc_t> tile_buffer(a.in_features * kTile + Vec64<acc_t>::kLanes);
   acc_t* xt = tile_buffer.data();
+  std::vector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
   int64_t staged_tile = -1;
   for (int64_t w = w_begin; w < w_end; ++w) {
     const int64_t tile = w / a.row_blocks;
@@ -70,15 +71,13 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
           acc[v] += value * load_vec(xc + v * Vec64<acc_t>::kLanes);
         }
       }
-      alignas(64) acc_t out[kTile];
+      acc_t* out = out_buffer.data() + (r - r_begin) * kTile;
       for (int v = 0; v < kVecs; ++v) {
         store_vec(out + v * Vec64<acc_t>::kLanes, acc[v]);
       }
-      scalar_t* y = a.y + n0 * a.out_features + r;
-      for (int64_t t = 0; t < nt; ++t) {
-        y[t * a.out_features] = static_cast<scalar_t>(out[t]);
-      }
     }
+    store_transposed_tile<kIsa, kTile>(
+        out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_isa.h"
 #include "transpose_avx512.h"
@@ -73,6 +74,31 @@ SA_ALWAYS_INLINE void load_transposed_tile(
   }
 #endif
   load_transposed_tile_scalar<kTile>(src, ld, rows, 0, cols, dst);
+}
+
+// dst[t * ld + r] = src[r * kTile + t] for r < rows, t < tokens: an output tile, computed transposed
+// ([rows][kTile]), written back to row-major tokens. Whole 16x16 float blocks go through registers.
+template <CpuIsa kIsa, int kTile, typename scalar_t, typename acc_t>
+SA_ALWAYS_INLINE void store_transposed_tile(
+    const acc_t* src, int64_t rows, int64_t tokens, scalar_t* dst, int64_t ld) {
+  int64_t r_begin = 0;
+#if SA_X86_MULTIVERSION
+  if constexpr (kIsa == CpuIsa::kAvx512 && std::is_same_v<scalar_t, float> && kTile % 16 == 0) {
+    if (tokens == kTile) {
+      r_begin = rows - rows % 16;
+      for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
+        for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+          transpose16x16_to_float(src + r0 * kTile + t0, kTile, dst + t0 * ld + r0, ld);
+        }
+      }
+    }
+  }
+#endif
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t r = r_begin; r < rows; ++r) {
+      dst[t * ld + r] = static_cast<scalar_t>(src[r * kTile + t]);
+    }
+  }
 }
 
 }  // namespace sparseadapter
