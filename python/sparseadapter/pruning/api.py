@@ -1,0 +1,246 @@
+"""`prune`: score adapter weight matrices once, at initialization, keep the best, convert to CSR.
+
+The scores and the exact-k selection live in `scores.py` and `selection.py`; this module finds the
+weights to prune in a model, prepares them (zero-initialized matrices), runs the selection and turns
+each pruned `nn.Linear` into a `SparseLinear`, recording how it was pruned.
+"""
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..sparse_linear import SparseLinear
+from .scores import DATA_METHODS, METHODS, compute_masks
+from .selection import check_no_empty
+
+# An adapter marks the nn.Linear layers that pruning may touch with this attribute (set to True), and
+# may group them into chains (forward order) for SynFlow with PRUNABLE_CHAIN (a tuple of names
+# relative to the adapter). Biases, LayerNorms, prefixes and task heads are never marked.
+PRUNABLE_ATTR = "sparseadapter_prunable"
+
+Targets = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
+
+# As in the SparseAdapter paper's code ("bert" initialization): N(0, 0.02).
+ZERO_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class PruningRecord:
+    """How a weight was pruned; saved with the adapter."""
+
+    method: str
+    sparsity: float
+    scope: str
+    erk: bool
+    seed: int
+    rounds: int
+    calibration_examples: int
+    calibration_sha256: Optional[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_targets(model: nn.Module, targets: Targets = None) -> Dict[str, nn.Linear]:
+    """The dense nn.Linear layers to prune, by module name, in model order.
+
+    `targets=None` takes the layers adapters marked prunable; a sequence takes those module names; a
+    callable `(name, module) -> bool` picks among the model's nn.Linear layers.
+    """
+    modules = dict(model.named_modules())
+    if targets is None:
+        found = {n: m for n, m in modules.items() if getattr(m, PRUNABLE_ATTR, False)}
+        if not found:
+            raise ValueError(
+                "prune: the model has no adapter weights marked prunable; add adapters first "
+                "(sparseadapter.add_adapter) or name the layers with targets=[...]")
+    elif callable(targets):
+        found = {n: m for n, m in modules.items() if isinstance(m, nn.Linear) and targets(n, m)}
+        if not found:
+            raise ValueError("prune: the targets predicate selected no nn.Linear layer")
+    else:
+        missing = [n for n in targets if n not in modules]
+        if missing:
+            raise ValueError(f"prune: no module named {missing[0]!r} in the model")
+        found = {n: modules[n] for n in modules if n in set(targets)}
+    for name, module in found.items():
+        if isinstance(module, SparseLinear):
+            raise ValueError(f"prune: {name!r} is already sparse; pruning happens once, at initialization")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"prune: {name!r} is a {type(module).__name__}, not an nn.Linear")
+    return found
+
+
+def _default_loss(model: nn.Module, batch) -> Tensor:
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if loss is not None:
+            return loss
+    raise ValueError(
+        "prune: cannot compute a loss from this batch: pass loss_fn(model, batch) -> scalar loss "
+        "(the default only handles dict batches whose model output has .loss)")
+
+
+def _tensor_leaves(batch) -> List[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for k in sorted(batch) for t in _tensor_leaves(batch[k])]
+    if isinstance(batch, (list, tuple)):
+        return [t for item in batch for t in _tensor_leaves(item)]
+    return []
+
+
+def _describe_data(batches: List) -> tuple:
+    """(number of examples, sha256 of every tensor in order): enough to tell two calibration sets apart."""
+    if not batches:
+        return 0, None
+    digest = hashlib.sha256()
+    examples = 0
+    for batch in batches:
+        leaves = _tensor_leaves(batch)
+        examples += leaves[0].shape[0] if leaves and leaves[0].dim() > 0 else 1
+        for t in leaves:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return examples, digest.hexdigest()
+
+
+def _reinit_zero_matrices(layers: Mapping[str, nn.Linear], method: str, zero_init: str, seed: int) -> None:
+    """All-zero matrices score zero under every method but random (and, for SNIP/GraSP, so does their
+    partner in a chain), so ties would decide which matrix disappears."""
+    zero = [n for n, m in layers.items() if not torch.any(m.weight.detach() != 0)]
+    if not zero or method == "random":
+        return
+    if zero_init == "raise":
+        raise ValueError(
+            f"prune: {zero[0]!r} is all zeros (a zero-initialized adapter matrix, e.g. LoRA's B), so "
+            f"'{method}' scores carry no information; initialize adapters with small random values "
+            "(init='bert', N(0, 0.02)) or pass zero_init='reinit'")
+    if zero_init != "reinit":
+        raise ValueError(f"prune: zero_init must be 'reinit' or 'raise', got {zero_init!r}")
+    warnings.warn(f"prune: re-initializing {len(zero)} all-zero matrices with N(0, {ZERO_INIT_STD}) "
+                  f"before '{method}' scoring (first: {zero[0]!r})", stacklevel=3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in zero:
+            w = layers[name].weight
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.device, w.dtype) * ZERO_INIT_STD)
+
+
+def _chains(model: nn.Module, layers: Mapping[str, nn.Linear], chains: Optional[Sequence[Sequence[str]]]):
+    if chains is not None:
+        for chain in chains:
+            for name in chain:
+                if name not in layers:
+                    raise ValueError(f"prune: chain entry {name!r} is not one of the pruned layers")
+        return [list(c) for c in chains]
+    # Adapters declare their chains with relative names; resolve them against the adapter's path.
+    found = []
+    for prefix, module in model.named_modules():
+        chain = getattr(module, "sparseadapter_chain", None)
+        if chain:
+            names = [f"{prefix}.{n}" if prefix else n for n in chain]
+            found.append([n for n in names if n in layers])
+    return [c for c in found if c] or None
+
+
+def compute_prune_masks(
+    model: nn.Module,
+    method: str = "snip",
+    sparsity: float = 0.4,
+    scope: str = "global",
+    *,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable[[nn.Module, object], Tensor]] = None,
+    seed: int = 0,
+    rounds: Optional[int] = None,
+    erk: bool = False,
+    targets: Targets = None,
+    chains: Optional[Sequence[Sequence[str]]] = None,
+    zero_init: str = "reinit",
+) -> Dict[str, Tensor]:
+    """The masks `prune` would apply (module name -> bool mask), without converting: for studies."""
+    masks, _, _ = _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds, erk,
+                                    targets, chains, zero_init)
+    return masks
+
+
+def _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds, erk, targets, chains, zero_init):
+    if method not in METHODS:
+        raise ValueError(f"prune: method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"prune: sparsity is the fraction of weights removed and must be in [0, 1), got {sparsity}")
+    layers = find_targets(model, targets)
+    batches = list(data) if data is not None else None
+    if method in DATA_METHODS and not batches:
+        raise ValueError(f"prune: '{method}' scores weights with gradients and needs calibration data: "
+                         "pass data=[batch, ...] (and loss_fn if batches are not dicts with labels)")
+    _reinit_zero_matrices(layers, method, zero_init, seed)
+    loss_fn = loss_fn or _default_loss
+    was_training = model.training
+    model.eval()  # as the paper's code: scores from the model in eval mode (no dropout)
+    try:
+        masks = compute_masks(
+            method, {n: m.weight for n, m in layers.items()}, sparsity, scope=scope,
+            loss_closure=lambda batch: loss_fn(model, batch), data=batches,
+            chains=_chains(model, layers, chains), seed=seed, rounds=rounds, erk=erk)
+    finally:
+        model.train(was_training)
+    if sparsity < 1.0:
+        check_no_empty(masks)
+    examples, digest = _describe_data(batches or [])
+    used_rounds = rounds if rounds is not None else (100 if method == "synflow" else 1)
+    record = PruningRecord(method, float(sparsity), scope, bool(erk), int(seed), int(used_rounds), examples, digest)
+    return masks, layers, record
+
+
+def prune(
+    model: nn.Module,
+    method: str = "snip",
+    sparsity: float = 0.4,
+    scope: str = "global",
+    *,
+    data: Optional[Iterable] = None,
+    loss_fn: Optional[Callable[[nn.Module, object], Tensor]] = None,
+    seed: int = 0,
+    rounds: Optional[int] = None,
+    erk: bool = False,
+    targets: Targets = None,
+    chains: Optional[Sequence[Sequence[str]]] = None,
+    zero_init: str = "reinit",
+) -> nn.Module:
+    """Prune adapter weight matrices once, at initialization, and convert them to CSR, in place.
+
+    Scores every target weight with `method` ("random", "magnitude", "snip", "grasp", "synflow"),
+    keeps exactly round((1 - sparsity) * N) weights — over all targets together (`scope="global"`,
+    the paper's default) or in each matrix (`scope="layer"`, with `erk=True` for ERK densities) — and
+    replaces each target nn.Linear by a SparseLinear holding the kept weights and the bias.
+
+    `sparsity` is the fraction removed (0.4 = 40% zeros). SNIP and GraSP need `data` (an iterable of
+    batches) and `loss_fn(model, batch)`; the default loss is `model(**batch).loss`. All-zero matrices
+    (zero-initialized adapters) are re-initialized with N(0, 0.02) before scoring
+    (`zero_init="reinit"`, as the paper's code does) or rejected (`zero_init="raise"`). Each new layer
+    and the model carry a `sparseadapter_pruning` PruningRecord.
+    """
+    masks, layers, record = _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds,
+                                              erk, targets, chains, zero_init)
+    for name, linear in layers.items():
+        sparse = SparseLinear.from_dense(linear.weight.detach(), masks[name], linear.bias)
+        sparse.values.requires_grad_(linear.weight.requires_grad)
+        if sparse.bias is not None:
+            sparse.bias.requires_grad_(linear.bias.requires_grad)
+        sparse.sparseadapter_pruning = record
+        _replace_module(model, name, sparse)
+    model.sparseadapter_pruning = record
+    return model
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
