@@ -50,7 +50,7 @@ start=$SECONDS
 for run in "bfloat16 4096 32768" "float16 32768"; do
   set -- $run
   dtype=$1; shift
-  timeout 150 python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens "$@" \
+  timeout 240 python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens "$@" \
     --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 ||
     tail -20 "$OUT/bench_$dtype.log"
 done
