@@ -40,4 +40,20 @@ TORCH_LIBRARY(sparseadapter, m) {
       "sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor crow_indices, Tensor col_indices, "
       "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, "
       "Tensor row_order_t) -> Tensor");
+
+  // Pruning at initialization (issue 3); kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
+
+  // The keep-score of every weight (higher = keep), in one pass: "magnitude" |w|, "snip" |g * w|
+  // (g = dL/dw), "grasp" w * Hg (keeping the highest w * Hg removes the highest GraSP
+  // S = -w * Hg), "synflow" |w * g| (g = dR/dw). float32 out for float32/16/bf16, float64 for float64.
+  m.def("prune_score(Tensor weight, Tensor? grad, Tensor? hess_grad, str method) -> Tensor");
+
+  // Exact-k global selection over many tensors without concatenating them (radix select): bool masks
+  // of the scores' shapes with exactly k True in total, the k highest scores; among equal scores the
+  // entry first in (list order, flat row-major index) is kept. NaN or k outside [0, total] raises.
+  m.def("topk_masks(Tensor[] scores, SymInt k) -> Tensor[]");
+
+  // CSR of the True entries of a 2-D mask on its device, columns sorted within rows, indices of
+  // index_dtype (int32 or int64): the same arrays as python/sparseadapter/csr.py mask_to_csr.
+  m.def("mask_to_csr(Tensor mask, ScalarType index_dtype) -> (Tensor crow_indices, Tensor col_indices)");
 }

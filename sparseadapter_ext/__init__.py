@@ -5,9 +5,12 @@ from .ops import (
     csr_row_order,
     csr_transpose,
     has_cuda_kernels,
+    mask_to_csr,
+    prune_score,
     sddmm,
     sparse_linear,
     spmm,
+    topk_masks,
     validate_csr,
 )
 
@@ -15,8 +18,11 @@ __all__ = [
     "csr_row_order",
     "csr_transpose",
     "has_cuda_kernels",
+    "mask_to_csr",
+    "prune_score",
     "sddmm",
     "sparse_linear",
     "spmm",
+    "topk_masks",
     "validate_csr",
 ]

@@ -1,6 +1,6 @@
 """Typed wrappers over torch.ops.sparseadapter, their fake kernels (for torch.compile / export) and
 the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseadapter.cpp."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -133,3 +133,50 @@ def _sparse_linear_backward(ctx, grad_y):
 torch.library.register_autograd(
     "sparseadapter::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup_context
 )
+
+
+# Pruning at initialization (issue 3): fused score, exact-k global selection, mask -> CSR.
+
+def prune_score(
+    weight: Tensor, grad: Optional[Tensor] = None, hess_grad: Optional[Tensor] = None, method: str = "magnitude"
+) -> Tensor:
+    """Keep-score of every weight in one pass (higher = keep): "magnitude" `|w|`, "snip" `|g * w|`,
+    "grasp" `w * Hg` (keeping the highest `w * Hg` removes the highest GraSP `S = -w * Hg`),
+    "synflow" `|w * g|` with `g = dR/dw`. float32 for float32/16/bf16 inputs, float64 for float64."""
+    return _ops.prune_score.default(weight, grad, hess_grad, method)
+
+
+def topk_masks(scores: List[Tensor], k: int) -> List[Tensor]:
+    """Bool masks (the scores' shapes and device) with exactly `k` True in total: the `k` highest
+    scores over all tensors, found by radix select without concatenating them. Among equal scores the
+    entry first in (list order, flat row-major index) is kept. NaN scores raise ValueError."""
+    if len(scores) == 0:  # no tensor to dispatch on
+        if k != 0:
+            raise ValueError(f"topk_masks: k = {k} must be in [0, 0] (the total number of scores)")
+        return []
+    return _ops.topk_masks.default(scores, k)
+
+
+def mask_to_csr(mask: Tensor, index_dtype: torch.dtype = torch.int32) -> Tuple[Tensor, Tensor]:
+    """`(crow_indices, col_indices)` of the True entries of a 2-D mask, on its device, columns sorted
+    within rows (the same arrays as `sparseadapter.csr.mask_to_csr`)."""
+    return _ops.mask_to_csr.default(mask, index_dtype)
+
+
+@torch.library.register_fake("sparseadapter::prune_score")
+def _prune_score_fake(weight, grad, hess_grad, method):
+    if method not in ("magnitude", "snip", "grasp", "synflow"):
+        raise ValueError(f"prune_score: unknown method {method!r}")
+    return weight.new_empty(weight.shape, dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.register_fake("sparseadapter::topk_masks")
+def _topk_masks_fake(scores, k):
+    return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
+
+
+@torch.library.register_fake("sparseadapter::mask_to_csr")
+def _mask_to_csr_fake(mask, index_dtype):
+    torch._check(mask.dim() == 2, lambda: "mask_to_csr: mask must be 2-D")
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return mask.new_empty((mask.shape[0] + 1,), dtype=index_dtype), mask.new_empty((nnz,), dtype=index_dtype)

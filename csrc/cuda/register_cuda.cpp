@@ -1,6 +1,7 @@
 #include <torch/library.h>
 
 #include "../op_wrappers.h"
+#include "../prune.h"
 
 namespace sparseadapter {
 
@@ -9,6 +10,9 @@ TORCH_LIBRARY_IMPL(sparseadapter, CUDA, m) {
   m.impl("spmm", &spmm_op<kCUDA, spmm_cuda_kernel>);
   m.impl("sparse_linear", &sparse_linear_op<kCUDA, spmm_cuda_kernel>);
   m.impl("sddmm", &sddmm_op<kCUDA, sddmm_cuda_kernel>);
+  m.impl("prune_score", &prune_score_cuda);
+  m.impl("topk_masks", &topk_masks_cuda);
+  m.impl("mask_to_csr", &mask_to_csr_cuda);
 }
 
 }  // namespace sparseadapter
