@@ -1,5 +1,6 @@
 """A short workout of every CUDA kernel path for compute-sanitizer (memcheck): odd sizes, empty rows,
-nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype."""
+nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype; and the
+pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
 import torch
 
 import sparseadapter_ext as ops
@@ -20,6 +21,16 @@ def main():
             y = layer(x)
             y.backward(torch.randn_like(y))
             ops.sddmm(torch.randn_like(y), x.detach(), layer.crow_indices, layer.col_indices)
+    for dtype in (torch.float32, torch.float64):
+        scores = [torch.randint(0, 5, shape, generator=gen).to("cuda", dtype) for shape in ((37, 53), (0, 4), (64, 768))]
+        total = sum(s.numel() for s in scores)
+        for k in (0, 1, total // 3, total):
+            masks = ops.topk_masks(scores, k)
+            mask = masks[2]
+            ops.mask_to_csr(mask, torch.int32)
+        w = torch.randn(33, 65, generator=gen).to("cuda", dtype)
+        for method, g, hg in (("magnitude", None, None), ("snip", w, None), ("grasp", None, w), ("synflow", w, None)):
+            ops.prune_score(w, g, hg, method)
     torch.cuda.synchronize()
     print("memcheck workout done")
 

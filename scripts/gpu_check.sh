@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (torch 2.11+cu130 there, nothing installable): build the extension in place,
-# run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmark; print a summary last.
+# run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmarks; print a summary last.
 # Writes logs under $OUT (the device tool's output folder), or ./gpu-out elsewhere.
 # GPU_CHECK_BENCH=0 skips the benchmark.
 set -uo pipefail
@@ -54,7 +54,9 @@ for run in "bfloat16 4096 32768" "float16 32768"; do
     --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 ||
     tail -20 "$OUT/bench_$dtype.log"
 done
-summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md")
+timeout 150 python3 benchmarks/bench_pruning.py --device cuda >"$OUT/bench_pruning.log" 2>&1 ||
+  tail -20 "$OUT/bench_pruning.log"
+summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md and $OUT/bench_pruning.log")
 }
 
 echo

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import sparseadapter_ext as ext
-from sparseadapter.csr import mask_to_csr as mask_to_csr_reference
 
 SCORE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -159,6 +158,14 @@ def test_topk_masks_errors(device):
 
 # ------------------------------------------------------------------------------------------------
 # mask_to_csr
+
+def mask_to_csr_reference(mask, index_dtype):
+    """Plain PyTorch: row counts, their running sum, and the column of every nonzero in row-major order."""
+    keep = mask != 0
+    crow = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    crow[1:] = keep.sum(1).cumsum(0)
+    return crow.to(index_dtype), keep.nonzero()[:, 1].to(index_dtype)
+
 
 MASK_CASES = {
     "random": (37, 53, 0.3),

@@ -4,6 +4,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+import sparseadapter_ext
+
 _INT32_MAX = torch.iinfo(torch.int32).max
 
 
@@ -16,13 +18,8 @@ def mask_to_csr(mask: Tensor, index_dtype: Optional[torch.dtype] = None) -> Tupl
     """`(crow_indices, col_indices)` of the nonzeros of a 2-D mask, columns sorted within rows."""
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D [out_features, in_features], got shape {tuple(mask.shape)}")
-    keep = mask if mask.dtype == torch.bool else mask != 0
-    nnz = int(keep.sum())
-    dtype = index_dtype or index_dtype_for(tuple(keep.shape), nnz)
-    crow = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
-    torch.cumsum(keep.sum(dim=1), dim=0, out=crow[1:])
-    col = keep.nonzero()[:, 1]
-    return crow.to(dtype), col.to(dtype)
+    dtype = index_dtype or index_dtype_for(tuple(mask.shape), int(mask.count_nonzero()))
+    return sparseadapter_ext.mask_to_csr(mask, dtype)
 
 
 def csr_row_indices(crow_indices: Tensor) -> Tensor:

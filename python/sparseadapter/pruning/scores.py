@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+import sparseadapter_ext
+
 from .selection import (_check_fraction, _select_global_k, _select_per_tensor_k, _validated_flats,
                         erk_densities, keep_count)
 
@@ -86,7 +88,7 @@ def compute_scores(
             out[name] = s * masks[name] if name in masks else s
         return out
     if method == "magnitude":
-        return {name: _masked(w.detach(), masks.get(name)).to(_score_dtype(w)).abs()
+        return {name: sparseadapter_ext.prune_score(_masked(w.detach(), masks.get(name)), None, None, "magnitude")
                 for name, w in weights.items()}
     if method == "synflow":
         return _synflow(weights, chains, masks)
@@ -251,7 +253,8 @@ def _summed_grads(weights, loss_closure, batches) -> list[Tensor]:
 
 def _snip(weights, loss_closure, batches):
     grads = _summed_grads(weights, loss_closure, batches)
-    return {n: (g * w.detach().to(g.dtype)).abs() for (n, w), g in zip(weights.items(), grads)}
+    return {n: sparseadapter_ext.prune_score(w.detach().to(g.dtype), g, None, "snip")
+            for (n, w), g in zip(weights.items(), grads)}
 
 
 def _grasp(weights, loss_closure, batches):
@@ -267,7 +270,8 @@ def _grasp(weights, loss_closure, batches):
         for a, h in zip(hg, torch.autograd.grad(z, ws, allow_unused=True)):
             if h is not None:
                 a += h
-    return {n: w.detach().to(h.dtype) * h for (n, w), h in zip(weights.items(), hg)}
+    return {n: sparseadapter_ext.prune_score(w.detach().to(h.dtype), None, h, "grasp")
+            for (n, w), h in zip(weights.items(), hg)}
 
 
 def _synflow_chains(weights, chains) -> list[list[str]]:

@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+import sparseadapter_ext
+
 
 def keep_count(total: int, sparsity: float) -> int:
     """How many of `total` weights survive at `sparsity` (the fraction removed):
@@ -156,36 +158,21 @@ def _validated_flats(scores: Mapping[str, Tensor]) -> list[Tensor]:
 def _top_k(flat: Tensor, k: int, eligible: Optional[Tensor] = None) -> Tensor:
     """Bool mask of the k largest entries of a 1-D float64 tensor; ties go to the lower index.
     Entries where `eligible` is False are never kept (k must not exceed the eligible count)."""
-    n = flat.numel()
-    if eligible is not None:
-        flat = flat.masked_fill(~eligible, -math.inf)
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=flat.device)
-    # Threshold = the k-th largest value; keep everything above it, then the first of the ties.
-    t = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > t
-    tie = flat == t
-    need = k - keep.sum()
-    return keep | (tie & (torch.cumsum(tie, 0) <= need))
+    return _select_global_k({"": flat}, [flat], k, None if eligible is None else {"": eligible})[""]
 
 
 def _select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
                      eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """The k largest over all tensors with the fused radix-select kernel (`topk_masks`), which keeps
+    the tie rule of the module docstring and never concatenates the tensors."""
     if not flats:
         return {}
     device = flats[0].device
-    allflat = torch.cat([f.to(device) for f in flats])
-    elig = None
-    if eligible is not None:
-        elig = torch.cat([eligible[n].reshape(-1).to(device) for n in scores])
-    keep = _top_k(allflat, k, elig)
-    out, start = {}, 0
-    for (name, s), f in zip(scores.items(), flats):
-        out[name] = keep[start:start + f.numel()].view(s.shape).to(s.device)
-        start += f.numel()
-    return out
+    flats = [f.to(device) for f in flats]
+    if eligible is not None:  # never-eligible entries rank below every finite score
+        flats = [f.masked_fill(~eligible[n].reshape(-1).to(device), -math.inf) for n, f in zip(scores, flats)]
+    keep = sparseadapter_ext.topk_masks(flats, k)
+    return {name: m.view(s.shape).to(s.device) for (name, s), m in zip(scores.items(), keep)}
 
 
 def _select_per_tensor_k(scores: Mapping[str, Tensor], flats: list[Tensor], ks: Sequence[int],
