@@ -46,6 +46,17 @@ void check_fits_index_dtype(const char* op, const at::Tensor& crow, int64_t size
   }
 }
 
+// x: [..., features], a supported float dtype, on the device this kernel serves.
+void check_x(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()), op,
+      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
+      device_type);
+}
+
 }  // namespace
 
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
@@ -64,13 +75,7 @@ SpmmInputs check_spmm_inputs(
     const std::optional<at::Tensor>& row_order,
     const std::optional<at::Tensor>& bias,
     c10::DeviceType device_type) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_TYPE(
-      is_supported_float(x.scalar_type()), op,
-      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(
-      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
-      device_type);
+  check_x(op, x, device_type);
   const auto device = x.device();
   check_pattern(op, crow_indices, col_indices, device);
 
@@ -126,13 +131,7 @@ SddmmInputs check_sddmm_inputs(
     const at::Tensor& col_indices,
     c10::DeviceType device_type) {
   constexpr const char* op = "sddmm";
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_TYPE(
-      is_supported_float(x.scalar_type()), op,
-      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(
-      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
-      device_type);
+  check_x(op, x, device_type);
   const auto device = x.device();
   check_pattern(op, crow_indices, col_indices, device);
   check_device(op, "grad_out", grad_out, device);

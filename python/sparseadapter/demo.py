@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils import benchmark
 
-from .sparse_linear import SparseLinear
+from .csr import csr_to_dense
+from .pruning import prune
 
 
 @dataclass
@@ -25,15 +27,6 @@ class DemoConfig:
     lr: float = 1e-2
     threads: int = 1
     seed: int = 0
-
-
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the round((1 - sparsity) * numel) largest |w|."""
-    keep = round((1.0 - sparsity) * weight.numel())
-    mask = torch.zeros(weight.numel(), dtype=torch.bool)
-    if keep > 0:
-        mask[weight.abs().flatten().topk(keep).indices] = True
-    return mask.view_as(weight)
 
 
 def _median_ms(stmt, **globals_):
@@ -52,9 +45,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     x_test = torch.randn(1024, cfg.in_features, generator=gen)
     target_test = x_test @ teacher.T
 
-    init = torch.randn(cfg.out_features, cfg.in_features, generator=gen) * 0.02
-    mask = magnitude_mask(init, cfg.sparsity)
-    layer = SparseLinear.from_dense(init, mask, torch.zeros(cfg.out_features))
+    model = nn.Sequential(nn.Linear(cfg.in_features, cfg.out_features))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(cfg.out_features, cfg.in_features, generator=gen) * 0.02)
+        model[0].bias.zero_()
+    prune(model, "magnitude", cfg.sparsity, targets=["0"], seed=cfg.seed)
+    layer = model[0]
+    pattern = csr_to_dense(layer.crow_indices, layer.col_indices, torch.ones(layer.nnz), tuple(teacher.shape))
+    mask = pattern != 0
     print(f"pruned {cfg.out_features}x{cfg.in_features} projection by magnitude: {layer}")
 
     opt = torch.optim.Adam(layer.parameters(), lr=cfg.lr)
