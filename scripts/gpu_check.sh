@@ -2,7 +2,7 @@
 # On a lent GPU machine (torch 2.11+cu130 there, nothing installable): build the extension in place,
 # run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmarks; print a summary last.
 # Writes logs under $OUT (the device tool's output folder), or ./gpu-out elsewhere.
-# GPU_CHECK_BENCH=0 skips the benchmark.
+# GPU_CHECK_BENCH=0 skips the benchmarks; GPU_CHECK_BENCH=pruning runs only the pruning one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -46,8 +46,9 @@ fi
 
 start=$SECONDS
 : >"$OUT/gpu_bench.md"
-[ "${GPU_CHECK_BENCH:-1}" = 0 ] || {
-for run in "bfloat16 4096 32768" "float16 32768"; do
+bench=${GPU_CHECK_BENCH:-1}
+[ "$bench" = 0 ] || {
+[ "$bench" = pruning ] || for run in "bfloat16 4096 32768" "float16 32768"; do
   set -- $run
   dtype=$1; shift
   timeout 240 python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens "$@" \
