@@ -1,15 +1,23 @@
 """SparseAdapter: sparse adapters with real CSR kernels.
 
 The compiled ops live in `sparseadapter_ext` (torch.ops.sparseadapter); this package holds what users
-touch: `SparseLinear` and the CSR helpers, pruning at initialization (`prune`); adapters and training
-as they land.
+touch: `SparseLinear` and the CSR helpers, pruning at initialization (`prune`), and adapters on
+Hugging Face models (`add_adapter`, `save_adapter`, ...).
 """
+from .adapters import (
+    SparseAdapterConfig, active_adapters, add_adapter, add_fusion, delete_adapter, fold_prefix, load_adapter,
+    merge, parameter_budget, print_trainable_parameters, save_adapter, set_active_adapters, set_active_fusion,
+    train_adapter, train_fusion, trainable_parameters, unload, unmerge,
+)
 from .csr import csr_to_dense, mask_to_csr
 from .pruning import PruningRecord, compute_prune_masks, prune
 from .sparse_linear import SparseLinear
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "PruningRecord", "SparseLinear", "compute_prune_masks", "csr_to_dense", "mask_to_csr", "prune", "__version__",
+    "PruningRecord", "SparseAdapterConfig", "SparseLinear", "__version__", "active_adapters", "add_adapter",
+    "add_fusion", "compute_prune_masks", "csr_to_dense", "delete_adapter", "fold_prefix", "load_adapter",
+    "mask_to_csr", "merge", "parameter_budget", "print_trainable_parameters", "prune", "save_adapter",
+    "set_active_adapters", "set_active_fusion", "train_adapter", "train_fusion", "trainable_parameters",
+    "unload", "unmerge",
 ]

@@ -1,0 +1,389 @@
+"""The user-facing adapter API: add, activate, train, delete, merge, fuse.
+
+    model = sa.add_adapter(model, "sst2", sa.SparseAdapterConfig(kind="houlsby", sparsity=0.4), data=batches)
+    sa.train_adapter(model, "sst2")      # freezes everything but this adapter (and the task head)
+    sa.set_active_adapters(model, ["sst2", "other"])
+
+Adapters live in `AdapterSlot`s (see slot.py) attached to the modules they adapt; the model keeps a
+registry of names, configs, sites and pruning records.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..pruning.api import PRUNABLE_ATTR, prune
+from . import prefix as prefix_attention
+from .config import SparseAdapterConfig
+from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
+from .placement import Site, hidden_size, resolve_sites
+from .registry import PREFIX_ROOT, AdapterEntry, entry, registry
+from .slot import SLOT_ATTR, AdapterSlot, slots
+
+Names = Union[str, Sequence[str]]
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+# Task heads trained with an adapter (peft's modules_to_save for classification).
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
+
+
+def _as_list(names: Names) -> List[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _device_dtype(model: nn.Module, host: nn.Module):
+    for module in (host, model):
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _build(config: SparseAdapterConfig, site: Site) -> nn.Module:
+    if site.mode == "lora":
+        return LoRAAdapter(site.in_features, site.out_features, config.effective_bottleneck,
+                           alpha=config.lora_alpha, dropout=config.dropout, init=config.init)
+    return BottleneckAdapter(site.in_features, site.out_features, config.effective_bottleneck,
+                             activation=config.activation, dropout=config.dropout, layer_norm=config.layer_norm,
+                             scale=config.scale, init=config.init)
+
+
+def _slot_for(model: nn.Module, site: Site) -> AdapterSlot:
+    host = model.get_submodule(site.host)
+    slot = getattr(host, SLOT_ATTR, None)
+    if slot is None:
+        slot = AdapterSlot(site.mode, site.in_features, site.out_features)
+        slot.attach(host, model.get_submodule(site.span_start) if site.span_start else None)
+    elif slot.mode != site.mode:
+        raise ValueError(f"{site.host!r} already holds {slot.mode} adapters; a {site.mode} adapter cannot share it")
+    return slot
+
+
+def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
+    """The modules of adapter `name`, by their full module name in the model."""
+    found = {}
+    for part, sites in entry(model, name).sites.items():
+        for site in sites:
+            if part == "prefix":
+                continue
+            found[f"{site.host}.{SLOT_ATTR}.adapters.{name}"] = model.get_submodule(site.host).sparseadapter.adapters[name]
+    prefixes = getattr(model, PREFIX_ROOT, None)
+    if prefixes is not None and name in prefixes:
+        found[f"{PREFIX_ROOT}.{name}"] = prefixes[name]
+    return found
+
+
+def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
+                loss_fn=None, activate: bool = True) -> nn.Module:
+    """Add adapter `name` to `model` in place and return the model.
+
+    The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
+    pruned here, once, with `config.pruner`; SNIP and GraSP need calibration `data` (batches the model
+    takes as `model(**batch)` with labels, or give `loss_fn(model, batch)`). With `activate`, the new
+    adapter becomes the only active one.
+    """
+    if not isinstance(config, SparseAdapterConfig):
+        raise TypeError(f"config must be a SparseAdapterConfig, got {type(config).__name__}")
+    _check_new_name(model, name)
+    parts = build_adapter(model, config)
+    attach_adapter(model, name, config, parts)
+    if config.is_sparse:
+        _prune_adapter(model, name, config, data, loss_fn)
+    _freeze_base(model)
+    if activate:
+        set_active_adapters(model, [name])
+    return model
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+    reg = registry(model, create=True)
+    if name in reg.adapters or name in reg.fusions:
+        raise ValueError(f"the model already has an adapter named {name!r}")
+
+
+@dataclass
+class BuiltAdapter:
+    """An adapter's modules, built off the model: attach_adapter puts them in place."""
+
+    sites: Dict[str, List[Site]]
+    modules: List[Tuple[Site, nn.Module]]
+    prefix: Optional[PrefixGenerator]
+
+
+def build_adapter(model: nn.Module, config: SparseAdapterConfig) -> BuiltAdapter:
+    """Resolve the sites and build the modules, seeded, on each host's device and dtype; the model is
+    not touched."""
+    sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
+    kv_dims = {site.host: prefix_attention.check_attention_module(site.host, model.get_submodule(site.host))
+               for site in sites.get("prefix", [])}
+    if len(set(kv_dims.values())) > 1:
+        raise ValueError("prefix tuning needs one key/value width across attention layers")
+    modules = []
+    generator = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for part in ("bottleneck", "lora"):
+            for site in sites.get(part, []):
+                device, dtype = _device_dtype(model, model.get_submodule(site.host))
+                modules.append((site, _build(config, site).to(device, dtype)))
+        if kv_dims:
+            device, dtype = _device_dtype(model, model)
+            generator = PrefixGenerator(len(kv_dims), hidden_size(model), next(iter(kv_dims.values())),
+                                        config.prefix_length, config.prefix_mid_dim).to(device, dtype)
+    return BuiltAdapter(sites, modules, generator)
+
+
+def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
+    reg = registry(model, create=True)
+    for site, module in parts.modules:
+        _slot_for(model, site).adapters[name] = module
+    if parts.prefix is not None:
+        reg.base_attention = prefix_attention.install(model)
+        if getattr(model, PREFIX_ROOT, None) is None:
+            setattr(model, PREFIX_ROOT, nn.ModuleDict())
+        getattr(model, PREFIX_ROOT)[name] = parts.prefix
+        for layer, site in enumerate(parts.sites["prefix"]):
+            slot = _slot_for(model, site)
+            slot.layer_index = layer
+            slot.prefixes[name] = parts.prefix
+    reg.adapters[name] = AdapterEntry(config, parts.sites)
+
+
+def _prune_adapter(model, name, config, data, loss_fn) -> None:
+    reg = registry(model)
+    targets = [f"{prefix}.{sub}" if sub else prefix
+               for prefix, module in adapter_modules(model, name).items()
+               for sub, layer in module.named_modules() if getattr(layer, PRUNABLE_ATTR, False)]
+    saved = (list(reg.active), reg.active_fusion)
+    try:
+        set_active_adapters(model, [name])
+        prune(model, method=config.pruner, sparsity=config.effective_sparsity, scope=config.scope, data=data,
+              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets)
+    except Exception:
+        delete_adapter(model, name)  # leave the model as it was
+        raise
+    finally:
+        _set_active(model, *saved)
+    reg.adapters[name].pruning = model.sparseadapter_pruning
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Every parameter that is not an adapter's (nor a task head's) stops training."""
+    keep = {id(p) for slot in slots(model).values() for p in slot.parameters()}
+    keep |= {id(p) for p in getattr(model, PREFIX_ROOT, nn.Module()).parameters()}
+    keep |= {id(p) for p in _head_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def _set_active(model: nn.Module, names: List[str], fusion: Optional[str]) -> None:
+    reg = registry(model)
+    for slot in slots(model).values():
+        slot.active = [n for n in names if n in slot.adapters or n in slot.prefixes]
+        slot.active_fusion = fusion if fusion in slot.fusions else None
+    reg.active, reg.active_fusion = list(names), fusion
+
+
+def set_active_adapters(model: nn.Module, names: Names) -> nn.Module:
+    """Run these adapters (stacked in this order where they share a place); others are skipped."""
+    names = _as_list(names)
+    reg = registry(model)
+    for n in names:
+        entry(model, n)
+    for host, slot in slots(model).items():
+        for merged in slot.merged:
+            if merged not in names:
+                raise ValueError(f"adapter {merged!r} is merged into {host!r}; unmerge it before deactivating it")
+    _set_active(model, names, None)
+    return model
+
+
+def active_adapters(model: nn.Module) -> List[str]:
+    return list(registry(model).active)
+
+
+def _head_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module) for p in getattr(model, n).parameters()]
+
+
+def train_adapter(model: nn.Module, names: Names, *, train_head: bool = True) -> nn.Module:
+    """Activate `names` and make them (and the task head, with `train_head`) the only trainable parameters."""
+    names = _as_list(names)
+    set_active_adapters(model, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        for module in adapter_modules(model, n).values():
+            for p in module.parameters():
+                p.requires_grad_(True)
+    if train_head:
+        for p in _head_parameters(model):
+            p.requires_grad_(True)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    reg = registry(model)
+    entry(model, name)
+    users = [f for f, members in reg.fusions.items() if name in members]
+    if users:
+        raise ValueError(f"adapter {name!r} is part of fusion {users[0]!r}; delete the fusion first")
+    for host, slot in slots(model).items():
+        if name in slot.merged:
+            raise ValueError(f"adapter {name!r} is merged into {host!r}; unmerge it before deleting it")
+    for host, slot in slots(model).items():
+        if name in slot.adapters:
+            del slot.adapters[name]
+        slot.prefixes.pop(name, None)
+        if name in slot.active:
+            slot.active.remove(name)
+        if not len(slot.adapters) and not slot.prefixes:
+            slot.detach(model.get_submodule(host))
+    prefixes = getattr(model, PREFIX_ROOT, None)
+    if prefixes is not None and name in prefixes:
+        del prefixes[name]
+        if not len(prefixes):
+            delattr(model, PREFIX_ROOT)
+            prefix_attention.uninstall(model)
+    del reg.adapters[name]
+    if name in reg.active:
+        reg.active.remove(name)
+    return model
+
+
+# -- LoRA merging -------------------------------------------------------------------------------
+def _lora_slots(model: nn.Module, name: str):
+    config = entry(model, name).config
+    if config.kind != "lora":
+        raise ValueError(f"adapter {name!r} is {config.kind}: only LoRA folds into the base weights "
+                         "(a bottleneck adapter's nonlinearity does not)")
+    return [(site.host, model.get_submodule(site.host)) for site in entry(model, name).sites["lora"]]
+
+
+def merge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
+    """Fold LoRA adapters (default: the active ones) into their base weights: `W += (alpha/r) B A`.
+
+    The original weight is kept aside, so `unmerge` restores it bit for bit.
+    """
+    reg = registry(model)
+    names = _as_list(names) if names is not None else [n for n in reg.active if reg.adapters[n].config.kind == "lora"]
+    for n in names:
+        if n not in reg.active:
+            raise ValueError(f"adapter {n!r} is not active; activate it before merging it")
+        _lora_slots(model, n)
+    with torch.no_grad():
+        for n in names:
+            for _, host in _lora_slots(model, n):
+                slot = host.sparseadapter
+                if n in slot.merged:
+                    continue
+                if not slot.merged:
+                    slot.__dict__["original_weight"] = host.weight.detach().clone()
+                delta = slot.adapters[n].delta_weight()
+                host.weight.add_(delta.to(host.weight.dtype))
+                slot.merged.append(n)
+    return model
+
+
+def unmerge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
+    """Undo `merge` exactly: restore the kept original weight and re-add any adapters still merged."""
+    with torch.no_grad():
+        for host_name, slot in slots(model).items():
+            if slot.mode != "lora" or not slot.merged:
+                continue
+            remove = slot.merged if names is None else [n for n in _as_list(names) if n in slot.merged]
+            if not remove:
+                continue
+            host = model.get_submodule(host_name)
+            slot.merged = [n for n in slot.merged if n not in remove]
+            host.weight.copy_(slot.__dict__["original_weight"])
+            for n in slot.merged:
+                host.weight.add_(slot.adapters[n].delta_weight().to(host.weight.dtype))
+            if not slot.merged:
+                del slot.__dict__["original_weight"]
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge the active LoRA adapters and remove every adapter: a plain model again.
+
+    Refuses when a non-LoRA adapter would be lost (delete it explicitly first).
+    """
+    reg = registry(model)
+    for n, e in reg.adapters.items():
+        if e.config.kind != "lora":
+            raise ValueError(f"adapter {n!r} ({e.config.kind}) cannot be merged; delete_adapter it first")
+    merge(model)
+    for host, slot in slots(model).items():
+        slot.__dict__.pop("original_weight", None)
+        slot.merged = []
+    for fusion in list(reg.fusions):
+        del reg.fusions[fusion]
+    for n in list(reg.adapters):
+        delete_adapter(model, n)
+    del model.__dict__["sparseadapter_registry"]
+    return model
+
+
+# -- Fusion ---------------------------------------------------------------------------------------
+def add_fusion(model: nn.Module, names: Sequence[str], fusion_name: Optional[str] = None, *,
+               seed: int = 0) -> str:
+    """Add an AdapterFusion layer over sequential bottleneck adapters `names` at every place they share."""
+    reg = registry(model)
+    names = list(names)
+    if len(names) < 2:
+        raise ValueError("a fusion combines at least two adapters")
+    for n in names:
+        if entry(model, n).config.kind not in ("houlsby", "pfeiffer"):
+            raise ValueError(f"fusion combines houlsby or pfeiffer adapters; {n!r} is {reg.adapters[n].config.kind}")
+    fusion_name = fusion_name or ",".join(names)
+    if fusion_name in reg.fusions or fusion_name in reg.adapters or "." in fusion_name:
+        raise ValueError(f"fusion name {fusion_name!r} is taken or invalid")
+    shared = [(h, s) for h, s in slots(model).items() if s.mode == "after" and all(n in s.adapters for n in names)]
+    if not shared:
+        raise ValueError(f"adapters {names} share no place in the model to fuse")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for host, slot in shared:
+            device, dtype = _device_dtype(model, slot.adapters[names[0]])
+            slot.fusions[fusion_name] = AdapterFusion(slot.out_features, names).to(device, dtype)
+    reg.fusions[fusion_name] = names
+    return fusion_name
+
+
+def set_active_fusion(model: nn.Module, fusion_name: str) -> nn.Module:
+    reg = registry(model)
+    if fusion_name not in reg.fusions:
+        raise ValueError(f"the model has no fusion named {fusion_name!r}")
+    _set_active(model, reg.fusions[fusion_name], fusion_name)
+    return model
+
+
+def train_fusion(model: nn.Module, fusion_name: str, *, train_head: bool = True) -> nn.Module:
+    """Activate the fusion and train only its weights (and the head): the fused adapters stay frozen."""
+    set_active_fusion(model, fusion_name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for slot in slots(model).values():
+        if fusion_name in slot.fusions:
+            for p in slot.fusions[fusion_name].parameters():
+                p.requires_grad_(True)
+    if train_head:
+        for p in _head_parameters(model):
+            p.requires_grad_(True)
+    return model
+
+
+def fold_prefix(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
+    """Replace each prefix adapter's reparameterization MLP by the prefixes it computes (after training)."""
+    prefixes = getattr(model, PREFIX_ROOT, None)
+    names = _as_list(names) if names is not None else list(prefixes or [])
+    for n in names:
+        if prefixes is None or n not in prefixes:
+            raise ValueError(f"adapter {n!r} has no prefix to fold")
+        prefixes[n].fold()
+    return model

@@ -1,0 +1,282 @@
+"""save_adapter / load_adapter: one folder per adapter, `adapter_config.json` + `adapter.safetensors`.
+
+The safetensors file holds the adapter's tensors under their module names in the model; a sparse
+weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), so the file grows with
+nnz, not with the dense size. The JSON holds the config, the sites, the pruning record
+(`sparseadapter_pruning`), the library version and the SHA-256 of the tensor file. Each file is
+written to a temporary name, flushed and renamed (atomic), tensors first: a crash leaves either the
+old adapter or a pair whose checksum does not match, never a silently mixed one. Loading checks
+everything against the model and the config before the model is touched.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..version import __version__
+from ..sparse_linear import SparseLinear
+from .api import HEAD_NAMES, _check_new_name, _freeze_base, adapter_modules, attach_adapter, build_adapter
+from .api import delete_adapter, set_active_adapters
+from .config import SparseAdapterConfig
+from .placement import Site, model_type
+from .registry import entry, registry
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "sparseadapter"
+FORMAT_VERSION = 1
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _adapter_tensors(model: nn.Module, name: str, include_head: bool) -> Dict[str, Tensor]:
+    tensors = {}
+    for prefix, module in adapter_modules(model, name).items():
+        for key, t in module.state_dict().items():
+            tensors[f"{prefix}.{key}"] = t
+    if include_head:
+        for head in HEAD_NAMES:
+            module = getattr(model, head, None)
+            if isinstance(module, nn.Module):
+                for key, t in module.state_dict().items():
+                    tensors[f"head.{head}.{key}"] = t
+    return {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+
+
+def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, include_head: bool = True) -> str:
+    """Write adapter `name` (default: the only active one) to folder `path`; returns the folder.
+
+    With `include_head`, the task head (classifier) is saved too, so the folder is enough to serve
+    the task on the base model.
+    """
+    from safetensors.torch import save
+
+    reg = registry(model)
+    if name is None:
+        if len(reg.active) != 1:
+            raise ValueError(f"save_adapter: name the adapter to save (active: {reg.active})")
+        name = reg.active[0]
+    e = entry(model, name)
+    for slot_host, slot in ((s.host, model.get_submodule(s.host).sparseadapter) for s in e.sites.get("lora", [])):
+        if name in slot.merged:
+            raise ValueError(f"save_adapter: {name!r} is merged into {slot_host!r}; unmerge it first")
+    tensors = _adapter_tensors(model, name, include_head)
+    blob = save(tensors)
+    os.makedirs(path, exist_ok=True)
+    weights = os.path.join(path, WEIGHTS_FILE)
+    _atomic_write(weights, lambda f: f.write(blob))
+    prefix = getattr(model, "sparseadapter_prefix", None)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "torch_version": torch.__version__,
+        "name": name,
+        "model_type": model_type(model),
+        "config": e.config.to_dict(),
+        "sites": {part: [vars(s) for s in sites] for part, sites in e.sites.items()},
+        "prefix_folded": bool(prefix is not None and name in prefix and prefix[name].is_folded),
+        "sparseadapter_pruning": e.pruning.to_dict() if e.pruning is not None else None,
+        "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    text = json.dumps(meta, indent=2, sort_keys=True).encode()
+    _atomic_write(os.path.join(path, CONFIG_FILE), lambda f: f.write(text))
+    return path
+
+
+def _read_meta(path: str) -> dict:
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"load_adapter: {config_path} does not exist")
+    try:
+        with open(config_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"load_adapter: {config_path} is not valid JSON (corrupted or truncated): {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"load_adapter: {config_path} is not a sparseadapter adapter config")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"load_adapter: format version {meta.get('format_version')!r} is not supported "
+                         f"(this library reads version {FORMAT_VERSION})")
+    for key in ("name", "config", "sites", "weights_sha256"):
+        if key not in meta:
+            raise ValueError(f"load_adapter: {config_path} lacks the field {key!r}")
+    return meta
+
+
+def _read_tensors(path: str, meta: dict) -> Dict[str, Tensor]:
+    from safetensors.torch import load
+
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"load_adapter: {weights} does not exist")
+    with open(weights, "rb") as f:
+        blob = f.read()
+    if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
+                         "truncated, or from another save")
+    try:
+        return load(blob)
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"load_adapter: {weights} is not a readable safetensors file: {err}") from None
+
+
+def _check_sites(meta: dict, parts) -> None:
+    saved = meta["sites"]
+    if not isinstance(saved, dict) or sorted(saved) != sorted(parts.sites):
+        raise ValueError(f"load_adapter: the file's adapter parts {sorted(saved) if isinstance(saved, dict) else saved} "
+                         f"do not match the model's {sorted(parts.sites)}")
+    for part, sites in parts.sites.items():
+        try:
+            theirs = [Site(**s) for s in saved[part]]
+        except TypeError:
+            raise ValueError(f"load_adapter: malformed site list for {part!r}") from None
+        if theirs != sites:
+            for mine, other in zip(sites, theirs):
+                if mine != other:
+                    raise ValueError(f"load_adapter: the adapter was saved for {other} but this model has {mine} "
+                                     "(another model or architecture?)")
+            raise ValueError(f"load_adapter: the adapter has {len(theirs)} {part} sites, the model {len(sites)}")
+
+
+def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> SparseLinear:
+    crow, col, values = (tensors.get(f"{key}.{k}") for k in ("crow_indices", "col_indices", "values"))
+    if crow is None or col is None or values is None:
+        raise ValueError(f"load_adapter: {key} lacks some of crow_indices, col_indices, values")
+    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
+        raise ValueError(f"load_adapter: {key} index dtypes {crow.dtype}, {col.dtype} (need int32 or int64, the same)")
+    if values.dtype not in _VALUE_DTYPES:
+        raise ValueError(f"load_adapter: {key}.values has dtype {values.dtype}")
+    bias = tensors.get(f"{key}.bias")
+    if (bias is None) != (layer.bias is None):
+        raise ValueError(f"load_adapter: {key}.bias is {'missing' if bias is None else 'unexpected'}")
+    try:
+        sparse = SparseLinear(layer.in_features, layer.out_features, crow, col, values,
+                              bias if bias is not None else None, validate=True)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"load_adapter: {key} holds an invalid sparse matrix: {err}") from None
+    return sparse.to(layer.weight.device, layer.weight.dtype)
+
+
+def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
+    """Load the file's tensors into the built (not yet attached) modules; sparse layers become SparseLinear."""
+    from ..pruning.api import PRUNABLE_ATTR
+
+    expected = set()
+    owners = [(f"{site.host}.sparseadapter.adapters.{name}", module) for site, module in parts.modules]
+    if parts.prefix is not None:
+        if meta.get("prefix_folded"):
+            parts.prefix.fold()
+        owners.append((f"sparseadapter_prefix.{name}", parts.prefix))
+    for prefix, module in owners:
+        for sub, layer in list(module.named_modules()):
+            if getattr(layer, PRUNABLE_ATTR, False) and f"{prefix}.{sub}.crow_indices" in tensors:
+                parent, _, child = sub.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, child,
+                        _sparse_layer(f"{prefix}.{sub}", tensors, layer))
+        state = {}
+        for key, target in module.state_dict().items():
+            full = f"{prefix}.{key}"
+            expected.add(full)
+            if full not in tensors:
+                raise ValueError(f"load_adapter: the file lacks {full}")
+            t = tensors[full]
+            if t.shape != target.shape:
+                raise ValueError(f"load_adapter: {full} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+            if t.is_floating_point() != target.is_floating_point():
+                raise ValueError(f"load_adapter: {full} has dtype {t.dtype}, the model needs {target.dtype}")
+            state[key] = t
+        module.load_state_dict(state, strict=True)
+    unexpected = sorted(k for k in tensors if k not in expected and not k.startswith("head."))
+    if unexpected:
+        raise ValueError(f"load_adapter: the file holds tensors this adapter does not have, e.g. {unexpected[0]}")
+
+
+def _head_state(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
+    heads = {}
+    for key, t in tensors.items():
+        if not key.startswith("head."):
+            continue
+        head, _, param = key[len("head."):].partition(".")
+        module = getattr(model, head, None)
+        if head not in HEAD_NAMES or not isinstance(module, nn.Module):
+            raise ValueError(f"load_adapter: the file has a head {head!r} this model lacks")
+        target = module.state_dict().get(param)
+        if target is None or target.shape != t.shape:
+            raise ValueError(f"load_adapter: head tensor {key} has shape {tuple(t.shape)}, the model's is "
+                             f"{None if target is None else tuple(target.shape)} (another number of labels?)")
+        heads.setdefault(head, {})[param] = t
+    return heads
+
+
+def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, load_head: bool = True,
+                 activate: bool = True) -> nn.Module:
+    """Add the adapter saved in folder `path` to `model` (as `name`, default the saved name).
+
+    Checks the checksum, the config, every site, shape, dtype and CSR index against the model before
+    changing it; any mismatch raises ValueError and leaves the model as it was.
+    """
+    meta = _read_meta(path)
+    config = SparseAdapterConfig.from_dict(meta["config"])
+    name = name or meta["name"]
+    _check_new_name(model, name)
+    tensors = _read_tensors(path, meta)
+    saved_type = meta.get("model_type")
+    if saved_type is not None and saved_type != model_type(model):
+        raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
+                         f"{model_type(model)!r}")
+    parts = build_adapter(model, config)
+    _check_sites(meta, parts)
+    _fill(parts, meta["name"], meta, tensors)  # the file names tensors by the saved name
+    heads = _head_state(model, tensors) if load_head else {}
+
+    attach_adapter(model, name, config, parts)
+    if meta.get("sparseadapter_pruning"):
+        from ..pruning.api import PruningRecord
+
+        try:
+            registry(model).adapters[name].pruning = PruningRecord(**meta["sparseadapter_pruning"])
+        except TypeError:
+            delete_adapter(model, name)
+            raise ValueError("load_adapter: malformed sparseadapter_pruning record") from None
+    with torch.no_grad():
+        for head, state in heads.items():
+            getattr(model, head).load_state_dict(state, strict=False)
+    _freeze_base(model)
+    if activate:
+        set_active_adapters(model, [name])
+    return model

@@ -1,0 +1,169 @@
+"""The adapter modules themselves, independent of where they are placed in a model.
+
+Each weight matrix is an nn.Linear marked prunable (`PRUNABLE_ATTR`) until pruning turns it into a
+`SparseLinear`; the modules only call their layers, so the dense and the sparse form share one code.
+"""
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..pruning.api import PRUNABLE_ATTR
+from ..sparse_linear import SparseLinear
+
+BERT_INIT_STD = 0.02
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
+}
+
+
+def _prunable_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    setattr(layer, PRUNABLE_ATTR, True)
+    return layer
+
+
+def _init_bert(layer: nn.Linear) -> None:
+    nn.init.normal_(layer.weight, std=BERT_INIT_STD)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def _init_lora_pair(down: nn.Linear, up: nn.Linear) -> None:
+    """LoRA's initialization: A (down) as nn.Linear does, B (up) zero, so the update starts at zero."""
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)
+    for layer in (down, up):
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
+def dense_weight(layer: nn.Module) -> Tensor:
+    """The weight of an adapter layer as a dense matrix, whichever form it is in (for merging)."""
+    if isinstance(layer, SparseLinear):
+        return layer.to_dense()
+    return layer.weight
+
+
+class BottleneckAdapter(nn.Module):
+    """`delta(x) = scale * up(dropout(act(down(LN(x)))))`; the caller adds the residual.
+
+    Used after a sublayer (Houlsby, Pfeiffer: `y + delta(y)`) or beside one (parallel: `f(x) + delta(x)`).
+    """
+
+    sparseadapter_chain = ("down", "up")  # forward order, for SynFlow
+
+    def __init__(self, in_features: int, out_features: int, bottleneck: int, *, activation: str = "relu",
+                 dropout: float = 0.0, layer_norm: bool = False, scale: float = 1.0, init: str = "bert") -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_features) if layer_norm else nn.Identity()
+        self.down = _prunable_linear(in_features, bottleneck, bias=True)
+        self.activation = _ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = _prunable_linear(bottleneck, out_features, bias=True)
+        self.scale = float(scale)
+        if init == "bert":
+            _init_bert(self.down)
+            _init_bert(self.up)
+        else:
+            _init_lora_pair(self.down, self.up)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
+
+
+class LoRAAdapter(nn.Module):
+    """`delta(x) = (alpha / r) * B(A(dropout(x)))`, added to a frozen linear layer's output."""
+
+    sparseadapter_chain = ("lora_A", "lora_B")
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float = 32.0,
+                 dropout: float = 0.0, init: str = "lora") -> None:
+        super().__init__()
+        self.lora_A = _prunable_linear(in_features, rank, bias=False)
+        self.lora_B = _prunable_linear(rank, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = float(alpha) / rank
+        if init == "bert":
+            _init_bert(self.lora_A)
+            _init_bert(self.lora_B)
+        else:
+            _init_lora_pair(self.lora_A, self.lora_B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """`(alpha / r) * B @ A`, the dense update that merging adds to the base weight."""
+        return (dense_weight(self.lora_B) @ dense_weight(self.lora_A)) * self.scaling
+
+
+class PrefixGenerator(nn.Module):
+    """Prefix tuning (Li & Liang 2021): `l` learned key/value vectors per attention layer.
+
+    Trained through an MLP reparameterization `P = MLP(E)` (E: [l, hidden], MLP: hidden -> mid ->
+    tanh -> layers * 2 * kv_dim), which stabilizes training; `fold()` computes P once and drops the
+    MLP, so inference and saving hold only the prefixes. Prefixes are never pruned.
+    """
+
+    def __init__(self, num_layers: int, hidden: int, kv_dim: int, length: int, mid_dim: int) -> None:
+        super().__init__()
+        self.num_layers, self.kv_dim, self.length = num_layers, kv_dim, length
+        self.embedding = nn.Parameter(torch.randn(length, hidden) * BERT_INIT_STD)
+        self.mlp_in = nn.Linear(hidden, mid_dim)
+        self.mlp_out = nn.Linear(mid_dim, num_layers * 2 * kv_dim)
+        self.register_parameter("folded", None)
+
+    @property
+    def is_folded(self) -> bool:
+        return self.folded is not None
+
+    def layer_prefix(self, layer: int) -> Tensor:
+        """[2, l, kv_dim]: the key and value prefixes of one attention layer."""
+        rows = slice(layer * 2 * self.kv_dim, (layer + 1) * 2 * self.kv_dim)
+        if self.folded is not None:
+            flat = self.folded[:, rows]
+        else:  # only this layer's rows of the last projection
+            flat = F.linear(torch.tanh(self.mlp_in(self.embedding)), self.mlp_out.weight[rows], self.mlp_out.bias[rows])
+        return flat.reshape(self.length, 2, self.kv_dim).transpose(0, 1)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the MLP by the prefixes it produces (the forward stays the same)."""
+        if self.is_folded:
+            return
+        flat = self.mlp_out(torch.tanh(self.mlp_in(self.embedding)))
+        self.folded = nn.Parameter(flat.detach().clone())
+        del self.embedding, self.mlp_in, self.mlp_out
+        self.register_parameter("embedding", None)
+
+
+class AdapterFusion(nn.Module):
+    """AdapterFusion (Pfeiffer et al. 2021): attention over the outputs of several adapters.
+
+    `query` reads the sublayer output `y`, `key` and `value` read each adapter's output `a_i`
+    (residual included); the result is `sum_i softmax_i(q . k_i) * value(a_i)`. `value` starts as the
+    identity, so at initialization the fusion averages the adapters.
+    """
+
+    def __init__(self, hidden: int, adapter_names: List[str]) -> None:
+        super().__init__()
+        self.adapter_names = list(adapter_names)
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        for layer in (self.query, self.key):
+            _init_bert(layer)
+        with torch.no_grad():
+            self.value.weight.copy_(torch.eye(hidden) + torch.randn(hidden, hidden) * 1e-6)
+            self.value.bias.zero_()
+
+    def forward(self, y: Tensor, outputs: List[Tensor]) -> Tensor:
+        stacked = torch.stack(outputs, dim=-2)                 # [..., n, d]
+        q = self.query(y).unsqueeze(-2)                        # [..., 1, d]
+        k = self.key(stacked)
+        weights = torch.softmax((q * k).sum(-1), dim=-1)       # [..., n]
+        return (weights.unsqueeze(-1) * self.value(stacked)).sum(-2)

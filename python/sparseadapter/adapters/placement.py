@@ -1,0 +1,175 @@
+"""Where each kind of adapter goes in a model: per model family by module names, or by user patterns.
+
+A family maps roles to regexes over module names (matched with `re.search`):
+  attn_output    the attention output projection (Houlsby's first adapter goes after it)
+  ffn_output     the FFN output projection (Houlsby's second and Pfeiffer's adapter go after it)
+  ffn_parallel   how a parallel adapter spans the FFN: ("residual_input", block) for post-LN blocks
+                 called as block(ffn_hidden, residual); ("parallel", module) for a module mapping the
+                 FFN input to its output; ("span", start, end) for the input of `start` to the output of `end`
+  lora           the linear layers LoRA adapts by default (query and value)
+  self_attention encoder self-attention modules (prefix tuning)
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+_BERT_LIKE = dict(
+    attn_output=r"attention\.output\.dense$",
+    ffn_output=r"layer\.\d+\.output\.dense$",
+    ffn_parallel=("residual_input", r"layer\.\d+\.output$"),
+    lora=(r"attention\.self\.query$", r"attention\.self\.value$"),
+    self_attention=r"attention\.self$",
+)
+
+FAMILIES = {
+    "bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "bart": dict(
+        attn_output=r"layers\.\d+\.self_attn\.out_proj$",
+        ffn_output=r"layers\.\d+\.fc2$",
+        ffn_parallel=("span", r"layers\.\d+\.fc1$", r"layers\.\d+\.fc2$"),
+        lora=(r"self_attn\.q_proj$", r"self_attn\.v_proj$"),
+        self_attention=r"encoder\.layers\.\d+\.self_attn$",
+    ),
+    "t5": dict(
+        attn_output=r"layer\.0\.SelfAttention\.o$",
+        ffn_output=r"DenseReluDense\.wo$",
+        ffn_parallel=("parallel", r"DenseReluDense$"),
+        lora=(r"SelfAttention\.q$", r"SelfAttention\.v$"),
+        self_attention=r"encoder\.block\.\d+\.layer\.0\.SelfAttention$",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an adapter goes: the host module's name, the slot mode, and its in/out width."""
+
+    host: str
+    mode: str
+    in_features: int
+    out_features: int
+    span_start: Optional[str] = None
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError("cannot tell the model's hidden size (no config.hidden_size or d_model); "
+                     "adapters need it for modules that are not nn.Linear")
+
+
+def _match(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Module]]:
+    regex = re.compile(pattern)
+    return [(n, m) for n, m in model.named_modules() if n and regex.search(n) and not _inside_adapter(n)]
+
+
+def _inside_adapter(name: str) -> bool:
+    return ".sparseadapter." in f".{name}." or name.startswith("sparseadapter_prefix")
+
+
+def _dims(model: nn.Module, module: nn.Module) -> Tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d = hidden_size(model)
+    return d, d
+
+
+def family(model: nn.Module) -> dict:
+    kind = model_type(model)
+    if kind not in FAMILIES:
+        raise ValueError(
+            f"sparseadapter has no built-in placement for model type {kind!r} (known: {', '.join(sorted(FAMILIES))}); "
+            "pass target_modules=[regex, ...] (and lora_targets for LoRA) in the SparseAdapterConfig")
+    return FAMILIES[kind]
+
+
+def _require(found, what: str, pattern: str):
+    if not found:
+        raise ValueError(f"sparseadapter: no module of the model matches the {what} pattern {pattern!r}")
+    return found
+
+
+def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence[str]] = None,
+                  lora_targets: Optional[Sequence[str]] = None) -> Dict[str, List[Site]]:
+    """The sites of each part of an adapter of `kind`: {"bottleneck": [...], "lora": [...], "prefix": [...]}.
+
+    `target_modules` replaces the family's placement of bottleneck adapters: each matching module gets
+    a sequential adapter after it (houlsby, pfeiffer) or a parallel one around it (parallel, mam).
+    """
+    out: Dict[str, List[Site]] = {}
+    if kind == "lora":
+        patterns = list(lora_targets) if lora_targets else list(family(model)["lora"])
+        sites = []
+        for pattern in patterns:
+            for name, module in _require(_match(model, pattern), "LoRA target", pattern):
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(f"LoRA adapts nn.Linear layers; {name!r} is a {type(module).__name__}")
+                sites.append(Site(name, "lora", module.in_features, module.out_features))
+        out["lora"] = _unique(sites)
+        return out
+    if kind in ("houlsby", "pfeiffer", "parallel", "mam"):
+        sequential = kind in ("houlsby", "pfeiffer")
+        if target_modules:
+            sites = []
+            for pattern in target_modules:
+                for name, module in _require(_match(model, pattern), "target_modules", pattern):
+                    d_in, d_out = _dims(model, module)
+                    if sequential:
+                        sites.append(Site(name, "after", d_out, d_out))
+                    else:
+                        sites.append(Site(name, "parallel", d_in, d_out))
+        elif sequential:
+            fam = family(model)
+            roles = ("attn_output", "ffn_output") if kind == "houlsby" else ("ffn_output",)
+            sites = []
+            for role in roles:
+                for name, module in _require(_match(model, fam[role]), role, fam[role]):
+                    d = _dims(model, module)[1]
+                    sites.append(Site(name, "after", d, d))
+        else:
+            sites = _ffn_parallel_sites(model, family(model)["ffn_parallel"])
+        out["bottleneck"] = _unique(sorted(sites, key=_order(model)))
+    if kind in ("prefix", "mam"):
+        pattern = family(model)["self_attention"]
+        out["prefix"] = [Site(name, "prefix", 0, 0) for name, _ in _require(_match(model, pattern), "self_attention", pattern)]
+    return out
+
+
+def _ffn_parallel_sites(model: nn.Module, spec) -> List[Site]:
+    mode = spec[0]
+    d = hidden_size(model)
+    if mode == "residual_input":
+        return [Site(name, mode, d, d) for name, _ in _require(_match(model, spec[1]), "ffn_parallel", spec[1])]
+    if mode == "parallel":
+        found = _require(_match(model, spec[1]), "ffn_parallel", spec[1])
+        return [Site(name, mode, *_dims(model, m)) for name, m in found]
+    starts = _require(_match(model, spec[1]), "ffn_parallel start", spec[1])
+    ends = _require(_match(model, spec[2]), "ffn_parallel end", spec[2])
+    if len(starts) != len(ends):
+        raise ValueError(f"ffn_parallel: {len(starts)} start modules but {len(ends)} end modules")
+    return [Site(end, "span", d, d, span_start=start) for (start, _), (end, _) in zip(starts, ends)]
+
+
+def _order(model: nn.Module):
+    index = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return lambda site: index[site.host]
+
+
+def _unique(sites: List[Site]) -> List[Site]:
+    seen, out = set(), []
+    for site in sites:
+        if site.host not in seen:
+            seen.add(site.host)
+            out.append(site)
+    return out

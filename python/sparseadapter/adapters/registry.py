@@ -1,0 +1,46 @@
+"""The model-level record of its adapters: configs, sites, pruning provenance, activation."""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from ..pruning.api import PruningRecord
+from .config import SparseAdapterConfig
+from .placement import Site
+
+REGISTRY_ATTR = "sparseadapter_registry"
+PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name -> PrefixGenerator
+
+
+@dataclass
+class AdapterEntry:
+    config: SparseAdapterConfig
+    sites: Dict[str, List[Site]]                 # part ("bottleneck", "lora", "prefix") -> sites
+    pruning: Optional[PruningRecord] = None
+
+
+@dataclass
+class AdapterRegistry:
+    adapters: Dict[str, AdapterEntry] = field(default_factory=dict)
+    fusions: Dict[str, List[str]] = field(default_factory=dict)
+    active: List[str] = field(default_factory=list)
+    active_fusion: Optional[str] = None
+    base_attention: Optional[str] = None          # the attention implementation prefix tuning wraps
+
+
+def registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None:
+        if not create:
+            raise ValueError("the model has no sparse adapters; add one with sparseadapter.add_adapter")
+        reg = AdapterRegistry()
+        model.__dict__[REGISTRY_ATTR] = reg
+    return reg
+
+
+def entry(model: nn.Module, name: str) -> AdapterEntry:
+    reg = registry(model)
+    if name not in reg.adapters:
+        known = ", ".join(sorted(reg.adapters)) or "none"
+        raise ValueError(f"the model has no adapter named {name!r} (adapters: {known})")
+    return reg.adapters[name]
