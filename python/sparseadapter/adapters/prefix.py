@@ -41,6 +41,9 @@ def _make_attention(base: str) -> Callable:
                 # prefixes are visible to every query: True in a boolean mask, 0 in an additive one
                 fill = True if attention_mask.dtype == torch.bool else 0.0
                 attention_mask = F.pad(attention_mask, (kv[0].shape[2], 0), value=fill)
+            if kwargs.get("position_bias") is not None:
+                # T5's relative position bias covers the keys too; prefixes have no position, so no bias
+                kwargs["position_bias"] = F.pad(kwargs["position_bias"], (kv[0].shape[2], 0), value=0.0)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     return prefix_attention
