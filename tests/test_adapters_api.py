@@ -305,3 +305,31 @@ def test_snip_without_data_fails_and_leaves_the_model_as_it_was(model):
         sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="houlsby", sparsity=0.5, pruner="snip"))
     assert set(model.state_dict()) == keys
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_failed_add_leaves_no_trace(model):
+    sa.add_adapter(model, "l", sa.SparseAdapterConfig(kind="lora", lora_targets=[r"layer\.1\.output\.dense$"]))
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="already holds lora adapters"):
+        sa.add_adapter(model, "h", sa.SparseAdapterConfig(kind="houlsby"))
+    assert set(model.state_dict()) == keys and sa.active_adapters(model) == ["l"]
+    sa.merge(model)
+    elsewhere = sa.SparseAdapterConfig(kind="pfeiffer", target_modules=[r"layer\.0\.output\.dense$"])
+    with pytest.raises(ValueError, match="merged"):
+        sa.add_adapter(model, "p", elsewhere)
+    assert set(model.state_dict()) == keys
+    sa.add_adapter(model, "p", elsewhere, activate=False)
+    fresh = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="no module of the model matches"):
+        sa.add_adapter(fresh, "x", sa.SparseAdapterConfig(kind="houlsby", target_modules=["nomatch"]))
+    other = transformers.AutoModelForSequenceClassification.from_config(model.config)
+    with pytest.raises(ValueError, match="no module of the model matches"):
+        sa.add_adapter(other, "x", sa.SparseAdapterConfig(kind="houlsby", target_modules=["nomatch"]))
+    assert "sparseadapter_registry" not in other.__dict__
+
+
+def test_a_later_prune_call_is_recorded_for_saving(model, batch):
+    sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer"))
+    sa.prune(model, method="magnitude", sparsity=0.7, seed=5)
+    record = sa.adapters.api.pruning_record(model, "a")
+    assert (record.method, record.sparsity, record.seed) == ("magnitude", 0.7, 5)

@@ -19,7 +19,7 @@ from . import prefix as prefix_attention
 from .config import SparseAdapterConfig
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
 from .placement import Site, hidden_size, resolve_sites
-from .registry import PREFIX_ROOT, AdapterEntry, entry, registry
+from .registry import PREFIX_ROOT, REGISTRY_ATTR, AdapterEntry, entry, registry
 from .slot import SLOT_ATTR, AdapterSlot, slots
 
 Names = Union[str, Sequence[str]]
@@ -85,23 +85,41 @@ def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, dat
     """
     if not isinstance(config, SparseAdapterConfig):
         raise TypeError(f"config must be a SparseAdapterConfig, got {type(config).__name__}")
-    _check_new_name(model, name)
+    check_new_name(model, name)
     parts = build_adapter(model, config)
+    check_attachable(model, parts, activate)
     attach_adapter(model, name, config, parts)
     if config.is_sparse:
         _prune_adapter(model, name, config, data, loss_fn)
-    _freeze_base(model)
+    freeze_base(model)
     if activate:
         set_active_adapters(model, [name])
     return model
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
+def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
-    reg = registry(model, create=True)
-    if name in reg.adapters or name in reg.fusions:
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is not None and (name in reg.adapters or name in reg.fusions):
         raise ValueError(f"the model already has an adapter named {name!r}")
+
+
+def check_attachable(model: nn.Module, parts: "BuiltAdapter", activate: bool) -> None:
+    """Everything attach_adapter (and activating) could refuse, checked before the model changes."""
+    for sites in parts.sites.values():
+        for site in sites:
+            slot = getattr(model.get_submodule(site.host), SLOT_ATTR, None)
+            if slot is not None and slot.mode != site.mode:
+                raise ValueError(f"{site.host!r} already holds {slot.mode} adapters; this adapter needs a "
+                                 f"{site.mode} slot there")
+    if parts.prefix is not None:
+        prefix_attention.check_installable(model)
+    if activate:
+        for host, slot in slots(model).items():
+            if slot.merged:
+                raise ValueError(f"adapter {slot.merged[0]!r} is merged into {host!r} and would be deactivated; "
+                                 "unmerge it first, or pass activate=False")
 
 
 @dataclass
@@ -138,10 +156,11 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig) -> BuiltAdapter
 
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
     reg = registry(model, create=True)
+    if parts.prefix is not None:  # first: the one step that can still refuse
+        reg.base_attention = prefix_attention.install(model)
     for site, module in parts.modules:
         _slot_for(model, site).adapters[name] = module
     if parts.prefix is not None:
-        reg.base_attention = prefix_attention.install(model)
         if getattr(model, PREFIX_ROOT, None) is None:
             setattr(model, PREFIX_ROOT, nn.ModuleDict())
         getattr(model, PREFIX_ROOT)[name] = parts.prefix
@@ -159,7 +178,7 @@ def _prune_adapter(model, name, config, data, loss_fn) -> None:
                for sub, layer in module.named_modules() if getattr(layer, PRUNABLE_ATTR, False)]
     saved = (list(reg.active), reg.active_fusion)
     try:
-        set_active_adapters(model, [name])
+        _set_active(model, [name], None)  # LoRA adapters merged into base weights stay there
         prune(model, method=config.pruner, sparsity=config.effective_sparsity, scope=config.scope, data=data,
               loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets)
     except Exception:
@@ -170,7 +189,17 @@ def _prune_adapter(model, name, config, data, loss_fn) -> None:
     reg.adapters[name].pruning = model.sparseadapter_pruning
 
 
-def _freeze_base(model: nn.Module) -> None:
+def pruning_record(model: nn.Module, name: str):
+    """How adapter `name` was pruned: by add_adapter, or by a later `sa.prune` call; None if dense."""
+    record = entry(model, name).pruning
+    if record is None:
+        for module in adapter_modules(model, name).values():
+            for layer in module.modules():
+                record = record or getattr(layer, "sparseadapter_pruning", None)
+    return record
+
+
+def freeze_base(model: nn.Module) -> None:
     """Every parameter that is not an adapter's (nor a task head's) stops training."""
     keep = {id(p) for slot in slots(model).values() for p in slot.parameters()}
     keep |= {id(p) for p in getattr(model, PREFIX_ROOT, nn.Module()).parameters()}

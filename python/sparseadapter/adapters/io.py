@@ -1,26 +1,33 @@
 """save_adapter / load_adapter: one folder per adapter, `adapter_config.json` + `adapter.safetensors`.
 
 The safetensors file holds the adapter's tensors under their module names in the model; a sparse
-weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), so the file grows with
-nnz, not with the dense size. The JSON holds the config, the sites, the pruning record
-(`sparseadapter_pruning`), the library version and the SHA-256 of the tensor file. Each file is
-written to a temporary name, flushed and renamed (atomic), tensors first: a crash leaves either the
-old adapter or a pair whose checksum does not match, never a silently mixed one. Loading checks
-everything against the model and the config before the model is touched.
+weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), the indices in the
+narrowest integer type that holds them, so the file grows with nnz, not with the dense size. The
+JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), the library version
+and the SHA-256 of the tensor file. Each file is written to a temporary name, flushed and renamed
+(atomic), tensors first: a crash leaves either the old adapter or a pair whose checksum does not
+match, never a silently mixed one. Loading checks everything against the model and the config
+before the model is touched.
 """
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
+import sparseadapter_ext
+
+from ..csr import index_dtype_for
+from ..pruning.api import PruningRecord
 from ..version import __version__
 from ..sparse_linear import SparseLinear
-from .api import HEAD_NAMES, _check_new_name, _freeze_base, adapter_modules, attach_adapter, build_adapter
-from .api import delete_adapter, set_active_adapters
+from .api import (
+    HEAD_NAMES, adapter_modules, attach_adapter, build_adapter, check_attachable, check_new_name, freeze_base,
+    pruning_record, set_active_adapters,
+)
 from .config import SparseAdapterConfig
 from .placement import Site, model_type
 from .registry import entry, registry
@@ -29,24 +36,19 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "sparseadapter"
 FORMAT_VERSION = 1
-_INDEX_DTYPES = (torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # on disk; int32/int64 in memory
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: str, write) -> None:
+def _atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
+    # not mkstemp: its files are 0600, so a saved adapter could not be shared; os.open gives the
+    # permissions of any new file (0666 less the umask)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,11 +63,25 @@ def _atomic_write(path: str, write) -> None:
         os.close(dir_fd)
 
 
+def _narrow(t: Tensor, largest: int) -> Tensor:
+    """`t` in the narrowest integer type that holds 0..largest: at 80% sparsity, int32 column indices
+    would take as much room as the float32 values they index."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if largest <= torch.iinfo(dtype).max:
+            return t.to(dtype)
+    return t
+
+
 def _adapter_tensors(model: nn.Module, name: str, include_head: bool) -> Dict[str, Tensor]:
     tensors = {}
     for prefix, module in adapter_modules(model, name).items():
         for key, t in module.state_dict().items():
             tensors[f"{prefix}.{key}"] = t
+        for sub, layer in module.named_modules():
+            if isinstance(layer, SparseLinear):
+                key = f"{prefix}.{sub}" if sub else prefix
+                tensors[f"{key}.crow_indices"] = _narrow(layer.crow_indices, layer.nnz)
+                tensors[f"{key}.col_indices"] = _narrow(layer.col_indices, layer.in_features - 1)
     if include_head:
         for head in HEAD_NAMES:
             module = getattr(model, head, None)
@@ -93,10 +109,10 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         if name in slot.merged:
             raise ValueError(f"save_adapter: {name!r} is merged into {slot_host!r}; unmerge it first")
     tensors = _adapter_tensors(model, name, include_head)
+    record = pruning_record(model, name)
     blob = save(tensors)
     os.makedirs(path, exist_ok=True)
-    weights = os.path.join(path, WEIGHTS_FILE)
-    _atomic_write(weights, lambda f: f.write(blob))
+    _atomic_write(os.path.join(path, WEIGHTS_FILE), blob)
     prefix = getattr(model, "sparseadapter_prefix", None)
     meta = {
         "format": FORMAT,
@@ -108,13 +124,13 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         "config": e.config.to_dict(),
         "sites": {part: [vars(s) for s in sites] for part, sites in e.sites.items()},
         "prefix_folded": bool(prefix is not None and name in prefix and prefix[name].is_folded),
-        "sparseadapter_pruning": e.pruning.to_dict() if e.pruning is not None else None,
+        "sparseadapter_pruning": record.to_dict() if record is not None else None,
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
-    _atomic_write(os.path.join(path, CONFIG_FILE), lambda f: f.write(text))
+    _atomic_write(os.path.join(path, CONFIG_FILE), text)
     return path
 
 
@@ -174,21 +190,28 @@ def _check_sites(meta: dict, parts) -> None:
 
 
 def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> SparseLinear:
+    """The SparseLinear stored under `key`; its indices in `tensors` are widened to the in-memory type."""
     crow, col, values = (tensors.get(f"{key}.{k}") for k in ("crow_indices", "col_indices", "values"))
     if crow is None or col is None or values is None:
         raise ValueError(f"load_adapter: {key} lacks some of crow_indices, col_indices, values")
-    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
-        raise ValueError(f"load_adapter: {key} index dtypes {crow.dtype}, {col.dtype} (need int32 or int64, the same)")
+    if crow.dtype not in _INDEX_DTYPES or col.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"load_adapter: {key} index dtypes {crow.dtype}, {col.dtype} (need integers)")
     if values.dtype not in _VALUE_DTYPES:
         raise ValueError(f"load_adapter: {key}.values has dtype {values.dtype}")
     bias = tensors.get(f"{key}.bias")
     if (bias is None) != (layer.bias is None):
         raise ValueError(f"load_adapter: {key}.bias is {'missing' if bias is None else 'unexpected'}")
     try:
-        sparse = SparseLinear(layer.in_features, layer.out_features, crow, col, values,
-                              bias if bias is not None else None, validate=True)
-    except (ValueError, RuntimeError) as err:
+        # validate the file's values exactly (int64), before the cast to the library's index type
+        # (int32 unless the pattern needs int64, as pruning makes it), which could wrap bad ones
+        crow, col = crow.to(torch.int64), col.to(torch.int64)
+        sparseadapter_ext.validate_csr(crow, col, layer.out_features, layer.in_features)
+        dtype = index_dtype_for((layer.out_features, layer.in_features), col.numel())
+        crow, col = crow.to(dtype), col.to(dtype)
+        sparse = SparseLinear(layer.in_features, layer.out_features, crow, col, values, bias, validate=False)
+    except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"load_adapter: {key} holds an invalid sparse matrix: {err}") from None
+    tensors[f"{key}.crow_indices"], tensors[f"{key}.col_indices"] = crow, col
     return sparse.to(layer.weight.device, layer.weight.dtype)
 
 
@@ -240,6 +263,10 @@ def _head_state(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Dict[
             raise ValueError(f"load_adapter: head tensor {key} has shape {tuple(t.shape)}, the model's is "
                              f"{None if target is None else tuple(target.shape)} (another number of labels?)")
         heads.setdefault(head, {})[param] = t
+    for head, state in heads.items():  # a head is saved whole: a partial one would load half a head
+        missing = sorted(set(getattr(model, head).state_dict()) - set(state))
+        if missing:
+            raise ValueError(f"load_adapter: the file's head {head!r} lacks {missing[0]!r}")
     return heads
 
 
@@ -250,33 +277,41 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, loa
     Checks the checksum, the config, every site, shape, dtype and CSR index against the model before
     changing it; any mismatch raises ValueError and leaves the model as it was.
     """
+    name, config, parts, heads, pruning = _prepare(model, path, name, load_head, activate)
+    attach_adapter(model, name, config, parts)
+    registry(model).adapters[name].pruning = pruning
+    with torch.no_grad():
+        for head, state in heads.items():
+            getattr(model, head).load_state_dict(state, strict=True)
+    freeze_base(model)
+    if activate:
+        set_active_adapters(model, [name])
+    return model
+
+
+def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, activate: bool):
+    """Read and check everything and build the filled modules, off the model."""
     meta = _read_meta(path)
-    config = SparseAdapterConfig.from_dict(meta["config"])
+    try:
+        config = SparseAdapterConfig.from_dict(meta["config"])
+    except ValueError as err:
+        raise ValueError(f"load_adapter: {os.path.join(path, CONFIG_FILE)}: {err}") from None
     name = name or meta["name"]
-    _check_new_name(model, name)
+    check_new_name(model, name)
     tensors = _read_tensors(path, meta)
     saved_type = meta.get("model_type")
     if saved_type is not None and saved_type != model_type(model):
         raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
                          f"{model_type(model)!r}")
+    pruning = None
+    if meta.get("sparseadapter_pruning"):
+        try:
+            pruning = PruningRecord(**meta["sparseadapter_pruning"])
+        except TypeError:
+            raise ValueError("load_adapter: malformed sparseadapter_pruning record") from None
     parts = build_adapter(model, config)
     _check_sites(meta, parts)
     _fill(parts, meta["name"], meta, tensors)  # the file names tensors by the saved name
     heads = _head_state(model, tensors) if load_head else {}
-
-    attach_adapter(model, name, config, parts)
-    if meta.get("sparseadapter_pruning"):
-        from ..pruning.api import PruningRecord
-
-        try:
-            registry(model).adapters[name].pruning = PruningRecord(**meta["sparseadapter_pruning"])
-        except TypeError:
-            delete_adapter(model, name)
-            raise ValueError("load_adapter: malformed sparseadapter_pruning record") from None
-    with torch.no_grad():
-        for head, state in heads.items():
-            getattr(model, head).load_state_dict(state, strict=False)
-    _freeze_base(model)
-    if activate:
-        set_active_adapters(model, [name])
-    return model
+    check_attachable(model, parts, activate)
+    return name, config, parts, heads, pruning

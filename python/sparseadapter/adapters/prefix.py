@@ -49,6 +49,19 @@ def _make_attention(base: str) -> Callable:
     return prefix_attention
 
 
+def check_installable(model: nn.Module) -> None:
+    """Raise, before anything changes, if `install` would refuse this model."""
+    try:
+        import transformers.masking_utils  # noqa: F401
+        from transformers import AttentionInterface  # noqa: F401
+    except ImportError as err:
+        raise ValueError("prefix tuning needs transformers >= 5 (its AttentionInterface)") from err
+    current = model.config._attn_implementation
+    if not current.startswith(PREFIX) and current not in WRAPPED:
+        raise ValueError(f"prefix tuning wraps the 'sdpa' or 'eager' attention; this model uses {current!r} "
+                         "(load it with attn_implementation='sdpa')")
+
+
 def install(model: nn.Module) -> str:
     """Switch `model` to the prefix-aware attention; returns the implementation it wraps."""
     try:
