@@ -333,3 +333,10 @@ def test_a_later_prune_call_is_recorded_for_saving(model, batch):
     sa.prune(model, method="magnitude", sparsity=0.7, seed=5)
     record = sa.adapters.api.pruning_record(model, "a")
     assert (record.method, record.sparsity, record.seed) == ("magnitude", 0.7, 5)
+
+
+def test_config_rejects_placement_options_of_another_kind():
+    with pytest.raises(ValueError, match="lora_targets, not target_modules"):
+        sa.SparseAdapterConfig(kind="lora", target_modules=["mlp$"])
+    with pytest.raises(ValueError, match="lora_targets applies to kind='lora'"):
+        sa.SparseAdapterConfig(kind="houlsby", lora_targets=["query$"])

@@ -31,8 +31,9 @@ class TinyEncoder(nn.Module):
 def _model_and_batch(device, dtype, kind):
     torch.manual_seed(0)
     model = TinyEncoder().to(device, dtype)
-    cfg = sa.SparseAdapterConfig(kind=kind, bottleneck=16, sparsity=0.7, pruner="random", init="bert",
-                                 target_modules=[r"blocks\.\d+\.out$"], lora_targets=[r"blocks\.\d+\.inp$"])
+    where = (dict(lora_targets=[r"blocks\.\d+\.inp$"]) if kind == "lora"
+             else dict(target_modules=[r"blocks\.\d+\.out$"]))
+    cfg = sa.SparseAdapterConfig(kind=kind, bottleneck=16, sparsity=0.7, pruner="random", init="bert", **where)
     sa.add_adapter(model, "a", cfg)
     gen = torch.Generator().manual_seed(1)
     batch = {"x": torch.randn(4, 9, 48, generator=gen).to(device, dtype),

@@ -91,6 +91,11 @@ class SparseAdapterConfig:
             raise ValueError(f"SparseAdapterConfig: dropout must be in [0, 1), got {self.dropout!r}")
         if not math.isfinite(float(self.scale)):
             raise ValueError(f"SparseAdapterConfig: scale must be finite, got {self.scale!r}")
+        if self.kind == "lora" and self.target_modules:
+            raise ValueError("SparseAdapterConfig: LoRA layers are chosen with lora_targets, not target_modules")
+        if self.kind != "lora" and self.lora_targets:
+            raise ValueError(f"SparseAdapterConfig: lora_targets applies to kind='lora', not {self.kind!r} "
+                             "(bottleneck adapters are placed with target_modules)")
         if self.kind in ("prefix", "mam") and (self.prefix_length < 1 or self.prefix_mid_dim < 1):
             raise ValueError("SparseAdapterConfig: prefix_length and prefix_mid_dim must be >= 1")
 

@@ -108,6 +108,12 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence
     a sequential adapter after it (houlsby, pfeiffer) or a parallel one around it (parallel, mam).
     """
     out: Dict[str, List[Site]] = {}
+    if kind in ("prefix", "mam") and model_type(model) not in FAMILIES:
+        # checked first: target_modules places bottleneck adapters only, so advising it would not help
+        raise ValueError(
+            f"prefix tuning ({kind}) goes into the encoder self-attention of a built-in model family "
+            f"(known: {', '.join(sorted(FAMILIES))}); model type {model_type(model)!r} has none, and target_modules "
+            "places bottleneck adapters only")
     if kind == "lora":
         patterns = list(lora_targets) if lora_targets else list(family(model)["lora"])
         sites = []
