@@ -262,7 +262,7 @@ def test_deepcopy_keeps_hooks_on_the_copy(model, batch):
 
 def test_pruning_record_is_kept_per_adapter(model, batch):
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer", sparsity=0.4, pruner="snip", seed=3), data=[batch])
-    record = sa.adapters.registry.entry(model, "a").pruning
+    record = sa.pruning_record(model, "a")
     assert (record.method, record.sparsity, record.seed, record.calibration_examples) == ("snip", 0.4, 3, 3)
 
 
@@ -324,7 +324,7 @@ def test_failed_add_leaves_no_trace(model):
 def test_a_later_prune_call_is_recorded_for_saving(model, batch):
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer"))
     sa.prune(model, method="magnitude", sparsity=0.7, seed=5)
-    record = sa.adapters.api.pruning_record(model, "a")
+    record = sa.pruning_record(model, "a")
     assert (record.method, record.sparsity, record.seed) == ("magnitude", 0.7, 5)
 
 

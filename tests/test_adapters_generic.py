@@ -12,7 +12,6 @@ from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa:
 import sparseadapter as sa  # noqa: E402
 from sparseadapter.adapters import placement  # noqa: E402
 from sparseadapter.adapters import prefix as prefix_attention  # noqa: E402
-from sparseadapter.adapters.registry import entry  # noqa: E402
 from sparseadapter.adapters.slot import AdapterSlot  # noqa: E402
 from sparseadapter.sparse_linear import SparseLinear  # noqa: E402
 
@@ -182,7 +181,7 @@ def test_snip_lora_with_data():
     calibration = [dict(input_ids=ids, labels=labels), dict(input_ids=ids.flip(0), labels=labels.flip(0))]
     with pytest.warns(UserWarning, match="all-zero"):
         sa.add_adapter(model, "a", cfg, data=calibration)
-    record = entry(model, "a").pruning
+    record = sa.pruning_record(model, "a")
     assert record.method == "snip" and record.calibration_examples == 4 and record.calibration_sha256
     assert set(slot_hosts(model)) == set(expected_hosts("t5", "lora"))
     check_adapter_behaviour(model, ids, labels, base_logits, base_generated)

@@ -108,7 +108,7 @@ def test_training_lowers_the_loss(kind, calibration, train_batches):
     sparse = adapter_sparse_layers(model)
     assert bool(sparse) == (kind != "prefix")
     if sparse:
-        record = sa.adapters.registry.entry(model, "a").pruning
+        record = sa.pruning_record(model, "a")
         assert record.method == "snip" and record.calibration_examples == CALIBRATION
         nnz = sum(m.nnz for m in sparse.values())
         dense = sum(m.in_features * m.out_features for m in sparse.values())

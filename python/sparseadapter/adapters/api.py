@@ -157,7 +157,7 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig) -> BuiltAdapter
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
     reg = registry(model, create=True)
     if parts.prefix is not None:  # first: the one step that can still refuse
-        reg.base_attention = prefix_attention.install(model)
+        prefix_attention.install(model)
     for site, module in parts.modules:
         _slot_for(model, site).adapters[name] = module
     if parts.prefix is not None:
@@ -186,17 +186,17 @@ def _prune_adapter(model, name, config, data, loss_fn) -> None:
         raise
     finally:
         _set_active(model, *saved)
-    reg.adapters[name].pruning = model.sparseadapter_pruning
 
 
 def pruning_record(model: nn.Module, name: str):
-    """How adapter `name` was pruned: by add_adapter, or by a later `sa.prune` call; None if dense."""
-    record = entry(model, name).pruning
-    if record is None:
-        for module in adapter_modules(model, name).values():
-            for layer in module.modules():
-                record = record or getattr(layer, "sparseadapter_pruning", None)
-    return record
+    """How adapter `name` was pruned (the record `prune` or `load_adapter` put on its sparse layers);
+    None if it is dense."""
+    for module in adapter_modules(model, name).values():
+        for layer in module.modules():
+            record = getattr(layer, "sparseadapter_pruning", None)
+            if record is not None:
+                return record
+    return None
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -220,7 +220,6 @@ def _set_active(model: nn.Module, names: List[str], fusion: Optional[str]) -> No
 def set_active_adapters(model: nn.Module, names: Names) -> nn.Module:
     """Run these adapters (stacked in this order where they share a place); others are skipped."""
     names = _as_list(names)
-    reg = registry(model)
     for n in names:
         entry(model, n)
     for host, slot in slots(model).items():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import sparseadapter_ext
 
 from ..csr import index_dtype_for
-from ..pruning.api import PruningRecord
+from ..pruning.api import PRUNABLE_ATTR, PruningRecord
 from ..version import __version__
 from ..sparse_linear import SparseLinear
 from .api import (
@@ -217,8 +217,6 @@ def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> Spa
 
 def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
     """Load the file's tensors into the built (not yet attached) modules; sparse layers become SparseLinear."""
-    from ..pruning.api import PRUNABLE_ATTR
-
     expected = set()
     owners = [(f"{site.host}.sparseadapter.adapters.{name}", module) for site, module in parts.modules]
     if parts.prefix is not None:
@@ -277,9 +275,8 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, loa
     Checks the checksum, the config, every site, shape, dtype and CSR index against the model before
     changing it; any mismatch raises ValueError and leaves the model as it was.
     """
-    name, config, parts, heads, pruning = _prepare(model, path, name, load_head, activate)
+    name, config, parts, heads = _prepare(model, path, name, load_head, activate)
     attach_adapter(model, name, config, parts)
-    registry(model).adapters[name].pruning = pruning
     with torch.no_grad():
         for head, state in heads.items():
             getattr(model, head).load_state_dict(state, strict=True)
@@ -312,6 +309,10 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
     parts = build_adapter(model, config)
     _check_sites(meta, parts)
     _fill(parts, meta["name"], meta, tensors)  # the file names tensors by the saved name
+    for _, module in parts.modules:  # the provenance travels with the sparse layers, as after `prune`
+        for layer in module.modules():
+            if isinstance(layer, SparseLinear) and pruning is not None:
+                layer.sparseadapter_pruning = pruning
     heads = _head_state(model, tensors) if load_head else {}
     check_attachable(model, parts, activate)
-    return name, config, parts, heads, pruning
+    return name, config, parts, heads

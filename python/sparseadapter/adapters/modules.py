@@ -32,10 +32,15 @@ def _init_bert(layer: nn.Linear) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def _init_lora_pair(down: nn.Linear, up: nn.Linear) -> None:
-    """LoRA's initialization: A (down) as nn.Linear does, B (up) zero, so the update starts at zero."""
-    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-    nn.init.zeros_(up.weight)
+def _init_pair(down: nn.Linear, up: nn.Linear, init: str) -> None:
+    """`bert`: both from N(0, 0.02). `lora`: down (A) as nn.Linear does, up (B) zero, so the update
+    starts at zero. Biases start at zero."""
+    if init == "bert":
+        nn.init.normal_(down.weight, std=BERT_INIT_STD)
+        nn.init.normal_(up.weight, std=BERT_INIT_STD)
+    else:
+        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        nn.init.zeros_(up.weight)
     for layer in (down, up):
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
@@ -65,11 +70,7 @@ class BottleneckAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = _prunable_linear(bottleneck, out_features, bias=True)
         self.scale = float(scale)
-        if init == "bert":
-            _init_bert(self.down)
-            _init_bert(self.up)
-        else:
-            _init_lora_pair(self.down, self.up)
+        _init_pair(self.down, self.up, init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
@@ -87,11 +88,7 @@ class LoRAAdapter(nn.Module):
         self.lora_B = _prunable_linear(rank, out_features, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.scaling = float(alpha) / rank
-        if init == "bert":
-            _init_bert(self.lora_A)
-            _init_bert(self.lora_B)
-        else:
-            _init_lora_pair(self.lora_A, self.lora_B)
+        _init_pair(self.lora_A, self.lora_B, init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling

@@ -62,19 +62,15 @@ def check_installable(model: nn.Module) -> None:
                          "(load it with attn_implementation='sdpa')")
 
 
-def install(model: nn.Module) -> str:
-    """Switch `model` to the prefix-aware attention; returns the implementation it wraps."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError as err:
-        raise ValueError("prefix tuning needs transformers >= 5 (its AttentionInterface)") from err
+def install(model: nn.Module) -> None:
+    """Switch `model` to the prefix-aware attention (idempotent)."""
+    check_installable(model)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
     current = model.config._attn_implementation
     if current.startswith(PREFIX):
-        return current[len(PREFIX):]
-    if current not in WRAPPED:
-        raise ValueError(f"prefix tuning wraps the 'sdpa' or 'eager' attention; this model uses {current!r} "
-                         "(load it with attn_implementation='sdpa')")
+        return
     name = PREFIX + current
     AttentionInterface.register(name, _make_attention(current))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
@@ -82,7 +78,6 @@ def install(model: nn.Module) -> str:
     if model.config._attn_implementation != name:
         raise ValueError(f"{type(model).__name__} does not let its attention implementation change, which prefix "
                          "tuning needs")
-    return current
 
 
 def uninstall(model: nn.Module) -> None:

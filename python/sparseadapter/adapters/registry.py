@@ -4,7 +4,6 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from ..pruning.api import PruningRecord
 from .config import SparseAdapterConfig
 from .placement import Site
 
@@ -16,7 +15,6 @@ PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name ->
 class AdapterEntry:
     config: SparseAdapterConfig
     sites: Dict[str, List[Site]]                 # part ("bottleneck", "lora", "prefix") -> sites
-    pruning: Optional[PruningRecord] = None
 
 
 @dataclass
@@ -25,7 +23,6 @@ class AdapterRegistry:
     fusions: Dict[str, List[str]] = field(default_factory=dict)
     active: List[str] = field(default_factory=list)
     active_fusion: Optional[str] = None
-    base_attention: Optional[str] = None          # the attention implementation prefix tuning wraps
 
 
 def registry(model: nn.Module, create: bool = False) -> AdapterRegistry:

@@ -3,11 +3,11 @@ from typing import Dict
 
 from torch import nn
 
+from ..pruning.api import PRUNABLE_ATTR
 from ..pruning.selection import keep_count
 from ..sparse_linear import SparseLinear
+from .api import build_adapter
 from .config import SparseAdapterConfig
-from .placement import hidden_size, resolve_sites
-from .prefix import check_attention_module
 
 
 def trainable_parameters(model: nn.Module) -> Dict[str, int]:
@@ -38,20 +38,17 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def parameter_budget(config: SparseAdapterConfig, model: nn.Module) -> Dict[str, int]:
-    """What adapter `config` adds to `model`, before building it.
+    """What adapter `config` adds to `model`, counted on the modules it would build (the model is not
+    changed).
 
     weights_dense: adapter weight entries at the built width (bottleneck x large_sparse);
     weights_kept:  of those, the nonzeros pruning keeps (exactly what `prune` keeps, per scope);
     biases, prefix: the dense parameters beside them (never pruned).
     """
-    sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
-    r = config.effective_bottleneck if config.kind != "prefix" else 0
-    matrices, biases = [], 0
-    for site in sites.get("bottleneck", []):
-        matrices += [site.in_features * r, r * site.out_features]
-        biases += r + site.out_features
-    for site in sites.get("lora", []):
-        matrices += [site.in_features * r, r * site.out_features]
+    parts = build_adapter(model, config)
+    matrices = [layer.weight.numel() for _, module in parts.modules for layer in module.modules()
+                if getattr(layer, PRUNABLE_ATTR, False)]
+    others = sum(p.numel() for _, module in parts.modules for p in module.parameters()) - sum(matrices)
     dense = sum(matrices)
     if not config.is_sparse:
         kept = dense
@@ -59,11 +56,5 @@ def parameter_budget(config: SparseAdapterConfig, model: nn.Module) -> Dict[str,
         kept = keep_count(dense, config.effective_sparsity)
     else:
         kept = sum(keep_count(n, config.effective_sparsity) for n in matrices)
-    prefix = 0
-    if sites.get("prefix"):
-        d = hidden_size(model)
-        kv = check_attention_module(sites["prefix"][0].host, model.get_submodule(sites["prefix"][0].host))
-        layers = len(sites["prefix"])
-        prefix = config.prefix_length * d + d * config.prefix_mid_dim + config.prefix_mid_dim
-        prefix += config.prefix_mid_dim * layers * 2 * kv + layers * 2 * kv
-    return {"weights_dense": dense, "weights_kept": kept, "biases": biases, "prefix": prefix}
+    prefix = sum(p.numel() for p in parts.prefix.parameters()) if parts.prefix is not None else 0
+    return {"weights_dense": dense, "weights_kept": kept, "biases": others, "prefix": prefix}
