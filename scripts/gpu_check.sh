@@ -51,11 +51,11 @@ bench=${GPU_CHECK_BENCH:-1}
 [ "$bench" = pruning ] || for run in "bfloat16 4096 32768" "float16 32768"; do
   set -- $run
   dtype=$1; shift
-  timeout 240 python3 benchmarks/bench_sparse_linear.py --device cuda --dtype "$dtype" --tokens "$@" \
+  timeout 240 python3 -m sparseadapter.cli bench linear --device cuda --dtype "$dtype" --tokens "$@" \
     --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 ||
     tail -20 "$OUT/bench_$dtype.log"
 done
-timeout 150 python3 benchmarks/bench_pruning.py --device cuda >"$OUT/bench_pruning.log" 2>&1 ||
+timeout 150 python3 -m sparseadapter.cli bench pruning --device cuda >"$OUT/bench_pruning.log" 2>&1 ||
   tail -20 "$OUT/bench_pruning.log"
 summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md and $OUT/bench_pruning.log")
 }

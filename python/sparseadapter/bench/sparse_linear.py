@@ -17,9 +17,9 @@ status 1. Each method is timed with Timer.blocked_autorange in --rounds interlea
 from other processes falls on all methods alike), the blocks merged and the median reported; the
 printed table is torch.utils.benchmark.Compare, --markdown appends medians and ratios.
 
-    python benchmarks/bench_sparse_linear.py                          # CPU fp32, N=4096, 1 thread
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_sparse_linear.py --threads 2
-    python benchmarks/bench_sparse_linear.py --device cuda --dtype bfloat16 --tokens 4096 32768
+    sparseadapter bench linear                          # CPU fp32, N=4096, 1 thread
+    OMP_WAIT_POLICY=PASSIVE sparseadapter bench linear --threads 2
+    sparseadapter bench linear --device cuda --dtype bfloat16 --tokens 4096 32768
 """
 import argparse
 import datetime
@@ -50,7 +50,7 @@ def parse_shape(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sparseadapter bench linear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="N, the rows of x")

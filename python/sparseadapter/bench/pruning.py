@@ -11,9 +11,9 @@ Stages, each "plain" vs "fused" (sparsity 0.4, i.e. keep k = round(0.6 N)):
   pipeline  score -> select (topk) -> csr                      vs the three fused ops
 Every fused result is checked against the plain one before timing (exact masks and CSR arrays).
 
-    python benchmarks/bench_pruning.py                    # CPU, 1 thread
-    python benchmarks/bench_pruning.py --device cuda
-    python benchmarks/bench_pruning.py --markdown BENCHMARKS.md   # append the table
+    sparseadapter bench pruning                  # CPU, 1 thread
+    sparseadapter bench pruning --device cuda
+    sparseadapter bench pruning --markdown BENCHMARKS.md   # append the table
 """
 import argparse
 import datetime
@@ -104,13 +104,13 @@ def time_it(fn, args, label, sub_label, description, min_run_time):
     return t.blocked_autorange(min_run_time=min_run_time)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="sparseadapter bench pruning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--markdown", help="append a markdown section to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
@@ -164,7 +164,7 @@ def main():
         with open(args.markdown, "a") as f:
             f.write(
                 "\n## Pruning kernels (issue 3)\n\n"
-                f"`python benchmarks/bench_pruning.py --device {args.device} --threads {args.threads}` — "
+                f"`sparseadapter bench pruning --device {args.device} --threads {args.threads}` — "
                 f"{datetime.date.today().isoformat()}\n\n```\n"
                 f"machine: {platform.node() and 'linux'} {platform.machine()} | {cpu_model or dev} | {os.cpu_count()} cores\n"
                 f"torch {torch.__version__} | python {platform.python_version()} | device {args.device}"

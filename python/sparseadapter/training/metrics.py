@@ -1,0 +1,156 @@
+"""Evaluation metrics in plain Python (float64), so the library needs neither numpy nor sklearn/scipy.
+
+Every function takes two equally long 1-D sequences (lists, tuples or tensors): predictions first,
+then gold labels. Classification metrics expect class ids (take the argmax of the logits first).
+All metrics are "higher is better". Where a metric is undefined (a constant input to a correlation,
+no positive examples for F1) it is 0.0 rather than NaN, so model selection can always compare;
+NaN or infinite inputs to the correlations raise ValueError instead (a diverged model, not a score).
+"""
+import math
+import numbers
+from collections import Counter
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from .tasks import TaskSpec
+
+
+def _as_list(values, what: str) -> List:
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(values.shape)}"
+                             + (" (take the argmax of the logits first)" if values.dim() == 2 else ""))
+        return values.detach().cpu().tolist()
+    values = list(values)
+    if any(isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0 for v in values):
+        raise ValueError(f"{what} must be 1-D")
+    return values
+
+
+def _pair(predictions, labels):
+    p, y = _as_list(predictions, "predictions"), _as_list(labels, "labels")
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions but {len(y)} labels")
+    if not p:
+        raise ValueError("no predictions to score")
+    if any(v is None for v in y):
+        raise ValueError("labels contain None (unlabelled examples cannot be scored)")
+    return p, y
+
+
+def _floats(values, what: str) -> List[float]:
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):
+        # A NaN prediction means a diverged model; say so instead of returning a meaningless score.
+        raise ValueError(f"{what} contain NaN or infinity")
+    return out
+
+
+def accuracy(predictions, labels) -> float:
+    p, y = _pair(predictions, labels)
+    return sum(a == b for a, b in zip(p, y)) / len(p)
+
+
+def _f1(p, y, cls) -> float:
+    tp = sum(a == cls and b == cls for a, b in zip(p, y))
+    fp = sum(a == cls and b != cls for a, b in zip(p, y))
+    fn = sum(a != cls and b == cls for a, b in zip(p, y))
+    # 2tp / (2tp + fp + fn) equals 2PR / (P + R) and has no 0/0 unless the class never occurs.
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def f1(predictions, labels) -> float:
+    """Binary F1 of class 1 (0.0 when class 1 is neither predicted nor present, as sklearn)."""
+    p, y = _pair(predictions, labels)
+    return _f1(p, y, 1)
+
+
+def macro_f1(predictions, labels) -> float:
+    """Unweighted mean of per-class F1 over the classes seen in labels or predictions (sklearn's set)."""
+    p, y = _pair(predictions, labels)
+    classes = set(p) | set(y)
+    return math.fsum(_f1(p, y, c) for c in classes) / len(classes)
+
+
+def matthews_corrcoef(predictions, labels) -> float:
+    """Matthews correlation; for K classes Gorodkin's R_K (what sklearn computes), 0.0 when undefined.
+
+    With n examples, c correct, t_k true and p_k predicted counts of class k:
+        (c*n - sum_k p_k t_k) / sqrt((n^2 - sum_k p_k^2) * (n^2 - sum_k t_k^2))
+    which for two classes is the usual (tp*tn - fp*fn) / sqrt(...).
+    """
+    p, y = _pair(predictions, labels)
+    n = len(p)
+    c = sum(a == b for a, b in zip(p, y))
+    pc, tc = Counter(p), Counter(y)
+    # Integer arithmetic until the last step: exact, and no overflow in Python.
+    cov = c * n - sum(pc[k] * tc[k] for k in pc)
+    var_p = n * n - sum(v * v for v in pc.values())
+    var_t = n * n - sum(v * v for v in tc.values())
+    if var_p == 0 or var_t == 0:  # all predictions (or all labels) one class
+        return 0.0
+    return cov / math.sqrt(var_p * var_t)
+
+
+def _pearson(x: List[float], y: List[float]) -> float:
+    n = len(x)
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    dx = [v - mx for v in x]
+    dy = [v - my for v in y]
+    sxx = math.fsum(v * v for v in dx)
+    syy = math.fsum(v * v for v in dy)
+    if sxx == 0.0 or syy == 0.0:  # a constant side: correlation undefined, reported as 0.0
+        return 0.0
+    r = math.fsum(a * b for a, b in zip(dx, dy)) / math.sqrt(sxx * syy)
+    return max(-1.0, min(1.0, r))  # rounding can step just past +-1
+
+
+def pearson(predictions, labels) -> float:
+    """Pearson's r; 0.0 when either side is constant."""
+    p, y = _pair(predictions, labels)
+    return _pearson(_floats(p, "predictions"), _floats(y, "labels"))
+
+
+def _ranks(values: List[float]) -> List[float]:
+    """1-based ranks, ties sharing the average of the ranks they span (scipy's 'average')."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(predictions, labels) -> float:
+    """Spearman's rho (Pearson on average ranks); 0.0 when either side is constant."""
+    p, y = _pair(predictions, labels)
+    return _pearson(_ranks(_floats(p, "predictions")), _ranks(_floats(y, "labels")))
+
+
+METRICS: Dict[str, Callable[[Sequence, Sequence], float]] = {
+    "accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "matthews": matthews_corrcoef,
+    "pearson": pearson, "spearman": spearman,
+}
+
+
+def _is_class_id(v) -> bool:
+    # numbers.Real also admits numpy scalars; bool is excluded because True/False are no class ids.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and v >= 0
+
+
+def compute_metrics(task: TaskSpec, predictions, labels) -> Dict[str, float]:
+    """{metric: value} for every metric in task.metrics, in that order."""
+    p, y = _pair(predictions, labels)
+    if not task.is_regression:
+        # Scores or probabilities passed by mistake would otherwise give a silently wrong accuracy.
+        for what, values in (("predictions", p), ("labels", y)):
+            bad = next((v for v in values if not _is_class_id(v)), None)
+            if bad is not None:
+                raise ValueError(f"{task.name}: {what} must be class ids, got {bad!r}")
+    return {name: float(METRICS[name](p, y)) for name in task.metrics}

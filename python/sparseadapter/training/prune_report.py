@@ -1,0 +1,63 @@
+"""`sparseadapter prune`: prune an adapter at initialization and report what each matrix keeps."""
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .. import adapters as sa_adapters
+from ..pruning.api import PRUNABLE_ATTR
+from ..sparse_linear import SparseLinear
+from .batching import TrainOrder, encode
+from .config import TrainConfig
+from .engine import ADAPTER, _add_pruned_adapter, _save_adapter_dir, load_examples, load_model, resolve_device, \
+    resolve_model_path
+
+
+def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
+    """Build the model and the adapter, prune it exactly as `train` would, and count what is kept."""
+    import torch
+
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads or 1)
+    task, examples = load_examples(cfg)
+    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    model.to(device)
+    adapter_cfg = cfg.adapter_config()
+    needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
+    train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
+    order = TrainOrder(len(examples["train"]), cfg.batch_size, cfg.seed)
+    _add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
+
+    rows: List[Dict] = []
+    for prefix, module in sa_adapters.adapter_modules(model, ADAPTER).items():
+        for sub, layer in module.named_modules():
+            if isinstance(layer, SparseLinear):
+                rows.append(dict(name=f"{prefix}.{sub}", shape=(layer.out_features, layer.in_features),
+                                 kept=layer.nnz, size=layer.out_features * layer.in_features))
+            elif isinstance(layer, torch.nn.Linear) and getattr(layer, PRUNABLE_ATTR, False):
+                rows.append(dict(name=f"{prefix}.{sub}", shape=tuple(layer.weight.shape),
+                                 kept=layer.weight.numel(), size=layer.weight.numel()))
+    record = sa_adapters.pruning_record(model, ADAPTER)
+    if save:
+        _save_adapter_dir(model, Path(save), cfg)
+    return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,
+                budget=sa_adapters.parameter_budget(adapter_cfg, model), counts=sa_adapters.trainable_parameters(model),
+                saved=save)
+
+
+def format_prune_report(report: Dict) -> str:
+    cfg, adapter_cfg, rows = report["config"], report["adapter"], report["rows"]
+    kept = sum(r["kept"] for r in rows)
+    size = sum(r["size"] for r in rows)
+    width = max([len(r["name"]) for r in rows] + [6])
+    lines = [f"{cfg.kind} adapter on {cfg.model}: width {adapter_cfg.effective_bottleneck}, "
+             f"target sparsity {adapter_cfg.effective_sparsity:.3f} ({cfg.pruner}, {cfg.scope})", "",
+             f"{'matrix':<{width}}  {'shape':>10}  {'kept':>8}  {'of':>8}  sparsity"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:<{width}}  {shape:>10}  {r['kept']:>8,}  {r['size']:>8,}  {1 - r['kept'] / r['size']:.3f}")
+    lines.append(f"{'total':<{width}}  {'':>10}  {kept:>8,}  {size:>8,}  {1 - kept / max(size, 1):.3f}")
+    b = report["budget"]
+    lines += ["", f"kept weights {kept:,} (budget {b['weights_kept']:,}) + biases {b['biases']:,}"
+              + (f" + prefix {b['prefix']:,}" if b["prefix"] else "")]
+    if report["saved"]:
+        lines.append(f"saved the pruned (untrained) adapter to {report['saved']}")
+    return "\n".join(lines)
