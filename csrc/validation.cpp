@@ -57,6 +57,16 @@ void check_x(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
       device_type);
 }
 
+// The product of t's leading dims (the number of tokens). Flattening with reshape({-1, features})
+// fails when features == 0 (a 0-element tensor makes -1 ambiguous), so the count is explicit.
+int64_t leading_numel(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    n *= t.size(d);
+  }
+  return n;
+}
+
 }  // namespace
 
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
@@ -116,8 +126,8 @@ SpmmInputs check_spmm_inputs(
 
   in.out_shape = x.sizes().vec();
   in.out_shape.back() = in.out_features;
-  in.x = x.reshape({-1, in.in_features}).contiguous();
-  in.num_tokens = in.x.size(0);
+  in.num_tokens = leading_numel(x);
+  in.x = x.reshape({in.num_tokens, in.in_features}).contiguous();
   in.values = values.contiguous();
   in.crow_indices = crow_indices.contiguous();
   in.col_indices = col_indices.contiguous();
@@ -156,9 +166,9 @@ SddmmInputs check_sddmm_inputs(
       grad_out.size(-1) == in.out_features, op, ": grad_out's last dim is ", grad_out.size(-1),
       " but the pattern has ", in.out_features, " rows");
 
-  in.x = x.reshape({-1, in.in_features}).contiguous();
-  in.grad_out = grad_out.reshape({-1, in.out_features}).contiguous();
-  in.num_tokens = in.x.size(0);
+  in.num_tokens = leading_numel(x);
+  in.x = x.reshape({in.num_tokens, in.in_features}).contiguous();
+  in.grad_out = grad_out.reshape({in.num_tokens, in.out_features}).contiguous();
   in.crow_indices = crow_indices.contiguous();
   in.col_indices = col_indices.contiguous();
   return in;

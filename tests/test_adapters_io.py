@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -23,7 +24,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import sparseadapter as sa  # noqa: E402
 from sparseadapter import SparseLinear  # noqa: E402
 from sparseadapter.adapters import adapter_modules  # noqa: E402
-from sparseadapter.adapters.io import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
+from sparseadapter.adapters.io import CONFIG_FILE, weights_path  # noqa: E402
 from sparseadapter.adapters.registry import REGISTRY_ATTR, entry  # noqa: E402
 
 LAYERS, HIDDEN = 6, 384
@@ -145,7 +146,7 @@ def write_meta(folder, meta):
 def rewrite_tensors(folder, edit):
     """Edit the saved tensors and re-save them with a matching checksum, so that only the structural
     checks stand between the edited file and the model."""
-    weights = os.path.join(folder, WEIGHTS_FILE)
+    weights = weights_path(folder)
     tensors = safetensors_torch.load_file(weights)
     edit(tensors)
     safetensors_torch.save_file(tensors, weights)
@@ -234,7 +235,7 @@ def test_round_trip_is_bitwise(kind, sparsity, make_model, batch, tmp_path):
 def test_head_is_left_alone_when_not_saved_or_not_loaded(saved, make_model, batch, tmp_path):
     without_head = str(tmp_path / "no_head")
     sa.save_adapter(saved.model, without_head, include_head=False)
-    assert not [k for k in safetensors_torch.load_file(os.path.join(without_head, WEIGHTS_FILE))
+    assert not [k for k in safetensors_torch.load_file(weights_path(without_head))
                 if k.startswith("head.")]
     for folder, kwargs in ((without_head, {}), (saved.path, {"load_head": False})):
         target = make_model(head_seed=2)
@@ -267,7 +268,7 @@ def test_config_records_what_was_saved(saved):
     assert (record["method"], record["sparsity"], record["scope"], record["seed"]) == ("random", 0.8, "global", 0)
     assert record["calibration_examples"] == 0 and record["calibration_sha256"] is None
 
-    with open(os.path.join(saved.path, WEIGHTS_FILE), "rb") as f:
+    with open(weights_path(saved.path), "rb") as f:
         assert meta["weights_sha256"] == hashlib.sha256(f.read()).hexdigest()
     dense = 2 * len(hosts) * HIDDEN * 64
     nnz = sum(m.nnz for m in saved.model.modules() if isinstance(m, SparseLinear))
@@ -293,13 +294,13 @@ def test_sparse_adapter_is_small_on_disk(make_model, tmp_path):
     for sparsity in (0.0, 0.8):
         folder = str(tmp_path / f"s{sparsity}")
         sa.save_adapter(add(make_model(), "houlsby", sparsity), folder, include_head=False)
-        sizes[sparsity] = os.path.getsize(os.path.join(folder, WEIGHTS_FILE))
+        sizes[sparsity] = os.path.getsize(weights_path(folder))
     assert sizes[0.8] < 0.30 * sizes[0.0], sizes
 
 
 # -- 4. rejections ---------------------------------------------------------------------------------------
 def _flip_bytes(folder):
-    path = os.path.join(folder, WEIGHTS_FILE)
+    path = weights_path(folder)
     data = bytearray(open(path, "rb").read())
     middle = len(data) // 2
     data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
@@ -307,14 +308,14 @@ def _flip_bytes(folder):
 
 
 def _truncate(folder):
-    path = os.path.join(folder, WEIGHTS_FILE)
+    path = weights_path(folder)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) - 1000])
 
 
 def _not_safetensors(folder):
     """Garbage whose checksum the config matches: the format check must catch it."""
-    path = os.path.join(folder, WEIGHTS_FILE)
+    path = weights_path(folder)
     garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}..."
     open(path, "wb").write(garbage)
     meta = read_meta(folder)
@@ -335,8 +336,22 @@ def test_rejects_a_damaged_tensor_file(corrupt, match, saved, make_model, batch,
 
 def test_rejects_a_config_from_another_save(saved, saved_other, make_model, batch, tmp_path):
     folder = saved.copy_to(tmp_path / "adapter")
+    mine = os.path.basename(weights_path(folder))
     shutil.copy(os.path.join(saved_other.path, CONFIG_FILE), os.path.join(folder, CONFIG_FILE))
+    assert_rejected(make_model(), folder, batch, "does not exist", error=FileNotFoundError)
+    meta = read_meta(folder)
+    meta["weights_file"] = mine  # pointed at this folder's tensors: the checksum tells
+    write_meta(folder, meta)
     assert_rejected(make_model(), folder, batch, "checksum")
+
+
+@pytest.mark.parametrize("name", ["../adapter.safetensors", "/etc/passwd", "adapter-zz.safetensors", 7])
+def test_rejects_a_weights_file_outside_the_folder(name, saved, make_model, batch, tmp_path):
+    folder = saved.copy_to(tmp_path / "adapter")
+    meta = read_meta(folder)
+    meta["weights_file"] = name
+    write_meta(folder, meta)
+    assert_rejected(make_model(), folder, batch, "unexpected weights file")
 
 
 def _set(tensors, suffix, change):
@@ -437,12 +452,13 @@ def test_rejects_an_unreadable_config(text, saved, make_model, batch, tmp_path):
     assert_rejected(make_model(), folder, batch, match)
 
 
-@pytest.mark.parametrize("missing", ["folder", CONFIG_FILE, WEIGHTS_FILE])
+@pytest.mark.parametrize("missing", ["folder", CONFIG_FILE, "weights"])
 def test_rejects_missing_files(missing, saved, make_model, batch, tmp_path):
     folder = saved.copy_to(tmp_path / "adapter")
     if missing == "folder":
         folder = str(tmp_path / "nowhere")
     else:
+        missing = os.path.basename(weights_path(folder)) if missing == "weights" else missing
         os.remove(os.path.join(folder, missing))
     match = "does not exist" if missing == "folder" else f"{missing} does not exist"
     assert_rejected(make_model(), folder, batch, match, error=FileNotFoundError)
@@ -514,8 +530,10 @@ def test_save_leaves_only_the_two_files_readable_as_usual(saved, tmp_path):
         sa.save_adapter(saved.model, folder)
     finally:
         os.umask(umask)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, WEIGHTS_FILE]), "no temporary files are left"
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    weights = os.path.basename(weights_path(folder))
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights]), "no temporary files are left"
+    assert re.fullmatch(r"adapter-[0-9a-f]{16}\.safetensors", weights), "named by its content"
+    for name in (CONFIG_FILE, weights):
         assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
 
 
@@ -523,7 +541,8 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
     folder = saved.copy_to(tmp_path / "adapter")
     other = add(make_model(head_seed=4), "lora", seed=2)
     sa.save_adapter(other, folder)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder))]), \
+        "the replaced tensor file is gone"
     target = make_model(head_seed=2)
     sa.load_adapter(target, folder)
     assert entry(target, "a").config.kind == "lora"
@@ -532,9 +551,12 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
 
 
 @pytest.mark.parametrize("failing_call", [1, 2], ids=["tensors-rename-fails", "config-rename-fails"])
-def test_interrupted_save_never_loads_a_mixed_adapter(failing_call, saved, saved_other, make_model, batch, tmp_path,
+def test_interrupted_save_leaves_the_previous_adapter(failing_call, saved, saved_other, make_model, batch, tmp_path,
                                                       monkeypatch):
+    """The config's rename is the commit: a save that fails before it leaves the previous adapter whole
+    (and no stray file); the kill -9 version of this is in test_reliability_processes.py."""
     folder = saved.copy_to(tmp_path / "adapter")
+    before = sorted(os.listdir(folder))
     real_replace, calls = os.replace, []
 
     def replace(src, dst):
@@ -547,13 +569,11 @@ def test_interrupted_save_never_loads_a_mixed_adapter(failing_call, saved, saved
     with pytest.raises(OSError, match="disk full"):
         sa.save_adapter(saved_other.model, folder)
     monkeypatch.undo()
-    assert [os.path.basename(c) for c in calls] == [WEIGHTS_FILE, CONFIG_FILE][:failing_call], "tensors first"
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, WEIGHTS_FILE]), "no temporary files are left"
+    names = [os.path.basename(c) for c in calls]
+    assert names[0].startswith("adapter-") and names[1:] == [CONFIG_FILE][:failing_call - 1], "tensors first"
+    assert sorted(os.listdir(folder)) == before, "no temporary or unreferenced files are left"
 
     target = make_model(head_seed=2)
-    if failing_call == 1:  # nothing was replaced: the old adapter loads, whole
-        sa.load_adapter(target, folder)
-        assert torch.equal(logits(target, batch), saved.logits)
-        assert_same_adapter(saved.model, "a", target, "a")
-    else:  # new tensors beside the old config: the checksum tells
-        assert_rejected(target, folder, batch, "checksum")
+    sa.load_adapter(target, folder)
+    assert torch.equal(logits(target, batch), saved.logits)
+    assert_same_adapter(saved.model, "a", target, "a")

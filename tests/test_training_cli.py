@@ -2,6 +2,7 @@
 the run writes what it promises, a killed run resumes to the bitwise same adapter, saved adapters score
 the same in `eval`, and bad options, files and rows end in one clear line and exit status 2."""
 import json
+import os
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from hf_support import one_thread  # noqa: F401
 from training_support import sentiment_files, tiny_model  # noqa: F401
 from training_support import sentiment_rows, train_args, write_csv
 
+from sparseadapter.adapters.io import weights_path
 from sparseadapter.cli import main
-from sparseadapter.training import engine
+from sparseadapter.training.batching import TrainOrder
 from sparseadapter.training.config import TrainConfig, read_config_file
 
 safetensors = pytest.importorskip("safetensors.torch")
@@ -35,7 +37,7 @@ def run_error(argv, capsys, *needles):
 
 
 def adapter_tensors(folder):
-    return safetensors.load_file(str(folder / "adapter.safetensors"))
+    return safetensors.load_file(weights_path(str(folder)))
 
 
 def test_train_writes_the_run_and_eval_reproduces_it(tiny_model, sentiment_files, tmp_path, capsys):
@@ -44,7 +46,7 @@ def test_train_writes_the_run_and_eval_reproduces_it(tiny_model, sentiment_files
                                "--sparsity", "0.5", "--pruner", "snip", "--max-steps", "24", "--eval-every", "8"),
                     capsys)
     for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "adapter/adapter_config.json",
-                 "adapter/adapter.safetensors", "adapter/train_config.json", "checkpoint/trainer_state.pt"):
+                 "adapter/train_config.json", "checkpoint/trainer_state.pt"):
         assert (out_dir / name).is_file(), name
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if not r.get("final")]
@@ -77,18 +79,18 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model, sentiment_files, tmp
     run_ok(train_args(tiny_model, sentiment_files, straight, *common), capsys)
 
     interrupted = tmp_path / "interrupted"
-    real_batch = engine.TrainOrder.batch
+    real_batch = TrainOrder.batch
 
     def batch_or_die(self, step):
         if step == 7 and self.batch_size == 8:
             raise KeyboardInterrupt
         return real_batch(self, step)
 
-    monkeypatch.setattr(engine.TrainOrder, "batch", batch_or_die)
+    monkeypatch.setattr(TrainOrder, "batch", batch_or_die)
     assert main(train_args(tiny_model, sentiment_files, interrupted, *common)) == 130
     assert "--resume" in capsys.readouterr().err
     assert torch.load(interrupted / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 6
-    monkeypatch.setattr(engine.TrainOrder, "batch", real_batch)
+    monkeypatch.setattr(TrainOrder, "batch", real_batch)
     run_ok(train_args(tiny_model, sentiment_files, interrupted, *common, "--resume"), capsys)
 
     a, b = adapter_tensors(straight / "adapter"), adapter_tensors(interrupted / "adapter")
@@ -123,7 +125,7 @@ def test_prune_reports_what_is_kept(tiny_model, sentiment_files, tmp_path, capsy
     # 2 layers x 2 sites x (32x8 + 8x32) weights, 25% kept
     assert total[1:] == ["512", "2,048", "0.750"]
     assert "budget 512" in stdout
-    assert (tmp_path / "pruned" / "adapter.safetensors").is_file()
+    assert os.path.isfile(weights_path(str(tmp_path / "pruned")))
 
 
 def test_config_file_then_flags(tmp_path):
@@ -208,3 +210,13 @@ def test_diverging_training_stops_with_a_message(tiny_model, sentiment_files, tm
                            "--max-grad-norm", "0", "--sparsity", "0"))
     err = capsys.readouterr().err
     assert code == 1 and "training loss is" in err, err
+
+
+@pytest.mark.parametrize("pruner", ["grasp", "snip"])
+def test_gradient_pruners_through_sdpa_attention(pruner, tiny_model, sentiment_files, capsys):  # noqa: F811
+    """GraSP differentiates twice through attention; the fused SDPA kernels cannot, so scoring must not
+    use them (BERT in transformers 5 attends through SDPA by default)."""
+    stdout = run_ok(["prune", "--model", tiny_model, "--task", "custom", "--train-file", sentiment_files["train"],
+                     "--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", pruner,
+                     "--calibration-batches", "2", "--no-progress"], capsys)
+    assert "total" in stdout

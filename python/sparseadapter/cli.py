@@ -106,12 +106,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _run_train(args, base=None) -> int:
-    from .training.engine import train
+    from .training.run import train
     from .training.report import summary
 
     result = train(build_config(args, base))
-    print()
-    print(summary(result))
+    if result is not None:  # None on the other ranks of a torchrun job
+        print()
+        print(summary(result))
     return 0
 
 

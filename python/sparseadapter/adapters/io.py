@@ -1,17 +1,22 @@
-"""save_adapter / load_adapter: one folder per adapter, `adapter_config.json` + `adapter.safetensors`.
+"""save_adapter / load_adapter: one folder per adapter, `adapter_config.json` + its tensor file.
 
 The safetensors file holds the adapter's tensors under their module names in the model; a sparse
 weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), the indices in the
 narrowest integer type that holds them, so the file grows with nnz, not with the dense size. The
-JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), the library version
-and the SHA-256 of the tensor file. Each file is written to a temporary name, flushed and renamed
-(atomic), tensors first: a crash leaves either the old adapter or a pair whose checksum does not
-match, never a silently mixed one. Loading checks everything against the model and the config
-before the model is touched.
+JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), the library version,
+and the name and SHA-256 of the tensor file. Loading checks everything against the model and the
+config before the model is touched.
+
+Crash safety: the tensor file is named by its content (`adapter-<sha256 prefix>.safetensors`), written
+whole under a temporary name and renamed; then the config is replaced the same way, and that rename
+is the commit. A process killed at any point leaves the folder's config naming a complete tensor file:
+the previous adapter until the commit, the new one after. Files no config names are removed by the
+next save.
 """
 import hashlib
 import json
 import os
+import re
 import secrets
 from typing import Dict, Optional
 
@@ -33,14 +38,16 @@ from .placement import Site, model_type
 from .registry import entry, registry
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
+WEIGHTS_FILE = "adapter.safetensors"  # the name before content naming; still read
+_WEIGHTS_NAME = re.compile(r"adapter(-[0-9a-f]{16})?\.safetensors")
 FORMAT = "sparseadapter"
 FORMAT_VERSION = 1
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # on disk; int32/int64 in memory
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{secrets.token_hex(8)}")
     # not mkstemp: its files are 0600, so a saved adapter could not be shared; os.open gives the
@@ -111,8 +118,10 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
     tensors = _adapter_tensors(model, name, include_head)
     record = pruning_record(model, name)
     blob = save(tensors)
+    digest = hashlib.sha256(blob).hexdigest()
+    weights_file = f"adapter-{digest[:16]}.safetensors"
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, WEIGHTS_FILE), blob)
+    atomic_write(os.path.join(path, weights_file), blob)
     prefix = getattr(model, "sparseadapter_prefix", None)
     meta = {
         "format": FORMAT,
@@ -126,12 +135,45 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         "prefix_folded": bool(prefix is not None and name in prefix and prefix[name].is_folded),
         "sparseadapter_pruning": record.to_dict() if record is not None else None,
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
-        "weights_file": WEIGHTS_FILE,
-        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        "weights_file": weights_file,
+        "weights_sha256": digest,
     }
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
-    _atomic_write(os.path.join(path, CONFIG_FILE), text)
+    try:
+        atomic_write(os.path.join(path, CONFIG_FILE), text)  # the commit
+    except BaseException:
+        _remove_unreferenced(path)
+        raise
+    _remove_unreferenced(path)
     return path
+
+
+def weights_path(path: str) -> str:
+    """The tensor file that the adapter folder `path` holds (named in its config)."""
+    return os.path.join(path, _weights_file(_read_meta(path), path))
+
+
+def _weights_file(meta: dict, path: str) -> str:
+    name = meta.get("weights_file", WEIGHTS_FILE)
+    if not isinstance(name, str) or not _WEIGHTS_NAME.fullmatch(name):
+        # a plain file name of ours, never a path: a config must not point outside its folder
+        raise ValueError(f"load_adapter: {os.path.join(path, CONFIG_FILE)} names an unexpected weights file {name!r}")
+    return name
+
+
+def _remove_unreferenced(path: str) -> None:
+    """Tensor files the config does not name, and temporaries of interrupted saves."""
+    try:
+        keep = _weights_file(_read_meta(path), path)
+    except (OSError, ValueError):
+        return  # no readable config: leave everything for the user to look at
+    for entry_name in os.listdir(path):
+        stale_tmp = entry_name.startswith(".adapter") and ".tmp-" in entry_name
+        if (_WEIGHTS_NAME.fullmatch(entry_name) and entry_name != keep) or stale_tmp:
+            try:
+                os.unlink(os.path.join(path, entry_name))
+            except FileNotFoundError:
+                pass
 
 
 def _read_meta(path: str) -> dict:
@@ -157,7 +199,7 @@ def _read_meta(path: str) -> dict:
 def _read_tensors(path: str, meta: dict) -> Dict[str, Tensor]:
     from safetensors.torch import load
 
-    weights = os.path.join(path, WEIGHTS_FILE)
+    weights = os.path.join(path, _weights_file(meta, path))
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"load_adapter: {weights} does not exist")
     with open(weights, "rb") as f:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparseadapter_ext
 
@@ -262,7 +263,11 @@ def _grasp(weights, loss_closure, batches):
     g = [a.to(w.dtype) for a, w in zip(_summed_grads(weights, loss_closure, batches), ws)]
     hg = [torch.zeros(w.shape, dtype=_score_dtype(w), device=w.device) for w in ws]
     for batch in batches:
-        grads = torch.autograd.grad(_loss(loss_closure, batch), ws, create_graph=True, allow_unused=True)
+        # H g needs a second derivative through attention: the fused SDPA kernels (flash on CPU and GPU,
+        # memory-efficient) have none, so GraSP's graph is built with the math backend
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = _loss(loss_closure, batch)
+        grads = torch.autograd.grad(loss, ws, create_graph=True, allow_unused=True)
         terms = [(gi * di).sum() for gi, di in zip(g, grads) if di is not None]
         z = sum(terms) if terms else None
         if z is None or not z.requires_grad:  # the gradient does not depend on the weights: H g = 0

@@ -4,7 +4,8 @@ from .config import TrainConfig
 from .data import (
     SPLITS, DataError, Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table,
 )
-from .engine import RunResult, evaluate_saved, train
+from .engine import evaluate_saved
+from .run import RunResult, train
 from .metrics import METRICS, accuracy, compute_metrics, f1, macro_f1, matthews_corrcoef, pearson, spearman
 from .tasks import TASKS, TaskSpec, get_task
 

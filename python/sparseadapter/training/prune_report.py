@@ -7,7 +7,7 @@ from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 from .batching import TrainOrder, encode
 from .config import TrainConfig
-from .engine import ADAPTER, _add_pruned_adapter, _save_adapter_dir, load_examples, load_model, resolve_device, \
+from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
     resolve_model_path
 
 
@@ -24,7 +24,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
     train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
     order = TrainOrder(len(examples["train"]), cfg.batch_size, cfg.seed)
-    _add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
+    add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []
     for prefix, module in sa_adapters.adapter_modules(model, ADAPTER).items():
@@ -37,7 +37,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
                                  kept=layer.weight.numel(), size=layer.weight.numel()))
     record = sa_adapters.pruning_record(model, ADAPTER)
     if save:
-        _save_adapter_dir(model, Path(save), cfg)
+        save_adapter_dir(model, Path(save), cfg)
     return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,
                 budget=sa_adapters.parameter_budget(adapter_cfg, model), counts=sa_adapters.trainable_parameters(model),
                 saved=save)

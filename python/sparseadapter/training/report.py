@@ -2,7 +2,7 @@
 import json
 from typing import List
 
-from .engine import RunResult
+from .run import RunResult
 
 
 def _percent(part: int, whole: int) -> str:

@@ -1,0 +1,332 @@
+"""The main job: prune an adapter at initialization, fine-tune it, select on validation, report on test,
+save. `train(cfg)` is what `sparseadapter train` and `demo` run, in one process or under torchrun.
+
+A run folder holds:
+  config.json       the exact TrainConfig (plus the resolved model and the library versions)
+  metrics.jsonl     one JSON object per evaluation
+  checkpoint/       the latest resumable state (adapter + optimizer, scheduler, RNG per rank, step)
+  best/             the adapter that scored best on validation so far
+  adapter/          the final adapter (the best one when there is a validation split)
+  results.json, results.md   the final numbers
+"""
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .. import adapters as sa_adapters
+from ..adapters.api import head_parameters
+from ..version import __version__
+from . import checkpoint as ckpt
+from . import distributed as dist_
+from .batching import TrainOrder, collate, encode
+from .config import TrainConfig
+from .engine import (
+    ADAPTER, add_pruned_adapter, evaluate, load_examples, load_model, resolve_device, resolve_model_path,
+    save_adapter_dir, to_device,
+)
+from .progress import progress_bar
+from .tasks import TaskSpec
+
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md")
+RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
+# Options a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir"}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    task: TaskSpec
+    sizes: Dict[str, int]
+    validation: Optional[Dict[str, float]]
+    test: Optional[Dict[str, float]]
+    counts: Dict[str, int]
+    timings: Dict[str, float]
+    steps: int
+    best_step: Optional[int]
+    config: TrainConfig
+
+
+def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
+    """Refuse to mix runs; clear a replaced one; return the checkpoint to resume from."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "config.json"
+    if cfg.resume:
+        found = ckpt.find_checkpoint(out)
+        if found is None or not previous.is_file():
+            raise ValueError(f"--resume: no checkpoint in {out} to resume from")
+        saved = json.loads(previous.read_text())["train_config"]
+        mine = cfg.to_dict()
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
+            raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
+                             "a resumed run must use the same ones")
+        return found
+    if previous.is_file() and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another --output-dir")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    return None
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then linear decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def _format_record(record: dict) -> str:
+    parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}", f"train loss {record['train_loss']:.4f}"]
+    if "split" in record:
+        parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
+                  if k not in ("step", "epoch", "train_loss", "lr", "split")]
+    return " | ".join(parts)
+
+
+class Run:
+    """One training run; every rank of a torchrun job builds one. Rank 0 alone writes and evaluates."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.world = dist_.init_world(cfg.device)
+        self.device = resolve_device(cfg.device, self.world.local_rank)
+        torch.set_num_threads(cfg.threads or (1 if self.device.type == "cpu" else torch.get_num_threads()))
+        self.out = Path(cfg.output_dir)
+        self.timings = {"prune_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+
+    def on_main(self, fn):
+        """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank is left waiting)."""
+        result, error = None, None
+        if self.world.is_main:
+            try:
+                result = fn()
+            except (ValueError, OSError) as err:
+                error = f"{err}"
+        result, error = dist_.all_gather((result, error), self.world)[0]
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out))
+        self.task, examples = load_examples(cfg)
+        self.model_path = resolve_model_path(cfg.model)
+        tokenizer, self.model = load_model(self.model_path, self.task, cfg.seed)
+        self.model.to(self.device)
+        self.pad_id = tokenizer.pad_token_id
+        self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
+        self.sizes = {k: len(v) for k, v in self.splits.items()}
+        if cfg.batch_size < self.world.size:
+            raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
+                             f"number of processes ({self.world.size})")
+        if self.world.is_main:
+            self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
+                     + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
+        self.order = TrainOrder(self.sizes["train"], cfg.batch_size, cfg.seed)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
+        self.state = self._load_or_prune()
+        dist_.check_same_pattern(self.model, self.world)
+        self._build_optimizer()
+
+    def _load_or_prune(self) -> dict:
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, self.model, ADAPTER)
+            if self.world.is_main:
+                self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
+            self.timings.update(state.get("timings", {}))
+            return state
+
+        def prune_on_main():
+            (self.out / "config.json").write_text(json.dumps(
+                {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
+                 "label_names": list(self.task.label_names) if self.task.label_names else None,
+                 "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
+                indent=2, sort_keys=True))
+            start = time.perf_counter()
+            add_pruned_adapter(self.model, self.cfg, self.splits["train"], self.order, self.pad_id, self.device)
+            self.timings["prune_s"] = time.perf_counter() - start
+            if self.world.distributed:  # the other ranks take rank 0's pattern and values from disk
+                save_adapter_dir(self.model, self.out / "init", self.cfg)
+
+        self.on_main(prune_on_main)
+        if not self.world.is_main:
+            sa_adapters.load_adapter(self.model, str(self.out / "init"), ADAPTER, load_head=True)
+        return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0}
+
+    def _build_optimizer(self) -> None:
+        cfg, state = self.cfg, self.state
+        sa_adapters.train_adapter(self.model, ADAPTER)
+        self.model.to(self.device)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        if self.resume_from is not None and state.get("param_names") != [n for n, _ in named]:
+            raise ValueError(f"{self.resume_from}: the checkpoint's optimizer state is for other parameters")
+        state["param_names"] = [n for n, _ in named]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _schedule(self.total, round(cfg.warmup_ratio * self.total)))
+        if self.resume_from is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if len(state["rng"]) != self.world.size:
+                raise ValueError(f"{self.resume_from} was written by a run of {len(state['rng'])} process(es); "
+                                 f"resume it with as many (this one has {self.world.size})")
+            ckpt.set_rng_state(state["rng"][self.world.rank], self.device)
+        else:
+            # dropout in the frozen base: the same draws in every run of this seed (a stream per rank)
+            torch.manual_seed(cfg.seed + self.world.rank)
+        self.forward_model = dist_.wrap(self.model, self.world, self.device)
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        """One optimizer step on global batch `step`; returns its mean loss over all ranks."""
+        indices = self.order.batch(step)
+        mine = dist_.shard(indices, self.world)
+        # This rank's loss counts by its share of the batch, so DDP's gradient average is the mean over
+        # the whole batch. A rank with no share (a last batch smaller than the world) runs one example
+        # at weight 0: every rank must take part in the gradient reduction.
+        weight = len(mine) * self.world.size / len(indices)
+        batch = to_device(collate(self.splits["train"], mine or indices[:1], self.pad_id), self.device)
+        loss = self.forward_model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {float(loss)} at step {step}: lower --lr "
+                                     f"(now {self.cfg.lr}) or check the labels")
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if self.world.distributed else loss).backward()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return dist_.mean_over_ranks(loss.item() * weight, self.world, self.device)
+
+    def loop(self) -> None:
+        cfg, state, order = self.cfg, self.state, self.order
+        self.has_validation = "validation" in self.splits and self.splits["validation"].labels is not None
+        self.model.train()
+        start = time.perf_counter()
+        bar = progress_bar(None, desc="train", enabled=cfg.progress and self.world.is_main, total=self.total,
+                           initial=state["step"], unit="step")
+        while state["step"] < self.total:
+            loss_value = self.train_step(state["step"])
+            state["step"] += 1
+            state["loss_sum"] += loss_value
+            state["loss_count"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            step = state["step"]
+            done = step == self.total
+            evaluate_now = done or (cfg.eval_every and step % cfg.eval_every == 0) or \
+                (not cfg.eval_every and step % order.steps_per_epoch == 0)
+            if evaluate_now:
+                t = time.perf_counter()
+                record = self.on_main(self._evaluate_and_keep_best)
+                start += time.perf_counter() - t  # evaluation time is not training time
+                if record is not None:
+                    bar.write(_format_record(record))
+            if done or evaluate_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                self.timings["train_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                self._checkpoint()
+        bar.close()
+        self.timings["train_s"] += time.perf_counter() - start
+
+    def _evaluate_and_keep_best(self) -> dict:
+        state, order = self.state, self.order
+        record = {"step": state["step"], "epoch": state["step"] / order.steps_per_epoch,
+                  "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+                  "lr": self.scheduler.get_last_lr()[0]}
+        state["loss_sum"], state["loss_count"] = 0.0, 0
+        if self.has_validation:
+            t = time.perf_counter()
+            metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
+                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress)
+            self.timings["eval_s"] += time.perf_counter() - t
+            record.update(split="validation", **metrics)
+            main = self.task.main_metric
+            if state["best"] is None or metrics[main] > state["best"]["metrics"][main]:
+                state["best"] = {"step": state["step"], "metrics": metrics}
+                save_adapter_dir(self.model, self.out / "best", self.cfg)
+        _append_jsonl(self.out / "metrics.jsonl", record)
+        return record
+
+    def _checkpoint(self) -> None:
+        rng = dist_.all_gather(ckpt.rng_state(self.device), self.world)  # every rank's dropout stream
+
+        def save():
+            self.state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                              rng=rng, timings=dict(self.timings))
+            ckpt.save_checkpoint(self.out, self.model, ADAPTER, self.state)
+        self.on_main(save)
+
+    # -- the end -----------------------------------------------------------------------------------------
+    def finish(self) -> RunResult:
+        """Rank 0: the final adapter (the best on validation when there is one, else the last), scored on test."""
+        out, state, cfg = self.out, self.state, self.cfg
+        final = out / "adapter"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(out / "init", ignore_errors=True)
+        if self.has_validation and (out / "best").is_dir():
+            sa_adapters.delete_adapter(self.model, ADAPTER)
+            sa_adapters.load_adapter(self.model, str(out / "best"), ADAPTER, load_head=True)
+            shutil.copytree(out / "best", final)
+        else:
+            save_adapter_dir(self.model, final, cfg)
+        # Validation scores of the selected adapter are those it was selected with (same weights).
+        validation = state["best"]["metrics"] if state["best"] is not None else None
+        test = None
+        t = time.perf_counter()
+        if "test" in self.splits and self.splits["test"].labels is not None:
+            test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
+                            self.device, desc="final test", progress=cfg.progress)
+        self.timings["eval_s"] += time.perf_counter() - t
+        best_step = state["best"]["step"] if state["best"] is not None else None
+        for split, metrics in (("validation", validation), ("test", test)):
+            if metrics is not None:
+                _append_jsonl(out / "metrics.jsonl",
+                              {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+        counts = dict(sa_adapters.trainable_parameters(self.model))
+        counts["head"] = sum(p.numel() for p in head_parameters(self.model))
+        result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
+                           state["step"], best_step, cfg)
+        from .report import write_results  # report formats RunResult: imported here to avoid a cycle
+        write_results(result)
+        return result
+
+
+def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> Optional[RunResult]:
+    """Prune at initialization -> fine-tune -> select on validation -> evaluate on test -> save.
+
+    Returns the result on rank 0 (and in a single process); None on the other ranks of a torchrun job.
+    """
+    run = Run(cfg, log)
+    try:
+        run.setup()
+        run.loop()
+        result = run.on_main(run.finish) if run.world.distributed else run.finish()
+        return result if run.world.is_main else None
+    finally:
+        dist_.close(run.world)
