@@ -82,7 +82,7 @@ else
   fi
 fi
 SO=$(ls "$WORK"/src/sparseadapter_ext/_C*.so)
-if ! nm -D "$SO" | grep -q __asan_report; then
+if ! nm -D "$SO" | grep __asan_report >/dev/null; then  # no -q: an early exit would SIGPIPE nm (pipefail)
   echo "asan_check: $SO carries no ASan instrumentation; the flags did not reach the compiler" >&2
   exit 2
 fi

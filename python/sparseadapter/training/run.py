@@ -9,6 +9,7 @@ A run folder holds:
   adapter/          the final adapter (the best one when there is a validation split)
   results.json, results.md   the final numbers
 """
+import gc
 import json
 import math
 import os
@@ -329,4 +330,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> Optional[R
         result = run.on_main(run.finish) if run.world.distributed else run.finish()
         return result if run.world.is_main else None
     finally:
+        # DDP's reducer holds gloo work: drop it while the process group is alive, then tear down
+        run.forward_model = None
+        gc.collect()
         dist_.close(run.world)
