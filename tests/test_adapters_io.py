@@ -323,15 +323,69 @@ def _not_safetensors(folder):
     write_meta(folder, meta)
 
 
+class _Payload:
+    """Unpickling this runs code: it would create the file MARKER. No load path may unpickle."""
+
+    def __reduce__(self):
+        return (open, (os.environ["SPARSEADAPTER_TEST_MARKER"], "w"))
+
+
+def _with_checksum(folder, blob):
+    path = weights_path(folder)
+    open(path, "wb").write(blob)
+    meta = read_meta(folder)
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    write_meta(folder, meta)
+
+
+def _pickle(folder):
+    """A pickle (what torch.save writes) with a matching checksum, where the tensors should be."""
+    import pickle
+    _with_checksum(folder, pickle.dumps({"weights": _Payload()}))
+
+
+def _torch_save(folder):
+    import io as io_
+    buffer = io_.BytesIO()
+    torch.save({"weights": _Payload()}, buffer)
+    _with_checksum(folder, buffer.getvalue())
+
+
+def _oversized(folder):
+    """Far more bytes than any adapter of this config holds (a sparse file claiming to be a giant)."""
+    with open(weights_path(folder), "ab") as f:
+        f.truncate(64 << 20)
+
+
+def _huge_header(folder):
+    """A safetensors header that claims a 2**40-element tensor the file does not hold."""
+    header = json.dumps({"x": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}}).encode()
+    _with_checksum(folder, len(header).to_bytes(8, "little") + header + b"\0" * 64)
+
+
 @pytest.mark.parametrize("corrupt,match", [
+    pytest.param(_pickle, "not a readable safetensors", id="pickle"),
+    pytest.param(_torch_save, "not a readable safetensors", id="torch-save-pickle"),
+    pytest.param(_oversized, "more than this adapter's config can take", id="oversized"),
+    pytest.param(_huge_header, "not a readable safetensors", id="huge-header"),
     pytest.param(_flip_bytes, "checksum", id="flipped-bytes"),
     pytest.param(_truncate, "checksum", id="truncated"),
     pytest.param(_not_safetensors, "not a readable safetensors", id="not-safetensors"),
 ])
-def test_rejects_a_damaged_tensor_file(corrupt, match, saved, make_model, batch, tmp_path):
+def test_rejects_a_damaged_tensor_file(corrupt, match, saved, make_model, batch, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("SPARSEADAPTER_TEST_MARKER", str(marker))
     folder = saved.copy_to(tmp_path / "adapter")
     corrupt(folder)
     assert_rejected(make_model(), folder, batch, match)
+    assert not marker.exists(), "loading ran code from the file"
+
+
+def test_rejects_an_oversized_config(saved, make_model, batch, tmp_path):
+    folder = saved.copy_to(tmp_path / "adapter")
+    with open(os.path.join(folder, CONFIG_FILE), "ab") as f:
+        f.truncate(32 << 20)
+    assert_rejected(make_model(), folder, batch, "an adapter config is a few kilobytes")
 
 
 def test_rejects_a_config_from_another_save(saved, saved_other, make_model, batch, tmp_path):

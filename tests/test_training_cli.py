@@ -220,3 +220,26 @@ def test_gradient_pruners_through_sdpa_attention(pruner, tiny_model, sentiment_f
                      "--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", pruner,
                      "--calibration-batches", "2", "--no-progress"], capsys)
     assert "total" in stdout
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, (os.environ["SPARSEADAPTER_TEST_MARKER"], "w"))
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated"])
+def test_resume_refuses_a_bad_checkpoint_state(damage, tiny_model, sentiment_files, tmp_path, capsys,  # noqa: F811
+                                               monkeypatch):
+    """The checkpoint state is read with weights_only: a pickle that would run code is refused, unrun."""
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("SPARSEADAPTER_TEST_MARKER", str(marker))
+    out_dir = tmp_path / "run"
+    args = train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "4", "--sparsity", "0")
+    run_ok(args, capsys)
+    state = out_dir / "checkpoint" / "trainer_state.pt"
+    if damage == "pickle":
+        torch.save({"step": 1, "rng": _Payload()}, state)
+    else:
+        state.write_bytes(state.read_bytes()[:100])
+    run_error(args + ["--resume"], capsys, "cannot read checkpoint state", "trainer_state.pt")
+    assert not marker.exists()

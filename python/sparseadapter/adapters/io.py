@@ -42,6 +42,7 @@ WEIGHTS_FILE = "adapter.safetensors"  # the name before content naming; still re
 _WEIGHTS_NAME = re.compile(r"adapter(-[0-9a-f]{16})?\.safetensors")
 FORMAT = "sparseadapter"
 FORMAT_VERSION = 1
+_CONFIG_LIMIT = 16 << 20
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # on disk; int32/int64 in memory
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -180,6 +181,9 @@ def _read_meta(path: str) -> dict:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"load_adapter: {config_path} does not exist")
+    if os.path.getsize(config_path) > _CONFIG_LIMIT:
+        raise ValueError(f"load_adapter: {config_path} is {os.path.getsize(config_path):,} bytes; an adapter config "
+                         f"is a few kilobytes (limit {_CONFIG_LIMIT:,})")
     try:
         with open(config_path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
@@ -196,12 +200,26 @@ def _read_meta(path: str) -> dict:
     return meta
 
 
-def _read_tensors(path: str, meta: dict) -> Dict[str, Tensor]:
+def _size_limit(model: nn.Module, parts) -> int:
+    """The most bytes a tensor file of this adapter can hold: every weight dense in float64 with int64
+    indices, the head, and room for the header. A larger file is not ours, and is not read."""
+    entries = sum(p.numel() for _, module in parts.modules for p in module.parameters())
+    entries += sum(p.numel() for p in parts.prefix.parameters()) if parts.prefix is not None else 0
+    entries += sum(p.numel() for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)
+                   for p in getattr(model, n).parameters())
+    return 24 * entries + (1 << 20)
+
+
+def _read_tensors(path: str, meta: dict, limit: int) -> Dict[str, Tensor]:
     from safetensors.torch import load
 
     weights = os.path.join(path, _weights_file(meta, path))
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"load_adapter: {weights} does not exist")
+    size = os.path.getsize(weights)
+    if size > limit:
+        raise ValueError(f"load_adapter: {weights} is {size:,} bytes, more than this adapter's config can take "
+                         f"({limit:,}): not this adapter's tensors")
     with open(weights, "rb") as f:
         blob = f.read()
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
@@ -337,18 +355,18 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
         raise ValueError(f"load_adapter: {os.path.join(path, CONFIG_FILE)}: {err}") from None
     name = name or meta["name"]
     check_new_name(model, name)
-    tensors = _read_tensors(path, meta)
     saved_type = meta.get("model_type")
     if saved_type is not None and saved_type != model_type(model):
         raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
                          f"{model_type(model)!r}")
+    parts = build_adapter(model, config)
+    tensors = _read_tensors(path, meta, _size_limit(model, parts))
     pruning = None
     if meta.get("sparseadapter_pruning"):
         try:
             pruning = PruningRecord(**meta["sparseadapter_pruning"])
         except TypeError:
             raise ValueError("load_adapter: malformed sparseadapter_pruning record") from None
-    parts = build_adapter(model, config)
     _check_sites(meta, parts)
     _fill(parts, meta["name"], meta, tensors)  # the file names tensors by the saved name
     for _, module in parts.modules:  # the provenance travels with the sparse layers, as after `prune`

@@ -61,8 +61,10 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> Dict[str, Any
     """Attach the checkpoint's adapter (pattern, values and head) to `model`; return the trainer state."""
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupted or not ours: say which file
-        raise ValueError(f"cannot read checkpoint state {path / STATE_FILE}: {err}") from None
+    except Exception as err:  # truncated, corrupted, or a pickle that wants to run code: say which file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else repr(err))
+        raise ValueError(f"cannot read checkpoint state {path / STATE_FILE}: {reason}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{path / STATE_FILE} is not a sparseadapter trainer state")
     load_adapter(model, str(path / "adapter"), adapter, load_head=True)
