@@ -126,7 +126,8 @@ def _sparse_linear_backward(ctx, grad_y):
     if ctx.needs_input_grad[1]:
         grad_values = _ops.sddmm.default(grad_y, x, crow, col)
     if ctx.needs_input_grad[2]:
-        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        # sum over every leading dim; reshape(-1, out) cannot infer -1 when out_features is 0
+        grad_bias = grad_y.sum(dim=tuple(range(grad_y.dim() - 1))) if grad_y.dim() > 1 else grad_y
     return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
 
 

@@ -434,6 +434,8 @@ CSR_EDITS = [
                  id="crow-end-is-not-nnz"),
     pytest.param(lambda t: _set(t, "down.values", lambda v: v[:-1]), "values has shape", id="values-too-short"),
     pytest.param(lambda t: _set(t, "down.crow_indices", lambda c: c.float()), "index dtypes", id="float-indices"),
+    pytest.param(lambda t: _set(t, "down.values", lambda v: v.int()), "dtype", id="values-integer-dtype"),
+    pytest.param(lambda t: _set(t, "down.values", lambda v: v.view(1, -1)), "values has shape", id="values-2d"),
     pytest.param(lambda t: t.pop(_key(t, "down.bias")), "bias is missing", id="bias-missing"),
     pytest.param(lambda t: t.pop(_key(t, "up.col_indices")), "lacks some of", id="indices-missing"),
     pytest.param(lambda t: t.update({_key(t, "down.bias")[:-len("down.bias")] + "extra": torch.zeros(3)}),

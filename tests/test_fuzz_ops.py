@@ -14,8 +14,7 @@ columns in range) runs in validate_csr, in csr_transpose (whose ATen index conve
 the indices) and when a SparseLinear is built or loaded. Structural corruption is therefore fed only
 to those entry points. The raw spmm / sddmm kernels index through the pattern unchecked: given a
 corrupt pattern, or an x narrower than the largest column, spmm reads and sddmm writes out of bounds;
-scripts/asan_check.sh shows this in subprocesses instead of crashing this one. Known bugs outside the
-ops are strict xfail tests here (they start failing, as XPASS, once fixed).
+scripts/asan_check.sh shows this in subprocesses instead of crashing this one.
 
 Counting: EXAMPLES counts the examples each property ran, CLASSES the examples per (property, input
 class, outcome); test_zz_example_counts, the last test here, prints both and writes them as JSON to
@@ -23,7 +22,6 @@ $SPARSEADAPTER_FUZZ_COUNTS when that is set. $SPARSEADAPTER_FUZZ_SCALE multiplie
 budget (default 1: about 3,900 examples, about 10 s on one CPU thread).
 """
 import collections
-import contextlib
 import json
 import math
 import os
@@ -272,8 +270,7 @@ def test_sddmm_valid_inputs_match_reference(device, special, data):
 @given(data=st.data())
 def test_sparse_linear_forward_backward_match_reference(device, special, data):
     c = data.draw(cases(device, special=special))
-    # a bias on a layer without rows: the known bias-gradient bug, see the xfail test below
-    with_bias = data.draw(st.booleans()) and c.rows > 0
+    with_bias = data.draw(st.booleans())
     x = c.x.detach().clone().requires_grad_()
     values = c.values.clone().requires_grad_()
     bias = c.bias.clone().requires_grad_() if with_bias else None
@@ -296,10 +293,6 @@ def test_sparse_linear_forward_backward_match_reference(device, special, data):
     record("sparse_linear fwd+bwd valid", f"{special}: {case_class(c)}", "equals float64 reference")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "sparseadapter_ext/ops.py _sparse_linear_backward computes grad_bias as "
-    "grad_y.reshape(-1, grad_y.shape[-1]).sum(0), which raises 'cannot reshape tensor of 0 elements into "
-    "shape [-1, 0]' when the layer has 0 output features (grad_y.shape[-1] == 0)."))
 def test_sparse_linear_bias_gradient_without_rows(device):
     c = Case(0, 5, 0.5, (3,), torch.float32, torch.int32, 4, "none", "contiguous", device)
     bias = c.bias.clone().requires_grad_()
@@ -802,20 +795,18 @@ def test_load_state_dict_round_trip_keeps_derived_buffers(device):
     assert_matches(layer(b.x).detach(), ref, ref_abs, 13, "loaded layer")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "SparseLinear._load_from_state_dict checks the pattern only when crow_indices, col_indices and "
-    "values are all in the state dict. Without values (strict=False; or strict=True, which raises "
-    "'Missing key' only after copying) a corrupt crow/col is copied into the buffers unchecked and the "
-    "transposed pattern is not rebuilt: the next forward reads out of bounds (segfault in a subprocess)."))
 @pytest.mark.parametrize("strict", [False, True])
 def test_load_state_dict_without_values_cannot_install_a_corrupt_pattern(device, strict):
     c = Case(6, 8, 0.5, (3,), torch.float32, torch.int32, 3, "none", "contiguous", device)
     layer = SparseLinear(8, 6, c.crow, c.col, c.values, bias=c.bias)
     col = c.col.clone()
     col[0] = 10**6
-    with contextlib.suppress(RuntimeError):
+    before = [t.clone() for t in (layer.crow_indices, layer.col_indices, layer.values.detach())]
+    with pytest.raises(RuntimeError, match="a new sparse pattern loads whole"):
         layer.load_state_dict({"crow_indices": c.crow, "col_indices": col, "bias": c.bias}, strict=strict)
-    layer.validate()  # never layer(x) here: that is the out-of-bounds read
+    layer.validate()
+    after = (layer.crow_indices, layer.col_indices, layer.values.detach())
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a refused load leaves the layer as it was"
 
 
 # ------------------------------------------------------------------------------------------------
