@@ -48,11 +48,37 @@ def group(results):
 
 
 def fmt(values) -> str:
+    """mean ± sample std over seeds, with the number of seeds when more than one ran."""
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)})"
+
+
+def collapsed(record: dict) -> bool:
+    """The run predicts one class for every test example: its accuracy is a class's share of the test set."""
+    shares = {"sst2": (444 / 872, 428 / 872)}.get(record["cell"]["task"], ())
+    return any(abs(record["test"]["accuracy"] - share) < 1e-9 for share in shares)
+
+
+def collapse_table(results, task) -> str:
+    """How many runs per (kind, sparsity) ended predicting a single class."""
+    counts = defaultdict(lambda: [0, 0])
+    for r in results:
+        c = r["cell"]
+        if c["task"] != task or c["lr"] != chosen_lr(results, task, c["kind"]) or c["large_sparse"] != 1:
+            continue
+        key = (c["kind"], c["sparsity"])
+        counts[key][0] += collapsed(r)
+        counts[key][1] += 1
+    sparsities = (0.0,) + SPARSITIES
+    lines = ["| adapter | " + " | ".join("dense" if s == 0 else f"{s:.0%}" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    for kind in KINDS:
+        row = [f"{counts[(kind, s)][0]} / {counts[(kind, s)][1]}" if counts[(kind, s)][1] else "–" for s in sparsities]
+        lines.append(f"| {kind} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def mean(values):
@@ -164,6 +190,8 @@ def main(argv=None):
                       f"test {score(r):.1f}{'  <- chosen' if lrs[r['cell']['kind']] == r['cell']['lr'] else ''}")
         print(f"\n{grid_table(cells, task)}\n\n{gap_table(cells, task)}\n\n{pruner_ranking(cells, task)}\n\n"
               f"{large_table(cells, task, results)}\n")
+        if task == "sst2":
+            print(f"runs that predict one class on test (all pruners, all seeds):\n\n{collapse_table(results, task)}\n")
         args.figures.mkdir(parents=True, exist_ok=True)
         plot(cells, task, args.figures / f"{task}_accuracy_vs_sparsity.png")
 
