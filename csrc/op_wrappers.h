@@ -1,5 +1,6 @@
-// The op-level functions, written once and instantiated per back end: check the inputs, allocate the
-// output, call the back end's kernel, restore the leading dims.
+// The op-level functions, written once and instantiated per back end: check the inputs (on CPU also
+// every index the kernel will follow), allocate the output, call the back end's kernel, restore the
+// leading dims.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +23,9 @@ at::Tensor spmm_op(
     const std::optional<at::Tensor>& bias) {
   const auto in =
       check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, kDevice);
+  if constexpr (kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("spmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+  }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
     kKernel(in, y);
@@ -44,6 +48,9 @@ at::Tensor sparse_linear_op(
   const auto in = check_spmm_inputs(
       "sparse_linear", x, values, crow_indices, col_indices, row_order, bias, kDevice);
   check_transposed_pattern(in, crow_indices_t, col_indices_t, perm_t, row_order_t);
+  if constexpr (kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+  }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
     kKernel(in, y);
@@ -58,6 +65,9 @@ at::Tensor sddmm_op(
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices) {
   const auto in = check_sddmm_inputs(grad_out, x, crow_indices, col_indices, kDevice);
+  if constexpr (kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("sddmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+  }
   auto out = at::empty({in.nnz}, in.x.options());
   if (in.nnz > 0) {
     if (in.num_tokens == 0) {

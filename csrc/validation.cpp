@@ -1,5 +1,6 @@
 #include "validation.h"
 
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -203,6 +204,69 @@ void check_transposed_pattern(
   TORCH_CHECK_VALUE(
       row_order_t.numel() == forward.in_features, op, ": row_order_t has ", row_order_t.numel(),
       " entries but the weight has ", forward.in_features, " columns");
+}
+
+namespace {
+
+// Index of the first entry outside [0, bound), or -1. No early exit in the first pass: it vectorizes.
+template <typename index_t>
+int64_t first_out_of_range(const index_t* p, int64_t n, int64_t bound) {
+  const auto outside = [bound](index_t v) {
+    return static_cast<uint64_t>(static_cast<int64_t>(v)) >= static_cast<uint64_t>(bound);
+  };
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    bad |= outside(p[i]);
+  }
+  for (int64_t i = 0; bad && i < n; ++i) {
+    if (outside(p[i])) {
+      return i;
+    }
+  }
+  return -1;
+}
+
+// Index i of the first p[i] < p[i - 1], or -1.
+template <typename index_t>
+int64_t first_decrease(const index_t* p, int64_t n) {
+  bool bad = false;
+  for (int64_t i = 1; i < n; ++i) {
+    bad |= p[i] < p[i - 1];
+  }
+  for (int64_t i = 1; bad && i < n; ++i) {
+    if (p[i] < p[i - 1]) {
+      return i;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+void check_pattern_bounds_cpu(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    const char* num_cols_name) {
+  const int64_t nnz = col_indices.numel();
+  const int64_t n = crow_indices.numel();  // >= 1, checked with the shapes
+  AT_DISPATCH_INDEX_TYPES(crow_indices.scalar_type(), "check_pattern_bounds_cpu", [&] {
+    const index_t* crow = crow_indices.const_data_ptr<index_t>();
+    const index_t* col = col_indices.const_data_ptr<index_t>();
+    TORCH_CHECK_VALUE(crow[0] == 0, op, ": crow_indices[0] must be 0, got ", static_cast<int64_t>(crow[0]));
+    TORCH_CHECK_VALUE(
+        static_cast<int64_t>(crow[n - 1]) == nnz, op, ": crow_indices[-1] = ",
+        static_cast<int64_t>(crow[n - 1]), " but col_indices has ", nnz, " entries; they must agree (nnz)");
+    const int64_t r = first_decrease(crow, n);
+    TORCH_CHECK_VALUE(
+        r < 0, op, ": crow_indices must be non-decreasing, but crow_indices[", r, "] < crow_indices[",
+        r - 1, "]");
+    const int64_t e = first_out_of_range(col, nnz, num_cols);
+    TORCH_CHECK_VALUE(
+        e < 0, op, ": col_indices[", e, "] = ", e < 0 ? 0 : static_cast<int64_t>(col[e]),
+        " is out of range for ", num_cols, " columns (", num_cols_name, ")");
+  });
 }
 
 }  // namespace sparseadapter

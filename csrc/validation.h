@@ -54,6 +54,18 @@ SddmmInputs check_sddmm_inputs(
     const at::Tensor& col_indices,
     c10::DeviceType device_type);
 
+// The structure of the pattern a CPU kernel is about to follow, in one pass over raw memory (no
+// allocation; about (rows + nnz) / 16 cycles): crow_indices starts at 0, never decreases and ends at
+// nnz, and every column is in [0, num_cols). So no CPU call reads or writes outside its buffers,
+// and none computes with a corrupt pattern. CUDA kernels trust the pattern checked where it entered
+// (construction, load_state_dict, validate_csr): checking it per call would synchronize.
+void check_pattern_bounds_cpu(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    const char* num_cols_name);
+
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(
     const SpmmInputs& forward,

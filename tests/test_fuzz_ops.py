@@ -11,10 +11,10 @@ propagate as they do there; finite entries within the rounding bound of the sum)
 The contract being tested (README): spmm, sddmm and sparse_linear check shapes, dtypes and devices on
 every call (O(1)); the O(nnz) structural check (crow starting at 0, non-decreasing, ending at nnz,
 columns in range) runs in validate_csr, in csr_transpose (whose ATen index conversions write through
-the indices) and when a SparseLinear is built or loaded. Structural corruption is therefore fed only
-to those entry points. The raw spmm / sddmm kernels index through the pattern unchecked: given a
-corrupt pattern, or an x narrower than the largest column, spmm reads and sddmm writes out of bounds;
-scripts/asan_check.sh shows this in subprocesses instead of crashing this one.
+the indices) and when a SparseLinear is built or loaded, and on CPU spmm / sddmm / sparse_linear
+also check the structure their kernels follow on every call (one pass over raw memory), so there
+structural corruption is an error too. The CUDA kernels trust the pattern (a per-call check would
+synchronize); structural corruption is fed to them only through the guarded entry points.
 
 Counting: EXAMPLES counts the examples each property ran, CLASSES the examples per (property, input
 class, outcome); test_zz_example_counts, the last test here, prints both and writes them as JSON to
@@ -705,6 +705,43 @@ def test_structural_mutations_rejected_by_guarded_entry_points(device, entry, ki
             assert_matches(layer(x).detach(), ref, ref_abs, max(cols, 0), f"{entry}, {kind}")
     if entry != "csr_transpose":
         record(f"{entry} structural", kind, "ValueError/TypeError naming it" if problem else "valid, correct result")
+
+
+RAW_KINDS = [k for k in STRUCTURAL_KINDS if not k.startswith(("num_rows", "num_cols"))]
+
+
+@pytest.mark.parametrize("op,kind", [(op, k) for op in ("spmm", "sddmm") for k in RAW_KINDS])
+@fuzz(10)
+@given(data=st.data())
+def test_raw_cpu_ops_refuse_a_corrupt_pattern(op, kind, data):
+    """On CPU each call checks the structure its kernel follows (crow from 0 to nnz, non-decreasing;
+    columns within x): a corrupt pattern is an error naming it, never an out-of-bounds access. The
+    kernels' shape (out_features) is crow's length, so a crow one entry short or long is a valid
+    pattern of another size when its entries allow."""
+    c = structural_case(data, "cpu", kind)
+    kind, crow, col, _, cols = mutate_structure(data, c, kind)
+    rows = crow.numel() - 1 if crow.dim() == 1 and crow.numel() > 0 else 0
+    values = torch.randn(col.numel() if col.dim() == 1 else 0, dtype=c.dtype)
+    tokens = math.prod(c.lead)
+    problem = crow.dim() != 1 or crow.numel() == 0 or structural_problem(crow, col, rows, cols)
+    if op == "spmm":
+        call = lambda: ops.spmm(c.x, values, crow, col)  # noqa: E731
+    else:
+        grad = torch.randn(*c.lead, rows, dtype=c.dtype)
+        call = lambda: ops.sddmm(grad, c.x, crow, col)  # noqa: E731
+    if problem:
+        expect_error(call, (ValueError, TypeError), rf"{op}: .*(crow_indices|col_indices)", f"{op}, {kind}")
+    else:
+        out = call()
+        if op == "spmm":
+            ref, ref_abs = spmm_reference(c.x, values, crow, col, rows)
+            assert_matches(out, ref, ref_abs, cols, f"spmm, {kind}")
+        else:
+            row_of = torch.repeat_interleave(torch.arange(rows), (crow[1:] - crow[:-1]).long())
+            g64 = grad.double().reshape(tokens, rows)[:, row_of]
+            x64 = c.x.double().reshape(tokens, cols)[:, col.long()]
+            assert_matches(out, (g64 * x64).sum(0), (g64 * x64).abs().sum(0), tokens, f"sddmm, {kind}")
+    record(f"raw {op} (CPU) structural", kind, "ValueError/TypeError naming it" if problem else "valid, correct result")
 
 
 @pytest.mark.parametrize("kind", [k for k in STRUCTURAL_KINDS if not k.startswith(("num_rows", "num_cols"))])
