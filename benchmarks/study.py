@@ -11,6 +11,7 @@ the main questions on both tasks:
   large   Large-Sparse: 2x width at 50% and 4x width at 75% sparsity (SNIP), the same kept weights as
           the dense standard adapter
   grid    each kind x pruner (PRUNERS) at sparsity 0.8, then 0.4, 0.9, 0.6
+  budget  Houlsby dense vs 80% sparse (SNIP, random) with 4x the training examples (seed 0)
 --seeds 0 1 2 repeats every cell but the lr sweep with each seed (the data subset is the same for every
 seed; the seed moves initialization, pruning ties, data order and dropout).
 
@@ -33,7 +34,8 @@ KINDS = ("houlsby", "pfeiffer", "lora")
 SPARSITIES = (0.8, 0.4, 0.9, 0.6)  # the order they run in
 PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
 LR_GRID = {"houlsby": (1e-3, 3e-3), "pfeiffer": (1e-3, 3e-3), "lora": (3e-3, 1e-2)}
-LARGE_SPARSE = ((2, 0.5), (4, 0.75))  # (width factor, sparsity of the widened adapter)
+LARGE_SPARSE = ((2, 0.5), (4, 0.75))
+BUDGET_EXAMPLES = 4096  # the budget stage: 256 steps instead of 64  # (width factor, sparsity of the widened adapter)
 # Per task: the fixed subset sizes and sequence length that keep the study within about two hours at
 # one thread on the 2-vCPU machine (measured step and eval costs are in STUDY.md).
 # Validation and test: SST-2 872 of 6,735 / all 872; MRPC all 500 / 600 of 1,725 (fixed seeded subsets).
@@ -79,8 +81,20 @@ def sparse_cells(sparsity):
     return make
 
 
+def budget_cells(task, seed, lrs):
+    """Houlsby dense vs 80% sparse (SNIP, random) on BUDGET_EXAMPLES training examples (4x the steps),
+    seed 0: does the gap close with more training?"""
+    if seed != 0:
+        return []
+    cells = [cell(task, "houlsby", seed, lrs["houlsby"], "budget")] + \
+        [cell(task, "houlsby", seed, lrs["houlsby"], "budget", 0.8, p) for p in ("snip", "random")]
+    for c in cells:
+        c["train_examples"] = BUDGET_EXAMPLES
+    return cells
+
+
 STAGES = [("lr", lr_cells), ("dense", dense_cells), ("large", large_cells)] + \
-    [(f"sparsity {s}", sparse_cells(s)) for s in SPARSITIES]
+    [(f"sparsity {s}", sparse_cells(s)) for s in SPARSITIES] + [("budget", budget_cells)]
 
 
 def best_lrs(results, task):
@@ -99,6 +113,8 @@ def best_lrs(results, task):
 def run_cell(c: dict, glue_dir: Path, work: Path) -> dict:
     task_opts = dict(TASKS[c["task"]])
     task_opts["data_dir"] = str(glue_dir / task_opts["data_dir"])
+    if "train_examples" in c:
+        task_opts["max_train_examples"] = c["train_examples"]
     cfg = TrainConfig(task=c["task"], kind=c["kind"], sparsity=c["sparsity"], pruner=c["pruner"],
                       large_sparse=c["large_sparse"], lr=c["lr"], seed=c["seed"],
                       output_dir=str(work / "run"), overwrite=True, **task_opts, **COMMON)

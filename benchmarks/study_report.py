@@ -40,8 +40,8 @@ def group(results):
     cells = defaultdict(list)
     for r in results:
         c = r["cell"]
-        if c["lr"] != chosen_lr(results, c["task"], c["kind"]):
-            continue
+        if c["lr"] != chosen_lr(results, c["task"], c["kind"]) or "train_examples" in c:
+            continue  # the budget stage is reported on its own
         pruner = c["pruner"] if (c["sparsity"] > 0 or c["large_sparse"] > 1) else "dense"
         cells[(c["task"], c["kind"], c["sparsity"], pruner, c["large_sparse"])].append(score(r))
     return cells
@@ -67,7 +67,8 @@ def collapse_table(results, task) -> str:
     counts = defaultdict(lambda: [0, 0])
     for r in results:
         c = r["cell"]
-        if c["task"] != task or c["lr"] != chosen_lr(results, task, c["kind"]) or c["large_sparse"] != 1:
+        if c["task"] != task or c["lr"] != chosen_lr(results, task, c["kind"]) or c["large_sparse"] != 1 \
+                or "train_examples" in c:
             continue
         key = (c["kind"], c["sparsity"])
         counts[key][0] += collapsed(r)
@@ -144,6 +145,29 @@ def gap_table(cells, task) -> str:
     return "\n".join(lines)
 
 
+def budget_table(results, cells, task) -> str:
+    """Houlsby dense vs 80% sparse at the grid's budget and with more training examples (seed 0)."""
+    runs = [r for r in results if r["cell"]["task"] == task and "train_examples" in r["cell"]]
+    if not runs:
+        return ""
+    examples = sorted({r["cell"]["train_examples"] for r in runs})[0]
+    lines = [f"| houlsby | 1,024 examples (64 steps), seed 0 | {examples:,} examples ({examples // 16} steps), seed 0 |",
+             "|---|---|---|"]
+    for label, sparsity, pruner in (("dense", 0.0, "dense"), ("80% SNIP", 0.8, "snip"), ("80% random", 0.8, "random")):
+        small = [score(r) for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == "houlsby"
+                 and r["cell"]["seed"] == 0 and "train_examples" not in r["cell"] and r["cell"]["phase"] != "lr"
+                 and r["cell"]["large_sparse"] == 1 and r["cell"]["sparsity"] == sparsity
+                 and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)]
+        if sparsity == 0.0:
+            small = [score(r) for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == "houlsby"
+                     and r["cell"]["seed"] == 0 and r["cell"]["phase"] == "lr"
+                     and r["cell"]["lr"] == chosen_lr(results, task, "houlsby")]
+        big = [score(r) for r in runs if r["cell"]["sparsity"] == sparsity
+               and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)]
+        lines.append(f"| {label} | {fmt(small)} | {fmt(big)} |")
+    return "\n".join(lines)
+
+
 def plot(cells, task, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -192,6 +216,9 @@ def main(argv=None):
               f"{large_table(cells, task, results)}\n")
         if task == "sst2":
             print(f"runs that predict one class on test (all pruners, all seeds):\n\n{collapse_table(results, task)}\n")
+            budget = budget_table(results, cells, task)
+            if budget:
+                print(f"training budget (test accuracy):\n\n{budget}\n")
         args.figures.mkdir(parents=True, exist_ok=True)
         plot(cells, task, args.figures / f"{task}_accuracy_vs_sparsity.png")
 
