@@ -151,7 +151,8 @@ def budget_table(results, cells, task) -> str:
     if not runs:
         return ""
     examples = sorted({r["cell"]["train_examples"] for r in runs})[0]
-    lines = [f"| houlsby | 1,024 examples (64 steps), seed 0 | {examples:,} examples ({examples // 16} steps), seed 0 |",
+    steps = max(r["steps"] for r in runs)  # the task may have fewer examples than asked for
+    lines = [f"| houlsby | 1,024 examples (64 steps), seed 0 | {steps * 16:,} examples at most ({steps} steps), seed 0 |",
              "|---|---|---|"]
     for label, sparsity, pruner in (("dense", 0.0, "dense"), ("80% SNIP", 0.8, "snip"), ("80% random", 0.8, "random")):
         small = [score(r) for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == "houlsby"
@@ -175,14 +176,21 @@ def plot(cells, task, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(KINDS), figsize=(4.2 * len(KINDS), 3.6), sharey=True)
     for ax, kind in zip(axes, KINDS):
-        dense = mean(cells.get((task, kind, 0.0, "dense", 1), []))
-        if dense is not None:
-            ax.axhline(dense, color="black", linestyle="--", linewidth=1.2, label="dense adapter")
+        dense_runs = cells.get((task, kind, 0.0, "dense", 1), [])
+        if dense_runs:
+            dense = mean(dense_runs)
+            ax.axhline(dense, color="black", linestyle="--", linewidth=1.2, label="dense adapter (± std)")
+            if len(dense_runs) > 1:
+                spread = statistics.stdev(dense_runs)
+                ax.axhspan(dense - spread, dense + spread, color="black", alpha=0.08)
+        if task == "sst2":
+            ax.axhline(100 * 444 / 872, color="gray", linestyle=":", linewidth=1, label="one class (50.9)")
         for pruner in PRUNERS:
             xs = [s for s in SPARSITIES if cells.get((task, kind, s, pruner, 1))]
-            ys = [mean(cells[(task, kind, s, pruner, 1)]) for s in xs]
+            runs = [cells[(task, kind, s, pruner, 1)] for s in xs]
             if xs:
-                ax.plot([100 * x for x in xs], ys, marker="o", label=pruner)
+                ax.errorbar([100 * x for x in xs], [mean(r) for r in runs], marker="o", capsize=3,
+                            yerr=[statistics.stdev(r) if len(r) > 1 else 0.0 for r in runs], label=pruner)
         ax.set_title(f"{TASK_TITLES[task]} – {kind}")
         ax.set_xlabel("sparsity (%)")
         ax.grid(alpha=0.3)
@@ -216,9 +224,9 @@ def main(argv=None):
               f"{large_table(cells, task, results)}\n")
         if task == "sst2":
             print(f"runs that predict one class on test (all pruners, all seeds):\n\n{collapse_table(results, task)}\n")
-            budget = budget_table(results, cells, task)
-            if budget:
-                print(f"training budget (test accuracy):\n\n{budget}\n")
+        budget = budget_table(results, cells, task)
+        if budget:
+            print(f"training budget (test score):\n\n{budget}\n")
         args.figures.mkdir(parents=True, exist_ok=True)
         plot(cells, task, args.figures / f"{task}_accuracy_vs_sparsity.png")
 
