@@ -150,7 +150,6 @@ def budget_table(results, cells, task) -> str:
     runs = [r for r in results if r["cell"]["task"] == task and "train_examples" in r["cell"]]
     if not runs:
         return ""
-    examples = sorted({r["cell"]["train_examples"] for r in runs})[0]
     steps = max(r["steps"] for r in runs)  # the task may have fewer examples than asked for
     lines = [f"| houlsby | 1,024 examples (64 steps), seed 0 | {steps * 16:,} examples at most ({steps} steps), seed 0 |",
              "|---|---|---|"]
