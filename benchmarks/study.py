@@ -102,7 +102,7 @@ def best_lrs(results, task):
     out = {}
     for kind in KINDS:
         runs = [r for r in results if r["cell"]["phase"] == "lr" and r["cell"]["task"] == task
-                and r["cell"]["kind"] == kind and r["cell"]["seed"] == 0]
+                and r["cell"]["kind"] == kind and r["cell"]["seed"] == 0 and "error" not in r]
         if not runs:
             return None
         best = max(runs, key=glue_score)
@@ -153,11 +153,18 @@ def main(argv=None):
                     for c in make(task, seed, lrs):
                         if cell_key(c) in done:
                             continue
-                        record = run_cell(c, args.glue_dir, Path(work))
+                        try:
+                            record = run_cell(c, args.glue_dir, Path(work))
+                        except ValueError as err:  # e.g. a pruner that would empty a whole matrix: a result too
+                            record = {"cell": c, "error": str(err), "torch": torch.__version__}
                         results.append(record)
                         done.add(cell_key(c))
                         with open(args.results, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record, sort_keys=True) + "\n")
+                        if "error" in record:
+                            print(f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
+                                  f"seed={seed}: refused: {record['error'][:160]}", flush=True)
+                            continue
                         m = record["main_metric"]
                         print(f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
                               f"k={c['large_sparse']} lr={c['lr']:g} seed={seed}: "

@@ -20,7 +20,9 @@ TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC"}
 
 
 def load(path: Path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """(runs, refusals): a refusal is a cell whose pruning the library refused (the error is recorded)."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "error" not in r], [r for r in records if "error" in r]
 
 
 def score(record: dict, split: str = "test") -> float:
@@ -47,10 +49,13 @@ def group(results):
     return cells
 
 
-def fmt(values) -> str:
+REFUSED = set()  # cells whose pruning the library refused (it would have emptied whole matrices)
+
+
+def fmt(values, key=None) -> str:
     """mean ± sample std over seeds, with the number of seeds when more than one ran."""
     if not values:
-        return "–"
+        return "refused" if key in REFUSED else "–"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} ({len(values)})"
@@ -92,7 +97,7 @@ def grid_table(cells, task) -> str:
     for kind in KINDS:
         dense = fmt(cells.get((task, kind, 0.0, "dense", 1), []))
         for pruner in PRUNERS:
-            row = [fmt(cells.get((task, kind, s, pruner, 1), [])) for s in SPARSITIES]
+            row = [fmt(cells.get((task, kind, s, pruner, 1), []), (task, kind, s, pruner, 1)) for s in SPARSITIES]
             lines.append(f"| {kind} | {pruner} | {dense} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -205,12 +210,19 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "study_results.jsonl")
     p.add_argument("--figures", type=Path, default=ROOT / "benchmarks" / "study")
     args = p.parse_args(argv)
-    results = load(args.results)
+    results, refusals = load(args.results)
     cells = group(results)
+    for r in refusals:  # shown in the grid as "refused"
+        c = r["cell"]
+        cells.setdefault((c["task"], c["kind"], c["sparsity"], c["pruner"], c["large_sparse"]), [])
+        REFUSED.add((c["task"], c["kind"], c["sparsity"], c["pruner"], c["large_sparse"]))
     tasks = [t for t in TASK_TITLES if any(r["cell"]["task"] == t for r in results)]
     seeds = sorted({r["cell"]["seed"] for r in results})
     hours = sum(r["wall_s"] for r in results) / 3600
     print(f"{len(results)} runs, seeds {seeds}, {hours:.2f} h of compute\n")
+    for r in refusals:
+        c = r["cell"]
+        print(f"refused: {c['task']} {c['kind']} {c['pruner']} at {c['sparsity']:.0%} seed {c['seed']}: {r['error'][:200]}")
     for task in tasks:
         print(f"## {TASK_TITLES[task]}\n")
         lrs = {k: chosen_lr(results, task, k) for k in KINDS}
