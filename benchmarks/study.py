@@ -131,7 +131,7 @@ def run_cell(c: dict, glue_dir: Path, work: Path) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--glue-dir", type=Path, default=ROOT.parent / "shared" / "glue")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study_results.jsonl")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "study_results.jsonl")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stages", nargs="+", default=[name for name, _ in STAGES], help="a subset of the stages")
@@ -139,6 +139,7 @@ def main(argv=None):
     if not args.glue_dir.is_dir():
         sys.exit(f"GLUE data not found at {args.glue_dir} (see ../shared/glue/README.md)")
     torch.set_num_threads(1)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     results = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
     done = {cell_key(r["cell"]) for r in results}
     with tempfile.TemporaryDirectory(prefix="sparseadapter-study-") as work:
