@@ -119,6 +119,8 @@ class Run:
 
     def on_main(self, fn):
         """Run fn on rank 0 only; every rank gets its result, or raises its error (no rank is left waiting)."""
+        if not self.world.distributed:
+            return fn()
         result, error = None, None
         if self.world.is_main:
             try:
