@@ -35,6 +35,10 @@ void check_csr_structure(
   TORCH_CHECK_VALUE(
       crow_indices.numel() == num_rows + 1, op, ": crow_indices has ", crow_indices.numel(),
       " entries but a pattern with ", num_rows, " rows needs ", num_rows + 1);
+  if (crow_indices.device().is_cpu()) {  // the same checks in one pass over raw memory
+    check_pattern_bounds_cpu(op, crow_indices.contiguous(), col_indices.contiguous(), num_cols, nullptr);
+    return;
+  }
   const int64_t nnz = col_indices.numel();
   const auto crow = crow_indices.to(at::kLong);
   const int64_t first = crow[0].item<int64_t>();

@@ -265,7 +265,8 @@ void check_pattern_bounds_cpu(
     const int64_t e = first_out_of_range(col, nnz, num_cols);
     TORCH_CHECK_VALUE(
         e < 0, op, ": col_indices[", e, "] = ", e < 0 ? 0 : static_cast<int64_t>(col[e]),
-        " is out of range for ", num_cols, " columns (", num_cols_name, ")");
+        " is out of range for ", num_cols, " columns", num_cols_name ? " (" : "", num_cols_name ? num_cols_name : "",
+        num_cols_name ? ")" : "");
   });
 }
 

@@ -59,6 +59,8 @@ SddmmInputs check_sddmm_inputs(
 // nnz, and every column is in [0, num_cols). So no CPU call reads or writes outside its buffers,
 // and none computes with a corrupt pattern. CUDA kernels trust the pattern checked where it entered
 // (construction, load_state_dict, validate_csr): checking it per call would synchronize.
+// validate_csr and csr_transpose use it for CPU patterns too; num_cols_name (may be null) says
+// where num_cols came from.
 void check_pattern_bounds_cpu(
     const char* op,
     const at::Tensor& crow_indices,

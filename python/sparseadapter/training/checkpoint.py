@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ..adapters.io import load_adapter, save_adapter
+from ..adapters.io import fsync_dir, load_adapter, save_adapter
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -38,12 +38,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, adapter: str, state: Dict[s
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, str(tmp / "adapter"), adapter, include_head=True)
     torch.save(state, tmp / STATE_FILE)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -70,10 +70,3 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> Dict[str, Any
     load_adapter(model, str(path / "adapter"), adapter, load_head=True)
     return state
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -100,6 +100,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def set_threads(cfg: TrainConfig, device: torch.device) -> None:
+    """--threads, else 1 on CPU (fastest on small machines: threads wait on each other), torch's own on GPU."""
+    if cfg.threads or device.type == "cpu":
+        torch.set_num_threads(cfg.threads or 1)
+
+
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -169,7 +175,7 @@ def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional
     data.update(resume=False, overwrite=False)
     cfg = TrainConfig.from_dict(data, source=str(cfg_file))
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
+    set_threads(cfg, device)
     task, examples = load_examples(cfg)
     if split not in examples:
         raise ValueError(f"task {task.name} has no {split!r} split here (has: {', '.join(examples)})")

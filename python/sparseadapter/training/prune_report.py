@@ -8,7 +8,7 @@ from ..sparse_linear import SparseLinear
 from .batching import TrainOrder, encode
 from .config import TrainConfig
 from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
-    resolve_model_path
+    resolve_model_path, set_threads
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -16,7 +16,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     import torch
 
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads or 1)
+    set_threads(cfg, device)
     task, examples = load_examples(cfg)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
     model.to(device)

@@ -30,7 +30,7 @@ from .batching import TrainOrder, collate, encode
 from .config import TrainConfig
 from .engine import (
     ADAPTER, add_pruned_adapter, evaluate, load_examples, load_model, resolve_device, resolve_model_path,
-    save_adapter_dir, to_device,
+    save_adapter_dir, set_threads, to_device,
 )
 from .progress import progress_bar
 from .tasks import TaskSpec
@@ -113,7 +113,7 @@ class Run:
         self.cfg, self.log = cfg, log
         self.world = dist_.init_world(cfg.device)
         self.device = resolve_device(cfg.device, self.world.local_rank)
-        torch.set_num_threads(cfg.threads or (1 if self.device.type == "cpu" else torch.get_num_threads()))
+        set_threads(cfg, self.device)
         self.out = Path(cfg.output_dir)
         self.timings = {"prune_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
 
