@@ -135,14 +135,14 @@ class SparseLinear(nn.Module):
         crow = state_dict.get(prefix + "crow_indices")
         col = state_dict.get(prefix + "col_indices")
         values = state_dict.get(prefix + "values")
-        if (crow is not None or col is not None) and not (crow is not None and col is not None and values is not None):
+        new_pattern = crow is not None and col is not None and values is not None
+        if (crow is not None or col is not None) and not new_pattern:
             # values alone keep the pattern; new indices without all three would pair a pattern with
             # values it was not made for
             given = [k for k, v in (("crow_indices", crow), ("col_indices", col), ("values", values)) if v is not None]
             error_msgs.append(f"{prefix or 'SparseLinear'}: a new sparse pattern loads whole: crow_indices, "
                               f"col_indices and values together (the state_dict has only {', '.join(given)})")
             return
-        new_pattern = crow is not None and col is not None and values is not None
         if new_pattern:
             try:
                 sparseadapter_ext.validate_csr(crow, col, self.out_features, self.in_features)
