@@ -75,6 +75,7 @@ def extension():
 setup(
     packages=find_packages("python") + ["sparseadapter_ext"],
     package_dir={"sparseadapter": "python/sparseadapter", "sparseadapter_ext": "sparseadapter_ext"},
+    package_data={"sparseadapter": ["calibration/*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

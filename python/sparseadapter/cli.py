@@ -6,6 +6,7 @@
   sparseadapter eval --adapter runs/sparseadapter/adapter --split test
   sparseadapter prune --kind lora --sparsity 0.9 --pruner synflow   (what would be kept, no training)
   sparseadapter bench linear --sparsity 0.8 0.9          (kernel benchmarks; `bench linear --help`)
+  sparseadapter export --adapter runs/demo/best --output model.pt   (TorchScript for sparseadapter_serve)
 
 Every option of `train` can also be a key of a JSON or YAML config file (`--large-sparse` is
 `large_sparse`). `sparseadapter <command> --help` lists them with their defaults.
@@ -98,10 +99,27 @@ def make_parser() -> argparse.ArgumentParser:
     prune.add_argument("--save", metavar="DIR", help="also save the pruned, untrained adapter here")
     _add_train_options(prune)
 
+    export = sub.add_parser("export", help="export a trained adapter's model for serving (TorchScript, "
+                            "torch.export, AOTInductor)", formatter_class=fmt, description=(
+                                "Load a saved adapter on its base model, fold it for inference (dropout off, "
+                                "prefixes folded, LoRA merged, each sparse layer on the faster of the CSR kernel "
+                                "and a dense GEMM) and write it with the metadata a server needs."))
+    export.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder written by `train`")
+    export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
+    export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
+    export.add_argument("--path", default=None, choices=("auto", "sparse", "dense"),
+                        help="sparse layers: measured choice, always CSR, or always dense "
+                        "(default: $SPARSEADAPTER_PATH, else auto)")
+    export.add_argument("--tokens", type=int, default=32 * 128,
+                        help="rows per call (batch x length) the auto choice is made for")
+    export.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
+                        help="keep LoRA adapters as separate (sparse) matmuls")
+
     bench = sub.add_parser("bench", help="kernel benchmarks (torch.utils.benchmark tables)",
-                           description="sparseadapter bench {linear,pruning} [options]; "
-                           "`sparseadapter bench linear --help` lists a suite's options.")
-    bench.add_argument("suite", choices=("linear", "pruning"))
+                           description="sparseadapter bench {linear,pruning,calibrate} [options]; "
+                           "`sparseadapter bench linear --help` lists a suite's options. "
+                           "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table.")
+    bench.add_argument("suite", choices=("linear", "pruning", "calibrate"))
     bench.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")
     return parser
 
@@ -136,6 +154,22 @@ def _run_prune(args) -> int:
     return 0
 
 
+def _run_export(args) -> int:
+    from .serving import export_model, prepare_for_inference, serving_metadata
+    from .training.engine import load_saved
+
+    _, task, tokenizer, model = load_saved(args.adapter)
+    model, plan = prepare_for_inference(model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora,
+                                        inplace=True)
+    meta = serving_metadata(model, labels=list(task.label_names) if task.label_names else None,
+                            pad_token_id=tokenizer.pad_token_id)
+    export_model(model, args.output, fmt=args.fmt, meta=meta)
+    print(plan.describe())
+    print(f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
+          f"max length {meta['max_length']})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     code = _main(argv)
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -150,6 +184,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "--calibrate"]:  # the flag spelling of the calibrate suite
+        argv[1] = "calibrate"
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -160,6 +197,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             return _run_eval(args)
         if args.command == "prune":
             return _run_prune(args)
+        if args.command == "export":
+            return _run_export(args)
         from .bench import run_suite
         return run_suite(args.suite, args.suite_args)
     except (ValueError, OSError) as err:

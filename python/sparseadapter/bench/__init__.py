@@ -2,10 +2,11 @@
 
     linear    SparseLinear vs dense F.linear and torch.sparse CSR (forward, forward+backward)
     pruning   the fused pruning kernels vs the plain PyTorch way
+    calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
 """
 from importlib import import_module
 
-SUITES = {"linear": "sparse_linear", "pruning": "pruning"}
+SUITES = {"linear": "sparse_linear", "pruning": "pruning", "calibrate": "calibrate"}
 
 
 def run_suite(name: str, argv=None) -> int:

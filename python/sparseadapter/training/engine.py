@@ -162,9 +162,9 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- eval of a saved adapter
 
-def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,
-                   log=print) -> Dict[str, float]:
-    """Load a saved adapter (with the train_config.json that `train` writes beside it) and score `split`."""
+def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
+    """A saved adapter (with the train_config.json that `train` writes beside it) on its base model:
+    (config, task, tokenizer, model), the model on CPU."""
     path = Path(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
@@ -174,13 +174,22 @@ def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
     cfg = TrainConfig.from_dict(data, source=str(cfg_file))
+    # a custom task's labels are known from its files only
+    task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
+    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
+    return cfg, task, tokenizer, model
+
+
+def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,
+                   log=print) -> Dict[str, float]:
+    """Load a saved adapter (see load_saved) and score `split`."""
+    cfg, task, tokenizer, model = load_saved(adapter_dir, overrides)
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     task, examples = load_examples(cfg)
     if split not in examples:
         raise ValueError(f"task {task.name} has no {split!r} split here (has: {', '.join(examples)})")
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
-    sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
     model.to(device)
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
     t = time.perf_counter()

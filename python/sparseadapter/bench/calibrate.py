@@ -1,0 +1,117 @@
+"""Measure where our sparse kernel and a dense GEMM on the densified weight cross, per (in, out, tokens),
+and write the table `sparseadapter.path_choice` reads (see there).
+
+For each shape and token count: the dense F.linear time, then the sparse forward at rising densities
+(random patterns); the crossover is the density where sparse/dense reaches 1, interpolated linearly
+between the two grid points around it. Times are medians of torch.utils.benchmark blocked_autorange,
+under torch.inference_mode, at --threads (default 1).
+
+    sparseadapter bench calibrate                      # rewrites the shipped table for this device/dtype
+    sparseadapter bench calibrate --output my.json     # then SPARSEADAPTER_CALIBRATION=my.json
+"""
+import argparse
+import datetime
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from ..path_choice import CrossoverTable, table_path
+from ..sparse_linear import SparseLinear
+from .sparse_linear import DTYPES, machine_header, parse_shape
+
+DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "64x768", "768x256", "256x768", "384x8", "8x384"]
+DEFAULT_DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sparseadapter bench calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
+    p.add_argument("--densities", type=float, nargs="+", default=DEFAULT_DENSITIES)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-run-time", type=float, default=0.15, help="seconds of timing per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="table to write (default: the shipped table for this device and dtype)")
+    p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.tokens, args.densities, args.min_run_time = [(48, 16)], [32], [0.1, 1.0], 0.01
+    if any(not 0.0 < d <= 1.0 for d in args.densities):
+        p.error("--densities must lie in (0, 1]")
+    args.densities = sorted(set(args.densities))
+    return args
+
+
+def median_time(fn, min_run_time):
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def crossover_density(densities, ratios):
+    """The density where sparse_time / dense_time first reaches 1 (linear between grid points)."""
+    if ratios[0] >= 1.0:
+        return 0.0
+    for (d0, r0), (d1, r1) in zip(zip(densities, ratios), zip(densities[1:], ratios[1:])):
+        if r1 >= 1.0:
+            return d0 + (d1 - d0) * (1.0 - r0) / (r1 - r0)
+    return 1.0
+
+
+def measure(in_f, out_f, tokens, args, dtype, device):
+    g = torch.Generator().manual_seed(args.seed)
+    w = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
+    x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
+    bias = torch.zeros(out_f, device=device, dtype=dtype)
+    w_dense = w.to(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn):
+        def run():
+            fn()
+            sync()
+        with torch.inference_mode():
+            return median_time(run, args.min_run_time)
+
+    dense = timed(lambda: F.linear(x, w_dense, bias))
+    ratios = []
+    for density in args.densities:
+        mask = torch.rand(out_f, in_f, generator=g) < density
+        layer = SparseLinear.from_dense(w.to(device, dtype), mask.to(device), bias)
+        ratios.append(timed(lambda: layer(x)) / dense)
+    return dense, ratios
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    args.rounds, args.markdown = 1, None
+    for line in machine_header(args):
+        print(line)
+    print(f"\n{'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
+          f"{' '.join(f'{d:.2f}' for d in args.densities)}  -> crossover")
+    points = []
+    for in_f, out_f in args.shapes:
+        for tokens in args.tokens:
+            dense, ratios = measure(in_f, out_f, tokens, args, dtype, args.device)
+            cross = crossover_density(args.densities, ratios)
+            points.append({"in_features": in_f, "out_features": out_f, "tokens": tokens,
+                           "crossover_density": round(cross, 3)})
+            print(f"{f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
+                  f"{' '.join(f'{r:4.2f}' for r in ratios)}  -> {cross:.3f}", flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+            "threads": str(args.threads), "command": "sparseadapter bench calibrate"}
+    if args.device == "cuda":
+        meta["machine"] = torch.cuda.get_device_name()
+    table = CrossoverTable(args.device, args.dtype, points, meta)
+    out = args.output or table_path(args.device, dtype)
+    with open(out, "w") as f:
+        f.write(table.to_json() + "\n")
+    print(f"\nwrote {out}")
+    return 0

@@ -1,0 +1,93 @@
+"""Which kernel runs a sparse layer at inference: ours on the CSR weight, or a dense GEMM on the
+densified weight. At high density a tuned dense GEMM beats any CSR kernel; where the two cross depends
+on the shape, the token count, the machine and the dtype, so it is measured, not guessed.
+
+`sparseadapter bench calibrate` times both on a grid of densities for each (in, out, tokens) and
+records the density where they cross; the table measured for this project's reference CPU ships in
+`calibration/`. A query takes the nearest measured (in, out, tokens) in log scale.
+
+Override, strongest first: the `path=` argument of the caller, the environment variable
+SPARSEADAPTER_PATH (sparse | dense | auto), and SPARSEADAPTER_CALIBRATION naming another table.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+PATHS = ("auto", "sparse", "dense")
+PATH_ENV = "SPARSEADAPTER_PATH"
+TABLE_ENV = "SPARSEADAPTER_CALIBRATION"
+SHIPPED = Path(__file__).resolve().parent / "calibration"
+
+
+@dataclass
+class CrossoverTable:
+    """`points`: dicts with in_features, out_features, tokens and crossover_density (the sparse kernel
+    is faster below it; 1.0 = faster at every density measured, 0.0 = at none)."""
+
+    device: str
+    dtype: str
+    points: List[Dict[str, float]]
+    meta: Dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def crossover(self, in_features: int, out_features: int, tokens: int) -> float:
+        def distance(p):
+            return sum(math.log2(max(a, 1) / max(b, 1)) ** 2 for a, b in
+                       ((p["in_features"], in_features), (p["out_features"], out_features), (p["tokens"], tokens)))
+        return float(min(self.points, key=distance)["crossover_density"])
+
+    def to_json(self) -> str:
+        return json.dumps({"device": self.device, "dtype": self.dtype, "meta": self.meta, "points": self.points}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "CrossoverTable":
+        try:
+            data = json.loads(text)
+            points = [{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")}
+                      for p in data["points"]]
+            table = cls(str(data["device"]), str(data["dtype"]), points, dict(data.get("meta", {})), source)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{source}: not a crossover table ({type(err).__name__}: {err})") from None
+        if not points:
+            raise ValueError(f"{source}: the crossover table has no points")
+        return table
+
+
+def table_path(device: str, dtype: torch.dtype) -> Path:
+    return SHIPPED / f"{device}_{str(dtype).removeprefix('torch.')}.json"
+
+
+def load_table(device: str, dtype: torch.dtype) -> Optional[CrossoverTable]:
+    """The user's table (SPARSEADAPTER_CALIBRATION) or the shipped one for (device, dtype); None when
+    neither exists."""
+    path = os.environ.get(TABLE_ENV) or table_path(device, dtype)
+    path = Path(path)
+    if not path.is_file():
+        if os.environ.get(TABLE_ENV):
+            raise ValueError(f"{TABLE_ENV}={path}: no such file")
+        return None
+    return CrossoverTable.from_json(path.read_text(), str(path))
+
+
+def resolve_path(path: Optional[str]) -> str:
+    path = path or os.environ.get(PATH_ENV) or "auto"
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    return path
+
+
+def choose_path(in_features: int, out_features: int, density: float, tokens: int, *, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, path: Optional[str] = None) -> str:
+    """'sparse' or 'dense' for one layer run on `tokens` rows at a time."""
+    path = resolve_path(path)
+    if path != "auto":
+        return path
+    table = load_table(device, dtype)
+    if table is None:  # nothing measured for this device and dtype: trust the sparse kernel
+        return "sparse"
+    return "sparse" if density < table.crossover(in_features, out_features, tokens) else "dense"

@@ -1,0 +1,101 @@
+"""Turn a trained model with adapters into its inference form, without touching the caller's model.
+
+What training needs and inference does not is folded away: dropout (eval mode), prefix MLPs (the
+prefixes they compute), LoRA (merged into the frozen weight it adapts, which costs nothing per token).
+Each remaining SparseLinear keeps our CSR kernel or becomes a dense nn.Linear, whichever
+`sparseadapter.path_choice` measured faster for its shape and density at the expected rows per call.
+"""
+import copy
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..adapters import api as adapters_api
+from ..adapters.registry import PREFIX_ROOT, REGISTRY_ATTR
+from ..adapters.slot import slots
+from ..path_choice import choose_path
+from ..sparse_linear import SparseLinear
+
+DEFAULT_TOKENS = 32 * 128  # a batch of 32 sentences of 128 tokens
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    shape: "tuple[int, int]"     # (in_features, out_features)
+    density: float
+    path: str                    # "sparse" or "dense"
+
+
+@dataclass
+class InferencePlan:
+    layers: List[LayerChoice]
+    merged_lora: List[str]
+    folded_prefixes: List[str]
+
+    def describe(self) -> str:
+        sparse = sum(c.path == "sparse" for c in self.layers)
+        lines = [f"{sparse} of {len(self.layers)} sparse layers run the CSR kernel, "
+                 f"{len(self.layers) - sparse} a dense GEMM"]
+        if self.merged_lora:
+            lines.append(f"LoRA merged into the base weights: {', '.join(self.merged_lora)}")
+        if self.folded_prefixes:
+            lines.append(f"prefixes folded: {', '.join(self.folded_prefixes)}")
+        return "\n".join(lines)
+
+
+def densify(layer: SparseLinear) -> nn.Linear:
+    """The same map as a dense nn.Linear (zeros where pruned)."""
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      device=layer.values.device, dtype=layer.values.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(layer.to_dense())
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+    return dense
+
+
+def _fold_and_merge(model: nn.Module, merge_lora: bool) -> "tuple[List[str], List[str]]":
+    if REGISTRY_ATTR not in model.__dict__:
+        return [], []
+    prefixes = getattr(model, PREFIX_ROOT, None)
+    folded = list(prefixes or [])
+    adapters_api.fold_prefix(model)
+    merged = []
+    if merge_lora:
+        reg = adapters_api.registry(model)
+        merged = [n for n in reg.active if reg.adapters[n].config.kind == "lora"]
+        adapters_api.merge(model, merged)
+    return merged, folded
+
+
+def prepare_for_inference(model: nn.Module, *, path: Optional[str] = None, tokens: int = DEFAULT_TOKENS,
+                          merge_lora: bool = True, inplace: bool = False) -> "tuple[nn.Module, InferencePlan]":
+    """The model in inference form and what was done to it.
+
+    path:   "auto" (measured crossover), "sparse" or "dense" for every SparseLinear; None reads the
+            SPARSEADAPTER_PATH environment variable, else "auto".
+    tokens: rows per call the choice is made for (batch x sequence length).
+    """
+    if tokens < 1:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    merged, folded = _fold_and_merge(model, merge_lora)
+    idle = {id(m) for slot in slots(model).values() for n in slot.merged for m in slot.adapters[n].modules()}
+    choices = []
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, SparseLinear) or id(layer) in idle:  # idle: merged LoRA, never called
+            continue
+        device = layer.values.device
+        chosen = choose_path(layer.in_features, layer.out_features, layer.density, tokens,
+                             device=device.type, dtype=layer.values.dtype, path=path)
+        choices.append(LayerChoice(name, (layer.in_features, layer.out_features), layer.density, chosen))
+        if chosen == "dense":
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, densify(layer))
+    model.requires_grad_(False)
+    return model, InferencePlan(choices, merged, folded)
