@@ -161,8 +161,8 @@ def _run_export(args) -> int:
     _, task, tokenizer, model = load_saved(args.adapter)
     model, plan = prepare_for_inference(model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora,
                                         inplace=True)
-    meta = serving_metadata(model, labels=list(task.label_names) if task.label_names else None,
-                            pad_token_id=tokenizer.pad_token_id)
+    labels = None if task.is_regression else list(task.label_names or map(str, range(task.num_labels)))
+    meta = serving_metadata(model, labels=labels, pad_token_id=tokenizer.pad_token_id)
     export_model(model, args.output, fmt=args.fmt, meta=meta)
     print(plan.describe())
     print(f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
