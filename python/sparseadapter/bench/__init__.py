@@ -2,11 +2,12 @@
 
     linear    SparseLinear vs dense F.linear and torch.sparse CSR (forward, forward+backward)
     pruning   the fused pruning kernels vs the plain PyTorch way
+    serving   sentences/s of a MiniLM classifier with sparse adapters: Python eager and C++ TorchScript
     calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
 """
 from importlib import import_module
 
-SUITES = {"linear": "sparse_linear", "pruning": "pruning", "calibrate": "calibrate"}
+SUITES = {"linear": "sparse_linear", "pruning": "pruning", "calibrate": "calibrate", "serving": "serving"}
 
 
 def run_suite(name: str, argv=None) -> int:
