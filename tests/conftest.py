@@ -1,9 +1,11 @@
-"""Shared fixtures: devices under test, random sparse patterns and the numerical test rule."""
+"""Shared fixtures: devices under test, random sparse patterns, the numerical test rule and the
+CMake build of the C++ side."""
 import zlib
 
 import pytest
 import torch
 
+import cmake_support
 import sparseadapter_ext
 
 
@@ -93,3 +95,10 @@ def assert_close_to_reference(out, ref64, same_precision_dense, what=""):
 def seed(request):
     """A distinct seed per test case: inputs differ between cases, and a failure reproduces."""
     return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture(scope="session")
+def cmake_build(tmp_path_factory):
+    """The CMake project (library, sparseadapter_run, sparseadapter_serve), configured and built once
+    per session: (cmake, build dir, configure args)."""
+    return cmake_support.build_project(tmp_path_factory)

@@ -2,98 +2,19 @@
 torch, TorchScript models from Python run there with the same results, and the installed CMake
 package works for a consumer through find_package(SparseAdapter).
 
-The library is built once per module (about a minute on 2 cores). Set SPARSEADAPTER_CMAKE_BUILD_DIR
-to reuse a build folder between runs.
+The project is built once per session by conftest.py's `cmake_build` fixture (cmake_support.py).
 """
-import glob
-import os
-import shutil
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from cmake_support import BUILD_TIMEOUT_S, CONFIGURE_TIMEOUT_S, PARALLEL, run_step
+
 import sparseadapter as sa
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGURE_TIMEOUT_S = 300
-BUILD_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 120
-
-
-def _tail(text, lines=60):
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _run(cmd, what, timeout, **kwargs):
-    """Run a build step; a failure fails the test with the step's output."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{what} timed out after {timeout}s: {' '.join(map(str, cmd))}\n{_tail(err.stdout or '')}")
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n"
-                    f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
-    return proc
-
-
-def _cuda_toolkit_args():
-    """A CUDA build of torch makes find_package(Torch) look for the toolkit even for a CPU-only
-    library. The nvcc on PATH may be a wrapper outside the toolkit, so name the toolkit itself, and
-    take libnvrtc from the nvidia pip wheels when the toolkit lacks it."""
-    from torch.utils import cpp_extension
-
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
-    candidates = [home, "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    home = next((h for h in candidates if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))
-                 and os.path.isfile(os.path.join(h, "bin", "nvcc"))), None)
-    if home is None:
-        pytest.skip(f"torch {torch.__version__} is a CUDA build and its CMake config needs a CUDA toolkit; "
-                    "none found (set CUDA_HOME)")
-    args = [f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc", f"-DCUDA_TOOLKIT_ROOT_DIR={home}"]
-    if not glob.glob(os.path.join(home, "lib*", "libnvrtc.so*")):
-        site = Path(torch.__file__).resolve().parents[1]
-        nvrtc = sorted(glob.glob(str(site / "nvidia" / "*" / "lib" / "libnvrtc.so*")))
-        nvrtc = [p for p in nvrtc if "builtins" not in p and ".alt." not in p]
-        if not nvrtc:
-            pytest.skip(f"no libnvrtc in the CUDA toolkit at {home} nor in the nvidia pip wheels")
-        args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
-    return args
-
-
-def _generator_args():
-    ninja = shutil.which("ninja") or shutil.which("ninja", path=os.path.dirname(sys.executable))
-    return ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-
-
-def _configure_args():
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no C++ compiler ({cxx!r} not found; set CXX)")
-    args = _generator_args() + ["-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-    if torch.version.cuda is not None:
-        args += _cuda_toolkit_args()
-    return cmake, args
-
-
-PARALLEL = str(min(4, max(2, os.cpu_count() or 2)))
-
-
-@pytest.fixture(scope="module")
-def cmake_build(tmp_path_factory):
-    """Configure and build the project once: returns (cmake, build dir, configure args)."""
-    cmake, args = _configure_args()
-    build = os.environ.get("SPARSEADAPTER_CMAKE_BUILD_DIR")
-    build = Path(build) if build else tmp_path_factory.mktemp("cmake-build")
-    _run([cmake, "-S", str(REPO), "-B", str(build), *args], "cmake configure", CONFIGURE_TIMEOUT_S)
-    _run([cmake, "--build", str(build), "--parallel", PARALLEL], "cmake build", BUILD_TIMEOUT_S)
-    return cmake, build, args
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +209,7 @@ int main() {
 def test_install_and_find_package(cmake_build, runner, tmp_path):
     cmake, build, args = cmake_build
     prefix = tmp_path / "prefix"
-    _run([cmake, "--install", str(build), "--prefix", str(prefix)], "cmake --install", CONFIGURE_TIMEOUT_S)
+    run_step([cmake, "--install", str(build), "--prefix", str(prefix)], "cmake --install", CONFIGURE_TIMEOUT_S)
     configs = list(prefix.glob("lib*/cmake/SparseAdapter/SparseAdapterConfig.cmake"))
     assert configs, f"no SparseAdapterConfig.cmake under {prefix}"
     assert (configs[0].parent / "SparseAdapterConfigVersion.cmake").is_file()
@@ -308,12 +229,12 @@ def test_install_and_find_package(cmake_build, runner, tmp_path):
     (src / "CMakeLists.txt").write_text(CONSUMER_CMAKE)
     (src / "main.cpp").write_text(textwrap.dedent(CONSUMER_MAIN))
     consumer_args = [a for a in args if not a.startswith("-DCMAKE_PREFIX_PATH=")]
-    _run([cmake, "-S", str(src), "-B", str(cbuild), *consumer_args,
+    run_step([cmake, "-S", str(src), "-B", str(cbuild), *consumer_args,
           f"-DCMAKE_PREFIX_PATH={prefix};{torch.utils.cmake_prefix_path}",
           # What Ubuntu's toolchain does by default: the package must undo it for its library.
           "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--as-needed"],
          "consumer configure", CONFIGURE_TIMEOUT_S)
-    _run([cmake, "--build", str(cbuild), "--parallel", PARALLEL], "consumer build", BUILD_TIMEOUT_S)
+    run_step([cmake, "--build", str(cbuild), "--parallel", PARALLEL], "consumer build", BUILD_TIMEOUT_S)
     ninja_file = cbuild / "build.ninja"
     if ninja_file.is_file():  # the package wraps its library in --no-as-needed by itself
         assert "--push-state,--no-as-needed" in ninja_file.read_text()

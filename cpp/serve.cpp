@@ -1,0 +1,637 @@
+// sparseadapter_serve --model MODEL.pt [--threads N] [--batch-size B]
+//
+// Serves a model exported by `sparseadapter export` over JSON lines, without Python: one request
+// per stdin line, one answer per non-blank line on stdout, in input order, flushed at once.
+//
+// The model: a TorchScript module with the extra file sparseadapter.json (format
+// "sparseadapter-serving", version 1) whose forward(input_ids, attention_mask, token_type_ids), all
+// int64 [B, L], returns float logits [B, num_labels].
+//
+// Requests: {"id": any (optional, echoed), "input_ids": [ids], "attention_mask": [0|1, ...]
+// (default all 1), "token_type_ids": [ids] (default all 0)}, or the same keys holding arrays of
+// rows for a batch. Answers: {"id", "logits", "label"[, "label_name"]} for classification,
+// {"id", "logits", "score"} for regression; a batch gets "labels"/"label_names"/"scores" lists.
+// A bad request gets {"id", "line", "error"} and serving goes on.
+//
+// Consecutive requests are run together, up to B sentences per forward, but only those already
+// waiting on stdin: a client that sends one line and waits for its answer gets it at once.
+// Exit codes: 0 at end of input, 1 when the model cannot be loaded or the output is gone, 2 bad usage.
+#include <torch/script.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <csignal>
+#include <exception>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "json_lines.h"
+
+namespace {
+
+constexpr size_t kMaxLineBytes = 16 << 20;
+constexpr int kMaxJsonDepth = 64;
+constexpr int64_t kDefaultBatchSize = 32;
+
+const char* const kUsage =
+    "usage: sparseadapter_serve --model MODEL.pt [--threads N] [--batch-size B]\n"
+    "Answers JSON-lines requests on stdin with one JSON line each on stdout.\n"
+    "  --model PATH     TorchScript model written by `sparseadapter export`\n"
+    "  --threads N      CPU threads per forward (default: torch's default)\n"
+    "  --batch-size B   most sentences per forward (default 32)\n"
+    "  --help           show this text\n"
+    "request: {\"id\": any, \"input_ids\": [int, ...], \"attention_mask\": [0|1, ...],"
+    " \"token_type_ids\": [int, ...]}\n"
+    "         (id, attention_mask and token_type_ids optional; arrays of rows for a batch)\n";
+
+struct Failure {  // fatal: exit 1
+  std::string message;
+};
+
+struct UsageError {  // exit 2
+  std::string message;
+};
+
+struct BadRequest {  // answered with an error line
+  std::string message;
+};
+
+// c10::Error::what() carries a C++ backtrace; the first line is the message a user needs.
+std::string brief(const std::exception& e) {
+  if (const auto* err = dynamic_cast<const c10::Error*>(&e)) {
+    return err->what_without_backtrace();
+  }
+  return e.what();
+}
+
+// The last non-empty line of text (npos + 1 wraps to 0: no newline means all of it).
+std::string last_line(std::string text) {
+  text.erase(text.find_last_not_of('\n') + 1);
+  return text.substr(text.rfind('\n') + 1);
+}
+
+// ---- options
+
+struct Options {
+  std::string model;
+  int threads = 0;  // 0: torch's default
+  int64_t batch_size = kDefaultBatchSize;
+  bool help = false;
+};
+
+int64_t positive_int(const std::string& text, const std::string& option, int64_t max) {
+  int64_t value = 0;
+  const auto end = text.data() + text.size();
+  const auto result = std::from_chars(text.data(), end, value);
+  if (result.ec != std::errc() || result.ptr != end || value < 1 || value > max) {
+    throw UsageError{option + " must be an integer from 1 to " + std::to_string(max) + ", got '" + text + "'"};
+  }
+  return value;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    std::string name = argv[i];
+    if (name == "--help" || name == "-h") {
+      opt.help = true;
+      continue;
+    }
+    std::string value;
+    const auto eq = name.find('=');
+    const bool inline_value = name.rfind("--", 0) == 0 && eq != std::string::npos;
+    if (inline_value) {  // --name=value
+      value = name.substr(eq + 1);
+      name.resize(eq);
+    }
+    if (name != "--model" && name != "--threads" && name != "--batch-size") {
+      throw UsageError{"unknown argument '" + std::string(argv[i]) + "'"};
+    }
+    if (!inline_value) {
+      if (i + 1 >= argc) {
+        throw UsageError{name + " needs a value"};
+      }
+      value = argv[++i];
+    }
+    if (name == "--model") {
+      opt.model = value;
+    } else if (name == "--threads") {
+      opt.threads = static_cast<int>(positive_int(value, name, 1024));
+    } else {
+      opt.batch_size = positive_int(value, name, 65536);
+    }
+  }
+  if (opt.model.empty() && !opt.help) {
+    throw UsageError{"--model is required"};
+  }
+  return opt;
+}
+
+// ---- the model and its metadata
+
+struct Metadata {
+  bool classification = true;
+  int64_t num_labels = 0;
+  std::vector<std::string> labels;  // empty when the model names none
+  int64_t vocab_size = 0;
+  int64_t max_length = 0;
+  int64_t pad_token_id = 0;
+  int64_t type_vocab_size = 0;  // 0: the model takes no token types (all must be 0)
+};
+
+int64_t meta_int(const jsonl::Value& doc, const char* key, int64_t min) {
+  const auto* v = doc.find(key);
+  if (v == nullptr) {
+    throw std::runtime_error(std::string("missing \"") + key + "\"");
+  }
+  const auto* integer = v->get<int64_t>();
+  if (integer == nullptr || *integer < min) {
+    throw std::runtime_error(std::string("\"") + key + "\" must be an integer >= " + std::to_string(min));
+  }
+  return *integer;
+}
+
+// The string member key, or "" when it is missing or no string.
+std::string meta_string(const jsonl::Value& doc, const char* key) {
+  const auto* v = doc.find(key);
+  const auto* string = v ? v->get<std::string>() : nullptr;
+  return string ? *string : std::string();
+}
+
+Metadata parse_metadata(const std::string& text) {
+  const auto doc = jsonl::parse(text, kMaxJsonDepth);
+  if (doc.get<jsonl::Object>() == nullptr) {
+    throw std::runtime_error("not a JSON object");
+  }
+  if (meta_string(doc, "format") != "sparseadapter-serving") {
+    throw std::runtime_error("\"format\" is not \"sparseadapter-serving\"");
+  }
+  const int64_t version = meta_int(doc, "version", 1);
+  if (version != 1) {
+    throw std::runtime_error("version " + std::to_string(version) + " is not supported (this program reads version 1)");
+  }
+  Metadata meta;
+  const std::string task = meta_string(doc, "task");
+  if (task != "classification" && task != "regression") {
+    throw std::runtime_error("\"task\" must be \"classification\" or \"regression\"");
+  }
+  meta.classification = task == "classification";
+  meta.num_labels = meta_int(doc, "num_labels", 1);
+  if (!meta.classification && meta.num_labels != 1) {
+    throw std::runtime_error("a regression model must have num_labels 1, not " + std::to_string(meta.num_labels));
+  }
+  const auto* labels = doc.find("labels");
+  if (labels == nullptr) {
+    throw std::runtime_error("missing \"labels\" (a list of names, or null)");
+  }
+  if (!labels->is_null()) {
+    const auto* names = labels->get<jsonl::Array>();
+    if (names != nullptr) {
+      for (const auto& name : *names) {
+        if (const auto* string = name.get<std::string>()) {
+          meta.labels.push_back(*string);
+        }
+      }
+    }
+    if (names == nullptr || meta.labels.size() != names->size() ||
+        static_cast<int64_t>(meta.labels.size()) != meta.num_labels) {
+      throw std::runtime_error("\"labels\" must be null or a list of num_labels (" +
+                               std::to_string(meta.num_labels) + ") strings");
+    }
+  }
+  meta.vocab_size = meta_int(doc, "vocab_size", 1);
+  meta.max_length = meta_int(doc, "max_length", 1);
+  meta.pad_token_id = meta_int(doc, "pad_token_id", 0);
+  if (meta.pad_token_id >= meta.vocab_size) {
+    throw std::runtime_error("pad_token_id " + std::to_string(meta.pad_token_id) + " is not below vocab_size " +
+                             std::to_string(meta.vocab_size));
+  }
+  meta.type_vocab_size = meta_int(doc, "type_vocab_size", 0);
+  return meta;
+}
+
+torch::jit::Module load_model(const std::string& path, Metadata& meta) {
+  if (!std::ifstream(path, std::ios::binary)) {
+    throw Failure{"cannot open model '" + path + "' (missing or unreadable)"};
+  }
+  torch::jit::ExtraFilesMap extra{{"sparseadapter.json", ""}};
+  torch::jit::Module model;
+  try {
+    model = torch::jit::load(path, torch::kCPU, extra);
+  } catch (const std::exception& e) {
+    throw Failure{"'" + path + "' is not a loadable TorchScript model: " + brief(e)};
+  }
+  const std::string& text = extra["sparseadapter.json"];
+  if (text.empty()) {
+    throw Failure{"'" + path + "' has no sparseadapter.json: export the model with `sparseadapter export`"};
+  }
+  try {
+    meta = parse_metadata(text);
+  } catch (const std::exception& e) {
+    throw Failure{"'" + path + "': invalid sparseadapter.json: " + e.what()};
+  }
+  const auto forward = model.find_method("forward");
+  if (!forward) {
+    throw Failure{"'" + path + "' has no forward method"};
+  }
+  const size_t inputs = forward->function().getSchema().arguments().size() - 1;  // less self
+  if (inputs != 3) {
+    throw Failure{"'" + path + "': forward takes " + std::to_string(inputs) +
+                  " inputs, expected 3 (input_ids, attention_mask, token_type_ids)"};
+  }
+  model.eval();
+  return model;
+}
+
+// ---- requests
+
+struct Row {
+  std::vector<int64_t> ids, mask, types;
+  std::vector<float> logits;
+};
+
+struct Request {
+  size_t line = 0;
+  bool has_id = false;
+  jsonl::Value id;
+  bool batch = false;
+  std::vector<Row> rows;
+  std::string error;  // set: answered with this error
+};
+
+std::vector<int64_t> int_array(const jsonl::Value& v, const std::string& name) {
+  const auto* items = v.get<jsonl::Array>();
+  if (items == nullptr) {
+    throw BadRequest{name + " must be an array of integers"};
+  }
+  std::vector<int64_t> out;
+  out.reserve(items->size());
+  for (size_t j = 0; j < items->size(); ++j) {
+    const auto* integer = (*items)[j].get<int64_t>();
+    if (integer == nullptr) {
+      throw BadRequest{name + "[" + std::to_string(j) + "] is not an integer"};
+    }
+    out.push_back(*integer);
+  }
+  return out;
+}
+
+// One sentence. `at` names it in messages: "" for a single request, "[i]" in a batch.
+Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Value* types, const std::string& at,
+             const Metadata& meta) {
+  Row row;
+  const std::string ids_name = "input_ids" + at;
+  row.ids = int_array(ids, ids_name);
+  const auto n = static_cast<int64_t>(row.ids.size());
+  if (n == 0) {
+    throw BadRequest{ids_name + " is empty"};
+  }
+  if (n > meta.max_length) {
+    throw BadRequest{ids_name + " has " + std::to_string(n) + " tokens, more than the model's max_length " +
+                     std::to_string(meta.max_length)};
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (row.ids[j] < 0 || row.ids[j] >= meta.vocab_size) {
+      throw BadRequest{ids_name + "[" + std::to_string(j) + "] = " + std::to_string(row.ids[j]) +
+                       " is out of the vocabulary [0, " + std::to_string(meta.vocab_size) + ")"};
+    }
+  }
+  // attention_mask and token_type_ids: each as long as input_ids, or absent for the default.
+  auto companion = [&](const jsonl::Value* v, const char* key, int64_t fill) {
+    const std::string name = key + at;
+    if (v == nullptr) {
+      return std::vector<int64_t>(row.ids.size(), fill);
+    }
+    auto values = int_array(*v, name);
+    if (values.size() != row.ids.size()) {
+      throw BadRequest{name + " has " + std::to_string(values.size()) + " entries but " + ids_name + " has " +
+                       std::to_string(n)};
+    }
+    return values;
+  };
+  row.mask = companion(mask, "attention_mask", 1);
+  for (size_t j = 0; j < row.mask.size(); ++j) {
+    if (row.mask[j] != 0 && row.mask[j] != 1) {
+      throw BadRequest{"attention_mask" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.mask[j]) +
+                       ", expected 0 or 1"};
+    }
+  }
+  if (std::find(row.mask.begin(), row.mask.end(), 1) == row.mask.end()) {
+    throw BadRequest{"attention_mask" + at + " is all zeros: no token to attend to"};
+  }
+  row.types = companion(types, "token_type_ids", 0);
+  const int64_t type_limit = std::max<int64_t>(meta.type_vocab_size, 1);
+  for (size_t j = 0; j < row.types.size(); ++j) {
+    if (row.types[j] < 0 || row.types[j] >= type_limit) {
+      throw BadRequest{"token_type_ids" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.types[j]) +
+                       (meta.type_vocab_size == 0
+                            ? std::string(", but the model takes no token types (only 0)")
+                            : " is out of range [0, " + std::to_string(meta.type_vocab_size) + ")")};
+    }
+  }
+  return row;
+}
+
+void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
+  const jsonl::Value* ids = nullptr;
+  const jsonl::Value* mask = nullptr;
+  const jsonl::Value* types = nullptr;
+  for (const auto& [key, value] : doc) {
+    const bool given = !value.is_null();  // null: the default
+    if (key == "input_ids") {
+      ids = &value;
+    } else if (key == "attention_mask") {
+      mask = given ? &value : nullptr;
+    } else if (key == "token_type_ids") {
+      types = given ? &value : nullptr;
+    } else if (key != "id") {
+      throw BadRequest{"unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids)"};
+    }
+  }
+  if (ids == nullptr) {
+    throw BadRequest{"missing input_ids"};
+  }
+  const auto* rows = ids->get<jsonl::Array>();
+  if (rows == nullptr) {
+    throw BadRequest{"input_ids must be an array of integers, or of arrays of integers for a batch"};
+  }
+  if (rows->empty()) {
+    throw BadRequest{"input_ids is empty"};
+  }
+  req.batch = rows->front().get<jsonl::Array>() != nullptr;
+  if (!req.batch) {
+    req.rows.push_back(make_row(*ids, mask, types, "", meta));
+    return;
+  }
+  const size_t n = rows->size();
+  auto rows_of = [n](const jsonl::Value* v, const char* key) -> const jsonl::Array* {
+    const auto* array = v ? v->get<jsonl::Array>() : nullptr;
+    if (v != nullptr && (array == nullptr || array->size() != n)) {
+      throw BadRequest{std::string(key) + " must be an array of " + std::to_string(n) + " rows, like input_ids"};
+    }
+    return array;
+  };
+  const auto* mask_rows = rows_of(mask, "attention_mask");
+  const auto* type_rows = rows_of(types, "token_type_ids");
+  for (size_t i = 0; i < n; ++i) {
+    req.rows.push_back(make_row((*rows)[i], mask_rows ? &(*mask_rows)[i] : nullptr,
+                                type_rows ? &(*type_rows)[i] : nullptr, "[" + std::to_string(i) + "]", meta));
+  }
+}
+
+Request parse_request(const std::string& line, size_t line_no, const Metadata& meta) {
+  Request req;
+  req.line = line_no;
+  jsonl::Value doc;
+  try {
+    doc = jsonl::parse(line, kMaxJsonDepth);
+  } catch (const jsonl::ParseError& e) {
+    req.error = e.what();
+    return req;
+  }
+  auto* object = std::get_if<jsonl::Object>(&doc.data);
+  if (object == nullptr) {
+    req.error = "a request must be a JSON object";
+    return req;
+  }
+  try {
+    read_rows(*object, meta, req);
+  } catch (const BadRequest& e) {
+    req.error = e.message;
+    req.rows.clear();
+  }
+  for (auto& [key, value] : *object) {
+    if (key == "id") {
+      req.has_id = true;
+      req.id = std::move(value);  // not copied: an id may be large
+    }
+  }
+  return req;
+}
+
+// ---- running and answering
+
+class Server {
+ public:
+  Server(torch::jit::Module model, Metadata meta, size_t batch_size)
+      : model_(std::move(model)), meta_(std::move(meta)), batch_size_(batch_size) {}
+
+  void serve(int in_fd, int out_fd) {
+    jsonl::LineReader reader(in_fd, kMaxLineBytes);
+    std::vector<Request> round;
+    std::string line;
+    size_t line_no = 0;
+    size_t sentences = 0;  // in the round being gathered
+    auto take = [&](jsonl::LineReader::Got got) {
+      ++line_no;
+      if (got == jsonl::LineReader::Got::TooLong) {
+        Request req;
+        req.line = line_no;
+        req.error = "line longer than " + std::to_string(kMaxLineBytes) + " bytes";
+        round.push_back(std::move(req));
+      } else if (line.find_first_not_of(" \t\r") != std::string::npos) {
+        round.push_back(parse_request(line, line_no, meta_));
+        sentences += round.back().rows.size();
+      }
+    };
+    for (;;) {
+      const auto got = reader.next(line, /*wait=*/true);
+      if (got == jsonl::LineReader::Got::End) {
+        return;
+      }
+      take(got);
+      // Coalesce what is already waiting, never more: a live client is not kept waiting.
+      while (sentences < batch_size_ && round.size() < batch_size_) {
+        const auto more = reader.next(line, /*wait=*/false);
+        if (more == jsonl::LineReader::Got::NotReady || more == jsonl::LineReader::Got::End) {
+          break;
+        }
+        take(more);
+      }
+      run(round);
+      for (const auto& req : round) {
+        jsonl::write_all(out_fd, answer(req));
+      }
+      round.clear();
+      sentences = 0;
+    }
+  }
+
+ private:
+  // Every valid sentence of the round, in chunks of at most batch_size_ per forward. A failed forward
+  // fails the requests with a sentence in that chunk, no others.
+  void run(std::vector<Request>& round) {
+    std::vector<std::pair<Request*, Row*>> rows;
+    for (auto& req : round) {
+      for (auto& row : req.rows) {
+        rows.emplace_back(&req, &row);
+      }
+    }
+    for (size_t start = 0; start < rows.size(); start += batch_size_) {
+      const size_t end = std::min(rows.size(), start + batch_size_);
+      try {
+        forward(rows, start, end);
+      } catch (const std::exception& e) {
+        // TorchScript wraps what the model raised in a traceback ending with the exception itself:
+        // the clients get that line, the operator's log (stderr) the whole text.
+        const std::string text = brief(e);
+        std::cerr << "sparseadapter_serve: running the model failed on lines " << rows[start].first->line << "-"
+                  << rows[end - 1].first->line << ":\n" << text << std::endl;
+        const std::string error = "running the model failed: " + last_line(text);
+        for (size_t i = start; i < end; ++i) {
+          rows[i].first->error = error;
+        }
+      }
+    }
+  }
+
+  void forward(const std::vector<std::pair<Request*, Row*>>& rows, size_t start, size_t end) {
+    const auto n = static_cast<int64_t>(end - start);
+    size_t longest = 0;
+    for (size_t i = start; i < end; ++i) {
+      longest = std::max(longest, rows[i].second->ids.size());
+    }
+    const auto length = static_cast<int64_t>(longest);
+    torch::InferenceMode guard;
+    const auto options = torch::TensorOptions().dtype(torch::kLong);
+    auto ids = torch::full({n, length}, meta_.pad_token_id, options);
+    auto mask = torch::zeros({n, length}, options);
+    auto types = torch::zeros({n, length}, options);
+    // Row by row into the padded [n, length] tensors.
+    int64_t* ids_data = ids.data_ptr<int64_t>();
+    int64_t* mask_data = mask.data_ptr<int64_t>();
+    int64_t* types_data = types.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const Row& row = *rows[start + static_cast<size_t>(i)].second;
+      std::copy(row.ids.begin(), row.ids.end(), ids_data + i * length);
+      std::copy(row.mask.begin(), row.mask.end(), mask_data + i * length);
+      std::copy(row.types.begin(), row.types.end(), types_data + i * length);
+    }
+    const auto out = model_.forward({ids, mask, types});
+    if (!out.isTensor()) {
+      throw std::runtime_error("the model returned a " + out.tagKind() + ", expected a tensor of logits");
+    }
+    auto logits = out.toTensor();
+    if (logits.dim() != 2 || logits.size(0) != n || logits.size(1) != meta_.num_labels ||
+        !logits.is_floating_point()) {
+      throw std::runtime_error("the model returned " + std::string(c10::toString(logits.scalar_type())) +
+                               " logits of shape " + c10::str(logits.sizes()) + ", expected floats of shape [" +
+                               std::to_string(n) + ", " + std::to_string(meta_.num_labels) + "]");
+    }
+    logits = logits.to(torch::kCPU, torch::kFloat).contiguous();
+    const float* data = logits.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      rows[start + static_cast<size_t>(i)].second->logits.assign(data + i * meta_.num_labels,
+                                                                  data + (i + 1) * meta_.num_labels);
+    }
+  }
+
+  std::string answer(const Request& req) const {
+    std::string error = req.error;
+    for (size_t i = 0; i < req.rows.size() && error.empty(); ++i) {
+      const auto& logits = req.rows[i].logits;
+      const auto bad = std::find_if(logits.begin(), logits.end(), [](float x) { return !std::isfinite(x); });
+      if (bad != logits.end()) {
+        error = std::string("the model produced a non-finite logit (") + (std::isnan(*bad) ? "nan" : "inf") + ")" +
+                (req.batch ? " for input_ids[" + std::to_string(i) + "]" : "");
+      }
+    }
+    std::string out = "{";
+    if (req.has_id) {
+      out += "\"id\":";
+      jsonl::write(out, req.id);
+      out += ',';
+    }
+    if (!error.empty()) {
+      out += "\"line\":" + std::to_string(req.line) + ",\"error\":";
+      jsonl::write_string(out, error);
+      out += "}\n";
+      return out;
+    }
+    // A key with one value for a single request, or the list of one value per sentence for a batch.
+    auto per_sentence = [&](const char* single_key, const char* batch_key, auto&& write_one) {
+      jsonl::write_string(out, req.batch ? batch_key : single_key);
+      out += ':';
+      if (req.batch) out += '[';
+      for (size_t i = 0; i < req.rows.size(); ++i) {
+        if (i > 0) out += ',';
+        write_one(req.rows[i]);
+      }
+      if (req.batch) out += ']';
+    };
+    per_sentence("logits", "logits", [&](const Row& row) {
+      out += '[';
+      for (size_t k = 0; k < row.logits.size(); ++k) {
+        if (k > 0) out += ',';
+        write_float(out, row.logits[k]);
+      }
+      out += ']';
+    });
+    auto argmax = [](const Row& row) {
+      return static_cast<size_t>(std::max_element(row.logits.begin(), row.logits.end()) - row.logits.begin());
+    };
+    out += ',';
+    if (!meta_.classification) {
+      per_sentence("score", "scores", [&](const Row& row) { write_float(out, row.logits[0]); });
+    } else {
+      per_sentence("label", "labels", [&](const Row& row) { out += std::to_string(argmax(row)); });
+      if (!meta_.labels.empty()) {
+        out += ',';
+        per_sentence("label_name", "label_names",
+                     [&](const Row& row) { jsonl::write_string(out, meta_.labels[argmax(row)]); });
+      }
+    }
+    out += "}\n";
+    return out;
+  }
+
+  // 9 significant digits: enough for every float32 to read back exactly.
+  static void write_float(std::string& out, float x) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(x));
+    out += buf;
+  }
+
+  torch::jit::Module model_;
+  Metadata meta_;
+  size_t batch_size_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opt;
+  try {
+    opt = parse_options(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "sparseadapter_serve: error: " << e.message << "\n" << kUsage;
+    return 2;
+  }
+  if (opt.help) {
+    std::cout << kUsage;
+    return 0;
+  }
+  std::signal(SIGPIPE, SIG_IGN);  // a client gone away is a write error, not a silent death
+  try {
+    if (opt.threads > 0) {
+      at::set_num_threads(opt.threads);
+    }
+    Metadata meta;
+    auto model = load_model(opt.model, meta);
+    Server server(std::move(model), std::move(meta), static_cast<size_t>(opt.batch_size));
+    server.serve(STDIN_FILENO, STDOUT_FILENO);
+    return 0;
+  } catch (const Failure& f) {
+    std::cerr << "sparseadapter_serve: error: " << f.message << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "sparseadapter_serve: error: " << brief(e) << "\n";
+  }
+  return 1;
+}
