@@ -15,6 +15,10 @@ void spmm_cpu_kernel(const SpmmInputs& in, at::Tensor& y);
 // out[e] = sum_n grad_out[n, row(e)] * x[n, col[e]];  out: [nnz]. Called with num_tokens > 0, nnz > 0.
 void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out);
 
+// out = residual + scale * (act(x @ D.T + bd) @ U.T + bu)  [num_tokens, out]; hidden_pre, when it has
+// elements, receives x @ D.T + bd  [num_tokens, bottleneck]. Called with num_tokens > 0.
+void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre);
+
 #ifdef SPARSEADAPTER_WITH_CUDA
 void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y);
 void sddmm_cuda_kernel(const SddmmInputs& in, at::Tensor& out);

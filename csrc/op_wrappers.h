@@ -47,7 +47,7 @@ at::Tensor sparse_linear_op(
     const at::Tensor& row_order_t) {
   const auto in = check_spmm_inputs(
       "sparse_linear", x, values, crow_indices, col_indices, row_order, bias, kDevice);
-  check_transposed_pattern(in, crow_indices_t, col_indices_t, perm_t, row_order_t);
+  check_transposed_pattern("sparse_linear", in, crow_indices_t, col_indices_t, perm_t, row_order_t);
   if constexpr (kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
@@ -77,6 +77,82 @@ at::Tensor sddmm_op(
     }
   }
   return out;
+}
+
+using AdapterKernel = void (*)(const AdapterInputs&, at::Tensor&, at::Tensor&);
+
+// The adapter as its separate steps, each one of the back end's kernels or an ATen op: spmm, the
+// activation, spmm, scale, residual. The semantics the fused kernels implement in one pass, and the
+// path of back ends that have no fused kernel yet (CUDA).
+template <SpmmKernel kSpmm>
+void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
+  auto hidden = at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
+  if (hidden.numel() > 0) {
+    kSpmm(in.down, hidden);
+  }
+  if (hidden_pre.numel() > 0) {
+    hidden_pre.copy_(hidden);
+  }
+  switch (in.activation) {
+    case Activation::kIdentity: break;
+    case Activation::kRelu: hidden.relu_(); break;
+    case Activation::kGelu: hidden = at::gelu(hidden); break;
+    case Activation::kSilu: hidden = at::silu(hidden); break;
+    case Activation::kTanh: hidden.tanh_(); break;
+  }
+  if (out.numel() == 0) {
+    return;
+  }
+  SpmmInputs up = in.up;
+  up.x = hidden;
+  up.num_tokens = in.down.num_tokens;
+  kSpmm(up, out);
+  out.mul_(in.scale);
+  if (in.residual.has_value()) {
+    out.add_(*in.residual);
+  }
+}
+
+template <c10::DeviceType kDevice, AdapterKernel kKernel>
+std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& down_crow_t,
+    const at::Tensor& down_col_t,
+    const at::Tensor& down_perm_t,
+    const at::Tensor& down_row_order_t,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const at::Tensor& up_crow_t,
+    const at::Tensor& up_col_t,
+    const at::Tensor& up_perm_t,
+    const at::Tensor& up_row_order_t,
+    c10::string_view activation,
+    double scale,
+    bool save_hidden) {
+  const auto in = check_adapter_inputs(x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias,
+                                       up_crow, up_col, activation, scale, kDevice);
+  check_transposed_pattern("sparse_adapter (down)", in.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
+  check_transposed_pattern("sparse_adapter (up)", in.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
+  if constexpr (kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features,
+                             "x's last dim");
+    check_pattern_bounds_cpu("sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
+                             "the bottleneck width (down's rows)");
+  }
+  const auto options = in.down.x.options();
+  auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
+  auto hidden_pre = at::empty({save_hidden ? in.down.num_tokens : 0, in.down.out_features}, options);
+  if (in.down.num_tokens > 0 && (out.numel() > 0 || hidden_pre.numel() > 0)) {
+    kKernel(in, out, hidden_pre);
+  }
+  return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
 }
 
 }  // namespace sparseadapter

@@ -41,6 +41,20 @@ TORCH_LIBRARY(sparseadapter, m) {
       "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, "
       "Tensor row_order_t) -> Tensor");
 
+  // The whole bottleneck adapter, with D [bottleneck, in] and U [out, bottleneck] in CSR:
+  //   hidden_pre = x @ D.T + down_bias,  out = residual + scale * (act(hidden_pre) @ U.T + up_bias)
+  // activation: identity, relu, gelu (erf), silu or tanh; residual optional, of out's shape. CPU runs
+  // it in one pass that keeps the bottleneck on chip. hidden_pre is returned when save_hidden (the
+  // backward needs it), else an empty tensor. The transposed patterns and their row orders are the
+  // backward's, as in sparse_linear.
+  m.def(
+      "sparse_adapter(Tensor x, Tensor? residual, "
+      "Tensor down_values, Tensor? down_bias, Tensor down_crow_indices, Tensor down_col_indices, "
+      "Tensor down_crow_indices_t, Tensor down_col_indices_t, Tensor down_perm_t, Tensor down_row_order_t, "
+      "Tensor up_values, Tensor? up_bias, Tensor up_crow_indices, Tensor up_col_indices, "
+      "Tensor up_crow_indices_t, Tensor up_col_indices_t, Tensor up_perm_t, Tensor up_row_order_t, "
+      "str activation, float scale, bool save_hidden) -> (Tensor out, Tensor hidden_pre)");
+
   // Pruning at initialization (issue 3); kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
 
   // The keep-score of every weight (higher = keep), in one pass: "magnitude" |w|, "snip" |g * w|

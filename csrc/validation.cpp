@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <limits>
 
 namespace sparseadapter {
@@ -176,12 +177,12 @@ SddmmInputs check_sddmm_inputs(
 }
 
 void check_transposed_pattern(
+    const char* op,
     const SpmmInputs& forward,
     const at::Tensor& crow_indices_t,
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t) {
-  constexpr const char* op = "sparse_linear";
   const auto device = forward.x.device();
   check_pattern(op, crow_indices_t, col_indices_t, device);
   check_same_index_dtype(op, "crow_indices_t", crow_indices_t, forward.crow_indices);
@@ -204,6 +205,60 @@ void check_transposed_pattern(
   TORCH_CHECK_VALUE(
       row_order_t.numel() == forward.in_features, op, ": row_order_t has ", row_order_t.numel(),
       " entries but the weight has ", forward.in_features, " columns");
+}
+
+namespace {
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "identity") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "tanh") return Activation::kTanh;
+  TORCH_CHECK_VALUE(false, "sparse_adapter: activation must be one of identity, relu, gelu, silu, tanh; got '",
+                    std::string(name), "'");
+}
+
+}  // namespace
+
+AdapterInputs check_adapter_inputs(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::string_view activation,
+    double scale,
+    c10::DeviceType device_type) {
+  AdapterInputs in;
+  in.activation = parse_activation(activation);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "sparse_adapter: scale must be finite, got ", scale);
+  in.scale = scale;
+  in.down = check_spmm_inputs("sparse_adapter (down)", x, down_values, down_crow, down_col, std::nullopt,
+                              down_bias, device_type);
+  const int64_t bottleneck = in.down.out_features;
+  // up's input is the bottleneck activation, which exists only inside the kernel: check its pattern
+  // against an empty stand-in of the right width, dtype and device.
+  const auto stand_in = at::empty({0, bottleneck}, x.options());
+  in.up = check_spmm_inputs("sparse_adapter (up)", stand_in, up_values, up_crow, up_col, std::nullopt, up_bias,
+                            device_type);
+  in.out_shape = in.down.out_shape;
+  in.out_shape.back() = in.up.out_features;
+  in.hidden_shape = in.down.out_shape;
+  if (residual.has_value()) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "sparse_adapter: residual has dtype ",
+                     residual->scalar_type(), " but x has dtype ", x.scalar_type());
+    check_device("sparse_adapter", "residual", *residual, x.device());
+    TORCH_CHECK_VALUE(residual->sizes().vec() == in.out_shape, "sparse_adapter: residual must have the output's "
+                      "shape ", c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
+    in.residual = residual->reshape({in.down.num_tokens, in.up.out_features}).contiguous();
+  }
+  return in;
 }
 
 namespace {

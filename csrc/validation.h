@@ -70,11 +70,41 @@ void check_pattern_bounds_cpu(
 
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(
+    const char* op,
     const SpmmInputs& forward,
     const at::Tensor& crow_indices_t,
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t);
+
+// The bottleneck activations the fused adapter computes in its kernel.
+enum class Activation { kIdentity, kRelu, kGelu, kSilu, kTanh };
+
+// sparse_adapter's inputs: two CSR projections, down [bottleneck, in] and up [out, bottleneck].
+struct AdapterInputs {
+  SpmmInputs down;                      // x [num_tokens, in] and the down projection
+  SpmmInputs up;                        // the up projection; its x is an empty [0, bottleneck] stand-in
+  std::optional<at::Tensor> residual;   // [num_tokens, out], contiguous
+  Activation activation = Activation::kIdentity;
+  double scale = 1.0;
+  std::vector<int64_t> out_shape;       // x's leading dims + [out]
+  std::vector<int64_t> hidden_shape;    // x's leading dims + [bottleneck]
+};
+
+AdapterInputs check_adapter_inputs(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::string_view activation,
+    double scale,
+    c10::DeviceType device_type);
 
 // Index tensors: 1-D, int32 or int64. Shared with the pattern ops.
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t);

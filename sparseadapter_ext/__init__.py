@@ -2,12 +2,14 @@
 autograd. This package knows tensors only; modules live in `sparseadapter`."""
 from . import _C  # noqa: F401  (loading the library registers torch.ops.sparseadapter)
 from .ops import (
+    ADAPTER_ACTIVATIONS,
     csr_row_order,
     csr_transpose,
     has_cuda_kernels,
     mask_to_csr,
     prune_score,
     sddmm,
+    sparse_adapter,
     sparse_linear,
     spmm,
     topk_masks,
@@ -15,12 +17,14 @@ from .ops import (
 )
 
 __all__ = [
+    "ADAPTER_ACTIVATIONS",
     "csr_row_order",
     "csr_transpose",
     "has_cuda_kernels",
     "mask_to_csr",
     "prune_score",
     "sddmm",
+    "sparse_adapter",
     "sparse_linear",
     "spmm",
     "topk_masks",

@@ -136,6 +136,106 @@ torch.library.register_autograd(
 )
 
 
+# The fused bottleneck adapter: out = residual + scale * up(act(down(x))), down and up in CSR.
+
+ADAPTER_ACTIVATIONS = ("identity", "relu", "gelu", "silu", "tanh")
+
+
+def sparse_adapter(
+    x: Tensor,
+    residual: Optional[Tensor],
+    down: Tuple[Tensor, ...],
+    up: Tuple[Tensor, ...],
+    activation: str,
+    scale: float,
+) -> Tensor:
+    """Differentiable `residual + scale * (act(x @ D.T + bd) @ U.T + bu)`. `down` and `up` are each
+    `(values, bias or None, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t,
+    row_order_t)`, the buffers of a SparseLinear. The pre-activation is kept for the backward only
+    when a gradient will be needed."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, down[0], down[1], up[0], up[1]))
+    out, _ = _ops.sparse_adapter.default(x, residual, *down, *up, activation, float(scale), needs_grad)
+    return out
+
+
+@torch.library.register_fake("sparseadapter::sparse_adapter")
+def _sparse_adapter_fake(x, residual, down_values, down_bias, down_crow, down_col, down_crow_t, down_col_t,
+                         down_perm_t, down_row_order_t, up_values, up_bias, up_crow, up_col, up_crow_t, up_col_t,
+                         up_perm_t, up_row_order_t, activation, scale, save_hidden):
+    torch._check(activation in ADAPTER_ACTIVATIONS, lambda: f"sparse_adapter: unknown activation {activation!r}")
+    torch._check(x.shape[-1] == down_crow_t.shape[0] - 1,
+                 lambda: f"sparse_adapter: x has {x.shape[-1]} features but down has {down_crow_t.shape[0] - 1} columns")
+    bottleneck = down_crow.shape[0] - 1
+    out = x.new_empty((*x.shape[:-1], up_crow.shape[0] - 1))
+    hidden = x.new_empty((*x.shape[:-1], bottleneck)) if save_hidden else x.new_empty((0,))
+    return out, hidden
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    if activation == "identity":
+        return h
+    return {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+            "tanh": torch.tanh}[activation](h)
+
+
+def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
+    if activation == "identity":
+        return grad
+    if activation == "relu":
+        return grad * (pre > 0).to(grad.dtype)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    return torch.ops.aten.tanh_backward(grad, torch.tanh(pre))
+
+
+def _sum_leading(t: Tensor) -> Tensor:
+    return t.sum(dim=tuple(range(t.dim() - 1))) if t.dim() > 1 else t
+
+
+def _sparse_adapter_setup_context(ctx, inputs, output):
+    (x, residual, d_values, _d_bias, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
+     u_values, _u_bias, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t, activation, scale, save_hidden) = inputs
+    if any(ctx.needs_input_grad) and not save_hidden:
+        raise RuntimeError("sparse_adapter: call it with save_hidden=True when gradients are needed "
+                           "(sparseadapter_ext.sparse_adapter does)")
+    ctx.activation, ctx.scale = activation, scale
+    ctx.save_for_backward(x, output[1], d_values, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
+                          u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t)
+
+
+def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
+    """From the saved pre-activation: the up projection's gradients, back through the activation, the
+    down projection's; no forward matmul is recomputed."""
+    (x, pre, d_values, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
+     u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = grad_out * ctx.scale
+    grad_up_values = _ops.sddmm.default(g, _activate(pre, ctx.activation), u_crow, u_col) if need[10] else None
+    grad_up_bias = _sum_leading(g) if need[11] else None
+    grad_x = grad_down_values = grad_down_bias = None
+    if need[0] or need[2] or need[3]:
+        grad_hidden = _ops.spmm.default(g, u_values.index_select(0, u_perm_t), u_crow_t, u_col_t, u_row_order_t, None)
+        grad_pre = _activation_backward(grad_hidden, pre, ctx.activation)
+        if need[0]:
+            grad_x = _ops.spmm.default(grad_pre, d_values.index_select(0, d_perm_t), d_crow_t, d_col_t,
+                                       d_row_order_t, None)
+        if need[2]:
+            grad_down_values = _ops.sddmm.default(grad_pre, x, d_crow, d_col)
+        if need[3]:
+            grad_down_bias = _sum_leading(grad_pre)
+    grad_residual = grad_out if need[1] else None
+    return (grad_x, grad_residual, grad_down_values, grad_down_bias) + (None,) * 6 + (
+        grad_up_values, grad_up_bias) + (None,) * 9
+
+
+torch.library.register_autograd(
+    "sparseadapter::sparse_adapter", _sparse_adapter_backward, setup_context=_sparse_adapter_setup_context
+)
+
+
 # Pruning at initialization (issue 3): fused score, exact-k global selection, mask -> CSR.
 
 def prune_score(

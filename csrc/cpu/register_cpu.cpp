@@ -10,6 +10,7 @@ TORCH_LIBRARY_IMPL(sparseadapter, CPU, m) {
   m.impl("spmm", &spmm_op<kCPU, spmm_cpu_kernel>);
   m.impl("sparse_linear", &sparse_linear_op<kCPU, spmm_cpu_kernel>);
   m.impl("sddmm", &sddmm_op<kCPU, sddmm_cpu_kernel>);
+  m.impl("sparse_adapter", &sparse_adapter_op<kCPU, adapter_cpu_kernel>);
   m.impl("prune_score", &prune_score_cpu);
   m.impl("topk_masks", &topk_masks_cpu);
   m.impl("mask_to_csr", &mask_to_csr_cpu);

@@ -39,10 +39,6 @@ struct SpmmArgs {
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  using vec_t = typename Vec64<acc_t>::type;
-  constexpr int kVecs = kTile / Vec64<acc_t>::kLanes;
-  static_assert(kTile % Vec64<acc_t>::kLanes == 0, "tile must be whole vectors");
-
   std::vector<acc_t> tile_buffer(a.in_features * kTile + Vec64<acc_t>::kLanes);
   acc_t* xt = tile_buffer.data();
   std::vector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
@@ -57,25 +53,7 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     }
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
     const int64_t r_end = std::min(a.out_features, r_begin + a.rows_per_block);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const acc_t b = a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0);
-      vec_t acc[kVecs];
-      for (int v = 0; v < kVecs; ++v) {
-        acc[v] = vec_t{} + b;
-      }
-      const int64_t e_end = a.crow[r + 1];
-      for (int64_t e = a.crow[r]; e < e_end; ++e) {
-        const acc_t value = static_cast<acc_t>(a.values[e]);
-        const acc_t* xc = xt + static_cast<int64_t>(a.col[e]) * kTile;
-        for (int v = 0; v < kVecs; ++v) {
-          acc[v] += value * load_vec(xc + v * Vec64<acc_t>::kLanes);
-        }
-      }
-      acc_t* out = out_buffer.data() + (r - r_begin) * kTile;
-      for (int v = 0; v < kVecs; ++v) {
-        store_vec(out + v * Vec64<acc_t>::kLanes, acc[v]);
-      }
-    }
+    csr_rows_times_tile<kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
     store_transposed_tile<kIsa, kTile>(
         out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);
   }

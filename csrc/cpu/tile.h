@@ -101,4 +101,36 @@ SA_ALWAYS_INLINE void store_transposed_tile(
   }
 }
 
+// out_t[r - r_begin][t] = bias[r] + sum_{e in row r} values[e] * in_t[col[e]][t] for r in [r_begin, r_end),
+// t < kTile: rows of a CSR matrix times a transposed token tile, each nonzero one broadcast-FMA over
+// kTile tokens with contiguous loads. bias may be null.
+template <int kTile, typename acc_t, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void csr_rows_times_tile(
+    const index_t* crow, const index_t* col, const scalar_t* values, const scalar_t* bias,
+    int64_t r_begin, int64_t r_end, const acc_t* in_t, acc_t* out_t) {
+  using vec_t = typename Vec64<acc_t>::type;
+  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  constexpr int kVecs = kTile / kLanes;
+  static_assert(kTile % kLanes == 0, "tile must be whole vectors");
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+    vec_t acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      acc[v] = vec_t{} + b;
+    }
+    const int64_t e_end = crow[r + 1];
+    for (int64_t e = crow[r]; e < e_end; ++e) {
+      const acc_t value = static_cast<acc_t>(values[e]);
+      const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
+      for (int v = 0; v < kVecs; ++v) {
+        acc[v] += value * load_vec(in + v * kLanes);
+      }
+    }
+    acc_t* out = out_t + (r - r_begin) * kTile;
+    for (int v = 0; v < kVecs; ++v) {
+      store_vec(out + v * kLanes, acc[v]);
+    }
+  }
+}
+
 }  // namespace sparseadapter

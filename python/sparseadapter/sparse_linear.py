@@ -95,6 +95,12 @@ class SparseLinear(nn.Module):
             self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
         )
 
+    def csr_buffers(self):
+        """`(values, bias, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t)`:
+        this layer as one projection of `sparseadapter_ext.sparse_adapter`."""
+        return (self.values, self.bias, self.crow_indices, self.col_indices, self.crow_indices_t,
+                self.col_indices_t, self.perm_t, self.row_order_t)
+
     def to_dense(self) -> Tensor:
         """The dense weight `[out_features, in_features]`, zeros where pruned."""
         return csr_to_dense(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))

@@ -4,11 +4,13 @@ Each weight matrix is an nn.Linear marked prunable (`PRUNABLE_ATTR`) until pruni
 `SparseLinear`; the modules only call their layers, so the dense and the sparse form share one code.
 """
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import sparseadapter_ext
 
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
@@ -54,9 +56,12 @@ def dense_weight(layer: nn.Module) -> Tensor:
 
 
 class BottleneckAdapter(nn.Module):
-    """`delta(x) = scale * up(dropout(act(down(LN(x)))))`; the caller adds the residual.
+    """`delta(x) = scale * up(dropout(act(down(LN(x)))))`, or `residual + delta(x)` given a residual.
 
     Used after a sublayer (Houlsby, Pfeiffer: `y + delta(y)`) or beside one (parallel: `f(x) + delta(x)`).
+    Once pruned (both layers SparseLinear), with no layer norm and no active dropout, the whole
+    adapter and the residual add run as one fused kernel (`sparseadapter_ext.sparse_adapter`);
+    `fused = False` runs the layers one by one (same result within rounding).
     """
 
     sparseadapter_chain = ("down", "up")  # forward order, for SynFlow
@@ -70,10 +75,20 @@ class BottleneckAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = _prunable_linear(bottleneck, out_features, bias=True)
         self.scale = float(scale)
+        self.activation_name = activation
+        self.fused = True
         _init_pair(self.down, self.up, init)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
+    def runs_fused(self) -> bool:
+        return (self.fused and isinstance(self.down, SparseLinear) and isinstance(self.up, SparseLinear)
+                and isinstance(self.layer_norm, nn.Identity) and (self.dropout.p == 0.0 or not self.training))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if self.runs_fused():
+            return sparseadapter_ext.sparse_adapter(x, residual, self.down.csr_buffers(), self.up.csr_buffers(),
+                                                    self.activation_name, self.scale)
+        delta = self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
+        return delta if residual is None else residual + delta
 
 
 class LoRAAdapter(nn.Module):

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .modules import BottleneckAdapter
+
 MODES = ("after", "parallel", "residual_input", "span", "lora", "prefix")
 SLOT_ATTR = "sparseadapter"
 
@@ -78,13 +80,13 @@ class AdapterSlot(nn.Module):
         if self.mode == "after":
             y = self.run_after(y)
         elif self.mode in ("parallel", "lora"):
-            y = y + self._sum(names, args[0])
+            y = self._add(names, args[0], y)
         else:  # span
             x = self.__dict__["_span_input"]
             self.__dict__["_span_input"] = None
             if x is None:
                 raise RuntimeError("sparseadapter: the span adapter's start module did not run before its end module")
-            y = y + self._sum(names, x)
+            y = self._add(names, x, y)
         return _replace_first(output, y)
 
     def _span_start_hook(self, module, args):
@@ -97,26 +99,28 @@ class AdapterSlot(nn.Module):
             return None
         if len(args) >= 2:
             r = args[1]
-            return (args[0], r + self._sum(names, r)) + tuple(args[2:]), kwargs
+            return (args[0], self._add(names, r, r)) + tuple(args[2:]), kwargs
         if "input_tensor" in kwargs:
             r = kwargs["input_tensor"]
-            return args, dict(kwargs, input_tensor=r + self._sum(names, r))
+            return args, dict(kwargs, input_tensor=self._add(names, r, r))
         raise RuntimeError("sparseadapter: the FFN output block was called without its residual input")
 
     # -- the math -----------------------------------------------------------------------------
-    def _sum(self, names: List[str], x: Tensor) -> Tensor:
-        total = self.adapters[names[0]](x)
-        for name in names[1:]:
-            total = total + self.adapters[name](x)
-        return total
+    def _add(self, names: List[str], x: Tensor, base: Tensor) -> Tensor:
+        """`base + sum_i A_i(x)`. Bottleneck adapters add their output to the running sum themselves,
+        inside their fused kernel when they are sparse."""
+        for name in names:
+            adapter = self.adapters[name]
+            base = adapter(x, base) if isinstance(adapter, BottleneckAdapter) else base + adapter(x)
+        return base
 
     def run_after(self, y: Tensor) -> Tensor:
         if self.active_fusion is not None:
             fusion = self.fusions[self.active_fusion]
-            outputs = [y + self.adapters[n](y) for n in fusion.adapter_names]
+            outputs = [self._add([n], y, y) for n in fusion.adapter_names]
             return fusion(y, outputs)
         for name in self._running():
-            y = y + self.adapters[name](y)
+            y = self._add([name], y, y)
         return y
 
     def prefix_kv(self, batch: int, heads: int, head_dim: int, like: Tensor):

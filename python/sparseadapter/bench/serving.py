@@ -8,6 +8,7 @@ Rows (same base model, same inputs, timed in interleaved rounds; medians):
   eager merged-dense    Python, the same pruned adapters as dense matrices, LoRA merged (the baseline)
   eager dense adapters  Python, the same model with unpruned adapters (sparsity 0), LoRA merged
   eager no adapters     Python, the base model alone (the floor)
+  adapters only: ...    the 12 Houlsby adapters of each form alone, on random hidden states
   C++ ...               the same exports run by sparseadapter_serve (TorchScript), timed per request
                         through its JSON-lines pipe, parsing included; needs --serve-binary
 
@@ -84,6 +85,12 @@ def build_models(sparsity: float, seed: int):
     return {k: m for k, (m, _) in models.items()}, models["sparse"][1]
 
 
+def bottleneck_adapters(model):
+    from ..adapters import BottleneckAdapter
+
+    return [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+
+
 class CppServer:
     """sparseadapter_serve on one exported model, driven one request at a time."""
 
@@ -108,7 +115,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.device, args.dtype, args.min_run_time = "cpu", "float32", 0
-    header = machine_header(args)
+    header = machine_header(args)[:-1] + [
+        f"fp32 | {args.rounds or '40 (batch 1) / 7 (larger)'} timed calls per row in interleaved rounds, "
+        f"after one warm-up | seed {args.seed}"]
     print("\n".join(header))
     models, plan = build_models(args.sparsity, args.seed)
     print(plan.describe())
@@ -124,6 +133,9 @@ def main(argv=None):
             inputs[1].fill_(1)  # full-length sentences
             line = json.dumps({"input_ids": inputs[0].tolist()}) + "\n"
             calls = {f"eager {k}": (lambda m=ServingModel(m): m(*inputs)) for k, m in models.items()}
+            hidden = torch.randn(batch, args.length, models["sparse"].config.hidden_size)
+            for k in ("sparse", "merged-dense", "dense adapters"):
+                calls[f"adapters only: {k}"] = (lambda a=bottleneck_adapters(models[k]): [f(hidden) for f in a])
             if args.serve_binary:
                 for k in ("sparse", "merged-dense", "dense adapters"):
                     if k not in exported:
@@ -161,13 +173,15 @@ def main(argv=None):
 def format_table(results, args):
     names = list(dict.fromkeys(name for _, name in results))
     lines = [f"sentences/s at length {args.length}, sparsity {args.sparsity}, {args.threads} thread(s); "
-             "ratio = this row's speed / eager dense adapters'", "",
+             "ratio = this row's speed / eager dense adapters' (adapters-only rows: / adapters only: dense "
+             "adapters', the 12 Houlsby adapters run on random hidden states, without the model)", "",
              "| | " + " | ".join(f"batch {b}: sent/s | ratio" for b in args.batch) + " |",
              "|---|" + "---:|---:|" * len(args.batch)]
     for name in names:
         cells = []
         for b in args.batch:
-            t, base = results[(b, name)], results[(b, "eager dense adapters")]
+            group = "adapters only: " if name.startswith("adapters only") else "eager "
+            t, base = results[(b, name)], results[(b, group + "dense adapters")]
             cells += [f"{b / t:.1f}", f"{base / t:.2f}x"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,146 @@
+// CPU fused bottleneck adapter: out = residual + scale * (act(x @ D.T + bd) @ U.T + bu), D and U in CSR.
+//
+// One pass over the tokens in tiles of kTile: the x tile is staged transposed (tile.h), the down
+// projection writes the bottleneck tile transposed, which is exactly the layout the up projection
+// reads, so the bottleneck activation never leaves the core's cache and is never transposed back
+// (only written out, once, when the backward needs the pre-activation). The residual is added in the
+// accumulation type before the single rounding to the output dtype.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../kernels.h"
+#include "cpu_isa.h"
+#include "tile.h"
+
+namespace sparseadapter {
+namespace {
+
+constexpr int64_t kTile = 32;  // tokens per tile
+
+template <typename scalar_t, typename index_t>
+struct AdapterArgs {
+  const scalar_t* x;
+  const scalar_t* residual;  // nullptr: none
+  const scalar_t *down_values, *down_bias, *up_values, *up_bias;
+  const index_t *down_crow, *down_col, *up_crow, *up_col;
+  scalar_t* out;
+  scalar_t* hidden_pre;      // nullptr: not kept
+  int64_t num_tokens, in_features, bottleneck, out_features;
+  Activation activation;
+  double scale;
+};
+
+template <typename acc_t>
+SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
+  switch (activation) {
+    case Activation::kIdentity: return;
+    case Activation::kRelu:
+      for (int64_t i = 0; i < n; ++i) h[i] = h[i] > acc_t(0) ? h[i] : acc_t(0);
+      return;
+    case Activation::kGelu:  // the exact (erf) GELU, as nn.GELU()
+      for (int64_t i = 0; i < n; ++i) h[i] = acc_t(0.5) * h[i] * (acc_t(1) + std::erf(h[i] * acc_t(M_SQRT1_2)));
+      return;
+    case Activation::kSilu:
+      for (int64_t i = 0; i < n; ++i) h[i] = h[i] / (acc_t(1) + std::exp(-h[i]));
+      return;
+    case Activation::kTanh:
+      for (int64_t i = 0; i < n; ++i) h[i] = std::tanh(h[i]);
+      return;
+  }
+}
+
+template <CpuIsa kIsa, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int64_t tile_begin, int64_t tile_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kPad = Vec64<acc_t>::kLanes;
+  std::vector<acc_t> xt(a.in_features * kTile + kPad);   // x tile, [in][kTile]
+  std::vector<acc_t> ht(a.bottleneck * kTile + kPad);    // bottleneck tile, [bottleneck][kTile]
+  std::vector<acc_t> yt(a.out_features * kTile + kPad);  // output tile, [out][kTile]
+  std::vector<acc_t> rt(a.residual ? a.out_features * kTile + kPad : 0);
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t n0 = tile * kTile;
+    const int64_t nt = std::min(kTile, a.num_tokens - n0);
+    load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
+    csr_rows_times_tile<kTile>(a.down_crow, a.down_col, a.down_values, a.down_bias, 0, a.bottleneck, xt.data(),
+                               ht.data());
+    if (a.hidden_pre) {
+      store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
+                                         a.bottleneck);
+    }
+    activate(ht.data(), a.bottleneck * kTile, a.activation);
+    csr_rows_times_tile<kTile>(a.up_crow, a.up_col, a.up_values, a.up_bias, 0, a.out_features, ht.data(),
+                               yt.data());
+    const int64_t n = a.out_features * kTile;
+    if (a.residual) {
+      load_transposed_tile<kIsa, kTile>(a.residual + n0 * a.out_features, a.out_features, nt, a.out_features,
+                                        rt.data());
+      for (int64_t i = 0; i < n; ++i) yt[i] = rt[i] + scale * yt[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) yt[i] *= scale;
+    }
+    store_transposed_tile<kIsa, kTile>(yt.data(), a.out_features, nt, a.out + n0 * a.out_features, a.out_features);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX512 void adapter_tiles_avx512(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_tiles<CpuIsa::kAvx512>(a, b, e);
+}
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX2 void adapter_tiles_avx2(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_tiles<CpuIsa::kAvx2>(a, b, e);
+}
+template <typename scalar_t, typename index_t>
+void adapter_tiles_baseline(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_tiles<CpuIsa::kBaseline>(a, b, e);
+}
+
+template <typename scalar_t, typename index_t>
+void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
+  AdapterArgs<scalar_t, index_t> a;
+  a.x = in.down.x.const_data_ptr<scalar_t>();
+  a.residual = in.residual.has_value() ? in.residual->const_data_ptr<scalar_t>() : nullptr;
+  a.down_values = in.down.values.const_data_ptr<scalar_t>();
+  a.down_bias = in.down.bias.has_value() ? in.down.bias->const_data_ptr<scalar_t>() : nullptr;
+  a.up_values = in.up.values.const_data_ptr<scalar_t>();
+  a.up_bias = in.up.bias.has_value() ? in.up.bias->const_data_ptr<scalar_t>() : nullptr;
+  a.down_crow = in.down.crow_indices.const_data_ptr<index_t>();
+  a.down_col = in.down.col_indices.const_data_ptr<index_t>();
+  a.up_crow = in.up.crow_indices.const_data_ptr<index_t>();
+  a.up_col = in.up.col_indices.const_data_ptr<index_t>();
+  a.out = out.mutable_data_ptr<scalar_t>();
+  a.hidden_pre = hidden_pre.numel() > 0 ? hidden_pre.mutable_data_ptr<scalar_t>() : nullptr;
+  a.num_tokens = in.down.num_tokens;
+  a.in_features = in.down.in_features;
+  a.bottleneck = in.down.out_features;
+  a.out_features = in.up.out_features;
+  a.activation = in.activation;
+  a.scale = in.scale;
+
+  auto work = &adapter_tiles_baseline<scalar_t, index_t>;
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: work = &adapter_tiles_avx512<scalar_t, index_t>; break;
+    case CpuIsa::kAvx2: work = &adapter_tiles_avx2<scalar_t, index_t>; break;
+    case CpuIsa::kBaseline: break;
+  }
+  const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { work(a, begin, end); });
+}
+
+}  // namespace
+
+void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.down.x.scalar_type(), "adapter_cpu", [&] {
+    AT_DISPATCH_INDEX_TYPES(in.down.crow_indices.scalar_type(), "adapter_cpu_index", [&] {
+      run_adapter<scalar_t, index_t>(in, out, hidden_pre);
+    });
+  });
+}
+
+}  // namespace sparseadapter

@@ -1,0 +1,209 @@
+"""The fused sparse adapter (`sparseadapter::sparse_adapter`): forward and gradients against a float64
+reference by the numerical rule, every activation and dtype, partial tiles and empty cases, graph
+capture, the module paths (fused or not, same result) and clear errors for bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparseadapter_ext as ops
+from conftest import DTYPES, Pattern, assert_close_to_reference
+from sparseadapter import SparseLinear
+from sparseadapter.adapters import BottleneckAdapter
+
+_ops = torch.ops.sparseadapter
+ACTIVATIONS = list(ops.ADAPTER_ACTIVATIONS)
+REFERENCE_ACT = {"identity": lambda h: h, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class Projection:
+    """A random sparse projection as float64 weight (reference) and as the op's buffer tuple."""
+
+    def __init__(self, out_f, in_f, density, device, seed, bias=True):
+        self.p = Pattern(out_f, in_f, density, device=device, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.bias64 = torch.randn(out_f, generator=g, dtype=torch.float64).to(device) if bias else None
+
+    def buffers(self, dtype, requires_grad=False):
+        values = self.p.values64.to(dtype).requires_grad_(requires_grad)
+        bias = None if self.bias64 is None else self.bias64.to(dtype).requires_grad_(requires_grad)
+        args = self.p.linear_args(values, bias)   # values, bias, crow, col, row_order, crow_t, col_t, perm_t, row_order_t
+        return (args[0], args[1], args[2], args[3], args[5], args[6], args[7], args[8])
+
+    def linear(self, x, values, bias):
+        """The same projection through dense PyTorch, in x's dtype."""
+        w = torch.zeros(self.p.shape, dtype=x.dtype, device=x.device)
+        w[self.p.mask.to(x.device)] = values
+        return F.linear(x, w, bias)
+
+
+def reference(x, residual, down, up, d_buf, u_buf, activation, scale):
+    h = REFERENCE_ACT[activation](down.linear(x, d_buf[0], d_buf[1]))
+    out = up.linear(h, u_buf[0], u_buf[1]) * scale
+    return out if residual is None else residual + out
+
+
+# (tokens, in, bottleneck, out, density): partial tiles, one token, no tokens, empty bottleneck
+# rows, nnz = 0, wide and narrow
+CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0, 24, 8, 24, 0.5),
+         "nnz0": (9, 20, 6, 20, 0.0), "dense": (33, 17, 5, 17, 1.0), "wide": (40, 300, 64, 300, 0.1),
+         "not_square": (35, 40, 12, 24, 0.3)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_forward_and_gradients_match_float64(device, seed, case, activation):
+    n, d_in, r, d_out, density = CASES[case]
+    down, up = Projection(r, d_in, density, device, seed), Projection(d_out, r, density, device, seed + 7)
+    x64 = torch.randn(n, d_in, dtype=torch.float64, device=device)
+    res64 = torch.randn(n, d_out, dtype=torch.float64, device=device)
+    g64 = torch.randn(n, d_out, dtype=torch.float64, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        def run(fn, cast):
+            x, res = x64.to(cast).requires_grad_(), res64.to(cast).requires_grad_()
+            d_buf, u_buf = down.buffers(cast, True), up.buffers(cast, True)
+            out = fn(x, res, d_buf, u_buf)
+            grads = torch.autograd.grad(out, (x, res, d_buf[0], d_buf[1], u_buf[0], u_buf[1]), g64.to(cast),
+                                        allow_unused=True)
+            return [out] + list(grads)
+
+        fused = run(lambda x, r_, d, u: ops.sparse_adapter(x, r_, d, u, activation, 0.7), dtype)
+        ref64 = run(lambda x, r_, d, u: reference(x, r_, down, up, d, u, activation, 0.7), torch.float64)
+        same = run(lambda x, r_, d, u: reference(x, r_, down, up, d, u, activation, 0.7), dtype)
+        names = ["out", "grad_x", "grad_residual", "grad_down_values", "grad_down_bias", "grad_up_values",
+                 "grad_up_bias"]
+        for name, got, want, dense in zip(names, fused, ref64, same):
+            assert_close_to_reference(got, want, dense, f"{case}/{activation}/{dtype}/{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_dtype_and_no_residual_no_bias(device, seed, dtype):
+    down, up = Projection(12, 40, 0.3, device, seed, bias=False), Projection(40, 12, 0.3, device, seed + 1, bias=False)
+    x64 = torch.randn(3, 11, 40, dtype=torch.float64, device=device)  # leading dims are kept
+    want = reference(x64, None, down, up, down.buffers(torch.float64), up.buffers(torch.float64), "gelu", 2.0)
+    same = reference(x64.to(dtype), None, down, up, down.buffers(dtype), up.buffers(dtype), "gelu", 2.0)
+    got = ops.sparse_adapter(x64.to(dtype), None, down.buffers(dtype), up.buffers(dtype), "gelu", 2.0)
+    assert got.shape == (3, 11, 40)
+    assert_close_to_reference(got, want, same, str(dtype))
+
+
+def test_gradcheck_float64(device, seed):
+    down, up = Projection(6, 9, 0.5, device, seed), Projection(9, 6, 0.5, device, seed + 1)
+    d_buf, u_buf = down.buffers(torch.float64, True), up.buffers(torch.float64, True)
+    x = torch.randn(2, 5, 9, dtype=torch.float64, device=device, requires_grad=True)
+    res = torch.randn(2, 5, 9, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, res, dv, db, uv, ub):
+        return ops.sparse_adapter(x, res, (dv, db) + d_buf[2:], (uv, ub) + u_buf[2:], "tanh", 1.5)
+
+    assert torch.autograd.gradcheck(fn, (x, res, d_buf[0], d_buf[1], u_buf[0], u_buf[1]))
+
+
+def test_hidden_is_kept_only_for_gradients(device, seed):
+    down, up = Projection(8, 16, 0.5, device, seed), Projection(16, 8, 0.5, device, seed + 1)
+    x = torch.randn(5, 16, device=device)
+    args = (x, None, *down.buffers(torch.float32), *up.buffers(torch.float32), "relu", 1.0)
+    out, hidden = _ops.sparse_adapter.default(*args, False)
+    assert hidden.numel() == 0
+    out2, hidden = _ops.sparse_adapter.default(*args, True)
+    assert torch.equal(out, out2)
+    torch.testing.assert_close(hidden, down.linear(x, *down.buffers(torch.float32)[:2]))
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="save_hidden=True"):
+        _ops.sparse_adapter.default(leaf, *args[1:], False)
+
+
+def test_opcheck(device, seed):
+    down, up = Projection(8, 16, 0.5, device, seed), Projection(16, 8, 0.5, device, seed + 1)
+    x = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    res = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    torch.library.opcheck(_ops.sparse_adapter.default, (x, res, *down.buffers(torch.float32, True),
+                                                         *up.buffers(torch.float32, True), "silu", 0.5, True))
+
+
+def _adapter(device, seed, fused=True, activation="relu"):
+    torch.manual_seed(seed % 2**31)
+    adapter = BottleneckAdapter(32, 32, 8, activation=activation, scale=0.5)
+    for name in ("down", "up"):
+        layer = getattr(adapter, name)
+        mask = torch.rand(layer.weight.shape) < 0.4
+        setattr(adapter, name, SparseLinear.from_dense(layer.weight.detach() + 0.1, mask, layer.bias.detach() + 0.1))
+    adapter.fused = fused
+    return adapter.to(device)
+
+
+def test_module_fused_equals_unfused(device, seed):
+    fused, plain = _adapter(device, seed), _adapter(device, seed, fused=False)
+    assert fused.runs_fused() and not plain.runs_fused()
+    x = torch.randn(4, 9, 32, device=device, requires_grad=True)
+    outs = [a(x, x) for a in (fused, plain)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(o.square().sum(), [x, *a.parameters()]) for o, a in zip(outs, (fused, plain))]
+    for g_fused, g_plain in zip(*grads):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)  # no residual: delta alone
+
+
+def test_dropout_in_training_is_not_fused(device, seed):
+    adapter = _adapter(device, seed)
+    adapter.dropout.p = 0.1
+    assert not adapter.train().runs_fused()
+    assert adapter.eval().runs_fused()
+
+
+def test_compile_fullgraph(device, seed):
+    torch._dynamo.reset()
+    adapter = _adapter(device, seed, activation="gelu")
+    compiled = torch.compile(adapter, fullgraph=True)
+    for tokens in (17, 40):
+        x = torch.randn(tokens, 32, device=device, requires_grad=True)
+        torch.testing.assert_close(compiled(x, x), adapter(x, x))
+        g = torch.autograd.grad(compiled(x, x).sum(), x)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(adapter(x, x).sum(), x)[0])
+
+
+def test_trace_and_export(device, seed, tmp_path):
+    adapter = _adapter(device, seed).eval()
+
+    class Residual(torch.nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x):
+            return self.a(x, x)
+
+    module = Residual(adapter)
+    x = torch.randn(5, 32, device=device)
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,))
+    traced.save(str(tmp_path / "m.pt"))
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert "sparseadapter::sparse_adapter" in str(loaded.inlined_graph)
+    program = torch.export.export(module, (x,))
+    y = torch.randn(9, 32, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(y), module(y))
+        torch.testing.assert_close(program.module()(x), module(x))
+
+
+def test_bad_inputs_are_named(seed):
+    down, up = Projection(8, 16, 0.5, "cpu", seed), Projection(16, 8, 0.5, "cpu", seed + 1)
+    d, u = down.buffers(torch.float32), up.buffers(torch.float32)
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.sparse_adapter(x, None, d, u, "swish", 1.0)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.sparse_adapter(x, torch.randn(4, 15), d, u, "relu", 1.0)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        ops.sparse_adapter(x, x.double(), d, u, "relu", 1.0)
+    with pytest.raises(ValueError, match=r"sparse_adapter \(down\).*features|sparse_adapter \(down\)"):
+        ops.sparse_adapter(torch.randn(4, 15), None, d, u, "relu", 1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.sparse_adapter(x, None, d, u, "relu", float("nan"))
+    # up's pattern must read only the bottleneck's 8 columns
+    bad_col = u[3].clone()
+    bad_col[0] = 8
+    with pytest.raises(ValueError, match=r"sparse_adapter \(up\)"):
+        ops.sparse_adapter(x, None, d, u[:3] + (bad_col,) + u[4:], "relu", 1.0)
+    with pytest.raises(TypeError, match=r"sparse_adapter \(up\).*dtype"):
+        ops.sparse_adapter(x, None, d, (u[0].double(),) + u[1:], "relu", 1.0)
