@@ -61,11 +61,12 @@ SHAPES = [(1, 1), (1, 9), (4, 13), (7, 30)]
 def test_inference_form_matches_the_model(classifier, path):
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     served, plan = prepare_for_inference(classifier, path=path)
-    assert {c.path for c in plan.layers} <= ({"sparse", "dense"} if path == "auto" else {path})
+    allowed = {"sparse": {"fused"}, "dense": {"dense"}, "auto": {"fused", "sparse", "dense"}}[path]
+    assert {c.path for c in plan.layers} <= allowed  # Houlsby adapters are whole: fused or dense
     assert len(plan.layers) == 2 * 2 * 2  # 2 layers x 2 Houlsby slots x (down, up); merged LoRA left out
     assert plan.merged_lora == ["lora"]
     for choice in plan.layers:
-        want = sa.SparseLinear if choice.path == "sparse" else torch.nn.Linear
+        want = torch.nn.Linear if choice.path == "dense" else sa.SparseLinear
         assert type(served.get_submodule(choice.name)) is want
     for batch, length in SHAPES:
         inputs = example_inputs(META, batch, length, seed=batch)
@@ -79,6 +80,7 @@ def test_inference_form_matches_the_model(classifier, path):
 def test_keeping_lora_unmerged_runs_it_sparse(classifier):
     served, plan = prepare_for_inference(classifier, path="sparse", merge_lora=False)
     assert plan.merged_lora == [] and len(plan.layers) == 8 + 2 * 2 * 2  # + LoRA on query and value
+    assert sorted(c.path for c in plan.layers) == ["fused"] * 8 + ["sparse"] * 8
     inputs = example_inputs(META, 3, 11)
     assert_close(logits(served, inputs), logits(classifier, inputs))
 
@@ -106,8 +108,8 @@ def test_densify_is_the_same_map():
 
 def test_auto_follows_the_crossover_table(tmp_path, monkeypatch):
     table = path_choice.CrossoverTable("cpu", "float32", [
-        {"in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.5},
-        {"in_features": 64, "out_features": 16, "tokens": 10000, "crossover_density": 0.1}])
+        {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.5},
+        {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 10000, "crossover_density": 0.1}])
     file = tmp_path / "table.json"
     file.write_text(table.to_json())
     monkeypatch.setenv(path_choice.TABLE_ENV, str(file))
@@ -115,6 +117,13 @@ def test_auto_follows_the_crossover_table(tmp_path, monkeypatch):
     assert choose(64, 16, 0.3, 128) == "sparse"       # nearest point: tokens 100, crossover 0.5
     assert choose(64, 16, 0.3, 8192) == "dense"       # nearest point: tokens 10000, crossover 0.1
     assert choose(64, 16, 0.3, 8192, path="sparse") == "sparse"
+    # whole adapters have their own points; none of that kind measured: the sparse kernel
+    assert choose(64, 16, 0.3, 8192, kind="adapter") == "sparse"
+    table.points.append({"kind": "adapter", "in_features": 64, "out_features": 16, "tokens": 100,
+                         "crossover_density": 0.2})
+    file.write_text(table.to_json())
+    assert choose(64, 16, 0.3, 8192, kind="adapter") == "dense"
+    assert choose(64, 16, 0.1, 8192, kind="adapter") == "sparse"
     monkeypatch.setenv(path_choice.PATH_ENV, "dense")
     assert choose(64, 16, 0.01, 128) == "dense"
     monkeypatch.setenv(path_choice.PATH_ENV, "fast")
@@ -138,6 +147,7 @@ def test_shipped_table_covers_the_adapter_shapes():
     assert table is not None and table.meta.get("torch")
     shapes = {(p["in_features"], p["out_features"]) for p in table.points}
     assert {(384, 64), (64, 384), (768, 64), (64, 768)} <= shapes
+    assert {(p["in_features"], p["out_features"]) for p in table.points if p["kind"] == "adapter"} >= {(384, 64)}
     assert all(0.0 <= p["crossover_density"] <= 1.0 for p in table.points)
 
 
@@ -145,7 +155,7 @@ def test_calibrate_writes_a_table_path_choice_reads(tmp_path, monkeypatch, capsy
     out = tmp_path / "cal.json"
     assert main(["bench", "--calibrate", "--quick", "--output", str(out)]) == 0
     table = path_choice.CrossoverTable.from_json(out.read_text(), str(out))
-    assert len(table.points) == 1 and table.points[0]["in_features"] == 48
+    assert [p["kind"] for p in table.points] == ["linear", "adapter"] and table.points[0]["in_features"] == 48
     assert "crossover" in capsys.readouterr().out
 
 
@@ -211,7 +221,7 @@ def test_cli_exports_a_trained_adapter(tiny_model, sentiment_files, tmp_path, ca
     out = tmp_path / "served.pt"
     assert main(["export", "--adapter", str(run / "best"), "--output", str(out), "--path", "sparse"]) == 0
     printed = capsys.readouterr().out
-    assert "run the CSR kernel" in printed and f"wrote {out}" in printed
+    assert "run in fused sparse adapters" in printed and f"wrote {out}" in printed
     meta = _read_metadata(out)
     assert meta["labels"] == ["0", "1"] and meta["max_length"] == 64
     assert main(["export", "--adapter", str(tmp_path / "nowhere"), "--output", str(out)]) == 2

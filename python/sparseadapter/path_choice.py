@@ -4,7 +4,9 @@ on the shape, the token count, the machine and the dtype, so it is measured, not
 
 `sparseadapter bench calibrate` times both on a grid of densities for each (in, out, tokens) and
 records the density where they cross; the table measured for this project's reference CPU ships in
-`calibration/`. A query takes the nearest measured (in, out, tokens) in log scale.
+`calibration/`. A query takes the nearest measured (in, out, tokens) in log scale. Points of kind
+"linear" compare one layer; points of kind "adapter" (in = hidden, out = bottleneck) compare the whole
+fused sparse bottleneck adapter against the same adapter with dense layers.
 
 Override, strongest first: the `path=` argument of the caller, the environment variable
 SPARSEADAPTER_PATH (sparse | dense | auto), and SPARSEADAPTER_CALIBRATION naming another table.
@@ -26,8 +28,9 @@ SHIPPED = Path(__file__).resolve().parent / "calibration"
 
 @dataclass
 class CrossoverTable:
-    """`points`: dicts with in_features, out_features, tokens and crossover_density (the sparse kernel
-    is faster below it; 1.0 = faster at every density measured, 0.0 = at none)."""
+    """`points`: dicts with kind ("linear" or "adapter"), in_features, out_features, tokens and
+    crossover_density (the sparse kernel is faster below it; 1.0 = faster at every density measured,
+    0.0 = at none)."""
 
     device: str
     dtype: str
@@ -35,11 +38,13 @@ class CrossoverTable:
     meta: Dict[str, str] = field(default_factory=dict)
     source: str = ""
 
-    def crossover(self, in_features: int, out_features: int, tokens: int) -> float:
+    def crossover(self, in_features: int, out_features: int, tokens: int, kind: str = "linear") -> Optional[float]:
+        """The crossover of the nearest measured point of this kind; None when there is none."""
         def distance(p):
             return sum(math.log2(max(a, 1) / max(b, 1)) ** 2 for a, b in
                        ((p["in_features"], in_features), (p["out_features"], out_features), (p["tokens"], tokens)))
-        return float(min(self.points, key=distance)["crossover_density"])
+        points = [p for p in self.points if p["kind"] == kind]
+        return float(min(points, key=distance)["crossover_density"]) if points else None
 
     def to_json(self) -> str:
         return json.dumps({"device": self.device, "dtype": self.dtype, "meta": self.meta, "points": self.points}, indent=1)
@@ -48,7 +53,8 @@ class CrossoverTable:
     def from_json(cls, text: str, source: str) -> "CrossoverTable":
         try:
             data = json.loads(text)
-            points = [{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")}
+            points = [{"kind": str(p.get("kind", "linear")),
+                       **{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")}}
                       for p in data["points"]]
             table = cls(str(data["device"]), str(data["dtype"]), points, dict(data.get("meta", {})), source)
         except (ValueError, KeyError, TypeError) as err:
@@ -82,12 +88,14 @@ def resolve_path(path: Optional[str]) -> str:
 
 
 def choose_path(in_features: int, out_features: int, density: float, tokens: int, *, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, path: Optional[str] = None) -> str:
-    """'sparse' or 'dense' for one layer run on `tokens` rows at a time."""
+                dtype: torch.dtype = torch.float32, path: Optional[str] = None, kind: str = "linear") -> str:
+    """'sparse' or 'dense' for one layer (kind "linear") or one whole bottleneck adapter (kind
+    "adapter": in_features = hidden, out_features = bottleneck) run on `tokens` rows at a time."""
     path = resolve_path(path)
     if path != "auto":
         return path
     table = load_table(device, dtype)
-    if table is None:  # nothing measured for this device and dtype: trust the sparse kernel
+    crossover = None if table is None else table.crossover(in_features, out_features, tokens, kind)
+    if crossover is None:  # nothing measured for this device, dtype and kind: trust the sparse kernel
         return "sparse"
-    return "sparse" if density < table.crossover(in_features, out_features, tokens) else "dense"
+    return "sparse" if density < crossover else "dense"

@@ -1,13 +1,16 @@
 """Benchmarks that ship with the package, so `sparseadapter bench` runs them on any install.
 
     linear    SparseLinear vs dense F.linear and torch.sparse CSR (forward, forward+backward)
+    adapter   the whole bottleneck adapter: fused sparse kernel vs layer by layer vs masked dense vs
+              a dense adapter with the same weight count
     pruning   the fused pruning kernels vs the plain PyTorch way
     serving   sentences/s of a MiniLM classifier with sparse adapters: Python eager and C++ TorchScript
+    training  one MiniLM training step with a sparse vs a dense Houlsby adapter, and adapter memory
     calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
 """
 from importlib import import_module
 
-SUITES = {"linear": "sparse_linear", "pruning": "pruning", "calibrate": "calibrate", "serving": "serving"}
+SUITES = {"linear": "sparse_linear", "adapter": "adapter", "pruning": "pruning", "calibrate": "calibrate", "serving": "serving", "training": "training"}
 
 
 def run_suite(name: str, argv=None) -> int:

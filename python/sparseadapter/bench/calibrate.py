@@ -3,7 +3,8 @@ and write the table `sparseadapter.path_choice` reads (see there).
 
 For each shape and token count: the dense F.linear time, then the sparse forward at rising densities
 (random patterns); the crossover is the density where sparse/dense reaches 1, interpolated linearly
-between the two grid points around it. Times are medians of torch.utils.benchmark blocked_autorange,
+between the two grid points around it. The same for whole bottleneck adapters (`--adapter-shapes`,
+hidden x bottleneck): the fused sparse adapter `x + up(relu(down(x)))` against its dense-layer twin. Times are medians of torch.utils.benchmark blocked_autorange,
 under torch.inference_mode, at --threads (default 1).
 
     sparseadapter bench calibrate                      # rewrites the shipped table for this device/dtype
@@ -22,6 +23,7 @@ from ..sparse_linear import SparseLinear
 from .sparse_linear import DTYPES, machine_header, parse_shape
 
 DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "64x768", "768x256", "256x768", "384x8", "8x384"]
+DEFAULT_ADAPTER_SHAPES = ["384x64", "768x64", "768x256", "1024x128"]
 DEFAULT_DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 
 
@@ -31,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
+    p.add_argument("--adapter-shapes", type=parse_shape, nargs="*",
+                   default=[parse_shape(s) for s in DEFAULT_ADAPTER_SHAPES], help="hidden x bottleneck")
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--densities", type=float, nargs="+", default=DEFAULT_DENSITIES)
     p.add_argument("--threads", type=int, default=1)
@@ -41,6 +45,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.tokens, args.densities, args.min_run_time = [(48, 16)], [32], [0.1, 1.0], 0.01
+        args.adapter_shapes = [(48, 16)]
     if any(not 0.0 < d <= 1.0 for d in args.densities):
         p.error("--densities must lie in (0, 1]")
     args.densities = sorted(set(args.densities))
@@ -60,6 +65,34 @@ def crossover_density(densities, ratios):
         if r1 >= 1.0:
             return d0 + (d1 - d0) * (1.0 - r0) / (r1 - r0)
     return 1.0
+
+
+def measure_adapter(d, r, tokens, args, dtype, device):
+    """Like measure, for the whole adapter: fused sparse against the same adapter with dense layers."""
+    from ..adapters import BottleneckAdapter
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(tokens, d, generator=g).to(device, dtype)
+    dense_adapter = BottleneckAdapter(d, d, r).to(device, dtype).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(adapter):
+        def run():
+            adapter(x, x)
+            sync()
+        with torch.inference_mode():
+            return median_time(run, args.min_run_time)
+
+    dense = timed(dense_adapter)
+    ratios = []
+    for density in args.densities:
+        sparse = BottleneckAdapter(d, d, r).to(device, dtype).eval()
+        for name in ("down", "up"):
+            layer = getattr(dense_adapter, name)
+            mask = torch.rand(layer.weight.shape, generator=g) < density
+            setattr(sparse, name, SparseLinear.from_dense(layer.weight.detach(), mask.to(device), layer.bias.detach()))
+        ratios.append(timed(sparse) / dense)
+    return dense, ratios
 
 
 def measure(in_f, out_f, tokens, args, dtype, device):
@@ -93,16 +126,17 @@ def main(argv=None):
     args.rounds, args.markdown = 1, None
     for line in machine_header(args):
         print(line)
-    print(f"\n{'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
+    print(f"\n{'kind':>8} {'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
           f"{' '.join(f'{d:.2f}' for d in args.densities)}  -> crossover")
     points = []
-    for in_f, out_f in args.shapes:
+    grid = [("linear", s, measure) for s in args.shapes] + [("adapter", s, measure_adapter) for s in args.adapter_shapes]
+    for kind, (in_f, out_f), fn in grid:
         for tokens in args.tokens:
-            dense, ratios = measure(in_f, out_f, tokens, args, dtype, args.device)
+            dense, ratios = fn(in_f, out_f, tokens, args, dtype, args.device)
             cross = crossover_density(args.densities, ratios)
-            points.append({"in_features": in_f, "out_features": out_f, "tokens": tokens,
+            points.append({"kind": kind, "in_features": in_f, "out_features": out_f, "tokens": tokens,
                            "crossover_density": round(cross, 3)})
-            print(f"{f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
+            print(f"{kind:>8} {f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
                   f"{' '.join(f'{r:4.2f}' for r in ratios)}  -> {cross:.3f}", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",

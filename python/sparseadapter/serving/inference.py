@@ -2,8 +2,10 @@
 
 What training needs and inference does not is folded away: dropout (eval mode), prefix MLPs (the
 prefixes they compute), LoRA (merged into the frozen weight it adapts, which costs nothing per token).
-Each remaining SparseLinear keeps our CSR kernel or becomes a dense nn.Linear, whichever
-`sparseadapter.path_choice` measured faster for its shape and density at the expected rows per call.
+A bottleneck adapter whose two layers are sparse stays one fused sparse kernel or becomes two dense
+nn.Linear layers, and every other SparseLinear keeps our CSR kernel or becomes a dense nn.Linear,
+whichever `sparseadapter.path_choice` measured faster for its shape and density at the expected rows
+per call.
 """
 import copy
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from torch import nn
 
 from ..adapters import api as adapters_api
 from ..adapters.registry import PREFIX_ROOT, REGISTRY_ATTR
+from ..adapters.modules import BottleneckAdapter
 from ..adapters.slot import slots
 from ..path_choice import choose_path
 from ..sparse_linear import SparseLinear
@@ -26,7 +29,7 @@ class LayerChoice:
     name: str
     shape: "tuple[int, int]"     # (in_features, out_features)
     density: float
-    path: str                    # "sparse" or "dense"
+    path: str                    # "fused" (the adapter's sparse kernel), "sparse" or "dense"
 
 
 @dataclass
@@ -36,9 +39,9 @@ class InferencePlan:
     folded_prefixes: List[str]
 
     def describe(self) -> str:
-        sparse = sum(c.path == "sparse" for c in self.layers)
-        lines = [f"{sparse} of {len(self.layers)} sparse layers run the CSR kernel, "
-                 f"{len(self.layers) - sparse} a dense GEMM"]
+        count = {p: sum(c.path == p for c in self.layers) for p in ("fused", "sparse", "dense")}
+        lines = [f"of {len(self.layers)} sparse layers, {count['fused']} run in fused sparse adapters, "
+                 f"{count['sparse']} as CSR layers, {count['dense']} as dense GEMMs"]
         if self.merged_lora:
             lines.append(f"LoRA merged into the base weights: {', '.join(self.merged_lora)}")
         if self.folded_prefixes:
@@ -87,15 +90,27 @@ def prepare_for_inference(model: nn.Module, *, path: Optional[str] = None, token
     merged, folded = _fold_and_merge(model, merge_lora)
     idle = {id(m) for slot in slots(model).values() for n in slot.merged for m in slot.adapters[n].modules()}
     choices = []
-    for name, layer in list(model.named_modules()):
-        if not isinstance(layer, SparseLinear) or id(layer) in idle:  # idle: merged LoRA, never called
-            continue
-        device = layer.values.device
-        chosen = choose_path(layer.in_features, layer.out_features, layer.density, tokens,
-                             device=device.type, dtype=layer.values.dtype, path=path)
+
+    def decide(name, layer, chosen):
         choices.append(LayerChoice(name, (layer.in_features, layer.out_features), layer.density, chosen))
         if chosen == "dense":
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, densify(layer))
+
+    decided = set()
+    for name, adapter in list(model.named_modules()):
+        if isinstance(adapter, BottleneckAdapter) and adapter.runs_fused():
+            down, up = adapter.down, adapter.up
+            density = (down.nnz + up.nnz) / (down.in_features * down.out_features + up.in_features * up.out_features)
+            chosen = choose_path(down.in_features, down.out_features, density, tokens, device=down.values.device.type,
+                                 dtype=down.values.dtype, path=path, kind="adapter")
+            for child, layer in (("down", down), ("up", up)):
+                decide(f"{name}.{child}", layer, "fused" if chosen == "sparse" else "dense")
+                decided.add(id(layer))
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, SparseLinear) or id(layer) in idle or id(layer) in decided:
+            continue  # idle: merged LoRA, never called
+        decide(name, layer, choose_path(layer.in_features, layer.out_features, layer.density, tokens,
+                                        device=layer.values.device.type, dtype=layer.values.dtype, path=path))
     model.requires_grad_(False)
     return model, InferencePlan(choices, merged, folded)
