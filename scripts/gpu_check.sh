@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (torch 2.11+cu130 there, nothing installable): build the extension in place,
-# run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmarks; print a summary last.
+# run the CUDA tests, a compute-sanitizer memcheck, and the GPU benchmarks (SparseLinear, the whole
+# adapter, pruning); print a summary last.
 # Writes logs under $OUT (the device tool's output folder), or ./gpu-out elsewhere.
 # GPU_CHECK_BENCH=0 skips the benchmarks; GPU_CHECK_BENCH=pruning runs only the pruning one.
 set -uo pipefail
@@ -55,6 +56,11 @@ bench=${GPU_CHECK_BENCH:-1}
     --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_$dtype.log" 2>&1 ||
     tail -20 "$OUT/bench_$dtype.log"
 done
+[ "$bench" = pruning ] || {
+  timeout 240 python3 -m sparseadapter.cli bench adapter --device cuda --dtype bfloat16 --tokens 32768 \
+    --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_adapter.log" 2>&1 ||
+    tail -20 "$OUT/bench_adapter.log"
+}
 timeout 150 python3 -m sparseadapter.cli bench pruning --device cuda >"$OUT/bench_pruning.log" 2>&1 ||
   tail -20 "$OUT/bench_pruning.log"
 summary+=("benchmark: $((SECONDS - start)) s, tables in $OUT/gpu_bench.md and $OUT/bench_pruning.log")

@@ -1,5 +1,7 @@
 """SparseAdapter's compiled ops: `torch.ops.sparseadapter.*` with typed wrappers, fake kernels and
 autograd. This package knows tensors only; modules live in `sparseadapter`."""
+import torch  # noqa: F401  (first: _C links against libtorch, which torch loads)
+
 from . import _C  # noqa: F401  (loading the library registers torch.ops.sparseadapter)
 from .ops import (
     ADAPTER_ACTIVATIONS,
