@@ -57,7 +57,7 @@ bench=${GPU_CHECK_BENCH:-1}
     tail -20 "$OUT/bench_$dtype.log"
 done
 [ "$bench" = pruning ] || {
-  timeout 240 python3 -m sparseadapter.cli bench adapter --device cuda --dtype bfloat16 --tokens 32768 \
+  timeout 240 python3 -m sparseadapter.cli bench adapter --device cuda --dtype bfloat16 --tokens 32768 --sparsity 0.4 0.6 0.75 0.8 0.9 0.95 \
     --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >"$OUT/bench_adapter.log" 2>&1 ||
     tail -20 "$OUT/bench_adapter.log"
 }
