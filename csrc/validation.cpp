@@ -247,6 +247,9 @@ AdapterInputs check_adapter_inputs(
   const auto stand_in = at::empty({0, bottleneck}, x.options());
   in.up = check_spmm_inputs("sparse_adapter (up)", stand_in, up_values, up_crow, up_col, std::nullopt, up_bias,
                             device_type);
+  TORCH_CHECK_TYPE(in.up.crow_indices.scalar_type() == in.down.crow_indices.scalar_type(),
+                   "sparse_adapter: the down pattern has index dtype ", in.down.crow_indices.scalar_type(),
+                   " but the up pattern has ", in.up.crow_indices.scalar_type(), "; use one index dtype for both");
   in.out_shape = in.down.out_shape;
   in.out_shape.back() = in.up.out_features;
   in.hidden_shape = in.down.out_shape;

@@ -205,5 +205,7 @@ def test_bad_inputs_are_named(seed):
     bad_col[0] = 8
     with pytest.raises(ValueError, match=r"sparse_adapter \(up\)"):
         ops.sparse_adapter(x, None, d, u[:3] + (bad_col,) + u[4:], "relu", 1.0)
+    with pytest.raises(TypeError, match="use one index dtype for both"):
+        ops.sparse_adapter(x, None, d, tuple(t.long() if i >= 2 else t for i, t in enumerate(u)), "relu", 1.0)
     with pytest.raises(TypeError, match=r"sparse_adapter \(up\).*dtype"):
         ops.sparse_adapter(x, None, d, (u[0].double(),) + u[1:], "relu", 1.0)

@@ -744,6 +744,49 @@ def test_raw_cpu_ops_refuse_a_corrupt_pattern(op, kind, data):
     record(f"raw {op} (CPU) structural", kind, "ValueError/TypeError naming it" if problem else "valid, correct result")
 
 
+def _unchecked_transpose_args(crow, col, cols):
+    """Transposed-pattern arguments of the right lengths and dtype for a pattern that may be corrupt
+    (the forward never reads them; only their lengths are checked)."""
+    index = crow.dtype if crow.dtype in (torch.int32, torch.int64) else torch.int32
+    nnz = col.numel() if col.dim() == 1 else 0
+    return (torch.zeros(max(cols, 0) + 1, dtype=index), torch.zeros(nnz, dtype=index),
+            torch.zeros(nnz, dtype=index), torch.zeros(max(cols, 0), dtype=index))
+
+
+@pytest.mark.parametrize("side,kind", [(side, k) for side in ("down", "up") for k in RAW_KINDS])
+@fuzz(6)
+@given(data=st.data())
+def test_fused_adapter_refuses_a_corrupt_pattern(side, kind, data):
+    """The fused adapter on CPU checks both patterns its kernel follows on every call, like spmm: a
+    corrupt down or up projection is an error naming which, a valid one gives the composed result."""
+    c = structural_case(data, "cpu", kind)
+    kind, crow, col, _, cols = mutate_structure(data, c, kind)
+    rows = crow.numel() - 1 if crow.dim() == 1 and crow.numel() > 0 else 0
+    values = torch.randn(col.numel() if col.dim() == 1 else 0, dtype=c.dtype)
+    problem = crow.dim() != 1 or crow.numel() == 0 or structural_problem(crow, col, rows, cols)
+    corrupt = (values, None, crow, col, *_unchecked_transpose_args(crow, col, cols))
+    # the other projection: valid, dense, shaped to fit (down [rows, d_in] -> up [cols, rows])
+    other_shape = (cols, rows) if side == "down" else (cols, 7)
+    index_dtype = crow.dtype if crow.dtype in (torch.int32, torch.int64) else torch.int32
+    other = SparseLinear.from_dense(torch.randn(other_shape, dtype=c.dtype), torch.ones(other_shape, dtype=torch.bool),
+                                    index_dtype=index_dtype)
+    if side == "down":
+        x, down, up = c.x.cpu(), corrupt, other.csr_buffers()
+    else:
+        x, down, up = torch.randn(3, 7, dtype=c.dtype), other.csr_buffers(), corrupt
+    call = lambda: ops.sparse_adapter(x, None, down, up, "relu", 1.0)  # noqa: E731
+    if problem:
+        expect_error(call, (ValueError, TypeError), rf"sparse_adapter \({side}\): .*(crow_indices|col_indices)",
+                     f"sparse_adapter {side}, {kind}")
+    else:
+        down_spmm = ops.spmm(x.double(), down[0].double(), down[2], down[3])
+        want = ops.spmm(torch.relu(down_spmm), up[0].double(), up[2], up[3])
+        got = call()
+        assert got.shape == want.shape and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), kind
+    record(f"raw sparse_adapter {side} (CPU) structural", kind,
+           "ValueError/TypeError naming it" if problem else "valid, correct result")
+
+
 @pytest.mark.parametrize("kind", [k for k in STRUCTURAL_KINDS if not k.startswith(("num_rows", "num_cols"))])
 @fuzz(12)
 @given(data=st.data())
