@@ -143,6 +143,15 @@ def test_module_fused_equals_unfused(device, seed):
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)  # no residual: delta alone
 
 
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh"])
+def test_transcendental_activations_run_layer_by_layer(device, seed, activation):
+    adapter = _adapter(device, seed, activation=activation)
+    assert not adapter.runs_fused()  # the fused CPU kernel is slower for these (scalar libm)
+    x = torch.randn(6, 32, device=device)
+    d, u = adapter.down.csr_buffers(), adapter.up.csr_buffers()
+    torch.testing.assert_close(adapter(x, x), ops.sparse_adapter(x, x, d, u, activation, adapter.scale))
+
+
 def test_dropout_in_training_is_not_fused(device, seed):
     adapter = _adapter(device, seed)
     adapter.dropout.p = 0.1
@@ -152,7 +161,8 @@ def test_dropout_in_training_is_not_fused(device, seed):
 
 def test_compile_fullgraph(device, seed):
     torch._dynamo.reset()
-    adapter = _adapter(device, seed, activation="gelu")
+    adapter = _adapter(device, seed)
+    assert adapter.runs_fused()
     compiled = torch.compile(adapter, fullgraph=True)
     for tokens in (17, 40):
         x = torch.randn(tokens, 32, device=device, requires_grad=True)
