@@ -86,19 +86,19 @@ using AdapterKernel = void (*)(const AdapterInputs&, at::Tensor&, at::Tensor&);
 // path of back ends that have no fused kernel yet (CUDA).
 template <SpmmKernel kSpmm>
 void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
-  auto hidden = at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
-  if (hidden.numel() > 0) {
-    kSpmm(in.down, hidden);
+  // the pre-activation goes straight into hidden_pre when the backward keeps it
+  auto pre = hidden_pre.numel() > 0 ? hidden_pre
+                                    : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
+  if (pre.numel() > 0) {
+    kSpmm(in.down, pre);
   }
-  if (hidden_pre.numel() > 0) {
-    hidden_pre.copy_(hidden);
-  }
+  at::Tensor hidden = pre;
   switch (in.activation) {
     case Activation::kIdentity: break;
-    case Activation::kRelu: hidden.relu_(); break;
-    case Activation::kGelu: hidden = at::gelu(hidden); break;
-    case Activation::kSilu: hidden = at::silu(hidden); break;
-    case Activation::kTanh: hidden.tanh_(); break;
+    case Activation::kRelu: hidden = at::relu(pre); break;
+    case Activation::kGelu: hidden = at::gelu(pre); break;
+    case Activation::kSilu: hidden = at::silu(pre); break;
+    case Activation::kTanh: hidden = at::tanh(pre); break;
   }
   if (out.numel() == 0) {
     return;

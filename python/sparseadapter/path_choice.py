@@ -11,6 +11,7 @@ fused sparse bottleneck adapter against the same adapter with dense layers.
 Override, strongest first: the `path=` argument of the caller, the environment variable
 SPARSEADAPTER_PATH (sparse | dense | auto), and SPARSEADAPTER_CALIBRATION naming another table.
 """
+import functools
 import json
 import math
 import os
@@ -70,14 +71,19 @@ def table_path(device: str, dtype: torch.dtype) -> Path:
 
 def load_table(device: str, dtype: torch.dtype) -> Optional[CrossoverTable]:
     """The user's table (SPARSEADAPTER_CALIBRATION) or the shipped one for (device, dtype); None when
-    neither exists."""
-    path = os.environ.get(TABLE_ENV) or table_path(device, dtype)
-    path = Path(path)
+    neither exists. Parsed once per file version (a model asks once per layer)."""
+    path = Path(os.environ.get(TABLE_ENV) or table_path(device, dtype))
     if not path.is_file():
         if os.environ.get(TABLE_ENV):
             raise ValueError(f"{TABLE_ENV}={path}: no such file")
         return None
-    return CrossoverTable.from_json(path.read_text(), str(path))
+    stat = path.stat()
+    return _read_table(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table(path: str, _mtime_ns: int, _size: int) -> CrossoverTable:
+    return CrossoverTable.from_json(Path(path).read_text(), path)
 
 
 def resolve_path(path: Optional[str]) -> str:

@@ -97,7 +97,8 @@ class BottleneckAdapter(nn.Module):
 
 
 class LoRAAdapter(nn.Module):
-    """`delta(x) = (alpha / r) * B(A(dropout(x)))`, added to a frozen linear layer's output."""
+    """`delta(x) = (alpha / r) * B(A(dropout(x)))`, added to a frozen linear layer's output (or
+    `residual + delta(x)` given a residual, as every slot adapter)."""
 
     sparseadapter_chain = ("lora_A", "lora_B")
 
@@ -110,8 +111,9 @@ class LoRAAdapter(nn.Module):
         self.scaling = float(alpha) / rank
         _init_pair(self.lora_A, self.lora_B, init)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return delta if residual is None else residual + delta
 
     def delta_weight(self) -> Tensor:
         """`(alpha / r) * B @ A`, the dense update that merging adds to the base weight."""

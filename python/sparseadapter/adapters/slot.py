@@ -18,8 +18,6 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .modules import BottleneckAdapter
-
 MODES = ("after", "parallel", "residual_input", "span", "lora", "prefix")
 SLOT_ATTR = "sparseadapter"
 
@@ -107,11 +105,10 @@ class AdapterSlot(nn.Module):
 
     # -- the math -----------------------------------------------------------------------------
     def _add(self, names: List[str], x: Tensor, base: Tensor) -> Tensor:
-        """`base + sum_i A_i(x)`. Bottleneck adapters add their output to the running sum themselves,
-        inside their fused kernel when they are sparse."""
+        """`base + sum_i A_i(x)`. Each adapter adds its output to the running sum itself (`A(x, base)`),
+        a sparse bottleneck adapter inside its fused kernel."""
         for name in names:
-            adapter = self.adapters[name]
-            base = adapter(x, base) if isinstance(adapter, BottleneckAdapter) else base + adapter(x)
+            base = self.adapters[name](x, base)
         return base
 
     def run_after(self, y: Tensor) -> Tensor:

@@ -4,8 +4,9 @@ and write the table `sparseadapter.path_choice` reads (see there).
 For each shape and token count: the dense F.linear time, then the sparse forward at rising densities
 (random patterns); the crossover is the density where sparse/dense reaches 1, interpolated linearly
 between the two grid points around it. The same for whole bottleneck adapters (`--adapter-shapes`,
-hidden x bottleneck): the fused sparse adapter `x + up(relu(down(x)))` against its dense-layer twin. Times are medians of torch.utils.benchmark blocked_autorange,
-under torch.inference_mode, at --threads (default 1).
+hidden x bottleneck): the fused sparse adapter `x + up(relu(down(x)))` against its dense-layer twin.
+Times are medians of torch.utils.benchmark blocked_autorange (bench/timing.py), under
+torch.inference_mode, at --threads (default 1).
 
     sparseadapter bench calibrate                      # rewrites the shipped table for this device/dtype
     sparseadapter bench calibrate --output my.json     # then SPARSEADAPTER_CALIBRATION=my.json
@@ -16,11 +17,11 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 from ..path_choice import CrossoverTable, table_path
 from ..sparse_linear import SparseLinear
 from .sparse_linear import DTYPES, machine_header, parse_shape
+from .timing import time_interleaved
 
 DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "64x768", "768x256", "256x768", "384x8", "8x384"]
 DEFAULT_ADAPTER_SHAPES = ["384x64", "768x64", "768x256", "1024x128"]
@@ -52,9 +53,11 @@ def parse_args(argv=None):
     return args
 
 
-def median_time(fn, min_run_time):
-    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def median_time(fn, args):
+    """Median seconds of one inference call of fn (CUDA: synchronized)."""
+    with torch.inference_mode():
+        return time_interleaved({"fn": fn}, rounds=1, min_run_time=args.min_run_time, threads=args.threads,
+                                cuda=args.device == "cuda")["fn"]
 
 
 def crossover_density(densities, ratios):
@@ -74,16 +77,7 @@ def measure_adapter(d, r, tokens, args, dtype, device):
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(tokens, d, generator=g).to(device, dtype)
     dense_adapter = BottleneckAdapter(d, d, r).to(device, dtype).eval()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed(adapter):
-        def run():
-            adapter(x, x)
-            sync()
-        with torch.inference_mode():
-            return median_time(run, args.min_run_time)
-
-    dense = timed(dense_adapter)
+    dense = median_time(lambda: dense_adapter(x, x), args)
     ratios = []
     for density in args.densities:
         sparse = BottleneckAdapter(d, d, r).to(device, dtype).eval()
@@ -91,7 +85,7 @@ def measure_adapter(d, r, tokens, args, dtype, device):
             layer = getattr(dense_adapter, name)
             mask = torch.rand(layer.weight.shape, generator=g) < density
             setattr(sparse, name, SparseLinear.from_dense(layer.weight.detach(), mask.to(device), layer.bias.detach()))
-        ratios.append(timed(sparse) / dense)
+        ratios.append(median_time(lambda: sparse(x, x), args) / dense)
     return dense, ratios
 
 
@@ -101,21 +95,12 @@ def measure(in_f, out_f, tokens, args, dtype, device):
     x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
     bias = torch.zeros(out_f, device=device, dtype=dtype)
     w_dense = w.to(device, dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed(fn):
-        def run():
-            fn()
-            sync()
-        with torch.inference_mode():
-            return median_time(run, args.min_run_time)
-
-    dense = timed(lambda: F.linear(x, w_dense, bias))
+    dense = median_time(lambda: F.linear(x, w_dense, bias), args)
     ratios = []
     for density in args.densities:
         mask = torch.rand(out_f, in_f, generator=g) < density
         layer = SparseLinear.from_dense(w.to(device, dtype), mask.to(device), bias)
-        ratios.append(timed(lambda: layer(x)) / dense)
+        ratios.append(median_time(lambda: layer(x), args) / dense)
     return dense, ratios
 
 

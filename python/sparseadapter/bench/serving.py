@@ -17,14 +17,13 @@ Rows (same base model, same inputs, timed in interleaved rounds; medians):
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import tempfile
-import time
 
 import torch
 
 from .sparse_linear import machine_header
+from .timing import time_interleaved
 
 VARIANTS = ("sparse", "merged-dense", "dense adapters", "no adapters")
 
@@ -116,7 +115,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.device, args.dtype, args.min_run_time = "cpu", "float32", 0
     header = machine_header(args)[:-1] + [
-        f"fp32 | {args.rounds or '40 (batch 1) / 7 (larger)'} timed calls per row in interleaved rounds, "
+        f"fp32 | {args.rounds or '40 (batch 1) / 7 (larger)'} interleaved rounds per row (bench/timing.py), "
         f"after one warm-up | seed {args.seed}"]
     print("\n".join(header))
     models, plan = build_models(args.sparsity, args.seed)
@@ -144,18 +143,10 @@ def main(argv=None):
                     server = CppServer(args.serve_binary, exported[k], args.threads, batch)
                     running.append(server)
                     calls[f"C++ {k}"] = (lambda s=server: s(line))
-            rounds = args.rounds or (40 if batch == 1 else 7)
-            times = {name: [] for name in calls}
             with torch.inference_mode():
-                for name, fn in calls.items():  # warm-up, untimed
-                    fn()
-                for _ in range(rounds):
-                    for name, fn in calls.items():
-                        start = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - start)
-            for name in calls:
-                results[(batch, name)] = statistics.median(times[name])
+                times = time_interleaved(calls, rounds=args.rounds or (40 if batch == 1 else 7), min_run_time=0.0,
+                                         threads=args.threads)
+            results.update({(batch, name): t for name, t in times.items()})
             while running:
                 running.pop().close()
     finally:

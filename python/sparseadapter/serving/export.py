@@ -33,6 +33,12 @@ _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 CHECK_RTOL = 1e-4
 
 
+def _takes_token_types(model: nn.Module) -> bool:
+    """Whether the model's forward accepts token_type_ids and has a token-type embedding to use them."""
+    takes = "token_type_ids" in inspect.signature(model.forward).parameters
+    return bool(takes and getattr(getattr(model, "config", None), "type_vocab_size", 0))
+
+
 class ServingModel(nn.Module):
     """`forward(input_ids, attention_mask, token_type_ids) -> logits [batch, num_labels]`: the one
     signature servers call (int64 inputs [batch, length]; token_type_ids is ignored by models
@@ -41,9 +47,7 @@ class ServingModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        config = getattr(model, "config", None)
-        takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
-        self.uses_token_types = bool(takes_types and getattr(config, "type_vocab_size", 0))
+        self.uses_token_types = _takes_token_types(model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
         if self.uses_token_types:
@@ -66,7 +70,6 @@ def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pa
         raise ValueError(f"{len(labels)} label names for a model with {num_labels} outputs")
     positions = int(config.max_position_embeddings) - _POSITION_OFFSET.get(config.model_type, 0)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
-    takes_types = "token_type_ids" in inspect.signature(model.forward).parameters
     return dict(SERVING_FORMAT,
                 task="regression" if regression else "classification",
                 num_labels=num_labels,
@@ -74,7 +77,7 @@ def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pa
                 vocab_size=int(config.vocab_size),
                 max_length=min(positions, max_length) if max_length else positions,
                 pad_token_id=int(pad if pad is not None else 0),
-                type_vocab_size=int(getattr(config, "type_vocab_size", 0) or 0) if takes_types else 0)
+                type_vocab_size=int(config.type_vocab_size) if _takes_token_types(model) else 0)
 
 
 def example_inputs(meta: Dict, batch: int, length: int, seed: int = 0) -> "tuple[Tensor, Tensor, Tensor]":
