@@ -22,6 +22,7 @@ void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hi
 #ifdef SPARSEADAPTER_WITH_CUDA
 void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y);
 void sddmm_cuda_kernel(const SddmmInputs& in, at::Tensor& out);
+void adapter_cuda_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre);
 #endif
 
 }  // namespace sparseadapter

@@ -1,6 +1,6 @@
 """A short workout of every CUDA kernel path for compute-sanitizer (memcheck): odd sizes, empty rows,
-nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype; and the
-pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
+nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype; the fused
+adapter (chunked and fallback plans); and the pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
 import torch
 
 import sparseadapter_ext as ops
@@ -21,6 +21,18 @@ def main():
             y = layer(x)
             y.backward(torch.randn_like(y))
             ops.sddmm(torch.randn_like(y), x.detach(), layer.crow_indices, layer.col_indices)
+    # the fused adapter: partial tiles, chunked x and output (wide), the few-token fallback
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for tokens, d, r, density in ((70, 48, 16, 0.4), (40, 2000, 96, 0.05), (3, 40, 8, 0.5), (33, 17, 5, 1.0)):
+            layers = []
+            for shape in ((r, d), (d, r)):
+                mask = torch.rand(*shape, generator=gen) < density
+                layers.append(SparseLinear.from_dense(torch.randn(*shape, generator=gen), mask, torch.randn(shape[0])))
+            down, up = (layer.to("cuda", dtype).csr_buffers() for layer in layers)
+            x = torch.randn(tokens, d, generator=gen).to("cuda", dtype).requires_grad_()
+            for activation in ops.ADAPTER_ACTIVATIONS:
+                out = ops.sparse_adapter(x, x, down, up, activation, 0.5)
+            out.backward(torch.randn_like(out))
     for dtype in (torch.float32, torch.float64):
         scores = [torch.randint(0, 5, shape, generator=gen).to("cuda", dtype) for shape in ((37, 53), (0, 4), (64, 768))]
         total = sum(s.numel() for s in scores)

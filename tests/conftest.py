@@ -97,6 +97,12 @@ def seed(request):
     return zlib.crc32(request.node.nodeid.encode())
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng(request):
+    """torch's global generator seeded per test case, for tests that draw from it: reproducible."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
 @pytest.fixture(scope="session")
 def cmake_build(tmp_path_factory):
     """The CMake project (library, sparseadapter_run, sparseadapter_serve), configured and built once

@@ -11,11 +11,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels.h"
 #include "cpu_isa.h"
 #include "tile.h"
+#include "vec_math.h"
 
 namespace sparseadapter {
 namespace {
@@ -35,22 +37,46 @@ struct AdapterArgs {
   double scale;
 };
 
-template <typename acc_t>
+// The bottleneck activation, in place on n values. fp32 accumulation (fp32, fp16 and bf16 inputs)
+// runs vec_math.h's vector functions at the ISA's native width; fp64 runs libm.
+template <CpuIsa kIsa, typename acc_t>
 SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
-  switch (activation) {
-    case Activation::kIdentity: return;
-    case Activation::kRelu:
-      for (int64_t i = 0; i < n; ++i) h[i] = h[i] > acc_t(0) ? h[i] : acc_t(0);
-      return;
-    case Activation::kGelu:  // the exact (erf) GELU, as nn.GELU()
-      for (int64_t i = 0; i < n; ++i) h[i] = acc_t(0.5) * h[i] * (acc_t(1) + std::erf(h[i] * acc_t(M_SQRT1_2)));
-      return;
-    case Activation::kSilu:
-      for (int64_t i = 0; i < n; ++i) h[i] = h[i] / (acc_t(1) + std::exp(-h[i]));
-      return;
-    case Activation::kTanh:
-      for (int64_t i = 0; i < n; ++i) h[i] = std::tanh(h[i]);
-      return;
+  if (activation == Activation::kIdentity) {
+    return;
+  }
+  if (activation == Activation::kRelu) {
+    for (int64_t i = 0; i < n; ++i) h[i] = h[i] > acc_t(0) ? h[i] : acc_t(0);
+    return;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    constexpr int kBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
+    using V = typename vec_math::FloatVec<kBytes>::type;
+    constexpr int64_t kLanes = vec_math::FloatVec<kBytes>::kLanes;  // n is whole tiles, hence whole vectors
+    switch (activation) {
+      case Activation::kGelu:
+        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::gelu(vec_math::load<V>(h + i)));
+        return;
+      case Activation::kSilu:
+        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::silu(vec_math::load<V>(h + i)));
+        return;
+      case Activation::kTanh:
+        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::tanh(vec_math::load<V>(h + i)));
+        return;
+      default: return;
+    }
+  } else {
+    switch (activation) {
+      case Activation::kGelu:  // the exact (erf) GELU, as nn.GELU()
+        for (int64_t i = 0; i < n; ++i) h[i] = acc_t(0.5) * h[i] * (acc_t(1) + std::erf(h[i] * acc_t(M_SQRT1_2)));
+        return;
+      case Activation::kSilu:
+        for (int64_t i = 0; i < n; ++i) h[i] = h[i] / (acc_t(1) + std::exp(-h[i]));
+        return;
+      case Activation::kTanh:
+        for (int64_t i = 0; i < n; ++i) h[i] = std::tanh(h[i]);
+        return;
+      default: return;
+    }
   }
 }
 
@@ -73,7 +99,7 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
       store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
                                          a.bottleneck);
     }
-    activate(ht.data(), a.bottleneck * kTile, a.activation);
+    activate<kIsa>(ht.data(), a.bottleneck * kTile, a.activation);
     csr_rows_times_tile<kTile>(a.up_crow, a.up_col, a.up_values, a.up_bias, 0, a.out_features, ht.data(),
                                yt.data());
     const int64_t n = a.out_features * kTile;

@@ -108,5 +108,51 @@ __device__ __forceinline__ void stage_x_tile(
   }
 }
 
+// One CSR row against a staged 32-token tile, lane = token: returns, for this lane's token, the sum
+// of values[e] * tile(col[e] - k0, token) over the row's nonzeros e in [e_begin, e_end) whose column
+// lies in [k0, k0 + w) (the staged chunk; column order within the row is free). The warp walks the
+// nonzeros 32 at a time: the lanes load 32 (col, value) pairs coalesced, compact this chunk's pairs
+// into the warp's buffers wev / weo (32 entries each), then every lane runs over them with broadcast
+// reads: one shared load and one FMA per nonzero and token. Called by all 32 lanes of a warp.
+template <typename scalar_t, typename index_t, typename acc_t>
+__device__ __forceinline__ acc_t csr_row_dot_tile32(
+    const scalar_t* __restrict__ values, const index_t* __restrict__ col, int64_t e_begin, int64_t e_end,
+    int64_t k0, int w, const acc_t* __restrict__ tile, acc_t* wev, int* weo, int lane) {
+  constexpr int V = kVecWidth<scalar_t>;
+  acc_t acc0 = 0, acc1 = 0;
+  for (int64_t e0 = e_begin; e0 < e_end; e0 += 32) {
+    const int64_t e = e0 + lane;
+    int64_t c = -1;
+    acc_t v = 0;
+    if (e < e_end) {
+      c = static_cast<int64_t>(col[e]) - k0;
+      v = static_cast<acc_t>(values[e]);
+    }
+    const bool mine = c >= 0 && c < w;
+    const unsigned mask = __ballot_sync(0xffffffffu, mine);
+    const int cnt = __popc(mask);
+    __syncwarp();  // the previous batch's readers are done
+    if (mine) {
+      const int at = __popc(mask & ((1u << lane) - 1u));
+      wev[at] = v;
+      weo[at] = tile_base<32, V>(static_cast<int>(c));
+    }
+    __syncwarp();
+    int i = 0;
+    for (; i + 4 <= cnt; i += 4) {
+      const auto v4 = *reinterpret_cast<const Vec<acc_t, 4>*>(wev + i);
+      const auto o4 = *reinterpret_cast<const int4*>(weo + i);
+      acc0 += v4.v[0] * tile[o4.x ^ lane];
+      acc1 += v4.v[1] * tile[o4.y ^ lane];
+      acc0 += v4.v[2] * tile[o4.z ^ lane];
+      acc1 += v4.v[3] * tile[o4.w ^ lane];
+    }
+    for (; i < cnt; ++i) {
+      acc0 += wev[i] * tile[weo[i] ^ lane];
+    }
+  }
+  return acc0 + acc1;
+}
+
 }  // namespace cuda_utils
 }  // namespace sparseadapter

@@ -7,7 +7,8 @@
 //    Every row of the block reuses it: the tile is read from global memory once per block.
 //  - T = 32: lane = token. A warp walks a row's nonzeros 32 at a time: the lanes load 32 (col, value)
 //    pairs coalesced into a per-warp buffer, then every lane runs over them (broadcast reads):
-//    one shared load and one FMA per nonzero and token.
+//    one shared load and one FMA per nonzero and token (csr_row_dot_tile32, shared with the fused
+//    adapter).
 //  - T = 1 (one or very few tokens, e.g. serving): lane = nonzero, then a warp reduction.
 //  - The output tile is gathered in shared memory and written with coalesced stores: y's rows are
 //    contiguous over out_features. When row_order is given and one block covers all rows, results
@@ -61,7 +62,6 @@ __device__ __forceinline__ int64_t row_at(const index_t* order, int64_t pos) {
 template <typename scalar_t, typename index_t, int T>
 __global__ void __launch_bounds__(kThreads) spmm_tiled_kernel(const SpmmParams<scalar_t, index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V = kVecWidth<scalar_t>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);         // [kWarps][32] values (T == 32)
@@ -100,49 +100,19 @@ __global__ void __launch_bounds__(kThreads) spmm_tiled_kernel(const SpmmParams<s
     for (int j = warp; j < rows; j += kWarps) {
       const int64_t r = row_at(p.order, p0 + j);
       const int slot = by_row ? static_cast<int>(r) : j;
-      const int64_t e_end = p.crow[r + 1];
-      acc_t acc0 = 0, acc1 = 0;
-      for (int64_t e0 = p.crow[r]; e0 < e_end; e0 += 32) {
-        const int64_t e = e0 + lane;
-        int64_t c = -1;
-        acc_t v = 0;
-        if (e < e_end) {
-          c = static_cast<int64_t>(p.col[e]) - k0;
-          v = static_cast<acc_t>(p.values[e]);
-        }
-        const bool mine = c >= 0 && c < w;
-        if constexpr (T == 32) {
-          // Compact this chunk's pairs into the warp's buffer, then every lane (token) runs them.
-          const unsigned mask = __ballot_sync(0xffffffffu, mine);
-          const int cnt = __popc(mask);
-          acc_t* wev = ev + warp * 32;
-          int* weo = eo + warp * 32;
-          __syncwarp();  // the previous batch's readers are done
-          if (mine) {
-            const int at = __popc(mask & ((1u << lane) - 1u));
-            wev[at] = v;
-            weo[at] = tile_base<T, V>(static_cast<int>(c));
-          }
-          __syncwarp();
-          int i = 0;
-          for (; i + 4 <= cnt; i += 4) {
-            const auto v4 = *reinterpret_cast<const Vec<acc_t, 4>*>(wev + i);
-            const auto o4 = *reinterpret_cast<const int4*>(weo + i);
-            acc0 += v4.v[0] * xs[o4.x ^ t];
-            acc1 += v4.v[1] * xs[o4.y ^ t];
-            acc0 += v4.v[2] * xs[o4.z ^ t];
-            acc1 += v4.v[3] * xs[o4.w ^ t];
-          }
-          for (; i < cnt; ++i) {
-            acc0 += wev[i] * xs[weo[i] ^ t];
-          }
-        } else {
-          if (mine) {
-            acc0 += v * xs[c];
+      acc_t acc = 0;
+      if constexpr (T == 32) {
+        acc = csr_row_dot_tile32(p.values, p.col, p.crow[r], p.crow[r + 1], k0, w, xs, ev + warp * 32,
+                                 eo + warp * 32, lane);
+      } else {
+        // lane = nonzero, then the warp reduction below
+        for (int64_t e = p.crow[r] + lane; e < p.crow[r + 1]; e += 32) {
+          const int64_t c = static_cast<int64_t>(p.col[e]) - k0;
+          if (c >= 0 && c < w) {
+            acc += static_cast<acc_t>(p.values[e]) * xs[c];
           }
         }
       }
-      acc_t acc = acc0 + acc1;
 #pragma unroll
       for (int off = T; off < 32; off <<= 1) {
         acc += warp_shfl_xor(acc, off);

@@ -1,9 +1,9 @@
-"""The whole bottleneck adapter `x + up(relu(down(x)))` (Houlsby's residual form), sparse against dense.
+"""The whole bottleneck adapter `x + up(act(down(x)))` (Houlsby's residual form), sparse against dense.
 
 For x of shape [N, d], a bottleneck r and a random pattern at each sparsity (fraction REMOVED), times
 
   fused        sparseadapter's BottleneckAdapter with both layers sparse: one sparse_adapter kernel
-  separate     the same adapter run layer by layer (fused = False): SpMM, ReLU, SpMM, add
+  separate     the same adapter run layer by layer (fused = False): SpMM, activation, SpMM, add
   masked       the same adapter with dense nn.Linear layers holding the masked weights (MKL / cuBLAS)
   budget       a dense adapter with the same number of weights: bottleneck round(r * density)
 
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
                    help="d x r (hidden x bottleneck)")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9, 0.95])
+    p.add_argument("--activation", choices=["relu", "gelu", "silu", "tanh", "identity"], default="relu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per method and config (default "
                    "0.6 on cpu, 0.2 on cuda)")
@@ -56,7 +57,7 @@ def parse_args(argv=None):
 
 
 class Config:
-    def __init__(self, n, d, r, sparsity, dtype, device, seed):
+    def __init__(self, n, d, r, sparsity, dtype, device, seed, activation="relu"):
         g = torch.Generator().manual_seed(seed)
         to = dict(dtype=dtype, device=device)
         self.x = torch.randn(n, d, generator=g).to(**to)
@@ -65,16 +66,16 @@ class Config:
         b_down, b_up = torch.randn(r, generator=g) * 0.1, torch.randn(d, generator=g) * 0.1
         m_down, m_up = torch.rand(r, d, generator=g) >= sparsity, torch.rand(d, r, generator=g) >= sparsity
         self.nnz = int(m_down.sum() + m_up.sum())
-        self.sparse = BottleneckAdapter(d, d, r).to(**to)
+        self.sparse = BottleneckAdapter(d, d, r, activation=activation).to(**to)
         self.sparse.down = SparseLinear.from_dense(w_down.to(**to), m_down.to(device), b_down.to(**to))
         self.sparse.up = SparseLinear.from_dense(w_up.to(**to), m_up.to(device), b_up.to(**to))
-        self.masked = BottleneckAdapter(d, d, r).to(**to)
+        self.masked = BottleneckAdapter(d, d, r, activation=activation).to(**to)
         with torch.no_grad():
             for name, w, m, b in (("down", w_down, m_down, b_down), ("up", w_up, m_up, b_up)):
                 getattr(self.masked, name).weight.copy_(w * m)
                 getattr(self.masked, name).bias.copy_(b)
         self.budget_r = max(1, round(r * self.nnz / (2 * d * r)))
-        self.budget = BottleneckAdapter(d, d, self.budget_r).to(**to)
+        self.budget = BottleneckAdapter(d, d, self.budget_r, activation=activation).to(**to)
 
     def run(self, method, backward):
         adapter = self.sparse if method in ("fused", "separate") else getattr(self, method)
@@ -127,7 +128,7 @@ def main(argv=None):
         for d, r in args.shapes:
             copy_s = None
             for sparsity in args.sparsity:
-                cfg = Config(n, d, r, sparsity, dtype, device, args.seed)
+                cfg = Config(n, d, r, sparsity, dtype, device, args.seed, args.activation)
                 row = {"n": n, "shape": f"{d}x{r}", "sparsity": sparsity, "budget_r": cfg.budget_r}
                 problem = cfg.check()
                 if problem:

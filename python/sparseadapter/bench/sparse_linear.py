@@ -98,7 +98,9 @@ def machine_header(args):
         f"threads: torch.set_num_threads({args.threads}) | "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
         f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
-        f"device {args.device} | dtype {args.dtype} | min_run_time {args.min_run_time}s in {args.rounds} "
+        f"device {args.device} | dtype {args.dtype} | "
+        + (f"activation {args.activation} | " if getattr(args, "activation", None) else "")
+        + f"min_run_time {args.min_run_time}s in {args.rounds} "
         f"interleaved rounds | seed {args.seed}",
     ]
     if args.device == "cuda":
