@@ -3,7 +3,8 @@
 // One pass over the tokens in tiles of kTile: the x tile is staged transposed (tile.h), the down
 // projection writes the bottleneck tile transposed, which is exactly the layout the up projection
 // reads, so the bottleneck activation never leaves the core's cache and is never transposed back
-// (only written out, once, when the backward needs the pre-activation). The residual is added in the
+// (only written out, once, when the backward needs the pre-activation). A projection whose staged
+// tile exceeds L1 walks its nonzeros in block order (tile.h). The residual is added in the
 // accumulation type before the single rounding to the output dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -32,6 +34,9 @@ struct AdapterArgs {
   const index_t *down_crow, *down_col, *up_crow, *up_col;
   scalar_t* out;
   scalar_t* hidden_pre;      // nullptr: not kept
+  // projections whose staged tile exceeds L1 walk their nonzeros in block order (tile.h)
+  const BlockedOrder *down_blocked, *up_blocked;  // nullptr: CSR order
+  const scalar_t *down_blocked_values, *up_blocked_values;
   int64_t num_tokens, in_features, bottleneck, out_features;
   Activation activation;
   double scale;
@@ -80,6 +85,17 @@ SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
   }
 }
 
+template <int kTile, typename acc_t, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void rows_times_tile(const BlockedOrder* blocked, const scalar_t* blocked_values, const index_t* crow,
+                                      const index_t* col, const scalar_t* values, const scalar_t* bias, int64_t rows,
+                                      const acc_t* in_t, acc_t* out_t) {
+  if (blocked) {
+    blocked_rows_times_tile<kTile>(*blocked, blocked_values, bias, rows, in_t, out_t);
+  } else {
+    csr_rows_times_tile<kTile>(crow, col, values, bias, 0, rows, in_t, out_t);
+  }
+}
+
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int64_t tile_begin, int64_t tile_end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -93,15 +109,15 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
     load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
-    csr_rows_times_tile<kTile>(a.down_crow, a.down_col, a.down_values, a.down_bias, 0, a.bottleneck, xt.data(),
-                               ht.data());
+    rows_times_tile<kTile>(a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values,
+                           a.down_bias, a.bottleneck, xt.data(), ht.data());
     if (a.hidden_pre) {
       store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
                                          a.bottleneck);
     }
     activate<kIsa>(ht.data(), a.bottleneck * kTile, a.activation);
-    csr_rows_times_tile<kTile>(a.up_crow, a.up_col, a.up_values, a.up_bias, 0, a.out_features, ht.data(),
-                               yt.data());
+    rows_times_tile<kTile>(a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias,
+                           a.out_features, ht.data(), yt.data());
     const int64_t n = a.out_features * kTile;
     if (a.residual) {
       load_transposed_tile<kIsa, kTile>(a.residual + n0 * a.out_features, a.out_features, nt, a.out_features,
@@ -148,6 +164,23 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
   a.out_features = in.up.out_features;
   a.activation = in.activation;
   a.scale = in.scale;
+
+  using acc_t = at::opmath_type<scalar_t>;
+  std::optional<BlockedOrder> down_blocked, up_blocked;
+  std::vector<scalar_t> down_blocked_values, up_blocked_values;
+  a.down_blocked = a.up_blocked = nullptr;
+  if (walk_in_blocks<kTile, acc_t>(a.in_features)) {
+    down_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.down_crow, a.down_col, a.bottleneck, a.in_features));
+    down_blocked_values = down_blocked->gather(a.down_values);
+    a.down_blocked = &*down_blocked;
+    a.down_blocked_values = down_blocked_values.data();
+  }
+  if (walk_in_blocks<kTile, acc_t>(a.bottleneck)) {
+    up_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.up_crow, a.up_col, a.out_features, a.bottleneck));
+    up_blocked_values = up_blocked->gather(a.up_values);
+    a.up_blocked = &*up_blocked;
+    a.up_blocked_values = up_blocked_values.data();
+  }
 
   auto work = &adapter_tiles_baseline<scalar_t, index_t>;
   switch (cpu_isa()) {

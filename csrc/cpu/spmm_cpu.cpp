@@ -2,13 +2,15 @@
 //
 // Work is split over (token tile, row block) pairs with at::parallel_for. For each tile of kTile
 // tokens, x is staged transposed in the accumulation type (tile.h); each output row then costs one
-// broadcast-FMA of kTile tokens per nonzero, with contiguous loads whatever the column. The tile
-// (in_features * kTile accumulators, 96 KiB for in = 768 in float32) stays in L2.
+// broadcast-FMA of kTile tokens per nonzero, with contiguous loads whatever the column. A tile larger
+// than L1 (in_features * kTile accumulators, 96 KiB for in = 768 in float32) is walked in block
+// order (blocked_order.h) so that each block's columns are read from L1.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "../kernels.h"
@@ -34,6 +36,8 @@ struct SpmmArgs {
   int64_t out_features;
   int64_t row_blocks;    // work item w covers tile w / row_blocks and row block w % row_blocks
   int64_t rows_per_block;
+  const BlockedOrder* blocked;      // nullptr: CSR order (then row blocks may split the rows)
+  const scalar_t* blocked_values;   // values in blocked order
 };
 
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
@@ -53,7 +57,11 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     }
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
     const int64_t r_end = std::min(a.out_features, r_begin + a.rows_per_block);
-    csr_rows_times_tile<kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
+    if (a.blocked) {  // one row block: every row
+      blocked_rows_times_tile<kTile>(*a.blocked, a.blocked_values, a.bias, a.out_features, xt, out_buffer.data());
+    } else {
+      csr_rows_times_tile<kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
+    }
     store_transposed_tile<kIsa, kTile>(
         out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);
   }
@@ -91,6 +99,16 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   const int64_t threads = at::get_num_threads();
   a.row_blocks = tiles >= threads ? 1 : std::max<int64_t>(1, std::min(threads, in.out_features / kRowBlock));
   a.rows_per_block = (in.out_features + a.row_blocks - 1) / a.row_blocks;
+  std::optional<BlockedOrder> blocked;
+  std::vector<scalar_t> blocked_values;
+  a.blocked = nullptr;
+  if (a.row_blocks == 1 && walk_in_blocks<kTile, at::opmath_type<scalar_t>>(in.in_features)) {
+    blocked.emplace(tile_blocked_order<kTile, at::opmath_type<scalar_t>>(a.crow, a.col, in.out_features,
+                                                                         in.in_features));
+    blocked_values = blocked->gather(a.values);
+    a.blocked = &*blocked;
+    a.blocked_values = blocked_values.data();
+  }
 
   auto work = &spmm_work_items_baseline<scalar_t, index_t>;
   switch (cpu_isa()) {

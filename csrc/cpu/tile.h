@@ -7,10 +7,29 @@
 #include <cstring>
 #include <type_traits>
 
+#include "blocked_order.h"
 #include "cpu_isa.h"
 #include "transpose_avx512.h"
 
 namespace sparseadapter {
+
+// A staged input tile larger than L1 is walked in block order (blocked_order.h): blocks of 16 KiB of
+// the input tile (columns) by 8 KiB of the output tile (rows).
+constexpr int64_t kL1Bytes = 32 * 1024;
+constexpr int64_t kBlockInputBytes = 16 * 1024;
+constexpr int64_t kBlockOutputBytes = 8 * 1024;
+
+template <int kTile, typename acc_t>
+inline bool walk_in_blocks(int64_t in_features) {
+  return in_features * kTile * static_cast<int64_t>(sizeof(acc_t)) > kL1Bytes;
+}
+
+// The block order of a CSR pattern [rows, cols] for products with kTile-token tiles of acc_t.
+template <int kTile, typename acc_t, typename index_t>
+inline BlockedOrder tile_blocked_order(const index_t* crow, const index_t* col, int64_t rows, int64_t cols) {
+  constexpr int64_t kVectorBytes = kTile * static_cast<int64_t>(sizeof(acc_t));
+  return BlockedOrder(crow, col, rows, cols, kBlockOutputBytes / kVectorBytes, kBlockInputBytes / kVectorBytes);
+}
 
 // 64 bytes of acc_t: one AVX-512 register, two AVX2 or four SSE registers.
 template <typename acc_t>
@@ -130,6 +149,38 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
     for (int v = 0; v < kVecs; ++v) {
       store_vec(out + v * kLanes, acc[v]);
     }
+  }
+}
+
+// The same product with the nonzeros in block order (tile_blocked_order, values gathered into that
+// order): out_t[r][t] = bias[r] + sum of the row's nonzeros, added block by block. Each segment (a
+// row's run inside one block) loads its output vectors, adds its nonzeros, and stores them back:
+// a block's rows of the output tile and columns of the input tile stay in L1, where CSR order
+// would stream the whole input tile from L2 for every row. out_t has `rows` rows; bias may be null.
+template <int kTile, typename acc_t, typename scalar_t>
+SA_ALWAYS_INLINE void blocked_rows_times_tile(
+    const BlockedOrder& order, const scalar_t* values, const scalar_t* bias, int64_t rows, const acc_t* in_t,
+    acc_t* out_t) {
+  using vec_t = typename Vec64<acc_t>::type;
+  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  constexpr int kVecs = kTile / kLanes;
+  static_assert(kTile % kLanes == 0, "tile must be whole vectors");
+  for (int64_t r = 0; r < rows; ++r) {
+    const vec_t b = vec_t{} + (bias ? static_cast<acc_t>(bias[r]) : acc_t(0));
+    for (int v = 0; v < kVecs; ++v) store_vec(out_t + r * kTile + v * kLanes, b);
+  }
+  const int32_t* col = order.col.data();
+  for (int64_t s = 0; s < order.segments(); ++s) {
+    acc_t* out = out_t + static_cast<int64_t>(order.seg_row[s]) * kTile;
+    vec_t acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) acc[v] = load_vec(out + v * kLanes);
+    const int64_t e_end = order.seg_start[s + 1];
+    for (int64_t e = order.seg_start[s]; e < e_end; ++e) {
+      const acc_t value = static_cast<acc_t>(values[e]);
+      const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
+      for (int v = 0; v < kVecs; ++v) acc[v] += value * load_vec(in + v * kLanes);
+    }
+    for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[v]);
   }
 }
 
