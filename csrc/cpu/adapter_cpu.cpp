@@ -166,16 +166,17 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
   a.scale = in.scale;
 
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
   std::optional<BlockedOrder> down_blocked, up_blocked;
   std::vector<scalar_t> down_blocked_values, up_blocked_values;
   a.down_blocked = a.up_blocked = nullptr;
-  if (walk_in_blocks<kTile, acc_t>(a.in_features)) {
+  if (walk_in_blocks<kTile, acc_t>(a.in_features, tiles)) {
     down_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.down_crow, a.down_col, a.bottleneck, a.in_features));
     down_blocked_values = down_blocked->gather(a.down_values);
     a.down_blocked = &*down_blocked;
     a.down_blocked_values = down_blocked_values.data();
   }
-  if (walk_in_blocks<kTile, acc_t>(a.bottleneck)) {
+  if (walk_in_blocks<kTile, acc_t>(a.bottleneck, tiles)) {
     up_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.up_crow, a.up_col, a.out_features, a.bottleneck));
     up_blocked_values = up_blocked->gather(a.up_values);
     a.up_blocked = &*up_blocked;
@@ -188,7 +189,6 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
     case CpuIsa::kAvx2: work = &adapter_tiles_avx2<scalar_t, index_t>; break;
     case CpuIsa::kBaseline: break;
   }
-  const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { work(a, begin, end); });
 }
 

@@ -27,6 +27,17 @@ struct BlockedOrder {
     position.resize(nnz);
     row.resize(nnz);
     col.resize(nnz);
+    if (block_rows >= rows && block_cols >= cols) {  // one block: CSR order, no sort
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
+          position[e] = e;
+          row[e] = static_cast<int32_t>(r);
+          col[e] = static_cast<int32_t>(col_indices[e]);
+        }
+      }
+      find_segments();
+      return;
+    }
     const int64_t col_blocks = (cols + block_cols - 1) / block_cols;
     const auto key = [&](int64_t r, int64_t c) { return (r / block_rows) * col_blocks + c / block_cols; };
     std::vector<int64_t> start(((rows + block_rows - 1) / block_rows) * col_blocks + 1, 0);
@@ -42,6 +53,14 @@ struct BlockedOrder {
         col[i] = static_cast<int32_t>(col_indices[e]);
       }
     }
+    find_segments();
+  }
+
+  int64_t segments() const { return static_cast<int64_t>(seg_row.size()); }
+
+ private:
+  void find_segments() {
+    const int64_t nnz = static_cast<int64_t>(row.size());
     for (int64_t i = 0; i < nnz; ++i) {
       if (i == 0 || row[i] != row[i - 1]) {
         seg_start.push_back(i);
@@ -51,7 +70,7 @@ struct BlockedOrder {
     seg_start.push_back(nnz);
   }
 
-  int64_t segments() const { return static_cast<int64_t>(seg_row.size()); }
+ public:
 
   // values[position[i]] for every entry i, in entry order.
   template <typename scalar_t>

@@ -151,9 +151,12 @@ template <typename scalar_t, typename index_t>
 void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kLanes = Vec64<acc_t>::kLanes;
-  const BlockedOrder order(in.crow_indices.const_data_ptr<index_t>(), in.col_indices.const_data_ptr<index_t>(),
-                           in.out_features, in.in_features, kBlockRows, kBlockCols);
   const int64_t tiles = (in.num_tokens + kTile - 1) / kTile;
+  // few tiles: the sort would cost more than it saves (tile.h); one block is plain CSR order
+  const bool blocks = tiles >= kMinTilesForBlocks;
+  const BlockedOrder order(in.crow_indices.const_data_ptr<index_t>(), in.col_indices.const_data_ptr<index_t>(),
+                           in.out_features, in.in_features, blocks ? kBlockRows : in.out_features,
+                           blocks ? kBlockCols : in.in_features);
   const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   const int64_t nnz_padded = (in.nnz + kLanes - 1) / kLanes * kLanes;
   std::vector<acc_t> partial(slabs * nnz_padded, acc_t(0));

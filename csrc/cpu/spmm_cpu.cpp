@@ -102,7 +102,7 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   std::optional<BlockedOrder> blocked;
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
-  if (a.row_blocks == 1 && walk_in_blocks<kTile, at::opmath_type<scalar_t>>(in.in_features)) {
+  if (a.row_blocks == 1 && walk_in_blocks<kTile, at::opmath_type<scalar_t>>(in.in_features, tiles)) {
     blocked.emplace(tile_blocked_order<kTile, at::opmath_type<scalar_t>>(a.crow, a.col, in.out_features,
                                                                          in.in_features));
     blocked_values = blocked->gather(a.values);

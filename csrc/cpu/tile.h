@@ -19,9 +19,13 @@ constexpr int64_t kL1Bytes = 32 * 1024;
 constexpr int64_t kBlockInputBytes = 16 * 1024;
 constexpr int64_t kBlockOutputBytes = 8 * 1024;
 
+// Building the order costs about one pass over the nonzeros, as much as a tile or two of the product:
+// it pays off over many tiles, not for a short call (serving a few sentences).
+constexpr int64_t kMinTilesForBlocks = 16;
+
 template <int kTile, typename acc_t>
-inline bool walk_in_blocks(int64_t in_features) {
-  return in_features * kTile * static_cast<int64_t>(sizeof(acc_t)) > kL1Bytes;
+inline bool walk_in_blocks(int64_t in_features, int64_t tiles) {
+  return tiles >= kMinTilesForBlocks && in_features * kTile * static_cast<int64_t>(sizeof(acc_t)) > kL1Bytes;
 }
 
 // The block order of a CSR pattern [rows, cols] for products with kTile-token tiles of acc_t.

@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
       const int i = idx - t * p.bottleneck;
       p.hidden_pre[(n0 + t) * p.bottleneck + i] = static_cast<scalar_t>(hs[tile_base<kTokens, V>(i) ^ t]);
     }
+    __syncthreads();  // every pre-activation is read before the activation overwrites it
   }
   if (p.activation != Activation::kIdentity) {
     for (int idx = threadIdx.x; idx < tile_elems; idx += blockDim.x) {
