@@ -32,6 +32,10 @@ PATTERN_CASES = {
     "one_col": (24, 1, 0.7, 50),
     "wide": (5, 1031, 0.1, 67),
     "no_tokens": (16, 24, 0.5, 0),
+    # enough tokens and features for the CPU kernels' block order (tile.h): several row and column
+    # blocks, a partial last tile; the second with mostly empty rows and blocks
+    "blocked": (100, 700, 0.2, 1100),
+    "blocked_sparse": (70, 520, 0.03, 1030),
 }
 
 
