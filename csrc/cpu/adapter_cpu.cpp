@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../adapter_pointers.h"
 #include "../kernels.h"
 #include "cpu_isa.h"
 #include "tile.h"
@@ -27,19 +28,10 @@ namespace {
 constexpr int64_t kTile = 32;  // tokens per tile
 
 template <typename scalar_t, typename index_t>
-struct AdapterArgs {
-  const scalar_t* x;
-  const scalar_t* residual;  // nullptr: none
-  const scalar_t *down_values, *down_bias, *up_values, *up_bias;
-  const index_t *down_crow, *down_col, *up_crow, *up_col;
-  scalar_t* out;
-  scalar_t* hidden_pre;      // nullptr: not kept
+struct AdapterArgs : AdapterPointers<scalar_t, index_t> {
   // projections whose staged tile exceeds L1 walk their nonzeros in block order (tile.h)
   const BlockedOrder *down_blocked, *up_blocked;  // nullptr: CSR order
   const scalar_t *down_blocked_values, *up_blocked_values;
-  int64_t num_tokens, in_features, bottleneck, out_features;
-  Activation activation;
-  double scale;
 };
 
 // The bottleneck activation, in place on n values. fp32 accumulation (fp32, fp16 and bf16 inputs)
@@ -146,24 +138,7 @@ void adapter_tiles_baseline(const AdapterArgs<scalar_t, index_t>& a, int64_t b, 
 template <typename scalar_t, typename index_t>
 void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
   AdapterArgs<scalar_t, index_t> a;
-  a.x = in.down.x.const_data_ptr<scalar_t>();
-  a.residual = in.residual.has_value() ? in.residual->const_data_ptr<scalar_t>() : nullptr;
-  a.down_values = in.down.values.const_data_ptr<scalar_t>();
-  a.down_bias = in.down.bias.has_value() ? in.down.bias->const_data_ptr<scalar_t>() : nullptr;
-  a.up_values = in.up.values.const_data_ptr<scalar_t>();
-  a.up_bias = in.up.bias.has_value() ? in.up.bias->const_data_ptr<scalar_t>() : nullptr;
-  a.down_crow = in.down.crow_indices.const_data_ptr<index_t>();
-  a.down_col = in.down.col_indices.const_data_ptr<index_t>();
-  a.up_crow = in.up.crow_indices.const_data_ptr<index_t>();
-  a.up_col = in.up.col_indices.const_data_ptr<index_t>();
-  a.out = out.mutable_data_ptr<scalar_t>();
-  a.hidden_pre = hidden_pre.numel() > 0 ? hidden_pre.mutable_data_ptr<scalar_t>() : nullptr;
-  a.num_tokens = in.down.num_tokens;
-  a.in_features = in.down.in_features;
-  a.bottleneck = in.down.out_features;
-  a.out_features = in.up.out_features;
-  a.activation = in.activation;
-  a.scale = in.scale;
+  a.set(in, out, hidden_pre);
 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "../adapter_pointers.h"
 #include "../kernels.h"
 #include "../op_wrappers.h"
 #include "cuda_utils.cuh"
@@ -34,17 +35,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTokens = 32;  // tokens per block: lane = token
 
 template <typename scalar_t, typename index_t>
-struct AdapterParams {
-  const scalar_t* x;
-  const scalar_t* residual;  // nullptr: none
-  const scalar_t *down_values, *down_bias, *up_values, *up_bias;  // biases: nullptr when absent
-  const index_t *down_crow, *down_col, *up_crow, *up_col;
-  scalar_t* out;
-  scalar_t* hidden_pre;  // nullptr: not kept
-  int64_t num_tokens, in_features, out_features;
-  int bottleneck;
-  Activation activation;
-  double scale;
+struct AdapterParams : AdapterPointers<scalar_t, index_t> {
   int kc;              // x columns per staged chunk (> 0 when in_features > 0)
   int rows_per_chunk;  // R: rows of U per output chunk
   int ys_pitch;        // odd, >= R: conflict-free stores of the output chunk by lane = token
@@ -77,11 +68,13 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kVecWidth<scalar_t>;
 
+  const int bottleneck = static_cast<int>(p.bottleneck);  // fits shared memory, hence an int
+
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);          // [kWarps][32] values of a row batch
   int* eo = reinterpret_cast<int*>(ev + kWarps * 32);      // [kWarps][32] tile offsets of a row batch
   acc_t* hs = reinterpret_cast<acc_t*>(eo + kWarps * 32);  // [bottleneck][32] tile (cuda_utils layout)
-  acc_t* work = hs + p.bottleneck * kTokens;               // x chunk [kc][32], later the output chunk [32][ys_pitch]
+  acc_t* work = hs + bottleneck * kTokens;                  // x chunk [kc][32], later the output chunk [32][ys_pitch]
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -91,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
   const int nt = static_cast<int>(min(static_cast<int64_t>(kTokens), p.num_tokens - n0));
 
   // 1. Down projection. The bias initialises h; every chunk of x's columns adds its share.
-  for (int i = warp; i < p.bottleneck; i += kWarps) {
+  for (int i = warp; i < bottleneck; i += kWarps) {
     hs[tile_base<kTokens, V>(i) ^ lane] = p.down_bias ? static_cast<acc_t>(p.down_bias[i]) : acc_t(0);
   }
   for (int64_t k0 = 0; k0 < p.in_features; k0 += p.kc) {
@@ -99,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
     __syncthreads();  // the previous chunk's readers are done
     stage_x_tile<kTokens>(p.x, p.in_features, n0, nt, k0, w, work);
     __syncthreads();
-    for (int i = warp; i < p.bottleneck; i += kWarps) {
+    for (int i = warp; i < bottleneck; i += kWarps) {
       // row i of h belongs to this warp alone
       hs[tile_base<kTokens, V>(i) ^ lane] +=
           csr_row_dot_tile32(p.down_values, p.down_col, p.down_crow[i], p.down_crow[i + 1], k0, w, work, wev, weo, lane);
@@ -109,12 +102,12 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
 
   // 2. The pre-activation for the backward (consecutive threads: consecutive bottleneck units of one
   //    token, coalesced and, by the tile layout, free of bank conflicts), then the activation.
-  const int tile_elems = p.bottleneck * kTokens;
+  const int tile_elems = bottleneck * kTokens;
   if (p.hidden_pre) {
-    for (int idx = threadIdx.x; idx < nt * p.bottleneck; idx += blockDim.x) {
-      const int t = idx / p.bottleneck;
-      const int i = idx - t * p.bottleneck;
-      p.hidden_pre[(n0 + t) * p.bottleneck + i] = static_cast<scalar_t>(hs[tile_base<kTokens, V>(i) ^ t]);
+    for (int idx = threadIdx.x; idx < nt * bottleneck; idx += blockDim.x) {
+      const int t = idx / bottleneck;
+      const int i = idx - t * bottleneck;
+      p.hidden_pre[(n0 + t) * bottleneck + i] = static_cast<scalar_t>(hs[tile_base<kTokens, V>(i) ^ t]);
     }
     __syncthreads();  // every pre-activation is read before the activation overwrites it
   }
@@ -132,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
     const int rows = static_cast<int>(min(static_cast<int64_t>(p.rows_per_chunk), p.out_features - o0));
     for (int j = warp; j < rows; j += kWarps) {
       const int64_t o = o0 + j;
-      acc_t acc = csr_row_dot_tile32(p.up_values, p.up_col, p.up_crow[o], p.up_crow[o + 1], 0, p.bottleneck, hs, wev,
+      acc_t acc = csr_row_dot_tile32(p.up_values, p.up_col, p.up_crow[o], p.up_crow[o + 1], 0, bottleneck, hs, wev,
                                      weo, lane);
       if (p.up_bias) {
         acc += static_cast<acc_t>(p.up_bias[o]);
@@ -185,24 +178,7 @@ bool launch_fused(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_p
   TORCH_CHECK(tiles <= INT_MAX, "sparse_adapter: too many tokens for one launch (", in.down.num_tokens, ")");
 
   AdapterParams<scalar_t, index_t> p;
-  p.x = in.down.x.const_data_ptr<scalar_t>();
-  p.residual = in.residual.has_value() ? in.residual->const_data_ptr<scalar_t>() : nullptr;
-  p.down_values = in.down.values.const_data_ptr<scalar_t>();
-  p.down_bias = in.down.bias.has_value() ? in.down.bias->const_data_ptr<scalar_t>() : nullptr;
-  p.up_values = in.up.values.const_data_ptr<scalar_t>();
-  p.up_bias = in.up.bias.has_value() ? in.up.bias->const_data_ptr<scalar_t>() : nullptr;
-  p.down_crow = in.down.crow_indices.const_data_ptr<index_t>();
-  p.down_col = in.down.col_indices.const_data_ptr<index_t>();
-  p.up_crow = in.up.crow_indices.const_data_ptr<index_t>();
-  p.up_col = in.up.col_indices.const_data_ptr<index_t>();
-  p.out = out.mutable_data_ptr<scalar_t>();
-  p.hidden_pre = hidden_pre.numel() > 0 ? hidden_pre.mutable_data_ptr<scalar_t>() : nullptr;
-  p.num_tokens = in.down.num_tokens;
-  p.in_features = in_f;
-  p.out_features = out_f;
-  p.bottleneck = static_cast<int>(bottleneck);
-  p.activation = in.activation;
-  p.scale = in.scale;
+  p.set(in, out, hidden_pre);
   p.kc = static_cast<int>(kc);
   p.rows_per_chunk = static_cast<int>(std::max<int64_t>(rows, 1));
   p.ys_pitch = static_cast<int>(p.rows_per_chunk | 1);
