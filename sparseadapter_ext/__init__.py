@@ -5,6 +5,7 @@ import torch  # noqa: F401  (first: _C links against libtorch, which torch loads
 from . import _C  # noqa: F401  (loading the library registers torch.ops.sparseadapter)
 from .ops import (
     ADAPTER_ACTIVATIONS,
+    cpu_isa,
     csr_row_order,
     csr_transpose,
     has_cuda_kernels,
@@ -20,6 +21,7 @@ from .ops import (
 
 __all__ = [
     "ADAPTER_ACTIVATIONS",
+    "cpu_isa",
     "csr_row_order",
     "csr_transpose",
     "has_cuda_kernels",

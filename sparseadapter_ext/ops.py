@@ -60,6 +60,14 @@ def sparse_linear(
     )
 
 
+def cpu_isa() -> str:
+    """The x86 vector variant the CPU kernels run: "avx512", "avx2" or "baseline" (the widest the CPU
+    supports, capped by the environment variable SPARSEADAPTER_CPU_ISA, read once)."""
+    from . import _C
+
+    return _C.cpu_isa()
+
+
 def has_cuda_kernels() -> bool:
     """Whether this build of the extension carries the CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("sparseadapter::spmm", "CUDA")

@@ -19,27 +19,57 @@
 
 #define SA_ALWAYS_INLINE inline __attribute__((always_inline))
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 namespace sparseadapter {
 
 enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
 
-inline CpuIsa cpu_isa() {
+inline const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kBaseline: return "baseline";
+  }
+  return "baseline";
+}
+
+inline CpuIsa widest_supported_isa() {
 #if SA_X86_MULTIVERSION
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return CpuIsa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return CpuIsa::kAvx2;
+  }
+#endif
+  return CpuIsa::kBaseline;
+}
+
+// The variant the kernels run: the widest the CPU supports, capped by SPARSEADAPTER_CPU_ISA
+// (baseline, avx2 or avx512; read once) to run or test a narrower variant, as ATEN_CPU_CAPABILITY
+// does for ATen. A cap above what the CPU supports changes nothing; an unknown name is an error.
+inline CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return CpuIsa::kAvx512;
+    const CpuIsa widest = widest_supported_isa();
+    const char* cap = std::getenv("SPARSEADAPTER_CPU_ISA");
+    if (cap == nullptr || *cap == '\0') {
+      return widest;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return CpuIsa::kAvx2;
+    for (const CpuIsa level : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+      if (std::strcmp(cap, cpu_isa_name(level)) == 0) {
+        return std::min(level, widest);
+      }
     }
-    return CpuIsa::kBaseline;
+    TORCH_CHECK(false, "SPARSEADAPTER_CPU_ISA=", cap, ": expected baseline, avx2 or avx512");
   }();
   return isa;
-#else
-  return CpuIsa::kBaseline;
-#endif
 }
 
 }  // namespace sparseadapter

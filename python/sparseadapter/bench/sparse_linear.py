@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import sparseadapter
+import sparseadapter_ext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (rtol, atol relative to the largest reference magnitude) for ours vs dense in the same dtype.
@@ -92,7 +93,7 @@ def machine_header(args):
     lines = [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"machine: {platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()} | our CPU kernels {sparseadapter_ext.cpu_isa()}",
         f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
         f"python {platform.python_version()}",
         f"threads: torch.set_num_threads({args.threads}) | "
