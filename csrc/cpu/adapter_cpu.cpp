@@ -46,18 +46,17 @@ SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
     return;
   }
   if constexpr (std::is_same_v<acc_t, float>) {
-    constexpr int kBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
-    using V = typename vec_math::FloatVec<kBytes>::type;
-    constexpr int64_t kLanes = vec_math::FloatVec<kBytes>::kLanes;  // n is whole tiles, hence whole vectors
+    using V = typename Vec<kIsa, float>::type;
+    constexpr int64_t kLanes = Vec<kIsa, float>::kLanes;  // n is whole tiles, hence whole vectors
     switch (activation) {
       case Activation::kGelu:
-        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::gelu(vec_math::load<V>(h + i)));
+        for (int64_t i = 0; i < n; i += kLanes) store_vec(h + i, vec_math::gelu(load_vec<V>(h + i)));
         return;
       case Activation::kSilu:
-        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::silu(vec_math::load<V>(h + i)));
+        for (int64_t i = 0; i < n; i += kLanes) store_vec(h + i, vec_math::silu(load_vec<V>(h + i)));
         return;
       case Activation::kTanh:
-        for (int64_t i = 0; i < n; i += kLanes) vec_math::store(h + i, vec_math::tanh(vec_math::load<V>(h + i)));
+        for (int64_t i = 0; i < n; i += kLanes) store_vec(h + i, vec_math::tanh(load_vec<V>(h + i)));
         return;
       default: return;
     }
@@ -77,21 +76,21 @@ SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
   }
 }
 
-template <int kTile, typename acc_t, typename scalar_t, typename index_t>
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void rows_times_tile(const BlockedOrder* blocked, const scalar_t* blocked_values, const index_t* crow,
                                       const index_t* col, const scalar_t* values, const scalar_t* bias, int64_t rows,
                                       const acc_t* in_t, acc_t* out_t) {
   if (blocked) {
-    blocked_rows_times_tile<kTile>(*blocked, blocked_values, bias, rows, in_t, out_t);
+    blocked_rows_times_tile<kIsa, kTile>(*blocked, blocked_values, bias, rows, in_t, out_t);
   } else {
-    csr_rows_times_tile<kTile>(crow, col, values, bias, 0, rows, in_t, out_t);
+    csr_rows_times_tile<kIsa, kTile>(crow, col, values, bias, 0, rows, in_t, out_t);
   }
 }
 
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int64_t tile_begin, int64_t tile_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kPad = Vec64<acc_t>::kLanes;
+  constexpr int64_t kPad = kMaxLanes<acc_t>;
   std::vector<acc_t> xt(a.in_features * kTile + kPad);   // x tile, [in][kTile]
   std::vector<acc_t> ht(a.bottleneck * kTile + kPad);    // bottleneck tile, [bottleneck][kTile]
   std::vector<acc_t> yt(a.out_features * kTile + kPad);  // output tile, [out][kTile]
@@ -101,14 +100,14 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
     load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
-    rows_times_tile<kTile>(a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values,
+    rows_times_tile<kIsa, kTile>(a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values,
                            a.down_bias, a.bottleneck, xt.data(), ht.data());
     if (a.hidden_pre) {
       store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
                                          a.bottleneck);
     }
     activate<kIsa>(ht.data(), a.bottleneck * kTile, a.activation);
-    rows_times_tile<kTile>(a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias,
+    rows_times_tile<kIsa, kTile>(a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias,
                            a.out_features, ht.data(), yt.data());
     const int64_t n = a.out_features * kTile;
     if (a.residual) {

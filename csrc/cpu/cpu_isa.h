@@ -3,8 +3,8 @@
 // The extension is compiled for the baseline ISA (a wheel must run on any x86-64), so each hot loop
 // is instantiated three times with GCC/Clang `target` attributes and the widest one the CPU supports
 // is picked at run time, the way ATen's CPU_CAPABILITY dispatch does. The loops are written with
-// fixed-width vector types (vector_size(64)): the compiler lowers them to one zmm, two ymm or four
-// xmm registers per vector depending on the variant.
+// GCC vector types of the variant's register width (Vec): a vector wider than the registers is not
+// split into them but kept in memory, which made the AVX2 and baseline variants 20x slower.
 #pragma once
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -70,6 +70,32 @@ inline CpuIsa cpu_isa() {
     TORCH_CHECK(false, "SPARSEADAPTER_CPU_ISA=", cap, ": expected baseline, avx2 or avx512");
   }();
   return isa;
+}
+
+// The vector a variant computes with: one zmm, ymm or xmm register of acc_t.
+template <CpuIsa kIsa>
+constexpr int kVectorBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
+
+template <CpuIsa kIsa, typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(kVectorBytes<kIsa>)));
+  static constexpr int kLanes = kVectorBytes<kIsa> / static_cast<int>(sizeof(acc_t));
+};
+
+// The most lanes of any variant: buffers read a vector at a time are padded by this much.
+template <typename acc_t>
+constexpr int kMaxLanes = 64 / static_cast<int>(sizeof(acc_t));
+
+template <typename vec_t, typename acc_t>
+SA_ALWAYS_INLINE vec_t load_vec(const acc_t* p) {
+  vec_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename vec_t, typename acc_t>
+SA_ALWAYS_INLINE void store_vec(acc_t* p, vec_t v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 
 }  // namespace sparseadapter

@@ -81,27 +81,27 @@ struct SddmmArgs {
 
 // Entry i's dot product over the tile's tokens, as one vector of partial sums. g holds the grad
 // vectors of row g_row: consecutive entries mostly share their row.
-template <int kTile, typename scalar_t, typename index_t, typename acc_t, typename vec_t>
+template <int kTile, typename vec_t, typename scalar_t, typename index_t, typename acc_t>
 SA_ALWAYS_INLINE vec_t entry_dot(const SddmmArgs<scalar_t, index_t>& a, int64_t i, const acc_t* xt, const acc_t* gt,
                                  vec_t* g, int32_t& g_row) {
-  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  constexpr int kLanes = sizeof(vec_t) / sizeof(acc_t);
   constexpr int kVecs = kTile / kLanes;
   const int32_t r = a.row[i];
   if (r != g_row) {
-    for (int v = 0; v < kVecs; ++v) g[v] = load_vec(gt + static_cast<int64_t>(r) * kTile + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) g[v] = load_vec<vec_t>(gt + static_cast<int64_t>(r) * kTile + v * kLanes);
     g_row = r;
   }
   const acc_t* xc = xt + static_cast<int64_t>(a.col[i]) * kTile;
-  vec_t dot = g[0] * load_vec(xc);
-  for (int v = 1; v < kVecs; ++v) dot += g[v] * load_vec(xc + v * kLanes);
+  vec_t dot = g[0] * load_vec<vec_t>(xc);
+  for (int v = 1; v < kVecs; ++v) dot += g[v] * load_vec<vec_t>(xc + v * kLanes);
   return dot;
 }
 
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t s_begin, int64_t s_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  using vec_t = typename Vec64<acc_t>::type;
-  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  using vec_t = typename Vec<kIsa, acc_t>::type;
+  constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
 
   std::vector<acc_t> xt(a.in_features * kTile + kLanes);
@@ -122,13 +122,13 @@ SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t
         vec_t dots[kLanes];
         if (i0 + kLanes <= a.nnz) {
 #pragma GCC unroll 16
-          for (int j = 0; j < kLanes; ++j) dots[j] = entry_dot<kTile>(a, i0 + j, xt.data(), gt.data(), g, g_row);
+          for (int j = 0; j < kLanes; ++j) dots[j] = entry_dot<kTile, vec_t>(a, i0 + j, xt.data(), gt.data(), g, g_row);
         } else {
           for (int j = 0; j < kLanes; ++j) {
-            dots[j] = i0 + j < a.nnz ? entry_dot<kTile>(a, i0 + j, xt.data(), gt.data(), g, g_row) : vec_t{};
+            dots[j] = i0 + j < a.nnz ? entry_dot<kTile, vec_t>(a, i0 + j, xt.data(), gt.data(), g, g_row) : vec_t{};
           }
         }
-        store_vec(acc + i0, load_vec(acc + i0) + fold_lanes(dots));
+        store_vec(acc + i0, load_vec<vec_t>(acc + i0) + fold_lanes(dots));
       }
     }
   }
@@ -150,7 +150,7 @@ void sddmm_slabs_baseline(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int6
 template <typename scalar_t, typename index_t>
 void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLanes = Vec64<acc_t>::kLanes;
+  constexpr int64_t kLanes = kMaxLanes<acc_t>;  // padding for every variant's vectors
   const int64_t tiles = (in.num_tokens + kTile - 1) / kTile;
   // few tiles: the sort would cost more than it saves (tile.h); one block is plain CSR order
   const bool blocks = tiles >= kMinTilesForBlocks;

@@ -43,7 +43,7 @@ struct SpmmArgs {
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> tile_buffer(a.in_features * kTile + Vec64<acc_t>::kLanes);
+  std::vector<acc_t> tile_buffer(a.in_features * kTile + kMaxLanes<acc_t>);
   acc_t* xt = tile_buffer.data();
   std::vector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
   int64_t staged_tile = -1;
@@ -58,9 +58,9 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
     const int64_t r_end = std::min(a.out_features, r_begin + a.rows_per_block);
     if (a.blocked) {  // one row block: every row
-      blocked_rows_times_tile<kTile>(*a.blocked, a.blocked_values, a.bias, a.out_features, xt, out_buffer.data());
+      blocked_rows_times_tile<kIsa, kTile>(*a.blocked, a.blocked_values, a.bias, a.out_features, xt, out_buffer.data());
     } else {
-      csr_rows_times_tile<kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
+      csr_rows_times_tile<kIsa, kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
     }
     store_transposed_tile<kIsa, kTile>(
         out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);

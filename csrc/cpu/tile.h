@@ -35,25 +35,6 @@ inline BlockedOrder tile_blocked_order(const index_t* crow, const index_t* col, 
   return BlockedOrder(crow, col, rows, cols, kBlockOutputBytes / kVectorBytes, kBlockInputBytes / kVectorBytes);
 }
 
-// 64 bytes of acc_t: one AVX-512 register, two AVX2 or four SSE registers.
-template <typename acc_t>
-struct Vec64 {
-  typedef acc_t type __attribute__((vector_size(64)));
-  static constexpr int kLanes = 64 / sizeof(acc_t);
-};
-
-template <typename acc_t>
-SA_ALWAYS_INLINE typename Vec64<acc_t>::type load_vec(const acc_t* p) {
-  typename Vec64<acc_t>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename acc_t>
-SA_ALWAYS_INLINE void store_vec(acc_t* p, typename Vec64<acc_t>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // dst[k * kTile + t] = src[t * ld + k] for t < rows, k < cols; tokens rows..kTile are zero-filled,
 // so partial tiles compute on zeros instead of on stale data. The scalar path reads along src rows
 // (contiguous) in blocks of kBlock features, which keeps the strided writes within a few cache lines.
@@ -127,12 +108,12 @@ SA_ALWAYS_INLINE void store_transposed_tile(
 // out_t[r - r_begin][t] = bias[r] + sum_{e in row r} values[e] * in_t[col[e]][t] for r in [r_begin, r_end),
 // t < kTile: rows of a CSR matrix times a transposed token tile, each nonzero one broadcast-FMA over
 // kTile tokens with contiguous loads. bias may be null.
-template <int kTile, typename acc_t, typename scalar_t, typename index_t>
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void csr_rows_times_tile(
     const index_t* crow, const index_t* col, const scalar_t* values, const scalar_t* bias,
     int64_t r_begin, int64_t r_end, const acc_t* in_t, acc_t* out_t) {
-  using vec_t = typename Vec64<acc_t>::type;
-  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  using vec_t = typename Vec<kIsa, acc_t>::type;
+  constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
   static_assert(kTile % kLanes == 0, "tile must be whole vectors");
   for (int64_t r = r_begin; r < r_end; ++r) {
@@ -146,7 +127,7 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
       const acc_t value = static_cast<acc_t>(values[e]);
       const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
       for (int v = 0; v < kVecs; ++v) {
-        acc[v] += value * load_vec(in + v * kLanes);
+        acc[v] += value * load_vec<vec_t>(in + v * kLanes);
       }
     }
     acc_t* out = out_t + (r - r_begin) * kTile;
@@ -161,12 +142,12 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
 // row's run inside one block) loads its output vectors, adds its nonzeros, and stores them back:
 // a block's rows of the output tile and columns of the input tile stay in L1, where CSR order
 // would stream the whole input tile from L2 for every row. out_t has `rows` rows; bias may be null.
-template <int kTile, typename acc_t, typename scalar_t>
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t>
 SA_ALWAYS_INLINE void blocked_rows_times_tile(
     const BlockedOrder& order, const scalar_t* values, const scalar_t* bias, int64_t rows, const acc_t* in_t,
     acc_t* out_t) {
-  using vec_t = typename Vec64<acc_t>::type;
-  constexpr int kLanes = Vec64<acc_t>::kLanes;
+  using vec_t = typename Vec<kIsa, acc_t>::type;
+  constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
   static_assert(kTile % kLanes == 0, "tile must be whole vectors");
   for (int64_t r = 0; r < rows; ++r) {
@@ -177,12 +158,12 @@ SA_ALWAYS_INLINE void blocked_rows_times_tile(
   for (int64_t s = 0; s < order.segments(); ++s) {
     acc_t* out = out_t + static_cast<int64_t>(order.seg_row[s]) * kTile;
     vec_t acc[kVecs];
-    for (int v = 0; v < kVecs; ++v) acc[v] = load_vec(out + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) acc[v] = load_vec<vec_t>(out + v * kLanes);
     const int64_t e_end = order.seg_start[s + 1];
     for (int64_t e = order.seg_start[s]; e < e_end; ++e) {
       const acc_t value = static_cast<acc_t>(values[e]);
       const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
-      for (int v = 0; v < kVecs; ++v) acc[v] += value * load_vec(in + v * kLanes);
+      for (int v = 0; v < kVecs; ++v) acc[v] += value * load_vec<vec_t>(in + v * kLanes);
     }
     for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[v]);
   }

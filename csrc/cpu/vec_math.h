@@ -1,30 +1,21 @@
-// Branch-free fp32 exp, tanh, SiLU and exact (erf) GELU on GCC vectors, for the bottleneck
-// activation of the fused CPU adapter: with libm's scalar calls the activation cost more than the two
-// sparse matmuls around it. Always inlined, so each ISA variant of the caller (cpu_isa.h) gets its
-// own instructions.
+// Branch-free fp32 exp, tanh, SiLU and exact (erf) GELU on a variant's float vectors (Vec in
+// cpu_isa.h), for the bottleneck activation of the fused CPU adapter: with libm's scalar calls the
+// activation cost more than the two sparse matmuls around it. Always inlined, so each ISA variant of
+// the caller gets its own instructions.
 //
-// Accuracy, measured against float64 (tests/test_fused_activations.py): exp within a few ulp; tanh, SiLU and
-// GELU within about 1.5e-7 absolute (relative for SiLU and small tanh), the class of ATen's own
-// vectorized kernels. The polynomial coefficients are our least-squares fits
+// Accuracy, measured against float64 (tests/test_fused_activations.py): exp within a few ulp; tanh,
+// SiLU and GELU within about 1.5e-7 absolute (relative for SiLU and small tanh), the class of ATen's
+// own vectorized kernels. The polynomial coefficients are our least-squares fits
 // (scripts/fit_activation_polynomials.py); exp uses Cody-Waite range reduction and a degree-7 Taylor
 // polynomial on |r| <= ln2 / 2.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu_isa.h"
 
 namespace sparseadapter {
 namespace vec_math {
-
-// A float vector of kBytes (16, 32 or 64: one xmm, ymm or zmm). The callers use the ISA's native
-// width: wider vectors would be split by the compiler, and it scalarizes split comparisons.
-template <int kBytes>
-struct FloatVec {
-  typedef float type __attribute__((vector_size(kBytes)));
-  static constexpr int kLanes = kBytes / 4;
-};
 
 template <typename V>
 using IntVec = decltype(V{} < V{});  // the lane masks of V: int32 lanes
@@ -33,18 +24,6 @@ template <typename V>
 SA_ALWAYS_INLINE V splat(float s) {
   V v = {};
   return v + s;
-}
-
-template <typename V>
-SA_ALWAYS_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-SA_ALWAYS_INLINE void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
 }
 
 template <typename V>
