@@ -76,17 +76,6 @@ SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
   }
 }
 
-template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
-SA_ALWAYS_INLINE void rows_times_tile(const BlockedOrder* blocked, const scalar_t* blocked_values, const index_t* crow,
-                                      const index_t* col, const scalar_t* values, const scalar_t* bias, int64_t rows,
-                                      const acc_t* in_t, acc_t* out_t) {
-  if (blocked) {
-    blocked_rows_times_tile<kIsa, kTile>(*blocked, blocked_values, bias, rows, in_t, out_t);
-  } else {
-    csr_rows_times_tile<kIsa, kTile>(crow, col, values, bias, 0, rows, in_t, out_t);
-  }
-}
-
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int64_t tile_begin, int64_t tile_end) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -101,14 +90,14 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
     load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
     rows_times_tile<kIsa, kTile>(a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values,
-                           a.down_bias, a.bottleneck, xt.data(), ht.data());
+                           a.down_bias, 0, a.bottleneck, xt.data(), ht.data());
     if (a.hidden_pre) {
       store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
                                          a.bottleneck);
     }
     activate<kIsa>(ht.data(), a.bottleneck * kTile, a.activation);
     rows_times_tile<kIsa, kTile>(a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias,
-                           a.out_features, ht.data(), yt.data());
+                           0, a.out_features, ht.data(), yt.data());
     const int64_t n = a.out_features * kTile;
     if (a.residual) {
       load_transposed_tile<kIsa, kTile>(a.residual + n0 * a.out_features, a.out_features, nt, a.out_features,

@@ -12,8 +12,9 @@ namespace sparseadapter {
 
 // Entries sorted by (row block, column block), CSR order inside a block (a stable counting sort,
 // O(nnz + blocks)). Entry i is nonzero position[i], at (row[i], col[i]); int32 suffices, as no
-// staged tile could hold 2^31 features. Segments are the maximal runs of entries in one row:
-// segment s is entries [seg_start[s], seg_start[s + 1]) of row seg_row[s].
+// staged tile could hold 2^31 features. Segments, for the products that accumulate row by row, are
+// the maximal runs of entries in one row: segment s is entries [seg_start[s], seg_start[s + 1]) of
+// row seg_row[s]; find_segments() fills them.
 struct BlockedOrder {
   std::vector<int64_t> position;
   std::vector<int32_t> row, col;
@@ -35,7 +36,6 @@ struct BlockedOrder {
           col[e] = static_cast<int32_t>(col_indices[e]);
         }
       }
-      find_segments();
       return;
     }
     const int64_t col_blocks = (cols + block_cols - 1) / block_cols;
@@ -53,12 +53,10 @@ struct BlockedOrder {
         col[i] = static_cast<int32_t>(col_indices[e]);
       }
     }
-    find_segments();
   }
 
   int64_t segments() const { return static_cast<int64_t>(seg_row.size()); }
 
- private:
   void find_segments() {
     const int64_t nnz = static_cast<int64_t>(row.size());
     for (int64_t i = 0; i < nnz; ++i) {
@@ -70,7 +68,6 @@ struct BlockedOrder {
     seg_start.push_back(nnz);
   }
 
- public:
 
   // values[position[i]] for every entry i, in entry order.
   template <typename scalar_t>

@@ -57,11 +57,8 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     }
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
     const int64_t r_end = std::min(a.out_features, r_begin + a.rows_per_block);
-    if (a.blocked) {  // one row block: every row
-      blocked_rows_times_tile<kIsa, kTile>(*a.blocked, a.blocked_values, a.bias, a.out_features, xt, out_buffer.data());
-    } else {
-      csr_rows_times_tile<kIsa, kTile>(a.crow, a.col, a.values, a.bias, r_begin, r_end, xt, out_buffer.data());
-    }
+    rows_times_tile<kIsa, kTile>(a.blocked, a.blocked_values, a.crow, a.col, a.values, a.bias, r_begin, r_end, xt,
+                                 out_buffer.data());  // blocked: one row block, every row
     store_transposed_tile<kIsa, kTile>(
         out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);
   }

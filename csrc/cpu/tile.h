@@ -32,7 +32,9 @@ inline bool walk_in_blocks(int64_t in_features, int64_t tiles) {
 template <int kTile, typename acc_t, typename index_t>
 inline BlockedOrder tile_blocked_order(const index_t* crow, const index_t* col, int64_t rows, int64_t cols) {
   constexpr int64_t kVectorBytes = kTile * static_cast<int64_t>(sizeof(acc_t));
-  return BlockedOrder(crow, col, rows, cols, kBlockOutputBytes / kVectorBytes, kBlockInputBytes / kVectorBytes);
+  BlockedOrder order(crow, col, rows, cols, kBlockOutputBytes / kVectorBytes, kBlockInputBytes / kVectorBytes);
+  order.find_segments();
+  return order;
 }
 
 // dst[k * kTile + t] = src[t * ld + k] for t < rows, k < cols; tokens rows..kTile are zero-filled,
@@ -166,6 +168,19 @@ SA_ALWAYS_INLINE void blocked_rows_times_tile(
       for (int v = 0; v < kVecs; ++v) acc[v] += value * load_vec<vec_t>(in + v * kLanes);
     }
     for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[v]);
+  }
+}
+
+// Rows [r_begin, r_end) of the product, in block order when `blocked` is given (then every row:
+// r_begin = 0, r_end = all rows), else in CSR order.
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void rows_times_tile(const BlockedOrder* blocked, const scalar_t* blocked_values, const index_t* crow,
+                                      const index_t* col, const scalar_t* values, const scalar_t* bias, int64_t r_begin,
+                                      int64_t r_end, const acc_t* in_t, acc_t* out_t) {
+  if (blocked) {
+    blocked_rows_times_tile<kIsa, kTile>(*blocked, blocked_values, bias, r_end, in_t, out_t);
+  } else {
+    csr_rows_times_tile<kIsa, kTile>(crow, col, values, bias, r_begin, r_end, in_t, out_t);
   }
 }
 
