@@ -19,10 +19,22 @@ void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out);
 // elements, receives x @ D.T + bd  [num_tokens, bottleneck]. Called with num_tokens > 0.
 void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre);
 
+// dense [num_rows, num_cols] = the CSR matrix of in.data (values), zeros elsewhere.
+void csr_to_dense_cpu_kernel(const PatternData& in, at::Tensor& dense);
+// out[e] = in.data[row(e), col[e]] (in.data: the dense matrix); out: [nnz]. Called with nnz > 0.
+void csr_gather_cpu_kernel(const PatternData& in, at::Tensor& out);
+
 #ifdef SPARSEADAPTER_WITH_CUDA
 void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y);
 void sddmm_cuda_kernel(const SddmmInputs& in, at::Tensor& out);
 void adapter_cuda_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre);
+void csr_to_dense_cuda_kernel(const PatternData& in, at::Tensor& dense);
+void csr_gather_cuda_kernel(const PatternData& in, at::Tensor& out);
+// The adapter on dense weights (down [bottleneck, in], up [out, bottleneck], in x's dtype) in one
+// pass on tensor cores; false when the dtype or shape is not one it serves (the caller composes
+// cuBLAS products instead).
+bool adapter_dense_fused_cuda(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& up, at::Tensor& out,
+                              at::Tensor& hidden_pre);
 #endif
 
 }  // namespace sparseadapter

@@ -1,19 +1,31 @@
-// The op-level functions, written once and instantiated per back end: check the inputs (on CPU also
-// every index the kernel will follow), allocate the output, call the back end's kernel, restore the
-// leading dims.
+// The op-level functions, written once and instantiated per back end `B` (register_cpu.cpp,
+// register_cuda.cpp): check the inputs (on CPU also every index the kernel will follow), allocate the
+// output, run the path chosen for the problem (path_choice.h: the back end's CSR kernel or the dense
+// path of dense_path.h), restore the leading dims.
+//
+// A back end provides: kDevice; its CSR kernels spmm, sddmm, adapter; csr_to_dense and csr_gather;
+// adapter_dense_fused (false where it has none); timer() (path_choice.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "dense_path.h"
 #include "kernels.h"
+#include "path_choice.h"
 #include "validation.h"
 
 namespace sparseadapter {
 
-using SpmmKernel = void (*)(const SpmmInputs&, at::Tensor&);
-using SddmmKernel = void (*)(const SddmmInputs&, at::Tensor&);
+// spmm's product on the chosen path: y = x @ W.T + bias.
+template <typename B>
+void run_spmm(const SpmmInputs& in, at::Tensor& y) {
+  const PathProblem problem{"spmm", in.x.device(), in.x.scalar_type(),
+                            {in.out_features, in.in_features, in.nnz, in.bias.has_value() ? 1 : 0, 0, 0},
+                            token_bucket(in.num_tokens)};
+  run_chosen_path(problem, B::timer(), [&] { B::spmm(in, y); }, [&] { spmm_dense<B>(in, y); });
+}
 
-template <c10::DeviceType kDevice, SpmmKernel kKernel>
+template <typename B>
 at::Tensor spmm_op(
     const at::Tensor& x,
     const at::Tensor& values,
@@ -22,18 +34,18 @@ at::Tensor spmm_op(
     const std::optional<at::Tensor>& row_order,
     const std::optional<at::Tensor>& bias) {
   const auto in =
-      check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, kDevice);
-  if constexpr (kDevice == c10::DeviceType::CPU) {
+      check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("spmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
-    kKernel(in, y);
+    run_spmm<B>(in, y);
   }
   return y.view(in.out_shape);
 }
 
-template <c10::DeviceType kDevice, SpmmKernel kKernel>
+template <typename B>
 at::Tensor sparse_linear_op(
     const at::Tensor& x,
     const at::Tensor& values,
@@ -46,26 +58,26 @@ at::Tensor sparse_linear_op(
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t) {
   const auto in = check_spmm_inputs(
-      "sparse_linear", x, values, crow_indices, col_indices, row_order, bias, kDevice);
+      "sparse_linear", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
   check_transposed_pattern("sparse_linear", in, crow_indices_t, col_indices_t, perm_t, row_order_t);
-  if constexpr (kDevice == c10::DeviceType::CPU) {
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
-    kKernel(in, y);
+    run_spmm<B>(in, y);
   }
   return y.view(in.out_shape);
 }
 
-template <c10::DeviceType kDevice, SddmmKernel kKernel>
+template <typename B>
 at::Tensor sddmm_op(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices) {
-  const auto in = check_sddmm_inputs(grad_out, x, crow_indices, col_indices, kDevice);
-  if constexpr (kDevice == c10::DeviceType::CPU) {
+  const auto in = check_sddmm_inputs(grad_out, x, crow_indices, col_indices, B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("sddmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto out = at::empty({in.nnz}, in.x.options());
@@ -73,47 +85,71 @@ at::Tensor sddmm_op(
     if (in.num_tokens == 0) {
       out.zero_();
     } else {
-      kKernel(in, out);
+      const PathProblem problem{"sddmm", in.x.device(), in.x.scalar_type(),
+                                {in.out_features, in.in_features, in.nnz, 0, 0, 0}, token_bucket(in.num_tokens)};
+      run_chosen_path(problem, B::timer(), [&] { B::sddmm(in, out); }, [&] { sddmm_dense<B>(in, out); });
     }
   }
   return out;
 }
 
-using AdapterKernel = void (*)(const AdapterInputs&, at::Tensor&, at::Tensor&);
+template <typename B>
+at::Tensor csr_to_dense_op(
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    c10::SymInt num_cols) {
+  const auto in = check_csr_to_dense_inputs(values, crow_indices, col_indices, num_cols.guard_int(__FILE__, __LINE__),
+                                            B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("csr_to_dense", in.crow_indices, in.col_indices, in.num_cols, "num_cols");
+  }
+  auto dense = at::empty({in.num_rows, in.num_cols}, in.data.options());
+  if (dense.numel() > 0) {
+    B::csr_to_dense(in, dense);
+  }
+  return dense;
+}
+
+template <typename B>
+at::Tensor csr_gather_op(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  const auto in = check_csr_gather_inputs(dense, crow_indices, col_indices, B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu("csr_gather", in.crow_indices, in.col_indices, in.num_cols, "dense's columns");
+  }
+  auto out = at::empty({in.nnz}, in.data.options());
+  if (in.nnz > 0) {
+    B::csr_gather(in, out);
+  }
+  return out;
+}
 
 // The adapter as its separate steps, each one of the back end's kernels or an ATen op: spmm, the
 // activation, spmm, scale, residual. The semantics the fused kernels implement in one pass, and the
-// path of back ends that have no fused kernel yet (CUDA).
-template <SpmmKernel kSpmm>
+// path for the problems a back end's fused kernel does not serve.
+template <typename B>
 void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
   // the pre-activation goes straight into hidden_pre when the backward keeps it
   auto pre = hidden_pre.numel() > 0 ? hidden_pre
                                     : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
   if (pre.numel() > 0) {
-    kSpmm(in.down, pre);
+    B::spmm(in.down, pre);
   }
-  at::Tensor hidden = pre;
-  switch (in.activation) {
-    case Activation::kIdentity: break;
-    case Activation::kRelu: hidden = at::relu(pre); break;
-    case Activation::kGelu: hidden = at::gelu(pre); break;
-    case Activation::kSilu: hidden = at::silu(pre); break;
-    case Activation::kTanh: hidden = at::tanh(pre); break;
-  }
+  const at::Tensor hidden = activate_tensor(pre, in.activation);
   if (out.numel() == 0) {
     return;
   }
   SpmmInputs up = in.up;
   up.x = hidden;
   up.num_tokens = in.down.num_tokens;
-  kSpmm(up, out);
+  B::spmm(up, out);
   out.mul_(in.scale);
   if (in.residual.has_value()) {
     out.add_(*in.residual);
   }
 }
 
-template <c10::DeviceType kDevice, AdapterKernel kKernel>
+template <typename B>
 std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
     const at::Tensor& x,
     const std::optional<at::Tensor>& residual,
@@ -137,10 +173,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
     double scale,
     bool save_hidden) {
   const auto in = check_adapter_inputs(x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias,
-                                       up_crow, up_col, activation, scale, kDevice);
+                                       up_crow, up_col, activation, scale, B::kDevice);
   check_transposed_pattern("sparse_adapter (down)", in.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
   check_transposed_pattern("sparse_adapter (up)", in.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
-  if constexpr (kDevice == c10::DeviceType::CPU) {
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features,
                              "x's last dim");
     check_pattern_bounds_cpu("sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
@@ -150,7 +186,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
   auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
   auto hidden_pre = at::empty({save_hidden ? in.down.num_tokens : 0, in.down.out_features}, options);
   if (in.down.num_tokens > 0 && (out.numel() > 0 || hidden_pre.numel() > 0)) {
-    kKernel(in, out, hidden_pre);
+    const int64_t flags = static_cast<int64_t>(in.activation) * 4 + (in.residual.has_value() ? 2 : 0) + (save_hidden ? 1 : 0);
+    const PathProblem problem{"sparse_adapter", in.down.x.device(), in.down.x.scalar_type(),
+                              {in.down.in_features, in.down.out_features, in.up.out_features, in.down.nnz, in.up.nnz, flags},
+                              token_bucket(in.down.num_tokens)};
+    run_chosen_path(problem, B::timer(), [&] { B::adapter(in, out, hidden_pre); },
+                    [&] { adapter_dense<B>(in, out, hidden_pre); });
   }
   return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
 }

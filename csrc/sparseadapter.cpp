@@ -30,6 +30,15 @@ TORCH_LIBRARY(sparseadapter, m) {
   // Rows sorted by decreasing nnz (stable): the load-balancing order for spmm. Pattern-only.
   m.def("csr_row_order(Tensor crow_indices) -> Tensor");
 
+  // The dense weight of a CSR pattern: dense[r, col_indices[e]] = values[e] for the entries e of row
+  // r, zeros elsewhere; [crow_indices.numel() - 1, num_cols] in values' dtype. One kernel, no ATen
+  // index ops: the "dense" path expands the weight per call into this scratch and runs a dense GEMM.
+  m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, SymInt num_cols) -> Tensor");
+
+  // The transpose of csr_to_dense: values[e] = dense[row(e), col_indices[e]] (the entries of a dense
+  // matrix at the pattern). The dense path's weight gradient: a dense product gathered at the pattern.
+  m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");
+
   // The O(nnz) structural check of a CSR pattern of shape [num_rows, num_cols]; raises ValueError
   // naming the first problem found. Run at construction and on explicit request, not per call.
   m.def("validate_csr(Tensor crow_indices, Tensor col_indices, SymInt num_rows, SymInt num_cols) -> ()");

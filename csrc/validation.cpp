@@ -176,6 +176,60 @@ SddmmInputs check_sddmm_inputs(
   return in;
 }
 
+PatternData check_csr_to_dense_inputs(
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    c10::DeviceType device_type) {
+  constexpr const char* op = "csr_to_dense";
+  TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(values.scalar_type()), op,
+                   ": values must be float32, float16, bfloat16 or float64, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(values.device().type() == device_type, op, ": values is on ", values.device(),
+                    " but this kernel runs on ", device_type);
+  check_pattern(op, crow_indices, col_indices, values.device());
+  TORCH_CHECK_VALUE(num_cols >= 0, op, ": num_cols must be >= 0, got ", num_cols);
+  check_fits_index_dtype(op, crow_indices, num_cols, "num_cols");
+  TORCH_CHECK_VALUE(
+      values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
+      " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
+  PatternData in;
+  in.data = values.contiguous();
+  in.crow_indices = crow_indices.contiguous();
+  in.col_indices = col_indices.contiguous();
+  in.num_rows = crow_indices.numel() - 1;
+  in.num_cols = num_cols;
+  in.nnz = col_indices.numel();
+  return in;
+}
+
+PatternData check_csr_gather_inputs(
+    const at::Tensor& dense,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    c10::DeviceType device_type) {
+  constexpr const char* op = "csr_gather";
+  TORCH_CHECK_VALUE(dense.dim() == 2, op, ": dense must be 2-D [num_rows, num_cols], got shape ", dense.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(dense.scalar_type()), op,
+                   ": dense must be float32, float16, bfloat16 or float64, got ", dense.scalar_type());
+  TORCH_CHECK_VALUE(dense.device().type() == device_type, op, ": dense is on ", dense.device(),
+                    " but this kernel runs on ", device_type);
+  check_pattern(op, crow_indices, col_indices, dense.device());
+  TORCH_CHECK_VALUE(
+      dense.size(0) == crow_indices.numel() - 1, op, ": dense has ", dense.size(0), " rows but the pattern has ",
+      crow_indices.numel() - 1);
+  check_fits_index_dtype(op, crow_indices, dense.size(1), "num_cols");
+  PatternData in;
+  in.data = dense.contiguous();
+  in.crow_indices = crow_indices.contiguous();
+  in.col_indices = col_indices.contiguous();
+  in.num_rows = dense.size(0);
+  in.num_cols = dense.size(1);
+  in.nnz = col_indices.numel();
+  return in;
+}
+
 void check_transposed_pattern(
     const char* op,
     const SpmmInputs& forward,

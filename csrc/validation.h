@@ -106,6 +106,30 @@ AdapterInputs check_adapter_inputs(
     double scale,
     c10::DeviceType device_type);
 
+// csr_to_dense and csr_gather: a pattern of num_rows x num_cols and its values (csr_to_dense: `data`
+// is values [nnz]) or the dense matrix it samples (csr_gather: `data` is [num_rows, num_cols]).
+struct PatternData {
+  at::Tensor data;          // contiguous
+  at::Tensor crow_indices;  // [num_rows + 1], contiguous
+  at::Tensor col_indices;   // [nnz], contiguous
+  int64_t num_rows = 0;
+  int64_t num_cols = 0;
+  int64_t nnz = 0;
+};
+
+PatternData check_csr_to_dense_inputs(
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    c10::DeviceType device_type);
+
+PatternData check_csr_gather_inputs(
+    const at::Tensor& dense,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    c10::DeviceType device_type);
+
 // Index tensors: 1-D, int32 or int64. Shared with the pattern ops.
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t);
 

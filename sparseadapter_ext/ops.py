@@ -60,6 +60,55 @@ def sparse_linear(
     )
 
 
+def csr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> Tensor:
+    """The dense matrix `[num_rows, num_cols]` of a CSR pattern and its values, zeros elsewhere;
+    differentiable with respect to `values` (the gradient is `csr_gather` of the dense gradient)."""
+    return _ops.csr_to_dense.default(values, crow_indices, col_indices, num_cols)
+
+
+def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    """`dense` at the pattern: `out[e] = dense[row(e), col_indices[e]]`; differentiable."""
+    return _ops.csr_gather.default(dense, crow_indices, col_indices)
+
+
+PATH_MODES = ("auto", "sparse", "dense")
+
+
+def set_path_mode(mode: str) -> str:
+    """Which path spmm, sddmm, sparse_linear and sparse_adapter run: "sparse" (the CSR kernels),
+    "dense" (the weight expanded per call into a dense scratch, then the vendor GEMM) or "auto" (both
+    timed at the first call of each problem on this machine, the faster kept for the process).
+    Returns the previous mode. The environment variable SPARSEADAPTER_PATH sets the initial mode."""
+    from . import _C
+
+    if mode not in PATH_MODES:
+        raise ValueError(f"path mode must be one of {', '.join(PATH_MODES)}, got {mode!r}")
+    return _C.set_path_mode(mode)
+
+
+def path_mode() -> str:
+    from . import _C
+
+    return _C.path_mode()
+
+
+def path_decisions() -> List[dict]:
+    """One dict per problem this process ran: op, device, dtype, dims (op-specific sizes: spmm and
+    sddmm (out, in, nnz, has_bias, 0, 0); sparse_adapter (in, bottleneck, out, nnz_down, nnz_up,
+    flags)), tokens (rounded up to a power of two), path ("sparse" or "dense"), source ("measured",
+    "forced", "unmeasured"), ms_sparse and ms_dense (the measured medians, else None), calls."""
+    from . import _C
+
+    return _C.path_decisions()
+
+
+def clear_path_decisions() -> None:
+    """Forget every decision: the next call of each problem measures again (in auto mode)."""
+    from . import _C
+
+    _C.clear_path_decisions()
+
+
 def cpu_isa() -> str:
     """The x86 vector variant the CPU kernels run: "avx512", "avx2" or "baseline" (the widest the CPU
     supports, capped by the environment variable SPARSEADAPTER_CPU_ISA, read once)."""
@@ -107,6 +156,38 @@ def _csr_transpose_fake(crow_indices, col_indices, num_cols):
 @torch.library.register_fake("sparseadapter::csr_row_order")
 def _csr_row_order_fake(crow_indices):
     return crow_indices.new_empty((crow_indices.shape[0] - 1,))
+
+
+@torch.library.register_fake("sparseadapter::csr_to_dense")
+def _csr_to_dense_fake(values, crow_indices, col_indices, num_cols):
+    return values.new_empty((crow_indices.shape[0] - 1, num_cols))
+
+
+@torch.library.register_fake("sparseadapter::csr_gather")
+def _csr_gather_fake(dense, crow_indices, col_indices):
+    torch._check(dense.dim() == 2, lambda: "csr_gather: dense must be 2-D")
+    return dense.new_empty(col_indices.shape)
+
+
+def _pattern_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.num_cols = inputs[3] if len(inputs) == 4 else inputs[0].shape[1]
+
+
+def _csr_to_dense_backward(ctx, grad):
+    crow, col = ctx.saved_tensors
+    return _ops.csr_gather.default(grad.contiguous(), crow, col), None, None, None
+
+
+def _csr_gather_backward(ctx, grad):
+    crow, col = ctx.saved_tensors
+    return _ops.csr_to_dense.default(grad, crow, col, ctx.num_cols), None, None
+
+
+torch.library.register_autograd("sparseadapter::csr_to_dense", _csr_to_dense_backward,
+                                setup_context=_pattern_setup_context)
+torch.library.register_autograd("sparseadapter::csr_gather", _csr_gather_backward,
+                                setup_context=_pattern_setup_context)
 
 
 @torch.library.register_fake("sparseadapter::validate_csr")

@@ -2,15 +2,17 @@
 
 #include "../op_wrappers.h"
 #include "../prune.h"
+#include "cpu_backend.h"
 
 namespace sparseadapter {
 
 TORCH_LIBRARY_IMPL(sparseadapter, CPU, m) {
-  constexpr auto kCPU = c10::DeviceType::CPU;
-  m.impl("spmm", &spmm_op<kCPU, spmm_cpu_kernel>);
-  m.impl("sparse_linear", &sparse_linear_op<kCPU, spmm_cpu_kernel>);
-  m.impl("sddmm", &sddmm_op<kCPU, sddmm_cpu_kernel>);
-  m.impl("sparse_adapter", &sparse_adapter_op<kCPU, adapter_cpu_kernel>);
+  m.impl("spmm", &spmm_op<CpuBackend>);
+  m.impl("sparse_linear", &sparse_linear_op<CpuBackend>);
+  m.impl("sddmm", &sddmm_op<CpuBackend>);
+  m.impl("sparse_adapter", &sparse_adapter_op<CpuBackend>);
+  m.impl("csr_to_dense", &csr_to_dense_op<CpuBackend>);
+  m.impl("csr_gather", &csr_gather_op<CpuBackend>);
   m.impl("prune_score", &prune_score_cpu);
   m.impl("topk_masks", &topk_masks_cpu);
   m.impl("mask_to_csr", &mask_to_csr_cpu);

@@ -23,6 +23,7 @@
 #include "../adapter_pointers.h"
 #include "../kernels.h"
 #include "../op_wrappers.h"
+#include "cuda_backend.h"
 #include "cuda_utils.cuh"
 
 namespace sparseadapter {
@@ -203,7 +204,7 @@ void adapter_cuda_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& h
     });
   });
   if (!fused) {
-    adapter_composite_kernel<spmm_cuda_kernel>(in, out, hidden_pre);
+    adapter_composite_kernel<CudaBackend>(in, out, hidden_pre);
   }
 }
 

@@ -22,15 +22,8 @@ def mask_to_csr(mask: Tensor, index_dtype: Optional[torch.dtype] = None) -> Tupl
     return sparseadapter_ext.mask_to_csr(mask, dtype)
 
 
-def csr_row_indices(crow_indices: Tensor) -> Tensor:
-    """The row of every stored entry (COO rows), int64."""
-    counts = (crow_indices[1:] - crow_indices[:-1]).long()
-    rows = torch.arange(counts.numel(), device=crow_indices.device)
-    return torch.repeat_interleave(rows, counts)
-
-
 def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
-    """The dense weight (differentiable with respect to `values`): for inspection and export only,
-    never on a compute path."""
-    dense = values.new_zeros(shape)
-    return dense.index_put((csr_row_indices(crow_indices), col_indices.long()), values)
+    """The dense weight (differentiable with respect to `values`)."""
+    if crow_indices.numel() != shape[0] + 1:
+        raise ValueError(f"shape {tuple(shape)} has {shape[0]} rows but crow_indices has {crow_indices.numel()} entries")
+    return sparseadapter_ext.csr_to_dense(values, crow_indices, col_indices, shape[1])
