@@ -4,7 +4,7 @@ import torch
 
 import sparseadapter_ext as ops
 from sparseadapter import csr_to_dense
-from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern, assert_close_to_reference
+from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern, assert_close_to_reference, float64_reference
 
 
 def _inputs(case, device, dtype, index_dtype, seed):
@@ -25,12 +25,14 @@ def test_spmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
     w = p.weight64.to(dtype)
     y = ops.spmm(x, values, p.crow, p.col, ops.csr_row_order(p.crow), bias)
     assert y.dtype == dtype and y.device == x.device
-    ref64 = x.double() @ w.double().T + bias.double()
+    in_f = p.shape[1]
+    ref64, abs64 = float64_reference(torch.nn.functional.linear, x, w, bias)
     dense = torch.nn.functional.linear(x, w, bias)
-    assert_close_to_reference(y, ref64, dense, f"spmm {case}")
+    assert_close_to_reference(y, ref64, abs64, in_f + 1, dense, f"spmm {case}")
     # without bias and without row order
     y0 = ops.spmm(x, values, p.crow, p.col)
-    assert_close_to_reference(y0, x.double() @ w.double().T, torch.nn.functional.linear(x, w), f"spmm {case} no bias")
+    ref64, abs64 = float64_reference(torch.nn.functional.linear, x, w)
+    assert_close_to_reference(y0, ref64, abs64, in_f, torch.nn.functional.linear(x, w), f"spmm {case} no bias")
 
 
 @pytest.mark.parametrize("case", list(PATTERN_CASES))
@@ -44,14 +46,8 @@ def test_sddmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
     out = ops.sddmm(g, x, p.crow, p.col)
     assert out.shape == (p.nnz,) and out.dtype == dtype
     mask = p.mask.to(device)
-    ref64 = (g.double().T @ x.double())[mask]
-    if dtype == torch.float64:
-        # the same-precision dense computation would be the reference itself (error 0); summing the
-        # tokens in another order gives float64's own rounding error for this reduction length
-        dense = sum(g[i::4].T @ x[i::4] for i in range(4))[mask]
-    else:
-        dense = (g.T @ x)[mask]
-    assert_close_to_reference(out, ref64, dense, f"sddmm {case}")
+    ref64, abs64 = float64_reference(lambda g, x: (g.T @ x)[mask], g, x)
+    assert_close_to_reference(out, ref64, abs64, x.shape[0], (g.T @ x)[mask], f"sddmm {case}")
 
 
 @pytest.mark.parametrize("case", ["odd", "empty_rows", "dense", "one_token", "wide", "blocked"])
@@ -66,21 +62,23 @@ def test_sparse_linear_forward_backward(case, dtype, device, seed):
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device).to(dtype)
     y.backward(gy)
 
-    # same-precision dense computation of the same function, and its float64 reference
-    xd, wd, bd = (t.detach().clone().requires_grad_() for t in (x, p.weight64.to(dtype), bias))
-    if dtype == torch.float64:  # in four token chunks: float64's own rounding, not the reference's bits
-        for i in range(4):
-            torch.nn.functional.linear(xd[i::4], wd, bd).backward(gy[i::4])
-    else:
-        torch.nn.functional.linear(xd, wd, bd).backward(gy)
-    x64r, w64r, b64r = (t.detach().double().requires_grad_() for t in (x, p.weight64, bias))
-    y64 = torch.nn.functional.linear(x64r, w64r, b64r)
-    y64.backward(gy.double())
     mask = p.mask.to(device)
-    assert_close_to_reference(y.detach(), y64.detach(), torch.nn.functional.linear(xd, wd, bd).detach(), "forward")
-    assert_close_to_reference(x.grad, x64r.grad, xd.grad, "grad x")
-    assert_close_to_reference(values.grad, w64r.grad[mask], wd.grad[mask], "grad values")
-    assert_close_to_reference(bias.grad, b64r.grad, bd.grad, "grad bias")
+
+    def linear_and_grads(x, w, b, gy):
+        """y and the gradients of x, the stored weights and the bias, by dense PyTorch in x's dtype."""
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        y = torch.nn.functional.linear(x, w, b)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+        return y.detach(), gx, gw[mask], gb
+
+    w = p.weight64.to(dtype)
+    ref64, abs64 = float64_reference(linear_and_grads, x, w, bias, gy)
+    dense = linear_and_grads(x, w, bias, gy)
+    tokens, (out_f, in_f) = x.shape[0], p.shape
+    checks = {"forward": (y.detach(), in_f + 1), "grad x": (x.grad, out_f), "grad values": (values.grad, tokens),
+              "grad bias": (bias.grad, tokens)}
+    for i, (name, (got, terms)) in enumerate(checks.items()):
+        assert_close_to_reference(got, ref64[i], abs64[i], terms, dense[i], name)
 
 
 def test_leading_dims_and_non_contiguous_inputs(device, seed):
