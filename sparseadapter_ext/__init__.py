@@ -25,6 +25,7 @@ from .ops import (
     topk_masks,
     validate_csr,
 )
+from . import autocast  # noqa: E402,F401  (after ops: registers autocast for the ops in autocast.LOWER_PRECISION_OPS)
 
 __all__ = [
     "ADAPTER_ACTIVATIONS",
