@@ -1,6 +1,7 @@
 """Shared fixtures: devices under test, random sparse patterns, the numerical test rule and the
 CMake build of the C++ side."""
 import math
+import os
 import zlib
 
 import pytest
@@ -8,6 +9,13 @@ import torch
 
 import cmake_support
 import sparseadapter_ext
+
+
+# The suite tests our CSR kernels unless SPARSEADAPTER_PATH says otherwise (=dense runs it on the
+# dense path); the numerics tests take the `path` fixture to run both, and the path choice's own
+# tests set the mode themselves. Subprocesses inherit the variable.
+os.environ.setdefault("SPARSEADAPTER_PATH", "sparse")
+PATHS = ["sparse", "dense"]
 
 
 def _devices():
@@ -129,6 +137,21 @@ def assert_close_to_reference(out, ref64, abs64, terms, same_precision_dense, wh
             f"{what}: {int((excess > 0).sum())} of {excess.numel()} beyond the rule, worst: error "
             f"{err.flatten()[i].item():.3g} > 2 x dense error {dense_err:.3g} + floor {floor.flatten()[i].item():.3g} "
             f"(S = {abs64.flatten()[i].item():.3g}, K = {terms}, {out.dtype})")
+
+
+@pytest.fixture(autouse=True)
+def _restore_path_mode():
+    """A test that sets the path mode leaves the suite's mode behind it."""
+    mode = sparseadapter_ext.path_mode()
+    yield
+    sparseadapter_ext.set_path_mode(mode)
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """Runs a test on each path of the ops: the CSR kernels and the expansion + dense GEMM."""
+    sparseadapter_ext.set_path_mode(request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0,
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_forward_and_gradients_match_float64(device, seed, case, activation):
+def test_forward_and_gradients_match_float64(device, seed, case, activation, path):
     n, d_in, r, d_out, density = CASES[case]
     down, up = Projection(r, d_in, density, device, seed), Projection(d_out, r, density, device, seed + 7)
     x64 = torch.randn(n, d_in, dtype=torch.float64, device=device)
@@ -116,7 +116,7 @@ def test_forward_and_gradients_match_float64(device, seed, case, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_dtype_and_no_residual_no_bias(device, seed, dtype):
+def test_every_dtype_and_no_residual_no_bias(device, seed, dtype, path):
     down, up = Projection(12, 40, 0.3, device, seed, bias=False), Projection(40, 12, 0.3, device, seed + 1, bias=False)
     x = torch.randn(3, 11, 40, dtype=torch.float64, device=device).to(dtype)  # leading dims are kept
     d_buf, u_buf = down.buffers(dtype), up.buffers(dtype)
@@ -131,7 +131,7 @@ def test_every_dtype_and_no_residual_no_bias(device, seed, dtype):
     assert_close_to_reference(got, want, s, terms, adapter(F.gelu)(x, d_buf[0], u_buf[0]), str(dtype))
 
 
-def test_gradcheck_float64(device, seed):
+def test_gradcheck_float64(device, seed, path):
     down, up = Projection(6, 9, 0.5, device, seed), Projection(9, 6, 0.5, device, seed + 1)
     d_buf, u_buf = down.buffers(torch.float64, True), up.buffers(torch.float64, True)
     x = torch.randn(2, 5, 9, dtype=torch.float64, device=device, requires_grad=True)
@@ -177,7 +177,7 @@ def _adapter(device, seed, fused=True, activation="relu"):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_module_fused_equals_unfused(device, seed, activation):
+def test_module_fused_equals_unfused(device, seed, activation, path):
     fused, plain = _adapter(device, seed, activation=activation), _adapter(device, seed, False, activation)
     assert fused.runs_fused() and not plain.runs_fused()
     x = torch.randn(4, 9, 32, device=device, requires_grad=True)

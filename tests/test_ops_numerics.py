@@ -19,7 +19,7 @@ def _inputs(case, device, dtype, index_dtype, seed):
 @pytest.mark.parametrize("case", list(PATTERN_CASES))
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_spmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
+def test_spmm_matches_dense_reference(case, dtype, index_dtype, device, seed, path):
     p, x64, bias64 = _inputs(case, device, dtype, index_dtype, seed)
     x, values, bias = x64.to(dtype), p.values64.to(dtype), bias64.to(dtype)
     w = p.weight64.to(dtype)
@@ -38,7 +38,7 @@ def test_spmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
 @pytest.mark.parametrize("case", list(PATTERN_CASES))
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sddmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
+def test_sddmm_matches_dense_reference(case, dtype, index_dtype, device, seed, path):
     p, x64, _ = _inputs(case, device, dtype, index_dtype, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     g64 = torch.randn(x64.shape[0], p.shape[0], generator=gen, dtype=torch.float64).to(device)
@@ -52,7 +52,7 @@ def test_sddmm_matches_dense_reference(case, dtype, index_dtype, device, seed):
 
 @pytest.mark.parametrize("case", ["odd", "empty_rows", "dense", "one_token", "wide", "blocked"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_linear_forward_backward(case, dtype, device, seed):
+def test_sparse_linear_forward_backward(case, dtype, device, seed, path):
     p, x64, bias64 = _inputs(case, device, dtype, torch.int32, seed)
     x = x64.to(dtype).requires_grad_()
     values = p.values64.to(dtype).requires_grad_()
@@ -81,7 +81,7 @@ def test_sparse_linear_forward_backward(case, dtype, device, seed):
         assert_close_to_reference(got, ref64[i], abs64[i], terms, dense[i], name)
 
 
-def test_leading_dims_and_non_contiguous_inputs(device, seed):
+def test_leading_dims_and_non_contiguous_inputs(device, seed, path):
     p = Pattern(40, 36, 0.3, device=device, seed=seed)
     base = torch.randn(36, 5, 3, 2, dtype=torch.float64, device=device)
     x = base.permute(2, 1, 3, 0)[:, :, 0, :]  # [3, 5, 36], non-contiguous

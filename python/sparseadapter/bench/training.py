@@ -39,8 +39,9 @@ it) less what was allocated before the row was built: its weights, gradients, Ad
 activations. On CPU, the bytes of the trainable parameters with their gradients and AdamW state
 after a step, and apart the CSR index buffers of a sparse adapter.
 
-Kernel paths: sparseadapter_ext.path_decisions(), where the extension has it, is read around the
-row's first step and the new decisions counted by path ("dense 48 / sparse 0"); "n/a" without it.
+Kernel paths: the op calls of the row's first step, counted by the path they ran ("dense 48 / sparse 0",
+from sparseadapter_ext.path_decisions(); "n/a" without it). In auto mode that step also measures
+each new problem (see sparseadapter_ext.set_path_mode).
 
     sparseadapter bench training --markdown BENCH.md                 # CPU, MiniLM, fp32
     sparseadapter bench training --device cuda --batch 128 --length 256 --precision bf16 autocast
@@ -48,6 +49,7 @@ row's first step and the new decisions counted by path ("dense 48 / sparse 0"); 
 """
 import argparse
 import collections
+from collections import Counter
 import copy
 import gc
 import os
@@ -227,29 +229,33 @@ def trainable_bytes(model, optimizer):
     return trainable, index
 
 
-def path_log() -> Optional[list]:
-    """sparseadapter_ext.path_decisions() as a list, or None where the extension does not have it."""
+def path_calls() -> Optional[Dict[tuple, tuple]]:
+    """{problem: (path, calls)} from sparseadapter_ext.path_decisions(), or None where the extension
+    does not have it."""
     fn = getattr(sparseadapter_ext, "path_decisions", None)
-    return None if fn is None else list(fn())
+    if fn is None:
+        return None
+    return {(d["op"], d["device"], d["dtype"], tuple(d["dims"]), d["tokens"]): (d["path"], d["calls"]) for d in fn()}
 
 
-def new_decisions(before: Optional[list], after: Optional[list]) -> Optional[list]:
-    """The decisions made between two reads: the entries appended to the log (all of `after` when it
-    is not an extension of `before`)."""
+def calls_by_path(before: Optional[Dict[tuple, tuple]], after: Optional[Dict[tuple, tuple]]) -> Optional[Counter]:
+    """Calls per path between two reads of path_calls() (a problem whose path changed counts afresh)."""
     if before is None or after is None:
         return None
-    return after[len(before):] if after[:len(before)] == before else after
+    counts = collections.Counter()
+    for problem, (path, calls) in after.items():
+        old_path, old_calls = before.get(problem, (path, 0))
+        counts[path] += calls - old_calls if old_path == path else calls
+    return +counts
 
 
-def summarize_paths(decisions: Optional[list]) -> str:
-    """'dense 48 / sparse 0': how many decisions took each path (sparse and dense always shown)."""
-    if decisions is None:
+def summarize_paths(counts: Optional[Counter]) -> str:
+    """'dense 48 / sparse 0': how many op calls took each path."""
+    if counts is None:
         return "n/a"
-    if not decisions:
+    if not counts:
         return "none"
-    counts = collections.Counter(str(d.get("path", "?")) if isinstance(d, dict) else str(d) for d in decisions)
-    names = ["dense", "sparse"] + sorted(set(counts) - {"dense", "sparse"})
-    return " / ".join(f"{name} {counts.get(name, 0)}" for name in names)
+    return " / ".join(f"{name} {counts.get(name, 0)}" for name in ("dense", "sparse"))
 
 
 def error_text(err: BaseException) -> str:
@@ -292,7 +298,7 @@ def run_precision(args, base, precision: str, batch) -> Dict[str, Result]:
                 model, optimizer, batch, precision, args.device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            log_before = path_log()
+            calls_before = path_calls()
             step()  # the first untimed step: memory and kernel paths
             if cuda:
                 torch.cuda.synchronize()
@@ -300,7 +306,7 @@ def run_precision(args, base, precision: str, batch) -> Dict[str, Result]:
             else:
                 train_b, index_b = trainable_bytes(model, optimizer)
                 result.memory = f"{train_b / 2**20:.2f}" + (f" (+{index_b / 2**20:.2f} index)" if index_b else "")
-            result.paths = summarize_paths(new_decisions(log_before, path_log()))
+            result.paths = summarize_paths(calls_by_path(calls_before, path_calls()))
             steps[row_id] = step
         except Exception as err:  # noqa: BLE001 (a failed row is reported; the others go on)
             result.reason = f"error: {error_text(err)}"

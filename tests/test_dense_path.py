@@ -1,0 +1,134 @@
+"""The dense path (the CSR weight expanded per call, then the vendor GEMM) and the choice between it
+and the CSR kernels. The numerics of both paths are in test_ops_numerics.py and test_fused_adapter.py
+(their `path` fixture); here: the expansion ops themselves, and the path choice."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparseadapter_ext as ops
+from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern
+
+
+@pytest.mark.parametrize("case", list(PATTERN_CASES))
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_csr_to_dense_and_gather_are_exact(case, dtype, index_dtype, device, seed):
+    out_f, in_f, density, _ = PATTERN_CASES[case]
+    p = Pattern(out_f, in_f, density, device=device, index_dtype=index_dtype, seed=seed)
+    values = p.values64.to(dtype)
+    dense = ops.csr_to_dense(values, p.crow, p.col, in_f)
+    assert dense.shape == p.shape and dense.dtype == dtype and dense.device == values.device
+    assert torch.equal(dense, p.weight64.to(dtype))  # data movement only: bit for bit
+    other = torch.randn(p.shape, dtype=torch.float64, device=device).to(dtype)
+    assert torch.equal(ops.csr_gather(other, p.crow, p.col), other[p.mask.to(device)])
+
+
+def test_expansion_gradients(device, seed):
+    p = Pattern(7, 11, 0.4, device=device, seed=seed)
+    values = p.values64.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: ops.csr_to_dense(v, p.crow, p.col, 11), (values,))
+    dense = p.weight64.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: ops.csr_gather(d, p.crow, p.col), (dense,))
+    torch.library.opcheck(torch.ops.sparseadapter.csr_to_dense.default, (p.values64, p.crow, p.col, 11))
+    torch.library.opcheck(torch.ops.sparseadapter.csr_gather.default, (p.weight64, p.crow, p.col))
+
+
+def test_expansion_bad_inputs_are_named(seed):
+    p = Pattern(5, 9, 0.5, seed=seed)
+    with pytest.raises(ValueError, match="csr_to_dense: values has 3 entries but col_indices has"):
+        ops.csr_to_dense(p.values64[:3], p.crow, p.col, 9)
+    with pytest.raises(ValueError, match=r"csr_to_dense: col_indices\[\d+\] = \d+ is out of range for 4 columns"):
+        ops.csr_to_dense(p.values64, p.crow, p.col, 4)
+    with pytest.raises(ValueError, match="num_cols must be >= 0"):
+        ops.csr_to_dense(p.values64, p.crow, p.col, -1)
+    with pytest.raises(TypeError, match="csr_to_dense: values must be float32"):
+        ops.csr_to_dense(p.values64.long(), p.crow, p.col, 9)
+    with pytest.raises(ValueError, match="csr_gather: dense has 4 rows but the pattern has 5"):
+        ops.csr_gather(p.weight64[:4], p.crow, p.col)
+    with pytest.raises(ValueError, match="csr_gather: dense must be 2-D"):
+        ops.csr_gather(p.weight64.flatten(), p.crow, p.col)
+
+
+def _layer_problem(device, dtype):
+    p = Pattern(24, 40, 0.3, device=device)
+    x = torch.randn(300, 40, device=device, dtype=torch.float64).to(dtype)
+    values = p.values64.to(dtype)
+    return p, x, values
+
+
+def test_forced_modes_run_their_path_and_are_counted(device):
+    p, x, values = _layer_problem(device, torch.float32)
+    ops.clear_path_decisions()
+    results = {}
+    for mode in ("sparse", "dense"):
+        assert ops.set_path_mode(mode) in ops.PATH_MODES
+        assert ops.path_mode() == mode
+        results[mode] = [ops.spmm(x, values, p.crow, p.col) for _ in range(3)]
+        (d,) = [d for d in ops.path_decisions() if d["op"] == "spmm"]
+        assert (d["path"], d["source"], d["calls"], d["ms_sparse"]) == (mode, "forced", 3, None)
+        assert d["dims"] == (24, 40, p.nnz, 0, 0, 0) and d["tokens"] == 512 and d["device"] == str(x.device)
+    torch.testing.assert_close(results["sparse"][0], results["dense"][0])
+
+
+def test_auto_measures_each_problem_once_and_keeps_the_faster(device):
+    """The first call of a problem times both paths and records the medians; later calls, also with
+    another token count in the same power-of-two bucket, reuse the decision; the output is the chosen
+    path's result whichever ran last."""
+    p, x, values = _layer_problem(device, torch.float32)
+    ops.set_path_mode("sparse")
+    expected = ops.spmm(x, values, p.crow, p.col)
+    ops.set_path_mode("auto")
+    ops.clear_path_decisions()
+    y = ops.spmm(x, values, p.crow, p.col)
+    (d,) = ops.path_decisions()
+    assert d["source"] == "measured" and d["calls"] == 1
+    assert d["ms_sparse"] > 0 and d["ms_dense"] > 0
+    assert d["path"] == ("dense" if d["ms_dense"] < d["ms_sparse"] else "sparse")
+    torch.testing.assert_close(y, expected)
+    ops.spmm(x[:260], values, p.crow, p.col)  # 260 tokens: the same bucket (512) as 300
+    (again,) = ops.path_decisions()
+    assert again["calls"] == 2 and again["ms_sparse"] == d["ms_sparse"]
+    ops.spmm(x[:100], values, p.crow, p.col)  # another bucket: measured apart
+    assert sorted(d["tokens"] for d in ops.path_decisions()) == [128, 512]
+
+
+def test_auto_training_step_matches_the_sparse_path(device, seed):
+    """A whole adapter step in auto mode (every op measured at its first call) gives the sparse
+    path's result within rounding, and every op of the step is on record."""
+    import sparseadapter as sa
+
+    torch.manual_seed(seed)
+    adapter = sa.adapters.modules.BottleneckAdapter(48, 48, 16, activation="gelu").to(device)
+    for name in ("down", "up"):
+        layer = getattr(adapter, name)
+        mask = torch.rand_like(layer.weight) < 0.3
+        setattr(adapter, name, sa.SparseLinear.from_dense(layer.weight.detach(), mask, layer.bias.detach()))
+    x = torch.randn(2, 70, 48, device=device, requires_grad=True)
+    grads = {}
+    for mode in ("sparse", "auto"):
+        ops.set_path_mode(mode)
+        ops.clear_path_decisions()
+        adapter.zero_grad()
+        x.grad = None
+        out = adapter(x, x)
+        out.square().sum().backward()
+        grads[mode] = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in adapter.parameters()]
+    for a, b in zip(grads["sparse"], grads["auto"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ops_seen = {(d["op"], d["source"]) for d in ops.path_decisions()}
+    assert ops_seen == {("sparse_adapter", "measured"), ("spmm", "measured"), ("sddmm", "measured")}
+
+
+def test_bad_modes_are_named():
+    with pytest.raises(ValueError, match="path mode must be one of auto, sparse, dense"):
+        ops.set_path_mode("fastest")
+    env = dict(os.environ, SPARSEADAPTER_PATH="fastest")
+    code = ("import torch, sparseadapter_ext as ops\n"
+            "ops.spmm(torch.ones(2, 3), torch.ones(1), torch.tensor([0, 1], dtype=torch.int32), "
+            "torch.tensor([2], dtype=torch.int32))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "SPARSEADAPTER_PATH=fastest: path mode must be one of auto, sparse, dense" in proc.stderr
