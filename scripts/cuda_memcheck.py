@@ -1,6 +1,8 @@
 """A short workout of every CUDA kernel path for compute-sanitizer (memcheck): odd sizes, empty rows,
-nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype; the fused
-adapter (chunked and fallback plans); and the pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
+nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype, on the sparse
+path and on the dense path (expansion, gather, the tensor-core adapter: partial warp tiles, both
+register plans); the fused adapter (chunked and fallback plans); and the
+pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
 import torch
 
 import sparseadapter_ext as ops
@@ -11,7 +13,15 @@ CASES = [(37, 53, 0.3, 71), (17, 23, 0.0, 9), (19, 21, 1.0, 35), (33, 65, 0.4, 1
 
 
 def main():
-    gen = torch.Generator().manual_seed(0)
+    for mode in ("sparse", "dense"):  # auto adds only the event timer, which the CUDA tests run
+        ops.set_path_mode(mode)
+        products(torch.Generator().manual_seed(0))
+    pruning(torch.Generator().manual_seed(1))
+    torch.cuda.synchronize()
+    print("memcheck workout done")
+
+
+def products(gen):
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for out_f, in_f, density, tokens in CASES:
             mask = torch.rand(out_f, in_f, generator=gen) < density
@@ -22,8 +32,9 @@ def main():
             y.backward(torch.randn_like(y))
             ops.sddmm(torch.randn_like(y), x.detach(), layer.crow_indices, layer.col_indices)
     # the fused adapter: partial tiles, chunked x and output (wide), the few-token fallback
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for tokens, d, r, density in ((70, 48, 16, 0.4), (40, 2000, 96, 0.05), (3, 40, 8, 0.5), (33, 17, 5, 1.0)):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for tokens, d, r, density in ((70, 48, 16, 0.4), (40, 2000, 96, 0.05), (3, 40, 8, 0.5), (33, 17, 5, 1.0),
+                                      (77, 96, 64, 0.3), (150, 256, 160, 0.2), (9, 64, 256, 0.3)):
             layers = []
             for shape in ((r, d), (d, r)):
                 mask = torch.rand(*shape, generator=gen) < density
@@ -33,6 +44,9 @@ def main():
             for activation in ops.ADAPTER_ACTIVATIONS:
                 out = ops.sparse_adapter(x, x, down, up, activation, 0.5)
             out.backward(torch.randn_like(out))
+
+
+def pruning(gen):
     for dtype in (torch.float32, torch.float64):
         scores = [torch.randint(0, 5, shape, generator=gen).to("cuda", dtype) for shape in ((37, 53), (0, 4), (64, 768))]
         total = sum(s.numel() for s in scores)
@@ -43,8 +57,6 @@ def main():
         w = torch.randn(33, 65, generator=gen).to("cuda", dtype)
         for method, g, hg in (("magnitude", None, None), ("snip", w, None), ("grasp", None, w), ("synflow", w, None)):
             ops.prune_score(w, g, hg, method)
-    torch.cuda.synchronize()
-    print("memcheck workout done")
 
 
 if __name__ == "__main__":

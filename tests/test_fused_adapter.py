@@ -72,11 +72,13 @@ def reference(x, residual, down, up, d_buf, u_buf, act, scale):
 # rows, nnz = 0, wide and narrow; "chunked": on CUDA x is staged in two column chunks and the up
 # projection runs in two row chunks (the fused kernel's shared memory plan); "few": four tokens take
 # CUDA's separate one-token kernels; "blocked": on CPU both projections walk their nonzeros in block
-# order (tile.h)
+# order (tile.h); "tensor_cores*": widths the CUDA dense path's tensor-core kernel serves (multiples of
+# 32), with partial warp tiles, fewer column steps than its pipeline stages, and both register plans
 CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0, 24, 8, 24, 0.5),
          "nnz0": (9, 20, 6, 20, 0.0), "dense": (33, 17, 5, 17, 1.0), "wide": (40, 300, 64, 300, 0.1),
          "not_square": (35, 40, 12, 24, 0.3), "chunked": (70, 2000, 96, 1900, 0.02), "few": (4, 40, 8, 40, 0.5),
-         "blocked": (600, 400, 300, 400, 0.1)}
+         "blocked": (600, 400, 300, 400, 0.1), "tensor_cores": (77, 96, 64, 128, 0.3),
+         "tensor_cores_wide": (150, 256, 160, 64, 0.2), "tensor_cores_256": (40, 64, 256, 32, 0.25)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -129,6 +131,27 @@ def test_every_dtype_and_no_residual_no_bias(device, seed, dtype, path):
     assert got.shape == (3, 11, 40)
     terms = 40 + 12 + 2  # the two sums, the activation and the scale
     assert_close_to_reference(got, want, s, terms, adapter(F.gelu)(x, d_buf[0], u_buf[0]), str(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False), (True, False)])
+def test_half_dtypes_at_tensor_core_widths(device, seed, dtype, bias, residual, path):
+    """bf16 and fp16 at widths the CUDA tensor-core kernel serves, with and without biases and residual."""
+    n, d_in, r, d_out = 131, 64, 32, 96
+    down = Projection(r, d_in, 0.5, device, seed, bias=bias)
+    up = Projection(d_out, r, 0.5, device, seed + 1, bias=bias)
+    x = torch.randn(n, d_in, dtype=torch.float64, device=device).to(dtype)
+    res = torch.randn(n, d_out, dtype=torch.float64, device=device).to(dtype) if residual else None
+    d_buf, u_buf = down.buffers(dtype), up.buffers(dtype)
+
+    def adapter(act):
+        return lambda x, dv, db, uv, ub: reference(x, res, down, up, (dv, db), (uv, ub), act, 0.5)
+
+    args = (x, d_buf[0], d_buf[1], u_buf[0], u_buf[1])
+    want, s = float64_reference(adapter(F.silu), *args, absolute=adapter(absolute_activation("silu")))
+    got = ops.sparse_adapter(x, res, d_buf, u_buf, "silu", 0.5)
+    terms = d_in + r + 5  # the two sums, two biases, the activation, the scale, the residual
+    assert_close_to_reference(got, want, s, terms, adapter(F.silu)(*args), f"{dtype}")
 
 
 def test_gradcheck_float64(device, seed, path):

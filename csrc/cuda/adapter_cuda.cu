@@ -23,6 +23,7 @@
 #include "../adapter_pointers.h"
 #include "../kernels.h"
 #include "../op_wrappers.h"
+#include "activation.cuh"
 #include "cuda_backend.h"
 #include "cuda_utils.cuh"
 
@@ -41,28 +42,6 @@ struct AdapterParams : AdapterPointers<scalar_t, index_t> {
   int rows_per_chunk;  // R: rows of U per output chunk
   int ys_pitch;        // odd, >= R: conflict-free stores of the output chunk by lane = token
 };
-
-__device__ __forceinline__ float dev_erf(float v) { return erff(v); }
-__device__ __forceinline__ double dev_erf(double v) { return erf(v); }
-__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
-__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
-__device__ __forceinline__ float dev_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double dev_tanh(double v) { return tanh(v); }
-
-// relu, gelu (exact, erf), silu and tanh in the accumulation type. As on CPU (vec_math.h), the far
-// negative tails of gelu and silu are 0, so -inf gives the limit 0 rather than -inf * 0.
-template <typename acc_t>
-__device__ __forceinline__ acc_t activate(acc_t h, Activation activation) {
-  switch (activation) {
-    case Activation::kIdentity: return h;
-    case Activation::kRelu: return h > acc_t(0) ? h : acc_t(0);
-    case Activation::kGelu:
-      return h < acc_t(-14.2) ? acc_t(0) : acc_t(0.5) * h * (acc_t(1) + dev_erf(h * acc_t(M_SQRT1_2)));
-    case Activation::kSilu: return h < acc_t(-100) ? acc_t(0) : h / (acc_t(1) + dev_exp(-h));
-    case Activation::kTanh: return dev_tanh(h);
-  }
-  return h;
-}
 
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterParams<scalar_t, index_t> p) {
