@@ -1,7 +1,7 @@
 """A short workout of every CUDA kernel path for compute-sanitizer (memcheck): odd sizes, empty rows,
 nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every dtype, on the sparse
-path and on the dense path (expansion, gather, the tensor-core adapter: partial warp tiles, both
-register plans); the fused adapter (chunked and fallback plans); and the
+path and on the dense path (expansion, gather, the tensor-core adapter: partial warp tiles; wider
+bottlenecks on cuBLAS); the fused adapter (chunked and fallback plans); and the
 pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
 import torch
 

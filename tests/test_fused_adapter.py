@@ -72,8 +72,9 @@ def reference(x, residual, down, up, d_buf, u_buf, act, scale):
 # rows, nnz = 0, wide and narrow; "chunked": on CUDA x is staged in two column chunks and the up
 # projection runs in two row chunks (the fused kernel's shared memory plan); "few": four tokens take
 # CUDA's separate one-token kernels; "blocked": on CPU both projections walk their nonzeros in block
-# order (tile.h); "tensor_cores*": widths the CUDA dense path's tensor-core kernel serves (multiples of
-# 32), with partial warp tiles, fewer column steps than its pipeline stages, and both register plans
+# order (tile.h); "tensor_cores": widths the CUDA dense path's tensor-core kernel serves, with partial
+# warp tiles and fewer column steps than its pipeline stages; "*_wide", "*_256": wider bottlenecks,
+# which take the cuBLAS products
 CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0, 24, 8, 24, 0.5),
          "nnz0": (9, 20, 6, 20, 0.0), "dense": (33, 17, 5, 17, 1.0), "wide": (40, 300, 64, 300, 0.1),
          "not_square": (35, 40, 12, 24, 0.3), "chunked": (70, 2000, 96, 1900, 0.02), "few": (4, 40, 8, 40, 0.5),
