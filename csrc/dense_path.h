@@ -6,6 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+
+#include "kernels.h"
 #include "validation.h"
 
 namespace sparseadapter {
@@ -21,6 +24,27 @@ inline at::Tensor activate_tensor(const at::Tensor& pre, Activation activation) 
     case Activation::kTanh: return at::tanh(pre);
   }
   return pre;
+}
+
+// The gradient of the pre-activation from the activation's (ATen's backward formulas).
+inline at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& pre, Activation activation) {
+  switch (activation) {
+    case Activation::kIdentity: return grad;
+    case Activation::kRelu: return at::threshold_backward(grad, pre, 0);
+    case Activation::kGelu: return at::gelu_backward(grad, pre);
+    case Activation::kSilu: return at::silu_backward(grad, pre);
+    case Activation::kTanh: return at::tanh_backward(grad, at::tanh(pre));
+  }
+  return grad;
+}
+
+// a @ b * scale with the scale applied in the product's epilogue (one rounding).
+inline at::Tensor mm_scaled(const at::Tensor& a, const at::Tensor& b, double scale) {
+  if (scale == 1.0) {
+    return at::mm(a, b);
+  }
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scale);  // beta = 0: out's contents are ignored
 }
 
 // W [out_features, in_features] of a projection, dense, in its values' dtype.
@@ -47,6 +71,23 @@ void spmm_dense(const SpmmInputs& in, at::Tensor& y) {
   } else {
     at::mm_out(y, in.x, w.t());
   }
+}
+
+// A dense [out_features, in_features] matrix at a projection's pattern: [nnz].
+template <typename B>
+at::Tensor gather_at_pattern(const at::Tensor& dense, const SpmmInputs& w) {
+  auto out = at::empty({w.nnz}, dense.options());
+  if (w.nnz > 0) {
+    PatternData p;
+    p.data = dense;
+    p.crow_indices = w.crow_indices;
+    p.col_indices = w.col_indices;
+    p.num_rows = w.out_features;
+    p.num_cols = w.in_features;
+    p.nnz = w.nnz;
+    B::csr_gather(p, out);
+  }
+  return out;
 }
 
 // out[e] = (grad_out.T @ x)[row(e), col(e)]: the dense weight gradient sampled at the pattern.
@@ -93,6 +134,36 @@ void adapter_dense(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_
   if (in.residual.has_value()) {
     out.add_(*in.residual);
   }
+}
+
+// The adapter's backward on the expanded weights: four dense products (two of them weight gradients
+// gathered at the patterns), the scale folded into the products' epilogues. Called with tokens > 0.
+template <typename B>
+AdapterGradients adapter_backward_dense(const AdapterBackwardInputs& in, std::array<bool, 5> mask) {
+  const AdapterInputs& f = in.forward;
+  const at::Tensor& g = in.grad_out;
+  AdapterGradients grads;
+  if (mask[3]) {
+    const auto hidden = activate_tensor(in.hidden_pre, f.activation);
+    grads.up_values = gather_at_pattern<B>(mm_scaled(g.t(), hidden, f.scale), f.up);
+  }
+  if (mask[4]) {
+    grads.up_bias = f.scale == 1.0 ? g.sum(0) : g.sum(0).mul_(f.scale);
+  }
+  if (mask[0] || mask[1] || mask[2]) {
+    const auto grad_hidden = mm_scaled(g, expand_weight<B>(f.up), f.scale);
+    const auto grad_pre = activation_backward(grad_hidden, in.hidden_pre, f.activation);
+    if (mask[0]) {
+      grads.x = at::mm(grad_pre, expand_weight<B>(f.down));
+    }
+    if (mask[1]) {
+      grads.down_values = gather_at_pattern<B>(at::mm(grad_pre.t(), f.down.x), f.down);
+    }
+    if (mask[2]) {
+      grads.down_bias = grad_pre.sum(0);
+    }
+  }
+  return grads;
 }
 
 }  // namespace sparseadapter

@@ -19,6 +19,11 @@ void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out);
 // elements, receives x @ D.T + bd  [num_tokens, bottleneck]. Called with num_tokens > 0.
 void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre);
 
+// The gradients sparse_adapter_backward returns; an undefined entry was not asked for.
+struct AdapterGradients {
+  at::Tensor x, down_values, down_bias, up_values, up_bias;
+};
+
 // dense [num_rows, num_cols] = the CSR matrix of in.data (values), zeros elsewhere.
 void csr_to_dense_cpu_kernel(const PatternData& in, at::Tensor& dense);
 // out[e] = in.data[row(e), col[e]] (in.data: the dense matrix); out: [nnz]. Called with nnz > 0.

@@ -9,6 +9,10 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <numeric>
+#include <vector>
+
 #include "dense_path.h"
 #include "kernels.h"
 #include "path_choice.h"
@@ -194,6 +198,180 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
                     [&] { adapter_dense<B>(in, out, hidden_pre); });
   }
   return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
+}
+
+// grad @ W for W [rows, cols] in CSR, through its transposed pattern: the back end's spmm inputs.
+inline SpmmInputs transposed_product(const at::Tensor& grad, const SpmmInputs& w, const at::Tensor& crow_t,
+                                     const at::Tensor& col_t, const at::Tensor& perm_t, const at::Tensor& row_order_t) {
+  SpmmInputs t;
+  t.x = grad;
+  t.values = w.values.index_select(0, perm_t);
+  t.crow_indices = crow_t;
+  t.col_indices = col_t;
+  t.row_order = row_order_t;
+  t.num_tokens = grad.size(0);
+  t.in_features = w.out_features;
+  t.out_features = w.in_features;
+  t.nnz = w.nnz;
+  t.out_shape = {t.num_tokens, t.out_features};
+  return t;
+}
+
+// The gradient of W's values from grad [tokens, rows] and x [tokens, cols]: the back end's sddmm inputs.
+inline SddmmInputs sampled_product(const at::Tensor& grad, const at::Tensor& x, const SpmmInputs& w) {
+  SddmmInputs s;
+  s.grad_out = grad;
+  s.x = x;
+  s.crow_indices = w.crow_indices;
+  s.col_indices = w.col_indices;
+  s.num_tokens = grad.size(0);
+  s.in_features = w.in_features;
+  s.out_features = w.out_features;
+  s.nnz = w.nnz;
+  return s;
+}
+
+// The adapter's backward through the back end's CSR kernels: SDDMM for the values, SpMM through the
+// transposed patterns for the bottleneck's and x's gradients. Called with tokens > 0.
+template <typename B>
+AdapterGradients adapter_backward_sparse(const AdapterBackwardInputs& in, std::array<bool, 5> mask) {
+  const AdapterInputs& f = in.forward;
+  const auto options = in.grad_out.options();
+  const int64_t n = f.down.num_tokens;
+  const auto g = f.scale == 1.0 ? in.grad_out : in.grad_out * f.scale;  // the kernels take no scale
+  auto sddmm = [&](const at::Tensor& grad, const at::Tensor& x, const SpmmInputs& w) {
+    auto out = at::zeros({w.nnz}, options);
+    if (w.nnz > 0) {
+      B::sddmm(sampled_product(grad, x, w), out);
+    }
+    return out;
+  };
+  auto spmm_t = [&](const at::Tensor& grad, const SpmmInputs& w, const at::Tensor& crow_t, const at::Tensor& col_t,
+                    const at::Tensor& perm_t, const at::Tensor& row_order_t) {
+    auto out = at::empty({n, w.in_features}, options);
+    if (out.numel() > 0) {
+      B::spmm(transposed_product(grad, w, crow_t, col_t, perm_t, row_order_t), out);
+    }
+    return out;
+  };
+  AdapterGradients grads;
+  if (mask[3]) {
+    grads.up_values = sddmm(g, activate_tensor(in.hidden_pre, f.activation).contiguous(), f.up);
+  }
+  if (mask[4]) {
+    grads.up_bias = g.sum(0);
+  }
+  if (mask[0] || mask[1] || mask[2]) {
+    const auto grad_hidden = spmm_t(g, f.up, in.up_crow_t, in.up_col_t, in.up_perm_t, in.up_row_order_t);
+    const auto grad_pre = activation_backward(grad_hidden, in.hidden_pre, f.activation).contiguous();
+    if (mask[0]) {
+      grads.x = spmm_t(grad_pre, f.down, in.down_crow_t, in.down_col_t, in.down_perm_t, in.down_row_order_t);
+    }
+    if (mask[1]) {
+      grads.down_values = sddmm(grad_pre, f.down.x, f.down);
+    }
+    if (mask[2]) {
+      grads.down_bias = grad_pre.sum(0);
+    }
+  }
+  return grads;
+}
+
+// sparse_linear's backward in one call: spmm through the transposed pattern for x, sddmm for the
+// values (each on its chosen path), a sum for the bias. Gradients not asked for come back empty.
+template <typename B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
+    const at::Tensor& grad_y,
+    const std::optional<at::Tensor>& x,
+    const std::optional<at::Tensor>& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "sparse_linear_backward";
+  auto none = [&] { return at::empty({0}, grad_y.options()); };
+  at::Tensor grad_x = none(), grad_values = none(), grad_bias = none();
+  if (output_mask[0]) {
+    TORCH_CHECK_VALUE(values.has_value(), op, ": x's gradient needs values");
+    check_index_tensor(op, "perm_t", perm_t);
+    TORCH_CHECK_VALUE(perm_t.numel() == values->numel(), op, ": perm_t has ", perm_t.numel(),
+                      " entries but values has ", values->numel());
+    grad_x = spmm_op<B>(grad_y, values->index_select(0, perm_t), crow_indices_t, col_indices_t, row_order_t,
+                        std::nullopt);
+  }
+  if (output_mask[1]) {
+    TORCH_CHECK_VALUE(x.has_value(), op, ": the values' gradient needs x");
+    grad_values = sddmm_op<B>(grad_y, *x, crow_indices, col_indices);
+  }
+  if (output_mask[2]) {
+    TORCH_CHECK_VALUE(grad_y.dim() >= 1, op, ": grad_y must have shape [..., out_features]");
+    std::vector<int64_t> leading(grad_y.dim() - 1);
+    std::iota(leading.begin(), leading.end(), 0);
+    grad_bias = leading.empty() ? grad_y.clone() : grad_y.sum(leading);
+  }
+  return {grad_x, grad_values, grad_bias};
+}
+
+// sparse_adapter's backward in one call, on the path chosen for it (CSR kernels or dense products).
+template <typename B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_adapter_backward_op(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& hidden_pre,
+    const at::Tensor& down_values,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& down_crow_t,
+    const at::Tensor& down_col_t,
+    const at::Tensor& down_perm_t,
+    const at::Tensor& down_row_order_t,
+    const at::Tensor& up_values,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const at::Tensor& up_crow_t,
+    const at::Tensor& up_col_t,
+    const at::Tensor& up_perm_t,
+    const at::Tensor& up_row_order_t,
+    c10::string_view activation,
+    double scale,
+    std::array<bool, 5> output_mask) {
+  const auto in = check_adapter_backward_inputs(
+      grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t, down_perm_t,
+      down_row_order_t, up_values, up_crow, up_col, up_crow_t, up_col_t, up_perm_t, up_row_order_t, activation,
+      scale, B::kDevice);
+  const AdapterInputs& f = in.forward;
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    const char* op = "sparse_adapter_backward";
+    check_pattern_bounds_cpu(op, f.down.crow_indices, f.down.col_indices, f.down.in_features, "x's last dim");
+    check_pattern_bounds_cpu(op, f.up.crow_indices, f.up.col_indices, f.up.in_features, "the bottleneck width");
+    check_pattern_bounds_cpu(op, in.down_crow_t, in.down_col_t, f.down.out_features, "the bottleneck width");
+    check_pattern_bounds_cpu(op, in.up_crow_t, in.up_col_t, f.up.out_features, "out's last dim");
+  }
+  AdapterGradients grads;
+  if (f.down.num_tokens == 0) {  // nothing to sum: zero gradients
+    const auto options = in.grad_out.options();
+    grads = {at::empty({0, f.down.in_features}, options), at::zeros({f.down.nnz}, options),
+             at::zeros({f.down.out_features}, options), at::zeros({f.up.nnz}, options),
+             at::zeros({f.up.out_features}, options)};
+  } else {
+    int64_t flags = static_cast<int64_t>(f.activation);
+    for (bool m : output_mask) {
+      flags = flags * 2 + (m ? 1 : 0);
+    }
+    const PathProblem problem{"sparse_adapter_backward", f.down.x.device(), f.down.x.scalar_type(),
+                              {f.down.in_features, f.down.out_features, f.up.out_features, f.down.nnz, f.up.nnz, flags},
+                              token_bucket(f.down.num_tokens)};
+    run_chosen_path(problem, B::timer(), [&] { grads = adapter_backward_sparse<B>(in, output_mask); },
+                    [&] { grads = adapter_backward_dense<B>(in, output_mask); });
+  }
+  auto none = [&] { return at::empty({0}, in.grad_out.options()); };
+  auto pick = [&](int i, const at::Tensor& t) { return output_mask[i] && t.defined() ? t : none(); };
+  const auto grad_x = output_mask[0] ? grads.x.view(x.sizes()) : none();
+  return {grad_x, pick(1, grads.down_values), pick(2, grads.down_bias), pick(3, grads.up_values),
+          pick(4, grads.up_bias)};
 }
 
 }  // namespace sparseadapter

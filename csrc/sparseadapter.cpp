@@ -50,6 +50,14 @@ TORCH_LIBRARY(sparseadapter, m) {
       "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, "
       "Tensor row_order_t) -> Tensor");
 
+  // sparse_linear's backward in one call: grad_x = grad_y @ W through the transposed pattern, the
+  // values' gradient by SDDMM (x needed), the bias's by a sum over the leading dims; each computed
+  // only where output_mask says so (else an empty tensor). values is needed for grad_x only.
+  m.def(
+      "sparse_linear_backward(Tensor grad_y, Tensor? x, Tensor? values, Tensor crow_indices, "
+      "Tensor col_indices, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, Tensor row_order_t, "
+      "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+
   // The whole bottleneck adapter, with D [bottleneck, in] and U [out, bottleneck] in CSR:
   //   hidden_pre = x @ D.T + down_bias,  out = residual + scale * (act(hidden_pre) @ U.T + up_bias)
   // activation: identity, relu, gelu (erf), silu or tanh; residual optional, of out's shape. CPU runs
@@ -63,6 +71,18 @@ TORCH_LIBRARY(sparseadapter, m) {
       "Tensor up_values, Tensor? up_bias, Tensor up_crow_indices, Tensor up_col_indices, "
       "Tensor up_crow_indices_t, Tensor up_col_indices_t, Tensor up_perm_t, Tensor up_row_order_t, "
       "str activation, float scale, bool save_hidden) -> (Tensor out, Tensor hidden_pre)");
+
+  // sparse_adapter's backward in one call, from out's gradient, x and the saved pre-activation:
+  // the gradients of x, down's values and bias, up's values and bias, in that order, each computed
+  // only where output_mask says so (else an empty tensor). The residual's gradient is grad_out itself.
+  m.def(
+      "sparse_adapter_backward(Tensor grad_out, Tensor x, Tensor hidden_pre, "
+      "Tensor down_values, Tensor down_crow_indices, Tensor down_col_indices, "
+      "Tensor down_crow_indices_t, Tensor down_col_indices_t, Tensor down_perm_t, Tensor down_row_order_t, "
+      "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
+      "Tensor up_crow_indices_t, Tensor up_col_indices_t, Tensor up_perm_t, Tensor up_row_order_t, "
+      "str activation, float scale, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_down_values, "
+      "Tensor grad_down_bias, Tensor grad_up_values, Tensor grad_up_bias)");
 
   // Pruning at initialization (issue 3); kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
 

@@ -382,4 +382,61 @@ void check_pattern_bounds_cpu(
   });
 }
 
+namespace {
+
+// t has the shape, dtype and device of the tensor it is the gradient or saved copy of.
+void check_like(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef shape, const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but x has dtype ", like.scalar_type());
+  check_device(op, name, t, like.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+}  // namespace
+
+AdapterBackwardInputs check_adapter_backward_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& hidden_pre,
+    const at::Tensor& down_values,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& down_crow_t,
+    const at::Tensor& down_col_t,
+    const at::Tensor& down_perm_t,
+    const at::Tensor& down_row_order_t,
+    const at::Tensor& up_values,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const at::Tensor& up_crow_t,
+    const at::Tensor& up_col_t,
+    const at::Tensor& up_perm_t,
+    const at::Tensor& up_row_order_t,
+    c10::string_view activation,
+    double scale,
+    c10::DeviceType device_type) {
+  constexpr const char* op = "sparse_adapter_backward";
+  AdapterBackwardInputs in;
+  in.forward = check_adapter_inputs(x, std::nullopt, down_values, std::nullopt, down_crow, down_col, up_values,
+                                    std::nullopt, up_crow, up_col, activation, scale, device_type);
+  const AdapterInputs& f = in.forward;
+  check_transposed_pattern("sparse_adapter_backward (down)", f.down, down_crow_t, down_col_t, down_perm_t,
+                           down_row_order_t);
+  check_transposed_pattern("sparse_adapter_backward (up)", f.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
+  check_like(op, "grad_out", grad_out, f.out_shape, x);
+  check_like(op, "hidden_pre", hidden_pre, f.hidden_shape, x);
+  const int64_t n = f.down.num_tokens;
+  in.grad_out = grad_out.reshape({n, f.up.out_features}).contiguous();
+  in.hidden_pre = hidden_pre.reshape({n, f.down.out_features}).contiguous();
+  in.down_crow_t = down_crow_t.contiguous();
+  in.down_col_t = down_col_t.contiguous();
+  in.down_perm_t = down_perm_t.contiguous();
+  in.down_row_order_t = down_row_order_t.contiguous();
+  in.up_crow_t = up_crow_t.contiguous();
+  in.up_col_t = up_col_t.contiguous();
+  in.up_perm_t = up_perm_t.contiguous();
+  in.up_row_order_t = up_row_order_t.contiguous();
+  return in;
+}
+
 }  // namespace sparseadapter

@@ -106,6 +106,39 @@ AdapterInputs check_adapter_inputs(
     double scale,
     c10::DeviceType device_type);
 
+// sparse_adapter_backward's inputs: the forward's (no residual and no biases: their gradients need
+// no operand), the gradient of out and the saved pre-activation, flattened to 2-D, and the
+// transposed patterns of both projections.
+struct AdapterBackwardInputs {
+  AdapterInputs forward;
+  at::Tensor grad_out;    // [num_tokens, out], contiguous
+  at::Tensor hidden_pre;  // [num_tokens, bottleneck], contiguous
+  at::Tensor down_crow_t, down_col_t, down_perm_t, down_row_order_t;
+  at::Tensor up_crow_t, up_col_t, up_perm_t, up_row_order_t;
+};
+
+AdapterBackwardInputs check_adapter_backward_inputs(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& hidden_pre,
+    const at::Tensor& down_values,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& down_crow_t,
+    const at::Tensor& down_col_t,
+    const at::Tensor& down_perm_t,
+    const at::Tensor& down_row_order_t,
+    const at::Tensor& up_values,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const at::Tensor& up_crow_t,
+    const at::Tensor& up_col_t,
+    const at::Tensor& up_perm_t,
+    const at::Tensor& up_row_order_t,
+    c10::string_view activation,
+    double scale,
+    c10::DeviceType device_type);
+
 // csr_to_dense and csr_gather: a pattern of num_rows x num_cols and its values (csr_to_dense: `data`
 // is values [nnz]) or the dense matrix it samples (csr_gather: `data` is [num_rows, num_cols]).
 struct PatternData {

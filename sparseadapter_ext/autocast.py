@@ -53,6 +53,15 @@ def _cast(value: Any, device_type: str, dtype: torch.dtype) -> Any:
     return value
 
 
+def autocast_inputs(device_type: str, *tensors: Any) -> Tuple[Any, ...]:
+    """`tensors` as the autocast kernel of a lower-precision op on `device_type` casts them (unchanged
+    outside autocast): for callers that record their own autograd.Function around the op, so that
+    autograd sees the casts and the function sees the dtypes the op runs in."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return _cast(tensors, device_type, torch.get_autocast_dtype(device_type))
+
+
 def _lower_precision_kernel(op: torch._ops.OpOverload, device_type: str) -> Callable:
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
     excluded = torch._C.DispatchKeySet(key)

@@ -5,6 +5,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .autocast import autocast_inputs
+
 _ops = torch.ops.sparseadapter
 
 
@@ -55,9 +57,11 @@ def sparse_linear(
 ) -> Tensor:
     """Differentiable `x @ W.T + bias`; the transposed pattern and row orders come from
     `csr_transpose` and `csr_row_order` and are computed once per pattern."""
-    return _ops.sparse_linear.default(
-        x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t
-    )
+    pattern = (crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t)
+    if _eager_autograd(x, values, bias):
+        x, values, bias = autocast_inputs(x.device.type, x, values, bias)
+        return _SparseLinearFunction.apply(x, values, bias, pattern)
+    return _ops.sparse_linear.default(x, values, bias, *pattern)
 
 
 def csr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> Tensor:
@@ -195,8 +199,43 @@ def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
     return None
 
 
-# Autograd of sparse_linear: grad_x = grad_y @ W through the transposed pattern (spmm), grad_values
-# by SDDMM, grad_bias by a sum. Index tensors get no gradient.
+# Autograd of sparse_linear: one backward op (grad_x = grad_y @ W through the transposed pattern,
+# grad_values by SDDMM, grad_bias by a sum). Registered on the op (torch.compile, torch.export, direct
+# op calls) and, with less host time per call, as the eager autograd.Function of the Python wrappers
+# (_eager_autograd): both compute through _linear_grads. Index tensors get no gradient.
+
+def _eager_autograd(*tensors: Optional[Tensor]) -> bool:
+    """Whether a wrapper call records its own autograd.Function: in eager mode when a gradient will be
+    needed. torch.library's autograd wrapper costs about 0.1 ms of host time per call (measured on a
+    CPU), which an eager training step on a GPU pays on every layer; graphs (compile, trace) take the
+    op's registration. The wrapper applies autocast's casts itself (autocast_inputs), outside the
+    function, as the op's autocast kernel would before its autograd."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need):
+    """(grad_x, grad_values, grad_bias), None where `need` is False."""
+    need = [bool(n) for n in need]
+    grads = _ops.sparse_linear_backward.default(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t,
+                                                need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, pattern):
+        ctx.pattern = pattern
+        ctx.save_for_backward(x if values.requires_grad else None, values if x.requires_grad else None)
+        return _ops.sparse_linear.default(x, values, bias, *pattern)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, values = ctx.saved_tensors
+        crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = ctx.pattern
+        return (*_linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t,
+                               ctx.needs_input_grad[:3]), None)
+
 
 def _sparse_linear_setup_context(ctx, inputs, output):
     x, values, bias, crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = inputs
@@ -208,16 +247,17 @@ def _sparse_linear_setup_context(ctx, inputs, output):
 
 
 def _sparse_linear_backward(ctx, grad_y):
-    x, values, crow, col, crow_t, col_t, perm_t, row_order_t = ctx.saved_tensors
-    grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.spmm.default(grad_y, values.index_select(0, perm_t), crow_t, col_t, row_order_t, None)
-    if ctx.needs_input_grad[1]:
-        grad_values = _ops.sddmm.default(grad_y, x, crow, col)
-    if ctx.needs_input_grad[2]:
-        # sum over every leading dim; reshape(-1, out) cannot infer -1 when out_features is 0
-        grad_bias = grad_y.sum(dim=tuple(range(grad_y.dim() - 1))) if grad_y.dim() > 1 else grad_y
-    return grad_x, grad_values, grad_bias, None, None, None, None, None, None, None
+    return (*_linear_grads(grad_y, *ctx.saved_tensors, ctx.needs_input_grad[:3]),) + (None,) * 7
+
+
+@torch.library.register_fake("sparseadapter::sparse_linear_backward")
+def _sparse_linear_backward_fake(grad_y, x, values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t,
+                                 row_order_t, output_mask):
+    none = grad_y.new_empty((0,))
+    grad_x = grad_y.new_empty((*grad_y.shape[:-1], crow_indices_t.shape[0] - 1)) if output_mask[0] else none
+    grad_values = grad_y.new_empty(col_indices.shape) if output_mask[1] else none
+    grad_bias = grad_y.new_empty(grad_y.shape[-1:]) if output_mask[2] else none
+    return grad_x, grad_values, grad_bias
 
 
 torch.library.register_autograd(
@@ -242,6 +282,9 @@ def sparse_adapter(
     `(values, bias or None, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t,
     row_order_t)`, the buffers of a SparseLinear. The pre-activation is kept for the backward only
     when a gradient will be needed."""
+    if _eager_autograd(x, residual, down[0], down[1], up[0], up[1]):
+        cast = autocast_inputs(x.device.type, x, residual, down[0], down[1], up[0], up[1])
+        return _SparseAdapterFunction.apply(*cast, down[2:], up[2:], activation, float(scale))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, down[0], down[1], up[0], up[1]))
     out, _ = _ops.sparse_adapter.default(x, residual, *down, *up, activation, float(scale), needs_grad)
@@ -261,29 +304,6 @@ def _sparse_adapter_fake(x, residual, down_values, down_bias, down_crow, down_co
     return out, hidden
 
 
-def _activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "identity":
-        return h
-    return {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
-            "tanh": torch.tanh}[activation](h)
-
-
-def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
-    if activation == "identity":
-        return grad
-    if activation == "relu":
-        return grad * (pre > 0).to(grad.dtype)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, pre)
-    return torch.ops.aten.tanh_backward(grad, torch.tanh(pre))
-
-
-def _sum_leading(t: Tensor) -> Tensor:
-    return t.sum(dim=tuple(range(t.dim() - 1))) if t.dim() > 1 else t
-
-
 def _sparse_adapter_setup_context(ctx, inputs, output):
     (x, residual, d_values, _d_bias, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
      u_values, _u_bias, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t, activation, scale, save_hidden) = inputs
@@ -295,29 +315,56 @@ def _sparse_adapter_setup_context(ctx, inputs, output):
                           u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t)
 
 
+def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, activation, scale, need):
+    """The gradients of (x, residual, down values, down bias, up values, up bias), None where `need`
+    is False: one backward op from the saved pre-activation, which recomputes no forward product."""
+    mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
+    grads = [None] * 6
+    if any(mask):
+        computed = _ops.sparse_adapter_backward.default(grad_out, x, pre, d_values, *down_pattern, u_values,
+                                                        *up_pattern, activation, scale, mask)
+        for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
+            grads[i] = g if m else None
+    if need[1]:
+        grads[1] = grad_out
+    return grads
+
+
+class _SparseAdapterFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, down_pattern, up_pattern, activation, scale):
+        out, pre = _ops.sparse_adapter.default(x, residual, d_values, d_bias, *down_pattern, u_values, u_bias,
+                                               *up_pattern, activation, scale, True)
+        ctx.patterns, ctx.activation, ctx.scale = (down_pattern, up_pattern), activation, scale
+        ctx.save_for_backward(x, pre, d_values, u_values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, pre, d_values, u_values = ctx.saved_tensors
+        down_pattern, up_pattern = ctx.patterns
+        grads = _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, ctx.activation,
+                               ctx.scale, ctx.needs_input_grad[:6])
+        return (*grads, None, None, None, None)
+
+
 def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
-    """From the saved pre-activation: the up projection's gradients, back through the activation, the
-    down projection's; no forward matmul is recomputed."""
     (x, pre, d_values, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
      u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t) = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = grad_out * ctx.scale
-    grad_up_values = _ops.sddmm.default(g, _activate(pre, ctx.activation), u_crow, u_col) if need[10] else None
-    grad_up_bias = _sum_leading(g) if need[11] else None
-    grad_x = grad_down_values = grad_down_bias = None
-    if need[0] or need[2] or need[3]:
-        grad_hidden = _ops.spmm.default(g, u_values.index_select(0, u_perm_t), u_crow_t, u_col_t, u_row_order_t, None)
-        grad_pre = _activation_backward(grad_hidden, pre, ctx.activation)
-        if need[0]:
-            grad_x = _ops.spmm.default(grad_pre, d_values.index_select(0, d_perm_t), d_crow_t, d_col_t,
-                                       d_row_order_t, None)
-        if need[2]:
-            grad_down_values = _ops.sddmm.default(grad_pre, x, d_crow, d_col)
-        if need[3]:
-            grad_down_bias = _sum_leading(grad_pre)
-    grad_residual = grad_out if need[1] else None
-    return (grad_x, grad_residual, grad_down_values, grad_down_bias) + (None,) * 6 + (
-        grad_up_values, grad_up_bias) + (None,) * 9
+    grads = _adapter_grads(grad_out, x, pre, d_values, (d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t),
+                           u_values, (u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t), ctx.activation,
+                           ctx.scale, (need[0], need[1], need[2], need[3], need[10], need[11]))
+    return (grads[0], grads[1], grads[2], grads[3]) + (None,) * 6 + (grads[4], grads[5]) + (None,) * 9
+
+
+@torch.library.register_fake("sparseadapter::sparse_adapter_backward")
+def _sparse_adapter_backward_fake(grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t,
+                                  down_perm_t, down_row_order_t, up_values, up_crow, up_col, up_crow_t, up_col_t,
+                                  up_perm_t, up_row_order_t, activation, scale, output_mask):
+    none = grad_out.new_empty((0,))
+    shapes = (x.shape, down_col.shape, (down_crow.shape[0] - 1,), up_col.shape, (up_crow.shape[0] - 1,))
+    return tuple(grad_out.new_empty(shape) if m else none for shape, m in zip(shapes, output_mask))
 
 
 torch.library.register_autograd(

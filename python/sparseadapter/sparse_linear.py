@@ -90,7 +90,17 @@ class SparseLinear(nn.Module):
         return cls(in_features, out_features, crow, col, weight.detach()[keep], bias, validate=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.sparseadapter.sparse_linear(
+        if torch.jit.is_scripting():
+            return torch.ops.sparseadapter.sparse_linear(
+                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
+                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
+            )
+        return self._forward_python(x)
+
+    @torch.jit.unused
+    def _forward_python(self, x: Tensor) -> Tensor:
+        """Through the Python wrapper, whose eager autograd costs less host time per call."""
+        return sparseadapter_ext.sparse_linear(
             x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
             self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
         )
