@@ -95,7 +95,7 @@ def machine_header(args):
         f"machine: {platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()} | our CPU kernels {sparseadapter_ext.cpu_isa()}",
         f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
-        f"python {platform.python_version()}",
+        f"python {platform.python_version()} | our ops' path mode {sparseadapter_ext.path_mode()}",
         f"threads: torch.set_num_threads({args.threads}) | "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
         f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
