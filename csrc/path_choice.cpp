@@ -41,7 +41,7 @@ std::atomic<int>& mode_storage() {
   return mode;
 }
 
-using Key = std::tuple<std::string, std::string, int, std::array<int64_t, 6>, int64_t>;
+using Key = std::tuple<std::string, std::string, std::string, std::array<int64_t, 6>, int64_t>;
 
 struct Registry {
   std::mutex mutex;
@@ -54,8 +54,12 @@ Registry& registry() {
 }
 
 Key key_of(const PathProblem& p) {
-  return Key{p.op, p.device.str(), static_cast<int>(p.dtype), p.dims, p.tokens};
+  return Key{p.op, p.device.str(), c10::toString(p.dtype), p.dims, p.tokens};
 }
+
+Key key_of(const PathDecision& d) { return Key{d.op, d.device, d.dtype, d.dims, d.tokens}; }
+
+bool is_measurement(const std::string& source) { return source == "measured" || source == "cached"; }
 
 PathDecision decision_of(const PathProblem& p, Path path, const char* source, double ms_sparse, double ms_dense) {
   return PathDecision{p.op, p.device.str(), c10::toString(p.dtype), p.dims, p.tokens, path, source,
@@ -70,12 +74,13 @@ void record(const PathProblem& p, const PathDecision& d) {
   it->second.calls = 1;
 }
 
-// The recorded path of `p` if one was measured, counting the call.
+// The recorded path of `p` if one was measured (in this process or by an earlier one on this machine),
+// counting the call.
 std::optional<Path> measured_path(const PathProblem& p) {
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   const auto it = r.decisions.find(key_of(p));
-  if (it == r.decisions.end() || it->second.source != "measured") {
+  if (it == r.decisions.end() || !is_measurement(it->second.source)) {
     return std::nullopt;
   }
   ++it->second.calls;
@@ -194,6 +199,17 @@ std::vector<PathDecision> path_decisions() {
     out.push_back(d);
   }
   return out;
+}
+
+void seed_path_decision(PathDecision decision) {
+  decision.source = "cached";
+  decision.calls = 0;
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  const auto [it, inserted] = r.decisions.try_emplace(key_of(decision), decision);
+  if (!inserted && !is_measurement(it->second.source)) {
+    it->second = decision;  // a measurement replaces a forced record, never another measurement
+  }
 }
 
 void clear_path_decisions() {

@@ -8,7 +8,8 @@
 // first call of each problem (op, device, dtype, shape, nnz, tokens rounded up to a power of two)
 // times both paths on its own inputs and remembers the faster for the process. The mode comes from
 // the environment variable SPARSEADAPTER_PATH (auto | sparse | dense; default auto), read at first
-// use, or from set_path_mode. Every decision is reported by path_decisions().
+// use, or from set_path_mode. Every decision is reported by path_decisions(); sparseadapter_ext's
+// path_cache keeps the measurements of a machine across processes (seed_path_decision).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -69,7 +70,7 @@ struct PathDecision {
   std::array<int64_t, 6> dims;
   int64_t tokens;
   Path path;
-  std::string source;  // "measured", "forced" or "unmeasured" (could not time: ran sparse)
+  std::string source;  // "measured", "cached" (seed_path_decision) or "forced"
   double ms_sparse;    // medians of the measurement; NaN when not measured
   double ms_dense;
   int64_t calls;       // calls that ran this problem's path since it was recorded
@@ -77,5 +78,8 @@ struct PathDecision {
 
 std::vector<PathDecision> path_decisions();
 void clear_path_decisions();
+// A measurement made by an earlier process on this machine (source becomes "cached"): auto mode runs
+// its path without timing again. It does not replace a measurement of this process.
+void seed_path_decision(PathDecision decision);
 
 }  // namespace sparseadapter

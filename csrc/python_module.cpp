@@ -3,6 +3,8 @@
 #include <Python.h>
 
 #include <cmath>
+#include <string>
+#include <utility>
 
 #include "cpu/cpu_isa.h"
 #include "path_choice.h"
@@ -97,6 +99,49 @@ PyObject* path_decisions(PyObject*, PyObject*) {
   return list;
 }
 
+// _C.seed_path_decision(op, device, dtype, dims, tokens, path, ms_sparse, ms_dense): a measurement
+// of an earlier process (sparseadapter_ext.path_cache).
+PyObject* seed_path_decision(PyObject*, PyObject* args) {
+  const char *op, *device, *dtype, *path;
+  PyObject* dims;
+  long long tokens;
+  double ms_sparse, ms_dense;
+  if (!PyArg_ParseTuple(args, "sssOLsdd", &op, &device, &dtype, &dims, &tokens, &path, &ms_sparse, &ms_dense)) {
+    return nullptr;
+  }
+  sparseadapter::PathDecision d;
+  PyObject* seq = PySequence_Fast(dims, "dims must be a sequence of 6 integers");
+  if (seq == nullptr) {
+    return nullptr;
+  }
+  const bool six = PySequence_Fast_GET_SIZE(seq) == static_cast<Py_ssize_t>(d.dims.size());
+  for (size_t i = 0; six && i < d.dims.size(); ++i) {
+    d.dims[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, static_cast<Py_ssize_t>(i)));
+  }
+  Py_DECREF(seq);
+  if (!six) {
+    PyErr_SetString(PyExc_ValueError, "dims must be a sequence of 6 integers");
+    return nullptr;
+  }
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  const std::string path_name = path;
+  if (path_name != "sparse" && path_name != "dense") {
+    PyErr_Format(PyExc_ValueError, "path must be 'sparse' or 'dense', got '%s'", path);
+    return nullptr;
+  }
+  d.op = op;
+  d.device = device;
+  d.dtype = dtype;
+  d.tokens = tokens;
+  d.path = path_name == "sparse" ? sparseadapter::Path::kSparse : sparseadapter::Path::kDense;
+  d.ms_sparse = ms_sparse;
+  d.ms_dense = ms_dense;
+  sparseadapter::seed_path_decision(std::move(d));
+  Py_RETURN_NONE;
+}
+
 PyObject* clear_path_decisions(PyObject*, PyObject*) {
   sparseadapter::clear_path_decisions();
   Py_RETURN_NONE;
@@ -108,6 +153,7 @@ PyMethodDef methods[] = {
     {"path_mode", path_mode, METH_NOARGS, "The path mode: auto, sparse or dense."},
     {"path_decisions", path_decisions, METH_NOARGS, "The path decisions of this process, one dict per problem."},
     {"clear_path_decisions", clear_path_decisions, METH_NOARGS, "Forgets every path decision."},
+    {"seed_path_decision", seed_path_decision, METH_VARARGS, "Records a measurement of an earlier process."},
     {nullptr, nullptr, 0, nullptr},
 };
 

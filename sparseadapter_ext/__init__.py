@@ -26,6 +26,9 @@ from .ops import (
     validate_csr,
 )
 from . import autocast  # noqa: E402,F401  (after ops: registers autocast for the ops in autocast.LOWER_PRECISION_OPS)
+from .path_cache import install as _install_path_cache, load_path_decisions, save_path_decisions
+
+_install_path_cache()  # this machine's path measurements in, this process's out at exit
 
 __all__ = [
     "ADAPTER_ACTIVATIONS",
@@ -37,10 +40,12 @@ __all__ = [
     "csr_to_dense",
     "csr_transpose",
     "has_cuda_kernels",
+    "load_path_decisions",
     "mask_to_csr",
     "path_decisions",
     "path_mode",
     "prune_score",
+    "save_path_decisions",
     "set_path_mode",
     "sddmm",
     "sparse_adapter",

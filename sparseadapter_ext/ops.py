@@ -100,7 +100,8 @@ def path_decisions() -> List[dict]:
     """One dict per problem this process ran: op, device, dtype, dims (op-specific sizes: spmm and
     sddmm (out, in, nnz, has_bias, 0, 0); sparse_adapter (in, bottleneck, out, nnz_down, nnz_up,
     flags)), tokens (rounded up to a power of two), path ("sparse" or "dense"), source ("measured",
-    "forced", "unmeasured"), ms_sparse and ms_dense (the measured medians, else None), calls."""
+    "cached": measured by an earlier process on this machine (path_cache), "forced"), ms_sparse and
+    ms_dense (the measured medians, else None), calls."""
     from . import _C
 
     return _C.path_decisions()

@@ -4,6 +4,13 @@ import math
 import os
 import zlib
 
+# The suite tests our CSR kernels unless SPARSEADAPTER_PATH says otherwise (=dense runs it on the
+# dense path); the numerics tests take the `path` fixture to run both, and the path choice's own
+# tests set the mode themselves. Subprocesses inherit the variable.
+os.environ.setdefault("SPARSEADAPTER_PATH", "sparse")
+# No test reads or writes the user's path-decision cache (tests of the cache give their own files).
+os.environ["SPARSEADAPTER_CACHE_DIR"] = ""
+
 import pytest
 import torch
 
@@ -11,10 +18,6 @@ import cmake_support
 import sparseadapter_ext
 
 
-# The suite tests our CSR kernels unless SPARSEADAPTER_PATH says otherwise (=dense runs it on the
-# dense path); the numerics tests take the `path` fixture to run both, and the path choice's own
-# tests set the mode themselves. Subprocesses inherit the variable.
-os.environ.setdefault("SPARSEADAPTER_PATH", "sparse")
 PATHS = ["sparse", "dense"]
 
 

@@ -87,10 +87,9 @@ def test_bench_training_counts_the_kernel_paths(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
         sparseadapter_ext.set_path_mode(previous)
     table = md.read_text()
-    # tiny model: 2 layers x 2 Houlsby adapters; the first step runs each fused adapter once forward,
-    # and in its backward spmm and sddmm calls (forced to the sparse path here)
-    dense, sparse = re.fullmatch(r"dense (\d+) / sparse (\d+)", _training_cells(table, "houlsby-80", "fp32")[-1]).groups()
-    assert int(dense) == 0 and int(sparse) >= 4 + 4 * 2
+    # tiny model: 2 layers x 2 Houlsby adapters; the first step runs each fused adapter's forward op
+    # and its backward op once (forced to the sparse path here)
+    assert _training_cells(table, "houlsby-80", "fp32")[-1] == "dense 0 / sparse 8"
     assert _training_cells(table, "houlsby-dense", "fp32")[-1] == "none"
     assert training.summarize_paths(None) == "n/a"
     before = {("spmm",): ("sparse", 3), ("sddmm",): ("dense", 1)}

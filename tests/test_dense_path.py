@@ -132,3 +132,67 @@ def test_bad_modes_are_named():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "SPARSEADAPTER_PATH=fastest: path mode must be one of auto, sparse, dense" in proc.stderr
+
+
+def test_measurements_are_kept_per_machine(tmp_path):
+    """save_path_decisions writes this process's measurements; load_path_decisions makes them this
+    process's decisions ("cached"), which auto mode then runs without measuring again."""
+    import json
+
+    p, x, values = _layer_problem("cpu", torch.float32)
+    ops.set_path_mode("auto")
+    ops.clear_path_decisions()
+    ops.spmm(x, values, p.crow, p.col)
+    (measured,) = ops.path_decisions()
+    path = ops.save_path_decisions(tmp_path / "paths.json")
+    saved = json.loads(path.read_text())
+    assert saved["machine"]["cpu_isa"] == ops.cpu_isa() and len(saved["decisions"]) == 1
+    ops.clear_path_decisions()
+    assert ops.load_path_decisions(path) == 1
+    (cached,) = ops.path_decisions()
+    assert cached["source"] == "cached" and cached["calls"] == 0
+    assert (cached["path"], cached["ms_sparse"], cached["ms_dense"]) == (
+        measured["path"], measured["ms_sparse"], measured["ms_dense"])
+    ops.spmm(x, values, p.crow, p.col)
+    (used,) = ops.path_decisions()
+    assert used["source"] == "cached" and used["calls"] == 1
+
+
+def test_measurements_of_another_machine_or_malformed_are_refused(tmp_path):
+    import json
+
+    ops.set_path_mode("auto")
+    ops.clear_path_decisions()
+    p, x, values = _layer_problem("cpu", torch.float32)
+    ops.spmm(x, values, p.crow, p.col)
+    path = ops.save_path_decisions(tmp_path / "paths.json")
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "another CPU"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="measured on another machine or build"):
+        ops.load_path_decisions(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a path-decision file"):
+        ops.load_path_decisions(path)
+
+
+def test_the_cache_folder_carries_measurements_to_the_next_process(tmp_path):
+    """With SPARSEADAPTER_CACHE_DIR set, a process saves its measurements at exit and the next one
+    starts with them; an unreadable cache file is a warning, not a failed import."""
+    env = dict(os.environ, SPARSEADAPTER_CACHE_DIR=str(tmp_path), SPARSEADAPTER_PATH="auto")
+    first = ("import torch, sparseadapter_ext as ops\n"
+             "crow = torch.tensor([0, 2, 3], dtype=torch.int32); col = torch.tensor([0, 2, 1], dtype=torch.int32)\n"
+             "ops.spmm(torch.randn(40, 3), torch.randn(3), crow, col)\n"
+             "assert [d['source'] for d in ops.path_decisions()] == ['measured']\n")
+    second = ("import sparseadapter_ext as ops\n"
+              "print([(d['op'], d['source']) for d in ops.path_decisions()])\n")
+    for code in (first, second):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[('spmm', 'cached')]"
+    (cache_file,) = tmp_path.glob("path-decisions-*.json")
+    cache_file.write_text("garbage")
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", second], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]"
+    assert "path-decision cache not used" in proc.stderr

@@ -107,6 +107,7 @@ def test_densify_is_the_same_map():
 
 
 def test_auto_follows_the_crossover_table(tmp_path, monkeypatch):
+    monkeypatch.setenv(path_choice.PATH_ENV, "auto")  # the suite runs with SPARSEADAPTER_PATH=sparse
     table = path_choice.CrossoverTable("cpu", "float32", [
         {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.5},
         {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 10000, "crossover_density": 0.1}])
@@ -132,6 +133,7 @@ def test_auto_follows_the_crossover_table(tmp_path, monkeypatch):
 
 
 def test_bad_crossover_tables_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(path_choice.PATH_ENV, "auto")  # the suite runs with SPARSEADAPTER_PATH=sparse
     monkeypatch.setenv(path_choice.TABLE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="no such file"):
         path_choice.choose_path(64, 16, 0.3, 128)
