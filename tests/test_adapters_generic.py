@@ -1,6 +1,7 @@
 """Adapters on small randomly initialized Hugging Face models: BART and T5 through their built-in
-placement, GPT-2 through user patterns, the errors for placements that cannot work, and prefix
-tuning's attention masking (padding, sdpa against eager)."""
+placement, user patterns over it (GPT-2) and on a model type with none (OPT), the errors for
+placements that cannot work, and prefix tuning's attention masking (padding, sdpa against eager).
+The decoder-only families and generation with the KV cache: test_adapters_decoders.py."""
 import os
 
 import pytest
@@ -10,7 +11,6 @@ transformers = pytest.importorskip("transformers")
 from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
 
 import sparseadapter as sa  # noqa: E402
-from sparseadapter.adapters import placement  # noqa: E402
 from sparseadapter.adapters import prefix as prefix_attention  # noqa: E402
 from sparseadapter.adapters.slot import AdapterSlot  # noqa: E402
 from sparseadapter.sparse_linear import SparseLinear  # noqa: E402
@@ -20,6 +20,8 @@ BART = dict(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, enco
 T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 GPT2 = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=2,
             pad_token_id=1)
+OPT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+           max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 KINDS = ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
 # Prefix tuning plugs into transformers' AttentionInterface, which these models dispatch through from 5.0 on.
 # Every kind's slot mode at its hosts, per family (BART's parallel adapter spans fc1 .. fc2).
@@ -29,14 +31,16 @@ MODES = {
 }
 
 
-def make(family: str, attn: str = "sdpa", seed: int = 0):
+def make(family: str, attn: str = "sdpa", seed: int = 0, **kw):
     torch.manual_seed(seed)
     if family == "bart":
         model = transformers.BartForConditionalGeneration(transformers.BartConfig(**BART))
     elif family == "t5":
         model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5))
+    elif family == "opt":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(**OPT))
     else:
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, **kw))
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
     return model.eval()
@@ -57,7 +61,9 @@ def expected_hosts(family: str, kind: str):
         ffn_out = [f"{layer}.fc2" for layer in layers]
         parallel = ffn_out
         lora = [f"{layer}.self_attn.{p}" for layer in layers for p in ("q_proj", "v_proj")]
-        prefix = [f"{layer}.self_attn" for layer in enc]
+        # encoder self-attention, then per decoder layer its self- and its cross-attention
+        prefix = [f"{layer}.self_attn" for layer in enc] + [
+            f"model.decoder.layers.{i}.{attn}" for i in range(2) for attn in ("self_attn", "encoder_attn")]
     else:
         enc = [f"encoder.block.{i}" for i in range(2)]
         dec = [f"decoder.block.{i}" for i in range(2)]
@@ -65,7 +71,8 @@ def expected_hosts(family: str, kind: str):
         parallel = [f"{b}.layer.1.DenseReluDense" for b in enc] + [f"{b}.layer.2.DenseReluDense" for b in dec]
         ffn_out = [f"{ffn}.wo" for ffn in parallel]
         lora = [f"{block}.layer.0.SelfAttention.{p}" for block in enc + dec for p in ("q", "v")]
-        prefix = [f"{block}.layer.0.SelfAttention" for block in enc]
+        prefix = [f"{block}.layer.0.SelfAttention" for block in enc] + [
+            f"{block}.{attn}" for block in dec for attn in ("layer.0.SelfAttention", "layer.1.EncDecAttention")]
     return dict(houlsby=attn_out + ffn_out, pfeiffer=ffn_out, parallel=parallel, lora=lora, prefix=prefix,
                 mam=prefix + parallel)[kind]
 
@@ -187,9 +194,10 @@ def test_snip_lora_with_data():
     check_adapter_behaviour(model, ids, labels, base_logits, base_generated)
 
 
-# -- the generic path: user patterns on a model type with no built-in placement --------------------
+# -- user patterns: over a family's placement, and on a model type with none -------------------------
 @pytest.mark.parametrize("kind,mode", [("houlsby", "after"), ("parallel", "parallel")])
 def test_target_modules_on_gpt2(kind, mode):
+    """target_modules replaces the family's placement."""
     model = make("gpt2")
     ids, _ = inputs()
     base_logits, base_generated = base_outputs(model, ids, ids)
@@ -201,7 +209,7 @@ def test_target_modules_on_gpt2(kind, mode):
 
 
 def test_lora_targets_on_gpt2():
-    """GPT-2's attention and MLP are Conv1D, but its lm_head is an nn.Linear that LoRA can adapt."""
+    """lora_targets replaces the family's (c_attn): here GPT-2's lm_head, an nn.Linear."""
     model = make("gpt2")
     ids, _ = inputs()
     base_logits, base_generated = base_outputs(model, ids, ids)
@@ -228,26 +236,47 @@ def assert_untouched(model, before):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unknown_model_type_needs_patterns(kind):
-    model = make("gpt2")
+    model = make("opt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if kind in ("prefix", "mam"):  # patterns place bottleneck adapters only: the advice must not be to pass them
-        match = r"prefix tuning \(%s\) goes into the encoder self-attention .*'gpt2' has none" % kind
+        match = r"prefix tuning \(%s\) goes into the attention modules .*'opt' has none" % kind
     else:
-        match = r"no built-in placement for model type 'gpt2'.*pass target_modules"
+        match = r"no built-in placement for model type 'opt'.*pass target_modules"
     with pytest.raises(ValueError, match=match):
         sa.add_adapter(model, "a", config(kind))
     if kind == "mam":  # not even with target_modules for its parallel part
         with pytest.raises(ValueError, match=match):
-            sa.add_adapter(model, "a", config(kind, target_modules=[r"mlp$"]))
+            sa.add_adapter(model, "a", config(kind, target_modules=[r"fc2$"]))
     assert_untouched(model, before)
 
 
-def test_lora_on_conv1d_is_refused():
+def test_target_modules_on_unknown_model_type():
+    model = make("opt")
+    ids, _ = inputs()
+    base_logits, base_generated = base_outputs(model, ids, ids)
+    sa.add_adapter(model, "a", config("houlsby", target_modules=[r"self_attn\.out_proj$", r"fc2$"]))
+    assert {h: s.mode for h, s in slot_hosts(model).items()} == {
+        f"model.decoder.layers.{i}.{m}": "after" for i in range(2) for m in ("self_attn.out_proj", "fc2")}
+    check_adapter_behaviour(model, ids, ids, base_logits, base_generated)
+
+
+def test_lora_on_conv1d_merges_transposed():
+    """GPT-2's Conv1D stores its weight [in, out]: LoRA adapts it, and merging adds the transposed update."""
     model = make("gpt2")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"nn\.Linear.*'transformer\.h\.0\.attn\.c_attn' is a Conv1D"):
-        sa.add_adapter(model, "a", config("lora", lora_targets=[r"attn\.c_attn$"]))
-    assert_untouched(model, before)
+    ids, _ = inputs()
+    sa.add_adapter(model, "a", config("lora", lora_targets=[r"attn\.c_attn$"]))
+    hosts = slot_hosts(model)
+    assert {h: (s.mode, s.in_features, s.out_features) for h, s in hosts.items()} == {
+        f"transformer.h.{i}.attn.c_attn": ("lora", 32, 96) for i in range(2)}
+    weight = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        sa.merge(model)
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, hooked, rtol=0, atol=1e-5)
+    assert (hooked - base_outputs(make("gpt2"), ids, ids)[0]).abs().max() > 1e-3, "the adapter does not act"
+    sa.unmerge(model)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, weight)
 
 
 @pytest.mark.parametrize("family,kind,field", [
@@ -279,22 +308,15 @@ def test_pattern_inside_adapter_not_matched():
 
 @needs_attention_interface
 @pytest.mark.parametrize("kind", ["prefix", "mam"])
-def test_prefix_on_causal_attention_is_refused(kind, monkeypatch):
-    model = make("bart")
+def test_prefix_refused_on_gpt2_upcast_eager_attention(kind):
+    """GPT-2 with reorder_and_upcast_attn under eager attention runs its own attention, not the interface
+    prefix tuning plugs into: refused, naming the module and the reason, the model left as it was."""
+    model = make("gpt2", attn="eager", reorder_and_upcast_attn=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    decoder = dict(placement.FAMILIES["bart"], self_attention=r"decoder\.layers\.\d+\.self_attn$")
-    monkeypatch.setitem(placement.FAMILIES, "bart", decoder)
-    with pytest.raises(ValueError, match=r"'model\.decoder\.layers\.0\.self_attn' is causal"):
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn' \(GPT2Attention\) with reorder_and_upcast_attn"):
         sa.add_adapter(model, "a", config(kind))
     assert_untouched(model, before)
-    assert model.config._attn_implementation == "sdpa"
-
-
-@needs_attention_interface
-def test_check_attention_module_refuses_causal_gpt2():
-    model = make("gpt2")
-    with pytest.raises(ValueError, match="causal"):
-        prefix_attention.check_attention_module("transformer.h.0.attn", model.transformer.h[0].attn)
+    assert model.config._attn_implementation == "eager"
 
 
 # -- prefix tuning and the attention mask ----------------------------------------------------------
@@ -364,3 +386,21 @@ def test_prefix_masking_minilm(minilm_tokenizer):
         assert (one.hidden_states[-1] - off.hidden_states[-1]).abs().max() > 1e-2, "the prefix does not act"
         logits[attn] = out.logits
     torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=0, atol=1e-5)
+
+
+@needs_attention_interface
+def test_t5_encoder_model_with_gated_ffn():
+    """T5EncoderModel has no decoder attention for prefixes; T5 v1.1's gated FFN (a T5DenseGatedActDense,
+    still named DenseReluDense) takes the parallel adapter."""
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(**T5, feed_forward_proj="gated-gelu")).eval()
+    ids, _ = inputs()
+    with torch.no_grad():
+        base = model(input_ids=ids).last_hidden_state
+    sa.add_adapter(model, "a", config("mam"))
+    assert {h: s.mode for h, s in slot_hosts(model).items()} == {
+        **{f"encoder.block.{i}.layer.0.SelfAttention": "prefix" for i in range(2)},
+        **{f"encoder.block.{i}.layer.1.DenseReluDense": "parallel" for i in range(2)}}
+    assert type(model.encoder.block[0].layer[1].DenseReluDense).__name__ == "T5DenseGatedActDense"
+    with torch.no_grad():
+        assert (model(input_ids=ids).last_hidden_state - base).abs().max() > 1e-4

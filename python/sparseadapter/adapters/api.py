@@ -18,7 +18,7 @@ from ..pruning.api import PRUNABLE_ATTR, prune
 from . import prefix as prefix_attention
 from .config import SparseAdapterConfig
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
-from .placement import Site, hidden_size, resolve_sites
+from .placement import Site, hidden_size, is_conv1d, resolve_sites
 from .registry import PREFIX_ROOT, REGISTRY_ATTR, AdapterEntry, entry, registry
 from .slot import SLOT_ATTR, AdapterSlot, slots
 
@@ -131,10 +131,13 @@ class BuiltAdapter:
     prefix: Optional[PrefixGenerator]
 
 
-def build_adapter(model: nn.Module, config: SparseAdapterConfig) -> BuiltAdapter:
+def build_adapter(model: nn.Module, config: SparseAdapterConfig,
+                  prefix_sites: Optional[List[Site]] = None) -> BuiltAdapter:
     """Resolve the sites and build the modules, seeded, on each host's device and dtype; the model is
-    not touched."""
+    not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer)."""
     sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
+    if prefix_sites is not None and "prefix" in sites:
+        sites["prefix"] = list(prefix_sites)
     kv_dims = {site.host: prefix_attention.check_attention_module(site.host, model.get_submodule(site.host))
                for site in sites.get("prefix", [])}
     if len(set(kv_dims.values())) > 1:
@@ -292,6 +295,12 @@ def _lora_slots(model: nn.Module, name: str):
     return [(site.host, model.get_submodule(site.host)) for site in entry(model, name).sites["lora"]]
 
 
+def _weight_delta(host: nn.Module, adapter: LoRAAdapter) -> torch.Tensor:
+    """The LoRA update in the layout of the host's weight: [out, in] for nn.Linear, [in, out] for Conv1D."""
+    delta = adapter.delta_weight()
+    return (delta.t() if is_conv1d(host) else delta).to(host.weight.dtype)
+
+
 def merge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
     """Fold LoRA adapters (default: the active ones) into their base weights: `W += (alpha/r) B A`.
 
@@ -311,8 +320,7 @@ def merge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
                     continue
                 if not slot.merged:
                     slot.__dict__["original_weight"] = host.weight.detach().clone()
-                delta = slot.adapters[n].delta_weight()
-                host.weight.add_(delta.to(host.weight.dtype))
+                host.weight.add_(_weight_delta(host, slot.adapters[n]))
                 slot.merged.append(n)
     return model
 
@@ -330,7 +338,7 @@ def unmerge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
             slot.merged = [n for n in slot.merged if n not in remove]
             host.weight.copy_(slot.__dict__["original_weight"])
             for n in slot.merged:
-                host.weight.add_(slot.adapters[n].delta_weight().to(host.weight.dtype))
+                host.weight.add_(_weight_delta(host, slot.adapters[n]))
             if not slot.merged:
                 del slot.__dict__["original_weight"]
     return model

@@ -34,7 +34,7 @@ from .api import (
     pruning_record, set_active_adapters,
 )
 from .config import SparseAdapterConfig
-from .placement import Site, model_type
+from .placement import Site, model_type, resolve_sites
 from .registry import entry, registry
 
 CONFIG_FILE = "adapter_config.json"
@@ -254,6 +254,27 @@ def _check_sites(meta: dict, parts) -> None:
             raise ValueError(f"load_adapter: the adapter has {len(theirs)} {part} sites, the model {len(sites)}")
 
 
+def _earlier_prefix_sites(model: nn.Module, config: SparseAdapterConfig, meta: dict):
+    """The file's prefix sites when they are some of the model's, in order: BART and T5 prefixes were
+    in the encoder only before they went into the decoder's self- and cross-attention too, and such a
+    file still loads as it was trained. None otherwise (the site check then judges the file)."""
+    saved = meta.get("sites")
+    if config.kind not in ("prefix", "mam") or not isinstance(saved, dict):
+        return None
+    if not isinstance(saved.get("prefix"), list):
+        return None
+    mine = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)["prefix"]
+    position = {site: i for i, site in enumerate(mine)}
+    try:
+        theirs = [Site(**s) for s in saved["prefix"]]
+        order = [position.get(site) for site in theirs]
+    except TypeError:  # not site records, or unhashable fields: malformed, for the site check to report
+        return None
+    if theirs and theirs != mine and None not in order and order == sorted(set(order)):
+        return theirs
+    return None
+
+
 def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> SparseLinear:
     """The SparseLinear stored under `key`; its indices in `tensors` are widened to the in-memory type."""
     crow, col, values = (tensors.get(f"{key}.{k}") for k in ("crow_indices", "col_indices", "values"))
@@ -364,7 +385,7 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
     if saved_type is not None and saved_type != model_type(model):
         raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
                          f"{model_type(model)!r}")
-    parts = build_adapter(model, config)
+    parts = build_adapter(model, config, prefix_sites=_earlier_prefix_sites(model, config, meta))
     tensors = _read_tensors(path, meta, _size_limit(model, parts))
     pruning = None
     if meta.get("sparseadapter_pruning"):

@@ -6,8 +6,14 @@ A family maps roles to regexes over module names (matched with `re.search`):
   ffn_parallel   how a parallel adapter spans the FFN: ("residual_input", block) for post-LN blocks
                  called as block(ffn_hidden, residual); ("parallel", module) for a module mapping the
                  FFN input to its output; ("span", start, end) for the input of `start` to the output of `end`
-  lora           the linear layers LoRA adapts by default (query and value)
-  self_attention encoder self-attention modules (prefix tuning)
+  lora           the projections LoRA adapts by default (query and value; for a fused query-key-value
+                 projection, the whole projection)
+  prefix         the attention modules prefix tuning prepends keys and values to: encoder
+                 self-attention; for decoders also their (causal) self-attention and cross-attention,
+                 where Li & Liang and He et al.'s MAM put them
+
+Decoder-only families (llama, qwen2, mistral, gemma, phi3, gpt2) are pre-LN: their FFN module maps
+the normalized hidden state to the FFN output, so the parallel adapter runs beside that module.
 """
 import re
 from dataclasses import dataclass
@@ -20,7 +26,16 @@ _BERT_LIKE = dict(
     ffn_output=r"layer\.\d+\.output\.dense$",
     ffn_parallel=("residual_input", r"layer\.\d+\.output$"),
     lora=(r"attention\.self\.query$", r"attention\.self\.value$"),
-    self_attention=r"attention\.self$",
+    prefix=(r"attention\.self$",),
+)
+
+# Llama and the models built like it: model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.
+_LLAMA_LIKE = dict(
+    attn_output=r"layers\.\d+\.self_attn\.o_proj$",
+    ffn_output=r"layers\.\d+\.mlp\.down_proj$",
+    ffn_parallel=("parallel", r"layers\.\d+\.mlp$"),
+    lora=(r"layers\.\d+\.self_attn\.q_proj$", r"layers\.\d+\.self_attn\.v_proj$"),
+    prefix=(r"layers\.\d+\.self_attn$",),
 )
 
 FAMILIES = {
@@ -31,14 +46,30 @@ FAMILIES = {
         ffn_output=r"layers\.\d+\.fc2$",
         ffn_parallel=("span", r"layers\.\d+\.fc1$", r"layers\.\d+\.fc2$"),
         lora=(r"self_attn\.q_proj$", r"self_attn\.v_proj$"),
-        self_attention=r"encoder\.layers\.\d+\.self_attn$",
+        prefix=(r"encoder\.layers\.\d+\.self_attn$", r"decoder\.layers\.\d+\.self_attn$",
+                r"decoder\.layers\.\d+\.encoder_attn$"),
     ),
     "t5": dict(
         attn_output=r"layer\.0\.SelfAttention\.o$",
-        ffn_output=r"DenseReluDense\.wo$",
+        ffn_output=r"DenseReluDense\.wo$",  # also T5 v1.1's gated FFN, under the same attribute name
         ffn_parallel=("parallel", r"DenseReluDense$"),
         lora=(r"SelfAttention\.q$", r"SelfAttention\.v$"),
-        self_attention=r"encoder\.block\.\d+\.layer\.0\.SelfAttention$",
+        prefix=(r"encoder\.block\.\d+\.layer\.0\.SelfAttention$", r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
+                r"decoder\.block\.\d+\.layer\.1\.EncDecAttention$"),
+    ),
+    "llama": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "gemma": _LLAMA_LIKE,
+    # Phi-3 fuses query, key and value into qkv_proj (and gate and up into gate_up_proj): LoRA adapts
+    # the whole qkv projection, a rank-r update of all three.
+    "phi3": dict(_LLAMA_LIKE, lora=(r"layers\.\d+\.self_attn\.qkv_proj$",)),
+    # GPT-2's projections are Conv1D (weight [in, out], transposed against nn.Linear); c_attn is the
+    # fused query-key-value projection, which LoRA adapts whole (the LoRA paper's GPT-2 code adapts
+    # only its query and value slices).
+    "gpt2": dict(
+        attn_output=r"(^|\.)h\.\d+\.attn\.c_proj$",
+        ffn_output=r"(^|\.)h\.\d+\.mlp\.c_proj$",
+        ffn_parallel=("parallel", r"(^|\.)h\.\d+\.mlp$"),
+        lora=(r"(^|\.)h\.\d+\.attn\.c_attn$",),
+        prefix=(r"(^|\.)h\.\d+\.attn$",),
     ),
 }
 
@@ -78,9 +109,28 @@ def _inside_adapter(name: str) -> bool:
     return ".sparseadapter." in f".{name}." or name.startswith("sparseadapter_prefix")
 
 
-def _dims(model: nn.Module, module: nn.Module) -> Tuple[int, int]:
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return isinstance(module, Conv1D)
+
+
+def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) of an nn.Linear or a Conv1D; None for any other module."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return None
+
+
+def _dims(model: nn.Module, module: nn.Module) -> Tuple[int, int]:
+    dims = linear_dims(module)
+    if dims is not None:
+        return dims
     d = hidden_size(model)
     return d, d
 
@@ -111,7 +161,7 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence
     if kind in ("prefix", "mam") and model_type(model) not in FAMILIES:
         # checked first: target_modules places bottleneck adapters only, so advising it would not help
         raise ValueError(
-            f"prefix tuning ({kind}) goes into the encoder self-attention of a built-in model family "
+            f"prefix tuning ({kind}) goes into the attention modules of a built-in model family "
             f"(known: {', '.join(sorted(FAMILIES))}); model type {model_type(model)!r} has none, and target_modules "
             "places bottleneck adapters only")
     if kind == "lora":
@@ -119,9 +169,10 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence
         sites = []
         for pattern in patterns:
             for name, module in _require(_match(model, pattern), "LoRA target", pattern):
-                if not isinstance(module, nn.Linear):
-                    raise ValueError(f"LoRA adapts nn.Linear layers; {name!r} is a {type(module).__name__}")
-                sites.append(Site(name, "lora", module.in_features, module.out_features))
+                dims = linear_dims(module)
+                if dims is None:
+                    raise ValueError(f"LoRA adapts nn.Linear (or Conv1D) layers; {name!r} is a {type(module).__name__}")
+                sites.append(Site(name, "lora", *dims))
         out["lora"] = _unique(sites)
         return out
     if kind in ("houlsby", "pfeiffer", "parallel", "mam"):
@@ -147,8 +198,11 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence
             sites = _ffn_parallel_sites(model, family(model)["ffn_parallel"])
         out["bottleneck"] = _unique(sorted(sites, key=_order(model)))
     if kind in ("prefix", "mam"):
-        pattern = family(model)["self_attention"]
-        out["prefix"] = [Site(name, "prefix", 0, 0) for name, _ in _require(_match(model, pattern), "self_attention", pattern)]
+        # every attention role the model has: an encoder-only model (T5EncoderModel) has no decoder ones
+        patterns = family(model)["prefix"]
+        sites = [Site(name, "prefix", 0, 0) for pattern in patterns for name, _ in _match(model, pattern)]
+        _require(sites, "prefix attention", "|".join(patterns))
+        out["prefix"] = _unique(sorted(sites, key=_order(model)))
     return out
 
 

@@ -2,8 +2,15 @@
 
 The model's attention implementation (sdpa or eager) is wrapped by one that prepends the active
 prefixes of the calling module's slot to its keys and values and widens the attention mask to match,
-then calls the original implementation. Modules without prefixes pass through unchanged. Only
-non-causal (encoder) self-attention takes prefixes.
+then calls the original implementation. Modules without prefixes pass through unchanged.
+
+The wrapper runs after the attention module has applied rotary embeddings and updated the KV cache,
+so the prefixes never enter the cache: every forward, the first of a generation or a cached step,
+sees `[prefix, cached keys, new keys]`. Positions, the cache's length and the masks the model builds
+stay those of the base model; the prefixes are learned directly as (post-rotary) keys, visible to
+every query: causal self-attention, sliding windows, padding and cross-attention alike. They are
+built with the module's key/value heads, so grouped-query attention (fewer key/value heads than
+query heads) takes them as it takes its own keys.
 """
 import inspect
 import sys
@@ -30,20 +37,37 @@ def _base_function(base: str, module: nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+def _widen_mask(attention_mask, n_prefix: int, query, key, module, base: str, is_causal):
+    """The attention mask over `[prefix, keys]`: the model's mask with the prefix columns visible.
+
+    Without a mask, sdpa would run its own causal masking (`is_causal`, top-left aligned, which may
+    also crop the keys to the queries), which knows nothing of the prefix: the equivalent explicit
+    mask is built instead. An eager implementation without a mask masks nothing, nor need we."""
+    if attention_mask is not None:
+        # prefixes are visible to every query: True in a boolean mask, 0 in an additive one
+        fill = True if attention_mask.dtype == torch.bool else 0.0
+        return F.pad(attention_mask, (n_prefix, 0), value=fill)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if base != "sdpa" or q_len == 1 or not causal:
+        return None
+    keys = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    prefix = torch.ones(q_len, n_prefix, dtype=torch.bool, device=query.device)
+    return torch.cat([prefix, keys], dim=-1)[None, None]
+
+
 def _make_attention(base: str) -> Callable:
     def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         slot = getattr(module, SLOT_ATTR, None)
         kv = slot.prefix_kv(key.shape[0], key.shape[1], key.shape[-1], key) if slot is not None else None
         if kv is not None:
+            n_prefix = kv[0].shape[2]
+            attention_mask = _widen_mask(attention_mask, n_prefix, query, key, module, base, kwargs.get("is_causal"))
             key = torch.cat([kv[0], key], dim=2)
             value = torch.cat([kv[1], value], dim=2)
-            if attention_mask is not None:
-                # prefixes are visible to every query: True in a boolean mask, 0 in an additive one
-                fill = True if attention_mask.dtype == torch.bool else 0.0
-                attention_mask = F.pad(attention_mask, (kv[0].shape[2], 0), value=fill)
             if kwargs.get("position_bias") is not None:
                 # T5's relative position bias covers the keys too; prefixes have no position, so no bias
-                kwargs["position_bias"] = F.pad(kwargs["position_bias"], (kv[0].shape[2], 0), value=0.0)
+                kwargs["position_bias"] = F.pad(kwargs["position_bias"], (n_prefix, 0), value=0.0)
         return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     return prefix_attention
@@ -87,15 +111,29 @@ def uninstall(model: nn.Module) -> None:
 
 
 def check_attention_module(name: str, module: nn.Module) -> int:
-    """The key/value width of a self-attention module that can take prefixes."""
-    if getattr(module, "is_causal", False) or getattr(module, "is_decoder", False):
-        raise ValueError(f"prefix tuning here covers encoder self-attention; {name!r} is causal")
+    """The key/value width (key/value heads x head size) of an attention module that can take prefixes."""
     source = inspect.getsource(type(module).forward)
     if "ALL_ATTENTION_FUNCTIONS" not in source:
         raise ValueError(f"{type(module).__name__} does not dispatch through transformers' AttentionInterface, "
                          "so prefixes cannot be added to it (upgrade transformers to 5.x)")
+    config = getattr(module, "config", None)
+    if (getattr(module, "reorder_and_upcast_attn", False)
+            and getattr(config, "_attn_implementation", None) in ("eager", PREFIX + "eager")):
+        # GPT-2 runs its upcast attention instead of the interface only when the implementation is named
+        # "eager"; under the prefix implementation it would silently switch to the plain one
+        raise ValueError(f"prefix tuning cannot go into {name!r} ({type(module).__name__}) with "
+                         "reorder_and_upcast_attn=True under eager attention: that attention bypasses the "
+                         "AttentionInterface; load the model with attn_implementation='sdpa' or set "
+                         "reorder_and_upcast_attn=False")
     for child in ("key", "k_proj", "k"):
         layer = getattr(module, child, None)
         if isinstance(layer, nn.Linear):
             return layer.out_features
-    raise ValueError(f"cannot find the key projection of {name!r} (looked for key, k_proj, k)")
+    # a fused query-key-value projection (Phi-3's qkv_proj, GPT-2's c_attn): heads x head size
+    head_dim = getattr(module, "head_dim", None)
+    heads = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None) \
+        or getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None)
+    if isinstance(head_dim, int) and isinstance(heads, int):
+        return heads * head_dim
+    raise ValueError(f"cannot tell the key/value width of {name!r}: no key projection (key, k_proj, k) and no "
+                     "head_dim with a number of key/value heads")

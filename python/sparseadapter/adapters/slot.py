@@ -121,11 +121,15 @@ class AdapterSlot(nn.Module):
         return y
 
     def prefix_kv(self, batch: int, heads: int, head_dim: int, like: Tensor):
-        """Key and value prefixes [batch, heads, l, head_dim] of the active prefix adapters, or None."""
+        """Key and value prefixes [batch, heads, l, head_dim] of the active prefix adapters, or None
+        (`heads`: the key/value heads, fewer than the query heads under grouped-query attention)."""
         parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in self.active if n in self.prefixes]
         if not parts:
             return None
         kv = torch.cat(parts, dim=1).to(like.dtype)        # [2, l, heads * head_dim]
+        if kv.shape[-1] != heads * head_dim:
+            raise RuntimeError(f"sparseadapter: the prefixes are {kv.shape[-1]} wide, the attention's keys "
+                               f"{heads} heads x {head_dim} = {heads * head_dim}")
         kv = kv.reshape(2, kv.shape[1], heads, head_dim).permute(0, 2, 1, 3)
         return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
 
