@@ -282,13 +282,13 @@ class Run:
                            initial=state["step"], unit="step")
         for key in ("step_times", "first_steps", "recompiling_steps"):
             state.setdefault(key, [])
-        first = True  # a resumed run compiles anew: each process's first step is recorded
+        first = True  # a resumed run compiles anew: each compiled process's first step is recorded
         while state["step"] < self.total:
             graphs, t_step = _dynamo_graphs(), time.perf_counter()
             loss_value = self.train_step(state["step"])
             seconds = time.perf_counter() - t_step  # loss.item() waited for the GPU
             state["step_times"].append(seconds)
-            if first:
+            if first and cfg.compile:
                 state["first_steps"].append(seconds)
             elif cfg.compile and _dynamo_graphs() != graphs:
                 state["recompiling_steps"].append(seconds)
@@ -328,6 +328,7 @@ class Run:
             self.timings["compile_s"] = sum(max(0.0, t - median) for t in state["first_steps"])
             self.timings["recompile_steps"] = len(state["recompiling_steps"])
             self.timings["recompile_s"] = sum(max(0.0, t - median) for t in state["recompiling_steps"])
+
     def _evaluate_and_keep_best(self) -> dict:
         state, order = self.state, self.order
         recent = state["step_times"][-state["loss_count"]:] if state["loss_count"] else []
