@@ -24,8 +24,8 @@ from .training.config import TrainConfig, field_type, read_config_file
 SECTIONS = [("model", "data"), ("kind", "adapter and pruning"), ("lr", "optimization"), ("eval_every", "run")]
 DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
             output_dir="runs/demo", overwrite=True)
-EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "device",
-                "threads", "progress")
+EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "precision",
+                "device", "threads", "progress")
 
 
 class UsageError(ValueError):

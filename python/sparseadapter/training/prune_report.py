@@ -5,10 +5,10 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
-from .batching import TrainOrder, encode
+from .batching import encode
 from .config import TrainConfig
 from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
-    resolve_model_path, set_threads
+    resolve_model_path, set_threads, train_order
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -23,7 +23,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
     train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
-    order = TrainOrder(len(examples["train"]), cfg.batch_size, cfg.seed)
+    order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []

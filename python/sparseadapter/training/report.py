@@ -59,6 +59,23 @@ def parameter_line(result: RunResult) -> str:
     return line
 
 
+def _steps(result: RunResult) -> str:
+    """"98 steps, median 1.41 s/step, bf16; compile 31.2 s" (what shaped the train time)."""
+    t, cfg = result.timings, result.config
+    text = f"{result.steps} steps"
+    if "step_median_s" in t:
+        text += f", median {t['step_median_s']:.3g} s/step"
+    if cfg.grad_accumulation > 1:
+        text += f" of {cfg.grad_accumulation} x {cfg.batch_size}"
+    if cfg.precision != "fp32":
+        text += f", {cfg.precision}"
+    if "compile_s" in t:
+        text += f"; compile {t['compile_s']:.1f} s"
+        if t.get("recompile_steps"):
+            text += f" + {t['recompile_s']:.1f} s in {t['recompile_steps']:.0f} recompiling steps"
+    return text
+
+
 def summary(result: RunResult) -> str:
     """The one screen the main job ends with."""
     t = result.timings
@@ -66,7 +83,7 @@ def summary(result: RunResult) -> str:
         f"SparseAdapter: {describe_adapter(result)} on {result.config.model}, task {result.task.name}",
         "  data        " + " / ".join(f"{k} {n:,}" for k, n in result.sizes.items()) + " examples",
         f"  parameters  {parameter_line(result)}",
-        f"  time        prune {t['prune_s']:.1f} s | train {t['train_s']:.1f} s ({result.steps} steps) | "
+        f"  time        prune {t['prune_s']:.1f} s | train {t['train_s']:.1f} s ({_steps(result)}) | "
         f"eval {t['eval_s']:.1f} s",
     ]
     for split, values in (("validation", result.validation), ("test", result.test)):

@@ -3,17 +3,19 @@ save. `train(cfg)` is what `sparseadapter train` and `demo` run, in one process 
 
 A run folder holds:
   config.json       the exact TrainConfig (plus the resolved model and the library versions)
-  metrics.jsonl     one JSON object per evaluation
+  metrics.jsonl     one JSON object per evaluation (with the median step time since the previous one)
   checkpoint/       the latest resumable state (adapter + optimizer, scheduler, RNG per rank, step)
   best/             the adapter that scored best on validation so far
   adapter/          the final adapter (the best one when there is a validation split)
   results.json, results.md   the final numbers
 """
+import contextlib
 import gc
 import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +28,11 @@ from ..adapters.api import head_parameters
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .batching import TrainOrder, collate, encode
+from .batching import collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, evaluate, load_examples, load_model, resolve_device, resolve_model_path,
-    save_adapter_dir, set_threads, to_device,
+    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, resolve_device,
+    resolve_model_path, save_adapter_dir, set_threads, to_device, train_order,
 )
 from .progress import progress_bar
 from .tasks import TaskSpec
@@ -38,7 +40,8 @@ from .tasks import TaskSpec
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
 # Options a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir",
+                     "compile"}
 
 
 @dataclass
@@ -100,10 +103,21 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 def _format_record(record: dict) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}", f"train loss {record['train_loss']:.4f}"]
+    if "step_s" in record:
+        parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split")]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s")]
     return " | ".join(parts)
+
+
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (to tell which steps compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Run:
@@ -149,7 +163,7 @@ class Run:
         if self.world.is_main:
             self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
                      + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
-        self.order = TrainOrder(self.sizes["train"], cfg.batch_size, cfg.seed)
+        self.order = train_order(cfg, self.sizes["train"])  # optimizer-step batches
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
         self.state = self._load_or_prune()
         dist_.check_same_pattern(self.model, self.world)
@@ -178,7 +192,7 @@ class Run:
         self.on_main(prune_on_main)
         if not self.world.is_main:
             sa_adapters.load_adapter(self.model, str(self.out / "init"), ADAPTER, load_head=True)
-        return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0}
+        return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0, "step_times": []}
 
     def _build_optimizer(self) -> None:
         cfg, state = self.cfg, self.state
@@ -192,9 +206,16 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _schedule(self.total, round(cfg.warmup_ratio * self.total)))
+        # fp16 only: the loss is scaled up before backward so small gradients survive float16, and a step
+        # whose gradients overflowed is skipped (the scale then halves). Disabled, it passes through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         if self.resume_from is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler.is_enabled():
+                if "scaler" not in state:
+                    raise ValueError(f"{self.resume_from}: the checkpoint has no gradient scaler state for fp16")
+                self.scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) != self.world.size:
                 raise ValueError(f"{self.resume_from} was written by a run of {len(state['rng'])} process(es); "
                                  f"resume it with as many (this one has {self.world.size})")
@@ -203,28 +224,54 @@ class Run:
             # dropout in the frozen base: the same draws in every run of this seed (a stream per rank)
             torch.manual_seed(cfg.seed + self.world.rank)
         self.forward_model = dist_.wrap(self.model, self.world, self.device)
+        self.ddp = self.forward_model if self.forward_model is not self.model else None
+        if cfg.compile:
+            # the whole model (DDP-wrapped under torchrun) in torch.compile's default mode; evaluation
+            # stays eager (no_grad, eval mode and other batch sizes would be graphs of their own)
+            self.forward_model = torch.compile(self.forward_model)
 
     # -- training ----------------------------------------------------------------------------------------
     def train_step(self, step: int) -> float:
-        """One optimizer step on global batch `step`; returns its mean loss over all ranks."""
+        """One optimizer step on global batch `step` (grad_accumulation micro-batches of batch_size);
+        returns its mean loss over the whole batch (all micro-batches, all ranks)."""
+        cfg = self.cfg
         indices = self.order.batch(step)
-        mine = dist_.shard(indices, self.world)
-        # This rank's loss counts by its share of the batch, so DDP's gradient average is the mean over
-        # the whole batch. A rank with no share (a last batch smaller than the world) runs one example
-        # at weight 0: every rank must take part in the gradient reduction.
-        weight = len(mine) * self.world.size / len(indices)
-        batch = to_device(collate(self.splits["train"], mine or indices[:1], self.pad_id), self.device)
-        loss = self.forward_model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {float(loss)} at step {step}: lower --lr "
-                                     f"(now {self.cfg.lr}) or check the labels")
+        micros = micro_batches(indices, cfg.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight if self.world.distributed else loss).backward()
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return dist_.mean_over_ranks(loss.item() * weight, self.world, self.device)
+        total = 0.0
+        for k, micro in enumerate(micros):
+            mine = dist_.shard(micro, self.world)
+            # This rank's loss on this micro-batch counts by its share of the step's whole batch, so the
+            # accumulated gradient, once DDP has averaged it over the ranks, is that of the mean loss over
+            # the step batch: the update of one large batch, also when the last micro-batch is short.
+            # A rank with no share (a micro-batch smaller than the world) runs one example at weight 0:
+            # every rank must take part in the gradient reduction.
+            weight = len(mine) * self.world.size / len(indices)
+            batch = to_device(collate(self.splits["train"], mine or micro[:1], self.pad_id), self.device)
+            if cfg.compile:  # padded lengths and last batches vary: one graph for every shape
+                for tensor in batch.values():
+                    for dim in range(tensor.dim()):
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            # DDP reduces the gradients once, after the last micro-batch (eager mode; a compiled DDP
+            # model reduces after each one, which sums to the same gradient)
+            last = k == len(micros) - 1
+            quiet = self.ddp is not None and not last and not cfg.compile
+            with self.ddp.no_sync() if quiet else contextlib.nullcontext():
+                with autocast(cfg.precision, self.device):
+                    loss = self.forward_model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower --lr "
+                                             f"(now {cfg.lr}) or check the labels")
+                self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
+            total += loss.item() * weight
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)  # = optimizer.step(), unless fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()  # steps count optimizer steps, skipped ones (fp16 overflow) included
+        return dist_.mean_over_ranks(total, self.world, self.device)
 
     def loop(self) -> None:
         cfg, state, order = self.cfg, self.state, self.order
@@ -233,8 +280,19 @@ class Run:
         start = time.perf_counter()
         bar = progress_bar(None, desc="train", enabled=cfg.progress and self.world.is_main, total=self.total,
                            initial=state["step"], unit="step")
+        for key in ("step_times", "first_steps", "recompiling_steps"):
+            state.setdefault(key, [])
+        first = True  # a resumed run compiles anew: each compiled process's first step is recorded
         while state["step"] < self.total:
+            graphs, t_step = _dynamo_graphs(), time.perf_counter()
             loss_value = self.train_step(state["step"])
+            seconds = time.perf_counter() - t_step  # loss.item() waited for the GPU
+            state["step_times"].append(seconds)
+            if first and cfg.compile:
+                state["first_steps"].append(seconds)
+            elif cfg.compile and _dynamo_graphs() != graphs:
+                state["recompiling_steps"].append(seconds)
+            first = False
             state["step"] += 1
             state["loss_sum"] += loss_value
             state["loss_count"] += 1
@@ -256,17 +314,35 @@ class Run:
                 self._checkpoint()
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
+        self._step_timings()
+
+    def _step_timings(self) -> None:
+        """Median step time over the run; with --compile, the compile time: the first step's extra time
+        over the median (and steps after it that compiled again, if a shape or guard asked for it)."""
+        state = self.state
+        if not state["step_times"]:
+            return
+        median = statistics.median(state["step_times"])
+        self.timings["step_median_s"] = median
+        if self.cfg.compile:
+            self.timings["compile_s"] = sum(max(0.0, t - median) for t in state["first_steps"])
+            self.timings["recompile_steps"] = len(state["recompiling_steps"])
+            self.timings["recompile_s"] = sum(max(0.0, t - median) for t in state["recompiling_steps"])
 
     def _evaluate_and_keep_best(self) -> dict:
         state, order = self.state, self.order
+        recent = state["step_times"][-state["loss_count"]:] if state["loss_count"] else []
         record = {"step": state["step"], "epoch": state["step"] / order.steps_per_epoch,
                   "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
                   "lr": self.scheduler.get_last_lr()[0]}
+        if recent:
+            record["step_s"] = statistics.median(recent)  # median step time since the previous record
         state["loss_sum"], state["loss_count"] = 0.0, 0
         if self.has_validation:
             t = time.perf_counter()
             metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress)
+                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
+                               precision=self.cfg.precision)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
             main = self.task.main_metric
@@ -282,6 +358,8 @@ class Run:
         def save():
             self.state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                               rng=rng, timings=dict(self.timings))
+            if self.scaler.is_enabled():
+                self.state["scaler"] = self.scaler.state_dict()
             ckpt.save_checkpoint(self.out, self.model, ADAPTER, self.state)
         self.on_main(save)
 
@@ -304,7 +382,7 @@ class Run:
         t = time.perf_counter()
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
-                            self.device, desc="final test", progress=cfg.progress)
+                            self.device, desc="final test", progress=cfg.progress, precision=cfg.precision)
         self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
