@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -29,9 +29,10 @@ from . import distributed as dist_
 from .batching import TrainOrder, collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, evaluate, load_examples, load_model, resolve_device, resolve_model_path,
-    save_adapter_dir, set_threads, to_device,
+    ADAPTER, add_pruned_adapter, evaluate, load_examples, load_model, prepare_head, regression_scale,
+    resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
 )
+from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
 from .tasks import TaskSpec
 
@@ -54,6 +55,8 @@ class RunResult:
     steps: int
     best_step: Optional[int]
     config: TrainConfig
+    # regression: the (mean, scale) the head standardizes its targets by (sparseadapter.adapters.head)
+    target_normalization: Optional[Tuple[float, float]] = None
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
@@ -102,7 +105,7 @@ def _format_record(record: dict) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']:.2f}", f"train loss {record['train_loss']:.4f}"]
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split")]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split") and not is_diagnostic(k)]
     return " | ".join(parts)
 
 
@@ -143,6 +146,11 @@ class Run:
         self.pad_id = tokenizer.pad_token_id
         self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
         self.sizes = {k: len(v) for k, v in self.splits.items()}
+        train_labels = self.splits["train"].labels
+        # regression: standardized targets, the head answering in label units (before pruning scores the loss)
+        self.target = prepare_head(self.model, self.task, train_labels, cfg.seed)
+        self.target_scale = regression_scale(self.model) if self.task.is_regression else 1.0
+        self.baseline = baseline_prediction(self.task, train_labels)
         if cfg.batch_size < self.world.size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
                              f"number of processes ({self.world.size})")
@@ -167,6 +175,7 @@ class Run:
             (self.out / "config.json").write_text(json.dumps(
                 {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
+                 "target_normalization": dict(zip(("mean", "scale"), self.target)) if self.target else None,
                  "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
                 indent=2, sort_keys=True))
             start = time.perf_counter()
@@ -214,7 +223,7 @@ class Run:
         # at weight 0: every rank must take part in the gradient reduction.
         weight = len(mine) * self.world.size / len(indices)
         batch = to_device(collate(self.splits["train"], mine or indices[:1], self.pad_id), self.device)
-        loss = self.forward_model(**batch).loss
+        loss = task_loss(self.forward_model(**batch), batch, self.task, self.target_scale)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {float(loss)} at step {step}: lower --lr "
                                      f"(now {self.cfg.lr}) or check the labels")
@@ -250,6 +259,9 @@ class Run:
                 start += time.perf_counter() - t  # evaluation time is not training time
                 if record is not None:
                     bar.write(_format_record(record))
+                    warning = collapse_warning(self.task, record, record.get("split", ""))
+                    if warning:
+                        bar.write(f"warning: {warning}")
             if done or evaluate_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 self.timings["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -266,7 +278,8 @@ class Run:
         if self.has_validation:
             t = time.perf_counter()
             metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress)
+                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
+                               baseline=self.baseline)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
             main = self.task.main_metric
@@ -304,7 +317,7 @@ class Run:
         t = time.perf_counter()
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
-                            self.device, desc="final test", progress=cfg.progress)
+                            self.device, desc="final test", progress=cfg.progress, baseline=self.baseline)
         self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
@@ -314,7 +327,7 @@ class Run:
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg)
+                           state["step"], best_step, cfg, self.target)
         from .report import write_results  # report formats RunResult: imported here to avoid a cycle
         write_results(result)
         return result
