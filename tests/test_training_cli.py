@@ -114,7 +114,9 @@ def test_regression_and_pairs_from_jsonl(tiny_model, tmp_path, capsys):
     run_ok(train_args(tiny_model, files, out_dir, "--regression", "--kind", "lora", "--sparsity", "0.5",
                       "--pruner", "magnitude", "--max-steps", "4"), capsys)
     results = json.loads((out_dir / "results.json").read_text())
-    assert set(results["test"]) == {"loss", "pearson", "spearman"}
+    metrics = {k for k in results["test"] if not k.startswith("baseline")}
+    assert metrics == {"loss", "pearson", "spearman", "prediction_mean", "prediction_std", "label_std"}
+    assert {"baseline", "baseline_loss", "baseline_pearson", "baseline_spearman"} <= set(results["test"])
 
 
 def test_prune_reports_what_is_kept(tiny_model, sentiment_files, tmp_path, capsys):

@@ -136,14 +136,22 @@ def _run_train(args, base=None) -> int:
 
 
 def _run_eval(args) -> int:
-    from .training.engine import evaluate_saved
+    from .training.engine import score_saved
+    from .training.metrics import collapse_warning, describe_baseline, is_diagnostic
 
-    metrics = evaluate_saved(args.adapter, split=args.split, overrides=_given(args))
+    task, metrics = score_saved(args.adapter, split=args.split, overrides=_given(args))
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
-    else:
-        print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
-              + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("examples", "seconds")))
+        return 0
+    print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
+          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                      if k not in ("examples", "seconds") and not is_diagnostic(k)))
+    baseline = describe_baseline(task, metrics)
+    if baseline:
+        print(f"  baseline: {baseline}")
+    warning = collapse_warning(task, metrics, args.split)
+    if warning:
+        print(f"  WARNING: {warning}")
     return 0
 
 

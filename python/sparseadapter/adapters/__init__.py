@@ -4,14 +4,16 @@ from .api import (
     pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
 )
 from .config import KINDS, SparseAdapterConfig
+from .head import clear_target_normalization, set_target_normalization, target_normalization, target_stats
 from .io import load_adapter, save_adapter
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
 from .summary import parameter_budget, print_trainable_parameters, trainable_parameters
 
 __all__ = [
     "AdapterFusion", "BottleneckAdapter", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
-    "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "delete_adapter", "fold_prefix",
-    "load_adapter", "merge", "parameter_budget", "pruning_record", "print_trainable_parameters", "save_adapter",
-    "set_active_adapters", "set_active_fusion", "train_adapter", "train_fusion", "trainable_parameters", "unload",
-    "unmerge",
+    "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "clear_target_normalization",
+    "delete_adapter", "fold_prefix", "load_adapter", "merge", "parameter_budget", "pruning_record",
+    "print_trainable_parameters", "save_adapter", "set_active_adapters", "set_active_fusion",
+    "set_target_normalization", "target_normalization", "target_stats", "train_adapter", "train_fusion",
+    "trainable_parameters", "unload", "unmerge",
 ]

@@ -4,8 +4,9 @@ The safetensors file holds the adapter's tensors under their module names in the
 weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), the indices in the
 narrowest integer type that holds them, so the file grows with nnz, not with the dense size. The
 JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), the library version,
-and the name and SHA-256 of the tensor file. Loading checks everything against the model and the
-config before the model is touched.
+and the name and SHA-256 of the tensor file. A regression head's target normalization (head.py) is two
+of the head's tensors (`head.<head>.target_mean`, `.target_scale`), loaded with it. Loading checks
+everything against the model and the config before the model is touched.
 
 Crash safety: the tensor file is named by its content (`adapter-<sha256 prefix>.safetensors`), written
 whole under a temporary name and renamed; then the config is replaced the same way, and that rename
@@ -34,6 +35,9 @@ from .api import (
     pruning_record, set_active_adapters,
 )
 from .config import SparseAdapterConfig
+from .head import TARGET_KEYS
+from .head import install as install_target_normalization
+from .head import uninstall as uninstall_target_normalization
 from .placement import Site, model_type, resolve_sites
 from .registry import entry, registry
 
@@ -343,12 +347,20 @@ def _head_state(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Dict[
         if head not in HEAD_NAMES or not isinstance(module, nn.Module):
             raise ValueError(f"load_adapter: the file has a head {head!r} this model lacks")
         target = module.state_dict().get(param)
+        if param in TARGET_KEYS and target is None and t.numel() == 1:
+            target = t  # a regression head's normalization: installed on this head as it loads
         if target is None or target.shape != t.shape:
             raise ValueError(f"load_adapter: head tensor {key} has shape {tuple(t.shape)}, the model's is "
                              f"{None if target is None else tuple(target.shape)} (another number of labels?)")
         heads.setdefault(head, {})[param] = t
     for head, state in heads.items():  # a head is saved whole: a partial one would load half a head
-        missing = sorted(set(getattr(model, head).state_dict()) - set(state))
+        if (TARGET_KEYS[0] in state) != (TARGET_KEYS[1] in state):
+            raise ValueError(f"load_adapter: the file's head {head!r} has only one of {TARGET_KEYS}")
+        for key in TARGET_KEYS:
+            if key in state and not (torch.isfinite(state[key]).all() and (key != TARGET_KEYS[1] or state[key] > 0)):
+                raise ValueError(f"load_adapter: the file's head {head!r} has an invalid {key} {state[key].tolist()}")
+        # a head that answers in raw units (no normalization in the file) loads onto a normalized one too
+        missing = sorted(set(getattr(model, head).state_dict()) - set(state) - set(TARGET_KEYS))
         if missing:
             raise ValueError(f"load_adapter: the file's head {head!r} lacks {missing[0]!r}")
     return heads
@@ -365,7 +377,12 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, loa
     attach_adapter(model, name, config, parts)
     with torch.no_grad():
         for head, state in heads.items():
-            getattr(model, head).load_state_dict(state, strict=True)
+            module = getattr(model, head)
+            if TARGET_KEYS[0] in state:
+                install_target_normalization(module, float(state[TARGET_KEYS[0]]), float(state[TARGET_KEYS[1]]))
+            else:
+                uninstall_target_normalization(module)
+            module.load_state_dict(state, strict=True)
     freeze_base(model)
     if activate:
         set_active_adapters(model, [name])

@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 from .. import adapters as sa_adapters
+from ..adapters.head import head_module, set_target_normalization, target_normalization, target_stats
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
 from .config import TrainConfig, fp16_device_problem
 from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
-from .metrics import compute_metrics
+from .metrics import baseline_prediction, compute_metrics, prediction_diagnostics
 from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
 ADAPTER = "task"  # the adapter's name inside the model
+REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
 
 
 # ---------------------------------------------------------------- data and model
@@ -88,6 +90,50 @@ def load_model(model_path: str, task: TaskSpec, seed: int):
     return tokenizer, model
 
 
+def prepare_head(model: nn.Module, task: TaskSpec, train_labels, seed: int = 0) -> Optional["tuple[float, float]"]:
+    """Regression: the head learns the training labels standardized (mean 0, std 1) and answers in label
+    units (sparseadapter.adapters.head says why), and its output layer starts small, N(0, 0.1^2 / width)
+    weights and a zero bias, so the first predictions sit within about 0.1 label standard deviations of
+    the training mean and the first loss is about 1 whatever the model's own initializer range (a new
+    head drawn at a wide one starts several standard deviations off). Not zero: pruning scores (SNIP,
+    GraSP) need a gradient through the head at initialization. Returns (mean, scale), None for
+    classification, which is left as the model built it."""
+    if not task.is_regression:
+        return None
+    mean, scale = target_stats(train_labels)
+    set_target_normalization(model, mean, scale)
+    head = head_module(model)
+    output = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if output:
+        layer, generator = output[-1], torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float32)
+            layer.weight.copy_(weight * (REGRESSION_INIT_STD / layer.in_features ** 0.5))
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return mean, scale
+
+
+def regression_scale(model: nn.Module) -> float:
+    """The scale the model's regression head standardizes by (1.0 for a head in raw units)."""
+    norm = target_normalization(model)
+    return norm[1] if norm is not None else 1.0
+
+
+def task_loss(out, batch: Dict[str, torch.Tensor], task: TaskSpec, scale: float = 1.0) -> torch.Tensor:
+    """The training objective: cross-entropy (the model's own loss) for classification; for regression the
+    MSE in standardized units, ((prediction - label) / scale)^2, so that it starts near 1 and means the same
+    for any label range (1.0: as good as predicting the training mean)."""
+    if not task.is_regression:
+        return out.loss
+    return standardized_mse(out.logits, batch["labels"], scale)
+
+
+def standardized_mse(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """mean(((prediction - label) / scale)^2) of a one-output head's logits [batch, 1] (label units)."""
+    return ((logits.squeeze(-1).float() - labels.float()) / scale).pow(2).mean()
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """cpu, cuda, cuda:N or auto; a bare "cuda" is this process's GPU under torchrun (LOCAL_RANK)."""
     if name == "auto":
@@ -139,24 +185,33 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 @torch.no_grad()
 def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: int, pad_id: int,
              device: torch.device, *, desc: str = "eval", progress: bool = True,
-             precision: str = "fp32") -> Dict[str, float]:
-    """Loss and the task's metrics on a labelled split, in inference mode, under the run's autocast."""
+             precision: str = "fp32", baseline: Optional[float] = None) -> Dict[str, float]:
+    """Loss and the task's metrics on a labelled split, in inference mode under the run's autocast,
+    and how the predictions spread (metrics.prediction_diagnostics: the numbers collapse warnings are
+    made of). With `baseline` (metrics.baseline_prediction of the training labels) also what that
+    constant scores here (baseline_<metric>, and baseline_loss for regression)."""
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
     was_training = model.training
     model.eval()
     preds = torch.empty(len(split), dtype=torch.float32 if task.is_regression else torch.long)
     loss_sum = 0.0
+    scale = regression_scale(model) if task.is_regression else 1.0
     batches = list(eval_batches(split, batch_size))
     for indices in progress_bar(batches, desc=desc, enabled=progress, unit="batch"):
+        batch = to_device(collate(split, indices, pad_id), device)
         with autocast(precision, device):
-            out = model(**to_device(collate(split, indices, pad_id), device))
-        loss_sum += float(out.loss) * len(indices)
+            out = model(**batch)
+        loss_sum += float(task_loss(out, batch, task, scale)) * len(indices)
         logits = out.logits.float().cpu()
         preds[indices] = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
     model.train(was_training)
     result = {"loss": loss_sum / len(split)}
-    result.update(compute_metrics(task, preds.tolist(), split.labels.tolist()))
+    labels = split.labels.tolist()
+    result.update(compute_metrics(task, preds.tolist(), labels))
+    result.update(prediction_diagnostics(task, preds.tolist(), labels, baseline))
+    if baseline is not None and task.is_regression:
+        result["baseline_loss"] = float(((split.labels.double() - baseline) / scale).pow(2).mean())
     return result
 
 
@@ -178,10 +233,14 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
         for micro in micro_batches(indices, cfg.batch_size):
             data.append(to_device(collate(train_split, micro, pad_id), device))
             weights[id(data[-1])] = len(micro) / len(indices)
+    # regression scores on the training objective (the standardized MSE), as the run will train
+    regression = train_split.labels is not None and train_split.labels.is_floating_point()
+    scale = regression_scale(model) if regression else 1.0
     with progress_bar(None, desc=f"scoring ({adapter_cfg.pruner})", enabled=cfg.progress, unit="batch") as bar:
         def scored_loss(m, batch):
             bar.update(1)
-            loss = m(**batch).loss
+            out = m(**batch)
+            loss = standardized_mse(out.logits, batch["labels"], scale) if regression else out.loss
             weight = weights.get(id(batch), 1.0)
             return loss if weight == 1.0 else loss * weight
         sa_adapters.add_adapter(model, ADAPTER, adapter_cfg, data=data, loss_fn=scored_loss)
@@ -221,7 +280,14 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
 
 def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,
                    log=print) -> Dict[str, float]:
-    """Load a saved adapter (see load_saved) and score `split`."""
+    """Load a saved adapter (see load_saved) and score `split`: evaluate()'s metrics and diagnostics
+    (the baseline is the training split's majority class or mean), plus seconds and examples."""
+    return score_saved(adapter_dir, split=split, overrides=overrides)[1]
+
+
+def score_saved(adapter_dir: str, *, split: str = "test",
+                overrides: Optional[dict] = None) -> "tuple[TaskSpec, Dict[str, float]]":
+    """evaluate_saved, with the task it scored."""
     cfg, task, tokenizer, model = load_saved(adapter_dir, overrides)
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
@@ -230,9 +296,10 @@ def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional
         raise ValueError(f"task {task.name} has no {split!r} split here (has: {', '.join(examples)})")
     model.to(device)
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
+    baseline = baseline_prediction(task, [e.label for e in examples["train"]])
     t = time.perf_counter()
     metrics = evaluate(model, encoded, task, cfg.eval_batch_size, tokenizer.pad_token_id, device,
-                       desc=f"eval {split}", progress=cfg.progress, precision=cfg.precision)
+                       desc=f"eval {split}", progress=cfg.progress, precision=cfg.precision, baseline=baseline)
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded)
-    return metrics
+    return task, metrics

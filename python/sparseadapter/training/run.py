@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -31,9 +31,11 @@ from . import distributed as dist_
 from .batching import collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, resolve_device,
-    resolve_model_path, save_adapter_dir, set_threads, to_device, train_order,
+    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, prepare_head,
+    regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
+    train_order,
 )
+from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
 from .tasks import TaskSpec
 
@@ -57,6 +59,8 @@ class RunResult:
     steps: int
     best_step: Optional[int]
     config: TrainConfig
+    # regression: the (mean, scale) the head standardizes its targets by (sparseadapter.adapters.head)
+    target_normalization: Optional[Tuple[float, float]] = None
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
@@ -107,7 +111,7 @@ def _format_record(record: dict) -> str:
         parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s")]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s") and not is_diagnostic(k)]
     return " | ".join(parts)
 
 
@@ -157,6 +161,11 @@ class Run:
         self.pad_id = tokenizer.pad_token_id
         self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
         self.sizes = {k: len(v) for k, v in self.splits.items()}
+        train_labels = self.splits["train"].labels
+        # regression: standardized targets, the head answering in label units (before pruning scores the loss)
+        self.target = prepare_head(self.model, self.task, train_labels, cfg.seed)
+        self.target_scale = regression_scale(self.model) if self.task.is_regression else 1.0
+        self.baseline = baseline_prediction(self.task, train_labels)
         if cfg.batch_size < self.world.size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
                              f"number of processes ({self.world.size})")
@@ -181,6 +190,7 @@ class Run:
             (self.out / "config.json").write_text(json.dumps(
                 {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
+                 "target_normalization": dict(zip(("mean", "scale"), self.target)) if self.target else None,
                  "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
                 indent=2, sort_keys=True))
             start = time.perf_counter()
@@ -258,7 +268,7 @@ class Run:
             quiet = self.ddp is not None and not last and not cfg.compile
             with self.ddp.no_sync() if quiet else contextlib.nullcontext():
                 with autocast(cfg.precision, self.device):
-                    loss = self.forward_model(**batch).loss
+                    loss = task_loss(self.forward_model(**batch), batch, self.task, self.target_scale)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower --lr "
                                              f"(now {cfg.lr}) or check the labels")
@@ -308,6 +318,9 @@ class Run:
                 start += time.perf_counter() - t  # evaluation time is not training time
                 if record is not None:
                     bar.write(_format_record(record))
+                    warning = collapse_warning(self.task, record, record.get("split", ""))
+                    if warning:
+                        bar.write(f"warning: {warning}")
             if done or evaluate_now or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 self.timings["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
@@ -342,7 +355,7 @@ class Run:
             t = time.perf_counter()
             metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
                                self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
-                               precision=self.cfg.precision)
+                               precision=self.cfg.precision, baseline=self.baseline)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
             main = self.task.main_metric
@@ -382,7 +395,8 @@ class Run:
         t = time.perf_counter()
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
-                            self.device, desc="final test", progress=cfg.progress, precision=cfg.precision)
+                            self.device, desc="final test", progress=cfg.progress, precision=cfg.precision,
+                            baseline=self.baseline)
         self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
@@ -392,7 +406,7 @@ class Run:
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg)
+                           state["step"], best_step, cfg, self.target)
         from .report import write_results  # report formats RunResult: imported here to avoid a cycle
         write_results(result)
         return result
