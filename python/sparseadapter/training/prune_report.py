@@ -6,8 +6,8 @@ from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 from .batching import encode
-from .config import TrainConfig
-from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, prepare_head, \
+from .config import FILE_TASKS, TrainConfig
+from .engine import add_pruned_adapter, save_adapter_dir, load_examples, load_model, prepare_head, \
     resolve_device, resolve_model_path, set_threads, train_order
 
 
@@ -17,18 +17,26 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
 
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
-    task, examples = load_examples(cfg)
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
-    model.to(device)
-    prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
-    train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
-    order = train_order(cfg, len(examples["train"]))
+    if cfg.task in FILE_TASKS:  # question answering: the span model, scored on training windows
+        from .qa import encode_split, load_qa_model, read_qa_files
+
+        tokenizer, model = load_qa_model(resolve_model_path(cfg.model), cfg.seed)
+        model.to(device)
+        train_split = encode_split(tokenizer, read_qa_files(cfg)["train"], cfg)
+        order = train_order(cfg, len(train_split))
+    else:
+        task, examples = load_examples(cfg)
+        tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+        model.to(device)
+        prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
+        train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
+        order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []
-    for prefix, module in sa_adapters.adapter_modules(model, ADAPTER).items():
+    for prefix, module in sa_adapters.adapter_modules(model, cfg.adapter_name).items():
         for sub, layer in module.named_modules():
             if isinstance(layer, SparseLinear):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=(layer.out_features, layer.in_features),
@@ -36,7 +44,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
             elif isinstance(layer, torch.nn.Linear) and getattr(layer, PRUNABLE_ATTR, False):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=tuple(layer.weight.shape),
                                  kept=layer.weight.numel(), size=layer.weight.numel()))
-    record = sa_adapters.pruning_record(model, ADAPTER)
+    record = sa_adapters.pruning_record(model, cfg.adapter_name)
     if save:
         save_adapter_dir(model, Path(save), cfg)
     return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,

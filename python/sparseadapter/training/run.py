@@ -29,9 +29,9 @@ from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .batching import collate, encode
-from .config import TrainConfig
+from .config import FILE_TASKS, TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, prepare_head,
+    add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, prepare_head,
     regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
     train_order,
 )
@@ -180,7 +180,7 @@ class Run:
 
     def _load_or_prune(self) -> dict:
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.model, ADAPTER)
+            state = ckpt.load_checkpoint(self.resume_from, self.model, self.cfg.adapter_name)
             if self.world.is_main:
                 self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
             self.timings.update(state.get("timings", {}))
@@ -201,12 +201,12 @@ class Run:
 
         self.on_main(prune_on_main)
         if not self.world.is_main:
-            sa_adapters.load_adapter(self.model, str(self.out / "init"), ADAPTER, load_head=True)
+            sa_adapters.load_adapter(self.model, str(self.out / "init"), self.cfg.adapter_name, load_head=True)
         return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0, "step_times": []}
 
     def _build_optimizer(self) -> None:
         cfg, state = self.cfg, self.state
-        sa_adapters.train_adapter(self.model, ADAPTER)
+        sa_adapters.train_adapter(self.model, cfg.adapter_name)
         self.model.to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -285,7 +285,7 @@ class Run:
 
     def loop(self) -> None:
         cfg, state, order = self.cfg, self.state, self.order
-        self.has_validation = "validation" in self.splits and self.splits["validation"].labels is not None
+        self.has_validation = self.validation_ready()
         self.model.train()
         start = time.perf_counter()
         bar = progress_bar(None, desc="train", enabled=cfg.progress and self.world.is_main, total=self.total,
@@ -328,6 +328,10 @@ class Run:
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
         self._step_timings()
+
+    def validation_ready(self) -> bool:
+        """Whether the run has a labelled validation split to evaluate and select on."""
+        return "validation" in self.splits and self.splits["validation"].labels is not None
 
     def _step_timings(self) -> None:
         """Median step time over the run; with --compile, the compile time: the first step's extra time
@@ -373,7 +377,7 @@ class Run:
                               rng=rng, timings=dict(self.timings))
             if self.scaler.is_enabled():
                 self.state["scaler"] = self.scaler.state_dict()
-            ckpt.save_checkpoint(self.out, self.model, ADAPTER, self.state)
+            ckpt.save_checkpoint(self.out, self.model, self.cfg.adapter_name, self.state)
         self.on_main(save)
 
     # -- the end -----------------------------------------------------------------------------------------
@@ -384,8 +388,8 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(out / "init", ignore_errors=True)
         if self.has_validation and (out / "best").is_dir():
-            sa_adapters.delete_adapter(self.model, ADAPTER)
-            sa_adapters.load_adapter(self.model, str(out / "best"), ADAPTER, load_head=True)
+            sa_adapters.delete_adapter(self.model, cfg.adapter_name)
+            sa_adapters.load_adapter(self.model, str(out / "best"), cfg.adapter_name, load_head=True)
             shutil.copytree(out / "best", final)
         else:
             save_adapter_dir(self.model, final, cfg)
@@ -417,7 +421,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> Optional[R
 
     Returns the result on rank 0 (and in a single process); None on the other ranks of a torchrun job.
     """
-    run = Run(cfg, log)
+    if cfg.task in FILE_TASKS:  # extractive question answering: a span head, windows, EM/F1 (qa.py)
+        from .qa import QARun
+        run = QARun(cfg, log)
+    else:
+        run = Run(cfg, log)
     try:
         run.setup()
         run.loop()
