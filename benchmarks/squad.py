@@ -92,8 +92,8 @@ def table(results) -> str:
     baseline; then one row per rotation."""
     cells = [c for c, _ in CELLS if any(r["cell"] == c for r in results)]
     lines = ["| Houlsby adapter | rotations | test EM | test F1 | answerable F1 | unanswerable EM | always-null EM / F1 "
-             "| validation F1 (own threshold) | CPU min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| answerable F1, best spans | validation F1 (own threshold) | CPU min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         rs = sorted((r for r in results if r["cell"] == cell), key=lambda r: r["rotation"])
         t = [r["test"] for r in rs]
@@ -101,14 +101,16 @@ def table(results) -> str:
             f"| {cell} | {','.join(str(r['rotation']) for r in rs)} | {_mean(x['exact'] for x in t):.2f} | "
             f"{_mean(x['f1'] for x in t):.2f} | {_mean(x['has_answer_f1'] for x in t):.2f} | "
             f"{_mean(x['no_answer_exact'] for x in t):.2f} | {_mean(x['baseline_exact'] for x in t):.2f} / "
-            f"{_mean(x['baseline_f1'] for x in t):.2f} | {_mean(r['validation']['f1'] for r in rs):.2f} | "
+            f"{_mean(x['baseline_f1'] for x in t):.2f} | {_mean(x.get('has_answer_span_f1', float('nan')) for x in t):.2f} | "
+            f"{_mean(r['validation']['f1'] for r in rs):.2f} | "
             f"{sum(r['cpu_s'] for r in rs) / 60:.1f} |")
     lines += ["", "| rotation (test article) | adapter | test EM | test F1 | answerable F1 | unanswerable EM | "
-              "null threshold | steps | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+              "answerable F1, best spans | null threshold | steps | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["rotation"], [c for c, _ in CELLS].index(r["cell"]))):
         t = r["test"]
         lines.append(f"| {r['rotation']} ({r['test_title']}) | {r['cell']} | {t['exact']:.2f} | {t['f1']:.2f} | "
-                     f"{t['has_answer_f1']:.2f} | {t['no_answer_exact']:.2f} | {t['null_threshold']:.3g} | "
+                     f"{t['has_answer_f1']:.2f} | {t['no_answer_exact']:.2f} | {t.get('has_answer_span_f1', float('nan')):.2f} | "
+                     f"{t['null_threshold']:.3g} | "
                      f"{r['steps']} | {r['cpu_s']:.0f} |")
     return "\n".join(lines)
 
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
                     f.write(json.dumps(record, sort_keys=True) + "\n")
                 t = record["test"]
                 print(f"  {name}: test EM {t['exact']:.2f} F1 {t['f1']:.2f} (answerable F1 {t['has_answer_f1']:.2f}, "
+                      f"best spans {t.get('has_answer_span_f1', float('nan')):.2f}, "
                       f"unanswerable EM {t['no_answer_exact']:.2f}, always-null {t['baseline_f1']:.2f}) | "
                       f"validation F1 {record['validation']['f1']:.2f} | {record['steps']} steps, "
                       f"{record['cpu_s']:.0f} s CPU, {record['wall_s']:.0f} s wall", flush=True)

@@ -344,6 +344,7 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
     # it learnt the answers of the questions it trained on (about 98-100 F1 at seeds 0-2): only right token
     # labels, offsets and decoding give the answers back as their context characters
     assert test["f1"] > 80 and test["has_answer_f1"] > 70 and test["no_answer_exact"] > 70, test
+    assert test["has_answer_span_f1"] >= test["has_answer_f1"]  # a null answer scores 0 on an answerable one
     assert "validation  exact" in stdout and "always no answer" in (run / "results.md").read_text()
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert meta["name"] == "qa" and meta["head"]["kind"] == "span" and meta["head"]["attr"] == "qa_outputs"
@@ -352,11 +353,11 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
 
     stdout, _ = _run(["eval", "--adapter", str(run / "adapter"), "--json", "--no-progress"], capsys)
     again = json.loads(stdout)
-    for key in ("exact", "f1", "has_answer_f1", "no_answer_exact", "null_threshold"):
+    for key in ("exact", "f1", "has_answer_f1", "no_answer_exact", "null_threshold", "has_answer_span_f1"):
         assert again[key] == pytest.approx(test[key]), key
     assert again["loss"] == pytest.approx(test["loss"], rel=1e-5)
     stdout, _ = _run(["eval", "--adapter", str(run / "adapter"), "--no-progress"], capsys)
-    assert "unanswerable (7)" in stdout and "baseline: always no answer" in stdout
+    assert "unanswerable (7)" in stdout and "baseline: always no answer" in stdout and "best spans" in stdout
 
     unlabelled = fixture_data()
     for article in unlabelled["data"]:
@@ -412,3 +413,35 @@ def test_prune_reports_a_squad_adapter(qa_model, tmp_path, capsys):
     assert "target sparsity 0.500 (snip, global)" in stdout
     meta = json.loads((tmp_path / "pruned" / "adapter_config.json").read_text())
     assert meta["head"]["kind"] == "span" and meta["sparseadapter_pruning"]["method"] == "snip"
+
+
+def test_selection_breaks_f1_ties_by_the_spans_then_the_loss():
+    from sparseadapter.training.qa import selection_key
+
+    early = {"f1": 50.0, "has_answer_span_f1": 4.0, "loss": 2.6}
+    later = {"f1": 50.0, "has_answer_span_f1": 9.0, "loss": 2.3}
+    assert selection_key(later) > selection_key(early)  # "always no answer" at both: the better spans win
+    assert selection_key({"f1": 50.1, "has_answer_span_f1": 0.0, "loss": 3.0}) > selection_key(later)
+    assert selection_key({"f1": 50.0, "has_answer_span_f1": 9.0, "loss": 2.0}) > selection_key(later)
+
+
+def test_squad_benchmark_splits_by_article(tmp_path):
+    """benchmarks/squad.py on the fixture (the real file is evaluation data outside the repository): the test
+    article is held out whole, every N-th paragraph of the others validates, nothing is in two splits."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "squad.py"
+    spec = importlib.util.spec_from_file_location("squad_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    info = bench.split_files(fixture_data(), 1, tmp_path, validation_every=2)
+    assert info["test_title"] == "Orchard_Valley"
+    files = {k: read_squad(v) for k, v in info["files"].items()}
+    assert files["test"].titles() == ["Orchard_Valley"] and "Orchard_Valley" not in files["train"].titles()
+    assert info["counts"] == {"train": 11, "validation": 3, "test": 8}  # the lighthouse's 2nd paragraph validates
+    ids = [{e.id for e in f.examples} for f in files.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert sum(len(i) for i in ids) == 22
+    with pytest.raises(ValueError, match="rotation 3"):
+        bench.split_files(fixture_data(), 3, tmp_path, validation_every=2)

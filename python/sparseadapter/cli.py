@@ -193,7 +193,9 @@ def _run_qa_eval(args) -> int:
     parts = []
     if metrics.get("has_answer_total"):
         parts.append(f"answerable ({metrics['has_answer_total']}): exact {metrics['has_answer_exact']:.2f} "
-                     f"f1 {metrics['has_answer_f1']:.2f}")
+                     f"f1 {metrics['has_answer_f1']:.2f}"
+                     + (f" (best spans, no null answer: f1 {metrics['has_answer_span_f1']:.2f})"
+                        if "has_answer_span_f1" in metrics else ""))
     if metrics.get("no_answer_total"):
         parts.append(f"unanswerable ({metrics['no_answer_total']}): exact {metrics['no_answer_exact']:.2f}")
     if "null_threshold" in metrics:

@@ -7,8 +7,7 @@ JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), 
 and the name and SHA-256 of the tensor file. With the head, the file holds the adapter's own task head
 (heads.py: one per adapter, active or not) and the JSON describes it ("head"). A regression head's target
 normalization (head.py) is two of the head's tensors (`head.<head>.target_mean`, `.target_scale`),
-loaded with it. Loading checks
-everything against the model and the config before the model is touched.
+loaded with it. Loading checks everything against the model and the config before the model is touched.
 
 Crash safety: the tensor file is named by its content (`adapter-<sha256 prefix>.safetensors`), written
 whole under a temporary name and renamed; then the config is replaced the same way, and that rename

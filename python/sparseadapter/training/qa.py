@@ -308,7 +308,9 @@ def predict_logits(model: nn.Module, split: QASplit, batch_size: int, pad_id: in
 def score_decoded(examples: Sequence[QAExample], decoded: Dict[str, Decoded], version_2: bool,
                   threshold: Optional[float]) -> Dict[str, float]:
     """Official scores of the decoded answers; for v2.0 with threshold None, at the best threshold on
-    these questions (returned as null_threshold), and the all-null baseline (baseline_exact, baseline_f1)."""
+    these questions (returned as null_threshold), the all-null baseline (baseline_exact, baseline_f1),
+    and the best spans' scores on the answerable questions with no null answer allowed
+    (has_answer_span_exact, has_answer_span_f1: the span quality whatever the threshold)."""
     if version_2 and threshold is None:
         threshold = best_null_threshold(examples, {q: d.text for q, d in decoded.items()},
                                         {q: d.null_margin for q, d in decoded.items()})[0]
@@ -317,6 +319,11 @@ def score_decoded(examples: Sequence[QAExample], decoded: Dict[str, Decoded], ve
         metrics["null_threshold"] = float(threshold)
         empty = squad_scores(examples, {e.id: "" for e in examples})
         metrics["baseline_exact"], metrics["baseline_f1"] = empty["exact"], empty["f1"]
+        # how good the spans are whatever the threshold: the best span of every answerable question
+        answerable = [e for e in examples if e.answers]
+        if answerable:
+            spans = squad_scores(answerable, {e.id: decoded[e.id].text for e in answerable if e.id in decoded})
+            metrics["has_answer_span_exact"], metrics["has_answer_span_f1"] = spans["exact"], spans["f1"]
     return metrics
 
 
@@ -455,7 +462,7 @@ class QARun(Run):
             metrics = self._evaluate("validation", None)  # v2.0: at the best null threshold on validation
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
-            if state["best"] is None or metrics["f1"] > state["best"]["metrics"]["f1"]:
+            if state["best"] is None or selection_key(metrics) > selection_key(state["best"]["metrics"]):
                 state["best"] = {"step": state["step"], "metrics": metrics}
                 set_head_info(self.model, self.cfg.adapter_name, null_threshold=metrics.get("null_threshold", 0.0))
                 save_adapter_dir(self.model, self.out / "best", self.cfg)
@@ -496,6 +503,13 @@ class QARun(Run):
         return result
 
 
+def selection_key(metrics: Dict[str, float]) -> Tuple[float, float, float]:
+    """What model selection maximizes: validation F1; among equal F1s (often every step's at "always no
+    answer", early in a v2.0 run) the better spans on the answerable questions, then the lower loss."""
+    return (round(metrics["f1"], 9), round(metrics.get("has_answer_span_f1", metrics.get("has_answer_f1", 0.0)), 9),
+            -metrics.get("loss", 0.0))
+
+
 def qa_notes(result: RunResult, version_2: bool) -> str:
     """The QA lines of results.md: the parts (answerable, unanswerable), the threshold and the baseline."""
     lines = ["Exact match and F1 in percent (official SQuAD normalization; best over the reference answers)."]
@@ -505,7 +519,9 @@ def qa_notes(result: RunResult, version_2: bool) -> str:
         parts = [f"{split}: exact {values['exact']:.2f}, F1 {values['f1']:.2f} over {values['total']} questions"]
         if values.get("has_answer_total"):
             parts.append(f"answerable {values['has_answer_total']}: exact {values['has_answer_exact']:.2f}, "
-                         f"F1 {values['has_answer_f1']:.2f}")
+                         f"F1 {values['has_answer_f1']:.2f}"
+                         + (f" (their best spans, no null answer allowed: F1 {values['has_answer_span_f1']:.2f})"
+                            if "has_answer_span_f1" in values else ""))
         if values.get("no_answer_total"):
             parts.append(f"unanswerable {values['no_answer_total']}: exact {values['no_answer_exact']:.2f}")
         if "null_threshold" in values:
