@@ -55,8 +55,7 @@ class TrainConfig:
     large_sparse: int = _opt(1, "Large-Sparse factor k: k x the width at sparsity 1-(1-s)/k, same kept weights")
     calibration_batches: int = _opt(4, "training batches SNIP and GraSP score on")
     adapter_dropout: float = _opt(0.0, "dropout inside bottleneck adapters")
-    adapter_name: str = _opt("task", "the adapter's name in the model and in the saved folder (letters, digits, "
-                                     "'_', '-'); adapters of several runs load side by side under their names")
+    adapter_name: str = _opt("task", "the adapter's name in the model and in the saved adapter")
     # optimization
     lr: float = _opt(1e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")

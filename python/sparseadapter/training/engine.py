@@ -20,7 +20,7 @@ from .metrics import baseline_prediction, compute_metrics, prediction_diagnostic
 from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
-ADAPTER = "task"  # the adapter's default name inside the model (--adapter-name)
+ADAPTER = "task"  # the adapter's default name inside the model (TrainConfig.adapter_name)
 REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
 
 
