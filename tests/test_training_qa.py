@@ -445,3 +445,38 @@ def test_squad_benchmark_splits_by_article(tmp_path):
     assert sum(len(i) for i in ids) == 22
     with pytest.raises(ValueError, match="rotation 3"):
         bench.split_files(fixture_data(), 3, tmp_path, validation_every=2)
+
+
+def test_killed_squad_run_resumes_to_the_same_adapter(qa_model, tmp_path, monkeypatch, capsys):
+    """Interrupted at step 7 (checkpoints every 3 steps) and resumed: the same adapter, head and null
+    threshold, bit for bit, as a run that never stopped (length-grouped batches replay by seed and epoch)."""
+    from sparseadapter.adapters.io import weights_path
+    from sparseadapter.training.qa import LengthGroupedOrder
+
+    safetensors = pytest.importorskip("safetensors.torch")
+    data = write_squad(tmp_path / "squad.json", fixture_data())
+    common = ["--model", qa_model, "--task", "squad", "--train-file", data, "--validation-file", data,
+              "--max-length", "64", "--doc-stride", "16", "--max-query-length", "16", "--batch-size", "8",
+              "--lr", "1e-2", "--bottleneck", "8", "--sparsity", "0.5", "--max-steps", "12", "--eval-every", "5",
+              "--checkpoint-every", "3", "--adapter-dropout", "0.1", "--no-progress", "--threads", "1"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    _run(["train", *common, "--output-dir", str(straight)], capsys)
+    real_batch = LengthGroupedOrder.batch
+
+    def batch_or_die(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(LengthGroupedOrder, "batch", batch_or_die)
+    assert main(["train", *common, "--output-dir", str(interrupted)]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(LengthGroupedOrder, "batch", real_batch)
+    _run(["train", *common, "--output-dir", str(interrupted), "--resume"], capsys)
+    a = safetensors.load_file(weights_path(str(straight / "adapter")))
+    b = safetensors.load_file(weights_path(str(interrupted / "adapter")))
+    assert a.keys() == b.keys() and "head.qa_outputs.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    meta = [json.loads((d / "adapter" / "adapter_config.json").read_text())["head"] for d in (straight, interrupted)]
+    assert meta[0] == meta[1] and "null_threshold" in meta[0]["info"]
+    results = [json.loads((d / "results.json").read_text())["validation"] for d in (straight, interrupted)]
+    assert results[0] == results[1]
