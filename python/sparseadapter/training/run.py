@@ -8,6 +8,7 @@ A run folder holds:
   best/             the adapter that scored best on validation so far
   adapter/          the final adapter (the best one when there is a validation split)
   results.json, results.md   the final numbers
+  predictions.jsonl generation tasks: per test example the reference, the adapter's output and the baselines'
 """
 import gc
 import json
@@ -26,6 +27,7 @@ from ..adapters.api import head_parameters
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import generation
 from .batching import TrainOrder, collate, encode
 from .config import TrainConfig
 from .engine import (
@@ -35,7 +37,7 @@ from .engine import (
 from .progress import progress_bar
 from .tasks import TaskSpec
 
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md")
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "predictions.jsonl")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
 # Options a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir"}
@@ -54,6 +56,9 @@ class RunResult:
     steps: int
     best_step: Optional[int]
     config: TrainConfig
+    objective: str = "classification"
+    # generation tasks: ROUGE of the lead baseline and of the base model zero-shot, on test
+    baselines: Optional[Dict[str, Dict[str, float]]] = None
 
 
 def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
@@ -138,10 +143,15 @@ class Run:
         self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out))
         self.task, examples = load_examples(cfg)
         self.model_path = resolve_model_path(cfg.model)
-        tokenizer, self.model = load_model(self.model_path, self.task, cfg.seed)
+        self.objective = generation.resolve_objective(cfg, self.task, self.model_path)
+        tokenizer, self.model = load_model(self.model_path, self.task, cfg.seed, objective=self.objective)
         self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id
-        self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
+        if self.task.generation:  # prompts and targets; the splits collate and evaluate themselves
+            setup = generation.make_setup(tokenizer, self.model, self.task, cfg, examples["train"])
+            self.splits = {k: generation.encode_lm(setup, v) for k, v in examples.items()}
+        else:
+            self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
         self.sizes = {k: len(v) for k, v in self.splits.items()}
         if cfg.batch_size < self.world.size:
             raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
@@ -166,6 +176,7 @@ class Run:
         def prune_on_main():
             (self.out / "config.json").write_text(json.dumps(
                 {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
+                 "objective": self.objective,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
                 indent=2, sort_keys=True))
@@ -300,11 +311,13 @@ class Run:
             save_adapter_dir(self.model, final, cfg)
         # Validation scores of the selected adapter are those it was selected with (same weights).
         validation = state["best"]["metrics"] if state["best"] is not None else None
-        test = None
+        test = baselines = None
         t = time.perf_counter()
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
                             self.device, desc="final test", progress=cfg.progress)
+            if self.task.generation:  # the lead and zero-shot baselines, and predictions.jsonl
+                baselines = generation.finish_test(self.model, self.splits["test"], cfg, out, self.device)
         self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
@@ -314,7 +327,7 @@ class Run:
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg)
+                           state["step"], best_step, cfg, objective=self.objective, baselines=baselines)
         from .report import write_results  # report formats RunResult: imported here to avoid a cycle
         write_results(result)
         return result
