@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-MARKUP = ["<user>", "<bot>", "summarize", ":", "Answer"]
+MARKUP = ["<user>", "<bot>", "summarize", ":", "Answer:"]
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old", "new",
          "house", "tree", "river", "the", "a", "and", "then", "today", "now", "slowly", "fast"]
 VOCAB = SPECIAL + MARKUP + WORDS
@@ -34,7 +34,11 @@ def tiny_tokenizer(chat: bool = True):
 
 
 def tiny_config(family: str):
+    # A large initializer range: with the usual 0.02, a 32-wide random model's frozen output layer can
+    # only make near-uniform distributions, and no adapter could teach it anything.
     common = dict(vocab_size=len(VOCAB), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    if family != "t5":
+        common["initializer_range"] = 0.5
     if family == "llama":
         return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -44,7 +48,7 @@ def tiny_config(family: str):
                                        embd_pdrop=0.0, attn_pdrop=0.0, **common)
     if family == "t5":
         return transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                                     decoder_start_token_id=PAD, **common)
+                                     decoder_start_token_id=PAD, initializer_factor=5.0, **common)
     raise ValueError(family)
 
 

@@ -53,7 +53,8 @@ def test_get_task_unknown_lists_the_known_names():
 
 
 def test_builtin_tasks():
-    assert set(TASKS) == {"sst2", "mrpc", "rte", "cola", "stsb", "qnli", "mnli", "bbc-news"}
+    assert set(TASKS) == {"sst2", "mrpc", "rte", "cola", "stsb", "qnli", "mnli", "bbc-news",
+                          "bbc-headlines"}
     assert get_task("rte").label_names == ("entailment", "not_entailment")
     assert get_task("mnli").label_names == ("entailment", "neutral", "contradiction")
     assert get_task("stsb").is_regression and get_task("stsb").main_metric == "pearson"

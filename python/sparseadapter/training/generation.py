@@ -313,6 +313,18 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+def _stopping_criteria(tokenizer, stop: Sequence[str], start: int):
+    """Stop a sequence once the text it generated (from position `start`) holds a stop string."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, start:].cpu(), skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnStrings()])
+
+
 @torch.no_grad()
 def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[int]], *, device: torch.device,
              batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, decoding: Optional[str] = None,
@@ -338,8 +350,6 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
     if decoding == "sample":
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     stop = [s for s in stop if s]
-    if stop:
-        options.update(stop_strings=list(stop), tokenizer=tokenizer)
     batch_size = batch_size or setup.batch_size
     causal = setup.objective == "causal-lm"
     pad = tokenizer.pad_token_id
@@ -360,6 +370,8 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
                 span = slice(width - len(row), width) if causal else slice(0, len(row))
                 ids[j, span] = torch.tensor(row)
                 mask[j, span] = 1
+            if stop:  # ends each output at its first stop string (transformers' own needs a clean vocabulary)
+                options["stopping_criteria"] = _stopping_criteria(tokenizer, stop, width if causal else 0)
             sequences = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
             new = sequences[:, width:] if causal else sequences
             for i, text in zip(chunk, tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)):

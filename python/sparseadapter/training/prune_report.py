@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
+from . import generation
 from .batching import TrainOrder, encode
 from .config import TrainConfig
 from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
@@ -18,11 +19,17 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     task, examples = load_examples(cfg)
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    model_path = resolve_model_path(cfg.model)
+    objective = generation.resolve_objective(cfg, task, model_path)
+    tokenizer, model = load_model(model_path, task, cfg.seed, objective=objective)
     model.to(device)
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
-    train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
+    if needs_data and task.generation:
+        setup = generation.make_setup(tokenizer, model, task, cfg, examples["train"])
+        train_split = generation.encode_lm(setup, examples["train"])
+    else:
+        train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
     order = TrainOrder(len(examples["train"]), cfg.batch_size, cfg.seed)
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
