@@ -425,6 +425,17 @@ def test_generate_and_export_refuse_what_they_cannot_do(tiny_lms, tiny_model, se
         run_error(["generate", "--adapter", str(lm), *argv], capsys, needle)
 
 
+def test_help_has_a_generation_section(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("generation (causal-lm, seq2seq):", "--objective", "--max-new-tokens", "--no-baselines"):
+        assert needle in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--decoding {greedy,beam,sample}" in capsys.readouterr().out
+
+
 def test_demo_picks_the_generation_preset(tmp_path):
     parser = make_parser()
     assert _demo_base(parser.parse_args(["demo"])) is DEMO

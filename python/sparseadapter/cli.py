@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 from .training.config import TrainConfig, field_type, read_config_file
 
 # TrainConfig fields from these names on form the --help sections, in order.
-SECTIONS = [("model", "data"), ("kind", "adapter and pruning"), ("lr", "optimization"), ("eval_every", "run")]
+SECTIONS = [("model", "data"), ("objective", "generation (causal-lm, seq2seq)"), ("kind", "adapter and pruning"),
+            ("lr", "optimization"), ("eval_every", "run")]
 DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
             output_dir="runs/demo", overwrite=True)
 EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "device",

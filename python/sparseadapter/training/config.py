@@ -41,13 +41,12 @@ class TrainConfig:
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
     # generation (causal-lm and seq2seq): source -> target, scored with ROUGE on generated text
-    objective: Optional[str] = _opt(None, "classification, regression, causal-lm or seq2seq (default: from the "
-                                          "task, and for generation tasks from the model: seq2seq for "
-                                          "encoder-decoders, causal-lm for decoder-only models)",
-                                    choices=OBJECTIVES)
-    prompt: Optional[str] = _opt(None, "generation: the instruction put before each source (default: the "
-                                       "task's; bbc-headlines: 'Write a short headline for this news article.'; "
-                                       "'' for none)")
+    objective: Optional[str] = _opt(None, "classification, regression, causal-lm or seq2seq; None: from the task, "
+                                          "and for generation tasks from the model (seq2seq for encoder-decoders, "
+                                          "causal-lm for decoder-only models)", choices=OBJECTIVES)
+    prompt: Optional[str] = _opt(None, "generation: the instruction put before each source; None: the task's "
+                                       "(bbc-headlines: 'Write a short headline for this news article.'), "
+                                       "'' for none")
     chat_template: bool = _opt(True, "causal-lm: wrap the prompt in the tokenizer's chat template when it has one")
     max_target_length: int = _opt(64, "generation: target tokens per training example (longer ones are "
                                       "truncated); sources are cut to max_length tokens")
