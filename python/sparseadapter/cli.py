@@ -26,10 +26,6 @@ from .training.config import TrainConfig, field_type, read_config_file
 # TrainConfig fields from these names on form the --help sections, in order.
 SECTIONS = [("model", "data"), ("objective", "generation (causal-lm, seq2seq)"), ("kind", "adapter and pruning"),
             ("lr", "optimization"), ("eval_every", "run")]
-DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
-            output_dir="runs/demo", overwrite=True)
-EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "device",
-                "threads", "progress", "max_new_tokens", "num_beams", "baselines")
 # `demo --task bbc-headlines`: the generation job, short enough for a CPU (a few minutes of training on
 # 2 cores, then the test subset generated three ways: adapter, lead sentence, zero-shot)
 DEMO_HEADLINES = dict(model="smollm2", task="bbc-headlines", kind="houlsby", sparsity=0.5, max_length=128,
@@ -37,6 +33,11 @@ DEMO_HEADLINES = dict(model="smollm2", task="bbc-headlines", kind="houlsby", spa
                       max_steps=40, max_eval_examples=24, calibration_batches=2, eval_every=0, checkpoint_every=20,
                       output_dir="runs/demo-headlines", overwrite=True)
 HEADLINE_TASKS = ("bbcheadlines",)
+GENERATION_EVAL_OPTIONS = ("max_new_tokens", "num_beams", "baselines")  # `eval` of generation adapters
+DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
+            output_dir="runs/demo", overwrite=True)
+EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "device",
+                "threads", "progress")
 
 
 class UsageError(ValueError):
@@ -106,7 +107,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (or run folder) written by `train`")
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"))
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    _add_train_options(ev, only=EVAL_OPTIONS)
+    _add_train_options(ev, only=EVAL_OPTIONS + GENERATION_EVAL_OPTIONS)
 
     gen = sub.add_parser("generate", help="generate text with a trained generation adapter", formatter_class=fmt,
                          description="Load a generation adapter (causal-lm or seq2seq) on its base model and "

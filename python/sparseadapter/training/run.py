@@ -27,7 +27,6 @@ from ..adapters.api import head_parameters
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from . import generation
 from .batching import TrainOrder, collate, encode
 from .config import TrainConfig
 from .engine import (
@@ -36,6 +35,7 @@ from .engine import (
 )
 from .progress import progress_bar
 from .tasks import TaskSpec
+from . import generation  # noqa: E402  (after the others: the training loop's imports stay as they were)
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "predictions.jsonl")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
@@ -316,9 +316,11 @@ class Run:
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
                             self.device, desc="final test", progress=cfg.progress)
-            if self.task.generation:  # the lead and zero-shot baselines, and predictions.jsonl
-                baselines = generation.finish_test(self.model, self.splits["test"], cfg, out, self.device)
         self.timings["eval_s"] += time.perf_counter() - t
+        if test is not None and self.task.generation:  # the lead and zero-shot baselines, predictions.jsonl
+            t = time.perf_counter()
+            baselines = generation.finish_test(self.model, self.splits["test"], cfg, out, self.device)
+            self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
