@@ -1,5 +1,6 @@
 """The pieces of a run: data and model loading, the pruned adapter, evaluation, and `evaluate_saved`
 (what `sparseadapter eval` runs). The training loop itself is in run.py."""
+import dataclasses
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
 ADAPTER = "task"  # the adapter's name inside the model
+DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
 
 # ---------------------------------------------------------------- data and model
@@ -85,6 +87,19 @@ def load_model(model_path: str, task: TaskSpec, seed: int):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
+
+
+def fit_max_length(max_length: int, model: nn.Module) -> int:
+    """The tokens per example to encode with: `max_length`, which must fit the model's position
+    embeddings (longer inputs would fail inside the model), except that the default (128) is cut to a
+    smaller model's limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1 or max_length <= limit:
+        return max_length
+    if max_length == DEFAULT_MAX_LENGTH:
+        return limit
+    raise ValueError(f"max_length {max_length} is more than the model's {limit} positions "
+                     f"(max_position_embeddings); use --max-length {limit} or less")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -170,13 +185,19 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     if not cfg_file.is_file():
         raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
                          "`sparseadapter train`?)")
-    data = json.loads(cfg_file.read_text())
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{cfg_file}: not a readable training config ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_file}: not a training config (a JSON object)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
     cfg = TrainConfig.from_dict(data, source=str(cfg_file))
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    cfg.max_length = fit_max_length(cfg.max_length, model)
     sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
     return cfg, task, tokenizer, model
 
