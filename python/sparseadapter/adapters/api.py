@@ -7,6 +7,7 @@
 Adapters live in `AdapterSlot`s (see slot.py) attached to the modules they adapt; the model keeps a
 registry of names, configs, sites and pruning records.
 """
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -129,12 +130,17 @@ class BuiltAdapter:
     sites: Dict[str, List[Site]]
     modules: List[Tuple[Site, nn.Module]]
     prefix: Optional[PrefixGenerator]
+    # where each module (then the prefix) belongs: its device and dtype. The modules are there unless
+    # built on the meta device (build_adapter(on_meta=True)), which allocates nothing.
+    placement: Optional[List[Tuple[torch.device, torch.dtype]]] = None
 
 
 def build_adapter(model: nn.Module, config: SparseAdapterConfig,
-                  prefix_sites: Optional[List[Site]] = None) -> BuiltAdapter:
+                  prefix_sites: Optional[List[Site]] = None, *, on_meta: bool = False) -> BuiltAdapter:
     """Resolve the sites and build the modules, seeded, on each host's device and dtype; the model is
-    not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer)."""
+    not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer).
+    `on_meta`: build them on the meta device in their dtypes (shapes only, no memory, no random
+    draws); `placement` says where each belongs (load_adapter materializes them from a file)."""
     sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
     if prefix_sites is not None and "prefix" in sites:
         sites["prefix"] = list(prefix_sites)
@@ -142,19 +148,22 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig,
                for site in sites.get("prefix", [])}
     if len(set(kv_dims.values())) > 1:
         raise ValueError("prefix tuning needs one key/value width across attention layers")
-    modules = []
+    modules, placement = [], []
     generator = None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else contextlib.nullcontext()):
         torch.manual_seed(config.seed)
         for part in ("bottleneck", "lora"):
             for site in sites.get(part, []):
                 device, dtype = _device_dtype(model, model.get_submodule(site.host))
-                modules.append((site, _build(config, site).to(device, dtype)))
+                placement.append((device, dtype))
+                modules.append((site, _build(config, site).to("meta" if on_meta else device, dtype)))
         if kv_dims:
             device, dtype = _device_dtype(model, model)
+            placement.append((device, dtype))
             generator = PrefixGenerator(len(kv_dims), hidden_size(model), next(iter(kv_dims.values())),
-                                        config.prefix_length, config.prefix_mid_dim).to(device, dtype)
-    return BuiltAdapter(sites, modules, generator)
+                                        config.prefix_length, config.prefix_mid_dim).to("meta" if on_meta else device,
+                                                                                         dtype)
+    return BuiltAdapter(sites, modules, generator, placement)
 
 
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:

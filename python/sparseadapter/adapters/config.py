@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..pruning.scores import METHODS
+from .placement import check_pattern
 
 KINDS = ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
@@ -96,6 +97,15 @@ class SparseAdapterConfig:
         if self.kind != "lora" and self.lora_targets:
             raise ValueError(f"SparseAdapterConfig: lora_targets applies to kind='lora', not {self.kind!r} "
                              "(bottleneck adapters are placed with target_modules)")
+        for field_name in ("target_modules", "lora_targets"):
+            patterns = getattr(self, field_name)
+            if patterns is None:
+                continue
+            if not isinstance(patterns, (list, tuple)):
+                raise ValueError(f"SparseAdapterConfig: {field_name} must be a list of regular expressions, "
+                                 f"got {type(patterns).__name__}")
+            for pattern in patterns:
+                check_pattern(pattern, f"SparseAdapterConfig: {field_name} pattern")
         if self.kind in ("prefix", "mam") and (self.prefix_length < 1 or self.prefix_mid_dim < 1):
             raise ValueError("SparseAdapterConfig: prefix_length and prefix_mid_dim must be >= 1")
 

@@ -204,6 +204,9 @@ def read_config_file(path: str) -> Dict[str, Any]:
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as JSON") from None
         try:
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a config (expected a mapping of option names "
+                             "to values)") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -213,6 +216,9 @@ def read_config_file(path: str) -> Dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON: {err}") from None  # one line, with line and column
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a config (expected a mapping of option names "
+                             "to values)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data

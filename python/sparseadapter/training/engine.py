@@ -1,6 +1,7 @@
 """The pieces of a run: data and model loading, the pruned adapter, evaluation, and `evaluate_saved`
 (what `sparseadapter eval` runs). The training loop itself is in run.py."""
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from .tasks import TaskSpec, get_task
 
 ADAPTER = "task"  # the adapter's name inside the model
 REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
+DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
 
 # ---------------------------------------------------------------- data and model
@@ -132,6 +134,19 @@ def task_loss(out, batch: Dict[str, torch.Tensor], task: TaskSpec, scale: float 
 def standardized_mse(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
     """mean(((prediction - label) / scale)^2) of a one-output head's logits [batch, 1] (label units)."""
     return ((logits.squeeze(-1).float() - labels.float()) / scale).pow(2).mean()
+
+
+def fit_max_length(max_length: int, model: nn.Module) -> int:
+    """The tokens per example to encode with: `max_length`, which must fit the model's position
+    embeddings (longer inputs would fail inside the model), except that the default (128) is cut to a
+    smaller model's limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1 or max_length <= limit:
+        return max_length
+    if max_length == DEFAULT_MAX_LENGTH:
+        return limit
+    raise ValueError(f"max_length {max_length} is more than the model's {limit} positions "
+                     f"(max_position_embeddings); use --max-length {limit} or less")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -264,7 +279,12 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     if not cfg_file.is_file():
         raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
                          "`sparseadapter train`?)")
-    data = json.loads(cfg_file.read_text())
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{cfg_file}: not a readable training config ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_file}: not a training config (a JSON object)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
     if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
@@ -274,6 +294,7 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    cfg.max_length = fit_max_length(cfg.max_length, model)
     sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
     return cfg, task, tokenizer, model
 

@@ -7,8 +7,8 @@ from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 from .batching import encode
 from .config import TrainConfig
-from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, prepare_head, \
-    resolve_device, resolve_model_path, set_threads, train_order
+from .engine import ADAPTER, add_pruned_adapter, fit_max_length, save_adapter_dir, load_examples, load_model, \
+    prepare_head, resolve_device, resolve_model_path, set_threads, train_order
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -19,11 +19,12 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     set_threads(cfg, device)
     task, examples = load_examples(cfg)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    max_length = fit_max_length(cfg.max_length, model)
     model.to(device)
     prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
-    train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
+    train_split = encode(tokenizer, examples["train"], task, max_length) if needs_data else None
     order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 

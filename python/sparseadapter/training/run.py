@@ -25,15 +25,16 @@ import torch
 
 from .. import adapters as sa_adapters
 from ..adapters.api import head_parameters
+from ..adapters.io import atomic_write
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .batching import collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, prepare_head,
-    regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
-    train_order,
+    ADAPTER, add_pruned_adapter, autocast, evaluate, fit_max_length, load_examples, load_model, micro_batches,
+    prepare_head, regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss,
+    to_device, train_order,
 )
 from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
@@ -63,23 +64,30 @@ class RunResult:
     target_normalization: Optional[Tuple[float, float]] = None
 
 
-def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
-    """Refuse to mix runs; clear a replaced one; return the checkpoint to resume from."""
+def prepare_output(cfg: TrainConfig, out: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Refuse to mix runs; clear a replaced one; return the checkpoint to resume from.
+
+    `--resume` continues from the newest checkpoint that reads whole (falling back to the previous one),
+    and, for a run of the same settings that stopped before its first checkpoint, starts it over. The
+    evaluations logged after the checkpoint (they are replayed) are dropped from metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "config.json"
     if cfg.resume:
-        found = ckpt.find_checkpoint(out)
-        if found is None or not previous.is_file():
+        if not previous.is_file():
             raise ValueError(f"--resume: no checkpoint in {out} to resume from")
-        saved = json.loads(previous.read_text())["train_config"]
+        saved = _read_run_config(previous)
         mine = cfg.to_dict()
         changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
             raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
                              "a resumed run must use the same ones")
-        return found
-    if previous.is_file() and not cfg.overwrite:
+        found = ckpt.usable_checkpoint(out, log)
+        if found is not None:
+            _trim_metrics(out / "metrics.jsonl", ckpt.read_state(found)["step"])
+            return found
+        log(f"{out}: the run stopped before its first checkpoint; starting it over")
+    elif previous.is_file() and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --output-dir")
     for name in RUN_FILES:
@@ -87,6 +95,34 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
     for name in RUN_DIRS:
         shutil.rmtree(out / name, ignore_errors=True)
     return None
+
+
+def _read_run_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["train_config"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {path} is not a readable run config ({type(err).__name__}); "
+                         "start over with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} is not a readable run config; start over with --overwrite")
+    return saved
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the evaluations up to the checkpoint's step: the resumed run logs the later ones (and the
+    final records) again. A line cut short by a kill goes too."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and not record.get("final") and isinstance(record.get("step"), int) \
+                and record["step"] <= step:
+            keep.append(line)
+    atomic_write(path, "".join(f"{line}\n" for line in keep).encode())
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -153,13 +189,14 @@ class Run:
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out))
+        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out, self.log))
         self.task, examples = load_examples(cfg)
         self.model_path = resolve_model_path(cfg.model)
         tokenizer, self.model = load_model(self.model_path, self.task, cfg.seed)
+        max_length = fit_max_length(cfg.max_length, self.model)
         self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id
-        self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
+        self.splits = {k: encode(tokenizer, v, self.task, max_length) for k, v in examples.items()}
         self.sizes = {k: len(v) for k, v in self.splits.items()}
         train_labels = self.splits["train"].labels
         # regression: standardized targets, the head answering in label units (before pruning scores the loss)
@@ -181,6 +218,9 @@ class Run:
     def _load_or_prune(self) -> dict:
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.model, ADAPTER)
+            if state["step"] > self.total:
+                raise ValueError(f"{self.resume_from}: the checkpoint is at step {state['step']}, past this run's "
+                                 f"{self.total} steps")
             if self.world.is_main:
                 self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
             self.timings.update(state.get("timings", {}))
