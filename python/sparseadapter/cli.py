@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Dict, List, Optional
 
 from .training.config import TrainConfig, field_type, read_config_file
@@ -46,13 +47,18 @@ def _add_train_options(parser: argparse.ArgumentParser, only=None, defaults: Opt
         kind = field_type(f)
         help_text = f.metadata.get("help", "")
         default = defaults[f.name]
+        shown = help_text if "default:" in help_text else f"{help_text} (default: {default})"
+        flags = (flag, *f.metadata.get("flags", ()))
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {'yes' if default else 'no'})")
+        elif typing.get_origin(kind) is list:
+            group.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="REGEX",
+                               help=shown)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                               metavar=None if f.metadata.get("choices") else f.name.upper(),
-                               help=f"{help_text} (default: {default})")
+            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                               choices=f.metadata.get("choices"),
+                               metavar=None if f.metadata.get("choices") else f.name.upper(), help=shown)
 
 
 def _given(args: argparse.Namespace) -> Dict:

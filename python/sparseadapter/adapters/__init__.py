@@ -1,6 +1,6 @@
 """Sparse adapters on real models: Houlsby, Pfeiffer, parallel, LoRA, prefix tuning, MAM, AdapterFusion."""
 from .api import (
-    active_adapters, add_adapter, add_fusion, adapter_modules, delete_adapter, fold_prefix, merge,
+    active_adapters, add_adapter, add_fusion, adapter_modules, delete_adapter, disable_adapter, fold_prefix, merge,
     pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
 )
 from .config import KINDS, SparseAdapterConfig
@@ -10,7 +10,7 @@ from .summary import parameter_budget, print_trainable_parameters, trainable_par
 
 __all__ = [
     "AdapterFusion", "BottleneckAdapter", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
-    "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "delete_adapter", "fold_prefix",
+    "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "delete_adapter", "disable_adapter", "fold_prefix",
     "load_adapter", "merge", "parameter_budget", "pruning_record", "print_trainable_parameters", "save_adapter",
     "set_active_adapters", "set_active_fusion", "train_adapter", "train_fusion", "trainable_parameters", "unload",
     "unmerge",

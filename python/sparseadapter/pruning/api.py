@@ -110,12 +110,14 @@ def _describe_data(batches: List) -> tuple:
     return examples, digest.hexdigest()
 
 
-def _reinit_zero_matrices(layers: Mapping[str, nn.Linear], method: str, zero_init: str, seed: int) -> None:
+def _reinit_zero_matrices(layers: Mapping[str, nn.Linear], method: str, zero_init: str, seed: int) -> List[str]:
     """All-zero matrices score zero under every method but random (and, for SNIP/GraSP, so does their
-    partner in a chain), so ties would decide which matrix disappears."""
+    partner in a chain), so ties would decide which matrix disappears. They are given N(0, 0.02) values
+    for scoring only: the caller puts the zeros back (`_restore_zeros`) once the masks are chosen, so a
+    zero-initialized adapter (LoRA's B) still starts as an exact no-op. Returns the names changed."""
     zero = [n for n, m in layers.items() if not torch.any(m.weight.detach() != 0)]
     if not zero or method == "random":
-        return
+        return []
     if zero_init == "raise":
         raise ValueError(
             f"prune: {zero[0]!r} is all zeros (a zero-initialized adapter matrix, e.g. LoRA's B), so "
@@ -124,12 +126,21 @@ def _reinit_zero_matrices(layers: Mapping[str, nn.Linear], method: str, zero_ini
     if zero_init != "reinit":
         raise ValueError(f"prune: zero_init must be 'reinit' or 'raise', got {zero_init!r}")
     warnings.warn(f"prune: re-initializing {len(zero)} all-zero matrices with N(0, {ZERO_INIT_STD}) "
-                  f"before '{method}' scoring (first: {zero[0]!r})", stacklevel=3)
+                  f"for '{method}' scoring only; their zeros are restored after scoring (first: {zero[0]!r})",
+                  stacklevel=3)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name in zero:
             w = layers[name].weight
             w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.device, w.dtype) * ZERO_INIT_STD)
+    return zero
+
+
+def _restore_zeros(layers: Mapping[str, nn.Linear], names: Sequence[str]) -> None:
+    """Undo `_reinit_zero_matrices`: the matrices it filled for scoring are zero again."""
+    with torch.no_grad():
+        for name in names:
+            layers[name].weight.zero_()
 
 
 def _chains(model: nn.Module, layers: Mapping[str, nn.Linear], chains: Optional[Sequence[Sequence[str]]]):
@@ -180,7 +191,7 @@ def _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, round
     if method in DATA_METHODS and not batches:
         raise ValueError(f"prune: '{method}' scores weights with gradients and needs calibration data: "
                          "pass data=[batch, ...] (and loss_fn if batches are not dicts with labels)")
-    _reinit_zero_matrices(layers, method, zero_init, seed)
+    filled = _reinit_zero_matrices(layers, method, zero_init, seed)
     loss_fn = loss_fn or _default_loss
     was_training = model.training
     model.eval()  # as the paper's code: scores from the model in eval mode (no dropout)
@@ -191,6 +202,8 @@ def _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, round
             chains=_chains(model, layers, chains), seed=seed, rounds=rounds, erk=erk)
     finally:
         model.train(was_training)
+        # the temporary values were for scoring: a zero-initialized matrix starts training at zero
+        _restore_zeros(layers, filled)
     if sparsity < 1.0:
         check_no_empty(masks)
     examples, digest = _describe_data(batches or [])
@@ -223,9 +236,10 @@ def prune(
 
     `sparsity` is the fraction removed (0.4 = 40% zeros). SNIP and GraSP need `data` (an iterable of
     batches) and `loss_fn(model, batch)`; the default loss is `model(**batch).loss`. All-zero matrices
-    (zero-initialized adapters) are re-initialized with N(0, 0.02) before scoring
-    (`zero_init="reinit"`, as the paper's code does) or rejected (`zero_init="raise"`). Each new layer
-    and the model carry a `sparseadapter_pruning` PruningRecord.
+    (zero-initialized adapters, LoRA's B) are scored with temporary N(0, 0.02) values and get their
+    zeros back once the masks are chosen (`zero_init="reinit"`), so such an adapter still starts as an
+    exact no-op; `zero_init="raise"` rejects them. Each new layer and the model carry a
+    `sparseadapter_pruning` PruningRecord.
     """
     masks, layers, record = _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds,
                                               erk, targets, chains, zero_init)

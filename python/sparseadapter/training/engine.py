@@ -19,7 +19,7 @@ from .metrics import compute_metrics
 from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
-ADAPTER = "task"  # the adapter's name inside the model
+ADAPTER = "task"  # the adapter's default name inside the model (TrainConfig.adapter_name)
 
 
 # ---------------------------------------------------------------- data and model
@@ -169,7 +169,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
     each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
     adapter_cfg = cfg.adapter_config()
     if not (adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")):
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg)
         return
     count = min(cfg.calibration_batches, order.steps_per_epoch)
     data, weights = [], {}
@@ -184,7 +184,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
             loss = m(**batch).loss
             weight = weights.get(id(batch), 1.0)
             return loss if weight == 1.0 else loss * weight
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg, data=data, loss_fn=scored_loss)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg, data=data, loss_fn=scored_loss)
 
 
 def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
@@ -192,7 +192,7 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     `sparseadapter eval` needs only the folder."""
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
-    sa_adapters.save_adapter(model, str(path), ADAPTER, include_head=True)
+    sa_adapters.save_adapter(model, str(path), cfg.adapter_name, include_head=True)
 
 
 # ---------------------------------------------------------------- eval of a saved adapter
@@ -215,7 +215,7 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
-    sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
+    sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
     return cfg, task, tokenizer, model
 
 

@@ -31,7 +31,7 @@ from . import distributed as dist_
 from .batching import collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, resolve_device,
+    add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, resolve_device,
     resolve_model_path, save_adapter_dir, set_threads, to_device, train_order,
 )
 from .progress import progress_bar
@@ -69,7 +69,8 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
             raise ValueError(f"--resume: no checkpoint in {out} to resume from")
         saved = json.loads(previous.read_text())["train_config"]
         mine = cfg.to_dict()
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        defaults = TrainConfig().to_dict()  # options newer than the saved run had their defaults there
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != mine[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
             raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
@@ -171,7 +172,7 @@ class Run:
 
     def _load_or_prune(self) -> dict:
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.model, ADAPTER)
+            state = ckpt.load_checkpoint(self.resume_from, self.model, self.cfg.adapter_name)
             if self.world.is_main:
                 self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
             self.timings.update(state.get("timings", {}))
@@ -191,12 +192,12 @@ class Run:
 
         self.on_main(prune_on_main)
         if not self.world.is_main:
-            sa_adapters.load_adapter(self.model, str(self.out / "init"), ADAPTER, load_head=True)
+            sa_adapters.load_adapter(self.model, str(self.out / "init"), self.cfg.adapter_name, load_head=True)
         return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0, "step_times": []}
 
     def _build_optimizer(self) -> None:
         cfg, state = self.cfg, self.state
-        sa_adapters.train_adapter(self.model, ADAPTER)
+        sa_adapters.train_adapter(self.model, cfg.adapter_name)
         self.model.to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -360,7 +361,7 @@ class Run:
                               rng=rng, timings=dict(self.timings))
             if self.scaler.is_enabled():
                 self.state["scaler"] = self.scaler.state_dict()
-            ckpt.save_checkpoint(self.out, self.model, ADAPTER, self.state)
+            ckpt.save_checkpoint(self.out, self.model, self.cfg.adapter_name, self.state)
         self.on_main(save)
 
     # -- the end -----------------------------------------------------------------------------------------
@@ -371,8 +372,8 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(out / "init", ignore_errors=True)
         if self.has_validation and (out / "best").is_dir():
-            sa_adapters.delete_adapter(self.model, ADAPTER)
-            sa_adapters.load_adapter(self.model, str(out / "best"), ADAPTER, load_head=True)
+            sa_adapters.delete_adapter(self.model, cfg.adapter_name)
+            sa_adapters.load_adapter(self.model, str(out / "best"), cfg.adapter_name, load_head=True)
             shutil.copytree(out / "best", final)
         else:
             save_adapter_dir(self.model, final, cfg)
