@@ -76,13 +76,20 @@ def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
 
 
 def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
-                loss_fn=None, activate: bool = True) -> nn.Module:
+                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None) -> nn.Module:
     """Add adapter `name` to `model` in place and return the model.
 
     The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
-    pruned here, once, with `config.pruner`; SNIP and GraSP need calibration `data` (batches the model
-    takes as `model(**batch)` with labels, or give `loss_fn(model, batch)`). With `activate`, the new
-    adapter becomes the only active one.
+    pruned here, once, with `config.pruner`. SNIP and GraSP need calibration `data`, an iterable of
+    batches (a list, a generator, a torch DataLoader):
+
+    - dicts of tensors the model takes as `model(**batch)`, with labels (the default loss is
+      `model(**batch).loss`), e.g. `dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=y)`;
+    - anything else, e.g. `(inputs, labels)` tuples, with `loss_fn(model, batch)` -> scalar loss.
+
+    `calibration_batches=k` reads only the first k batches of `data` (None: all); the data-free
+    pruners (random, magnitude, synflow) read none. A batch of another form raises ValueError naming
+    what was received. With `activate`, the new adapter becomes the only active one.
     """
     if not isinstance(config, SparseAdapterConfig):
         raise TypeError(f"config must be a SparseAdapterConfig, got {type(config).__name__}")
@@ -91,7 +98,7 @@ def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, dat
     check_attachable(model, parts, activate)
     attach_adapter(model, name, config, parts)
     if config.is_sparse:
-        _prune_adapter(model, name, config, data, loss_fn)
+        _prune_adapter(model, name, config, data, loss_fn, calibration_batches)
     freeze_base(model)
     if activate:
         set_active_adapters(model, [name])
@@ -194,7 +201,7 @@ def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, par
     reg.adapters[name] = AdapterEntry(config, parts.sites)
 
 
-def _prune_adapter(model, name, config, data, loss_fn) -> None:
+def _prune_adapter(model, name, config, data, loss_fn, calibration_batches=None) -> None:
     reg = registry(model)
     targets = [f"{prefix}.{sub}" if sub else prefix
                for prefix, module in adapter_modules(model, name).items()
@@ -203,7 +210,8 @@ def _prune_adapter(model, name, config, data, loss_fn) -> None:
     try:
         _set_active(model, [name], None)  # LoRA adapters merged into base weights stay there
         prune(model, method=config.pruner, sparsity=config.effective_sparsity, scope=config.scope, data=data,
-              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets)
+              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets,
+              calibration_batches=calibration_batches)
     except Exception:
         delete_adapter(model, name)  # leave the model as it was
         raise

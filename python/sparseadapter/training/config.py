@@ -39,6 +39,9 @@ class TrainConfig:
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    eval_max_examples: Optional[int] = _opt(None, "evaluate during training on a fixed seeded subset of this many "
+                                                  "validation examples (quick selection in short runs); the selected "
+                                                  "adapter is scored on the whole validation split at the end")
     # the adapter
     kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
     bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank r (default: the kind's)",
@@ -81,7 +84,7 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: Optional[int] = _opt(None, "CPU threads for torch (default: 1 on CPU, which is fastest on small "
                                         "machines; torch's own default on GPU)")
-    progress: bool = _opt(True, "show progress bars")
+    progress: bool = _opt(True, "show progress (bars on a terminal; plain lines, no escape codes, in logs and pipes)")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -117,7 +120,7 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             need(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "eval_max_examples"):
             value = getattr(self, name)
             need(value is None or (_int(value) and value >= 1), f"{name} must be a positive int, got {value!r}")
         need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")

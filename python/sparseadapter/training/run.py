@@ -28,7 +28,7 @@ from ..adapters.api import head_parameters
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .batching import collate, encode
+from .batching import EncodedSplit, collate, encode
 from .config import TrainConfig
 from .engine import (
     add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, resolve_device,
@@ -93,6 +93,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def selection_split(split: Optional[EncodedSplit], limit: Optional[int]) -> Optional[EncodedSplit]:
+    """What evaluation during training scores: the validation split, or with `limit` (--eval-max-examples)
+    a fixed seeded subset of it (the same in every run and on resume)."""
+    if split is None or limit is None or limit >= len(split):
+        return split
+    keep = sorted(torch.randperm(len(split), generator=torch.Generator().manual_seed(4321))[:limit].tolist())
+    labels = split.labels[keep] if split.labels is not None else None
+    return EncodedSplit([split.features[i] for i in keep], labels)
+
+
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warm-up to the peak, then linear decay to zero at the last step."""
     def factor(step: int) -> float:
@@ -108,7 +118,9 @@ def _format_record(record: dict) -> str:
         parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s")]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s", "examples")]
+        if "examples" in record:
+            parts.append(f"on {record['examples']} examples")
     return " | ".join(parts)
 
 
@@ -164,6 +176,7 @@ class Run:
         if self.world.is_main:
             self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
                      + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
+        self.selection = selection_split(self.splits.get("validation"), cfg.eval_max_examples)
         self.order = train_order(cfg, self.sizes["train"])  # optimizer-step batches
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
         self.state = self._load_or_prune()
@@ -313,6 +326,8 @@ class Run:
                 self.timings["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 self._checkpoint()
+            if evaluate_now or done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                bar.unpause()  # the bar's step rate leaves evaluation and checkpoint time out
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
         self._step_timings()
@@ -341,11 +356,14 @@ class Run:
         state["loss_sum"], state["loss_count"] = 0.0, 0
         if self.has_validation:
             t = time.perf_counter()
-            metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
-                               precision=self.cfg.precision)
+            subset = self.selection is not self.splits["validation"]
+            metrics = evaluate(self.model, self.selection, self.task, self.cfg.eval_batch_size,
+                               self.pad_id, self.device, desc="eval validation" + (" subset" if subset else ""),
+                               progress=self.cfg.progress, precision=self.cfg.precision)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
+            if subset:
+                record["examples"] = len(self.selection)
             main = self.task.main_metric
             if state["best"] is None or metrics[main] > state["best"]["metrics"][main]:
                 state["best"] = {"step": state["step"], "metrics": metrics}
@@ -377,10 +395,15 @@ class Run:
             shutil.copytree(out / "best", final)
         else:
             save_adapter_dir(self.model, final, cfg)
-        # Validation scores of the selected adapter are those it was selected with (same weights).
+        # Validation scores of the selected adapter are those it was selected with (same weights), or,
+        # when it was selected on a subset (--eval-max-examples), its scores on the whole split.
         validation = state["best"]["metrics"] if state["best"] is not None else None
         test = None
         t = time.perf_counter()
+        if validation is not None and self.selection is not self.splits["validation"]:
+            validation = evaluate(self.model, self.splits["validation"], self.task, cfg.eval_batch_size, self.pad_id,
+                                  self.device, desc="final validation", progress=cfg.progress,
+                                  precision=cfg.precision)
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
                             self.device, desc="final test", progress=cfg.progress, precision=cfg.precision)
