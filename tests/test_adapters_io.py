@@ -587,9 +587,9 @@ def test_save_leaves_only_the_two_files_readable_as_usual(saved, tmp_path):
     finally:
         os.umask(umask)
     weights = os.path.basename(weights_path(folder))
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights]), "no temporary files are left"
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights, "README.md"]), "no temporary files are left"
     assert re.fullmatch(r"adapter-[0-9a-f]{16}\.safetensors", weights), "named by its content"
-    for name in (CONFIG_FILE, weights):
+    for name in (CONFIG_FILE, weights, "README.md"):  # README.md: the model card
         assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
 
 
@@ -597,7 +597,7 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
     folder = saved.copy_to(tmp_path / "adapter")
     other = add(make_model(head_seed=4), "lora", seed=2)
     sa.save_adapter(other, folder)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder))]), \
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder)), "README.md"]), \
         "the replaced tensor file is gone"
     target = make_model(head_seed=2)
     sa.load_adapter(target, folder)

@@ -184,8 +184,11 @@ def guard_forward(model: nn.Module) -> None:
 
 
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
+    from . import pretrained  # save_pretrained and adapter checkpoints (imports io, which imports this module)
+
     reg = registry(model, create=True)
     guard_forward(model)
+    pretrained.install(model)
     if parts.prefix is not None:  # first: the one step that can still refuse
         prefix_attention.install(model)
     for site, module in parts.modules:
@@ -440,6 +443,8 @@ def unload(model: nn.Module) -> nn.Module:
     for key in [k for k, fn in model._forward_pre_hooks.items() if fn is _reject_adapter_names]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)
+    from . import pretrained
+    pretrained.uninstall(model)
     return model
 
 

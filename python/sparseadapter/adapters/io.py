@@ -33,8 +33,10 @@ from .api import (
     HEAD_NAMES, adapter_modules, attach_adapter, build_adapter, check_attachable, check_new_name, freeze_base,
     pruning_record, set_active_adapters,
 )
+from .card import write_model_card
 from .config import SparseAdapterConfig
 from .placement import Site, model_type, resolve_sites
+from .pretrained import base_model_record
 from .registry import entry, registry
 
 CONFIG_FILE = "adapter_config.json"
@@ -143,6 +145,7 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
         "weights_file": weights_file,
         "weights_sha256": digest,
+        "base_model": base_model_record(model),  # what sa.load_pretrained loads the adapter onto
     }
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
     try:
@@ -151,6 +154,7 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         _remove_unreferenced(path)
         raise
     _remove_unreferenced(path)
+    write_model_card(path)
     return path
 
 

@@ -413,6 +413,7 @@ class Run:
             if metrics is not None:
                 _append_jsonl(out / "metrics.jsonl",
                               {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+        sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
