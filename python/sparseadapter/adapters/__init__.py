@@ -6,6 +6,7 @@ from .api import (
 from .config import KINDS, SparseAdapterConfig
 from .card import write_model_card
 from .io import load_adapter, save_adapter
+from .peft_interop import from_peft, to_peft
 from .pretrained import load_pretrained, save_pretrained
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
 from .summary import parameter_budget, print_trainable_parameters, trainable_parameters
@@ -13,6 +14,7 @@ from .summary import parameter_budget, print_trainable_parameters, trainable_par
 __all__ = [
     "AdapterFusion", "BottleneckAdapter", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
     "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "delete_adapter", "disable_adapter", "fold_prefix",
+    "from_peft", "to_peft",
     "load_adapter", "load_pretrained", "merge", "parameter_budget", "pruning_record", "print_trainable_parameters",
     "save_adapter", "save_pretrained", "set_active_adapters", "set_active_fusion", "train_adapter", "train_fusion",
     "trainable_parameters", "unload", "unmerge", "write_model_card",
