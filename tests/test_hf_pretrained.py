@@ -216,3 +216,12 @@ def test_an_adapter_checkpoint_loads_strictly_without_the_base_weights(tmp_path,
     state.pop("__sparseadapter_adapter_state__")
     state = {k: v.to(torch.int32) if v.dtype == torch.int16 else v for k, v in state.items()}  # stored narrow
     assert other.load_state_dict(state, strict=False).missing_keys
+
+
+def test_a_model_whose_adapters_are_gone_saves_as_a_plain_model(tmp_path, batch):
+    model = minilm_with_adapter()
+    sa.delete_adapter(model, "task")
+    model.save_pretrained(tmp_path / "plain")
+    assert os.path.isfile(tmp_path / "plain" / "config.json")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain")
+    assert torch.equal(logits(again, batch), logits(model, batch))

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .registry import PREFIX_ROOT, REGISTRY_ATTR, registry
+from .registry import PREFIX_ROOT, REGISTRY_ATTR
 from .slot import SLOT_ATTR
 
 MODEL_FILE = "sparseadapter_model.json"     # which adapters a save_pretrained folder holds, which are active
@@ -67,7 +67,11 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
     record = {"name_or_path": name, "class": type(model).__name__, "dtype": str(dtype).replace("torch.", ""),
-              "model_type": getattr(config, "model_type", None), "config": _config_dict(config)}
+              "model_type": getattr(config, "model_type", None)}
+    try:
+        record["config"] = _config_dict(config)
+    except (TypeError, ValueError):  # a config holding objects JSON cannot spell: the base's own is used
+        pass
     revision = getattr(config, "_commit_hash", None)
     if revision:
         record["revision"] = revision
@@ -122,30 +126,32 @@ def _narrow_index(key: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
-                    state_dict=None, push_to_hub: bool = False, **_ignored) -> str:
+                    state_dict=None, push_to_hub: bool = False, **kwargs) -> str:
     """Write the model's adapters to `save_directory` (see the module docstring); returns the folder.
 
     The first active adapter (or the only one) goes to the folder itself, every other adapter to a
     subfolder of its name. Trainer's arguments (`state_dict`, `safe_serialization`, ...) are accepted;
-    the tensors always come from the model.
+    the tensors always come from the model. A model whose adapters were all deleted saves as a plain
+    model (transformers' own save_pretrained).
     """
     from safetensors.torch import save_file
 
     from .io import atomic_write, save_adapter
 
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None or not reg.adapters:
+        return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
+                                           state_dict=state_dict, push_to_hub=push_to_hub, **kwargs)
     if push_to_hub:
         raise ValueError("save_pretrained: push_to_hub is not supported for sparse adapters; save the folder, "
                          "then upload it with huggingface_hub.upload_folder")
     path = os.fspath(save_directory)
     if not is_main_process:
         return path
-    reg = registry(model)
     if reg.fusions:
         raise ValueError(f"save_pretrained: the model has AdapterFusion layers ({', '.join(reg.fusions)}), which "
                          "are not saved; save the adapters with sa.save_adapter and keep the fusion weights yourself")
     names = list(reg.adapters)
-    if not names:
-        raise ValueError("save_pretrained: the model has no sparse adapter left to save")
     main = next((n for n in reg.active if n in reg.adapters), names[0])
     os.makedirs(path, exist_ok=True)
     folders = {}
