@@ -591,9 +591,9 @@ def test_save_leaves_only_the_two_files_readable_as_usual(saved, tmp_path):
     finally:
         os.umask(umask)
     weights = os.path.basename(weights_path(folder))
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights]), "no temporary files are left"
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights, "README.md"]), "no temporary files are left"
     assert re.fullmatch(r"adapter-[0-9a-f]{16}\.safetensors", weights), "named by its content"
-    for name in (CONFIG_FILE, weights):
+    for name in (CONFIG_FILE, weights, "README.md"):  # README.md: the model card
         assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
 
 
@@ -601,7 +601,7 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
     folder = saved.copy_to(tmp_path / "adapter")
     other = add(make_model(head_seed=4), "lora", seed=2)
     sa.save_adapter(other, folder)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder))]), \
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder)), "README.md"]), \
         "the replaced tensor file is gone"
     target = make_model(head_seed=2)
     sa.load_adapter(target, folder)
@@ -737,7 +737,7 @@ def test_declared_sizes_of_a_dense_adapter(make_model, batch, tmp_path, memory_c
     pytest.param(r"^(.|[a-z])*[0-9]{3}", "took more than 2 s", id="exponential-backtracking"),
     pytest.param("a" * 1001, "1,001 characters", id="too-long"),
     pytest.param("(unclosed", "not a valid regular expression", id="invalid"),
-    pytest.param(7, "must be a regular expression string", id="not-a-string"),
+    pytest.param(7, r"must be a (list of regex strings|regular expression string)", id="not-a-string"),
 ])
 def test_target_patterns_are_bounded(pattern, match, saved, make_model, batch, tmp_path):
     """Module-name patterns come from files: one that backtracks exponentially is stopped after the

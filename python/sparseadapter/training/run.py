@@ -29,12 +29,12 @@ from ..adapters.io import atomic_write
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .batching import collate, encode
+from .batching import EncodedSplit, collate, encode
 from .config import TrainConfig
 from .engine import (
-    ADAPTER, add_pruned_adapter, autocast, evaluate, fit_max_length, load_examples, load_model, micro_batches,
-    prepare_head, regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss,
-    to_device, train_order,
+    add_pruned_adapter, autocast, evaluate, fit_max_length, load_examples, load_model, micro_batches, prepare_head,
+    regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
+    train_order,
 )
 from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
@@ -77,7 +77,8 @@ def prepare_output(cfg: TrainConfig, out: Path, log: Callable[[str], None] = pri
             raise ValueError(f"--resume: no checkpoint in {out} to resume from")
         saved = _read_run_config(previous)
         mine = cfg.to_dict()
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        defaults = TrainConfig().to_dict()  # options newer than the saved run had their defaults there
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != mine[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
             raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
@@ -132,6 +133,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def selection_split(split: Optional[EncodedSplit], limit: Optional[int]) -> Optional[EncodedSplit]:
+    """What evaluation during training scores: the validation split, or with `limit` (--eval-max-examples)
+    a fixed seeded subset of it (the same in every run and on resume)."""
+    if split is None or limit is None or limit >= len(split):
+        return split
+    keep = sorted(torch.randperm(len(split), generator=torch.Generator().manual_seed(4321))[:limit].tolist())
+    labels = split.labels[keep] if split.labels is not None else None
+    return EncodedSplit([split.features[i] for i in keep], labels)
+
+
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warm-up to the peak, then linear decay to zero at the last step."""
     def factor(step: int) -> float:
@@ -147,7 +158,10 @@ def _format_record(record: dict) -> str:
         parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s") and not is_diagnostic(k)]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s", "examples")
+                  and not is_diagnostic(k)]
+        if "examples" in record:
+            parts.append(f"on {record['examples']} examples")
     return " | ".join(parts)
 
 
@@ -209,6 +223,7 @@ class Run:
         if self.world.is_main:
             self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
                      + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
+        self.selection = selection_split(self.splits.get("validation"), cfg.eval_max_examples)
         self.order = train_order(cfg, self.sizes["train"])  # optimizer-step batches
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
         self.state = self._load_or_prune()
@@ -217,7 +232,7 @@ class Run:
 
     def _load_or_prune(self) -> dict:
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.model, ADAPTER)
+            state = ckpt.load_checkpoint(self.resume_from, self.model, self.cfg.adapter_name)
             if state["step"] > self.total:
                 raise ValueError(f"{self.resume_from}: the checkpoint is at step {state['step']}, past this run's "
                                  f"{self.total} steps")
@@ -241,12 +256,12 @@ class Run:
 
         self.on_main(prune_on_main)
         if not self.world.is_main:
-            sa_adapters.load_adapter(self.model, str(self.out / "init"), ADAPTER, load_head=True)
+            sa_adapters.load_adapter(self.model, str(self.out / "init"), self.cfg.adapter_name, load_head=True)
         return {"step": 0, "best": None, "loss_sum": 0.0, "loss_count": 0, "step_times": []}
 
     def _build_optimizer(self) -> None:
         cfg, state = self.cfg, self.state
-        sa_adapters.train_adapter(self.model, ADAPTER)
+        sa_adapters.train_adapter(self.model, cfg.adapter_name)
         self.model.to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -365,6 +380,8 @@ class Run:
                 self.timings["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 self._checkpoint()
+            if evaluate_now or done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                bar.unpause()  # the bar's step rate leaves evaluation and checkpoint time out
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
         self._step_timings()
@@ -393,11 +410,14 @@ class Run:
         state["loss_sum"], state["loss_count"] = 0.0, 0
         if self.has_validation:
             t = time.perf_counter()
-            metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
-                               precision=self.cfg.precision, baseline=self.baseline)
+            subset = self.selection is not self.splits["validation"]
+            metrics = evaluate(self.model, self.selection, self.task, self.cfg.eval_batch_size,
+                               self.pad_id, self.device, desc="eval validation" + (" subset" if subset else ""),
+                               progress=self.cfg.progress, precision=self.cfg.precision, baseline=self.baseline)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
+            if subset:
+                record["examples"] = len(self.selection)
             main = self.task.main_metric
             if state["best"] is None or metrics[main] > state["best"]["metrics"][main]:
                 state["best"] = {"step": state["step"], "metrics": metrics}
@@ -413,7 +433,7 @@ class Run:
                               rng=rng, timings=dict(self.timings))
             if self.scaler.is_enabled():
                 self.state["scaler"] = self.scaler.state_dict()
-            ckpt.save_checkpoint(self.out, self.model, ADAPTER, self.state)
+            ckpt.save_checkpoint(self.out, self.model, self.cfg.adapter_name, self.state)
         self.on_main(save)
 
     # -- the end -----------------------------------------------------------------------------------------
@@ -424,15 +444,20 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(out / "init", ignore_errors=True)
         if self.has_validation and (out / "best").is_dir():
-            sa_adapters.delete_adapter(self.model, ADAPTER)
-            sa_adapters.load_adapter(self.model, str(out / "best"), ADAPTER, load_head=True)
+            sa_adapters.delete_adapter(self.model, cfg.adapter_name)
+            sa_adapters.load_adapter(self.model, str(out / "best"), cfg.adapter_name, load_head=True)
             shutil.copytree(out / "best", final)
         else:
             save_adapter_dir(self.model, final, cfg)
-        # Validation scores of the selected adapter are those it was selected with (same weights).
+        # Validation scores of the selected adapter are those it was selected with (same weights), or,
+        # when it was selected on a subset (--eval-max-examples), its scores on the whole split.
         validation = state["best"]["metrics"] if state["best"] is not None else None
         test = None
         t = time.perf_counter()
+        if validation is not None and self.selection is not self.splits["validation"]:
+            validation = evaluate(self.model, self.splits["validation"], self.task, cfg.eval_batch_size, self.pad_id,
+                                  self.device, desc="final validation", progress=cfg.progress,
+                                  precision=cfg.precision)
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
                             self.device, desc="final test", progress=cfg.progress, precision=cfg.precision,
@@ -443,6 +468,7 @@ class Run:
             if metrics is not None:
                 _append_jsonl(out / "metrics.jsonl",
                               {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+        sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
