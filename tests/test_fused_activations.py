@@ -46,13 +46,19 @@ def test_activation_matches_float64(device, activation):
         assert (err <= 4e-7 * x64.abs().clamp_min(1)).all()
 
 
-@pytest.mark.parametrize("activation", list(FUNCTIONS))
-def test_activation_limits(device, activation):
-    """Infinities give the function's limits (gelu and silu of -inf: 0) and NaN stays NaN."""
+@pytest.mark.parametrize("activation", [*FUNCTIONS, "relu"])
+def test_activation_limits(device, activation, path):
+    """Infinities give the function's limits (gelu and silu of -inf: 0) and NaN stays NaN, also
+    through relu (as torch.relu). The dense path multiplies the expanded weight's zeros too, so there,
+    as in a dense layer, one non-finite input makes every output NaN: NaN must still come out."""
     x = torch.full((1, WIDTH), float("nan"), device=device)
     x[0, :3] = torch.tensor([float("inf"), float("-inf"), -1e4])
     buf = _identity(device)
     out = ops.sparse_adapter(x, None, buf, buf, activation, 1.0)[0].tolist()
-    limits = {"gelu": [float("inf"), 0.0, 0.0], "silu": [float("inf"), 0.0, 0.0], "tanh": [1.0, -1.0, -1.0]}
+    if path == "dense":
+        assert all(v != v for v in out)
+        return
+    limits = {"gelu": [float("inf"), 0.0, 0.0], "silu": [float("inf"), 0.0, 0.0], "tanh": [1.0, -1.0, -1.0],
+              "relu": [float("inf"), 0.0, 0.0]}
     assert out[:3] == limits[activation]
     assert all(v != v for v in out[3:])

@@ -1,7 +1,7 @@
-"""Multi-process training (torchrun, DDP over gloo on CPU): 2 processes x 16 examples per step end with
-the same adapter as 1 process x 32, from the same pruning mask (rank 0 prunes, the others load it, and
-all compare pattern digests before training); and a 2-process job killed with SIGKILL resumes to the
-adapter of a job that never stopped.
+"""Multi-process training (torchrun, DDP over gloo on CPU): 2 processes x 16 examples per step (or 2
+accumulated micro-batches of 2 x 8) end with the same adapter as 1 process x 32, from the same pruning
+mask (rank 0 prunes, the others load it, and all compare pattern digests before training); and a
+2-process job killed with SIGKILL resumes to the adapter of a job that never stopped.
 
 The tiny model has no dropout here: with dropout the ranks draw their own masks, so the runs agree in
 distribution, not value.
@@ -48,11 +48,15 @@ def tensors(folder):
     return safetensors.load_file(weights_path(str(folder)))
 
 
-def test_two_processes_match_one(no_dropout_model, sentiment_files, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_processes_match_one(accumulation, no_dropout_model, sentiment_files, tmp_path, capsys):  # noqa: F811
+    """With --grad-accumulation 2, each step is 2 micro-batches of 16 (8 per process; DDP reduces once,
+    after the second) and must still give one process's update on 32."""
     steps = ("--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "2")
+    micro = ("--batch-size", "16", "--grad-accumulation", "2") if accumulation == 2 else ()
     single, double = tmp_path / "single", tmp_path / "double"
     assert main(train_args(no_dropout_model, sentiment_files, single, *COMMON, *steps)) == 0, capsys.readouterr().err
-    proc = torchrun(train_args(no_dropout_model, sentiment_files, double, *COMMON, *steps))
+    proc = torchrun(train_args(no_dropout_model, sentiment_files, double, *COMMON, *steps, *micro))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("SparseAdapter:") == 1, "only rank 0 reports"
     assert "2 processes" in proc.stdout

@@ -269,7 +269,7 @@ def test_decoding_modes(tiny_lms):
                                   stop=[f" {words[1]} "])
     assert words[0] in stopped and all(f" {words[1]} " not in t for t in stopped)
     # the adapter off: the base model's outputs
-    with generation.adapters_off(model):
+    with sa.disable_adapter(model):
         base = generation.generate(model, setup, prompts, device=device, max_new_tokens=6, clean=False)
     assert sa.active_adapters(model) == ["a"] and base != greedy
     with pytest.raises(ValueError, match="decoding must be one of"):
@@ -452,3 +452,96 @@ def test_prune_reports_a_generation_adapter(tiny_lms, copy_files, capsys):
                      "--calibration-batches", "1", "--no-progress"], capsys)
     total = [line for line in stdout.splitlines() if line.startswith("total")][0].split()
     assert total[1:] == ["512", "2,048", "0.750"]  # 2 layers x 2 sites x (32x8 + 8x32), a quarter kept
+
+
+# ------------------------------------------- with the run options: precision, accumulation, names, positions
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+    from sparseadapter.adapters.io import weights_path
+
+    return load_file(weights_path(str(folder)))
+
+
+def test_generation_micro_batches_equal_one_large_batch(tiny_lms, copy_files, tmp_path, capsys):
+    """14 training examples, 2 steps: 8 at once, or 4 + 4 then 4 + 2 with --grad-accumulation 2. Prompt and
+    target batches take the run's micro-batch path, each loss weighted by its share of the step's examples;
+    every copy-task target has the same token count (3 words + eos), so the example-weighted mean of the
+    micro-batches' token means is the large batch's token mean: the same pruned pattern and values."""
+    common = ("--max-train-examples", "14", "--max-steps", "2", "--eval-every", "2", "--no-baselines")
+    for name, flags in (("large", ("--batch-size", "8")),
+                        ("accumulated", ("--batch-size", "4", "--grad-accumulation", "2"))):
+        run_ok(gen_train_args(tiny_lms["llama"], copy_files, tmp_path / name, *common, *flags), capsys)
+    a, b = (_adapter_tensors(tmp_path / name / "checkpoint" / "adapter") for name in ("large", "accumulated"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_generation_under_precision_eval_subset_and_adapter_name(tiny_lms, copy_files, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A bf16 run with accumulation, selection on a 4-example validation subset and its own adapter name:
+    every generation (validation, test, zero-shot) runs under bf16 autocast, the selected adapter is scored
+    on the whole validation split, and eval/generate load it by its name under its precision (or the one
+    asked for)."""
+    seen = []
+    real = generation.autocast
+
+    def recording(precision, device):
+        seen.append(precision)
+        return real(precision, device)
+
+    monkeypatch.setattr(generation, "autocast", recording)
+    out_dir = tmp_path / "run"
+    run_ok(gen_train_args(tiny_lms["llama"], copy_files, out_dir, "--max-steps", "4", "--eval-every", "2",
+                          "--batch-size", "4", "--grad-accumulation", "2", "--precision", "bf16",
+                          "--eval-max-examples", "4", "--adapter-name", "headlines"), capsys)
+    assert seen and set(seen) == {"bf16"}
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in records if not r.get("final")]
+    assert [(r["step"], r["examples"]) for r in periodic] == [(2, 4), (4, 4)]
+    assert all(r["step_s"] > 0 for r in periodic)
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["config"]["precision"] == "bf16" and set(results["baselines"]) == {"lead", "zero_shot"}
+    meta = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
+    assert meta["name"] == "headlines"
+    assert "rougeL" in (out_dir / "adapter" / "README.md").read_text()  # the model card, with ROUGE
+
+    seen.clear()
+    full = json.loads(run_ok(["eval", "--adapter", str(out_dir), "--split", "validation", "--json",
+                              "--no-baselines", "--no-progress"], capsys))
+    assert set(seen) == {"bf16"} and full["examples"] == 12
+    assert full["rougeL"] == pytest.approx(results["validation"]["rougeL"])  # the whole split, as the run
+    seen.clear()
+    run_ok(["eval", "--adapter", str(out_dir), "--json", "--precision", "fp32", "--no-progress"], capsys)
+    assert set(seen) == {"fp32"}
+    seen.clear()
+    rows = run_ok(["generate", "--adapter", str(out_dir), "--limit", "2", "--json", "--no-progress"], capsys)
+    assert len(rows.splitlines()) == 2 and set(seen) == {"bf16"}
+    seen.clear()
+    run_ok(["generate", "--adapter", str(out_dir), "--text", "red cat", "--precision", "fp32", "--no-progress"],
+           capsys)
+    assert set(seen) == {"fp32"}
+
+
+def test_prompts_and_answers_fit_the_models_positions(tiny_lms, copy_files, tmp_path, capsys):
+    """The tiny llama has 128 positions. The default max_length (128) is cut to leave room for the prompt's
+    own tokens and the answer; a max_length given that does not fit, and a generate budget that does not,
+    end in one line."""
+    tokenizer, _, setup = lm_setup(tiny_lms["llama"], max_source=128, max_target=64)
+    overhead = len(setup.prompter.prefix) + len(setup.prompter.suffix)
+    assert setup.prompter.max_source == 128 - overhead - 64
+    _, _, setup = lm_setup(tiny_lms["t5"], max_source=128)  # relative positions: no limit
+    assert setup.prompter.max_source == 128
+    with pytest.raises(ValueError, match="more than the model's 128 positions"):
+        lm_setup(tiny_lms["llama"], max_source=100)
+    run_error(gen_train_args(tiny_lms["llama"], copy_files, tmp_path / "long", "--max-steps", "1",
+                             "--max-length", "120"), capsys, "max_length 120 beside the", "128 positions",
+              "--max-length")
+    lm = tmp_path / "lm"
+    run_ok(gen_train_args(tiny_lms["llama"], copy_files, lm, "--max-steps", "1", "--no-baselines"), capsys)
+    run_error(["generate", "--adapter", str(lm), "--text", "red cat", "--max-new-tokens", "200"], capsys,
+              "do not fit the model's 128 positions")

@@ -14,15 +14,17 @@ FILLER = ["the", "a", "movie", "film", "plot", "acting", "was", "is", "very", "q
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
 
 
-def write_tiny_model(path, dropout: float = 0.1) -> str:
+def write_tiny_model(path, dropout: float = 0.1, initializer_range: float = 0.5) -> str:
     """A 2-layer BERT (hidden 32) with a tokenizer over VOCAB, saved with save_pretrained. The large
-    initializer range keeps random sentence representations apart, so the tiny model can learn."""
+    initializer range keeps random sentence representations apart, so the tiny model can learn. (It
+    also saturates the frozen tanh pooler; tests that must learn a task in a few dozen steps through
+    it take a smaller range.)"""
     import torch
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     initializer_range=0.5, hidden_dropout_prob=dropout,
+                                     initializer_range=initializer_range, hidden_dropout_prob=dropout,
                                      attention_probs_dropout_prob=dropout)
     tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True)
     transformers.BertModel(config).save_pretrained(path)

@@ -42,7 +42,7 @@ SA_ALWAYS_INLINE void activate(acc_t* h, int64_t n, Activation activation) {
     return;
   }
   if (activation == Activation::kRelu) {
-    for (int64_t i = 0; i < n; ++i) h[i] = h[i] > acc_t(0) ? h[i] : acc_t(0);
+    for (int64_t i = 0; i < n; ++i) h[i] = h[i] < acc_t(0) ? acc_t(0) : h[i];  // NaN stays NaN, as torch.relu
     return;
   }
   if constexpr (std::is_same_v<acc_t, float>) {

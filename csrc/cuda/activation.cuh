@@ -21,7 +21,7 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t activate(acc_t h, Activation activation) {
   switch (activation) {
     case Activation::kIdentity: return h;
-    case Activation::kRelu: return h > acc_t(0) ? h : acc_t(0);
+    case Activation::kRelu: return h < acc_t(0) ? acc_t(0) : h;  // NaN stays NaN, as torch.relu
     case Activation::kGelu:
       return h < acc_t(-14.2) ? acc_t(0) : acc_t(0.5) * h * (acc_t(1) + dev_erf(h * acc_t(M_SQRT1_2)));
     case Activation::kSilu: return h < acc_t(-100) ? acc_t(0) : h / (acc_t(1) + dev_exp(-h));

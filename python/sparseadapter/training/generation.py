@@ -10,9 +10,12 @@ of the prompt, most of the sequence, is never made. Position ids count real toke
 
 Seq2seq (encoder-decoder models): instruction and source in, target out (the model's own loss).
 
-Evaluation generates from the prompt (greedy, or beam search with num_beams > 1) and scores ROUGE-1/2/L
-F1 against the targets. Beside it: the lead baseline (the source's first sentence) and the base model
-zero-shot (the adapter switched off, the same prompt and decoding), so a table shows what the adapter adds.
+Sources are cut to max_length tokens, fitted (engine.fit_max_length) so that the prompt and the answer
+(target or generated tokens) fit the model's positions. Training batches take the run's micro-batch path
+(--grad-accumulation) like any other. Evaluation generates from the prompt (greedy, or beam search with
+num_beams > 1) under the run's --precision autocast and scores ROUGE-1/2/L F1 against the targets.
+Beside it: the lead baseline (the source's first sentence) and the base model zero-shot (the adapter
+switched off, the same prompt, decoding and precision), so a table shows what the adapter adds.
 """
 import contextlib
 import inspect
@@ -30,7 +33,10 @@ from torch import nn
 from .. import adapters as sa_adapters
 from .batching import EncodedSplit
 from .config import LM_OBJECTIVES, TrainConfig
-from .data import Example, lead_sentence
+from .data import DataError, Example, lead_sentence
+from .engine import (
+    autocast, fit_max_length, load_examples, load_saved, position_limit, resolve_device, set_threads,
+)
 from .metrics import rouge
 from .progress import progress_bar
 from .tasks import TaskSpec
@@ -211,6 +217,12 @@ class LMSplit(EncodedSplit):
     last_predictions: Optional[List[str]] = None
     baseline_predictions: Optional[Dict[str, List[str]]] = None
 
+    def subset(self, keep: Sequence[int]) -> "LMSplit":
+        """The examples at indices `keep`, in that order (the same setup)."""
+        labels = [self.labels[i] for i in keep] if self.labels is not None else None
+        return LMSplit([self.features[i] for i in keep], labels, sources=[self.sources[i] for i in keep],
+                       setup=self.setup)
+
     def collate_batch(self, indices: Sequence[int], pad_id: int) -> Dict[str, torch.Tensor]:
         rows = [self.features[i] for i in indices]
         if self.setup.objective == "causal-lm":
@@ -218,11 +230,11 @@ class LMSplit(EncodedSplit):
         return collate_seq2seq(rows, pad_id)
 
     def evaluate_generation(self, model: nn.Module, batch_size: int, device: torch.device, *, desc: str = "eval",
-                            progress: bool = True) -> Dict[str, float]:
+                            progress: bool = True, precision: str = "fp32") -> Dict[str, float]:
         if self.labels is None:
             raise ValueError(f"{desc}: this split has no targets to score against")
         predictions = generate(model, self.setup, [f["prompt"] for f in self.features], device=device,
-                               batch_size=batch_size, desc=desc, progress=progress)
+                               batch_size=batch_size, desc=desc, progress=progress, precision=precision)
         self.last_predictions = predictions
         return score(predictions, self.labels)
 
@@ -269,10 +281,28 @@ def make_setup(tokenizer, model: nn.Module, task: TaskSpec, cfg: TrainConfig,
     objective = objective_of(model)
     instruction = task.prompt if cfg.prompt is None else cfg.prompt
     prompter = Prompter(tokenizer, objective, instruction, cfg.chat_template, cfg.max_length, cfg.max_target_length)
+    prompter.max_source = fit_source_length(prompter, cfg, model)
     keep = objective == "causal-lm" and "logits_to_keep" in inspect.signature(model.forward).parameters
     single = all("\n" not in (e.label or "") for e in train_examples or ())
     return GenerationSetup(tokenizer, prompter, objective, keep, single, cfg.max_new_tokens, cfg.num_beams,
                            cfg.eval_batch_size)
+
+
+def fit_source_length(prompter: Prompter, cfg: TrainConfig, model: nn.Module) -> int:
+    """Source tokens per prompt: max_length, fitted to the model's positions (engine.fit_max_length: the
+    default is cut, a given length that does not fit is an error) beside the prompt's own tokens and, in
+    a causal LM's one sequence, the answer: the longer of max_target_length and max_new_tokens."""
+    overhead = len(prompter.prefix) + len(prompter.suffix)
+    answer = max(cfg.max_target_length, cfg.max_new_tokens)
+    if prompter.objective == "causal-lm":
+        return fit_max_length(cfg.max_length, model, overhead + answer,
+                              f"tokens of the prompt's instruction and template ({overhead}) and the answer "
+                              f"(max_target_length {cfg.max_target_length}, max_new_tokens {cfg.max_new_tokens})")
+    limit = position_limit(model)  # an encoder-decoder: the answer is the decoder's, on positions of its own
+    if limit is not None and answer > limit:
+        raise ValueError(f"max_target_length {cfg.max_target_length} / max_new_tokens {cfg.max_new_tokens}: the "
+                         f"model's decoder has {limit} positions (max_position_embeddings)")
+    return fit_max_length(cfg.max_length, model, overhead, f"tokens of the prompt's instruction ({overhead})")
 
 
 def encode_lm(setup: GenerationSetup, examples: Sequence[Example]) -> LMSplit:
@@ -330,8 +360,9 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
              batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, decoding: Optional[str] = None,
              num_beams: Optional[int] = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              stop: Sequence[str] = (), seed: int = 0, clean: bool = True, desc: str = "generate",
-             progress: bool = False) -> List[str]:
-    """The texts `model` generates from each prompt (token ids), in order.
+             progress: bool = False, precision: str = "fp32") -> List[str]:
+    """The texts `model` generates from each prompt (token ids), in order, under the autocast of
+    `precision` (engine.autocast: the run's --precision).
 
     decoding: "greedy", "beam" (num_beams beams, default 4) or "sample" (temperature, top_p, top_k;
     seeded); default greedy, or beam when setup.num_beams > 1. Generation stops at the eos token, after
@@ -352,6 +383,11 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
     stop = [s for s in stop if s]
     batch_size = batch_size or setup.batch_size
     causal = setup.objective == "causal-lm"
+    limit = position_limit(model)
+    if causal and limit is not None and prompts and max(map(len, prompts)) + options["max_new_tokens"] > limit:
+        raise ValueError(f"prompts of up to {max(map(len, prompts))} tokens and max_new_tokens "
+                         f"{options['max_new_tokens']} do not fit the model's {limit} positions "
+                         "(max_position_embeddings); lower --max-new-tokens")
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -372,7 +408,8 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
                 mask[j, span] = 1
             if stop:  # ends each output at its first stop string (transformers' own needs a clean vocabulary)
                 options["stopping_criteria"] = _stopping_criteria(tokenizer, stop, width if causal else 0)
-            sequences = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
+            with autocast(precision, device):
+                sequences = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
             new = sequences[:, width:] if causal else sequences
             for i, text in zip(chunk, tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)):
                 text = _cut_at_stop(text, stop)
@@ -389,29 +426,19 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, fl
     return result
 
 
-@contextlib.contextmanager
-def adapters_off(model: nn.Module):
-    """The base model: no adapter active inside the block (restored after)."""
-    active = sa_adapters.active_adapters(model)
-    sa_adapters.set_active_adapters(model, [])
-    try:
-        yield model
-    finally:
-        sa_adapters.set_active_adapters(model, active)
-
-
 def baselines(model: nn.Module, split: LMSplit, device: torch.device, *, batch_size: Optional[int] = None,
-              zero_shot: bool = True, progress: bool = False) -> Dict[str, Dict[str, float]]:
+              zero_shot: bool = True, progress: bool = False, precision: str = "fp32") -> Dict[str, Dict[str, float]]:
     """ROUGE of the lead baseline (each source's first sentence) and, with `zero_shot`, of the base model
-    with its adapters off (same prompt and decoding); their predictions in split.baseline_predictions."""
+    with its adapters off (sa.disable_adapter; same prompt, decoding and precision); their predictions in
+    split.baseline_predictions."""
     lead = [lead_sentence(s) for s in split.sources]
     found = {"lead": score(lead, split.labels)}
     predictions = {"lead": lead}
     if zero_shot:
-        with adapters_off(model):
+        with sa_adapters.disable_adapter(model):
             predictions["zero_shot"] = generate(model, split.setup, [f["prompt"] for f in split.features],
                                                 device=device, batch_size=batch_size, desc="zero-shot",
-                                                progress=progress)
+                                                progress=progress, precision=precision)
         found["zero_shot"] = score(predictions["zero_shot"], split.labels)
     split.baseline_predictions = predictions
     return found
@@ -433,7 +460,8 @@ def finish_test(model: nn.Module, split: LMSplit, cfg: TrainConfig, out_dir: Pat
     """After the final test evaluation of a run: the baselines (with cfg.baselines) and predictions.jsonl."""
     found = None
     if cfg.baselines:
-        found = baselines(model, split, device, batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        found = baselines(model, split, device, batch_size=cfg.eval_batch_size, progress=cfg.progress,
+                          precision=cfg.precision)
     write_predictions(Path(out_dir) / "predictions.jsonl", split)
     return found
 
@@ -482,12 +510,12 @@ def evaluate_saved_generation(cfg: TrainConfig, task: TaskSpec, tokenizer, model
     encoded = encode_lm(setup, examples[split])
     t = time.perf_counter()
     metrics = encoded.evaluate_generation(model, cfg.eval_batch_size, device, desc=f"eval {split}",
-                                          progress=cfg.progress)
+                                          progress=cfg.progress, precision=cfg.precision)
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded)
     if cfg.baselines:
         metrics["baselines"] = baselines(model, encoded, device, batch_size=cfg.eval_batch_size,
-                                         progress=cfg.progress)
+                                         progress=cfg.progress, precision=cfg.precision)
     return metrics
 
 
@@ -519,10 +547,8 @@ def generate_saved(adapter_dir: str, *, sources: Optional[List[str]] = None, spl
                    overrides: Optional[dict] = None) -> List[Dict[str, Optional[str]]]:
     """What `sparseadapter generate` runs: a saved generation adapter (or run folder) on its base model,
     generating from `sources`, or from the first `limit` examples (0: all) of `split` of its task.
-    Rows of {"source", "generated", "reference"} (reference only for examples of a split)."""
-    from .data import DataError
-    from .engine import load_examples, load_saved, resolve_device, set_threads
-
+    Rows of {"source", "generated", "reference"} (reference only for examples of a split). It runs
+    under the adapter's training precision (overrides["precision"] to change it)."""
     cfg, task, tokenizer, model = load_saved(adapter_dir, overrides)
     if not task.generation:
         raise ValueError(f"{adapter_dir} holds an adapter for {task.name}, which is not a generation task; "
@@ -546,11 +572,11 @@ def generate_saved(adapter_dir: str, *, sources: Optional[List[str]] = None, spl
     else:
         references = [None] * len(sources)
     prompts = [setup.prompter.prompt(s) for s in sources]
-    context = contextlib.nullcontext() if adapter else adapters_off(model)
+    context = contextlib.nullcontext() if adapter else sa_adapters.disable_adapter(model)
     with context:
         texts = generate(model, setup, prompts, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                          decoding=decoding, num_beams=num_beams, temperature=temperature, top_p=top_p, top_k=top_k,
-                         stop=stop, seed=seed, clean=clean, progress=cfg.progress)
+                         stop=stop, seed=seed, clean=clean, progress=cfg.progress, precision=cfg.precision)
     rows = []
     for source, text, reference in zip(sources, texts, references):
         row = {"source": source, "generated": text}

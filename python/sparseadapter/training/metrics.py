@@ -11,7 +11,7 @@ import math
 import numbers
 from collections import Counter
 from functools import lru_cache
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -197,3 +197,95 @@ def compute_metrics(task: TaskSpec, predictions, labels) -> Dict[str, float]:
             if bad is not None:
                 raise ValueError(f"{task.name}: {what} must be class ids, got {bad!r}")
     return {name: float(METRICS[name](p, y)) for name in task.metrics}
+
+
+# ---------------------------------------------------------------- collapse diagnostics and baselines
+
+# Predictions "collapse" when a classifier predicts one class for every example, or when a regressor's
+# predictions spread less than this fraction of the labels' standard deviation: the model answers (about)
+# one constant, and its metrics (0.000 correlation, majority-class accuracy) say nothing about the data.
+COLLAPSE_STD_FRACTION = 0.05
+# Keys that evaluate() adds beside the task's metrics: what the predictions look like, and what a constant
+# baseline (the training majority class / the training mean) scores on the same examples.
+DIAGNOSTIC_KEYS = ("prediction_mean", "prediction_std", "label_std", "predicted_classes", "label_classes",
+                   "top_class", "top_class_share", "baseline")
+
+
+def is_diagnostic(key: str) -> bool:
+    return key in DIAGNOSTIC_KEYS or key.startswith("baseline_")
+
+
+def baseline_prediction(task: TaskSpec, train_labels) -> Optional[float]:
+    """The constant a model that learned nothing would answer: the most common training class (the smallest
+    id among ties) or the mean training label. None for generation tasks, whose baselines are texts (the
+    lead sentence and the base model zero-shot, in generation.py)."""
+    if getattr(task, "generation", False):
+        return None
+    y = _as_list(train_labels, "labels")
+    if not y:
+        raise ValueError("no training labels for a baseline")
+    if task.is_regression:
+        return math.fsum(_floats(y, "labels")) / len(y)
+    counts = Counter(int(v) for v in y)
+    return min(counts, key=lambda c: (-counts[c], c))
+
+
+def _std(values: List[float]) -> float:
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+
+def prediction_diagnostics(task: TaskSpec, predictions, labels, baseline=None) -> Dict[str, float]:
+    """How the predictions spread and, with `baseline` (see baseline_prediction), the task's metrics of
+    that constant on these labels, as baseline_<metric>."""
+    p, y = _pair(predictions, labels)
+    if task.is_regression:
+        pf, yf = _floats(p, "predictions"), _floats(y, "labels")
+        out = {"prediction_mean": math.fsum(pf) / len(pf), "prediction_std": _std(pf), "label_std": _std(yf)}
+    else:
+        counts = Counter(int(v) for v in p)
+        top = min(counts, key=lambda c: (-counts[c], c))
+        out = {"predicted_classes": len(counts), "label_classes": len(set(int(v) for v in y)), "top_class": top,
+               "top_class_share": counts[top] / len(p)}
+    if baseline is not None:
+        out["baseline"] = baseline
+        constant = [baseline] * len(y)
+        out.update({f"baseline_{k}": v for k, v in compute_metrics(task, constant, y).items()})
+    return out
+
+
+def class_name(task: TaskSpec, class_id) -> str:
+    i = int(class_id)
+    return task.label_names[i] if task.label_names and 0 <= i < len(task.label_names) else str(i)
+
+
+def describe_baseline(task: TaskSpec, values: Dict[str, float]) -> Optional[str]:
+    """'always <majority class>' / 'the training mean 2.74' with what it scores, from evaluate()'s keys."""
+    if "baseline" not in values:
+        return None
+    what = (f"predicting the training mean ({values['baseline']:.4g})" if task.is_regression
+            else f"always predicting the training majority class {class_name(task, values['baseline'])!r}")
+    scores = "  ".join(f"{m} {values[f'baseline_{m}']:.4f}" for m in task.metrics if f"baseline_{m}" in values)
+    if "baseline_loss" in values:
+        scores += f"  (loss {values['baseline_loss']:.4f})"
+    return f"{what}: {scores}"
+
+
+def collapse_warning(task: TaskSpec, values: Dict[str, float], split: str = "") -> Optional[str]:
+    """A plain sentence when evaluate()'s predictions collapsed to (about) one answer, else None."""
+    where = f"{split} " if split else ""
+    baseline = describe_baseline(task, values)
+    tail = f"; compare the baseline, {baseline}" if baseline else ""
+    if task.is_regression:
+        if "prediction_std" not in values:
+            return None
+        spread, label_spread = values["prediction_std"], values["label_std"]
+        if label_spread > 0 and spread < COLLAPSE_STD_FRACTION * label_spread:
+            return (f"{where}predictions collapsed: they spread {spread:.4g} (std), {spread / label_spread:.1%} of "
+                    f"the labels' {label_spread:.4g}; the model answers about {values['prediction_mean']:.4g} "
+                    f"for every example, so its correlations mean nothing{tail}")
+        return None
+    if values.get("predicted_classes") == 1 and values.get("label_classes", 2) > 1:
+        return (f"{where}predictions collapsed: every example gets class "
+                f"{class_name(task, values['top_class'])!r}, so the scores are those of a constant{tail}")
+    return None

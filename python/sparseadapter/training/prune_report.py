@@ -5,10 +5,9 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
-from .batching import TrainOrder, encode
 from .config import TrainConfig
-from .engine import ADAPTER, add_pruned_adapter, save_adapter_dir, load_examples, load_model, resolve_device, \
-    resolve_model_path, set_threads
+from .engine import add_pruned_adapter, encode_splits, save_adapter_dir, load_examples, load_task_model, prepare_head, \
+    resolve_device, resolve_model_path, set_threads, train_order
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -18,24 +17,18 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     task, examples = load_examples(cfg)
-    model_path = resolve_model_path(cfg.model)
-    from . import generation  # generation tasks: an LM and prompt/target batches
-
-    objective = generation.resolve_objective(cfg, task, model_path)
-    tokenizer, model = load_model(model_path, task, cfg.seed, objective=objective)
+    tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
     model.to(device)
+    prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
-    if needs_data and task.generation:
-        setup = generation.make_setup(tokenizer, model, task, cfg, examples["train"])
-        train_split = generation.encode_lm(setup, examples["train"])
-    else:
-        train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
-    order = TrainOrder(len(examples["train"]), cfg.batch_size, cfg.seed)
+    train_split = encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] \
+        if needs_data else None
+    order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []
-    for prefix, module in sa_adapters.adapter_modules(model, ADAPTER).items():
+    for prefix, module in sa_adapters.adapter_modules(model, cfg.adapter_name).items():
         for sub, layer in module.named_modules():
             if isinstance(layer, SparseLinear):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=(layer.out_features, layer.in_features),
@@ -43,7 +36,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
             elif isinstance(layer, torch.nn.Linear) and getattr(layer, PRUNABLE_ATTR, False):
                 rows.append(dict(name=f"{prefix}.{sub}", shape=tuple(layer.weight.shape),
                                  kept=layer.weight.numel(), size=layer.weight.numel()))
-    record = sa_adapters.pruning_record(model, ADAPTER)
+    record = sa_adapters.pruning_record(model, cfg.adapter_name)
     if save:
         save_adapter_dir(model, Path(save), cfg)
     return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,
