@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -24,11 +25,15 @@ namespace jsonl {
 struct Value;
 using Array = std::vector<Value>;
 using Object = std::vector<std::pair<std::string, Value>>;  // in input order, keys unique
+// An array whose items are all integers, held as 8 bytes each, not a 40-byte Value each: token ids
+// are most of what a request holds.
+using IntArray = std::vector<int64_t>;
 
 // A variant (40 bytes), as a 16 MiB request line may hold millions of values.
 struct Value {
-  // Numbers without fraction or exponent are int64_t, the others double.
-  std::variant<std::nullptr_t, bool, int64_t, double, std::string, Array, Object> data;
+  // Numbers without fraction or exponent are int64_t, the others double. A non-empty array of
+  // integers only is an IntArray, any other array (and []) an Array.
+  std::variant<std::nullptr_t, bool, int64_t, double, std::string, Array, Object, IntArray> data;
 
   template <class T>
   const T* get() const {
@@ -53,9 +58,20 @@ struct ParseError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// What parsing may hold in memory, and what it did: the parser charges every allocation it makes
+// (strings, vectors with their growth slack, and allocator overhead, estimated from above) and fails
+// once the charge passes max_bytes, before allocating much more. So the memory a line can cost is
+// bounded by max_bytes, not by its length times the up to ~20x that a generic tree of tiny values
+// ("[1],[1],...") would take.
+struct Budget {
+  size_t max_bytes = SIZE_MAX;
+  size_t used = 0;
+};
+
 class Parser {
  public:
-  Parser(std::string_view text, int max_depth) : s_(text), max_depth_(max_depth) {}
+  Parser(std::string_view text, int max_depth, Budget* budget = nullptr)
+      : s_(text), max_depth_(max_depth), budget_(budget) {}
 
   // The text must hold exactly one value, with optional whitespace around it.
   Value document() {
@@ -68,6 +84,20 @@ class Parser {
   }
 
  private:
+  static constexpr size_t kAllocation = 32;  // an allocation's overhead (malloc header, rounding)
+
+  void charge(size_t bytes) {
+    if (budget_ == nullptr) {
+      return;
+    }
+    budget_->used += bytes;
+    if (budget_->used > budget_->max_bytes) {
+      throw ParseError("the request would take more than " + std::to_string(budget_->max_bytes >> 20) +
+                       " MiB of memory once parsed (at column " + std::to_string(pos_ + 1) +
+                       "); send fewer or smaller values per line");
+    }
+  }
+
   // Columns count bytes from 1, as editors do for ASCII.
   [[noreturn]] void fail(const std::string& what) const {
     throw ParseError("invalid JSON at column " + std::to_string(pos_ + 1) + ": " + what);
@@ -115,10 +145,10 @@ class Parser {
         v.data = object(depth + 1);
         return v;
       case '[':
-        v.data = array(depth + 1);
-        return v;
+        return array(depth + 1);
       case '"':
         v.data = string();
+        charge(std::get<std::string>(v.data).size() + kAllocation);
         return v;
       case 't':
         literal("true");
@@ -162,6 +192,8 @@ class Parser {
       }
       const size_t key_pos = pos_;
       std::string key = string();
+      // the member (vector slot, twice for growth), its key, and the key's copy in the set
+      charge(2 * sizeof(Object::value_type) + 2 * (key.size() + kAllocation) + kAllocation);
       if (!keys.insert(key).second) {
         pos_ = key_pos;
         fail("duplicate key \"" + key + "\"");
@@ -180,21 +212,51 @@ class Parser {
     }
   }
 
-  Array array(int depth) {
+  // An IntArray while every item is an integer, an Array from the first item that is not.
+  Value array(int depth) {
     check_depth(depth);
     ++pos_;  // '['
-    Array items;
+    charge(kAllocation);
+    Value result;
     skip_space();
     if (at(']')) {
       ++pos_;
-      return items;
+      result.data = Array();
+      return result;
     }
+    IntArray ints;
+    Array items;
+    bool generic = false;
     for (;;) {
-      items.push_back(value(depth));
+      skip_space();
+      Value item = !generic && (at('-') || at_digit()) ? number() : value(depth);
+      const auto* integer = item.get<int64_t>();
+      if (!generic && integer != nullptr) {
+        charge(2 * sizeof(int64_t));  // twice: the vector's growth slack
+        ints.push_back(*integer);
+      } else {
+        if (!generic) {  // the integers so far become Values
+          generic = true;
+          charge((ints.size() + 1) * 2 * sizeof(Value));
+          items.reserve(ints.size() + 1);
+          for (const int64_t i : ints) {
+            items.emplace_back().data = i;
+          }
+          IntArray().swap(ints);
+        } else {
+          charge(2 * sizeof(Value));
+        }
+        items.push_back(std::move(item));
+      }
       skip_space();
       if (at(']')) {
         ++pos_;
-        return items;
+        if (generic) {
+          result.data = std::move(items);
+        } else {
+          result.data = std::move(ints);
+        }
+        return result;
       }
       if (!at(',')) {
         fail("expected ',' or ']', found " + describe());
@@ -388,10 +450,14 @@ class Parser {
 
   std::string_view s_;
   int max_depth_;
+  Budget* budget_;
   size_t pos_ = 0;
 };
 
-inline Value parse(std::string_view text, int max_depth) { return Parser(text, max_depth).document(); }
+// budget (may be null: no limit) says how many bytes the parse may hold, and gets what it took.
+inline Value parse(std::string_view text, int max_depth, Budget* budget = nullptr) {
+  return Parser(text, max_depth, budget).document();
+}
 
 inline void write_string(std::string& out, std::string_view s) {
   out += '"';
@@ -443,6 +509,13 @@ inline void write(std::string& out, const Value& v) {
     for (size_t i = 0; i < array->size(); ++i) {
       if (i > 0) out += ',';
       write(out, (*array)[i]);
+    }
+    out += ']';
+  } else if (const auto* ints = v.get<IntArray>()) {
+    out += '[';
+    for (size_t i = 0; i < ints->size(); ++i) {
+      if (i > 0) out += ',';
+      out += std::to_string((*ints)[i]);
     }
     out += ']';
   } else if (const auto* object = v.get<Object>()) {

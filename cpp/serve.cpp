@@ -14,7 +14,18 @@
 // A bad request gets {"id", "line", "error"} and serving goes on.
 //
 // Consecutive requests are run together, up to B sentences per forward, but only those already
-// waiting on stdin: a client that sends one line and waits for its answer gets it at once.
+// waiting on stdin: a client that sends one line and waits for its answer gets it at once. When a
+// forward fails, its requests are run again one by one, so only the requests that fail alone get
+// the error.
+//
+// Memory: a line is at most 16 MiB; parsing one may take at most 32 MiB (the parser charges what it
+// allocates, token-id arrays at 8 bytes an id); a request holds at most 65,536 sentences and 2^20
+// tokens; and a round stops taking waiting lines once what it holds passes 48 MiB. So memory is
+// bounded whatever the lines hold, and does not grow with the number of lines waiting.
+//
+// Token ids are checked per request against the vocabulary: the smaller of the metadata's
+// vocab_size and the rows of the model's token embedding, when the model has one it can be told by
+// (an Embedding module named word_embeddings, embed_tokens, wte, tokens, ..., else the largest).
 // Exit codes: 0 at end of input, 1 when the model cannot be loaded or the output is gone, 2 bad usage.
 #include <torch/script.h>
 
@@ -22,6 +33,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <iterator>
 #include <cmath>
 #include <cstdio>
 #include <csignal>
@@ -37,6 +49,10 @@
 namespace {
 
 constexpr size_t kMaxLineBytes = 16 << 20;
+constexpr size_t kMaxParsedBytes = 32 << 20;  // what parsing one line may hold
+constexpr size_t kMaxRoundBytes = 48 << 20;   // a round takes no more waiting lines past this
+constexpr size_t kMaxRequestRows = 65536;
+constexpr size_t kMaxRequestTokens = 1 << 20;
 constexpr int kMaxJsonDepth = 64;
 constexpr int64_t kDefaultBatchSize = 32;
 
@@ -217,6 +233,49 @@ Metadata parse_metadata(const std::string& text) {
   return meta;
 }
 
+// The rows of the model's token embedding, when it has one that can be told by its name (or else the
+// largest Embedding module): ids past them would fail the forward, and with it every request run in
+// the same batch. The smaller of that and the metadata's vocab_size is used.
+int64_t checked_vocab_size(const torch::jit::Module& model, int64_t declared) {
+  static const char* const kTokenNames[] = {"word_embeddings", "embed_tokens", "wte", "tokens", "token_embeddings",
+                                            "word_embedding", "embed_in", "shared", "embeddings"};
+  int64_t named_rows = -1, largest_rows = -1;
+  std::string named, largest;
+  int named_rank = static_cast<int>(std::size(kTokenNames));
+  for (const auto& item : model.named_modules()) {
+    const auto type = item.value.type();
+    if (!type->name() || type->name()->name().find("Embedding") == std::string::npos ||
+        !item.value.hasattr("weight")) {
+      continue;
+    }
+    const auto weight = item.value.attr("weight");
+    if (!weight.isTensor() || weight.toTensor().dim() != 2) {
+      continue;
+    }
+    const int64_t rows = weight.toTensor().size(0);
+    const std::string leaf = item.name.substr(item.name.rfind('.') + 1);
+    for (int rank = 0; rank < named_rank; ++rank) {
+      if (leaf == kTokenNames[rank]) {
+        named_rank = rank;
+        named_rows = rows;
+        named = item.name;
+      }
+    }
+    if (rows > largest_rows) {
+      largest_rows = rows;
+      largest = item.name;
+    }
+  }
+  const int64_t rows = named_rows >= 0 ? named_rows : largest_rows;
+  if (rows < 0 || rows >= declared) {
+    return declared;
+  }
+  std::cerr << "sparseadapter_serve: warning: the metadata's vocab_size " << declared << " is more than the "
+            << rows << " rows of the model's token embedding '" << (named_rows >= 0 ? named : largest)
+            << "'; ids from " << rows << " on are refused" << std::endl;
+  return rows;
+}
+
 torch::jit::Module load_model(const std::string& path, Metadata& meta) {
   if (!std::ifstream(path, std::ios::binary)) {
     throw Failure{"cannot open model '" + path + "' (missing or unreadable)"};
@@ -247,6 +306,11 @@ torch::jit::Module load_model(const std::string& path, Metadata& meta) {
                   " inputs, expected 3 (input_ids, attention_mask, token_type_ids)"};
   }
   model.eval();
+  meta.vocab_size = checked_vocab_size(model, meta.vocab_size);
+  if (meta.pad_token_id >= meta.vocab_size) {
+    throw Failure{"'" + path + "': pad_token_id " + std::to_string(meta.pad_token_id) +
+                  " is not below the rows of the model's token embedding (" + std::to_string(meta.vocab_size) + ")"};
+  }
   return model;
 }
 
@@ -264,9 +328,21 @@ struct Request {
   bool batch = false;
   std::vector<Row> rows;
   std::string error;  // set: answered with this error
+  size_t bytes = 0;   // what it holds, from above: its parse (the id) and its rows
 };
 
+bool is_array(const jsonl::Value& v) { return v.get<jsonl::Array>() != nullptr || v.get<jsonl::IntArray>() != nullptr; }
+
+size_t array_size(const jsonl::Value& v) {
+  if (const auto* ints = v.get<jsonl::IntArray>()) return ints->size();
+  if (const auto* items = v.get<jsonl::Array>()) return items->size();
+  return 0;
+}
+
 std::vector<int64_t> int_array(const jsonl::Value& v, const std::string& name) {
+  if (const auto* ints = v.get<jsonl::IntArray>()) {
+    return *ints;
+  }
   const auto* items = v.get<jsonl::Array>();
   if (items == nullptr) {
     throw BadRequest{name + " must be an array of integers"};
@@ -358,28 +434,47 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
   if (ids == nullptr) {
     throw BadRequest{"missing input_ids"};
   }
-  const auto* rows = ids->get<jsonl::Array>();
-  if (rows == nullptr) {
+  if (!is_array(*ids)) {
     throw BadRequest{"input_ids must be an array of integers, or of arrays of integers for a batch"};
   }
-  if (rows->empty()) {
+  if (array_size(*ids) == 0) {
     throw BadRequest{"input_ids is empty"};
   }
-  req.batch = rows->front().get<jsonl::Array>() != nullptr;
+  const auto* rows = ids->get<jsonl::Array>();  // null: an array of integers, one sentence
+  req.batch = rows != nullptr && is_array(rows->front());
   if (!req.batch) {
     req.rows.push_back(make_row(*ids, mask, types, "", meta));
     return;
   }
   const size_t n = rows->size();
+  if (n > kMaxRequestRows) {
+    throw BadRequest{"input_ids holds " + std::to_string(n) + " sentences, more than " +
+                     std::to_string(kMaxRequestRows) + " per request; split the batch"};
+  }
   auto rows_of = [n](const jsonl::Value* v, const char* key) -> const jsonl::Array* {
-    const auto* array = v ? v->get<jsonl::Array>() : nullptr;
-    if (v != nullptr && (array == nullptr || array->size() != n)) {
+    if (v == nullptr) {
+      return nullptr;
+    }
+    if (!is_array(*v) || array_size(*v) != n) {
       throw BadRequest{std::string(key) + " must be an array of " + std::to_string(n) + " rows, like input_ids"};
+    }
+    const auto* array = v->get<jsonl::Array>();
+    if (array == nullptr) {  // integers where rows belong
+      throw BadRequest{std::string(key) + "[0] must be an array of integers"};
     }
     return array;
   };
   const auto* mask_rows = rows_of(mask, "attention_mask");
   const auto* type_rows = rows_of(types, "token_type_ids");
+  size_t tokens = 0;
+  for (size_t i = 0; i < n; ++i) {
+    tokens += array_size((*rows)[i]);
+    if (tokens > kMaxRequestTokens) {
+      throw BadRequest{"input_ids holds more than " + std::to_string(kMaxRequestTokens) +
+                       " tokens in one request; split the batch"};
+    }
+  }
+  req.rows.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     req.rows.push_back(make_row((*rows)[i], mask_rows ? &(*mask_rows)[i] : nullptr,
                                 type_rows ? &(*type_rows)[i] : nullptr, "[" + std::to_string(i) + "]", meta));
@@ -390,12 +485,14 @@ Request parse_request(const std::string& line, size_t line_no, const Metadata& m
   Request req;
   req.line = line_no;
   jsonl::Value doc;
+  jsonl::Budget budget{kMaxParsedBytes};
   try {
-    doc = jsonl::parse(line, kMaxJsonDepth);
+    doc = jsonl::parse(line, kMaxJsonDepth, &budget);
   } catch (const jsonl::ParseError& e) {
     req.error = e.what();
     return req;
   }
+  req.bytes = budget.used;  // the id it keeps is part of it
   auto* object = std::get_if<jsonl::Object>(&doc.data);
   if (object == nullptr) {
     req.error = "a request must be a JSON object";
@@ -405,7 +502,10 @@ Request parse_request(const std::string& line, size_t line_no, const Metadata& m
     read_rows(*object, meta, req);
   } catch (const BadRequest& e) {
     req.error = e.message;
-    req.rows.clear();
+    std::vector<Row>().swap(req.rows);
+  }
+  for (const auto& row : req.rows) {
+    req.bytes += sizeof(Row) + 3 * (row.ids.size() * sizeof(int64_t) + 32) + 4 * meta.num_labels + 32;
   }
   for (auto& [key, value] : *object) {
     if (key == "id") {
@@ -429,6 +529,7 @@ class Server {
     std::string line;
     size_t line_no = 0;
     size_t sentences = 0;  // in the round being gathered
+    size_t held = 0;       // bytes the round's requests hold
     auto take = [&](jsonl::LineReader::Got got) {
       ++line_no;
       if (got == jsonl::LineReader::Got::TooLong) {
@@ -439,6 +540,10 @@ class Server {
       } else if (line.find_first_not_of(" \t\r") != std::string::npos) {
         round.push_back(parse_request(line, line_no, meta_));
         sentences += round.back().rows.size();
+        held += round.back().bytes;
+      }
+      if (line.capacity() > (1 << 20)) {
+        std::string().swap(line);  // a long line's buffer is not kept for the short ones
       }
     };
     for (;;) {
@@ -448,7 +553,7 @@ class Server {
       }
       take(got);
       // Coalesce what is already waiting, never more: a live client is not kept waiting.
-      while (sentences < batch_size_ && round.size() < batch_size_) {
+      while (sentences < batch_size_ && round.size() < batch_size_ && held < kMaxRoundBytes) {
         const auto more = reader.next(line, /*wait=*/false);
         if (more == jsonl::LineReader::Got::NotReady || more == jsonl::LineReader::Got::End) {
           break;
@@ -461,12 +566,14 @@ class Server {
       }
       round.clear();
       sentences = 0;
+      held = 0;
     }
   }
 
  private:
-  // Every valid sentence of the round, in chunks of at most batch_size_ per forward. A failed forward
-  // fails the requests with a sentence in that chunk, no others.
+  // Every valid sentence of the round, in chunks of at most batch_size_ per forward. When a forward
+  // fails, the requests of its chunk run again one by one: a request fails only when it fails alone,
+  // and one bad request does not fail the good ones batched with it.
   void run(std::vector<Request>& round) {
     std::vector<std::pair<Request*, Row*>> rows;
     for (auto& req : round) {
@@ -476,19 +583,40 @@ class Server {
     }
     for (size_t start = 0; start < rows.size(); start += batch_size_) {
       const size_t end = std::min(rows.size(), start + batch_size_);
-      try {
-        forward(rows, start, end);
-      } catch (const std::exception& e) {
-        // TorchScript wraps what the model raised in a traceback ending with the exception itself:
-        // the clients get that line, the operator's log (stderr) the whole text.
-        const std::string text = brief(e);
-        std::cerr << "sparseadapter_serve: running the model failed on lines " << rows[start].first->line << "-"
-                  << rows[end - 1].first->line << ":\n" << text << std::endl;
-        const std::string error = "running the model failed: " + last_line(text);
-        for (size_t i = start; i < end; ++i) {
-          rows[i].first->error = error;
-        }
+      if (try_forward(rows, start, end, nullptr) || rows[start].first == rows[end - 1].first) {
+        continue;  // done, or one request, whose error is set
       }
+      // Again, each request on its own (its rows in this chunk; a request's other rows are in the
+      // neighbouring chunks, and fail or pass with them).
+      for (size_t i = start; i < end;) {
+        size_t j = i;
+        while (j < end && rows[j].first == rows[i].first) ++j;
+        try_forward(rows, i, j, rows[i].first);
+        i = j;
+      }
+    }
+  }
+
+  // forward() of rows [start, end), which hold one request when `only` is set. A failure is logged;
+  // when the rows are one request's, it becomes that request's error. Returns success.
+  bool try_forward(const std::vector<std::pair<Request*, Row*>>& rows, size_t start, size_t end, Request* only) {
+    try {
+      forward(rows, start, end);
+      return true;
+    } catch (const std::exception& e) {
+      // TorchScript wraps what the model raised in a traceback ending with the exception itself:
+      // the clients get that line, the operator's log (stderr) the whole text.
+      const std::string text = brief(e);
+      const bool single = only != nullptr || rows[start].first == rows[end - 1].first;
+      if (!single) {
+        std::cerr << "sparseadapter_serve: running the model failed on lines " << rows[start].first->line << "-"
+                  << rows[end - 1].first->line << "; running them one by one:\n" << text << std::endl;
+        return false;
+      }
+      std::cerr << "sparseadapter_serve: running the model failed on line " << rows[start].first->line << ":\n"
+                << text << std::endl;
+      rows[start].first->error = "running the model failed: " + last_line(text);
+      return false;
     }
   }
 

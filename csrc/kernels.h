@@ -1,6 +1,7 @@
 // Kernel entry points of each back end. Inputs arrive checked, flattened to 2-D and contiguous
 // (validation.h); outputs arrive allocated and contiguous. Every CUDA kernel has a CPU twin here
-// that computes the same function.
+// that computes the same function (the tensor-core adapter's twin is the CPU dense path's composition
+// of oneDNN / MKL products, dense_path.h).
 #pragma once
 
 #include <ATen/ATen.h>

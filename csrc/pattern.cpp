@@ -1,7 +1,11 @@
 // Pattern-only ops: computed once per sparsity pattern (at construction or load), never per step.
 // They are plain ATen code, so one implementation serves CPU and CUDA tensors alike.
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
 
 #include "validation.h"
 
@@ -32,9 +36,10 @@ void check_csr_structure(
       crow_indices.device(), " but col_indices is on ", col_indices.device());
   TORCH_CHECK_VALUE(num_rows >= 0 && num_cols >= 0, op, ": shape [", num_rows, ", ", num_cols,
                     "] must be non-negative");
+  // Compared as numel - 1 == num_rows and printed unsigned: num_rows + 1 overflows for 2^63 - 1.
   TORCH_CHECK_VALUE(
-      crow_indices.numel() == num_rows + 1, op, ": crow_indices has ", crow_indices.numel(),
-      " entries but a pattern with ", num_rows, " rows needs ", num_rows + 1);
+      crow_indices.numel() - 1 == num_rows, op, ": crow_indices has ", crow_indices.numel(),
+      " entries but a pattern with ", num_rows, " rows needs ", static_cast<uint64_t>(num_rows) + 1);
   if (crow_indices.device().is_cpu()) {  // the same checks in one pass over raw memory
     check_pattern_bounds_cpu(op, crow_indices.contiguous(), col_indices.contiguous(), num_cols, nullptr);
     return;
@@ -85,10 +90,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose(
   const auto crow = crow_indices.contiguous();
   const auto col = col_indices.contiguous();
   const bool int32 = crow.scalar_type() == at::kInt;
+  // W.T has num_cols rows: its crow_indices holds num_cols + 1 entries, allocated from the caller's
+  // number. The rows of W.T are the features of x, which int32 indices cannot address past 2^31 - 1.
+  TORCH_CHECK_VALUE(
+      !int32 || num_cols <= std::numeric_limits<int32_t>::max(), op, ": num_cols = ", num_cols,
+      " does not fit int32 indices (the transposed pattern has num_cols rows); use int64 indices");
+  TORCH_CHECK_VALUE(num_cols < std::numeric_limits<int64_t>::max(), op, ": num_cols = ", num_cols, " is too large");
+  check_allocation(op, "num_cols: the transposed pattern's crow_indices (num_cols + 1)", num_cols + 1,
+                   crow.element_size(), crow.device());
 
   // A stable sort by column keeps each column's entries in row order: that is CSR of W.T.
   const auto [sorted_cols, perm] = at::sort(col, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  auto crow_t = at::_convert_indices_from_coo_to_csr(sorted_cols, num_cols, int32);
+  at::Tensor crow_t;
+  try {
+    crow_t = at::_convert_indices_from_coo_to_csr(sorted_cols, num_cols, int32);
+  } catch (const c10::OutOfMemoryError& e) {
+    TORCH_CHECK_VALUE(false, op, ": num_cols = ", num_cols, ": the transposed pattern's crow_indices (",
+                      num_cols, " + 1 entries) could not be allocated on ", crow.device());
+  }
   auto col_t = row_indices(crow, col).index_select(0, perm);
   return {crow_t, col_t, perm.to(crow.scalar_type())};
 }

@@ -1,10 +1,12 @@
 // Operator schemas of the `sparseadapter` namespace: the one place they are defined.
 //
 // A sparse weight W has the shape of an nn.Linear weight, [out_features, in_features], stored as CSR
-// over its rows (crow_indices: out_features + 1, col_indices: nnz, values: nnz). Every op computes
-// with the CSR arrays directly; none of them densifies W.
+// over its rows (crow_indices: out_features + 1, col_indices: nnz, values: nnz). spmm, sddmm,
+// sparse_linear, sparse_adapter and their backward ops run the path chosen for each problem
+// (csrc/path_choice.h): our CSR kernels, or W expanded per call into a dense scratch (csr_to_dense)
+// and the vendor GEMM. Parameters and gradients stay nnz-sized on both.
 //
-// Back ends register kernels in csrc/cpu/register_cpu.cpp and csrc/cuda/register_cuda.cu; the
+// Back ends register kernels in csrc/cpu/register_cpu.cpp and csrc/cuda/register_cuda.cpp; the
 // pattern-only ops are device-agnostic ATen code in csrc/pattern.cpp. Fake kernels and autograd are
 // registered from Python (sparseadapter_ext/ops.py), following pytorch/extension-cpp.
 #include <torch/library.h>

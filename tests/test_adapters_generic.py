@@ -177,7 +177,9 @@ def test_builtin_placement(family, kind):
 
 
 def test_snip_lora_with_data():
-    """SNIP needs calibration batches; LoRA's zero B matrices are re-initialized first (with a warning)."""
+    """SNIP needs calibration batches; LoRA's zero B matrices are scored with temporary values (with a
+    warning) and get their zeros back, so the fresh adapter is an exact no-op; once B has moved (as after
+    a training step) it acts as any adapter."""
     model = make("t5")
     ids, labels = inputs()
     base_logits, base_generated = base_outputs(model, ids, labels)
@@ -191,6 +193,12 @@ def test_snip_lora_with_data():
     record = sa.pruning_record(model, "a")
     assert record.method == "snip" and record.calibration_examples == 4 and record.calibration_sha256
     assert set(slot_hosts(model)) == set(expected_hosts("t5", "lora"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=labels).logits, base_logits)
+        for name, layer in model.named_modules():
+            if name.endswith(".lora_B"):
+                assert not layer.values.any()
+                layer.values.normal_(0, 0.5)  # where training would take it
     check_adapter_behaviour(model, ids, labels, base_logits, base_generated)
 
 

@@ -113,6 +113,60 @@ def test_heads_survive_save_and_load(batch, tmp_path):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
+def test_heads_survive_save_pretrained_and_load_pretrained(batch, tmp_path):
+    """The Hugging Face round trip: a base model saved by transformers, adapters a (classification) and b
+    (regression, active: the recorded config has one label) saved with model.save_pretrained, loaded with
+    sa.load_pretrained from the folder alone; each answers its task with its own head."""
+    base = tmp_path / "base"
+    make_model(num_labels=3).save_pretrained(str(base))
+    model = transformers.BertForSequenceClassification.from_pretrained(str(base)).eval()
+    sa.add_adapter(model, "a", sa.SparseAdapterConfig(**HOULSBY, seed=1))
+    randomize(model, "a", 1)
+    sa.add_adapter(model, "b", sa.SparseAdapterConfig(**HOULSBY, seed=2), head=sa.HeadConfig("regression"))
+    sa.set_target_normalization(model, 3.0, 2.0)
+    randomize(model, "b", 2)
+    want = {name: answer(model, name, batch) for name in ("a", "b")}
+    sa.set_active_adapters(model, "b")
+    model.save_pretrained(str(tmp_path / "both"))
+
+    loaded = sa.load_pretrained(str(tmp_path / "both"))
+    assert sa.active_adapters(loaded) == ["b"] and loaded.config.num_labels == 1
+    for name in ("a", "b"):
+        assert torch.allclose(answer(loaded, name, batch), want[name], atol=1e-6), name
+    assert (sa.adapter_head(loaded, "a").kind, sa.adapter_head(loaded, "b").kind) == ("classification", "regression")
+    sa.set_active_adapters(loaded, "b")
+    assert sa.target_normalization(loaded) == (3.0, 2.0)
+    sa.set_active_adapters(loaded, "a")
+    assert sa.target_normalization(loaded) is None and loaded.config.num_labels == 3
+
+
+def test_language_models_answer_with_the_shared_lm_head():
+    """A causal LM has no task head to own: its adapters share the base model's (frozen) LM head, and
+    asking for a task head is refused with a message that says so."""
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    sa.add_adapter(lm, "one", sa.SparseAdapterConfig(**HOULSBY, seed=1))
+    sa.add_adapter(lm, "two", sa.SparseAdapterConfig(**HOULSBY, seed=2))
+    assert sa.adapter_head(lm, "one") is None and sa.adapter_head(lm, "two") is None
+    outs = {}
+    for seed, name in enumerate(("one", "two"), 1):  # random adapter values: a zero up-projection is a no-op
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in adapter_modules(lm, name).values():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        sa.set_active_adapters(lm, name)
+        with torch.no_grad():
+            outs[name] = lm(input_ids=ids).logits
+    assert outs["one"].shape == (2, 7, 40) and not torch.allclose(outs["one"], outs["two"])
+    assert not lm.lm_head.weight.requires_grad
+    with pytest.raises(ValueError, match="language-model head"):
+        sa.add_adapter(lm, "cls", sa.SparseAdapterConfig(**HOULSBY), head="classification")
+
+
 def test_adding_or_training_an_adapter_never_changes_another_head(batch):
     model = make_model(num_labels=3)
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(**HOULSBY, seed=1))

@@ -24,7 +24,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import sparseadapter as sa  # noqa: E402
 from sparseadapter import SparseLinear  # noqa: E402
 from sparseadapter.adapters import adapter_modules  # noqa: E402
-from sparseadapter.adapters.io import CONFIG_FILE, weights_path  # noqa: E402
+from sparseadapter.adapters.io import CONFIG_FILE, config_digest, weights_path  # noqa: E402
 from sparseadapter.adapters.registry import REGISTRY_ATTR, entry  # noqa: E402
 
 LAYERS, HIDDEN = 6, 384
@@ -138,7 +138,11 @@ def read_meta(folder):
         return json.load(f)
 
 
-def write_meta(folder, meta):
+def write_meta(folder, meta, seal=True):
+    """Write an edited config; `seal` gives it the checksum of its new content (config_sha256), so the
+    checks behind the checksum see the edit."""
+    if seal:
+        meta = dict(meta, config_sha256=config_digest(meta))
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump(meta, f)
 
@@ -587,9 +591,9 @@ def test_save_leaves_only_the_two_files_readable_as_usual(saved, tmp_path):
     finally:
         os.umask(umask)
     weights = os.path.basename(weights_path(folder))
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights]), "no temporary files are left"
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, weights, "README.md"]), "no temporary files are left"
     assert re.fullmatch(r"adapter-[0-9a-f]{16}\.safetensors", weights), "named by its content"
-    for name in (CONFIG_FILE, weights):
+    for name in (CONFIG_FILE, weights, "README.md"):  # README.md: the model card
         assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
 
 
@@ -597,7 +601,7 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
     folder = saved.copy_to(tmp_path / "adapter")
     other = add(make_model(head_seed=4), "lora", seed=2)
     sa.save_adapter(other, folder)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder))]), \
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder)), "README.md"]), \
         "the replaced tensor file is gone"
     target = make_model(head_seed=2)
     sa.load_adapter(target, folder)
@@ -633,3 +637,116 @@ def test_interrupted_save_leaves_the_previous_adapter(failing_call, saved, saved
     sa.load_adapter(target, folder)
     assert torch.equal(logits(target, batch), saved.logits)
     assert_same_adapter(saved.model, "a", target, "a")
+
+
+# -- 6. the config under the checksum, declared sizes, patterns --------------------------------------------
+def _set_in_config(**fields):
+    return lambda meta: meta["config"].update(fields)
+
+
+CONFIG_TAMPERING = [
+    pytest.param(_set_in_config(scale=9.0), id="scale"),
+    pytest.param(_set_in_config(activation="tanh"), id="activation"),
+    pytest.param(_set_in_config(dropout=0.5), id="dropout"),
+    pytest.param(_set_in_config(sparsity=0.5), id="sparsity"),
+    pytest.param(lambda m: m.update(name="b"), id="name"),
+    pytest.param(lambda m: m.update(prefix_folded=True), id="prefix-folded"),
+    pytest.param(lambda m: m["sites"]["bottleneck"][0].update(in_features=385), id="site"),
+    pytest.param(lambda m: m.update(config_sha256="0" * 64), id="checksum-itself"),
+]
+
+
+@pytest.mark.parametrize("edit", CONFIG_TAMPERING)
+def test_rejects_a_config_edited_after_saving(edit, saved, make_model, batch, tmp_path):
+    """Every field of the config is under config_sha256: a setting that still validates (scale 9.0,
+    another activation) is refused, not loaded with other behaviour."""
+    folder = saved.copy_to(tmp_path / "adapter")
+    meta = read_meta(folder)
+    assert meta["config_sha256"] == config_digest(meta)
+    edit(meta)
+    write_meta(folder, meta, seal=False)
+    assert_rejected(make_model(), folder, batch, r"does not match its own checksum \(config_sha256\)")
+
+
+def test_a_config_without_its_checksum_loads_with_a_warning(saved, make_model, batch, tmp_path):
+    """Configs saved before config_sha256 existed still load, with a warning that says so."""
+    folder = saved.copy_to(tmp_path / "adapter")
+    meta = read_meta(folder)
+    del meta["config_sha256"]
+    write_meta(folder, meta, seal=False)
+    model = make_model(head_seed=2)
+    with pytest.warns(UserWarning, match="no config_sha256"):
+        sa.load_adapter(model, folder)
+    assert torch.equal(logits(model, batch), saved.logits)
+
+
+def _data_usage():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+
+
+@pytest.fixture
+def memory_cap():
+    """Private memory capped at the current use + 1 GiB (RLIMIT_DATA): an allocation from a bogus size
+    fails fast instead of swapping the machine."""
+    resource = pytest.importorskip("resource")
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = _data_usage() + (1 << 30)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        pytest.skip("the hard data limit is below the cap")
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    pytest.param("bottleneck", 2**21, r"bottleneck=2097152, large_sparse=1\) that do not match its tensor file: "
+                 r".* is a sparse matrix of 64 rows, the config builds 2097152", id="bottleneck-2^21"),
+    pytest.param("large_sparse", 4096, r"large_sparse=4096\) that do not match .* the config builds 262144",
+                 id="large-sparse-4096"),
+    pytest.param("bottleneck", 32, r"bottleneck=32, large_sparse=1\) .* 64 rows, the config builds 32",
+                 id="bottleneck-smaller"),
+])
+def test_declared_sizes_are_checked_before_anything_is_allocated(field, value, match, saved, make_model, batch,
+                                                                  tmp_path, memory_cap):
+    """A config (checksum and all) that declares other sizes than its tensors hold is refused by a
+    ValueError naming the size fields, before any module is built: under a 1 GiB cap, the 3.2 GB per
+    matrix that bottleneck 2^21 asks for is never requested."""
+    folder = saved.copy_to(tmp_path / "adapter")
+    meta = read_meta(folder)
+    meta["config"][field] = value
+    write_meta(folder, meta)
+    assert_rejected(make_model(), folder, batch, match)
+
+
+def test_declared_sizes_of_a_dense_adapter(make_model, batch, tmp_path, memory_cap):
+    model = add(make_model(), "lora", sparsity=0.0)
+    folder = str(tmp_path / "adapter")
+    sa.save_adapter(model, folder)
+    meta = read_meta(folder)
+    meta["config"]["bottleneck"] = 2**22
+    write_meta(folder, meta)
+    assert_rejected(make_model(), folder, batch, r"bottleneck=4194304.* has shape \(8, 384\), the config builds "
+                                                 r"\(4194304, 384\)")
+
+
+@pytest.mark.parametrize("pattern,match", [
+    pytest.param(r"(.|\w)*!", "no module of the model matches", id="red-team-pattern"),
+    pytest.param(r"^(.|[a-z])*[0-9]{3}", "took more than 2 s", id="exponential-backtracking"),
+    pytest.param("a" * 1001, "1,001 characters", id="too-long"),
+    pytest.param("(unclosed", "not a valid regular expression", id="invalid"),
+    pytest.param(7, r"must be a (list of regex strings|regular expression string)", id="not-a-string"),
+])
+def test_target_patterns_are_bounded(pattern, match, saved, make_model, batch, tmp_path):
+    """Module-name patterns come from files: one that backtracks exponentially is stopped after the
+    match budget (2 s for all the model's names) with a ValueError naming it."""
+    import time
+    folder = saved.copy_to(tmp_path / "adapter")
+    meta = read_meta(folder)
+    meta["config"]["target_modules"] = [pattern]
+    write_meta(folder, meta)
+    start = time.monotonic()
+    assert_rejected(make_model(), folder, batch, match)
+    assert time.monotonic() - start < 20

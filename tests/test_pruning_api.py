@@ -113,6 +113,7 @@ def test_zero_initialized_matrix_is_reinitialized_or_rejected():
     with pytest.warns(UserWarning, match="re-initializing 1 all-zero matrices"):
         prune(model, "snip", 0.5, data=_batches(), loss_fn=_loss)
     assert model.adapter.up.nnz > 0 and model.adapter.down.nnz > 0
+    assert not model.adapter.up.values.any(), "the values were for scoring: the kept weights start at zero"
 
 
 def test_targets_by_name_and_predicate():

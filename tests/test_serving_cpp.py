@@ -329,7 +329,9 @@ def test_invalid_utf8_and_overlong_lines(server, classifier, tmp_path):
     assert all("logits" in out[i] for i in (0, 5, 6))
 
 
-def test_forward_failures_fail_their_batch_only(server, tmp_path):
+def test_a_failing_request_fails_alone(server, tmp_path):
+    """A forward that fails is run again request by request: only the request that fails alone gets
+    the error, not the good ones batched with it."""
     model = TinyClassifier(seed=7, traps=True)
     path = save(model, tmp_path / "traps.pt", metadata())
     token = [1, 2, 13, 3, 4, 5, 6, 7, 14, 8]  # 13: forward raises; 14: NaN logits for that sentence
@@ -337,15 +339,102 @@ def test_forward_failures_fail_their_batch_only(server, tmp_path):
     proc = serve(server, path, lines, "--batch-size", 4, tmp_path=tmp_path)
     out = answers(proc)
     assert [a["id"] for a in out] == list(range(len(token)))
-    for answer in out[:4]:  # the chunk with token 13: the exception's own line, the traceback to stderr
-        assert answer["line"] == answer["id"] + 1
-        assert answer["error"].startswith("running the model failed: ") and answer["error"].endswith("trap token 13")
-    assert "running the model failed on lines 1-4" in proc.stderr.decode() and "Traceback" in proc.stderr.decode()
+    assert out[2]["line"] == 3  # the exception's own line; the traceback goes to stderr
+    assert out[2]["error"].startswith("running the model failed: ") and out[2]["error"].endswith("trap token 13")
+    stderr = proc.stderr.decode()
+    assert "running the model failed on lines 1-4; running them one by one" in stderr and "Traceback" in stderr
+    assert "running the model failed on line 3:" in stderr
     assert out[8]["error"] == "the model produced a non-finite logit (nan)" and out[8]["line"] == 9
-    for i in (4, 5, 6, 7, 9):
+    for i in (0, 1, 3, 4, 5, 6, 7, 9):
         assert_classified(out[i], eager_logits(model, [token[i]] * 2))
     batch = answers(serve(server, path, [json.dumps({"input_ids": [[1], [14]]})], tmp_path=tmp_path))
     assert batch[0]["error"] == "the model produced a non-finite logit (nan) for input_ids[1]"
+    batch = answers(serve(server, path, [json.dumps({"id": "b", "input_ids": [[1], [13]]}),
+                                         json.dumps({"id": "c", "input_ids": [2]})], tmp_path=tmp_path))
+    assert batch[0]["error"].endswith("trap token 13") and batch[1]["id"] == "c" and "logits" in batch[1]
+
+
+def test_ids_are_checked_against_the_model_embedding(server, tmp_path):
+    """Metadata that overstates the vocabulary (vocab_size 10^9 for an embedding of 50 rows): ids are
+    checked against the embedding, so a bad id is that request's error, not its batch's."""
+    model = TinyClassifier(seed=3)
+    path = save(model, tmp_path / "big_vocab.pt", metadata(vocab_size=10**9))
+    lines = [json.dumps({"id": "good", "input_ids": [1, 2]}), json.dumps({"id": "bad", "input_ids": [3, 60]}),
+             json.dumps({"id": "batch", "input_ids": [[4], [49]]})]
+    proc = serve(server, path, lines, "--batch-size", 8, tmp_path=tmp_path)
+    out = answers(proc)
+    assert "vocab_size 1000000000 is more than the 50 rows of the model's token embedding 'tokens'" in \
+        proc.stderr.decode()
+    assert_classified(out[0], eager_logits(model, [1, 2]))
+    assert out[1] == {"id": "bad", "line": 2, "error": "input_ids[1] = 60 is out of the vocabulary [0, 50)"}
+    assert_logits(out[2]["logits"][1], eager_logits(model, [49]))
+
+
+def _hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _filled(prefix, unit, suffix, size=16 * 1024 * 1024 - 64):
+    count = (size - len(prefix) - len(suffix)) // len(unit)
+    return prefix + unit * (count - 1) + unit.rstrip(b",") + suffix + b"\n"
+
+
+MEMORY_LINES = {  # the shapes that cost the most per byte, each just under the 16 MiB line limit
+    "ids": (_filled(b'{"input_ids": [', b"1,", b"]}"), "MiB of memory once parsed"),
+    "rows": (_filled(b'{"input_ids": [', b"[1],", b"]}"), "MiB of memory once parsed"),
+    "objects": (_filled(b'{"id": [', b"{},", b'], "input_ids": [1]}'), "MiB of memory once parsed"),
+    "strings": (_filled(b'{"id": [', b'"",', b'], "input_ids": [1]}'), "MiB of memory once parsed"),
+    "long id": (_filled(b'{"id": "', b"x", b'", "input_ids": [1]}'), None),
+}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc")
+def test_memory_per_line_is_bounded(server, classifier):
+    """The line limit bounds memory, not only length: a 16 MiB line of the costliest shapes (tiny
+    values, a value per two bytes) costs a bounded amount, and four of them waiting together cost
+    about what one does (the round stops taking lines past its budget)."""
+    import threading
+
+    _, path = classifier
+    proc = subprocess.Popen([str(server), "--model", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+    def exchange(data, count):
+        """Write `data` and read `count` answers, each on its own thread (16 MiB each way)."""
+        got = []
+        writer = threading.Thread(target=lambda: (proc.stdin.write(data), proc.stdin.flush()))
+        reader = threading.Thread(target=lambda: got.extend(proc.stdout.readline() for _ in range(count)))
+        for t in (writer, reader):
+            t.start()
+        for t in (writer, reader):
+            t.join(ANSWER_TIMEOUT_S * 4)
+            assert not t.is_alive(), f"no answer within {ANSWER_TIMEOUT_S * 4} s"
+        return [json.loads(line) for line in got]
+
+    try:
+        exchange(b'{"input_ids": [1, 2]}\n', 1)
+        baseline = _hwm_kib(proc.pid)
+        growth, answered = {}, {}
+        for name, (line, error) in MEMORY_LINES.items():
+            for copies in (1, 4):
+                answered[name, copies] = exchange(line * copies, copies)
+                growth[f"{name} x{copies}"] = (_hwm_kib(proc.pid) - baseline) / 1024
+        # measured +64 to +103 MB; +408 MB for one 16 MiB line and +736 MB for four before the budgets
+        assert max(growth.values()) < 160, growth
+        for (name, copies), got in answered.items():
+            error = MEMORY_LINES[name][1]
+            for answer in got:
+                if error is None:
+                    assert "logits" in answer and len(answer["id"]) > 16_000_000, name
+                else:
+                    assert error in answer.get("error", ""), (name, str(answer)[:200])
+        assert exchange(b'{"input_ids": [3]}\n', 1)[0]["label"] in (0, 1, 2)
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
 
 
 def test_wrong_output_shape_is_an_error_per_request(server, tmp_path):
@@ -353,7 +442,8 @@ def test_wrong_output_shape_is_an_error_per_request(server, tmp_path):
     out = answers(serve(server, path, [json.dumps({"input_ids": [1]}), json.dumps({"input_ids": [2]})],
                         tmp_path=tmp_path))
     assert len(out) == 2
-    assert all("expected floats of shape [2, 3]" in a["error"] and "[2, 2]" in a["error"] for a in out)
+    # the batch of two fails, then each request alone: [1, 2] logits where [1, 3] were expected
+    assert all("expected floats of shape [1, 3]" in a["error"] and "[1, 2]" in a["error"] for a in out)
 
 
 def _bad_forward():

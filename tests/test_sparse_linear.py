@@ -91,3 +91,171 @@ def test_mask_to_csr_and_back(device, seed):
     assert crow.dtype == torch.int64
     assert torch.equal(crow.cpu(), p.crow.long().cpu()) and torch.equal(col.cpu(), p.col.long().cpu())
     torch.testing.assert_close(csr_to_dense(crow, col, p.values64, (9, 14)), p.weight64)
+
+
+# Loading while other threads run forwards (SparseLinear's module docstring): every forward computes
+# with the whole old state or the whole new one.
+
+def _race_loads_and_forwards(module, states, x, refs, seconds=1.5):
+    import threading
+    import time
+
+    stop, seen, bad, errors = threading.Event(), set(), [], []
+    module.load_state_dict(states[0])  # a forward that runs before the loader's first load sees a known state
+
+    def loader():
+        try:
+            i = 0
+            while not stop.is_set():
+                module.load_state_dict(states[i % len(states)])
+                i += 1
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def forwards():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    out = module(x)
+                    match = [i for i, ref in enumerate(refs) if torch.equal(out, ref)]
+                    if match:
+                        seen.add(match[0])
+                    else:
+                        bad.append(out)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=loader)] + [threading.Thread(target=forwards) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert not bad, f"{len(bad)} forwards matched neither state"
+    return seen
+
+
+def test_load_state_dict_racing_forwards_sees_old_or_new_pattern():
+    torch.manual_seed(0)
+    layers = []
+    for density, seed in ((0.2, 1), (0.7, 2)):
+        p = Pattern(64, 96, density, seed=seed)
+        layers.append(SparseLinear.from_dense(p.weight64.float(), p.mask, torch.randn(64)))
+    states = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
+    x = torch.randn(32, 96)
+    with torch.no_grad():
+        refs = [layer(x) for layer in layers]
+    target = SparseLinear.from_dense(torch.zeros(64, 96), torch.ones(64, 96, dtype=torch.bool), torch.zeros(64))
+    values = target.values
+    seen = _race_loads_and_forwards(target, states, x, refs)
+    assert seen, "no forward completed"
+    assert target.values is values  # the Parameter an optimizer holds is kept
+
+
+def test_load_state_dict_racing_fused_adapter_forwards():
+    from sparseadapter.adapters.modules import BottleneckAdapter
+
+    adapters, torch_seed = [], 0
+    for density in (0.3, 0.8):
+        torch.manual_seed(torch_seed)
+        torch_seed += 1
+        a = BottleneckAdapter(48, 48, 16)
+        for name in ("down", "up"):
+            lin = getattr(a, name)
+            mask = torch.rand_like(lin.weight) < density
+            setattr(a, name, SparseLinear.from_dense(lin.weight.detach(), mask, torch.randn(lin.out_features)))
+        a.eval()
+        assert a.runs_fused()
+        adapters.append(a)
+    states = [{k: v.clone() for k, v in a.state_dict().items()} for a in adapters]
+    x = torch.randn(20, 48)
+    # The guarantee is per SparseLinear: a load of the adapter swaps down, then up, so a forward may
+    # combine either state of each layer, but never a torn layer.
+    import copy
+    refs = []
+    with torch.no_grad():
+        for down in adapters:
+            for up in adapters:
+                mixed = copy.deepcopy(adapters[0])
+                mixed.down.load_state_dict(down.down.state_dict())
+                mixed.up.load_state_dict(up.up.state_dict())
+                refs.append(mixed(x))
+    target = adapters[0]
+    assert _race_loads_and_forwards(target, states, x, refs)
+
+
+def test_failed_load_leaves_the_layer_whole():
+    p, q = Pattern(8, 12, 0.5, seed=3), Pattern(8, 12, 0.2, seed=4)
+    layer = SparseLinear.from_dense(p.weight64, p.mask, torch.ones(8, dtype=torch.float64))
+    other = SparseLinear.from_dense(q.weight64, q.mask, torch.ones(8, dtype=torch.float64))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = dict(other.state_dict(), bias=torch.ones(9, dtype=torch.float64))  # valid pattern, bias wrong
+    with pytest.raises(RuntimeError, match="bias"):
+        layer.load_state_dict(bad)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer.validate()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ p.weight64.T * 1 + 1)
+
+
+# A tensor on the meta device beside real ones: the dispatcher runs the ops' Meta kernel (the fake),
+# never the C++ kernel and its device checks; the fakes check the devices themselves.
+
+def _meta_cases():
+    x = torch.randn(3, 4)
+    crow, col, v = torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.randn(2)
+    bias = torch.zeros(2)
+    m = lambda t: t.to("meta")  # noqa: E731
+    import sparseadapter_ext as ext
+    crow_t, col_t, perm_t = ext.csr_transpose(crow, col, 4)
+    row_order, row_order_t = ext.csr_row_order(crow), ext.csr_row_order(crow_t)
+    lin = lambda **kw: ext.sparse_linear(**{**dict(  # noqa: E731
+        x=x, values=v, bias=bias, crow_indices=crow, col_indices=col, row_order=row_order,
+        crow_indices_t=crow_t, col_indices_t=col_t, perm_t=perm_t, row_order_t=row_order_t), **kw})
+    return [
+        ("spmm crow", lambda: ext.spmm(x, v, m(crow), col), "crow_indices is on meta"),
+        ("spmm col", lambda: ext.spmm(x, v, crow, m(col)), "col_indices is on meta"),
+        ("spmm values", lambda: ext.spmm(x, m(v), crow, col), "values is on meta"),
+        ("spmm bias", lambda: ext.spmm(x, v, crow, col, bias=m(bias)), "bias is on meta"),
+        ("spmm row_order", lambda: ext.spmm(x, v, crow, col, row_order=m(row_order)), "row_order is on meta"),
+        ("spmm x", lambda: ext.spmm(m(x), v, crow, col), "values is on cpu but x is on meta"),
+        ("sddmm crow", lambda: ext.sddmm(torch.randn(3, 2), x, m(crow), col), "crow_indices is on meta"),
+        ("sddmm x", lambda: ext.sddmm(torch.randn(3, 2), m(x), crow, col), "x is on meta"),
+        ("sparse_linear crow_t", lambda: lin(crow_indices_t=m(crow_t)), "crow_indices_t is on meta"),
+        ("sparse_linear values", lambda: lin(values=m(v)), "values is on meta"),
+        ("sparse_linear bias", lambda: lin(bias=m(bias)), "bias is on meta"),
+        ("validate_csr col", lambda: ext.validate_csr(crow, m(col), 2, 4), "col_indices is on meta"),
+        ("csr_transpose col", lambda: ext.csr_transpose(crow, m(col), 4), "col_indices is on meta"),
+        ("csr_to_dense crow", lambda: ext.csr_to_dense(v, m(crow), col, 4), "crow_indices is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_meta_cases())))
+def test_a_meta_tensor_beside_real_ones_is_refused(case):
+    name, call, message = _meta_cases()[case]
+    with pytest.raises(ValueError, match=message + ".*move all arguments to one device"):
+        call()
+
+
+@pytest.mark.parametrize("buffer", ["crow_indices", "col_indices", "perm_t", "values"])
+def test_sparse_linear_with_a_buffer_on_meta_is_refused(buffer):
+    p = Pattern(6, 8, 0.5, seed=5)
+    layer = SparseLinear.from_dense(p.weight64.float(), p.mask)
+    if buffer == "values":
+        layer.values = torch.nn.Parameter(layer.values.detach().to("meta"))
+    else:
+        setattr(layer, buffer, getattr(layer, buffer).to("meta"))
+    x = torch.randn(2, 8, requires_grad=True)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="is on meta but x is on cpu"):
+            layer(x)
+
+
+def test_all_meta_is_a_shape_computation():
+    import sparseadapter_ext as ext
+    out = ext.spmm(torch.empty(3, 4, device="meta"), torch.empty(2, device="meta"),
+                   torch.tensor([0, 1, 2], device="meta"), torch.empty(2, dtype=torch.int64, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 2)

@@ -245,3 +245,142 @@ def test_resume_refuses_a_bad_checkpoint_state(damage, tiny_model, sentiment_fil
         state.write_bytes(state.read_bytes()[:100])
     run_error(args + ["--resume"], capsys, "cannot read checkpoint state", "trainer_state.pt")
     assert not marker.exists()
+
+
+# -- kills around checkpoints -------------------------------------------------------------------------
+RESUMABLE = ("--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", "snip", "--max-steps", "12",
+             "--eval-every", "4", "--checkpoint-every", "4", "--adapter-dropout", "0.1")
+
+
+def _interrupt_checkpoint_at(monkeypatch, step):
+    """Ctrl-C while the checkpoint of `step` is written: its adapter is on disk (checkpoint.tmp), its
+    state is not. The evaluation of that step is already in metrics.jsonl."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("checkpoint.tmp", "trainer_state.pt")) and obj.get("step") == step:
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+
+
+def _periodic(run_dir):
+    """The periodic records of metrics.jsonl without their wall-clock timing (step_s)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in records if not r.get("final")]
+
+
+def _assert_same_run(a, b):
+    ta, tb = adapter_tensors(a / "adapter"), adapter_tensors(b / "adapter")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _periodic(a) == _periodic(b), "metrics.jsonl: each evaluation once, as in a run that never stopped"
+    finals = [line for line in (b / "metrics.jsonl").read_text().splitlines() if '"final"' in line]
+    assert len(finals) == 2, finals  # validation and test, once
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model, sentiment_files, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 0
+    return out
+
+
+def test_kill_during_the_first_checkpoint_resumes_by_starting_over(straight_run, tiny_model, sentiment_files,
+                                                                   tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    _interrupt_checkpoint_at(monkeypatch, 4)
+    assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
+    monkeypatch.undo()
+    assert (out / "config.json").is_file() and not (out / "checkpoint").exists()
+    stdout = run_ok(train_args(tiny_model, sentiment_files, out, *RESUMABLE, "--resume"), capsys)
+    assert "stopped before its first checkpoint; starting it over" in stdout
+    _assert_same_run(straight_run, out)
+
+
+def test_resume_does_not_log_a_replayed_evaluation_twice(straight_run, tiny_model, sentiment_files, tmp_path,
+                                                         capsys, monkeypatch):
+    out = tmp_path / "run"
+    _interrupt_checkpoint_at(monkeypatch, 8)  # the evaluation of step 8 is logged, its checkpoint is not
+    assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
+    monkeypatch.undo()
+    assert [r["step"] for r in _periodic(out)] == [4, 8]
+    run_ok(train_args(tiny_model, sentiment_files, out, *RESUMABLE, "--resume"), capsys)
+    assert [r["step"] for r in _periodic(out)] == [4, 8, 12]
+    _assert_same_run(straight_run, out)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(straight_run, tiny_model, sentiment_files, tmp_path, capsys,
+                                                      monkeypatch):
+    """A swap interrupted after the new checkpoint went in leaves `checkpoint.old`; if `checkpoint` is
+    then unreadable, the resume takes `checkpoint.old` and says so."""
+    import shutil
+    out = tmp_path / "run"
+    _interrupt_checkpoint_at(monkeypatch, 8)
+    assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
+    monkeypatch.undo()
+    shutil.copytree(out / "checkpoint", out / "checkpoint.old")  # step 4
+    state = out / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    stdout = run_ok(train_args(tiny_model, sentiment_files, out, *RESUMABLE, "--resume"), capsys)
+    assert "warning: cannot read checkpoint state" in stdout and "resuming from the previous checkpoint, " \
+        "checkpoint.old" in stdout
+    _assert_same_run(straight_run, out)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("step", -5, "step is -5, expected an int >= 0"),
+    ("step", "7", "step is '7', expected an int >= 0"),
+    ("step", 7.0, "step is 7.0"),
+    ("step", 10**6, "the checkpoint is at step 1000000, past this run's 4 steps"),
+    ("rng", [{"cpu": "seed"}], "rng is"),
+    ("best", {"step": "4"}, "best is"),
+    ("loss_count", -1, "loss_count is -1"),
+    ("optimizer", None, "optimizer is None"),
+])
+def test_resume_refuses_a_checkpoint_state_of_the_wrong_types(field, value, needle, tiny_model, sentiment_files,
+                                                             tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "4", "--sparsity", "0")
+    run_ok(args, capsys)
+    path = out_dir / "checkpoint" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    state[field] = value
+    torch.save(state, path)
+    run_error(args + ["--resume"], capsys, needle)
+
+
+# -- bad input: one line and exit status 2, never a traceback ---------------------------------------------------
+def test_a_far_off_class_id_is_refused(tiny_model, sentiment_files, tmp_path, capsys):
+    rows = sentiment_rows(8, seed=7)
+    rows[3]["label"] = 1000000000000
+    files = dict(sentiment_files, train=write_csv(tmp_path / "t.csv", rows))
+    run_error(train_args(tiny_model, files, tmp_path / "run", "--max-steps", "1"), capsys,
+              "t.csv:5", "makes 1,000,000,000,001 classes")
+
+
+def _deep_json(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("row, needle", [
+    ('{"text": "a", "label": 1, "x": ' + _deep_json(100_000) + "}", "nested too deeply"),
+    ('{"text": "a \\ud800 b", "label": 1}', "lone UTF-16 surrogate"),
+    ('{"text": "fine", "text_pair": "\\udfff", "label": 1}', "'text_pair' holds"),
+])
+def test_bad_json_lines_rows(row, needle, tiny_model, sentiment_files, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "good movie", "label": 0}\n' + row + "\n")
+    files = dict(sentiment_files, validation=str(path))
+    run_error(train_args(tiny_model, files, tmp_path / "run", "--max-steps", "1"), capsys, "bad.jsonl:2", needle)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_deeply_nested_config_file(suffix, tmp_path, capsys):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text('{"kind": ' + _deep_json(100_000) + "}")
+    run_error(["train", "--config", str(path), "--output-dir", str(tmp_path / "out")], capsys, "nested too deeply")
+
+
+def test_max_length_beyond_the_model(tiny_model, sentiment_files, tmp_path, capsys):
+    run_error(train_args(tiny_model, sentiment_files, tmp_path / "run", "--max-steps", "1", "--max-length", "100000"),
+              capsys, "max_length 100000 is more than the model's 64 positions")

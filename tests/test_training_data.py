@@ -53,7 +53,8 @@ def test_get_task_unknown_lists_the_known_names():
 
 
 def test_builtin_tasks():
-    assert set(TASKS) == {"sst2", "mrpc", "rte", "cola", "stsb", "qnli", "mnli", "bbc-news"}
+    assert set(TASKS) == {"sst2", "mrpc", "rte", "cola", "stsb", "qnli", "mnli", "bbc-news",
+                          "bbc-headlines"}
     assert get_task("rte").label_names == ("entailment", "not_entailment")
     assert get_task("mnli").label_names == ("entailment", "neutral", "contradiction")
     assert get_task("stsb").is_regression and get_task("stsb").main_metric == "pearson"
@@ -295,11 +296,60 @@ def test_infer_string_labels_sorted_and_pairs(tmp_path):
 
 
 def test_infer_integer_labels(tmp_path):
-    a = write(tmp_path / "a.csv", ["text,label", "a,0", "b,3.0"])
+    a = write(tmp_path / "a.csv", ["text,label", "a,0", "b,3.0", "c,2", "d,1"])
     b = write(tmp_path / "b.jsonl", ['{"text": "c", "label": 1}'])
     task = infer_table_task([a, b])
     assert (task.num_labels, task.label_names, task.pair) == (4, None, False)
-    assert [e.label for e in read_table(a, task)] == [0, 3]
+    assert [e.label for e in read_table(a, task)] == [0, 3, 2, 1]
+
+
+# Labels that would change the classifier's outputs without a word are refused, naming file and line.
+
+@pytest.mark.parametrize("train_lines, other_lines, message, where", [
+    # a far-off id: 10^12 + 1 classes (OOM-killed), 200,001 classes (a silently huge head)
+    (["text,label", "a,0", "b,1", "c,1000000000000"], None,
+     r"label '1000000000000' makes 1,000,000,000,001 classes \(ids 0..1,000,000,000,000\), but "
+     r"999,999,999,998 of those ids \(e.g. 2, 3, 4\) have no example", ("train", 4)),
+    (["text,label", "a,0", "b,1", "c,200000"], None, r"makes 200,001 classes", ("train", 4)),
+    (["text,label", "a,0", "b,1", "c,3"], None, r"1 of those ids \(e.g. 2\) have no example", ("train", 4)),
+    # a class only in validation: an output the model cannot learn
+    (["text,label", "a,0", "b,1"], ["text,label", "a,0", "b,2", "c,1"],
+     r"class id 2 does not occur in the training file .*train.csv", ("other", 3)),
+    (["text,label", "a,pos", "b,neg"], ["text,label", "a,pos", "b,neutral"],
+     r"class 'neutral' does not occur in the training file", ("other", 3)),
+    # one class or two?
+    (["text,label", "a,pos", "b,neg", "c,Pos"], None,
+     r"label 'Pos' and label 'pos' \(.*train.csv:2\) differ only in case", ("train", 4)),
+    (["text,label", "a,pos", "b,neg"], ["text,label", "a,NEG"], r"label 'NEG' and label 'neg'", ("other", 2)),
+    # numbers that are not class ids among names
+    (["text,label", "a,pos", "b,neg", "c,1.5"], None,
+     r"label '1.5' is a number that is not a class id \(not an integer\) among class names", ("train", 4)),
+    (["text,label", "a,pos", "b,neg", "c,NaN"], None, r"label 'NaN' is a number .* \(not finite\)", ("train", 4)),
+    (["text,label", "a,0", "b,1", "c,nan"], None, r"label 'nan' is a number but not a class id", ("train", 4)),
+])
+def test_infer_refuses_labels_that_would_change_the_classes(tmp_path, train_lines, other_lines, message, where):
+    train = write(tmp_path / "train.csv", train_lines)
+    paths = [train]
+    if other_lines is not None:
+        paths.append(write(tmp_path / "validation.csv", other_lines))
+    with pytest.raises(DataError, match=message) as err:
+        infer_table_task(paths)
+    path = train if where[0] == "train" else paths[1]
+    assert str(err.value).startswith(f"{path}:{where[1]}:")
+
+
+def test_infer_refuses_a_nan_label_in_json_lines(tmp_path):
+    path = write(tmp_path / "a.jsonl", ['{"text": "a", "label": "pos"}', '{"text": "b", "label": "neg"}',
+                                        '{"text": "c", "label": NaN}'])
+    with raises_at(path, 3, "not finite"):
+        infer_table_task([path])
+
+
+def test_integer_ids_across_files_and_unlabelled_test_files(tmp_path):
+    train = write(tmp_path / "train.csv", ["text,label", "a,0", "b,2", "c,1"])
+    validation = write(tmp_path / "validation.jsonl", ['{"text": "c", "label": 2}'])
+    test = write(tmp_path / "test.csv", ["text", "x"])
+    assert infer_table_task([train, validation, test]).num_labels == 3
 
 
 def test_infer_names_mixed_with_digits_read_back_consistently(tmp_path):

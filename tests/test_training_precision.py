@@ -104,7 +104,7 @@ def test_fp16_without_cuda_is_a_config_error(capsys):
     for device in ("auto", "cuda"):
         with pytest.raises(ValueError, match="precision fp16 needs a CUDA device .* torch sees none"):
             TrainConfig(precision="fp16", device=device)
-    run_error(["prune", "--precision", "fp16"], capsys, "torch sees none", "--precision bf16")
+    run_error(["train", "--precision", "fp16"], capsys, "torch sees none", "--precision bf16")
 
 
 # -- bf16 ----------------------------------------------------------------------------------------------

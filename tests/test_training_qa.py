@@ -338,6 +338,7 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
                       "--eval-every", "200", "--checkpoint-every", "0", "--no-progress", "--threads", "1"], capsys)
     results = json.loads((run / "results.json").read_text())
     test = results["test"]
+    assert results["objective"] == "span" and (run / "adapter" / "README.md").is_file()  # with its model card
     assert results["task"] == "squad" and results["examples"] == {"train": 22, "validation": 22, "test": 22}
     assert test["total"] == 22 and test["has_answer_total"] == 15 and test["no_answer_total"] == 7
     assert test["baseline_f1"] == pytest.approx(100 * 7 / 22)
@@ -356,7 +357,7 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
     for key in ("exact", "f1", "has_answer_f1", "no_answer_exact", "null_threshold", "has_answer_span_f1"):
         assert again[key] == pytest.approx(test[key]), key
     assert again["loss"] == pytest.approx(test["loss"], rel=1e-5)
-    stdout, _ = _run(["eval", "--adapter", str(run / "adapter"), "--no-progress"], capsys)
+    stdout, _ = _run(["eval", "--adapter", str(run), "--no-progress"], capsys)  # a run folder names its adapter
     assert "unanswerable (7)" in stdout and "baseline: always no answer" in stdout and "best spans" in stdout
 
     unlabelled = fixture_data()
@@ -388,12 +389,16 @@ def test_squad_options_are_checked(qa_model, tmp_path, capsys):
     base = ["train", "--model", qa_model, "--task", "squad", "--output-dir", str(tmp_path / "r"), "--no-progress"]
     for extra, needle in (([], "task 'squad' needs train_file"),
                           (["--train-file", data, "--max-length", "64", "--doc-stride", "60"], "doc_stride 60 must be smaller"),
-                          (["--train-file", data, "--adapter-name", "a b"], "adapter_name must be")):
+                          (["--train-file", data, "--adapter-name", "a b"], "adapter_name must be"),
+                          (["--train-file", data, "--objective", "classification"], "trains a span head"),
+                          (["--train-file", data, "--eval-max-examples", "4"], "selects on all validation questions")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert main(["predict", "--adapter", str(tmp_path), "--input", data]) == 2
     assert "trained with --task squad" in capsys.readouterr().err
+    assert main(["train", "--task", "bbc-news", "--objective", "span", "--output-dir", str(tmp_path / "r")]) == 2
+    assert "objective span (extractive question answering) is task squad's" in capsys.readouterr().err
 
 
 def test_reader_refuses_a_file_that_is_not_json(tmp_path):

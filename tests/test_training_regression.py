@@ -21,7 +21,7 @@ from training_support import NEGATIVE, POSITIVE, VOCAB, tiny_model, write_csv, w
 import sparseadapter as sa
 from sparseadapter.adapters import SparseAdapterConfig, add_adapter
 from sparseadapter.adapters.head import target_stats
-from sparseadapter.adapters.io import weights_path
+from sparseadapter.adapters.io import config_digest, weights_path
 from sparseadapter.cli import main
 from sparseadapter.serving import ServingModel, example_inputs, export_model, prepare_for_inference, serving_metadata
 from sparseadapter.training.batching import TrainOrder
@@ -233,6 +233,7 @@ def test_load_refuses_a_broken_normalization(tiny_model, tmp_path):
         f.write(blob)
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     config["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    config["config_sha256"] = config_digest(config)  # a forged but self-consistent folder
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     fresh = _regressor(tiny_model, None, None)
     with pytest.raises(ValueError, match="invalid target_scale"):

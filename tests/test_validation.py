@@ -145,3 +145,43 @@ def test_empty_inputs(p):
     empty = torch.zeros(0, dtype=p.crow.dtype, device=p.device)
     y = ops.spmm(_x(p), torch.zeros(0, device=p.device), none, empty, None, bias)
     torch.testing.assert_close(y, bias.expand(4, 6))
+
+
+# Sizes from the caller: refused with a ValueError naming them, never an allocator error or an
+# overflowed number in the message.
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("num_cols", [2**40, 2**62, 2**63 - 1])
+def test_csr_transpose_refuses_a_num_cols_it_cannot_allocate(index_dtype, num_cols):
+    crow = torch.tensor([0, 1, 2], dtype=index_dtype)
+    col = torch.tensor([0, 1], dtype=index_dtype)
+    match = ("does not fit int32 indices" if index_dtype == torch.int32
+             else r"num_cols.*(more than this machine's \d+ bytes of memory|not allocatable|too large)")
+    with pytest.raises(ValueError, match="csr_transpose: .*" + match):
+        ops.csr_transpose(crow, col, num_cols)
+
+
+def test_csr_transpose_past_the_int32_limit_is_refused():
+    crow = torch.tensor([0, 1], dtype=torch.int32)
+    col = torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"num_cols = 2147483648 does not fit int32 indices"):
+        ops.csr_transpose(crow, col, 2**31)
+
+
+def test_csr_to_dense_refuses_a_size_it_cannot_allocate():
+    crow = torch.tensor([0, 1, 2])
+    col = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"csr_to_dense: .*more than this machine's|csr_to_dense: .*2\^63"):
+        ops.csr_to_dense(torch.ones(2), crow, col, 2**40)
+    with pytest.raises(ValueError, match=r"csr_to_dense: the dense matrix \[2, 4611686018427387904\] has more than "
+                                         r"2\^63 entries"):
+        ops.csr_to_dense(torch.ones(2), crow, col, 2**62)
+
+
+@pytest.mark.parametrize("num_rows,needs", [(2**63 - 1, "9223372036854775808"), (2**62, "4611686018427387905"),
+                                            (5, "6")])
+def test_validate_csr_message_names_the_row_count_without_overflow(num_rows, needs):
+    crow = torch.tensor([0, 1, 2])
+    col = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=rf"crow_indices has 3 entries but a pattern with {num_rows} rows needs {needs}$"):
+        ops.validate_csr(crow, col, num_rows, 6)

@@ -58,7 +58,7 @@ class CrossoverTable:
                        **{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")}}
                       for p in data["points"]]
             table = cls(str(data["device"]), str(data["dtype"]), points, dict(data.get("meta", {})), source)
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise ValueError(f"{source}: not a crossover table ({type(err).__name__}: {err})") from None
         if not points:
             raise ValueError(f"{source}: the crossover table has no points")

@@ -1,6 +1,19 @@
-"""SparseLinear: a CSR-backed drop-in for nn.Linear whose pattern is fixed and whose values train."""
+"""SparseLinear: a CSR-backed drop-in for nn.Linear whose pattern is fixed and whose values train.
+
+Threads. Forwards of one layer may run on several threads at once (they only read). `load_state_dict`
+may run while other threads run forwards: each forward computes with the whole old state (pattern,
+values, bias) or the whole new one, never a mix. A new pattern and its transposed buffers are built
+and checked off to the side; the layer then waits for the forwards in flight to leave, holds new ones
+back for as long as the new tensors take to swap in (values and bias keep their Parameter objects, so
+an optimizer built before the load still holds them), and lets them go. Not thread-safe: a backward
+or an optimizer step racing a load (autograd keeps the tensors of the forward; training and loading
+one module at once is not supported), `.to()` / `.cuda()` and other module-wide changes, and in-place
+writes to the tensors while forwards run.
+"""
 import math
-from typing import Optional, Union
+import threading
+import time
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +25,26 @@ from .csr import csr_to_dense, mask_to_csr
 # Buffers derived from the pattern alone: rebuilt whenever the pattern changes, never saved.
 _DERIVED_BUFFERS = ("row_order", "crow_indices_t", "col_indices_t", "perm_t", "row_order_t")
 
+# Guards every layer's _Pins (a few integer updates per forward; never held while computing).
+_PINS_LOCK = threading.Lock()
+_WAIT_S = 1e-4
+
+
+class _Pins:
+    """Forwards in flight on a layer, and the thread swapping a new state in (None when none)."""
+
+    __slots__ = ("readers", "writer")
+
+    def __init__(self) -> None:
+        self.readers = 0
+        self.writer: Optional[int] = None
+
+    def __deepcopy__(self, memo) -> "_Pins":  # a copy starts with nothing in flight
+        return _Pins()
+
+    def __reduce__(self):
+        return (_Pins, ())
+
 
 class SparseLinear(nn.Module):
     """`y = x @ W.T + bias` with `W` of shape `[out_features, in_features]` stored as CSR.
@@ -22,6 +55,7 @@ class SparseLinear(nn.Module):
     """
 
     __jit_unused_properties__ = ["nnz", "sparsity", "density"]
+    _pins = _Pins()  # for a layer unpickled from a version without them; __init__ gives each its own
 
     def __init__(
         self,
@@ -35,6 +69,7 @@ class SparseLinear(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
+        self._pins = _Pins()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         if validate:
@@ -100,16 +135,68 @@ class SparseLinear(nn.Module):
     @torch.jit.unused
     def _forward_python(self, x: Tensor) -> Tensor:
         """Through the Python wrapper, whose eager autograd costs less host time per call."""
-        return sparseadapter_ext.sparse_linear(
-            x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
-            self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
-        )
+        if _tracing():
+            return sparseadapter_ext.sparse_linear(
+                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
+                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
+            )
+        self._pin()
+        try:
+            return sparseadapter_ext.sparse_linear(
+                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
+                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
+            )
+        finally:
+            self._unpin()
 
     def csr_buffers(self):
         """`(values, bias, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t)`:
-        this layer as one projection of `sparseadapter_ext.sparse_adapter`."""
+        this layer as one projection of `sparseadapter_ext.sparse_adapter`. A caller that computes
+        with them while another thread may load a state into the layer holds `pinned()` around both."""
         return (self.values, self.bias, self.crow_indices, self.col_indices, self.crow_indices_t,
                 self.col_indices_t, self.perm_t, self.row_order_t)
+
+    @torch.jit.unused
+    def pinned(self) -> "_Pinned":
+        """`with layer.pinned() as buffers:` the layer's `csr_buffers()`, which no `load_state_dict`
+        on another thread replaces until the block ends."""
+        return _Pinned(self)
+
+    @torch.jit.unused
+    def _pin(self) -> None:
+        pins, me = self._pins, threading.get_ident()
+        while True:
+            with _PINS_LOCK:
+                if pins.writer is None or pins.writer == me:
+                    pins.readers += 1
+                    return
+            time.sleep(_WAIT_S)
+
+    @torch.jit.unused
+    def _unpin(self) -> None:
+        with _PINS_LOCK:
+            self._pins.readers -= 1
+
+    @torch.jit.unused
+    def _swap_begin(self) -> None:
+        """Hold new forwards back, then wait for those in flight to leave."""
+        pins, me = self._pins, threading.get_ident()
+        while True:
+            with _PINS_LOCK:
+                if pins.writer is None:
+                    pins.writer = me
+                    break
+            time.sleep(_WAIT_S)
+        while True:
+            with _PINS_LOCK:
+                if pins.readers == 0:
+                    return
+            time.sleep(_WAIT_S)
+
+    @torch.jit.unused
+    def _swap_end(self) -> None:
+        with _PINS_LOCK:
+            self._pins.writer = None
 
     def to_dense(self) -> Tensor:
         """The dense weight `[out_features, in_features]`, zeros where pruned."""
@@ -139,15 +226,20 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"sparsity={self.sparsity:.3f}, nnz={self.nnz}, bias={self.bias is not None}")
 
+    def _derived_buffers(self, crow: Tensor, col: Tensor) -> Tuple[Tensor, ...]:
+        """The buffers of _DERIVED_BUFFERS for a pattern, in that order."""
+        crow_t, col_t, perm_t = sparseadapter_ext.csr_transpose(crow, col, self.in_features)
+        return (sparseadapter_ext.csr_row_order(crow), crow_t, col_t, perm_t, sparseadapter_ext.csr_row_order(crow_t))
+
     def _build_derived_buffers(self) -> None:
-        crow_t, col_t, perm_t = sparseadapter_ext.csr_transpose(self.crow_indices, self.col_indices, self.in_features)
-        self.row_order = sparseadapter_ext.csr_row_order(self.crow_indices)
-        self.crow_indices_t, self.col_indices_t, self.perm_t = crow_t, col_t, perm_t
-        self.row_order_t = sparseadapter_ext.csr_row_order(crow_t)
+        for name, t in zip(_DERIVED_BUFFERS, self._derived_buffers(self.crow_indices, self.col_indices)):
+            setattr(self, name, t)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # A saved module may carry another pattern (another nnz): check it whole, then adopt its
-        # shapes so the copy below fits. A bad pattern is reported and leaves the module untouched.
+        # A saved module may carry another pattern (another nnz): check it whole and build every tensor
+        # it needs (indices on this layer's device, transposed buffers, values) before anything of the
+        # layer changes; then swap them in while no forward runs (see the module docstring). A bad
+        # pattern, or any other error of the load, leaves the module as it was.
         crow = state_dict.get(prefix + "crow_indices")
         col = state_dict.get(prefix + "col_indices")
         values = state_dict.get(prefix + "values")
@@ -159,18 +251,72 @@ class SparseLinear(nn.Module):
             error_msgs.append(f"{prefix or 'SparseLinear'}: a new sparse pattern loads whole: crow_indices, "
                               f"col_indices and values together (the state_dict has only {', '.join(given)})")
             return
+        built = None
         if new_pattern:
             try:
                 sparseadapter_ext.validate_csr(crow, col, self.out_features, self.in_features)
                 if values.shape != col.shape:
                     raise ValueError(f"values has shape {tuple(values.shape)} but the pattern has nnz = {col.numel()}")
+                if not torch.is_floating_point(values):
+                    raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+                device = self.crow_indices.device
+                new_crow = crow.detach().to(device=device, copy=True)
+                new_col = col.detach().to(device=device, copy=True)
+                new_values = values.detach().to(device=self.values.device, dtype=self.values.dtype, copy=True)
+                built = (new_crow, new_col, new_values, self._derived_buffers(new_crow, new_col))
             except (ValueError, TypeError, RuntimeError) as err:
                 error_msgs.append(f"{prefix or 'SparseLinear'}: invalid sparse pattern in state_dict: {err}")
                 return
-            device = self.crow_indices.device
-            self.crow_indices = torch.empty_like(crow, device=device)
-            self.col_indices = torch.empty_like(col, device=device)
-            self.values.data = torch.empty(values.shape, dtype=self.values.dtype, device=self.values.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if new_pattern:
-            self._build_derived_buffers()
+        self._swap_begin()
+        try:
+            old = (self.crow_indices, self.col_indices, self.values.data,
+                   None if self.bias is None else self.bias.data.clone(),
+                   tuple(getattr(self, name) for name in _DERIVED_BUFFERS))
+            if built is not None:
+                new_crow, new_col, new_values, derived = built
+                self.crow_indices, self.col_indices = new_crow, new_col
+                self.values.data = new_values
+                for name, t in zip(_DERIVED_BUFFERS, derived):
+                    setattr(self, name, t)
+            errors_before = len(error_msgs)
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+            except BaseException:
+                self._restore(old)
+                raise
+            if len(error_msgs) != errors_before:
+                self._restore(old)
+        finally:
+            self._swap_end()
+
+    def _restore(self, old) -> None:
+        crow, col, values, bias, derived = old
+        self.crow_indices, self.col_indices = crow, col
+        self.values.data = values
+        if bias is not None:
+            self.bias.data = bias
+        for name, t in zip(_DERIVED_BUFFERS, derived):
+            setattr(self, name, t)
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class _Pinned:
+    """The context manager of SparseLinear.pinned()."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: SparseLinear) -> None:
+        self.layer = layer
+
+    def __enter__(self):
+        if not _tracing():
+            self.layer._pin()
+        return self.layer.csr_buffers()
+
+    def __exit__(self, *exc) -> None:
+        if not _tracing():
+            self.layer._unpin()

@@ -7,6 +7,7 @@
 Adapters live in `AdapterSlot`s (see slot.py) attached to the modules they adapt; the model keeps a
 registry of names, configs, sites and pruning records.
 """
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -76,13 +77,21 @@ def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
 
 
 def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
-                loss_fn=None, activate: bool = True, head=None) -> nn.Module:
+                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None,
+                head=None) -> nn.Module:
     """Add adapter `name` to `model` in place and return the model.
 
     The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
-    pruned here, once, with `config.pruner`; SNIP and GraSP need calibration `data` (batches the model
-    takes as `model(**batch)` with labels, or give `loss_fn(model, batch)`), scored through the new
-    adapter's head. With `activate`, the new adapter becomes the only active one.
+    pruned here, once, with `config.pruner`, scored through the new adapter's head. SNIP and GraSP need
+    calibration `data`, an iterable of batches (a list, a generator, a torch DataLoader):
+
+    - dicts of tensors the model takes as `model(**batch)`, with labels (the default loss is
+      `model(**batch).loss`), e.g. `dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=y)`;
+    - anything else, e.g. `(inputs, labels)` tuples, with `loss_fn(model, batch)` -> scalar loss.
+
+    `calibration_batches=k` reads only the first k batches of `data` (None: all); the data-free
+    pruners (random, magnitude, synflow) read none. A batch of another form raises ValueError naming
+    what was received. With `activate`, the new adapter becomes the only active one.
 
     The adapter owns a task head (heads.py): the model's head when no adapter owns it yet, else a copy
     of the current head; `head=HeadConfig(kind, num_labels)` (or a kind name: "classification",
@@ -97,7 +106,7 @@ def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, dat
     attach_adapter(model, name, config, parts)
     heads.attach_planned_head(model, name, planned)
     if config.is_sparse:
-        _prune_adapter(model, name, config, data, loss_fn)
+        _prune_adapter(model, name, config, data, loss_fn, calibration_batches)
     freeze_base(model)
     if activate:
         set_active_adapters(model, [name])
@@ -136,12 +145,17 @@ class BuiltAdapter:
     sites: Dict[str, List[Site]]
     modules: List[Tuple[Site, nn.Module]]
     prefix: Optional[PrefixGenerator]
+    # where each module (then the prefix) belongs: its device and dtype. The modules are there unless
+    # built on the meta device (build_adapter(on_meta=True)), which allocates nothing.
+    placement: Optional[List[Tuple[torch.device, torch.dtype]]] = None
 
 
 def build_adapter(model: nn.Module, config: SparseAdapterConfig,
-                  prefix_sites: Optional[List[Site]] = None) -> BuiltAdapter:
+                  prefix_sites: Optional[List[Site]] = None, *, on_meta: bool = False) -> BuiltAdapter:
     """Resolve the sites and build the modules, seeded, on each host's device and dtype; the model is
-    not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer)."""
+    not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer).
+    `on_meta`: build them on the meta device in their dtypes (shapes only, no memory, no random
+    draws); `placement` says where each belongs (load_adapter materializes them from a file)."""
     sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
     if prefix_sites is not None and "prefix" in sites:
         sites["prefix"] = list(prefix_sites)
@@ -149,23 +163,48 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig,
                for site in sites.get("prefix", [])}
     if len(set(kv_dims.values())) > 1:
         raise ValueError("prefix tuning needs one key/value width across attention layers")
-    modules = []
+    modules, placement = [], []
     generator = None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else contextlib.nullcontext()):
         torch.manual_seed(config.seed)
         for part in ("bottleneck", "lora"):
             for site in sites.get(part, []):
                 device, dtype = _device_dtype(model, model.get_submodule(site.host))
-                modules.append((site, _build(config, site).to(device, dtype)))
+                placement.append((device, dtype))
+                modules.append((site, _build(config, site).to("meta" if on_meta else device, dtype)))
         if kv_dims:
             device, dtype = _device_dtype(model, model)
+            placement.append((device, dtype))
             generator = PrefixGenerator(len(kv_dims), hidden_size(model), next(iter(kv_dims.values())),
-                                        config.prefix_length, config.prefix_mid_dim).to(device, dtype)
-    return BuiltAdapter(sites, modules, generator)
+                                        config.prefix_length, config.prefix_mid_dim).to("meta" if on_meta else device,
+                                                                                         dtype)
+    return BuiltAdapter(sites, modules, generator, placement)
+
+
+def _reject_adapter_names(model: nn.Module, args, kwargs):
+    """Forward pre-hook on the model root: peft's per-example `adapter_names=` is refused, not ignored.
+    (A module-level function, so deepcopy and pickling of the model keep working.)"""
+    if kwargs.get("adapter_names") is not None and REGISTRY_ATTR in model.__dict__:
+        raise TypeError(
+            "model(..., adapter_names=...) is not supported by sparseadapter: every example of a batch runs "
+            "the active adapters. Activate them before the call (sa.set_active_adapters(model, [...])) and "
+            "split a batch that mixes adapters into one call per adapter")
+    return None
+
+
+def guard_forward(model: nn.Module) -> None:
+    """Install `_reject_adapter_names` on the model root, once."""
+    if any(fn is _reject_adapter_names for fn in model._forward_pre_hooks.values()):
+        return
+    model.register_forward_pre_hook(_reject_adapter_names, with_kwargs=True)
 
 
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
+    from . import pretrained  # save_pretrained and adapter checkpoints (imports io, which imports this module)
+
     reg = registry(model, create=True)
+    guard_forward(model)
+    pretrained.install(model)
     if parts.prefix is not None:  # first: the one step that can still refuse
         prefix_attention.install(model)
     for site, module in parts.modules:
@@ -181,7 +220,7 @@ def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, par
     reg.adapters[name] = AdapterEntry(config, parts.sites)
 
 
-def _prune_adapter(model, name, config, data, loss_fn) -> None:
+def _prune_adapter(model, name, config, data, loss_fn, calibration_batches=None) -> None:
     reg = registry(model)
     targets = [f"{prefix}.{sub}" if sub else prefix
                for prefix, module in adapter_modules(model, name).items()
@@ -190,7 +229,8 @@ def _prune_adapter(model, name, config, data, loss_fn) -> None:
     try:
         _set_active(model, [name], None)  # LoRA adapters merged into base weights stay there
         prune(model, method=config.pruner, sparsity=config.effective_sparsity, scope=config.scope, data=data,
-              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets)
+              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets,
+              calibration_batches=calibration_batches)
     except Exception:
         delete_adapter(model, name)  # leave the model as it was
         raise
@@ -243,6 +283,38 @@ def set_active_adapters(model: nn.Module, names: Names) -> nn.Module:
 
 def active_adapters(model: nn.Module) -> List[str]:
     return list(registry(model).active)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """`with sa.disable_adapter(model):` runs the base model: no adapter, fusion or prefix is active
+    inside, and LoRA adapters merged into base weights are taken out for the duration. On leaving
+    (also by an exception) the active adapters, the fusion and the merges are as they were: a merge is
+    redone from the kept original weight, so the weights come back bit for bit."""
+    if REGISTRY_ATTR not in model.__dict__:  # no adapters: the model is the base model already
+        yield model
+        return
+    reg = registry(model)
+    active, fusion = list(reg.active), reg.active_fusion
+    merged = {host: list(slot.merged) for host, slot in slots(model).items() if slot.merged}
+    names = list(dict.fromkeys(n for ns in merged.values() for n in ns))
+    if names:
+        unmerge(model, names)
+    try:
+        _set_active(model, [], None)
+        yield model
+    finally:
+        _set_active(model, active, fusion)
+        if names:
+            # merge in the original order: the same additions on the same original weight
+            with torch.no_grad():
+                for host_name, order in merged.items():
+                    host = model.get_submodule(host_name)
+                    slot = host.sparseadapter
+                    slot.__dict__["original_weight"] = host.weight.detach().clone()
+                    for n in order:
+                        host.weight.add_(_weight_delta(host, slot.adapters[n]))
+                    slot.merged = list(order)
 
 
 def head_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -309,13 +381,28 @@ def _weight_delta(host: nn.Module, adapter: LoRAAdapter) -> torch.Tensor:
     return (delta.t() if is_conv1d(host) else delta).to(host.weight.dtype)
 
 
+MERGEABLE_KINDS = ("lora",)
+
+
 def merge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
     """Fold LoRA adapters (default: the active ones) into their base weights: `W += (alpha/r) B A`.
 
-    The original weight is kept aside, so `unmerge` restores it bit for bit.
+    The original weight is kept aside, so `unmerge` restores it bit for bit. Only LoRA folds into a
+    weight: naming another kind, or calling without names while another kind is active (or nothing
+    is), raises ValueError rather than leaving an adapter unmerged without a word.
     """
     reg = registry(model)
-    names = _as_list(names) if names is not None else [n for n in reg.active if reg.adapters[n].config.kind == "lora"]
+    if names is None:
+        others = [n for n in reg.active if reg.adapters[n].config.kind not in MERGEABLE_KINDS]
+        if others:
+            kind = reg.adapters[others[0]].config.kind
+            raise ValueError(f"merge: the active adapter {others[0]!r} is {kind}: only LoRA adapters fold into the "
+                             "base weights (a bottleneck adapter's nonlinearity does not, nor do prefixes); pass "
+                             "names=[...] of the LoRA adapters to merge, or deactivate the others")
+        if not reg.active:
+            raise ValueError("merge: no adapter is active, so there is nothing to merge; activate the LoRA "
+                             "adapters first (sa.set_active_adapters) or pass names=[...]")
+    names = _as_list(names) if names is not None else list(reg.active)
     for n in names:
         if n not in reg.active:
             raise ValueError(f"adapter {n!r} is not active; activate it before merging it")
@@ -361,7 +448,7 @@ def unload(model: nn.Module) -> nn.Module:
     for n, e in reg.adapters.items():
         if e.config.kind != "lora":
             raise ValueError(f"adapter {n!r} ({e.config.kind}) cannot be merged; delete_adapter it first")
-    merge(model)
+    merge(model, list(reg.active))
     for host, slot in slots(model).items():
         slot.__dict__.pop("original_weight", None)
         slot.merged = []
@@ -370,6 +457,11 @@ def unload(model: nn.Module) -> nn.Module:
     for n in list(reg.adapters):
         delete_adapter(model, n)
     del model.__dict__["sparseadapter_registry"]
+    for key in [k for k, fn in model._forward_pre_hooks.items() if fn is _reject_adapter_names]:
+        del model._forward_pre_hooks[key]
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    from . import pretrained
+    pretrained.uninstall(model)
     return model
 
 

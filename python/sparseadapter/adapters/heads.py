@@ -22,7 +22,9 @@ normalization, see head.py, which lives in the head's own buffers and hook and s
 (start and end logits of extractive question answering, the `qa_outputs` of a question-answering
 model). A span head needs a token-level model (AutoModelForQuestionAnswering or training.qa.SpanModel);
 classification and regression heads a sequence-level one; the kind a model's head attribute takes is
-checked when a head is asked for.
+checked when a head is asked for. A language model (causal or seq2seq) has no task head: its adapters
+answer through its language-model head, part of the frozen base and shared by all of them, so they own
+none, and asking for one is refused.
 
 `save_adapter(..., include_head=True)` writes the adapter's own head (whether or not it is active) with
 its description (`"head"` in adapter_config.json: attribute, kind, outputs, problem type, label names,
@@ -245,6 +247,11 @@ class PlannedHead:
     normalization: Optional[Tuple[float, float]] = None
 
 
+def _has_lm_head(model: nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and isinstance(get(), nn.Module)
+
+
 def plan_head(model: nn.Module, head: HeadLike = None, seed: int = 0) -> Optional[PlannedHead]:
     """The head a new adapter gets (see the module docstring); checked and built without changing the
     model. None when the model has no task head (and none was asked for)."""
@@ -254,6 +261,10 @@ def plan_head(model: nn.Module, head: HeadLike = None, seed: int = 0) -> Optiona
         raise TypeError(f"head must be a HeadConfig, a kind name or None, got {type(head).__name__}")
     current = current_head(model)
     if current is None:
+        if head is not None and _has_lm_head(model):
+            raise ValueError(f"this is a language model: its adapters answer through its language-model head, "
+                             f"part of the frozen base model and shared by all of them, so there is no place for "
+                             f"a {head.kind} head; load the model as a task model (AutoModelFor...) for one")
         if head is not None:
             raise ValueError(f"this model has no task head ({', '.join(head_attrs())}) to give a {head.kind} "
                              "head a place; load it as a task model (AutoModelFor...)")

@@ -9,17 +9,36 @@ and the name and SHA-256 of the tensor file. With the head, the file holds the a
 normalization (head.py) is two of the head's tensors (`head.<head>.target_mean`, `.target_scale`),
 loaded with it. Loading checks everything against the model and the config before the model is touched.
 
+Integrity: the config carries `config_sha256`, the SHA-256 of its own canonical JSON without that
+field, and `weights_sha256`, that of the tensor file: an edited or corrupted setting (scale,
+activation, sizes, ...) is refused like a damaged tensor file. (A config without `config_sha256`,
+from a library before 0.5, loads with a warning.) A checksum is not a signature: whoever can write
+the folder can recompute it.
+
 Crash safety: the tensor file is named by its content (`adapter-<sha256 prefix>.safetensors`), written
 whole under a temporary name and renamed; then the config is replaced the same way, and that rename
 is the commit. A process killed at any point leaves the folder's config naming a complete tensor file:
 the previous adapter until the commit, the new one after. Files no config names are removed by the
 next save.
+
+Concurrency: a save holds an exclusive `flock` on the folder from its first write to its cleanup, and
+a load holds a shared one while it reads the config and the tensor file: saves to one folder, from
+threads or processes, run one after the other (none deletes another's files), and a load reads one
+whole adapter, the one before a save or the one after. (On a platform without `fcntl`, or a file
+system without `flock`, there is no lock: one writer at a time is then the caller's business.)
+
+Memory: loading builds the adapter's modules on the meta device first and checks the sizes the config
+declares (bottleneck, large_sparse, prefix length and width) against the tensors in the file; the
+modules are then made from the file's tensors, so a load allocates what the file holds, never what a
+config claims.
 """
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -36,8 +55,10 @@ from .api import (
     pruning_record, set_active_adapters,
 )
 from . import heads
+from .card import write_model_card
 from .config import SparseAdapterConfig
 from .placement import Site, model_type, resolve_sites
+from .pretrained import base_model_record
 from .registry import entry, registry
 
 CONFIG_FILE = "adapter_config.json"
@@ -123,11 +144,18 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         if name in slot.merged:
             raise ValueError(f"save_adapter: {name!r} is merged into {slot_host!r}; unmerge it first")
     tensors = _adapter_tensors(model, name, include_head)
+    head = heads.describe_saved_head(model, name) if include_head else None
     record = pruning_record(model, name)
     blob = save(tensors)
     digest = hashlib.sha256(blob).hexdigest()
     weights_file = f"adapter-{digest[:16]}.safetensors"
     os.makedirs(path, exist_ok=True)
+    with folder_lock(path, shared=False):
+        _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file, head)
+    return path
+
+
+def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file, head) -> None:
     atomic_write(os.path.join(path, weights_file), blob)
     prefix = getattr(model, "sparseadapter_prefix", None)
     meta = {
@@ -144,8 +172,11 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
         "weights_file": weights_file,
         "weights_sha256": digest,
-        "head": heads.describe_saved_head(model, name) if include_head else None,
+        "head": head,
+        "base_model": base_model_record(model),  # what sa.load_pretrained loads the adapter onto
     }
+    meta = json.loads(json.dumps(meta))  # the values as a reader will see them
+    meta["config_sha256"] = config_digest(meta)
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
     try:
         atomic_write(os.path.join(path, CONFIG_FILE), text)  # the commit
@@ -153,7 +184,38 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         _remove_unreferenced(path)
         raise
     _remove_unreferenced(path)
-    return path
+    write_model_card(path)
+
+
+def config_digest(meta: dict) -> str:
+    """The SHA-256 of an adapter config's canonical JSON (sorted keys, no spaces) without the field
+    `config_sha256` that holds it."""
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(path: str, *, shared: bool):
+    """An advisory `flock` on the adapter folder itself (no lock file): exclusive for a save, shared
+    for a load. No lock where the platform or the file system has none."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # no folder (the read reports it) or not a folder
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:  # a file system without flock
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def weights_path(path: str) -> str:
@@ -196,6 +258,8 @@ def _read_meta(path: str) -> dict:
             meta = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"load_adapter: {config_path} is not valid JSON (corrupted or truncated): {err}") from None
+    except RecursionError:
+        raise ValueError(f"load_adapter: {config_path} is nested too deeply to be an adapter config") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"load_adapter: {config_path} is not a sparseadapter adapter config")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -204,7 +268,32 @@ def _read_meta(path: str) -> dict:
     for key in ("name", "config", "sites", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"load_adapter: {config_path} lacks the field {key!r}")
+    digest = meta.get("config_sha256")
+    if digest is None:
+        warnings.warn(f"load_adapter: {config_path} has no config_sha256 (saved by sparseadapter before 0.5): its "
+                      "settings are not covered by a checksum; save the adapter again to add one", UserWarning,
+                      stacklevel=3)
+    elif digest != config_digest(meta):
+        raise ValueError(f"load_adapter: {config_path} does not match its own checksum (config_sha256): a setting "
+                         "was edited or the file is corrupted; save the adapter again rather than editing it")
     return meta
+
+
+def check_adapter_files(path: str) -> None:
+    """Without a model: the folder's config reads (checksum and all) and its tensor file is there and
+    matches the config's checksum. ValueError or FileNotFoundError otherwise."""
+    with folder_lock(path, shared=True):
+        meta = _read_meta(path)
+        weights = os.path.join(path, _weights_file(meta, path))
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"load_adapter: {weights} does not exist")
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    if digest.hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
+                         "truncated, or from another save")
 
 
 def _size_limit(model: nn.Module, parts) -> int:
@@ -277,8 +366,9 @@ def _earlier_prefix_sites(model: nn.Module, config: SparseAdapterConfig, meta: d
     return None
 
 
-def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> SparseLinear:
-    """The SparseLinear stored under `key`; its indices in `tensors` are widened to the in-memory type."""
+def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear, device: torch.device) -> SparseLinear:
+    """The SparseLinear stored under `key` (`layer`, its dense form, may be on the meta device), made
+    on `device`; its indices in `tensors` are widened to the in-memory type."""
     crow, col, values = (tensors.get(f"{key}.{k}") for k in ("crow_indices", "col_indices", "values"))
     if crow is None or col is None or values is None:
         raise ValueError(f"load_adapter: {key} lacks some of crow_indices, col_indices, values")
@@ -300,23 +390,74 @@ def _sparse_layer(key: str, tensors: Dict[str, Tensor], layer: nn.Linear) -> Spa
     except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"load_adapter: {key} holds an invalid sparse matrix: {err}") from None
     tensors[f"{key}.crow_indices"], tensors[f"{key}.col_indices"] = crow, col
-    return sparse.to(layer.weight.device, layer.weight.dtype)
+    return sparse.to(device, layer.weight.dtype)
 
 
-def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
-    """Load the file's tensors into the built (not yet attached) modules; sparse layers become SparseLinear."""
-    expected = set()
+def _owners(parts, name: str, meta: dict):
+    """(name prefix in the file, module, device it belongs on) of every built module."""
     owners = [(f"{site.host}.sparseadapter.adapters.{name}", module) for site, module in parts.modules]
     if parts.prefix is not None:
         if meta.get("prefix_folded"):
             parts.prefix.fold()
         owners.append((f"sparseadapter_prefix.{name}", parts.prefix))
-    for prefix, module in owners:
-        for sub, layer in list(module.named_modules()):
-            if getattr(layer, PRUNABLE_ATTR, False) and f"{prefix}.{sub}.crow_indices" in tensors:
-                parent, _, child = sub.rpartition(".")
-                setattr(module.get_submodule(parent) if parent else module, child,
-                        _sparse_layer(f"{prefix}.{sub}", tensors, layer))
+    return [(prefix, module, device) for (prefix, module), (device, _) in zip(owners, parts.placement)]
+
+
+def _sparse_keys(module: nn.Module, prefix: str, tensors: Dict[str, Tensor]):
+    """(sub-name, layer) of the prunable layers that the file stores as CSR."""
+    return [(sub, layer) for sub, layer in module.named_modules()
+            if getattr(layer, PRUNABLE_ATTR, False) and f"{prefix}.{sub}.crow_indices" in tensors]
+
+
+def _check_declared_sizes(parts, name: str, meta: dict, config: SparseAdapterConfig, tensors: Dict[str, Tensor],
+                          config_path: str) -> None:
+    """The sizes the config declares against the file's tensors, on the meta-built modules: a
+    mismatch names the config's size fields before anything is allocated."""
+    fields = f"bottleneck={config.bottleneck}, large_sparse={config.large_sparse}"
+    if parts.prefix is not None:
+        fields += f", prefix_length={config.prefix_length}, prefix_mid_dim={config.prefix_mid_dim}"
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"load_adapter: {config_path} declares sizes ({fields}) that do not match its tensor "
+                         f"file: {what}")
+
+    for prefix, module, _ in _owners(parts, name, meta):
+        sparse = _sparse_keys(module, prefix, tensors)
+        for sub, layer in sparse:
+            crow = tensors[f"{prefix}.{sub}.crow_indices"]
+            if crow.dim() != 1 or crow.numel() != layer.out_features + 1:
+                refuse(f"{prefix}.{sub} is a sparse matrix of {crow.numel() - 1} rows, the config builds "
+                       f"{layer.out_features}")
+        stored_sparse = {f"{sub}.weight" for sub, _ in sparse}
+        for key, target in module.state_dict().items():
+            t = tensors.get(f"{prefix}.{key}")
+            if key not in stored_sparse and t is not None and tuple(t.shape) != tuple(target.shape):
+                refuse(f"{prefix}.{key} has shape {tuple(t.shape)}, the config builds {tuple(target.shape)}")
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give every parameter still on the meta device uninitialized memory on `device` (the file's
+    tensors are loaded into them next)."""
+    for sub in module.modules():
+        for key, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                sub._parameters[key] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+        for key, b in list(sub._buffers.items()):
+            if b is not None and b.is_meta:
+                sub._buffers[key] = torch.empty_like(b, device=device)
+
+
+def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
+    """Load the file's tensors into the built (not yet attached, meta-device) modules; sparse layers
+    become SparseLinear, made from the file's arrays; the rest get memory on their device and the
+    file's values."""
+    expected = set()
+    for prefix, module, device in _owners(parts, name, meta):
+        for sub, layer in _sparse_keys(module, prefix, tensors):
+            parent, _, child = sub.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child,
+                    _sparse_layer(f"{prefix}.{sub}", tensors, layer, device))
+        _materialize(module, device)
         state = {}
         for key, target in module.state_dict().items():
             full = f"{prefix}.{key}"
@@ -353,19 +494,21 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, loa
 
 def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, activate: bool):
     """Read and check everything and build the filled modules, off the model."""
-    meta = _read_meta(path)
-    try:
-        config = SparseAdapterConfig.from_dict(meta["config"])
-    except ValueError as err:
-        raise ValueError(f"load_adapter: {os.path.join(path, CONFIG_FILE)}: {err}") from None
-    name = name or meta["name"]
-    check_new_name(model, name)
-    saved_type = meta.get("model_type")
-    if saved_type is not None and saved_type != model_type(model):
-        raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
-                         f"{model_type(model)!r}")
-    parts = build_adapter(model, config, prefix_sites=_earlier_prefix_sites(model, config, meta))
-    tensors = _read_tensors(path, meta, _size_limit(model, parts))
+    with folder_lock(path, shared=True):  # the config and the tensor file of one save
+        meta = _read_meta(path)
+        try:
+            config = SparseAdapterConfig.from_dict(meta["config"])
+        except ValueError as err:
+            raise ValueError(f"load_adapter: {os.path.join(path, CONFIG_FILE)}: {err}") from None
+        name = name or meta["name"]
+        check_new_name(model, name)
+        saved_type = meta.get("model_type")
+        if saved_type is not None and saved_type != model_type(model):
+            raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
+                             f"{model_type(model)!r}")
+        # shapes only: nothing is allocated from the config's sizes
+        parts = build_adapter(model, config, prefix_sites=_earlier_prefix_sites(model, config, meta), on_meta=True)
+        tensors = _read_tensors(path, meta, _size_limit(model, parts))
     pruning = None
     if meta.get("sparseadapter_pruning"):
         try:
@@ -373,6 +516,7 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
         except TypeError:
             raise ValueError("load_adapter: malformed sparseadapter_pruning record") from None
     _check_sites(meta, parts)
+    _check_declared_sizes(parts, meta["name"], meta, config, tensors, os.path.join(path, CONFIG_FILE))
     _fill(parts, meta["name"], meta, tensors)  # the file names tensors by the saved name
     for _, module in parts.modules:  # the provenance travels with the sparse layers, as after `prune`
         for layer in module.modules():

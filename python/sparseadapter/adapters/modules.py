@@ -90,8 +90,8 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.runs_fused():
-            return sparseadapter_ext.sparse_adapter(x, residual, self.down.csr_buffers(), self.up.csr_buffers(),
-                                                    self.activation_name, self.scale)
+            with self.down.pinned() as down, self.up.pinned() as up:  # no load swaps them meanwhile
+                return sparseadapter_ext.sparse_adapter(x, residual, down, up, self.activation_name, self.scale)
         delta = self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
         return delta if residual is None else residual + delta
 

@@ -16,6 +16,7 @@ Decoder-only families (llama, qwen2, mistral, gemma, phi3, gpt2) are pre-LN: the
 the normalized hidden state to the FFN output, so the parallel adapter runs beside that module.
 """
 import re
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -100,9 +101,56 @@ def hidden_size(model: nn.Module) -> int:
                      "adapters need it for modules that are not nn.Linear")
 
 
+# Module-name patterns come from configs, and so from files: a pattern that backtracks exponentially
+# ("(.|\\w)*!") would hang a load. Patterns are checked (a string of at most PATTERN_LIMIT characters
+# that compiles) and searched with the `regex` module (a dependency of transformers), whose searches
+# take a timeout: all the searches of one pattern over a model's module names get MATCH_BUDGET_S
+# seconds together, then the pattern is refused with a ValueError naming it. The semantics are those
+# of `re.search` (regex's default, version 0, is re-compatible).
+PATTERN_LIMIT = 1000
+MATCH_BUDGET_S = 2.0
+
+
+def check_pattern(pattern, what: str = "module pattern") -> None:
+    """A ValueError unless `pattern` is a string of at most PATTERN_LIMIT characters that compiles."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} must be a regular expression string, got {type(pattern).__name__} {pattern!r}")
+    if len(pattern) > PATTERN_LIMIT:
+        raise ValueError(f"{what} {pattern[:40]!r}... has {len(pattern):,} characters (limit {PATTERN_LIMIT:,})")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _searcher(pattern: str):
+    """`search(name, timeout)` for `pattern`: regex's, which honours the timeout, or re's."""
+    try:
+        import regex
+        compiled = regex.compile(pattern)
+        return lambda name, timeout: compiled.search(name, timeout=timeout)
+    except Exception:  # no regex module, or a pattern it reads otherwise: re, without a time bound
+        compiled = re.compile(pattern)
+        return lambda name, timeout: compiled.search(name)
+
+
 def _match(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Module]]:
-    regex = re.compile(pattern)
-    return [(n, m) for n, m in model.named_modules() if n and regex.search(n) and not _inside_adapter(n)]
+    check_pattern(pattern)
+    search = _searcher(pattern)
+    deadline = time.monotonic() + MATCH_BUDGET_S
+    found = []
+    for n, m in model.named_modules():
+        if not n or _inside_adapter(n):
+            continue
+        try:
+            hit = search(n, max(deadline - time.monotonic(), 1e-3))
+        except TimeoutError:
+            raise ValueError(f"module pattern {pattern!r} took more than {MATCH_BUDGET_S:g} s to match the model's "
+                             "module names (a pattern that backtracks exponentially, such as a repeated group "
+                             "whose alternatives overlap); simplify it") from None
+        if hit:
+            found.append((n, m))
+    return found
 
 
 def _inside_adapter(name: str) -> bool:

@@ -24,6 +24,11 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.features)
 
+    def subset(self, keep: Sequence[int]) -> "EncodedSplit":
+        """The examples at indices `keep`, in that order."""
+        labels = self.labels[list(keep)] if self.labels is not None else None
+        return EncodedSplit([self.features[i] for i in keep], labels)
+
 
 def encode(tokenizer, examples: Sequence[Example], task: TaskSpec, max_length: int) -> EncodedSplit:
     texts = [e.text for e in examples]
@@ -42,7 +47,11 @@ def encode(tokenizer, examples: Sequence[Example], task: TaskSpec, max_length: i
 
 def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Dict[str, Tensor]:
     """Pad to the longest example of the batch (right padding, attention mask 0 on pads); a feature that is
-    one int per example becomes a [batch] tensor."""
+    one int per example becomes a [batch] tensor. A split that collates its own batches (generation.LMSplit:
+    prompts and targets) is asked to."""
+    own = getattr(split, "collate_batch", None)
+    if own is not None:
+        return own(indices, pad_id)
     rows = [split.features[i] for i in indices]
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}

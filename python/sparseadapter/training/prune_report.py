@@ -5,9 +5,8 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
-from .batching import encode
 from .config import FILE_TASKS, TrainConfig
-from .engine import add_pruned_adapter, save_adapter_dir, load_examples, load_model, prepare_head, \
+from .engine import add_pruned_adapter, encode_splits, save_adapter_dir, load_examples, load_task_model, prepare_head, \
     resolve_device, resolve_model_path, set_threads, train_order
 
 
@@ -28,10 +27,11 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
         order = train_order(cfg, len(train_split))
     else:
         task, examples = load_examples(cfg)
-        tokenizer, model = load_model(resolve_model_path(cfg.model), task, cfg.seed)
+        tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
         model.to(device)
         prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
-        train_split = encode(tokenizer, examples["train"], task, cfg.max_length) if needs_data else None
+        train_split = encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] \
+            if needs_data else None
         order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 

