@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         print(table([json.loads(line) for line in args.results.read_text().splitlines()]))
         return 0
     if not args.data.is_file():
-        sys.exit(f"SQuAD data not found at {args.data}")
+        sys.exit(f"SQuAD data not found at {args.data}: this study reads evaluation data kept outside the "
+                 "repository; pass --data with the path of a SQuAD JSON file of several articles")
     data = json.loads(args.data.read_text(encoding="utf-8"))
     if args.command == "split":
         print(json.dumps(split_files(data, args.rotation, args.out_dir, args.validation_every), indent=2))

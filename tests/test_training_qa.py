@@ -450,6 +450,9 @@ def test_squad_benchmark_splits_by_article(tmp_path):
     assert sum(len(i) for i in ids) == 22
     with pytest.raises(ValueError, match="rotation 3"):
         bench.split_files(fixture_data(), 3, tmp_path, validation_every=2)
+    with pytest.raises(SystemExit, match="kept outside the repository; pass --data"):
+        bench.main(["run", "--data", str(tmp_path / "missing.json"), "--results", str(tmp_path / "r.jsonl")])
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_killed_squad_run_resumes_to_the_same_adapter(qa_model, tmp_path, monkeypatch, capsys):
