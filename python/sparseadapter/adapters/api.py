@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..pruning.api import PRUNABLE_ATTR, prune
+from . import heads
 from . import prefix as prefix_attention
 from .config import SparseAdapterConfig
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
@@ -76,12 +77,13 @@ def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
 
 
 def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
-                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None) -> nn.Module:
+                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None,
+                head=None) -> nn.Module:
     """Add adapter `name` to `model` in place and return the model.
 
     The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
-    pruned here, once, with `config.pruner`. SNIP and GraSP need calibration `data`, an iterable of
-    batches (a list, a generator, a torch DataLoader):
+    pruned here, once, with `config.pruner`, scored through the new adapter's head. SNIP and GraSP need
+    calibration `data`, an iterable of batches (a list, a generator, a torch DataLoader):
 
     - dicts of tensors the model takes as `model(**batch)`, with labels (the default loss is
       `model(**batch).loss`), e.g. `dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=y)`;
@@ -90,13 +92,19 @@ def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, dat
     `calibration_batches=k` reads only the first k batches of `data` (None: all); the data-free
     pruners (random, magnitude, synflow) read none. A batch of another form raises ValueError naming
     what was received. With `activate`, the new adapter becomes the only active one.
+
+    The adapter owns a task head (heads.py): the model's head when no adapter owns it yet, else a copy
+    of the current head; `head=HeadConfig(kind, num_labels)` (or a kind name: "classification",
+    "regression", "span") draws a new one of that kind. Other adapters' heads are never changed.
     """
     if not isinstance(config, SparseAdapterConfig):
         raise TypeError(f"config must be a SparseAdapterConfig, got {type(config).__name__}")
     check_new_name(model, name)
     parts = build_adapter(model, config)
     check_attachable(model, parts, activate)
+    planned = heads.plan_head(model, head, seed=config.seed)
     attach_adapter(model, name, config, parts)
+    heads.attach_planned_head(model, name, planned)
     if config.is_sparse:
         _prune_adapter(model, name, config, data, loss_fn, calibration_batches)
     freeze_base(model)
@@ -257,6 +265,7 @@ def _set_active(model: nn.Module, names: List[str], fusion: Optional[str]) -> No
         slot.active = [n for n in names if n in slot.adapters or n in slot.prefixes]
         slot.active_fusion = fusion if fusion in slot.fusions else None
     reg.active, reg.active_fusion = list(names), fusion
+    heads.activate_head(model, list(names))  # the model answers with the head of the active adapter
 
 
 def set_active_adapters(model: nn.Module, names: Names) -> nn.Module:

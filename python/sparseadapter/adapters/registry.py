@@ -1,6 +1,6 @@
 """The model-level record of its adapters: configs, sites, pruning provenance, activation."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
@@ -15,6 +15,7 @@ PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name ->
 class AdapterEntry:
     config: SparseAdapterConfig
     sites: Dict[str, List[Site]]                 # part ("bottleneck", "lora", "prefix") -> sites
+    head: Optional[Any] = None                   # its task head, a heads.HeadRecord (None: the model has none)
 
 
 @dataclass
