@@ -203,3 +203,42 @@ def test_threads_route_independently():
         t.join()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# -- generation: model.generate refuses unknown keywords, so rows route through a context manager ------
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("kind", ["lora", "houlsby", pytest.param("prefix", marks=needs_attention_interface)])
+def test_generate_routes_rows_and_beams(family, kind):
+    from test_adapters_decoders import adapter_config, make
+    model = make(family)
+    for seed, name in enumerate(("a", "b")):
+        sa.add_adapter(model, name, adapter_config(kind, seed=seed))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SparseLinear):
+                module.values.copy_(torch.randn(module.values.shape, generator=gen) * 0.5)
+    ids = torch.randint(3, 128, (3, 6), generator=gen)
+    names = ["b", None, "a"]
+    for kw in (dict(max_new_tokens=4, do_sample=False),
+               dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)):
+        with sa.per_row_adapters(model, names):
+            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        per = got.shape[0] // len(names)
+        for i, name in enumerate(names):
+            row = dict(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]))
+            if name is None:
+                with sa.disable_adapter(model):
+                    want = model.generate(**row, **kw)
+            else:
+                sa.set_active_adapters(model, [name])
+                want = model.generate(**row, **kw)
+            assert torch.equal(got[i * per:(i + 1) * per, :want.shape[1]], want), (i, name, kw)
+    with pytest.raises(ValueError, match="adapter_names"):  # transformers' own check names the keyword
+        model.generate(input_ids=ids, adapter_names=names, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"adapter_names\[0\] = 'zz' is not an adapter"):
+        with sa.per_row_adapters(model, ["zz", None, "a"]):
+            pass
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the adapted module's input has 2 rows"):
+        with sa.per_row_adapters(model, names):
+            model(input_ids=ids[:2])

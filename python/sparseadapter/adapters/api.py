@@ -196,6 +196,29 @@ def _route_adapter_names(model: nn.Module, args, kwargs):
     return args, kwargs
 
 
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, adapter_names: Sequence[Optional[str]]):
+    """`with sa.per_row_adapters(model, ["a", None, "b"]): model.generate(...)`: every forward inside
+    routes row i through adapter_names[i] (None or "__base__": the bare model), as
+    `model(..., adapter_names=...)` does for one call; generated beams and returned sequences take
+    their row's adapter. For `generate`, which refuses `adapter_names=` (transformers checks its keywords
+    against the model's forward)."""
+    reg = registry(model)
+    router = registry_router(model)
+    routed = routing.rows_of(adapter_names, list(reg.adapters), list(reg.fusions), None,
+                             _parameter_device(model), expand=True)
+    router.enter_call()
+    router.route(routed)
+    try:
+        yield model
+    finally:
+        router.leave_call()
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def _leave_routed_call(model: nn.Module, args, kwargs, output):
     """Forward hook (always called, also after an exception) paired with _route_adapter_names."""
     if REGISTRY_ATTR in model.__dict__:

@@ -24,7 +24,7 @@ class AdapterRegistry:
     fusions: Dict[str, List[str]] = field(default_factory=dict)
     active: List[str] = field(default_factory=list)
     active_fusion: Optional[str] = None
-    router: Router = field(default_factory=Router)   # mixed-adapter batches (routing.py)
+    router: Router = field(default_factory=Router, compare=False, repr=False)  # mixed-adapter batches (routing.py)
 
 
 def router(model: nn.Module) -> Router:

@@ -23,16 +23,20 @@ BASE = "__base__"  # peft's name for the bare model in adapter_names
 class Routing:
     """One call's rows: `names[rows[i]]` is row i's adapter (`rows[i] == -1`: none)."""
 
-    def __init__(self, names: Sequence[str], rows: Tensor) -> None:
+    def __init__(self, names: Sequence[str], rows: Tensor, expand: bool = False) -> None:
         self.names = list(names)
         self.rows = rows
-        self._local: Dict[Tuple[int, Tuple[str, ...]], Tuple[List[str], Tensor]] = {}
+        # generation repeats each input row for its beams / returned sequences (consecutively): a
+        # batch of a multiple of the rows then gives each copy its row's adapter
+        self.expand = expand
+        self._local: Dict[Tuple[int, Tuple[str, ...], int], Tuple[List[str], Tensor]] = {}
 
-    def local(self, held) -> Tuple[List[str], Tensor]:
+    def local(self, held, batch: Optional[int] = None) -> Tuple[List[str], Tensor]:
         """The adapters of this call that `held` (a container of names) holds, in call order, and each
-        row's index into them (-1 for rows of other adapters and of the bare model)."""
+        row's index into them (-1 for rows of other adapters and of the bare model), for a batch of
+        `batch` rows (None: the routed rows; ValueError when the batch does not match them)."""
         names = [n for n in self.names if n in held]
-        key = (id(held), tuple(names))
+        key = (id(held), tuple(names), batch or 0)
         hit = self._local.get(key)
         if hit is not None:
             return hit
@@ -43,6 +47,12 @@ class Routing:
             lut = torch.tensor([-1] + [position.get(n, -1) for n in self.names], dtype=torch.long,
                                device=self.rows.device)
             local = lut.index_select(0, self.rows + 1)
+        n = local.shape[0]
+        if batch is not None and batch != n:
+            if not (self.expand and n > 0 and batch % n == 0):
+                raise ValueError(f"adapter_names has {n} entries but the adapted module's input has {batch} rows; "
+                                 "give one adapter name (or None) per row of the batch")
+            local = local.repeat_interleave(batch // n)
         self._local[key] = (names, local)
         return names, local
 
@@ -85,7 +95,7 @@ class Router:
 
 
 def rows_of(adapter_names, known: Sequence[str], fusions: Sequence[str], batch: Optional[int],
-            device) -> Routing:
+            device, expand: bool = False) -> Routing:
     """The Routing of `adapter_names` (one entry per row: an adapter's name, None or "__base__"), checked
     against the model's adapters `known`; ValueError naming what is wrong."""
     if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, (list, tuple)):
@@ -111,7 +121,7 @@ def rows_of(adapter_names, known: Sequence[str], fusions: Sequence[str], batch: 
             index[name] = len(names)
             names.append(name)
         rows.append(index[name])
-    return Routing(names, torch.tensor(rows, dtype=torch.long, device=device))
+    return Routing(names, torch.tensor(rows, dtype=torch.long, device=device), expand)
 
 
 def batch_size(args, kwargs) -> Tuple[Optional[int], Optional[torch.device]]:

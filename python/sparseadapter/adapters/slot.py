@@ -158,13 +158,11 @@ class AdapterSlot(nn.Module):
         if self.merged:
             raise ValueError(f"adapter_names= cannot route rows while LoRA adapter {self.merged[0]!r} is merged into "
                              "the base weight (every row would get it); unmerge it first")
-        names, local = routing.local(self.adapters)
+        if x.dim() < 2:
+            raise ValueError(f"adapter_names routes rows, but the adapted module's input has shape {tuple(x.shape)}")
+        names, local = routing.local(self.adapters, x.shape[0])
         if not names:
             return base
-        if x.dim() < 2 or x.shape[0] != local.shape[0]:
-            raise ValueError(f"adapter_names has {local.shape[0]} entries but the adapted module's input has "
-                             f"{x.shape[0] if x.dim() else 0} rows (shape {tuple(x.shape)}); give one name per row "
-                             "of the batch")
         modules = [self.adapters[n] for n in names]
         if all(getattr(m, "runs_multi", lambda: False)() for m in modules):
             x = _row_dropout(x, local, [m.dropout for m in modules])
@@ -204,7 +202,7 @@ class AdapterSlot(nn.Module):
         head_dim] with each row's adapter's prefix (L the longest of this call's prefixes here, shorter
         ones padded), `valid` [batch, L] bool, False on padding and for rows without a prefix here; or
         None when no row has one."""
-        names, local = routing.local(self.prefixes)
+        names, local = routing.local(self.prefixes, like.shape[0])
         if not names:
             return None
         parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in names]   # [2, l_k, width]
