@@ -440,6 +440,23 @@ inline std::vector<RowSegment> group_rows(const MultiAdapterInputs& in, const c1
   return segments;
 }
 
+// The rows in the order group_rows visits them: adapter 0's first (each adapter's in their order),
+// the rows without an adapter last.
+inline std::vector<int64_t> adapter_order(const MultiAdapterInputs& in) {
+  const auto K = static_cast<int64_t>(in.adapters.size());
+  std::vector<std::vector<int64_t>> rows(K + 1);
+  for (int64_t r = 0; r < in.num_rows; ++r) {
+    const int64_t a = in.row_adapter[r];
+    rows[a < 0 ? K : a].push_back(r);
+  }
+  std::vector<int64_t> order;
+  order.reserve(in.num_rows);
+  for (const auto& list : rows) {
+    order.insert(order.end(), list.begin(), list.end());
+  }
+  return order;
+}
+
 // The segment's tokens of t [num_tokens, features]: a slice, or its rows gathered (contiguous).
 inline at::Tensor segment_rows(const at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in) {
   const int64_t features = t.size(1), tokens_per_row = in.tokens_per_row;
@@ -549,24 +566,50 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
   // zeros: the blocks of narrower adapters and the rows without one leave parts unwritten
   auto hidden_pre = at::zeros({save_hidden ? in.num_tokens : 0, in.max_bottleneck}, options);
   const int64_t T = in.tokens_per_row;
-  if (out.numel() > 0 || hidden_pre.numel() > 0) {
-    for (const RowSegment& seg : group_rows(in, in.x.device())) {
+  // Each segment of `src` (rows grouped by adapter) through its adapter, into `dst` [tokens, out].
+  auto run_segments = [&](const MultiAdapterInputs& src, at::Tensor& dst) {
+    for (const RowSegment& seg : group_rows(src, src.x.device())) {
       if (seg.adapter < 0) {  // no adapter: the residual, or zeros
         const int64_t n = seg.num_rows * T;
-        put_segment_rows(out, seg, in, in.residual.has_value() ? segment_rows(*in.residual, seg, in)
-                                                              : at::zeros({n, in.out_features}, options));
+        put_segment_rows(dst, seg, src, src.residual.has_value() ? segment_rows(*src.residual, seg, src)
+                                                                 : at::zeros({n, src.out_features}, options));
         continue;
       }
       const auto seg_residual =
-          in.residual.has_value() ? std::optional<at::Tensor>(segment_rows(*in.residual, seg, in)) : std::nullopt;
-      const AdapterInputs a = segment_inputs(in, seg, segment_rows(in.x, seg, in), seg_residual);
-      auto seg_out = seg.consecutive ? out.narrow(0, seg.first_row * T, a.down.num_tokens)
-                                     : at::empty({a.down.num_tokens, in.out_features}, options);
-      auto seg_hidden = save_hidden ? segment_hidden(hidden_pre, in, seg) : at::empty({0, a.down.out_features}, options);
+          src.residual.has_value() ? std::optional<at::Tensor>(segment_rows(*src.residual, seg, src)) : std::nullopt;
+      const AdapterInputs a = segment_inputs(src, seg, segment_rows(src.x, seg, src), seg_residual);
+      auto seg_out = seg.consecutive ? dst.narrow(0, seg.first_row * T, a.down.num_tokens)
+                                     : at::empty({a.down.num_tokens, src.out_features}, options);
+      auto seg_hidden = save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
       run_adapter<B>(a, seg_out, seg_hidden, save_hidden);
       if (!seg.consecutive) {
-        put_segment_rows(out, seg, in, seg_out);
+        put_segment_rows(dst, seg, src, seg_out);
       }
+    }
+  };
+  if (out.numel() > 0 || hidden_pre.numel() > 0) {
+    const auto order = adapter_order(in);
+    if (std::is_sorted(order.begin(), order.end())) {  // every adapter's rows consecutive: slices of x
+      run_segments(in, out);
+    } else {
+      // Rows of one adapter scattered over the batch: one gather into adapter order and one scatter
+      // back, rather than one of each per adapter. hidden_pre's blocks come in the same order either way.
+      const auto index = at::tensor(c10::ArrayRef<int64_t>(order), at::TensorOptions().dtype(at::kLong))
+                             .to(in.x.device());
+      auto rows_of = [&](const at::Tensor& t) {
+        return t.view({in.num_rows, -1}).index_select(0, index).view({in.num_tokens, t.size(1)});
+      };
+      MultiAdapterInputs sorted = in;
+      sorted.x = rows_of(in.x);
+      if (in.residual.has_value()) {
+        sorted.residual = rows_of(*in.residual);
+      }
+      for (int64_t r = 0; r < in.num_rows; ++r) {
+        sorted.row_adapter[r] = in.row_adapter[order[r]];
+      }
+      auto sorted_out = at::empty_like(out);
+      run_segments(sorted, sorted_out);
+      out.view({in.num_rows, -1}).index_copy_(0, index, sorted_out.view({in.num_rows, -1}));
     }
   }
   return {out.view(in.out_shape), save_hidden ? hidden_pre : hidden_pre.view({0})};

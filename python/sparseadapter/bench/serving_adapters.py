@@ -10,6 +10,11 @@ timed in interleaved rounds, one call per sample; medians):
   sub-batches           each adapter's rows as their own call (set_active_adapters, then forward)
   peft one adapter      peft's LoRA (dense, rank chosen for the same nnz) on the whole batch
   peft mixed            peft's model(..., adapter_names=names) with N such adapters (when peft imports)
+  sites only: ...       the 12 adapted projections' adapter part alone, on random hidden states of the
+                        batch's shape: ours one sparse_adapter_multi per site (AdapterSlot.routed_add on a
+                        zero base), peft's LoRA layers with adapter_names and their base layer swapped
+                        for one that returns zeros. The base model is most of the time above; this is
+                        where the mixed-batch machinery itself shows.
 
 Memory: the growth of the process's resident set from the first adapter to the last, per added
 adapter (all of it when N is 1), against an adapter's own bytes (CSR values, indices and the backward's transposed pattern, biases).
@@ -128,6 +133,51 @@ def peft_model(args, count, rank):
     return model.eval()
 
 
+class _Zeros(torch.nn.Module):
+    """Stands in for a peft layer's base layer in the sites-only rows: its output shape, all zeros."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def sites_only(model, other, hidden):
+    """(ours, peft's or None): callables running every adapted site's adapter part on `hidden` for a
+    routing `names` (one per row)."""
+    from ..adapters.registry import registry
+    from ..adapters.routing import rows_of
+    from ..adapters.slot import slots
+
+    held = [s for s in slots(model).values() if len(s.adapters)]
+    zeros = hidden.new_zeros(hidden.shape)
+
+    def ours_fn(names):
+        routing = rows_of(names, list(registry(model).adapters), [], hidden.shape[0], hidden.device)
+        return [slot.routed_add(routing, hidden, zeros) for slot in held]
+
+    if other is None:
+        return ours_fn, None
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    layers = [m for m in other.modules() if isinstance(m, PeftLinear)]
+    stand_ins = [_Zeros(m.base_layer.out_features) for m in layers]
+
+    def peft_fn(names):
+        out = []
+        for layer, stand_in in zip(layers, stand_ins):
+            base, layer.base_layer = layer.base_layer, stand_in
+            try:
+                out.append(layer(hidden, adapter_names=names))
+            finally:
+                layer.base_layer = base
+        return out
+
+    return ours_fn, peft_fn
+
+
 def main(argv=None):
     from ..adapters import set_active_adapters
 
@@ -146,6 +196,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(1000, 20000, (args.sequences, args.length), generator=gen)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    hidden = torch.randn(args.sequences, args.length, model.config.hidden_size, generator=gen)
+    ours_sites, peft_sites = sites_only(model, other, hidden)
     rows = {}
     for n in args.adapters:
         routed = [names[i % n] for i in range(args.sequences)]
@@ -167,6 +219,9 @@ def main(argv=None):
         if other is not None:
             calls["peft one adapter"] = lambda: other(**batch)
             calls["peft mixed"] = lambda: other(**batch, adapter_names=routed)
+        calls["sites only: mixed"] = lambda: ours_sites(routed)
+        if peft_sites is not None:
+            calls["sites only: peft mixed"] = lambda: peft_sites(routed)
         with torch.inference_mode():
             samples, errors = time_calls_interleaved(calls, rounds=args.rounds, warmup=1)
         if errors:
@@ -188,13 +243,14 @@ def format_tables(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
              f"{peft_rank} (the same nnz)" if has_peft else
              f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft not installed", "",
              "| adapters N | " + " | ".join(variants) + " | mixed / one adapter | mixed / sub-batches"
-             + (" | mixed / peft mixed |" if has_peft else " |"),
-             "|---:|" + "---:|" * (len(variants) + 2 + has_peft)]
+             + (" | mixed / peft mixed | sites only: mixed / peft mixed |" if has_peft else " |"),
+             "|---:|" + "---:|" * (len(variants) + 2 + 2 * has_peft)]
     for n, times in rows.items():
         cells = [f"{args.sequences / times[v]:.2f}" for v in variants]
         cells += [f"{times['one adapter'] / times['mixed']:.2f}x", f"{times['sub-batches'] / times['mixed']:.2f}x"]
         if has_peft:
             cells.append(f"{times['peft mixed'] / times['mixed']:.2f}x")
+            cells.append(f"{times['sites only: peft mixed'] / times['sites only: mixed']:.2f}x")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", f"memory per added adapter (adapters 2..{max(rows)} added): resident {rss_per_adapter / 1024:.1f} KiB, "
               f"its tensors {csr_per_adapter / 1024:.1f} KiB, ratio {rss_per_adapter / csr_per_adapter:.2f}x"]
