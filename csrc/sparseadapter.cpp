@@ -95,9 +95,11 @@ TORCH_LIBRARY(sparseadapter, m) {
   // down_crow_indices: sum(bottleneck + 1), down_bias: sum(bottleneck); up_values / up_col_indices:
   // sum(up_nnz), up_crow_indices: K * (out_features + 1), up_bias: K * out_features. The lists give the
   // sizes per adapter; scale is per adapter too, and so is activation, one name per adapter separated
-  // by commas ("relu,gelu"; LoRA is "identity" with no biases and scale alpha / r). The rows are grouped by adapter inside the op (stably), each group runs its
-  // adapter's fused kernel or dense path (the path chosen for that problem) on its tokens as one block,
-  // a slice of x when its rows are consecutive, else gathered and scattered back.
+  // by commas ("relu,gelu"; LoRA is "identity" with no biases and scale alpha / r). The rows are
+  // grouped by adapter inside the op (stably), each group running its adapter's fused kernel or dense
+  // path (the path chosen for that problem) on its tokens as one block: slices of x when each
+  // adapter's rows are consecutive, else x gathered into adapter order once and the output scattered
+  // back once.
   // hidden_pre (when save_hidden) is the backward's state: [tokens, max(bottleneck)] holding the groups'
   // pre-activations one after another (adapter 0's rows first), each group a [tokens_k, bottleneck_k]
   // block. The transposed patterns, concatenated the same way (down: K * (in + 1) crow_t, sum(down_nnz)
