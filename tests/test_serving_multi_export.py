@@ -63,6 +63,23 @@ def test_one_module_answers_each_row_with_its_adapter(two_adapters, tmp_path, ca
         module(*example_inputs(meta, 2, 5), torch.tensor([0, 2]))
 
 
+def test_export_format_takes_the_adapter_index_too(two_adapters, tmp_path):
+    import sparseadapter  # noqa: F401  (the ops, for torch.export.load)
+    alpha, beta = two_adapters
+    out = tmp_path / "both.pt2"
+    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--output", str(out),
+                 "--format", "export"]) == 0
+    ts = tmp_path / "both.pt"
+    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--output", str(ts)]) == 0
+    program = torch.export.load(str(out)).module()
+    meta = _metadata(ts)
+    inputs = example_inputs(meta, 4, 9, seed=3)
+    index = torch.tensor([1, 0, 1, 1])
+    with torch.inference_mode():
+        torch.testing.assert_close(program(*inputs, index), torch.jit.load(str(ts))(*inputs, index),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_several_adapters_are_checked(two_adapters, tmp_path, capsys):
     alpha, beta = two_adapters
     out = str(tmp_path / "m.pt")

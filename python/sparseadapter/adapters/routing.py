@@ -36,8 +36,9 @@ class Routing:
         row's index into them (-1 for rows of other adapters and of the bare model), for a batch of
         `batch` rows (None: the routed rows; ValueError when the batch does not match them)."""
         names = [n for n in self.names if n in held]
-        key = (id(held), tuple(names), batch or 0)
-        hit = self._local.get(key)
+        # a symbolic batch size (torch.export) is not a key: computed anew each time
+        key = (id(held), tuple(names), batch or 0) if batch is None or type(batch) is int else None
+        hit = self._local.get(key) if key is not None else None
         if hit is not None:
             return hit
         if names == self.names:
@@ -53,7 +54,8 @@ class Routing:
                 raise ValueError(f"adapter_names has {n} entries but the adapted module's input has {batch} rows; "
                                  "give one adapter name (or None) per row of the batch")
             local = local.repeat_interleave(batch // n)
-        self._local[key] = (names, local)
+        if key is not None:
+            self._local[key] = (names, local)
         return names, local
 
 
