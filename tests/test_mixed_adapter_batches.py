@@ -1,6 +1,6 @@
 """Mixed-adapter batches through a model: `model(**batch, adapter_names=[...])` gives each row what the
 model gives it with only that row's adapter active (or none, for `None` / "__base__"), for every kind
-with per-token compute (houlsby, pfeiffer, parallel, LoRA, prefix); each adapted site runs one
+with per-token compute (houlsby, pfeiffer, parallel, LoRA, prefix, MAM); each adapted site runs one
 `sparse_adapter_multi` op over the batch; several adapters train in one batch with the gradients of
 their own rows; bad names are refused by name; generation routes rows too."""
 import pytest
@@ -27,6 +27,9 @@ def make_model(seed=0):
 def config_of(kind, seed):
     if kind == "prefix":
         return sa.SparseAdapterConfig(kind="prefix", prefix_length=2 + seed, prefix_mid_dim=8, seed=seed)
+    if kind == "mam":  # prefix tuning plus a parallel adapter
+        return sa.SparseAdapterConfig(kind="mam", prefix_length=2 + seed, prefix_mid_dim=8, bottleneck=4 + 2 * seed,
+                                      sparsity=0.5, pruner="random", seed=seed)
     return sa.SparseAdapterConfig(kind=kind, bottleneck=4 + 2 * seed, sparsity=0.5, pruner="random", seed=seed)
 
 
@@ -87,7 +90,8 @@ ROUTES = {
 }
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "prefix"] + [pytest.param("prefix", marks=needs_attention_interface)])
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "prefix"]
+                         + [pytest.param(k, marks=needs_attention_interface) for k in ("prefix", "mam")])
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_each_row_equals_its_adapter_alone(kind, route, monkeypatch):
     model = with_adapters(kind)
@@ -99,7 +103,7 @@ def test_each_row_equals_its_adapter_alone(kind, route, monkeypatch):
     with torch.no_grad():
         got = model(**data, adapter_names=names).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    sites = {"houlsby": 4, "pfeiffer": 2, "parallel": 2, "lora": 4, "prefix": 0}[kind]
+    sites = {"houlsby": 4, "pfeiffer": 2, "parallel": 2, "lora": 4, "prefix": 0, "mam": 2}[kind]
     if any(n not in (None, "__base__") for n in names):
         assert calls == [len(names)] * sites  # one op per adapted site, over the whole batch
     else:
