@@ -74,15 +74,28 @@ def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
             want = serving(ids, torch.ones_like(ids), torch.zeros_like(ids), torch.tensor([meta["adapters"].index(a)]))
         torch.testing.assert_close(torch.tensor(by_id[i]["logits"]), want[0], rtol=1e-4, atol=1e-5)
         assert by_id[i]["label_name"] == "abc"[int(want[0].argmax())]
-    batch = torch.tensor([sentences[1] + [0] * 0, sentences[2] + [meta["pad_token_id"]] * (len(sentences[1]) - len(sentences[2]))])
-    mask = torch.tensor([[1] * len(sentences[1]), [1] * len(sentences[2]) + [0] * (len(sentences[1]) - len(sentences[2]))])
+    pad = len(sentences[1]) - len(sentences[2])  # the batch request's second row, padded by the server
+    batch = torch.tensor([sentences[1], sentences[2] + [meta["pad_token_id"]] * pad])
+    mask = torch.tensor([[1] * len(sentences[1]), [1] * len(sentences[2]) + [0] * pad])
     with torch.inference_mode():
         want = serving(batch, mask, torch.zeros_like(batch), torch.tensor([1, 1]))
     torch.testing.assert_close(torch.tensor(by_id["b"]["logits"]), want, rtol=1e-4, atol=1e-5)
 
 
-def test_adapter_key_needs_a_model_with_several(cmake_build, exported, tmp_path):
+def test_adapter_must_be_a_name(cmake_build, exported):
     binary = cmake_build[1] / "sparseadapter_serve"
-    path, _, meta = exported
-    answers = serve(binary, path, [json.dumps({"input_ids": [4, 5], "adapter": 3})])
+    path, _, _ = exported
+    answers = serve(binary, path, [json.dumps({"input_ids": [4, 5], "adapter": 3}),
+                                   json.dumps({"input_ids": [4, 5], "adapter": "alpha"})])
     assert answers[0]["error"] == '"adapter" must be an adapter\'s name (a string)'
+    assert "error" not in answers[1] and len(answers[1]["logits"]) == 3
+
+
+def test_a_single_adapter_model_refuses_the_adapter_key(cmake_build, tmp_path):
+    from test_serving_cpp import TinyClassifier, metadata, save
+    binary = cmake_build[1] / "sparseadapter_serve"
+    path = save(TinyClassifier(), tmp_path / "one.pt", metadata())
+    answers = serve(binary, path, [json.dumps({"input_ids": [4, 5], "adapter": "alpha"}),
+                                   json.dumps({"input_ids": [4, 5]})])
+    assert "this model was exported with one adapter" in answers[0]["error"]
+    assert "error" not in answers[1]
