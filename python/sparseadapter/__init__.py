@@ -7,7 +7,7 @@ Hugging Face models (`add_adapter`, `save_adapter`, ...).
 from .adapters import (
     SparseAdapterConfig, active_adapters, add_adapter, add_fusion, clear_target_normalization, delete_adapter,
     disable_adapter, fold_prefix, from_peft, load_adapter, load_pretrained, merge, parameter_budget,
-    print_trainable_parameters, pruning_record, save_adapter, set_active_adapters, set_active_fusion,
+    per_row_adapters, print_trainable_parameters, pruning_record, save_adapter, set_active_adapters, set_active_fusion,
     set_target_normalization, target_normalization, to_peft, train_adapter, train_fusion, trainable_parameters,
     unload, unmerge, write_model_card,
 )
@@ -22,7 +22,7 @@ __all__ = [
     "PruningRecord", "SparseAdapterConfig", "SparseLinear", "__version__", "active_adapters", "add_adapter",
     "add_fusion", "clear_target_normalization", "compute_prune_masks", "csr_to_dense", "delete_adapter",
     "disable_adapter", "fold_prefix", "from_peft", "load_adapter", "load_pretrained", "mask_to_csr", "merge",
-    "parameter_budget", "print_trainable_parameters", "prune", "pruning_record", "save_adapter",
+    "parameter_budget", "per_row_adapters", "print_trainable_parameters", "prune", "pruning_record", "save_adapter",
     "set_active_adapters", "set_active_fusion", "set_target_normalization", "target_normalization", "to_peft",
     "train_adapter", "train_fusion", "trainable_parameters", "unload", "unmerge", "write_model_card",
 ]

@@ -208,7 +208,10 @@ def make_parser() -> argparse.ArgumentParser:
                                 "Load a saved adapter on its base model, fold it for inference (dropout off, "
                                 "prefixes folded, LoRA merged, each sparse layer on the faster of the CSR kernel "
                                 "and a dense GEMM) and write it with the metadata a server needs."))
-    export.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder written by `train`")
+    export.add_argument("--adapter", required=True, metavar="DIR", action="append",
+                        help="adapter folder written by `train`; several (--adapter a --adapter b) make one model "
+                        "that takes an adapter index per row, each adapter named by its folder's name "
+                        "(torchscript or export format; sparse layers stay CSR, LoRA unmerged)")
     export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
     export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
     export.add_argument("--path", default=None, choices=("auto", "sparse", "dense"),
@@ -395,21 +398,40 @@ def _run_prune(args) -> int:
 
 
 def _run_export(args) -> int:
-    from .serving import export_model, prepare_for_inference, serving_metadata
+    from .serving import MultiAdapterServingModel, export_model, load_adapters, prepare_for_inference, serving_metadata
     from .training.engine import load_saved
 
-    _, task, tokenizer, model = load_saved(args.adapter)
+    cfg, task, tokenizer, model = load_saved(args.adapter[0])
     if task.generation:
-        raise UsageError(f"{args.adapter} is a generation adapter ({task.name}); export serves classifiers and "
+        raise UsageError(f"{args.adapter[0]} is a generation adapter ({task.name}); export serves classifiers and "
                          "regressors (use `sparseadapter generate`)")
+    serving, names = None, None
+    if len(args.adapter) > 1:
+        if args.fmt == "aoti":
+            raise UsageError("--format aoti takes one --adapter; several export as torchscript or export")
+        if args.path == "dense":
+            raise UsageError("--path dense: several adapters run as CSR arrays in one op per site; use sparse or auto")
+        for other in args.adapter[1:]:
+            other_task = load_saved(other)[1]
+            if (other_task.num_labels, other_task.label_names) != (task.num_labels, task.label_names):
+                raise UsageError(f"{other}: its task has labels {other_task.label_names or other_task.num_labels}, "
+                                 f"{args.adapter[0]}'s {task.label_names or task.num_labels}; adapters served "
+                                 "together answer one task")
+        from .adapters import delete_adapter
+        delete_adapter(model, cfg.adapter_name)
+        names = load_adapters(model, args.adapter)
+        args.path, args.merge_lora = "sparse", False
     model, plan = prepare_for_inference(model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora,
                                         inplace=True)
     labels = None if task.is_regression else list(task.label_names or map(str, range(task.num_labels)))
     meta = serving_metadata(model, labels=labels, pad_token_id=tokenizer.pad_token_id)
-    export_model(model, args.output, fmt=args.fmt, meta=meta)
+    if names is not None:
+        meta["adapters"] = names
+        serving = MultiAdapterServingModel(model, names)
+    export_model(model, args.output, fmt=args.fmt, meta=meta, serving=serving)
     print(plan.describe())
     print(f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
-          f"max length {meta['max_length']})")
+          f"max length {meta['max_length']}" + (f"; adapters {', '.join(names)}" if names else "") + ")")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Sparse adapters on real models: Houlsby, Pfeiffer, parallel, LoRA, prefix tuning, MAM, AdapterFusion."""
 from .api import (
     active_adapters, add_adapter, add_fusion, adapter_modules, delete_adapter, disable_adapter, fold_prefix, merge,
-    pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
+    per_row_adapters, pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
 )
 from .config import KINDS, SparseAdapterConfig
 from .heads import HeadConfig, adapter_head, head_info, set_head_info
@@ -17,7 +17,7 @@ __all__ = [
     "AdapterFusion", "BottleneckAdapter", "HeadConfig", "adapter_head", "head_info", "set_head_info", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
     "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "clear_target_normalization",
     "delete_adapter", "disable_adapter", "fold_prefix", "from_peft", "load_adapter", "load_pretrained", "merge",
-    "parameter_budget", "pruning_record", "print_trainable_parameters", "save_adapter", "save_pretrained",
+    "parameter_budget", "per_row_adapters", "pruning_record", "print_trainable_parameters", "save_adapter", "save_pretrained",
     "set_active_adapters", "set_active_fusion", "set_target_normalization", "target_normalization", "target_stats",
     "to_peft", "train_adapter", "train_fusion", "trainable_parameters", "unload", "unmerge", "write_model_card",
 ]
