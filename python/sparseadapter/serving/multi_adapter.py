@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..adapters import load_adapter, set_active_adapters
 from ..adapters.api import HEAD_NAMES
-from ..adapters.head import target_normalization
+from ..adapters.head import installed
+from ..adapters.heads import adapter_head
 from ..adapters.registry import router as registry_router
 from ..adapters.routing import Routing
 from .export import ServingModel, example_inputs
@@ -82,10 +83,16 @@ def load_adapters(model: nn.Module, paths: Sequence[str]) -> List[str]:
     heads = []
     for name, path in zip(names, paths):
         load_adapter(model, path, name, load_head=True, activate=False)
-        if target_normalization(model) is not None:
+        # an inactive adapter's head is not at the model's head attribute: take its own record
+        record = adapter_head(model, name)
+        if record is not None and record.attr != head_name:
+            raise ValueError(f"adapter {name!r} answers through {record.attr!r}, the model through {head_name!r}; "
+                             "adapters served together answer one task")
+        head = record.module if record is not None else getattr(model, head_name)
+        if installed(head) is not None:
             raise ValueError(f"adapter {name!r}: a regression head on standardized targets cannot be served "
                              "with other adapters yet; export it alone")
-        heads.append(copy.deepcopy(getattr(model, head_name)))
+        heads.append(copy.deepcopy(head))
     setattr(model, head_name, RowHeads(heads, model))
     set_active_adapters(model, [])
     return names
