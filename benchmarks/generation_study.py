@@ -9,7 +9,8 @@ splits of bbc-headlines are written as source/target tables into a temporary fol
 The lead and zero-shot baselines are scored once, on the same test subset, in the first run.
 
 Each run appends one JSON line to --results; runs already there are skipped, so a cut-short study
-resumes where it stopped. The grid goes seed by seed, so a partial study holds whole seeds first.
+resumes where it stopped. The grid goes seed by seed, so a partial study holds whole seeds first;
+--shard I/N splits it between N processes (each appends its own runs).
 
     python benchmarks/generation_study.py run                 # the grid (long: minutes per run)
     python benchmarks/generation_study.py table               # the table of what --results holds
@@ -85,8 +86,10 @@ def _mean_spread(values):
 
 
 def table(results) -> str:
-    lines = ["| adapter | cell | seeds | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L per seed | words | wall s / run |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| adapter | cell | seeds | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L per seed | ROUGE-L - dense, same seed "
+             "| words | wall s / run |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    dense = {(r["kind"], r["seed"]): r["test"]["rougeL"] for r in results if r["cell"] == "dense"}
     for kind in KINDS:
         for cell, _, _ in CELLS:
             runs = sorted((r for r in results if r["kind"] == kind and r["cell"] == cell), key=lambda r: r["seed"])
@@ -97,16 +100,19 @@ def table(results) -> str:
                 mean, spread = _mean_spread([r["test"][metric] for r in runs])
                 cols.append(f"{mean:.2f} ± {spread:.2f}")
             per_seed = ", ".join(f"{100 * r['test']['rougeL']:.2f}" for r in runs)
+            paired = [r["test"]["rougeL"] - dense[(kind, r["seed"])] for r in runs if (kind, r["seed"]) in dense]
+            delta = "-" if cell == "dense" or not paired else (
+                f"{100 * statistics.mean(paired):+.2f} ({', '.join(f'{100 * d:+.2f}' for d in paired)})")
             words = statistics.mean(r["test"].get("words", float("nan")) for r in runs)
             wall = statistics.median(r["wall_s"] for r in runs)
             lines.append(f"| {kind} | {cell} | {len(runs)} | " + " | ".join(cols) +
-                         f" | {per_seed} | {words:.1f} | {wall:.0f} |")
+                         f" | {per_seed} | {delta} | {words:.1f} | {wall:.0f} |")
     for r in results:
         for name, label in (("lead", "lead baseline (first sentence)"), ("zero_shot", "zero-shot (adapter off)")):
             if name in r.get("baselines", {}):
                 m = r["baselines"][name]
                 lines.append(f"| {label} | - | - | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | "
-                             f"{100 * m['rougeL']:.2f} | - | {m.get('words', float('nan')):.1f} | - |")
+                             f"{100 * m['rougeL']:.2f} | - | - | {m.get('words', float('nan')):.1f} | - |")
     return "\n".join(lines)
 
 
@@ -134,6 +140,8 @@ def main(argv=None) -> int:
     r.add_argument("--eval-batch-size", type=int, default=16)
     r.add_argument("--calibration-batches", type=int, default=2)
     r.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    r.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only the I-th of every N runs of the grid (0-based), so N processes share it")
     args = p.parse_args(argv)
     results = read_results(args.results)
     if args.command == "table":
@@ -145,20 +153,24 @@ def main(argv=None) -> int:
     clash = [x for x in results if x["settings"] != common]
     if clash:
         sys.exit(f"{args.results} holds {len(clash)} run(s) with other settings than these; give another --results")
+    try:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+    except ValueError:
+        sys.exit(f"--shard must be I/N (two integers), got {args.shard!r}")
+    if not 0 <= shard < shards:
+        sys.exit(f"--shard {args.shard}: I must be in [0, N)")
+    grid = [(kind, cell, seed) for seed in args.seeds for kind in args.kinds for cell in args.cells]
     done = {(x["kind"], x["cell"], x["seed"]) for x in results}
     with tempfile.TemporaryDirectory(prefix="sparseadapter-generation-study-") as work:
         files = write_tables(Path(work) / "data")
-        for seed in args.seeds:
-            for kind in args.kinds:
-                for cell in args.cells:
-                    if (kind, cell, seed) in done:
-                        continue
-                    record = run_one(kind, cell, seed, files, args, Path(work))
-                    with open(args.results, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record, sort_keys=True) + "\n")
-                    results.append(record)
-                    print(f"{kind} {cell} seed {seed}: test ROUGE-L {100 * record['test']['rougeL']:.2f} "
-                          f"({record['wall_s']:.0f} s)", flush=True)
+        for i, (kind, cell, seed) in enumerate(grid):
+            if i % shards == shard and (kind, cell, seed) not in done:
+                record = run_one(kind, cell, seed, files, args, Path(work))
+                with open(args.results, "a", encoding="utf-8") as f:  # one write per line: shards append safely
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
+                results.append(record)
+                print(f"{kind} {cell} seed {seed}: test ROUGE-L {100 * record['test']['rougeL']:.2f} "
+                      f"({record['wall_s']:.0f} s)", flush=True)
     print(table(results))
     return 0
 
