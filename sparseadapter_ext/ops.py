@@ -64,6 +64,10 @@ def sparse_linear(
     if _eager_autograd(x, values, bias):
         x, values, bias = autocast_inputs(x.device.type, x, values, bias)
         return _SparseLinearFunction.apply(x, values, bias, pattern)
+    keys = _inference_keys(x, values, bias, *pattern)
+    if keys is not None:
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.sparse_linear.default.redispatch(keys, x, values, bias, *pattern)
     return _ops.sparse_linear.default(x, values, bias, *pattern)
 
 
@@ -254,6 +258,14 @@ def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
 # op calls) and, with less host time per call, as the eager autograd.Function of the Python wrappers
 # (_eager_autograd): both compute through _linear_grads. Index tensors get no gradient.
 
+def capturing_graph() -> bool:
+    """Whether torch.jit.trace or torch.compile / torch.export is capturing this call. (The
+    private `torch._C._is_tracing` is what `torch.jit.is_tracing` returns outside TorchScript, at a
+    hundredth of its cost: these checks run on every adapter call of every decoding step. Dynamo
+    reads is_compiling() as a constant and cannot trace _is_tracing, hence this order.)"""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 def _eager_autograd(*tensors: Optional[Tensor]) -> bool:
     """Whether a wrapper call records its own autograd.Function: in eager mode when a gradient will be
     needed. torch.library's autograd wrapper costs about 0.1 ms of host time per call (measured on a
@@ -261,7 +273,42 @@ def _eager_autograd(*tensors: Optional[Tensor]) -> bool:
     op's registration. The wrapper applies autocast's casts itself (autocast_inputs), outside the
     function, as the op's autocast kernel would before its autograd."""
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and not capturing_graph())
+
+
+def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
+    """The dispatch keys below autograd for a call on `x` and `tensors` (all its other tensor
+    arguments) that needs no gradient, when the call may go straight there; else None.
+
+    At inference (generation: 1-16 tokens per call) an op call's host time is most of its cost, and
+    under torch.no_grad a call still passes the Python autograd kernel that torch.library registers
+    for the op (it only finds that no gradient is needed, then redispatches). This goes to the same
+    kernel directly, as that kernel does (torch._library.autograd), when nothing above autograd has
+    work to do: no gradient, no tracing or compiling, no autocast on x's device type (its casts run
+    above autograd), no torch function or dispatch mode, no functorch transform, plain tensors all on
+    x's device type (a meta tensor among them takes the dispatcher to the fake kernel's checks)."""
+    if type(x) is not Tensor:
+        return None
+    cpu = x.is_cpu
+    if not (cpu or x.is_cuda):
+        return None
+    kind = "cpu" if cpu else "cuda"
+    if (torch.is_autocast_enabled(kind) or capturing_graph() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return None
+    for t in tensors:  # (Tensor.is_cpu costs a fifth of Tensor.device.type)
+        if t is not None and (type(t) is not Tensor or (not t.is_cpu if cpu else not t.is_cuda)
+                              or (grad and t.requires_grad)):
+            return None
+    return _BACKEND_KEYS[kind]
+
+
+# The kernels an inference call goes to (the ops' C++ kernels); other devices take the dispatcher.
+_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
 
 
 def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need):
@@ -335,6 +382,12 @@ def sparse_adapter(
     if _eager_autograd(x, residual, down[0], down[1], up[0], up[1]):
         cast = autocast_inputs(x.device.type, x, residual, down[0], down[1], up[0], up[1])
         return _SparseAdapterFunction.apply(*cast, down[2:], up[2:], activation, float(scale))
+    keys = _inference_keys(x, residual, *down, *up)
+    if keys is not None:
+        with torch._C._AutoDispatchBelowAutograd():
+            out, _ = _ops.sparse_adapter.default.redispatch(keys, x, residual, *down, *up, activation, float(scale),
+                                                            False)
+        return out
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, down[0], down[1], up[0], up[1]))
     out, _ = _ops.sparse_adapter.default(x, residual, *down, *up, activation, float(scale), needs_grad)

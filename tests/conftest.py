@@ -41,6 +41,8 @@ PATTERN_CASES = {
     "dense": (19, 21, 1.0, 35),
     "one_row": (1, 77, 0.5, 40),
     "one_token": (33, 65, 0.4, 1),
+    # the CPU kernels' few-token products (few_tokens.h) up to their limit of 8 tokens
+    "eight_tokens": (45, 130, 0.3, 8),
     "one_col": (24, 1, 0.7, 50),
     "wide": (5, 1031, 0.1, 67),
     "no_tokens": (16, 24, 0.5, 0),

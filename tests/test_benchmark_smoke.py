@@ -129,3 +129,54 @@ def test_bench_serving_many_adapters_quick(tmp_path):
     memory = re.search(r"memory per added adapter \(adapters 2\.\.3 added\): resident (-?[\d.]+) KiB, its tensors "
                        r"([\d.]+) KiB, ratio (-?[\d.]+)x", table)
     assert memory and float(memory.group(2)) > 0, table
+
+
+def test_bench_decode_quick_reports_every_row(tmp_path):
+    """Every decode row appears once per batch size with tokens/s or an explicit reason, and the JSON
+    lines say the same."""
+    import json
+
+    from sparseadapter.bench.decode import ROWS
+
+    records = tmp_path / "decode.jsonl"
+    out, table = _bench_quick("decode", tmp_path, "--json", str(records))
+    assert "| device | batch | row | tokens/s (wall) | ms / step (CPU) | ms / step (wall) | time / base |" in table
+    has_peft = importlib.util.find_spec("peft") is not None
+    for batch in (1, 2):
+        for row_id, row in ROWS.items():
+            lines = [line for line in table.splitlines() if line.startswith(f"| cpu | {batch} | ") and f"({row_id}) |" in line]
+            assert len(lines) == 1, f"{row_id} batch {batch}: {lines}"
+            cells = [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
+            if row_id == "peft-lora" and not has_peft:
+                assert cells[3] == "peft not installed"
+                continue
+            tokens_s, cpu_ms, wall_ms, ratio = (float(c) for c in cells[3:7])
+            assert tokens_s > 0 and cpu_ms > 0 and wall_ms > 0 and ratio > 0
+            if row_id == "base":
+                assert ratio == 1.0
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(rows) == 2 * len(ROWS)
+    assert {(r["batch"], r["row"]) for r in rows} == {(b, r) for b in (1, 2) for r in ROWS}
+    assert all(r["threads"] == 1 and r["model"] == "tiny" for r in rows)
+
+
+def test_bench_decode_rows_compute_what_they_say():
+    """The merged row has no adapter left to run; the sparse rows run CSR layers; peft's row has
+    LoRA on the same layers as ours."""
+    from sparseadapter.adapters.slot import slots
+    from sparseadapter.bench import decode
+    from sparseadapter.sparse_linear import SparseLinear
+
+    base = decode.load_base("tiny", 0)
+    merged = decode.build_row("lora-80-merged", base, 0)
+    assert all(not slot._running() for slot in slots(merged).values())
+    sparse = decode.build_row("houlsby-80", base, 0)
+    assert sum(isinstance(m, SparseLinear) for m in sparse.modules()) == 2 * 2 * 2  # 2 layers x 2 adapters x 2
+    dense = decode.build_row("houlsby-dense", base, 0)
+    assert not any(isinstance(m, SparseLinear) for m in dense.modules())
+    probe = decode.build_row("lora-80", base, 0)
+    assert decode.lora_targets(probe) == ["q_proj", "v_proj"]
+    # the update went into the base weights it adapts, and only those
+    for name, weight in base.state_dict().items():
+        changed = not torch.equal(weight, merged.state_dict()[name])
+        assert changed == (name.endswith(("q_proj.weight", "v_proj.weight"))), name

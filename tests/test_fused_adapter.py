@@ -68,14 +68,16 @@ def reference(x, residual, down, up, d_buf, u_buf, act, scale):
     return out if residual is None else residual + out
 
 
-# (tokens, in, bottleneck, out, density): partial tiles, one token, no tokens, empty bottleneck
-# rows, nnz = 0, wide and narrow; "chunked": on CUDA x is staged in two column chunks and the up
+# (tokens, in, bottleneck, out, density): partial tiles, one token, no tokens, the CPU kernel's
+# few-token products at their limit of 8 tokens with long rows ("eight_wide") and the tiles just past
+# it ("nine"), empty bottleneck rows, nnz = 0, wide and narrow; "chunked": on CUDA x is staged in two column chunks and the up
 # projection runs in two row chunks (the fused kernel's shared memory plan); "few": four tokens take
 # CUDA's separate one-token kernels; "blocked": on CPU both projections walk their nonzeros in block
 # order (tile.h); "tensor_cores": widths the CUDA dense path's tensor-core kernel serves, with partial
 # warp tiles and fewer column steps than its pipeline stages; "*_wide", "*_256": wider bottlenecks,
 # which take the cuBLAS products
 CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0, 24, 8, 24, 0.5),
+         "eight_wide": (8, 700, 40, 650, 0.3), "nine": (9, 40, 12, 40, 0.5),
          "nnz0": (9, 20, 6, 20, 0.0), "dense": (33, 17, 5, 17, 1.0), "wide": (40, 300, 64, 300, 0.1),
          "not_square": (35, 40, 12, 24, 0.3), "chunked": (70, 2000, 96, 1900, 0.02), "few": (4, 40, 8, 40, 0.5),
          "blocked": (600, 400, 300, 400, 0.1), "tensor_cores": (77, 96, 64, 128, 0.3),
@@ -280,3 +282,43 @@ def test_bad_inputs_are_named(seed):
         ops.sparse_adapter(x, None, d, tuple(t.long() if i >= 2 else t for i, t in enumerate(u)), "relu", 1.0)
     with pytest.raises(TypeError, match=r"sparse_adapter \(up\).*dtype"):
         ops.sparse_adapter(x, None, d, (u[0].double(),) + u[1:], "relu", 1.0)
+
+
+def test_inference_calls_compute_what_the_dispatcher_computes(device, seed):
+    """Without gradients the wrappers go straight to the ops' kernels (sparseadapter_ext.ops
+    _inference_keys): the same result bit for bit as the call through the dispatcher; and they do
+    not under autocast (its casts still apply) or a dispatch mode (which still sees the op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    down, up = Projection(8, 16, 0.5, device, seed), Projection(16, 8, 0.5, device, seed + 1)
+    d, u = down.buffers(torch.float32, True), up.buffers(torch.float32, True)
+    x = torch.randn(3, 16, device=device)
+    res = torch.randn(3, 16, device=device)
+    linear_args = down.p.linear_args(d[0], d[1])
+    with torch.no_grad():
+        assert ops.ops._inference_keys(x, res, *d, *u) is not None
+        through_dispatcher = _ops.sparse_adapter.default(x, res, *d, *u, "gelu", 0.7, False)[0]
+        assert torch.equal(ops.sparse_adapter(x, res, d, u, "gelu", 0.7), through_dispatcher)
+        assert torch.equal(ops.sparse_linear(x, *linear_args), _ops.sparse_linear.default(x, *linear_args))
+        device_type = torch.device(device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            assert ops.ops._inference_keys(x, res, *d, *u) is None
+            assert ops.sparse_adapter(x, res, d, u, "gelu", 0.7).dtype == torch.bfloat16
+            assert ops.sparse_linear(x, *linear_args).dtype == torch.bfloat16
+
+        class Seen(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Seen() as seen:
+            ops.sparse_adapter(x, res, d, u, "gelu", 0.7)
+            ops.sparse_linear(x, *linear_args)
+        assert seen.ops == ["sparseadapter.sparse_adapter.default", "sparseadapter.sparse_linear.default"]
+    # with a gradient to compute, the autograd path (and its result)
+    out = ops.sparse_adapter(x, res, d, u, "gelu", 0.7)
+    assert out.requires_grad and torch.equal(out.detach(), through_dispatcher)

@@ -19,6 +19,7 @@
 #include "../adapter_pointers.h"
 #include "../kernels.h"
 #include "cpu_isa.h"
+#include "few_tokens.h"
 #include "tile.h"
 #include "vec_math.h"
 
@@ -110,6 +111,46 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
   }
 }
 
+// The adapter for a few tokens (few_tokens.h): the same steps as adapter_tiles on [tokens][features]
+// buffers, x and the residual read in place; activate() runs on the bottleneck padded to whole vectors.
+template <CpuIsa kIsa, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void adapter_few_tokens(const AdapterArgs<scalar_t, index_t>& a, int64_t, int64_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kPad = kMaxLanes<acc_t>;
+  const int64_t nt = a.num_tokens;
+  const int64_t hidden_n = nt * a.bottleneck;
+  std::vector<acc_t> h((hidden_n + kPad - 1) / kPad * kPad);  // [tokens][bottleneck]
+  csr_rows_times_few_tokens(a.down_crow, a.down_col, a.down_values, a.down_bias, a.bottleneck, a.x, a.in_features, nt,
+                            h.data(), a.bottleneck);
+  if (a.hidden_pre) {
+    for (int64_t i = 0; i < hidden_n; ++i) a.hidden_pre[i] = static_cast<scalar_t>(h[i]);
+  }
+  activate<kIsa>(h.data(), static_cast<int64_t>(h.size()), a.activation);
+  const int64_t n = nt * a.out_features;
+  std::vector<acc_t> y(n);  // [tokens][out]
+  csr_rows_times_few_tokens(a.up_crow, a.up_col, a.up_values, a.up_bias, a.out_features, h.data(), a.bottleneck, nt,
+                            y.data(), a.out_features);
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  if (a.residual) {
+    for (int64_t i = 0; i < n; ++i) a.out[i] = static_cast<scalar_t>(static_cast<acc_t>(a.residual[i]) + scale * y[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) a.out[i] = static_cast<scalar_t>(scale * y[i]);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX512 void adapter_few_tokens_avx512(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_few_tokens<CpuIsa::kAvx512>(a, b, e);
+}
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX2 void adapter_few_tokens_avx2(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_few_tokens<CpuIsa::kAvx2>(a, b, e);
+}
+template <typename scalar_t, typename index_t>
+void adapter_few_tokens_baseline(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
+  adapter_few_tokens<CpuIsa::kBaseline>(a, b, e);
+}
+
 template <typename scalar_t, typename index_t>
 SA_TARGET_AVX512 void adapter_tiles_avx512(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
   adapter_tiles<CpuIsa::kAvx512>(a, b, e);
@@ -129,6 +170,16 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
   a.set(in, out, hidden_pre);
 
   using acc_t = at::opmath_type<scalar_t>;
+  if (a.num_tokens <= kFewTokens) {  // decoding: one pass, nothing staged, on the calling thread
+    auto few = &adapter_few_tokens_baseline<scalar_t, index_t>;
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512: few = &adapter_few_tokens_avx512<scalar_t, index_t>; break;
+      case CpuIsa::kAvx2: few = &adapter_few_tokens_avx2<scalar_t, index_t>; break;
+      case CpuIsa::kBaseline: break;
+    }
+    few(a, 0, 1);
+    return;
+  }
   const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
   std::optional<BlockedOrder> down_blocked, up_blocked;
   std::vector<scalar_t> down_blocked_values, up_blocked_values;

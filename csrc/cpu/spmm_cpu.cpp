@@ -11,10 +11,12 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels.h"
 #include "cpu_isa.h"
+#include "few_tokens.h"
 #include "tile.h"
 
 namespace sparseadapter {
@@ -77,6 +79,35 @@ void spmm_work_items_baseline(const SpmmArgs<scalar_t, index_t>& a, int64_t b, i
   spmm_work_items<CpuIsa::kBaseline>(a, b, e);
 }
 
+// A few tokens (few_tokens.h): x read in place, one pass over the nonzeros.
+template <CpuIsa kIsa, typename scalar_t, typename index_t>
+SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = a.num_tokens * a.out_features;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    csr_rows_times_few_tokens(a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens, a.y,
+                              a.out_features);
+  } else {
+    std::vector<acc_t> out(n);
+    csr_rows_times_few_tokens(a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens,
+                              out.data(), a.out_features);
+    for (int64_t i = 0; i < n; ++i) a.y[i] = static_cast<scalar_t>(out[i]);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX512 void spmm_few_tokens_avx512(const SpmmArgs<scalar_t, index_t>& a) {
+  spmm_few_tokens<CpuIsa::kAvx512>(a);
+}
+template <typename scalar_t, typename index_t>
+SA_TARGET_AVX2 void spmm_few_tokens_avx2(const SpmmArgs<scalar_t, index_t>& a) {
+  spmm_few_tokens<CpuIsa::kAvx2>(a);
+}
+template <typename scalar_t, typename index_t>
+void spmm_few_tokens_baseline(const SpmmArgs<scalar_t, index_t>& a) {
+  spmm_few_tokens<CpuIsa::kBaseline>(a);
+}
+
 template <typename scalar_t, typename index_t>
 void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   SpmmArgs<scalar_t, index_t> a;
@@ -89,6 +120,16 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   a.num_tokens = in.num_tokens;
   a.in_features = in.in_features;
   a.out_features = in.out_features;
+  if (in.num_tokens <= kFewTokens) {  // decoding: one pass, nothing staged, on the calling thread
+    auto few = &spmm_few_tokens_baseline<scalar_t, index_t>;
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512: few = &spmm_few_tokens_avx512<scalar_t, index_t>; break;
+      case CpuIsa::kAvx2: few = &spmm_few_tokens_avx2<scalar_t, index_t>; break;
+      case CpuIsa::kBaseline: break;
+    }
+    few(a);
+    return;
+  }
 
   // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
   // has work; each row block then stages its own copy of the tile.

@@ -223,10 +223,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="keep LoRA adapters as separate (sparse) matmuls")
 
     bench = sub.add_parser("bench", help="kernel benchmarks (torch.utils.benchmark tables)",
-                           description="sparseadapter bench {linear,adapter,pruning,calibrate,serving,training} [options]; "
+                           description="sparseadapter bench {linear,adapter,pruning,calibrate,serving,training,decode} [options]; "
                            "`sparseadapter bench linear --help` lists a suite's options. "
                            "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table.")
-    bench.add_argument("suite", choices=("linear", "adapter", "pruning", "calibrate", "serving", "training"))
+    bench.add_argument("suite", choices=("linear", "adapter", "pruning", "calibrate", "serving", "training", "decode"))
     bench.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")
     return parser
 

@@ -136,25 +136,32 @@ class SparseLinear(nn.Module):
     def _forward_python(self, x: Tensor) -> Tensor:
         """Through the Python wrapper, whose eager autograd costs less host time per call."""
         if _tracing():
-            return sparseadapter_ext.sparse_linear(
-                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
-                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
-            )
+            return sparseadapter_ext.sparse_linear(x, *self._linear_args())
         self._pin()
         try:
-            return sparseadapter_ext.sparse_linear(
-                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
-                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
-            )
+            return sparseadapter_ext.sparse_linear(x, *self._linear_args())
         finally:
             self._unpin()
+
+    # The tensors are read from the module's dicts: nn.Module.__getattr__ costs about 0.4 us per
+    # parameter or buffer, and a decoding step reads ten of them per layer for one token.
+    @torch.jit.unused
+    def _linear_args(self):
+        """sparse_linear's arguments after x: values, bias, then the pattern's buffers."""
+        p, b = self._parameters, self._buffers
+        return (p["values"], p["bias"], b["crow_indices"], b["col_indices"], b["row_order"], b["crow_indices_t"],
+                b["col_indices_t"], b["perm_t"], b["row_order_t"])
 
     def csr_buffers(self):
         """`(values, bias, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t)`:
         this layer as one projection of `sparseadapter_ext.sparse_adapter`. A caller that computes
         with them while another thread may load a state into the layer holds `pinned()` around both."""
-        return (self.values, self.bias, self.crow_indices, self.col_indices, self.crow_indices_t,
-                self.col_indices_t, self.perm_t, self.row_order_t)
+        if torch.jit.is_scripting():
+            return (self.values, self.bias, self.crow_indices, self.col_indices, self.crow_indices_t,
+                    self.col_indices_t, self.perm_t, self.row_order_t)
+        p, b = self._parameters, self._buffers
+        return (p["values"], p["bias"], b["crow_indices"], b["col_indices"], b["crow_indices_t"], b["col_indices_t"],
+                b["perm_t"], b["row_order_t"])
 
     @torch.jit.unused
     def pinned(self) -> "_Pinned":
@@ -300,23 +307,24 @@ class SparseLinear(nn.Module):
             setattr(self, name, t)
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+_tracing = sparseadapter_ext.ops.capturing_graph
 
 
 class _Pinned:
     """The context manager of SparseLinear.pinned()."""
 
-    __slots__ = ("layer",)
+    __slots__ = ("layer", "pinned")
 
     def __init__(self, layer: SparseLinear) -> None:
         self.layer = layer
+        self.pinned = False
 
     def __enter__(self):
-        if not _tracing():
+        self.pinned = not _tracing()
+        if self.pinned:
             self.layer._pin()
         return self.layer.csr_buffers()
 
     def __exit__(self, *exc) -> None:
-        if not _tracing():
+        if self.pinned:
             self.layer._unpin()

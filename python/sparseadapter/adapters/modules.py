@@ -84,9 +84,10 @@ class BottleneckAdapter(nn.Module):
         _init_pair(self.down, self.up, init)
 
     def runs_fused(self) -> bool:
+        m = self._modules  # not nn.Module.__getattr__: this runs at every call (one per token when decoding)
         return (self.fused and self.activation_name in FUSED_ACTIVATIONS
-                and isinstance(self.down, SparseLinear) and isinstance(self.up, SparseLinear)
-                and isinstance(self.layer_norm, nn.Identity) and (self.dropout.p == 0.0 or not self.training))
+                and isinstance(m["down"], SparseLinear) and isinstance(m["up"], SparseLinear)
+                and isinstance(m["layer_norm"], nn.Identity) and (m["dropout"].p == 0.0 or not self.training))
 
     def runs_multi(self) -> bool:
         """Whether a routed batch runs this adapter in the slot's one op (sparse_adapter_multi)."""
@@ -100,7 +101,8 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.runs_fused():
-            with self.down.pinned() as down, self.up.pinned() as up:  # no load swaps them meanwhile
+            m = self._modules
+            with m["down"].pinned() as down, m["up"].pinned() as up:  # no load swaps them meanwhile
                 return sparseadapter_ext.sparse_adapter(x, residual, down, up, self.activation_name, self.scale)
         delta = self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
         return delta if residual is None else residual + delta
@@ -122,8 +124,12 @@ class LoRAAdapter(nn.Module):
         _init_pair(self.lora_A, self.lora_B, init)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-        return delta if residual is None else residual + delta
+        m = self._modules  # not nn.Module.__getattr__ (see BottleneckAdapter.runs_fused)
+        if self.training and m["dropout"].p > 0:
+            x = m["dropout"](x)
+        delta = m["lora_B"](m["lora_A"](x))
+        # one op for the scale and the sum (a decoding step calls this for 1-16 tokens per layer)
+        return delta * self.scaling if residual is None else torch.add(residual, delta, alpha=self.scaling)
 
     def runs_multi(self) -> bool:
         """Whether a routed batch runs this adapter in the slot's one op: both matrices sparse (a LoRA

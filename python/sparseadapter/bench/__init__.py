@@ -8,10 +8,13 @@
     training  one training step (MiniLM on CPU, BERT-base on CUDA): full fine-tuning, peft LoRA and our
               dense and sparse adapters, per precision; time, trainable parameters, memory, kernel paths
     calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
+    decode    tokens/s of a causal LM decoding with the KV cache: the base model, our sparse and dense
+              adapters, peft LoRA and merged LoRA, at batch 1 and 16
 """
 from importlib import import_module
 
-SUITES = {"linear": "sparse_linear", "adapter": "adapter", "pruning": "pruning", "calibrate": "calibrate", "serving": "serving", "training": "training"}
+SUITES = {"linear": "sparse_linear", "adapter": "adapter", "pruning": "pruning", "calibrate": "calibrate", "serving": "serving", "training": "training",
+          "decode": "decode"}
 
 
 def run_suite(name: str, argv=None) -> int:

@@ -408,7 +408,9 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
                 mask[j, span] = 1
             if stop:  # ends each output at its first stop string (transformers' own needs a clean vocabulary)
                 options["stopping_criteria"] = _stopping_criteria(tokenizer, stop, width if causal else 0)
-            with autocast(precision, device):
+            # inference mode, not just no_grad: no op call passes autograd's kernels (each adapter call
+            # of each decoding step would otherwise pay them)
+            with autocast(precision, device), torch.inference_mode():
                 sequences = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
             new = sequences[:, width:] if causal else sequences
             for i, text in zip(chunk, tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)):
