@@ -3,6 +3,10 @@ CUDA toolkit is found (FORCE_CUDA=1 requires them, FORCE_CPU=1 skips them).
 
 Build with `pip install --no-build-isolation .` so the extension compiles against the torch that is
 installed, not a fresh copy in an isolated build environment.
+
+SPARSEADAPTER_NO_EXTENSION=1 installs the Python packages without compiling: scripts/install.sh does
+so, then builds the extension with `setup.py build_ext --inplace`, whose build folder (build/) persists,
+so that ninja recompiles only the sources that changed.
 """
 import glob
 import os
@@ -76,6 +80,6 @@ setup(
     packages=find_packages("python") + ["sparseadapter_ext"],
     package_dir={"sparseadapter": "python/sparseadapter", "sparseadapter_ext": "sparseadapter_ext"},
     package_data={"sparseadapter": ["calibration/*.json"]},
-    ext_modules=[extension()],
+    ext_modules=[] if _flag("SPARSEADAPTER_NO_EXTENSION") else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
