@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
+from sparseadapter.pruning import METHODS
 from sparseadapter.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "SPARSEADAPTER_DATA_DIR"  # a folder holding glue/ (and sick/SICK.txt for benchmarks/sick.py)
 KINDS = ("houlsby", "pfeiffer", "lora")
 SPARSITIES = (0.8, 0.4, 0.9, 0.6)  # the order they run in
-PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
+PRUNERS = METHODS  # every pruner, in the order the grid runs them
 LR_GRID = {"houlsby": (1e-3, 3e-3), "pfeiffer": (1e-3, 3e-3), "lora": (3e-3, 1e-2)}
 LARGE_SPARSE = ((2, 0.5), (4, 0.75))
 BUDGET_EXAMPLES = 4096  # the budget stage: 256 steps instead of 64  # (width factor, sparsity of the widened adapter)
