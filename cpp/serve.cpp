@@ -5,11 +5,15 @@
 //
 // The model: a TorchScript module with the extra file sparseadapter.json (format
 // "sparseadapter-serving", version 1) whose forward(input_ids, attention_mask, token_type_ids), all
-// int64 [B, L], returns float logits [B, num_labels].
+// int64 [B, L], returns float logits [B, num_labels]. A model exported with several adapters
+// (`sparseadapter export --adapter a --adapter b`; its metadata lists them as "adapters") takes a
+// fourth input, adapter_index int64 [B]: the index of each row's adapter in that list.
 //
 // Requests: {"id": any (optional, echoed), "input_ids": [ids], "attention_mask": [0|1, ...]
 // (default all 1), "token_type_ids": [ids] (default all 0)}, or the same keys holding arrays of
-// rows for a batch. Answers: {"id", "logits", "label"[, "label_name"]} for classification,
+// rows for a batch; for a model with several adapters, "adapter": "name" (required) says which one
+// answers the request. Requests for different adapters run in one forward, each row through its own
+// adapter. Answers: {"id", "logits", "label"[, "label_name"]} for classification,
 // {"id", "logits", "score"} for regression; a batch gets "labels"/"label_names"/"scores" lists.
 // A bad request gets {"id", "line", "error"} and serving goes on.
 //
@@ -65,7 +69,8 @@ const char* const kUsage =
     "  --help           show this text\n"
     "request: {\"id\": any, \"input_ids\": [int, ...], \"attention_mask\": [0|1, ...],"
     " \"token_type_ids\": [int, ...]}\n"
-    "         (id, attention_mask and token_type_ids optional; arrays of rows for a batch)\n";
+    "         (id, attention_mask and token_type_ids optional; arrays of rows for a batch;\n"
+    "         \"adapter\": \"name\" for a model exported with several adapters)\n";
 
 struct Failure {  // fatal: exit 1
   std::string message;
@@ -160,6 +165,7 @@ struct Metadata {
   int64_t max_length = 0;
   int64_t pad_token_id = 0;
   int64_t type_vocab_size = 0;  // 0: the model takes no token types (all must be 0)
+  std::vector<std::string> adapters;  // several adapters: forward takes an adapter index per row
 };
 
 int64_t meta_int(const jsonl::Value& doc, const char* key, int64_t min) {
@@ -230,6 +236,20 @@ Metadata parse_metadata(const std::string& text) {
                              std::to_string(meta.vocab_size));
   }
   meta.type_vocab_size = meta_int(doc, "type_vocab_size", 0);
+  if (const auto* adapters = doc.find("adapters"); adapters != nullptr && !adapters->is_null()) {
+    const auto* names = adapters->get<jsonl::Array>();
+    for (size_t i = 0; names != nullptr && i < names->size(); ++i) {
+      const auto* name = (*names)[i].get<std::string>();
+      if (name == nullptr || name->empty() ||
+          std::find(meta.adapters.begin(), meta.adapters.end(), *name) != meta.adapters.end()) {
+        throw std::runtime_error("\"adapters\"[" + std::to_string(i) + "] must be a name of its own (a non-empty string)");
+      }
+      meta.adapters.push_back(*name);
+    }
+    if (names == nullptr || names->empty()) {
+      throw std::runtime_error("\"adapters\" must be null or a non-empty list of adapter names");
+    }
+  }
   return meta;
 }
 
@@ -301,9 +321,13 @@ torch::jit::Module load_model(const std::string& path, Metadata& meta) {
     throw Failure{"'" + path + "' has no forward method"};
   }
   const size_t inputs = forward->function().getSchema().arguments().size() - 1;  // less self
-  if (inputs != 3) {
-    throw Failure{"'" + path + "': forward takes " + std::to_string(inputs) +
-                  " inputs, expected 3 (input_ids, attention_mask, token_type_ids)"};
+  const size_t expected = meta.adapters.empty() ? 3 : 4;
+  if (inputs != expected) {
+    throw Failure{"'" + path + "': forward takes " + std::to_string(inputs) + " inputs, expected " +
+                  std::to_string(expected) +
+                  (meta.adapters.empty() ? " (input_ids, attention_mask, token_type_ids)"
+                                         : " (input_ids, attention_mask, token_type_ids, adapter_index: the "
+                                           "metadata lists adapters)")};
   }
   model.eval();
   meta.vocab_size = checked_vocab_size(model, meta.vocab_size);
@@ -326,6 +350,7 @@ struct Request {
   bool has_id = false;
   jsonl::Value id;
   bool batch = false;
+  int64_t adapter = -1;  // the index of the request's adapter in Metadata::adapters (several adapters)
   std::vector<Row> rows;
   std::string error;  // set: answered with this error
   size_t bytes = 0;   // what it holds, from above: its parse (the id) and its rows
@@ -415,6 +440,33 @@ Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Val
   return row;
 }
 
+std::string adapter_list(const Metadata& meta) {
+  std::string names;
+  for (const auto& name : meta.adapters) {
+    names += (names.empty() ? "" : ", ") + name;
+  }
+  return names;
+}
+
+// The index of the adapter a request names; a model without several adapters takes no "adapter".
+int64_t adapter_index(const jsonl::Value& value, const Metadata& meta) {
+  if (meta.adapters.empty()) {
+    throw BadRequest{"unknown key \"adapter\": this model was exported with one adapter (export with several "
+                     "--adapter to serve several)"};
+  }
+  const auto* name = value.get<std::string>();
+  if (name == nullptr) {
+    throw BadRequest{"\"adapter\" must be an adapter's name (a string)"};
+  }
+  const auto at = std::find(meta.adapters.begin(), meta.adapters.end(), *name);
+  if (at == meta.adapters.end()) {
+    std::string shown = name->substr(0, 64);
+    throw BadRequest{"unknown adapter \"" + shown + (name->size() > 64 ? "...\"" : "\"") + " (this model serves " +
+                     adapter_list(meta) + ")"};
+  }
+  return static_cast<int64_t>(at - meta.adapters.begin());
+}
+
 void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
   const jsonl::Value* ids = nullptr;
   const jsonl::Value* mask = nullptr;
@@ -427,9 +479,16 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
       mask = given ? &value : nullptr;
     } else if (key == "token_type_ids") {
       types = given ? &value : nullptr;
+    } else if (key == "adapter") {
+      req.adapter = adapter_index(value, meta);
     } else if (key != "id") {
-      throw BadRequest{"unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids)"};
+      throw BadRequest{"unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids" +
+                       (meta.adapters.empty() ? ")" : ", adapter)")};
     }
+  }
+  if (!meta.adapters.empty() && req.adapter < 0) {
+    throw BadRequest{"missing \"adapter\": this model serves several adapters (" + adapter_list(meta) +
+                     "); name the one that answers"};
   }
   if (ids == nullptr) {
     throw BadRequest{"missing input_ids"};
@@ -636,13 +695,19 @@ class Server {
     int64_t* ids_data = ids.data_ptr<int64_t>();
     int64_t* mask_data = mask.data_ptr<int64_t>();
     int64_t* types_data = types.data_ptr<int64_t>();
+    auto adapters = torch::empty({meta_.adapters.empty() ? 0 : n}, options);  // each row's adapter
+    int64_t* adapters_data = adapters.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       const Row& row = *rows[start + static_cast<size_t>(i)].second;
       std::copy(row.ids.begin(), row.ids.end(), ids_data + i * length);
       std::copy(row.mask.begin(), row.mask.end(), mask_data + i * length);
       std::copy(row.types.begin(), row.types.end(), types_data + i * length);
+      if (!meta_.adapters.empty()) {
+        adapters_data[i] = rows[start + static_cast<size_t>(i)].first->adapter;
+      }
     }
-    const auto out = model_.forward({ids, mask, types});
+    const auto out = meta_.adapters.empty() ? model_.forward({ids, mask, types})
+                                            : model_.forward({ids, mask, types, adapters});
     if (!out.isTensor()) {
       throw std::runtime_error("the model returned a " + out.tagKind() + ", expected a tensor of logits");
     }

@@ -10,7 +10,9 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <algorithm>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "dense_path.h"
@@ -153,6 +155,20 @@ void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tens
   }
 }
 
+// One adapter on the path chosen for its problem: out [tokens, out] and, when save_hidden, hidden_pre
+// [tokens, bottleneck], both contiguous and allocated by the caller.
+template <typename B>
+void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre, bool save_hidden) {
+  if (in.down.num_tokens > 0 && (out.numel() > 0 || hidden_pre.numel() > 0)) {
+    const int64_t flags = static_cast<int64_t>(in.activation) * 4 + (in.residual.has_value() ? 2 : 0) + (save_hidden ? 1 : 0);
+    const PathProblem problem{"sparse_adapter", in.down.x.device(), in.down.x.scalar_type(),
+                              {in.down.in_features, in.down.out_features, in.up.out_features, in.down.nnz, in.up.nnz, flags},
+                              token_bucket(in.down.num_tokens)};
+    run_chosen_path(problem, B::timer(), [&] { B::adapter(in, out, hidden_pre); },
+                    [&] { adapter_dense<B>(in, out, hidden_pre); });
+  }
+}
+
 template <typename B>
 std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
     const at::Tensor& x,
@@ -189,14 +205,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
   const auto options = in.down.x.options();
   auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
   auto hidden_pre = at::empty({save_hidden ? in.down.num_tokens : 0, in.down.out_features}, options);
-  if (in.down.num_tokens > 0 && (out.numel() > 0 || hidden_pre.numel() > 0)) {
-    const int64_t flags = static_cast<int64_t>(in.activation) * 4 + (in.residual.has_value() ? 2 : 0) + (save_hidden ? 1 : 0);
-    const PathProblem problem{"sparse_adapter", in.down.x.device(), in.down.x.scalar_type(),
-                              {in.down.in_features, in.down.out_features, in.up.out_features, in.down.nnz, in.up.nnz, flags},
-                              token_bucket(in.down.num_tokens)};
-    run_chosen_path(problem, B::timer(), [&] { B::adapter(in, out, hidden_pre); },
-                    [&] { adapter_dense<B>(in, out, hidden_pre); });
-  }
+  run_adapter<B>(in, out, hidden_pre, save_hidden);
   return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
 }
 
@@ -315,6 +324,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
   return {grad_x, grad_values, grad_bias};
 }
 
+// One adapter's backward on the path chosen for its problem (zero gradients when it has no tokens).
+template <typename B>
+AdapterGradients run_adapter_backward(const AdapterBackwardInputs& in, std::array<bool, 5> output_mask) {
+  const AdapterInputs& f = in.forward;
+  AdapterGradients grads;
+  if (f.down.num_tokens == 0) {  // nothing to sum: zero gradients
+    const auto options = in.grad_out.options();
+    grads = {at::empty({0, f.down.in_features}, options), at::zeros({f.down.nnz}, options),
+             at::zeros({f.down.out_features}, options), at::zeros({f.up.nnz}, options),
+             at::zeros({f.up.out_features}, options)};
+  } else {
+    int64_t flags = static_cast<int64_t>(f.activation);
+    for (bool m : output_mask) {
+      flags = flags * 2 + (m ? 1 : 0);
+    }
+    const PathProblem problem{"sparse_adapter_backward", f.down.x.device(), f.down.x.scalar_type(),
+                              {f.down.in_features, f.down.out_features, f.up.out_features, f.down.nnz, f.up.nnz, flags},
+                              token_bucket(f.down.num_tokens)};
+    run_chosen_path(problem, B::timer(), [&] { grads = adapter_backward_sparse<B>(in, output_mask); },
+                    [&] { grads = adapter_backward_dense<B>(in, output_mask); });
+  }
+  return grads;
+}
+
 // sparse_adapter's backward in one call, on the path chosen for it (CSR kernels or dense products).
 template <typename B>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_adapter_backward_op(
@@ -350,28 +383,337 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
     check_pattern_bounds_cpu(op, in.down_crow_t, in.down_col_t, f.down.out_features, "the bottleneck width");
     check_pattern_bounds_cpu(op, in.up_crow_t, in.up_col_t, f.up.out_features, "out's last dim");
   }
-  AdapterGradients grads;
-  if (f.down.num_tokens == 0) {  // nothing to sum: zero gradients
-    const auto options = in.grad_out.options();
-    grads = {at::empty({0, f.down.in_features}, options), at::zeros({f.down.nnz}, options),
-             at::zeros({f.down.out_features}, options), at::zeros({f.up.nnz}, options),
-             at::zeros({f.up.out_features}, options)};
-  } else {
-    int64_t flags = static_cast<int64_t>(f.activation);
-    for (bool m : output_mask) {
-      flags = flags * 2 + (m ? 1 : 0);
-    }
-    const PathProblem problem{"sparse_adapter_backward", f.down.x.device(), f.down.x.scalar_type(),
-                              {f.down.in_features, f.down.out_features, f.up.out_features, f.down.nnz, f.up.nnz, flags},
-                              token_bucket(f.down.num_tokens)};
-    run_chosen_path(problem, B::timer(), [&] { grads = adapter_backward_sparse<B>(in, output_mask); },
-                    [&] { grads = adapter_backward_dense<B>(in, output_mask); });
-  }
+  AdapterGradients grads = run_adapter_backward<B>(in, output_mask);
   auto none = [&] { return at::empty({0}, in.grad_out.options()); };
   auto pick = [&](int i, const at::Tensor& t) { return output_mask[i] && t.defined() ? t : none(); };
   const auto grad_x = output_mask[0] ? grads.x.view(x.sizes()) : none();
   return {grad_x, pick(1, grads.down_values), pick(2, grads.down_bias), pick(3, grads.up_values),
           pick(4, grads.up_bias)};
+}
+
+// -- several adapters in one batch: sparse_adapter_multi ------------------------------------------------
+//
+// Rows are grouped by adapter (stable: each adapter's rows keep their order), and each group runs the
+// adapter's own kernels (run_adapter / run_adapter_backward: the path chosen for its problem) on its
+// tokens as one contiguous block: a slice of x when every group's rows are consecutive (no copy);
+// else the forward gathers all rows into adapter order once and scatters the output back once (the
+// backward gathers and scatters per group). Rows of adapter -1 get the residual (or zeros). So a
+// mixed batch computes, row by row, what each adapter computes alone.
+
+struct RowSegment {
+  int64_t adapter = -1;        // -1: the rows without an adapter
+  int64_t first_row = 0;
+  int64_t num_rows = 0;
+  bool consecutive = true;     // the rows are first_row .. first_row + num_rows - 1: a slice
+  at::Tensor index;            // the rows (int64, on x's device) when not consecutive
+  int64_t hidden_offset = 0;   // where the segment's [tokens, bottleneck] block starts in hidden_pre
+};
+
+// The segments of adapters 0..K-1 that have rows, in that order, then the rows without an adapter.
+// hidden_pre's layout: the segments' blocks one after another, each starting at a multiple of the
+// widest bottleneck (hidden_pre is [tokens, max_bottleneck], a block of adapter k is [tokens_k, b_k]).
+inline std::vector<RowSegment> group_rows(const MultiAdapterInputs& in, const c10::Device& device) {
+  const auto K = static_cast<int64_t>(in.adapters.size());
+  std::vector<std::vector<int64_t>> rows(K + 1);
+  for (int64_t r = 0; r < in.num_rows; ++r) {
+    const int64_t a = in.row_adapter[r];
+    rows[a < 0 ? K : a].push_back(r);
+  }
+  std::vector<RowSegment> segments;
+  int64_t tokens_before = 0;
+  for (int64_t a = 0; a <= K; ++a) {
+    const auto& list = rows[a];
+    if (list.empty()) {
+      continue;
+    }
+    RowSegment seg;
+    seg.adapter = a == K ? -1 : a;
+    seg.first_row = list.front();
+    seg.num_rows = static_cast<int64_t>(list.size());
+    seg.consecutive = list.back() - list.front() + 1 == seg.num_rows;
+    if (!seg.consecutive) {
+      seg.index = at::tensor(c10::ArrayRef<int64_t>(list), at::TensorOptions().dtype(at::kLong)).to(device);
+    }
+    seg.hidden_offset = tokens_before * in.max_bottleneck;
+    tokens_before += seg.num_rows * in.tokens_per_row;
+    segments.push_back(std::move(seg));
+  }
+  return segments;
+}
+
+// The rows in the order group_rows visits them: adapter 0's first (each adapter's in their order),
+// the rows without an adapter last.
+inline std::vector<int64_t> adapter_order(const MultiAdapterInputs& in) {
+  const auto K = static_cast<int64_t>(in.adapters.size());
+  std::vector<std::vector<int64_t>> rows(K + 1);
+  for (int64_t r = 0; r < in.num_rows; ++r) {
+    const int64_t a = in.row_adapter[r];
+    rows[a < 0 ? K : a].push_back(r);
+  }
+  std::vector<int64_t> order;
+  order.reserve(in.num_rows);
+  for (const auto& list : rows) {
+    order.insert(order.end(), list.begin(), list.end());
+  }
+  return order;
+}
+
+// The segment's tokens of t [num_tokens, features]: a slice, or its rows gathered (contiguous).
+inline at::Tensor segment_rows(const at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in) {
+  const int64_t features = t.size(1), tokens_per_row = in.tokens_per_row;
+  if (seg.consecutive) {
+    return t.narrow(0, seg.first_row * tokens_per_row, seg.num_rows * tokens_per_row);
+  }
+  return t.view({in.num_rows, tokens_per_row * features})
+      .index_select(0, seg.index)
+      .view({seg.num_rows * tokens_per_row, features});
+}
+
+// Writes `values` (the segment's tokens) into t's rows of the segment; nothing when `values` is
+// already that slice of t.
+inline void put_segment_rows(at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in,
+                             const at::Tensor& values) {
+  const int64_t features = t.size(1), tokens_per_row = in.tokens_per_row;
+  if (seg.consecutive) {
+    auto slice = t.narrow(0, seg.first_row * tokens_per_row, seg.num_rows * tokens_per_row);
+    if (!(slice.data_ptr() == values.data_ptr() && slice.sizes() == values.sizes())) {
+      slice.copy_(values);
+    }
+    return;
+  }
+  t.view({in.num_rows, tokens_per_row * features})
+      .index_copy_(0, seg.index, values.reshape({seg.num_rows, tokens_per_row * features}));
+}
+
+// Adapter k's inputs for one segment: its checked arrays, with the segment's x and residual.
+inline AdapterInputs segment_inputs(const MultiAdapterInputs& in, const RowSegment& seg, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& residual) {
+  AdapterInputs a = in.adapters[seg.adapter];
+  const int64_t n = seg.num_rows * in.tokens_per_row;
+  a.down.x = x;
+  a.down.num_tokens = n;
+  a.down.out_shape = {n, a.down.out_features};
+  a.up.num_tokens = 0;
+  a.residual = residual;
+  a.out_shape = {n, a.up.out_features};
+  a.hidden_shape = {n, a.down.out_features};
+  return a;
+}
+
+// The segment's block of hidden_pre: [tokens, bottleneck] of adapter k, contiguous.
+inline at::Tensor segment_hidden(const at::Tensor& hidden_pre, const MultiAdapterInputs& in, const RowSegment& seg) {
+  const int64_t n = seg.num_rows * in.tokens_per_row;
+  const int64_t b = in.adapters[seg.adapter].down.out_features;
+  return hidden_pre.reshape({hidden_pre.numel()}).narrow(0, seg.hidden_offset, n * b).view({n, b});
+}
+
+template <typename B>
+void check_multi_patterns_cpu(const char* op, const MultiAdapterInputs& in, bool transposed) {
+  for (size_t k = 0; k < in.adapters.size(); ++k) {
+    const AdapterInputs& a = in.adapters[k];
+    const std::string name = std::string(op) + " (adapter " + std::to_string(k) + ")";
+    check_pattern_bounds_cpu(name.c_str(), a.down.crow_indices, a.down.col_indices, a.down.in_features,
+                             "x's last dim");
+    check_pattern_bounds_cpu(name.c_str(), a.up.crow_indices, a.up.col_indices, a.up.in_features,
+                             "the adapter's bottleneck width");
+    if (transposed) {
+      const AdapterTransposed& t = in.transposed[k];
+      check_pattern_bounds_cpu(name.c_str(), t.down_crow_t, t.down_col_t, a.down.out_features,
+                               "the adapter's bottleneck width");
+      check_pattern_bounds_cpu(name.c_str(), t.up_crow_t, t.up_col_t, a.up.out_features, "out_features");
+    }
+  }
+}
+
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
+    const at::Tensor& x,
+    const at::Tensor& adapter_index,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::ArrayRef<int64_t> bottleneck,
+    c10::ArrayRef<int64_t> down_nnz,
+    c10::ArrayRef<int64_t> up_nnz,
+    int64_t out_features,
+    c10::string_view activation,
+    c10::ArrayRef<double> scale,
+    bool save_hidden,
+    const std::optional<at::Tensor>& down_crow_t,
+    const std::optional<at::Tensor>& down_col_t,
+    const std::optional<at::Tensor>& down_perm_t,
+    const std::optional<at::Tensor>& down_row_order_t,
+    const std::optional<at::Tensor>& up_crow_t,
+    const std::optional<at::Tensor>& up_col_t,
+    const std::optional<at::Tensor>& up_perm_t,
+    const std::optional<at::Tensor>& up_row_order_t) {
+  constexpr const char* op = "sparse_adapter_multi";
+  const auto in = check_multi_adapter_inputs(
+      op, x, adapter_index, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow,
+      up_col, bottleneck, down_nnz, up_nnz, out_features, activation, scale,
+      {down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_crow_t, up_col_t, up_perm_t, up_row_order_t},
+      B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_multi_patterns_cpu<B>(op, in, false);
+  }
+  const auto options = in.x.options();
+  auto out = at::empty({in.num_tokens, in.out_features}, options);
+  // zeros: the blocks of narrower adapters and the rows without one leave parts unwritten
+  auto hidden_pre = at::zeros({save_hidden ? in.num_tokens : 0, in.max_bottleneck}, options);
+  const int64_t T = in.tokens_per_row;
+  // Each segment of `src` (rows grouped by adapter) through its adapter, into `dst` [tokens, out].
+  auto run_segments = [&](const MultiAdapterInputs& src, at::Tensor& dst) {
+    for (const RowSegment& seg : group_rows(src, src.x.device())) {
+      if (seg.adapter < 0) {  // no adapter: the residual, or zeros
+        const int64_t n = seg.num_rows * T;
+        put_segment_rows(dst, seg, src, src.residual.has_value() ? segment_rows(*src.residual, seg, src)
+                                                                 : at::zeros({n, src.out_features}, options));
+        continue;
+      }
+      const auto seg_residual =
+          src.residual.has_value() ? std::optional<at::Tensor>(segment_rows(*src.residual, seg, src)) : std::nullopt;
+      const AdapterInputs a = segment_inputs(src, seg, segment_rows(src.x, seg, src), seg_residual);
+      auto seg_out = seg.consecutive ? dst.narrow(0, seg.first_row * T, a.down.num_tokens)
+                                     : at::empty({a.down.num_tokens, src.out_features}, options);
+      auto seg_hidden = save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
+      run_adapter<B>(a, seg_out, seg_hidden, save_hidden);
+      if (!seg.consecutive) {
+        put_segment_rows(dst, seg, src, seg_out);
+      }
+    }
+  };
+  if (out.numel() > 0 || hidden_pre.numel() > 0) {
+    const auto order = adapter_order(in);
+    if (std::is_sorted(order.begin(), order.end())) {  // every adapter's rows consecutive: slices of x
+      run_segments(in, out);
+    } else {
+      // Rows of one adapter scattered over the batch: one gather into adapter order and one scatter
+      // back, rather than one of each per adapter. hidden_pre's blocks come in the same order either way.
+      const auto index = at::tensor(c10::ArrayRef<int64_t>(order), at::TensorOptions().dtype(at::kLong))
+                             .to(in.x.device());
+      auto rows_of = [&](const at::Tensor& t) {
+        return t.view({in.num_rows, -1}).index_select(0, index).view({in.num_tokens, t.size(1)});
+      };
+      MultiAdapterInputs sorted = in;
+      sorted.x = rows_of(in.x);
+      if (in.residual.has_value()) {
+        sorted.residual = rows_of(*in.residual);
+      }
+      for (int64_t r = 0; r < in.num_rows; ++r) {
+        sorted.row_adapter[r] = in.row_adapter[order[r]];
+      }
+      auto sorted_out = at::empty_like(out);
+      run_segments(sorted, sorted_out);
+      out.view({in.num_rows, -1}).index_copy_(0, index, sorted_out.view({in.num_rows, -1}));
+    }
+  }
+  return {out.view(in.out_shape), save_hidden ? hidden_pre : hidden_pre.view({0})};
+}
+
+// sparse_adapter_multi's backward: each segment's gradients by its adapter's backward, written into
+// the rows of grad_x and the adapter's entries of the concatenated gradients (zero for adapters
+// without rows, and for the rows without an adapter).
+template <typename B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_adapter_multi_backward_op(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& adapter_index,
+    const at::Tensor& hidden_pre,
+    const at::Tensor& down_values,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& down_crow_t,
+    const at::Tensor& down_col_t,
+    const at::Tensor& down_perm_t,
+    const at::Tensor& down_row_order_t,
+    const at::Tensor& up_values,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const at::Tensor& up_crow_t,
+    const at::Tensor& up_col_t,
+    const at::Tensor& up_perm_t,
+    const at::Tensor& up_row_order_t,
+    c10::ArrayRef<int64_t> bottleneck,
+    c10::ArrayRef<int64_t> down_nnz,
+    c10::ArrayRef<int64_t> up_nnz,
+    int64_t out_features,
+    c10::string_view activation,
+    c10::ArrayRef<double> scale,
+    std::array<bool, 5> output_mask) {
+  constexpr const char* op = "sparse_adapter_multi_backward";
+  const auto in = check_multi_adapter_inputs(
+      op, x, adapter_index, std::nullopt, down_values, std::nullopt, down_crow, down_col, up_values, std::nullopt,
+      up_crow, up_col, bottleneck, down_nnz, up_nnz, out_features, activation, scale,
+      {down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_crow_t, up_col_t, up_perm_t, up_row_order_t},
+      B::kDevice);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_multi_patterns_cpu<B>(op, in, true);
+  }
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && hidden_pre.scalar_type() == x.scalar_type(), op,
+                   ": grad_out and hidden_pre must have x's dtype ", x.scalar_type(), ", got ", grad_out.scalar_type(),
+                   " and ", hidden_pre.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device() && hidden_pre.device() == x.device(), op,
+                    ": grad_out and hidden_pre must be on x's device ", x.device());
+  TORCH_CHECK_VALUE(grad_out.sizes().vec() == in.out_shape, op, ": grad_out must have shape ",
+                    c10::IntArrayRef(in.out_shape), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(hidden_pre.dim() == 2 && hidden_pre.size(0) == in.num_tokens &&
+                        hidden_pre.size(1) == in.max_bottleneck,
+                    op, ": hidden_pre must be the forward's [", in.num_tokens, ", ", in.max_bottleneck, "], got ",
+                    hidden_pre.sizes());
+  const auto options = in.x.options();
+  const auto g = grad_out.reshape({in.num_tokens, in.out_features}).contiguous();
+  const auto saved = hidden_pre.contiguous();
+  const auto K = static_cast<int64_t>(in.adapters.size());
+  int64_t rows_down = 0;
+  for (const auto& a : in.adapters) rows_down += a.down.out_features;
+  auto none = [&] { return at::empty({0}, options); };
+  at::Tensor grad_x = output_mask[0] ? at::zeros({in.num_tokens, in.in_features}, options) : none();
+  at::Tensor grad_dv = output_mask[1] ? at::zeros({down_values.numel()}, options) : none();
+  at::Tensor grad_db = output_mask[2] ? at::zeros({rows_down}, options) : none();
+  at::Tensor grad_uv = output_mask[3] ? at::zeros({up_values.numel()}, options) : none();
+  at::Tensor grad_ub = output_mask[4] ? at::zeros({K * in.out_features}, options) : none();
+  for (const RowSegment& seg : in.num_tokens > 0 ? group_rows(in, in.x.device()) : std::vector<RowSegment>{}) {
+    if (seg.adapter < 0) {
+      continue;  // out = residual there: nothing of x or of any adapter
+    }
+    const int64_t k = seg.adapter;
+    AdapterBackwardInputs b;
+    b.forward = segment_inputs(in, seg, segment_rows(in.x, seg, in), std::nullopt);
+    b.grad_out = segment_rows(g, seg, in).contiguous();
+    b.hidden_pre = segment_hidden(saved, in, seg);
+    const AdapterTransposed& t = in.transposed[k];
+    b.down_crow_t = t.down_crow_t;
+    b.down_col_t = t.down_col_t;
+    b.down_perm_t = t.down_perm_t;
+    b.down_row_order_t = t.down_row_order_t;
+    b.up_crow_t = t.up_crow_t;
+    b.up_col_t = t.up_col_t;
+    b.up_perm_t = t.up_perm_t;
+    b.up_row_order_t = t.up_row_order_t;
+    const AdapterGradients grads = run_adapter_backward<B>(b, output_mask);
+    if (output_mask[0] && grads.x.defined()) {
+      put_segment_rows(grad_x, seg, in, grads.x);
+    }
+    auto put = [](at::Tensor& dst, int64_t offset, const at::Tensor& src) {
+      if (src.defined() && src.numel() > 0) {
+        dst.narrow(0, offset, src.numel()).copy_(src);
+      }
+    };
+    if (output_mask[1]) put(grad_dv, in.down_nnz_offset[k], grads.down_values);
+    if (output_mask[2]) put(grad_db, in.bottleneck_offset[k], grads.down_bias);
+    if (output_mask[3]) put(grad_uv, in.up_nnz_offset[k], grads.up_values);
+    if (output_mask[4]) put(grad_ub, k * in.out_features, grads.up_bias);
+  }
+  if (output_mask[0]) {
+    grad_x = grad_x.view(x.sizes());
+  }
+  return {grad_x, grad_dv, grad_db, grad_uv, grad_ub};
 }
 
 }  // namespace sparseadapter

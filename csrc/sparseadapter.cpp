@@ -86,6 +86,50 @@ TORCH_LIBRARY(sparseadapter, m) {
       "str activation, float scale, bool[5] output_mask) -> (Tensor grad_x, Tensor grad_down_values, "
       "Tensor grad_down_bias, Tensor grad_up_values, Tensor grad_up_bias)");
 
+  // Several bottleneck adapters in one batch, one adapter per row (mixed-adapter batches): row r of x
+  // ([rows, ..., in]; its tokens are x[r]) runs adapter adapter_index[r] as sparse_adapter runs it alone,
+  // and a row with adapter_index -1 gets the residual (zeros without one). adapter_index: int32 or
+  // int64, [rows], on the CPU or on x's device (it is read on the host: on CUDA, one synchronizing copy).
+  // The K adapters' arrays are concatenated, adapter k's after adapter k-1's, each adapter's crow_indices
+  // starting at 0 over its own entries: down_values / down_col_indices: sum(down_nnz) entries,
+  // down_crow_indices: sum(bottleneck + 1), down_bias: sum(bottleneck); up_values / up_col_indices:
+  // sum(up_nnz), up_crow_indices: K * (out_features + 1), up_bias: K * out_features. The lists give the
+  // sizes per adapter; scale is per adapter too, and so is activation, one name per adapter separated
+  // by commas ("relu,gelu"; LoRA is "identity" with no biases and scale alpha / r). The rows are
+  // grouped by adapter inside the op (stably), each group running its adapter's fused kernel or dense
+  // path (the path chosen for that problem) on its tokens as one block: slices of x when each
+  // adapter's rows are consecutive, else x gathered into adapter order once and the output scattered
+  // back once.
+  // hidden_pre (when save_hidden) is the backward's state: [tokens, max(bottleneck)] holding the groups'
+  // pre-activations one after another (adapter 0's rows first), each group a [tokens_k, bottleneck_k]
+  // block. The transposed patterns, concatenated the same way (down: K * (in + 1) crow_t, sum(down_nnz)
+  // col_t and perm_t (indices into the adapter's own entries), K * in row_order_t; up: sum(bottleneck + 1)
+  // crow_t, sum(up_nnz) col_t and perm_t, sum(bottleneck) row_order_t), are the backward's only: all
+  // eight or none (inference needs none).
+  m.def(
+      "sparse_adapter_multi(Tensor x, Tensor adapter_index, Tensor? residual, "
+      "Tensor down_values, Tensor? down_bias, Tensor down_crow_indices, Tensor down_col_indices, "
+      "Tensor up_values, Tensor? up_bias, Tensor up_crow_indices, Tensor up_col_indices, "
+      "int[] bottleneck, int[] down_nnz, int[] up_nnz, int out_features, str activation, float[] scale, "
+      "bool save_hidden, "
+      "Tensor? down_crow_indices_t=None, Tensor? down_col_indices_t=None, Tensor? down_perm_t=None, "
+      "Tensor? down_row_order_t=None, Tensor? up_crow_indices_t=None, Tensor? up_col_indices_t=None, "
+      "Tensor? up_perm_t=None, Tensor? up_row_order_t=None) -> (Tensor out, Tensor hidden_pre)");
+
+  // sparse_adapter_multi's backward in one call: the gradients of x (zero in rows without an adapter),
+  // of the concatenated down values and biases and up values and biases (zero for an adapter without
+  // rows), each only where output_mask says so (else an empty tensor). Biases' gradients come for
+  // every adapter (sum(bottleneck), K * out_features entries), whether or not it has biases.
+  m.def(
+      "sparse_adapter_multi_backward(Tensor grad_out, Tensor x, Tensor adapter_index, Tensor hidden_pre, "
+      "Tensor down_values, Tensor down_crow_indices, Tensor down_col_indices, "
+      "Tensor down_crow_indices_t, Tensor down_col_indices_t, Tensor down_perm_t, Tensor down_row_order_t, "
+      "Tensor up_values, Tensor up_crow_indices, Tensor up_col_indices, "
+      "Tensor up_crow_indices_t, Tensor up_col_indices_t, Tensor up_perm_t, Tensor up_row_order_t, "
+      "int[] bottleneck, int[] down_nnz, int[] up_nnz, int out_features, str activation, float[] scale, "
+      "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_down_values, Tensor grad_down_bias, "
+      "Tensor grad_up_values, Tensor grad_up_bias)");
+
   // Pruning at initialization; kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
 
   // The keep-score of every weight (higher = keep), in one pass: "magnitude" |w|, "snip" |g * w|

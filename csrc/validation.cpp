@@ -368,6 +368,201 @@ AdapterInputs check_adapter_inputs(
 
 namespace {
 
+int64_t sum_of(const char* op, const char* name, c10::ArrayRef<int64_t> sizes, int64_t extra_per_entry) {
+  int64_t total = 0;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    TORCH_CHECK_VALUE(sizes[k] >= 0, op, ": ", name, "[", k, "] = ", sizes[k], " must be >= 0");
+    total += sizes[k] + extra_per_entry;
+  }
+  return total;
+}
+
+void check_length(const char* op, const char* name, const at::Tensor& t, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.numel() == expected, op, ": ", name, " has ", t.numel(), " entries but ", what, " make ",
+                    expected);
+}
+
+// Runs `check` and puts "op: adapter k: " before the message of a ValueError or TypeError it raises.
+template <typename F>
+auto for_adapter(const char* op, size_t k, F&& check) {
+  try {
+    return check();
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, op, ": adapter ", k, ": ", e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, op, ": adapter ", k, ": ", e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+MultiAdapterInputs check_multi_adapter_inputs(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& adapter_index,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::ArrayRef<int64_t> bottleneck,
+    c10::ArrayRef<int64_t> down_nnz,
+    c10::ArrayRef<int64_t> up_nnz,
+    int64_t out_features,
+    c10::string_view activation,
+    c10::ArrayRef<double> scale,
+    const std::array<std::optional<at::Tensor>, 8>& transposed,
+    c10::DeviceType device_type) {
+  check_x(op, x, device_type);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape [rows, ..., in_features] (one adapter index per row), "
+                    "got shape ", x.sizes());
+  const auto device = x.device();
+  const size_t K = bottleneck.size();
+  std::vector<std::string> activations;  // "relu,gelu": one name per adapter
+  for (size_t start = 0; start < activation.size();) {
+    const size_t end = std::min(activation.find(',', start), activation.size());
+    activations.emplace_back(activation.substr(start, end - start));
+    start = end + 1;
+    if (end + 1 == activation.size()) {
+      activations.emplace_back();  // a trailing comma: an empty name, refused below
+    }
+  }
+  TORCH_CHECK_VALUE(down_nnz.size() == K && up_nnz.size() == K && activations.size() == K && scale.size() == K, op,
+                    ": bottleneck, down_nnz, up_nnz, activation (names separated by commas) and scale must have one "
+                    "entry per adapter; got ", bottleneck.size(), ", ", down_nnz.size(), ", ", up_nnz.size(), ", ",
+                    activations.size(), ", ", scale.size());
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+
+  MultiAdapterInputs in;
+  in.num_rows = x.size(0);
+  in.in_features = x.size(-1);
+  in.out_features = out_features;
+  in.num_tokens = leading_numel(x);
+  in.tokens_per_row = in.num_rows > 0 ? in.num_tokens / in.num_rows : 0;
+  in.out_shape = x.sizes().vec();
+  in.out_shape.back() = out_features;
+
+  // the concatenations: lengths that the per-adapter sizes add up to
+  const int64_t rows_down = sum_of(op, "bottleneck", bottleneck, 0);
+  const int64_t nnz_down = sum_of(op, "down_nnz", down_nnz, 0);
+  const int64_t nnz_up = sum_of(op, "up_nnz", up_nnz, 0);
+  const auto k = static_cast<int64_t>(K);
+  check_index_tensor(op, "down_crow_indices", down_crow);
+  check_index_tensor(op, "down_col_indices", down_col);
+  check_index_tensor(op, "up_crow_indices", up_crow);
+  check_index_tensor(op, "up_col_indices", up_col);
+  check_length(op, "down_crow_indices", down_crow, rows_down + k, "the adapters' bottleneck + 1");
+  check_length(op, "down_col_indices", down_col, nnz_down, "the adapters' down_nnz");
+  check_length(op, "down_values", down_values, nnz_down, "the adapters' down_nnz");
+  check_length(op, "up_crow_indices", up_crow, k * (out_features + 1), "the adapters' out_features + 1");
+  check_length(op, "up_col_indices", up_col, nnz_up, "the adapters' up_nnz");
+  check_length(op, "up_values", up_values, nnz_up, "the adapters' up_nnz");
+  if (down_bias.has_value()) {
+    check_length(op, "down_bias", *down_bias, rows_down, "the adapters' bottleneck");
+  }
+  if (up_bias.has_value()) {
+    check_length(op, "up_bias", *up_bias, k * out_features, "the adapters' out_features");
+  }
+  int given = 0;
+  for (const auto& t : transposed) {
+    given += t.has_value() ? 1 : 0;
+  }
+  TORCH_CHECK_VALUE(given == 0 || given == 8, op, ": the transposed patterns (the backward's) are given whole or "
+                    "not at all; got ", given, " of 8");
+  static const char* kTransposedNames[8] = {"down_crow_indices_t", "down_col_indices_t", "down_perm_t",
+                                            "down_row_order_t",    "up_crow_indices_t",  "up_col_indices_t",
+                                            "up_perm_t",           "up_row_order_t"};
+  if (given == 8) {
+    const int64_t lengths[8] = {k * (in.in_features + 1), nnz_down, nnz_down, k * in.in_features,
+                                rows_down + k,            nnz_up,   nnz_up,   rows_down};
+    for (int i = 0; i < 8; ++i) {
+      check_index_tensor(op, kTransposedNames[i], *transposed[i]);
+      check_length(op, kTransposedNames[i], *transposed[i], lengths[i], "the adapters' sizes");
+    }
+  }
+
+  // each adapter, as sparse_adapter checks one
+  const auto stand_in = at::empty({0, in.in_features}, x.options());
+  int64_t d_row = 0, d_nnz = 0, u_nnz = 0;
+  for (size_t a = 0; a < K; ++a) {
+    const int64_t b = bottleneck[a];
+    in.bottleneck_offset.push_back(d_row);
+    in.down_nnz_offset.push_back(d_nnz);
+    in.up_nnz_offset.push_back(u_nnz);
+    const auto ai = static_cast<int64_t>(a);
+    auto bias_of = [](const std::optional<at::Tensor>& bias, int64_t start, int64_t length) {
+      return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, start, length)) : std::nullopt;
+    };
+    in.adapters.push_back(for_adapter(op, a, [&] {
+      return check_adapter_inputs(
+          stand_in, std::nullopt, down_values.narrow(0, d_nnz, down_nnz[a]), bias_of(down_bias, d_row, b),
+          down_crow.narrow(0, d_row + ai, b + 1), down_col.narrow(0, d_nnz, down_nnz[a]),
+          up_values.narrow(0, u_nnz, up_nnz[a]), bias_of(up_bias, ai * out_features, out_features),
+          up_crow.narrow(0, ai * (out_features + 1), out_features + 1), up_col.narrow(0, u_nnz, up_nnz[a]),
+          activations[a], scale[a], device_type);
+    }));
+    if (given == 8) {
+      AdapterTransposed t;
+      t.down_crow_t = transposed[0]->narrow(0, ai * (in.in_features + 1), in.in_features + 1).contiguous();
+      t.down_col_t = transposed[1]->narrow(0, d_nnz, down_nnz[a]).contiguous();
+      t.down_perm_t = transposed[2]->narrow(0, d_nnz, down_nnz[a]).contiguous();
+      t.down_row_order_t = transposed[3]->narrow(0, ai * in.in_features, in.in_features).contiguous();
+      t.up_crow_t = transposed[4]->narrow(0, d_row + ai, b + 1).contiguous();
+      t.up_col_t = transposed[5]->narrow(0, u_nnz, up_nnz[a]).contiguous();
+      t.up_perm_t = transposed[6]->narrow(0, u_nnz, up_nnz[a]).contiguous();
+      t.up_row_order_t = transposed[7]->narrow(0, d_row, b).contiguous();
+      const AdapterInputs& f = in.adapters.back();
+      for_adapter(op, a, [&] {
+        check_transposed_pattern("down", f.down, t.down_crow_t, t.down_col_t, t.down_perm_t, t.down_row_order_t);
+        check_transposed_pattern("up", f.up, t.up_crow_t, t.up_col_t, t.up_perm_t, t.up_row_order_t);
+      });
+      in.transposed.push_back(std::move(t));
+    }
+    in.max_bottleneck = std::max(in.max_bottleneck, b);
+    d_row += b;
+    d_nnz += down_nnz[a];
+    u_nnz += up_nnz[a];
+  }
+  if (K == 0) {  // nothing per adapter checked the arrays' dtypes and devices
+    TORCH_CHECK_TYPE(down_values.scalar_type() == x.scalar_type() && up_values.scalar_type() == x.scalar_type(), op,
+                     ": values have dtype ", down_values.scalar_type(), " / ", up_values.scalar_type(),
+                     " but x has dtype ", x.scalar_type());
+  }
+
+  // the adapter of each row
+  check_index_tensor(op, "adapter_index", adapter_index);
+  TORCH_CHECK_VALUE(adapter_index.device().is_cpu() || adapter_index.device() == device, op,
+                    ": adapter_index is on ", adapter_index.device(), "; it must be on the CPU or on x's device ",
+                    device);
+  TORCH_CHECK_VALUE(adapter_index.numel() == in.num_rows, op, ": adapter_index has ", adapter_index.numel(),
+                    " entries but x has ", in.num_rows, " rows (x's first dim); give one adapter per row");
+  const auto ids = adapter_index.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  in.row_adapter.assign(id, id + in.num_rows);
+  for (int64_t r = 0; r < in.num_rows; ++r) {
+    TORCH_CHECK_VALUE(id[r] >= -1 && id[r] < k, op, ": adapter_index[", r, "] = ", id[r], " is out of range for ", K,
+                      " adapter(s) (-1 = none, 0..", k - 1, ")");
+  }
+
+  if (residual.has_value()) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), op, ": residual has dtype ",
+                     residual->scalar_type(), " but x has dtype ", x.scalar_type());
+    check_device(op, "residual", *residual, device);
+    TORCH_CHECK_VALUE(residual->sizes().vec() == in.out_shape, op, ": residual must have the output's shape ",
+                      c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
+    in.residual = residual->reshape({in.num_tokens, out_features}).contiguous();
+  }
+  in.x = x.reshape({in.num_tokens, in.in_features}).contiguous();
+  return in;
+}
+
+namespace {
+
 // Index of the first entry outside [0, bound), or -1. No early exit in the first pass: it vectorizes.
 template <typename index_t>
 int64_t first_out_of_range(const index_t* p, int64_t n, int64_t bound) {

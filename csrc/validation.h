@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -141,6 +142,53 @@ AdapterBackwardInputs check_adapter_backward_inputs(
     const at::Tensor& up_row_order_t,
     c10::string_view activation,
     double scale,
+    c10::DeviceType device_type);
+
+// sparse_adapter_multi's inputs: K adapters whose CSR arrays arrive concatenated (adapter k's entries
+// after adapter k-1's; each adapter's crow_indices starts at 0 and indexes its own entries), and one
+// adapter index per row of x (x: [rows, ..., in]; -1 = no adapter). `adapters[k]` holds adapter k's
+// arrays as views of the concatenations, checked as sparse_adapter checks one adapter, with an empty
+// [0, in] stand-in for x and no residual; the caller fills in x and the residual of each row segment.
+struct AdapterTransposed {  // the backward's patterns of one adapter (views)
+  at::Tensor down_crow_t, down_col_t, down_perm_t, down_row_order_t;
+  at::Tensor up_crow_t, up_col_t, up_perm_t, up_row_order_t;
+};
+
+struct MultiAdapterInputs {
+  std::vector<AdapterInputs> adapters;
+  std::vector<AdapterTransposed> transposed;  // one per adapter when given, else empty
+  at::Tensor x;                               // [num_tokens, in], contiguous
+  std::optional<at::Tensor> residual;         // [num_tokens, out], contiguous
+  std::vector<int64_t> row_adapter;           // per row: -1 (none) or 0..K-1, read on the host
+  std::vector<int64_t> down_nnz_offset, up_nnz_offset, bottleneck_offset;  // where adapter k starts
+  int64_t num_rows = 0, tokens_per_row = 0, num_tokens = 0;
+  int64_t in_features = 0, out_features = 0, max_bottleneck = 0;
+  std::vector<int64_t> out_shape;             // x's leading dims + [out]
+};
+
+// transposed: the eight backward arrays (down crow_t, col_t, perm_t, row_order_t, then up's), all
+// given or all absent. The adapter index may live on the CPU or on x's device; it is read on the host
+// (on CUDA that is a synchronizing copy of rows integers).
+MultiAdapterInputs check_multi_adapter_inputs(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& adapter_index,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::ArrayRef<int64_t> bottleneck,
+    c10::ArrayRef<int64_t> down_nnz,
+    c10::ArrayRef<int64_t> up_nnz,
+    int64_t out_features,
+    c10::string_view activation,
+    c10::ArrayRef<double> scale,
+    const std::array<std::optional<at::Tensor>, 8>& transposed,
     c10::DeviceType device_type);
 
 // csr_to_dense and csr_gather: a pattern of num_rows x num_cols and its values (csr_to_dense: `data`

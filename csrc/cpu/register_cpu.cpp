@@ -13,6 +13,8 @@ TORCH_LIBRARY_IMPL(sparseadapter, CPU, m) {
   m.impl("sparse_adapter", &sparse_adapter_op<CpuBackend>);
   m.impl("sparse_linear_backward", &sparse_linear_backward_op<CpuBackend>);
   m.impl("sparse_adapter_backward", &sparse_adapter_backward_op<CpuBackend>);
+  m.impl("sparse_adapter_multi", &sparse_adapter_multi_op<CpuBackend>);
+  m.impl("sparse_adapter_multi_backward", &sparse_adapter_multi_backward_op<CpuBackend>);
   m.impl("csr_to_dense", &csr_to_dense_op<CpuBackend>);
   m.impl("csr_gather", &csr_gather_op<CpuBackend>);
   m.impl("prune_score", &prune_score_cpu);

@@ -7,6 +7,8 @@
   sparseadapter train --task sst2 --data-dir glue/SST-2 --sparsity 0.8 --pruner snip
   sparseadapter train --config run.yaml --lr 3e-4      (flags override the file)
   sparseadapter eval --adapter runs/sparseadapter/adapter --split test
+  sparseadapter train --task squad --train-file train.json --validation-file dev.json --max-length 256
+  sparseadapter predict --adapter runs/sparseadapter/adapter --input dev.json --output predictions.json
   sparseadapter prune --kind lora --sparsity 0.9 --pruner synflow   (what would be kept, no training)
   sparseadapter bench linear --sparsity 0.8 0.9          (kernel benchmarks; `bench linear --help`)
   sparseadapter export --adapter runs/demo/best --output model.pt   (TorchScript for sparseadapter_serve)
@@ -25,7 +27,8 @@ from typing import Dict, List, Optional
 from .training.config import TrainConfig, field_type, read_config_file
 
 # TrainConfig fields from these names on form the --help sections, in order.
-SECTIONS = [("model", "data"), ("objective", "generation (causal-lm, seq2seq)"), ("kind", "adapter and pruning"),
+SECTIONS = [("model", "data"), ("doc_stride", "question answering (--task squad)"),
+            ("objective", "generation (causal-lm, seq2seq)"), ("kind", "adapter and pruning"),
             ("lr", "optimization"), ("eval_every", "run")]
 # `demo --task bbc-headlines`: the generation job, short enough for a CPU (a few minutes of training on
 # 2 cores, then the test subset generated three ways: adapter, lead sentence, zero-shot)
@@ -48,7 +51,9 @@ PRUNE_OPTIONS = ("model", "task", "data_dir", "train_file", "regression", "max_t
                  "target_modules", "lora_alpha", "lora_dropout", "adapter_name", "batch_size", "grad_accumulation",
                  "max_length", "seed", "device", "threads", "progress",
                  # generation: the prompts and targets SNIP and GraSP score on
-                 "objective", "prompt", "chat_template", "max_target_length", "max_new_tokens")
+                 "objective", "prompt", "chat_template", "max_target_length", "max_new_tokens",
+                 # question answering: the windows SNIP and GraSP score on
+                 "doc_stride", "max_query_length")
 
 
 class UsageError(ValueError):
@@ -144,6 +149,24 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     _add_train_options(ev, only=EVAL_OPTIONS + GENERATION_EVAL_OPTIONS)
 
+    predict = sub.add_parser("predict", help="answer the questions of a SQuAD file with a span adapter",
+                             formatter_class=fmt, description=(
+                                 "Load an adapter trained with --task squad on its base model and write its answers "
+                                 "to the questions of a SQuAD JSON file (answers not needed) as {id: answer} JSON, "
+                                 "the predictions file the official SQuAD evaluation script reads; \"\" is "
+                                 "the null answer (v2.0)."))
+    predict.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (or run folder) written by "
+                         "`train --task squad`")
+    predict.add_argument("--input", required=True, metavar="FILE", help="SQuAD JSON file (v1.1 or v2.0)")
+    predict.add_argument("--output", metavar="FILE", help="write the predictions here (default: print them)")
+    predict.add_argument("--null-odds", metavar="FILE", help="also write {id: null score minus best span score}, "
+                         "for the official v2.0 script's --na-prob-file (with --na-prob-thresh set to the null "
+                         "threshold it scores the answers as predicted)")
+    predict.add_argument("--null-threshold", type=float, default=None,
+                         help="answer \"\" when the null score beats the best span by more than this "
+                         "(default: the threshold chosen on validation, saved with the adapter)")
+    _add_train_options(predict, only=("eval_batch_size", "device", "threads", "progress"))
+
     gen = sub.add_parser("generate", help="generate text with a trained generation adapter", formatter_class=fmt,
                          description="Load a generation adapter (causal-lm or seq2seq) on its base model and "
                          "generate from --text, an --input file, or the first --limit examples of a --split of "
@@ -185,7 +208,10 @@ def make_parser() -> argparse.ArgumentParser:
                                 "Load a saved adapter on its base model, fold it for inference (dropout off, "
                                 "prefixes folded, LoRA merged, each sparse layer on the faster of the CSR kernel "
                                 "and a dense GEMM) and write it with the metadata a server needs."))
-    export.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder written by `train`")
+    export.add_argument("--adapter", required=True, metavar="DIR", action="append",
+                        help="adapter folder written by `train`; several (--adapter a --adapter b) make one model "
+                        "that takes an adapter index per row, each adapter named by its folder's name "
+                        "(torchscript or export format; sparse layers stay CSR, LoRA unmerged)")
     export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
     export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
     export.add_argument("--path", default=None, choices=("auto", "sparse", "dense"),
@@ -221,7 +247,10 @@ def _run_train(args, base=None, after=None) -> int:
 def _run_eval(args) -> int:
     from .training.engine import score_saved
     from .training.metrics import collapse_warning, describe_baseline, is_diagnostic
+    from .training.qa import is_qa_adapter
 
+    if is_qa_adapter(args.adapter):
+        return _run_qa_eval(args)
     task, metrics = score_saved(args.adapter, split=args.split, overrides=_given(args))
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
@@ -242,6 +271,58 @@ def _run_eval(args) -> int:
     warning = collapse_warning(task, metrics, args.split)
     if warning:
         print(f"  WARNING: {warning}")
+    return 0
+
+
+def _run_qa_eval(args) -> int:
+    from .training.qa import score_qa_saved
+
+    metrics = score_qa_saved(args.adapter, split=args.split, overrides=_given(args))
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+        return 0
+    line = (f"{args.adapter} on {args.split} ({metrics['examples']} questions in {metrics['windows']} windows, "
+            f"{metrics['seconds']:.1f} s): exact {metrics['exact']:.2f}  f1 {metrics['f1']:.2f}")
+    if "loss" in metrics:
+        line += f"  (loss {metrics['loss']:.4f})"
+    print(line)
+    parts = []
+    if metrics.get("has_answer_total"):
+        parts.append(f"answerable ({metrics['has_answer_total']}): exact {metrics['has_answer_exact']:.2f} "
+                     f"f1 {metrics['has_answer_f1']:.2f}"
+                     + (f" (best spans, no null answer: f1 {metrics['has_answer_span_f1']:.2f})"
+                        if "has_answer_span_f1" in metrics else ""))
+    if metrics.get("no_answer_total"):
+        parts.append(f"unanswerable ({metrics['no_answer_total']}): exact {metrics['no_answer_exact']:.2f}")
+    if "null_threshold" in metrics:
+        parts.append(f"null threshold {metrics['null_threshold']:.4g}")
+    if parts:
+        print("  " + "; ".join(parts))
+    if "baseline_f1" in metrics:
+        print(f"  baseline: always no answer: exact {metrics['baseline_exact']:.2f}  f1 {metrics['baseline_f1']:.2f}")
+    return 0
+
+
+def _run_predict(args) -> int:
+    from .training.qa import is_qa_adapter, predict_saved
+
+    if not is_qa_adapter(args.adapter):
+        raise UsageError(f"{args.adapter}: predict answers questions with an adapter trained with --task squad; "
+                         "score other adapters with `sparseadapter eval`")
+    overrides = {k: v for k, v in vars(args).items() if k in ("eval_batch_size", "device", "threads", "progress")}
+    predictions, margins = predict_saved(args.adapter, args.input, overrides=overrides, threshold=args.null_threshold)
+    text = json.dumps(predictions, indent=2, ensure_ascii=False)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        answered = sum(1 for a in predictions.values() if a)
+        print(f"wrote {args.output}: {len(predictions)} questions, {answered} answered, "
+              f"{len(predictions) - answered} with no answer", file=sys.stderr)
+    else:
+        print(text)
+    if args.null_odds:
+        with open(args.null_odds, "w", encoding="utf-8") as f:
+            f.write(json.dumps(margins, indent=2) + "\n")
     return 0
 
 
@@ -317,21 +398,40 @@ def _run_prune(args) -> int:
 
 
 def _run_export(args) -> int:
-    from .serving import export_model, prepare_for_inference, serving_metadata
+    from .serving import MultiAdapterServingModel, export_model, load_adapters, prepare_for_inference, serving_metadata
     from .training.engine import load_saved
 
-    _, task, tokenizer, model = load_saved(args.adapter)
+    cfg, task, tokenizer, model = load_saved(args.adapter[0])
     if task.generation:
-        raise UsageError(f"{args.adapter} is a generation adapter ({task.name}); export serves classifiers and "
+        raise UsageError(f"{args.adapter[0]} is a generation adapter ({task.name}); export serves classifiers and "
                          "regressors (use `sparseadapter generate`)")
+    serving, names = None, None
+    if len(args.adapter) > 1:
+        if args.fmt == "aoti":
+            raise UsageError("--format aoti takes one --adapter; several export as torchscript or export")
+        if args.path == "dense":
+            raise UsageError("--path dense: several adapters run as CSR arrays in one op per site; use sparse or auto")
+        for other in args.adapter[1:]:
+            other_task = load_saved(other)[1]
+            if (other_task.num_labels, other_task.label_names) != (task.num_labels, task.label_names):
+                raise UsageError(f"{other}: its task has labels {other_task.label_names or other_task.num_labels}, "
+                                 f"{args.adapter[0]}'s {task.label_names or task.num_labels}; adapters served "
+                                 "together answer one task")
+        from .adapters import delete_adapter
+        delete_adapter(model, cfg.adapter_name)
+        names = load_adapters(model, args.adapter)
+        args.path, args.merge_lora = "sparse", False
     model, plan = prepare_for_inference(model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora,
                                         inplace=True)
     labels = None if task.is_regression else list(task.label_names or map(str, range(task.num_labels)))
     meta = serving_metadata(model, labels=labels, pad_token_id=tokenizer.pad_token_id)
-    export_model(model, args.output, fmt=args.fmt, meta=meta)
+    if names is not None:
+        meta["adapters"] = names
+        serving = MultiAdapterServingModel(model, names)
+    export_model(model, args.output, fmt=args.fmt, meta=meta, serving=serving)
     print(plan.describe())
     print(f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
-          f"max length {meta['max_length']})")
+          f"max length {meta['max_length']}" + (f"; adapters {', '.join(names)}" if names else "") + ")")
     return 0
 
 
@@ -367,6 +467,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             return _run_eval(args)
         if args.command == "prune":
             return _run_prune(args)
+        if args.command == "predict":
+            return _run_predict(args)
         if args.command == "export":
             return _run_export(args)
         from .bench import run_suite

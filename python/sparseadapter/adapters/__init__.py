@@ -1,9 +1,10 @@
 """Sparse adapters on real models: Houlsby, Pfeiffer, parallel, LoRA, prefix tuning, MAM, AdapterFusion."""
 from .api import (
     active_adapters, add_adapter, add_fusion, adapter_modules, delete_adapter, disable_adapter, fold_prefix, merge,
-    pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
+    per_row_adapters, pruning_record, set_active_adapters, set_active_fusion, train_adapter, train_fusion, unload, unmerge,
 )
 from .config import KINDS, SparseAdapterConfig
+from .heads import HeadConfig, adapter_head, head_info, set_head_info
 from .head import clear_target_normalization, set_target_normalization, target_normalization, target_stats
 from .card import write_model_card
 from .io import load_adapter, save_adapter
@@ -13,10 +14,10 @@ from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenera
 from .summary import parameter_budget, print_trainable_parameters, trainable_parameters
 
 __all__ = [
-    "AdapterFusion", "BottleneckAdapter", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
+    "AdapterFusion", "BottleneckAdapter", "HeadConfig", "adapter_head", "head_info", "set_head_info", "KINDS", "LoRAAdapter", "PrefixGenerator", "SparseAdapterConfig",
     "active_adapters", "adapter_modules", "add_adapter", "add_fusion", "clear_target_normalization",
     "delete_adapter", "disable_adapter", "fold_prefix", "from_peft", "load_adapter", "load_pretrained", "merge",
-    "parameter_budget", "pruning_record", "print_trainable_parameters", "save_adapter", "save_pretrained",
+    "parameter_budget", "per_row_adapters", "pruning_record", "print_trainable_parameters", "save_adapter", "save_pretrained",
     "set_active_adapters", "set_active_fusion", "set_target_normalization", "target_normalization", "target_stats",
     "to_peft", "train_adapter", "train_fusion", "trainable_parameters", "unload", "unmerge", "write_model_card",
 ]

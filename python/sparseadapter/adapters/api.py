@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 from ..pruning.api import PRUNABLE_ATTR, prune
+from . import heads
 from . import prefix as prefix_attention
 from .config import SparseAdapterConfig
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
 from .placement import Site, hidden_size, is_conv1d, resolve_sites
+from . import routing
 from .registry import PREFIX_ROOT, REGISTRY_ATTR, AdapterEntry, entry, registry
+from .registry import router as registry_router
 from .slot import SLOT_ATTR, AdapterSlot, slots
 
 Names = Union[str, Sequence[str]]
@@ -58,6 +61,8 @@ def _slot_for(model: nn.Module, site: Site) -> AdapterSlot:
         slot.attach(host, model.get_submodule(site.span_start) if site.span_start else None)
     elif slot.mode != site.mode:
         raise ValueError(f"{site.host!r} already holds {slot.mode} adapters; a {site.mode} adapter cannot share it")
+    if slot.__dict__.get("router") is None:
+        slot.__dict__["router"] = registry_router(model)
     return slot
 
 
@@ -76,12 +81,13 @@ def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
 
 
 def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
-                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None) -> nn.Module:
+                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None,
+                head=None) -> nn.Module:
     """Add adapter `name` to `model` in place and return the model.
 
     The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
-    pruned here, once, with `config.pruner`. SNIP and GraSP need calibration `data`, an iterable of
-    batches (a list, a generator, a torch DataLoader):
+    pruned here, once, with `config.pruner`, scored through the new adapter's head. SNIP and GraSP need
+    calibration `data`, an iterable of batches (a list, a generator, a torch DataLoader):
 
     - dicts of tensors the model takes as `model(**batch)`, with labels (the default loss is
       `model(**batch).loss`), e.g. `dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=y)`;
@@ -90,13 +96,19 @@ def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, dat
     `calibration_batches=k` reads only the first k batches of `data` (None: all); the data-free
     pruners (random, magnitude, synflow) read none. A batch of another form raises ValueError naming
     what was received. With `activate`, the new adapter becomes the only active one.
+
+    The adapter owns a task head (heads.py): the model's head when no adapter owns it yet, else a copy
+    of the current head; `head=HeadConfig(kind, num_labels)` (or a kind name: "classification",
+    "regression", "span") draws a new one of that kind. Other adapters' heads are never changed.
     """
     if not isinstance(config, SparseAdapterConfig):
         raise TypeError(f"config must be a SparseAdapterConfig, got {type(config).__name__}")
     check_new_name(model, name)
     parts = build_adapter(model, config)
     check_attachable(model, parts, activate)
+    planned = heads.plan_head(model, head, seed=config.seed)
     attach_adapter(model, name, config, parts)
+    heads.attach_planned_head(model, name, planned)
     if config.is_sparse:
         _prune_adapter(model, name, config, data, loss_fn, calibration_batches)
     freeze_base(model)
@@ -173,22 +185,61 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig,
     return BuiltAdapter(sites, modules, generator, placement)
 
 
-def _reject_adapter_names(model: nn.Module, args, kwargs):
-    """Forward pre-hook on the model root: peft's per-example `adapter_names=` is refused, not ignored.
-    (A module-level function, so deepcopy and pickling of the model keep working.)"""
-    if kwargs.get("adapter_names") is not None and REGISTRY_ATTR in model.__dict__:
-        raise TypeError(
-            "model(..., adapter_names=...) is not supported by sparseadapter: every example of a batch runs "
-            "the active adapters. Activate them before the call (sa.set_active_adapters(model, [...])) and "
-            "split a batch that mixes adapters into one call per adapter")
+def _route_adapter_names(model: nn.Module, args, kwargs):
+    """Forward pre-hook on the model root: peft's per-row `adapter_names=` (routing.py). Takes the
+    argument out of the call and routes each row through the adapter it names. (A module-level
+    function, so deepcopy and pickling of the model keep working.)"""
+    reg = model.__dict__.get(REGISTRY_ATTR)
+    if reg is None:
+        return None
+    router = registry_router(model)
+    router.enter_call()  # first: _leave_routed_call pops it whatever happens next
+    if "adapter_names" not in kwargs:
+        return None
+    kwargs = dict(kwargs)
+    names = kwargs.pop("adapter_names")
+    if names is not None:
+        rows, device = routing.batch_size(args, kwargs)
+        router.route(routing.rows_of(names, list(reg.adapters), list(reg.fusions), rows, device))
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def per_row_adapters(model: nn.Module, adapter_names: Sequence[Optional[str]]):
+    """`with sa.per_row_adapters(model, ["a", None, "b"]): model.generate(...)`: every forward inside
+    routes row i through adapter_names[i] (None or "__base__": the bare model), as
+    `model(..., adapter_names=...)` does for one call; generated beams and returned sequences take
+    their row's adapter. For `generate`, which refuses `adapter_names=` (transformers checks its keywords
+    against the model's forward)."""
+    reg = registry(model)
+    router = registry_router(model)
+    routed = routing.rows_of(adapter_names, list(reg.adapters), list(reg.fusions), None,
+                             _parameter_device(model), expand=True)
+    router.enter_call()
+    router.route(routed)
+    try:
+        yield model
+    finally:
+        router.leave_call()
+
+
+def _parameter_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def _leave_routed_call(model: nn.Module, args, kwargs, output):
+    """Forward hook (always called, also after an exception) paired with _route_adapter_names."""
+    if REGISTRY_ATTR in model.__dict__:
+        registry_router(model).leave_call()
     return None
 
 
 def guard_forward(model: nn.Module) -> None:
-    """Install `_reject_adapter_names` on the model root, once."""
-    if any(fn is _reject_adapter_names for fn in model._forward_pre_hooks.values()):
+    """Install `_route_adapter_names` and `_leave_routed_call` on the model root, once."""
+    if any(fn is _route_adapter_names for fn in model._forward_pre_hooks.values()):
         return
-    model.register_forward_pre_hook(_reject_adapter_names, with_kwargs=True)
+    model.register_forward_pre_hook(_route_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_leave_routed_call, with_kwargs=True, always_call=True)
 
 
 def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, parts: BuiltAdapter) -> None:
@@ -257,6 +308,7 @@ def _set_active(model: nn.Module, names: List[str], fusion: Optional[str]) -> No
         slot.active = [n for n in names if n in slot.adapters or n in slot.prefixes]
         slot.active_fusion = fusion if fusion in slot.fusions else None
     reg.active, reg.active_fusion = list(names), fusion
+    heads.activate_head(model, list(names))  # the model answers with the head of the active adapter
 
 
 def set_active_adapters(model: nn.Module, names: Names) -> nn.Module:
@@ -448,9 +500,13 @@ def unload(model: nn.Module) -> nn.Module:
     for n in list(reg.adapters):
         delete_adapter(model, n)
     del model.__dict__["sparseadapter_registry"]
-    for key in [k for k, fn in model._forward_pre_hooks.items() if fn is _reject_adapter_names]:
+    for key in [k for k, fn in model._forward_pre_hooks.items() if fn is _route_adapter_names]:
         del model._forward_pre_hooks[key]
         model._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key in [k for k, fn in model._forward_hooks.items() if fn is _leave_routed_call]:
+        del model._forward_hooks[key]
+        model._forward_hooks_with_kwargs.pop(key, None)
+        model._forward_hooks_always_called.pop(key, None)
     from . import pretrained
     pretrained.uninstall(model)
     return model

@@ -4,9 +4,10 @@ The safetensors file holds the adapter's tensors under their module names in the
 weight is stored as its CSR arrays (`values`, `crow_indices`, `col_indices`), the indices in the
 narrowest integer type that holds them, so the file grows with nnz, not with the dense size. The
 JSON holds the config, the sites, the pruning record (`sparseadapter_pruning`), the library version,
-and the name and SHA-256 of the tensor file. A regression head's target normalization (head.py) is two
-of the head's tensors (`head.<head>.target_mean`, `.target_scale`), loaded with it. Loading checks
-everything against the model and the config before the model is touched.
+and the name and SHA-256 of the tensor file. With the head, the file holds the adapter's own task head
+(heads.py: one per adapter, active or not) and the JSON describes it ("head"). A regression head's target
+normalization (head.py) is two of the head's tensors (`head.<head>.target_mean`, `.target_scale`),
+loaded with it. Loading checks everything against the model and the config before the model is touched.
 
 Integrity: the config carries `config_sha256`, the SHA-256 of its own canonical JSON without that
 field, and `weights_sha256`, that of the tensor file: an edited or corrupted setting (scale,
@@ -53,11 +54,9 @@ from .api import (
     HEAD_NAMES, adapter_modules, attach_adapter, build_adapter, check_attachable, check_new_name, freeze_base,
     pruning_record, set_active_adapters,
 )
+from . import heads
 from .card import write_model_card
 from .config import SparseAdapterConfig
-from .head import TARGET_KEYS
-from .head import install as install_target_normalization
-from .head import uninstall as uninstall_target_normalization
 from .placement import Site, model_type, resolve_sites
 from .pretrained import base_model_record
 from .registry import entry, registry
@@ -120,12 +119,10 @@ def _adapter_tensors(model: nn.Module, name: str, include_head: bool) -> Dict[st
                 key = f"{prefix}.{sub}" if sub else prefix
                 tensors[f"{key}.crow_indices"] = _narrow(layer.crow_indices, layer.nnz)
                 tensors[f"{key}.col_indices"] = _narrow(layer.col_indices, layer.in_features - 1)
-    if include_head:
-        for head in HEAD_NAMES:
-            module = getattr(model, head, None)
-            if isinstance(module, nn.Module):
-                for key, t in module.state_dict().items():
-                    tensors[f"head.{head}.{key}"] = t
+    if include_head:  # the adapter's own head (heads.py), active or not
+        for head, module in heads.saved_heads(model, name):
+            for key, t in module.state_dict().items():
+                tensors[f"head.{head}.{key}"] = t
     return {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
 
 
@@ -147,17 +144,18 @@ def save_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, inc
         if name in slot.merged:
             raise ValueError(f"save_adapter: {name!r} is merged into {slot_host!r}; unmerge it first")
     tensors = _adapter_tensors(model, name, include_head)
+    head = heads.describe_saved_head(model, name) if include_head else None
     record = pruning_record(model, name)
     blob = save(tensors)
     digest = hashlib.sha256(blob).hexdigest()
     weights_file = f"adapter-{digest[:16]}.safetensors"
     os.makedirs(path, exist_ok=True)
     with folder_lock(path, shared=False):
-        _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file)
+        _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file, head)
     return path
 
 
-def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file) -> None:
+def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_file, head) -> None:
     atomic_write(os.path.join(path, weights_file), blob)
     prefix = getattr(model, "sparseadapter_prefix", None)
     meta = {
@@ -174,6 +172,7 @@ def _write_folder(model, path, name, e, record, tensors, blob, digest, weights_f
         "nnz": sum(int(t.numel()) for k, t in tensors.items() if k.endswith(".values")),
         "weights_file": weights_file,
         "weights_sha256": digest,
+        "head": head,
         "base_model": base_model_record(model),  # what sa.load_pretrained loads the adapter onto
     }
     meta = json.loads(json.dumps(meta))  # the values as a reader will see them
@@ -477,35 +476,6 @@ def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
         raise ValueError(f"load_adapter: the file holds tensors this adapter does not have, e.g. {unexpected[0]}")
 
 
-def _head_state(model: nn.Module, tensors: Dict[str, Tensor]) -> Dict[str, Dict[str, Tensor]]:
-    heads = {}
-    for key, t in tensors.items():
-        if not key.startswith("head."):
-            continue
-        head, _, param = key[len("head."):].partition(".")
-        module = getattr(model, head, None)
-        if head not in HEAD_NAMES or not isinstance(module, nn.Module):
-            raise ValueError(f"load_adapter: the file has a head {head!r} this model lacks")
-        target = module.state_dict().get(param)
-        if param in TARGET_KEYS and target is None and t.numel() == 1:
-            target = t  # a regression head's normalization: installed on this head as it loads
-        if target is None or target.shape != t.shape:
-            raise ValueError(f"load_adapter: head tensor {key} has shape {tuple(t.shape)}, the model's is "
-                             f"{None if target is None else tuple(target.shape)} (another number of labels?)")
-        heads.setdefault(head, {})[param] = t
-    for head, state in heads.items():  # a head is saved whole: a partial one would load half a head
-        if (TARGET_KEYS[0] in state) != (TARGET_KEYS[1] in state):
-            raise ValueError(f"load_adapter: the file's head {head!r} has only one of {TARGET_KEYS}")
-        for key in TARGET_KEYS:
-            if key in state and not (torch.isfinite(state[key]).all() and (key != TARGET_KEYS[1] or state[key] > 0)):
-                raise ValueError(f"load_adapter: the file's head {head!r} has an invalid {key} {state[key].tolist()}")
-        # a head that answers in raw units (no normalization in the file) loads onto a normalized one too
-        missing = sorted(set(getattr(model, head).state_dict()) - set(state) - set(TARGET_KEYS))
-        if missing:
-            raise ValueError(f"load_adapter: the file's head {head!r} lacks {missing[0]!r}")
-    return heads
-
-
 def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, load_head: bool = True,
                  activate: bool = True) -> nn.Module:
     """Add the adapter saved in folder `path` to `model` (as `name`, default the saved name).
@@ -513,16 +483,9 @@ def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, loa
     Checks the checksum, the config, every site, shape, dtype and CSR index against the model before
     changing it; any mismatch raises ValueError and leaves the model as it was.
     """
-    name, config, parts, heads = _prepare(model, path, name, load_head, activate)
+    name, config, parts, head = _prepare(model, path, name, load_head, activate)
     attach_adapter(model, name, config, parts)
-    with torch.no_grad():
-        for head, state in heads.items():
-            module = getattr(model, head)
-            if TARGET_KEYS[0] in state:
-                install_target_normalization(module, float(state[TARGET_KEYS[0]]), float(state[TARGET_KEYS[1]]))
-            else:
-                uninstall_target_normalization(module)
-            module.load_state_dict(state, strict=True)
+    heads.attach_planned_head(model, name, head)
     freeze_base(model)
     if activate:
         set_active_adapters(model, [name])
@@ -559,6 +522,9 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
         for layer in module.modules():
             if isinstance(layer, SparseLinear) and pruning is not None:
                 layer.sparseadapter_pruning = pruning
-    heads = _head_state(model, tensors) if load_head else {}
+    # the adapter's own head: the file's (checked here, before the model changes), or as add_adapter gives one
+    head = heads.plan_loaded_head(model, tensors, meta.get("head")) if load_head else None
+    if head is None:
+        head = heads.plan_head(model, None)
     check_attachable(model, parts, activate)
-    return name, config, parts, heads
+    return name, config, parts, head

@@ -88,6 +88,16 @@ class BottleneckAdapter(nn.Module):
                 and isinstance(self.down, SparseLinear) and isinstance(self.up, SparseLinear)
                 and isinstance(self.layer_norm, nn.Identity) and (self.dropout.p == 0.0 or not self.training))
 
+    def runs_multi(self) -> bool:
+        """Whether a routed batch runs this adapter in the slot's one op (sparse_adapter_multi)."""
+        return self.runs_fused()
+
+    def multi_spec(self, stack):
+        """`(down, up, activation, scale)` for sparse_adapter_multi; the layers stay pinned (no load
+        swaps them) until `stack` closes."""
+        return (stack.enter_context(self.down.pinned()), stack.enter_context(self.up.pinned()),
+                self.activation_name, self.scale)
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.runs_fused():
             with self.down.pinned() as down, self.up.pinned() as up:  # no load swaps them meanwhile
@@ -114,6 +124,16 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         return delta if residual is None else residual + delta
+
+    def runs_multi(self) -> bool:
+        """Whether a routed batch runs this adapter in the slot's one op: both matrices sparse (a LoRA
+        update is a bottleneck adapter with the identity activation, no biases and scale alpha / r;
+        its dropout is applied to the rows' input before the op)."""
+        return isinstance(self.lora_A, SparseLinear) and isinstance(self.lora_B, SparseLinear)
+
+    def multi_spec(self, stack):
+        return (stack.enter_context(self.lora_A.pinned()), stack.enter_context(self.lora_B.pinned()),
+                "identity", self.scaling)
 
     def delta_weight(self) -> Tensor:
         """`(alpha / r) * B @ A`, the dense update that merging adds to the base weight."""

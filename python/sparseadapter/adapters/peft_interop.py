@@ -14,6 +14,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from . import heads
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
@@ -113,14 +115,16 @@ def from_peft(model: nn.Module, peft_dir: str, name: str = "default", *, sparsit
                     raise ValueError(f"from_peft: {site.host}.{which} has shape {tuple(t.shape)}, this model's layer "
                                      f"needs {tuple(layer.weight.shape)}")
                 layer.weight.copy_(t.to(layer.weight.dtype))
-    heads = _peft_heads(model, others, peft_dir) if load_head else {}
+    head_states = _peft_heads(model, others, peft_dir) if load_head else {}
     check_attachable(model, parts, activate)
+    planned = heads.plan_head(model, None, seed=seed)  # the adapter's own head (heads.py), as add_adapter's
     attach_adapter(model, name, cfg, parts)
-    if cfg.is_sparse:
+    heads.attach_planned_head(model, name, planned)
+    with torch.no_grad():  # into the new adapter's head, never another adapter's
+        for head, state in head_states.items():
+            planned.record.module.load_state_dict(state, strict=True)
+    if cfg.is_sparse:  # scored through the loaded head
         _prune_adapter(model, name, cfg, data, loss_fn, calibration_batches)
-    with torch.no_grad():
-        for head, state in heads.items():
-            getattr(model, head).load_state_dict(state, strict=True)
     freeze_base(model)
     if activate:
         set_active_adapters(model, [name])
@@ -155,7 +159,6 @@ def to_peft(model: nn.Module, path: str, name: Optional[str] = None, *, include_
     with `peft.PeftModel.from_pretrained(base, path)` gives the model's outputs. Returns the folder."""
     from safetensors.torch import save_file
 
-    from .api import HEAD_NAMES
     from .modules import dense_weight
     from .placement import is_conv1d
     from .pretrained import base_model_record
@@ -183,16 +186,16 @@ def to_peft(model: nn.Module, path: str, name: Optional[str] = None, *, include_
         for which in ("lora_A", "lora_B"):
             tensors[f"{_PREFIX}{site.host}.{which}.weight"] = dense_weight(getattr(adapter, which)).detach().to(
                 "cpu").contiguous().clone()
-    heads = [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)] if include_head else []
-    for head in heads:
-        for key, t in getattr(model, head).state_dict().items():
+    own = heads.saved_heads(model, name) if include_head else []  # the adapter's own head, active or not
+    for head, module in own:
+        for key, t in module.state_dict().items():
             tensors[f"{_PREFIX}{head}.{key}"] = t.detach().to("cpu").contiguous().clone()
     record = base_model_record(model) or {}
     task_type = next((t for suffix, t in _TASK_TYPES if type(model).__name__.endswith(suffix)), None)
     config = {
         "peft_type": "LORA", "task_type": task_type, "r": e.config.effective_bottleneck,
         "lora_alpha": e.config.lora_alpha, "lora_dropout": e.config.dropout, "target_modules": hosts,
-        "bias": "none", "fan_in_fan_out": conv1d, "modules_to_save": heads or None,
+        "bias": "none", "fan_in_fan_out": conv1d, "modules_to_save": [h for h, _ in own] or None,
         "base_model_name_or_path": base_model_name_or_path or record.get("name_or_path"),
         "revision": record.get("revision"), "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},

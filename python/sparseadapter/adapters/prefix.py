@@ -56,9 +56,50 @@ def _widen_mask(attention_mask, n_prefix: int, query, key, module, base: str, is
     return torch.cat([prefix, keys], dim=-1)[None, None]
 
 
+def _widen_mask_rows(attention_mask, valid, query, key, module, base: str, is_causal):
+    """The attention mask over `[prefix, keys]` of a routed call, where each row has its own prefix:
+    `valid` [batch, L] says which prefix columns a row sees (its adapter's prefix; none for the bare
+    model). Always explicit, since rows differ; additive (0 / the dtype's minimum) for eager attention
+    or a float mask, boolean for sdpa."""
+    batch, n_prefix = valid.shape
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        keys = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        if causal:
+            keys = keys.tril(diagonal=kv_len - q_len)  # the last query sees every key
+        keys = keys[None, None].expand(batch, 1, q_len, kv_len)
+    else:
+        keys = attention_mask.expand(batch, *attention_mask.shape[1:]) if attention_mask.shape[0] == 1 \
+            else attention_mask
+    prefix = valid[:, None, None, :].expand(batch, keys.shape[1], keys.shape[2], n_prefix)
+    if keys.dtype == torch.bool and (base == "sdpa" or attention_mask is not None):
+        return torch.cat([prefix, keys], dim=-1)
+    dtype = keys.dtype if keys.dtype != torch.bool else query.dtype
+    lowest = torch.finfo(dtype).min
+    if keys.dtype == torch.bool:
+        keys = torch.zeros(keys.shape, dtype=dtype, device=query.device).masked_fill(~keys, lowest)
+    prefix = torch.zeros(prefix.shape, dtype=dtype, device=query.device).masked_fill(~prefix, lowest)
+    return torch.cat([prefix, keys], dim=-1)
+
+
 def _make_attention(base: str) -> Callable:
     def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         slot = getattr(module, SLOT_ATTR, None)
+        routing = slot._routing() if slot is not None else None
+        if routing is not None:  # a mixed-adapter call: each row its adapter's prefix
+            rows = slot.prefix_kv_rows(routing, key.shape[1], key.shape[-1], key)
+            if rows is not None:
+                k_rows, v_rows, valid = rows
+                attention_mask = _widen_mask_rows(attention_mask, valid, query, key, module, base,
+                                                  kwargs.get("is_causal"))
+                key = torch.cat([k_rows, key], dim=2)
+                value = torch.cat([v_rows.to(value.dtype), value], dim=2)
+                if kwargs.get("position_bias") is not None:
+                    kwargs["position_bias"] = F.pad(kwargs["position_bias"], (valid.shape[1], 0), value=0.0)
+                if base == "sdpa" and kwargs.get("is_causal") is not None:
+                    kwargs["is_causal"] = False  # the explicit mask above says it all
+            return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
         kv = slot.prefix_kv(key.shape[0], key.shape[1], key.shape[-1], key) if slot is not None else None
         if kv is not None:
             n_prefix = kv[0].shape[2]

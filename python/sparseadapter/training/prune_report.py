@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
-from .config import TrainConfig
+from .config import FILE_TASKS, TrainConfig
 from .engine import add_pruned_adapter, encode_splits, save_adapter_dir, load_examples, load_task_model, prepare_head, \
     resolve_device, resolve_model_path, set_threads, train_order
 
@@ -16,15 +16,23 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
 
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
-    task, examples = load_examples(cfg)
-    tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
-    model.to(device)
-    prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
     adapter_cfg = cfg.adapter_config()
     needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
-    train_split = encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] \
-        if needs_data else None
-    order = train_order(cfg, len(examples["train"]))
+    if cfg.task in FILE_TASKS:  # question answering: the span model, scored on training windows
+        from .qa import encode_split, load_qa_model, read_qa_files
+
+        tokenizer, model = load_qa_model(resolve_model_path(cfg.model), cfg.seed)
+        model.to(device)
+        train_split = encode_split(tokenizer, read_qa_files(cfg)["train"], cfg)
+        order = train_order(cfg, len(train_split))
+    else:
+        task, examples = load_examples(cfg)
+        tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
+        model.to(device)
+        prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
+        train_split = encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] \
+            if needs_data else None
+        order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
     rows: List[Dict] = []

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import generation
 from .batching import EncodedSplit, collate
-from .config import TrainConfig
+from .config import FILE_TASKS, TrainConfig
 from .engine import (
     add_pruned_adapter, autocast, encode_splits, evaluate, load_examples, load_task_model, micro_batches,
     prepare_head, regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss,
@@ -64,7 +64,7 @@ class RunResult:
     config: TrainConfig
     # regression: the (mean, scale) the head standardizes its targets by (sparseadapter.adapters.head)
     target_normalization: Optional[Tuple[float, float]] = None
-    objective: str = "classification"  # or regression, causal-lm, seq2seq
+    objective: str = "classification"  # or regression, causal-lm, seq2seq, span (qa.QARun)
     # generation tasks: ROUGE of the lead baseline and of the base model zero-shot, on test
     baselines: Optional[Dict[str, Dict[str, float]]] = None
 
@@ -344,7 +344,7 @@ class Run:
 
     def loop(self) -> None:
         cfg, state, order = self.cfg, self.state, self.order
-        self.has_validation = "validation" in self.splits and self.splits["validation"].labels is not None
+        self.has_validation = self.validation_ready()
         self.model.train()
         start = time.perf_counter()
         bar = progress_bar(None, desc="train", enabled=cfg.progress and self.world.is_main, total=self.total,
@@ -389,6 +389,10 @@ class Run:
         bar.close()
         self.timings["train_s"] += time.perf_counter() - start
         self._step_timings()
+
+    def validation_ready(self) -> bool:
+        """Whether the run has a labelled validation split to evaluate and select on."""
+        return "validation" in self.splits and self.splits["validation"].labels is not None
 
     def _step_timings(self) -> None:
         """Median step time over the run; with --compile, the compile time: the first step's extra time
@@ -492,7 +496,11 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> Optional[R
 
     Returns the result on rank 0 (and in a single process); None on the other ranks of a torchrun job.
     """
-    run = Run(cfg, log)
+    if cfg.task in FILE_TASKS:  # extractive question answering: a span head, windows, EM/F1 (qa.py)
+        from .qa import QARun
+        run = QARun(cfg, log)
+    else:
+        run = Run(cfg, log)
     try:
         run.setup()
         run.loop()
