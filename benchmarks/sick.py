@@ -11,11 +11,13 @@ study resumes).
     python benchmarks/sick.py convert PATH/TO/SICK.txt OUT_DIR          # the tables only
     python benchmarks/sick.py run --data PATH/TO/SICK.txt               # dense, SNIP 40%, SNIP 80%
 
-The data never enters the repository: the script reads it from the path it is given.
+The data never enters the repository: the script reads it from the path it is given (--data, or
+$SPARSEADAPTER_DATA_DIR/sick/SICK.txt when that variable is set) and stops with a message without it.
 """
 import argparse
 import csv
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR_ENV = "SPARSEADAPTER_DATA_DIR"  # a folder holding sick/SICK.txt (and glue/ for benchmarks/study.py)
 SPLITS = {"TRAIN": "train", "TRIAL": "validation", "TEST": "test"}
 COLUMNS = ("sentence_A", "sentence_B", "relatedness_score", "SemEval_set")
 # (name, sparsity): the Houlsby adapter dense, and SNIP-pruned at initialization to 40% and 80%
@@ -111,7 +114,9 @@ def main(argv=None) -> int:
     c.add_argument("sick_file", type=Path)
     c.add_argument("out_dir", type=Path)
     r = sub.add_parser("run", help="convert, then train and score each cell")
-    r.add_argument("--data", type=Path, required=True, help="SICK.txt")
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    r.add_argument("--data", type=Path, default=Path(data_dir) / "sick" / "SICK.txt" if data_dir else None,
+                   help=f"SICK.txt (default: ${DATA_DIR_ENV}/sick/SICK.txt)")
     r.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "sick_results.jsonl")
     r.add_argument("--cells", nargs="+", default=[n for n, _ in CELLS], choices=[n for n, _ in CELLS])
     r.add_argument("--epochs", type=float, default=2.0)
@@ -123,6 +128,8 @@ def main(argv=None) -> int:
         info = convert(args.sick_file, args.out_dir)
         print(json.dumps(info, indent=2))
         return 0
+    if args.data is None:
+        sys.exit(f"no SICK data: pass --data PATH/TO/SICK.txt or set {DATA_DIR_ENV}")
     if not args.data.is_file():
         sys.exit(f"SICK data not found at {args.data}")
     torch.set_num_threads(1)

@@ -1,6 +1,10 @@
 """The SparseAdapter study: do sparse adapters match dense ones, which pruner wins, and does Large-Sparse
-beat the standard adapter at the same budget? MiniLM (all-MiniLM-L6-v2) on SST-2 and MRPC from the
-GLUE copy in ../shared/glue, every run through `sparseadapter.training.train`.
+beat the standard adapter at the same budget? MiniLM (all-MiniLM-L6-v2) on SST-2 and MRPC, every run
+through `sparseadapter.training.train`.
+
+The GLUE files are not part of the repository: pass the folder holding SST-2/ and MRPC/ (each with
+train.tsv, validation.tsv, test.tsv) as --glue-dir, or set SPARSEADAPTER_DATA_DIR to a folder holding
+glue/. Without either the study stops with a message saying so.
 
 Cells (each one run; results are appended to --results as JSON lines, and cells already there are
 skipped, so the study resumes where it stopped), in this order so that a study cut short still answers
@@ -20,6 +24,7 @@ seed; the seed moves initialization, pruning ties, data order and dropout).
 """
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,12 +32,14 @@ from pathlib import Path
 
 import torch
 
+from sparseadapter.pruning import METHODS
 from sparseadapter.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR_ENV = "SPARSEADAPTER_DATA_DIR"  # a folder holding glue/ (and sick/SICK.txt for benchmarks/sick.py)
 KINDS = ("houlsby", "pfeiffer", "lora")
 SPARSITIES = (0.8, 0.4, 0.9, 0.6)  # the order they run in
-PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
+PRUNERS = METHODS  # every pruner, in the order the grid runs them
 LR_GRID = {"houlsby": (1e-3, 3e-3), "pfeiffer": (1e-3, 3e-3), "lora": (3e-3, 1e-2)}
 LARGE_SPARSE = ((2, 0.5), (4, 0.75))
 BUDGET_EXAMPLES = 4096  # the budget stage: 256 steps instead of 64  # (width factor, sparsity of the widened adapter)
@@ -128,16 +135,26 @@ def run_cell(c: dict, glue_dir: Path, work: Path) -> dict:
     }
 
 
+def default_glue_dir() -> Path | None:
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) / "glue" if root else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--glue-dir", type=Path, default=ROOT.parent / "shared" / "glue")
+    p.add_argument("--glue-dir", type=Path, default=default_glue_dir(),
+                   help=f"the folder holding SST-2/ and MRPC/ (default: ${DATA_DIR_ENV}/glue)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "study_results.jsonl")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stages", nargs="+", default=[name for name, _ in STAGES], help="a subset of the stages")
     args = p.parse_args(argv)
-    if not args.glue_dir.is_dir():
-        sys.exit(f"GLUE data not found at {args.glue_dir} (see ../shared/glue/README.md)")
+    if args.glue_dir is None:
+        sys.exit(f"no GLUE data: pass --glue-dir (the folder holding SST-2/ and MRPC/) or set {DATA_DIR_ENV}")
+    missing = [d for d in ("SST-2", "MRPC") if d in {TASKS[t]["data_dir"] for t in args.tasks}
+               and not (args.glue_dir / d).is_dir()]
+    if missing:
+        sys.exit(f"GLUE data not found: {args.glue_dir} has no {', '.join(missing)} folder")
     torch.set_num_threads(1)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     results = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []

@@ -12,9 +12,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from sparseadapter.pruning import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("houlsby", "pfeiffer", "lora")
-PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
+PRUNERS = METHODS  # the columns of the grid tables
 SPARSITIES = (0.4, 0.6, 0.8, 0.9)
 TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC"}
 

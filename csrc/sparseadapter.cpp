@@ -130,7 +130,7 @@ TORCH_LIBRARY(sparseadapter, m) {
       "bool[5] output_mask) -> (Tensor grad_x, Tensor grad_down_values, Tensor grad_down_bias, "
       "Tensor grad_up_values, Tensor grad_up_bias)");
 
-  // Pruning at initialization (issue 3); kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
+  // Pruning at initialization; kernels in csrc/cpu/prune_cpu.cpp and csrc/cuda/prune_cuda.cu.
 
   // The keep-score of every weight (higher = keep), in one pass: "magnitude" |w|, "snip" |g * w|
   // (g = dL/dw), "grasp" w * Hg (keeping the highest w * Hg removes the highest GraSP

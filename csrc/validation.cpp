@@ -1,22 +1,20 @@
 #include "validation.h"
 
-#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif
 
+#include "dispatch.h"
+
 namespace sparseadapter {
 namespace {
-
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK_VALUE(
@@ -45,23 +43,11 @@ void check_pattern(
   check_device(op, "col_indices", col_indices, device);
 }
 
-void check_fits_index_dtype(const char* op, const at::Tensor& crow, int64_t size, const char* what) {
-  if (crow.scalar_type() == at::kInt) {
-    TORCH_CHECK_VALUE(
-        size <= std::numeric_limits<int32_t>::max(), op, ": ", what, " = ", size,
-        " does not fit int32 indices; use int64 indices");
-  }
-}
-
 // x: [..., features], a supported float dtype, on the device this kernel serves.
 void check_x(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have shape [..., in_features], got a 0-d tensor");
-  TORCH_CHECK_TYPE(
-      is_supported_float(x.scalar_type()), op,
-      ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(
-      x.device().type() == device_type, op, ": x is on ", x.device(), " but this kernel runs on ",
-      device_type);
+  check_value_dtype(op, "x", x);
+  check_kernel_device(op, "x", x, device_type);
 }
 
 // The product of t's leading dims (the number of tokens). Flattening with reshape({-1, features})
@@ -112,10 +98,28 @@ void check_allocation(const char* op, const char* what, int64_t numel, int64_t i
   }
 }
 
-void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
+bool is_value_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_value_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(
-      t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
-      " must be int32 or int64, got ", t.scalar_type());
+      is_value_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
+      t.scalar_type());
+}
+
+void check_kernel_device(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(
+      t.device().type() == device_type, op, ": ", name, " is on ", t.device(), " but this kernel runs on ",
+      device_type);
+}
+
+void check_index_dtype(const char* op, const char* name, at::ScalarType t) {
+  TORCH_CHECK_TYPE(t == at::kInt || t == at::kLong, op, ": ", name, " must be int32 or int64, got ", t);
+}
+
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
+  check_index_dtype(op, name, t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
 }
 
@@ -145,7 +149,7 @@ SpmmInputs check_spmm_inputs(
   in.out_features = crow_indices.numel() - 1;
   in.in_features = x.size(-1);
   in.nnz = values.numel();
-  check_fits_index_dtype(op, crow_indices, in.in_features, "in_features");
+  check_fits_index_dtype(op, crow_indices.scalar_type(), in.in_features, "in_features = ", in.in_features);
 
   if (row_order.has_value()) {
     check_index_tensor(op, "row_order", *row_order);
@@ -196,7 +200,7 @@ SddmmInputs check_sddmm_inputs(
   in.out_features = crow_indices.numel() - 1;
   in.in_features = x.size(-1);
   in.nnz = col_indices.numel();
-  check_fits_index_dtype(op, crow_indices, in.in_features, "in_features");
+  check_fits_index_dtype(op, crow_indices.scalar_type(), in.in_features, "in_features = ", in.in_features);
   TORCH_CHECK_VALUE(
       grad_out.dim() == x.dim(), op, ": grad_out has shape ", grad_out.sizes(), " but x has shape ",
       x.sizes(), "; they must share leading dims");
@@ -225,13 +229,11 @@ PatternData check_csr_to_dense_inputs(
     c10::DeviceType device_type) {
   constexpr const char* op = "csr_to_dense";
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(values.scalar_type()), op,
-                   ": values must be float32, float16, bfloat16 or float64, got ", values.scalar_type());
-  TORCH_CHECK_VALUE(values.device().type() == device_type, op, ": values is on ", values.device(),
-                    " but this kernel runs on ", device_type);
+  check_value_dtype(op, "values", values);
+  check_kernel_device(op, "values", values, device_type);
   check_pattern(op, crow_indices, col_indices, values.device());
   TORCH_CHECK_VALUE(num_cols >= 0, op, ": num_cols must be >= 0, got ", num_cols);
-  check_fits_index_dtype(op, crow_indices, num_cols, "num_cols");
+  check_fits_index_dtype(op, crow_indices.scalar_type(), num_cols, "num_cols = ", num_cols);
   TORCH_CHECK_VALUE(
       values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
       " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
@@ -259,15 +261,13 @@ PatternData check_csr_gather_inputs(
     c10::DeviceType device_type) {
   constexpr const char* op = "csr_gather";
   TORCH_CHECK_VALUE(dense.dim() == 2, op, ": dense must be 2-D [num_rows, num_cols], got shape ", dense.sizes());
-  TORCH_CHECK_TYPE(is_supported_float(dense.scalar_type()), op,
-                   ": dense must be float32, float16, bfloat16 or float64, got ", dense.scalar_type());
-  TORCH_CHECK_VALUE(dense.device().type() == device_type, op, ": dense is on ", dense.device(),
-                    " but this kernel runs on ", device_type);
+  check_value_dtype(op, "dense", dense);
+  check_kernel_device(op, "dense", dense, device_type);
   check_pattern(op, crow_indices, col_indices, dense.device());
   TORCH_CHECK_VALUE(
       dense.size(0) == crow_indices.numel() - 1, op, ": dense has ", dense.size(0), " rows but the pattern has ",
       crow_indices.numel() - 1);
-  check_fits_index_dtype(op, crow_indices, dense.size(1), "num_cols");
+  check_fits_index_dtype(op, crow_indices.scalar_type(), dense.size(1), "num_cols = ", dense.size(1));
   PatternData in;
   in.data = dense.contiguous();
   in.crow_indices = crow_indices.contiguous();
@@ -606,7 +606,7 @@ void check_pattern_bounds_cpu(
     const char* num_cols_name) {
   const int64_t nnz = col_indices.numel();
   const int64_t n = crow_indices.numel();  // >= 1, checked with the shapes
-  AT_DISPATCH_INDEX_TYPES(crow_indices.scalar_type(), "check_pattern_bounds_cpu", [&] {
+  SA_DISPATCH_INDEX_TYPES(crow_indices.scalar_type(), "check_pattern_bounds_cpu", [&] {
     const index_t* crow = crow_indices.const_data_ptr<index_t>();
     const index_t* col = col_indices.const_data_ptr<index_t>();
     TORCH_CHECK_VALUE(crow[0] == 0, op, ": crow_indices[0] must be 0, got ", static_cast<int64_t>(crow[0]));
@@ -681,5 +681,192 @@ AdapterBackwardInputs check_adapter_backward_inputs(
   in.up_row_order_t = up_row_order_t.contiguous();
   return in;
 }
+
+// ------------------------------------------------------------------------------------------------
+// The pattern ops (pattern.cpp)
+
+void check_csr_structure(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_rows,
+    int64_t num_cols) {
+  check_index_tensor(op, "crow_indices", crow_indices);
+  check_index_tensor(op, "col_indices", col_indices);
+  TORCH_CHECK_TYPE(
+      crow_indices.scalar_type() == col_indices.scalar_type(), op, ": col_indices has dtype ",
+      col_indices.scalar_type(), " but crow_indices has dtype ", crow_indices.scalar_type());
+  TORCH_CHECK_VALUE(
+      crow_indices.device() == col_indices.device(), op, ": crow_indices is on ",
+      crow_indices.device(), " but col_indices is on ", col_indices.device());
+  TORCH_CHECK_VALUE(num_rows >= 0 && num_cols >= 0, op, ": shape [", num_rows, ", ", num_cols,
+                    "] must be non-negative");
+  // Compared as numel - 1 == num_rows and printed unsigned: num_rows + 1 overflows for 2^63 - 1.
+  TORCH_CHECK_VALUE(
+      crow_indices.numel() - 1 == num_rows, op, ": crow_indices has ", crow_indices.numel(),
+      " entries but a pattern with ", num_rows, " rows needs ", static_cast<uint64_t>(num_rows) + 1);
+  if (crow_indices.device().is_cpu()) {  // the same checks in one pass over raw memory
+    check_pattern_bounds_cpu(op, crow_indices.contiguous(), col_indices.contiguous(), num_cols, nullptr);
+    return;
+  }
+  const int64_t nnz = col_indices.numel();
+  const auto crow = crow_indices.to(at::kLong);
+  const int64_t first = crow[0].item<int64_t>();
+  TORCH_CHECK_VALUE(first == 0, op, ": crow_indices[0] must be 0, got ", first);
+  const int64_t last = crow[-1].item<int64_t>();
+  TORCH_CHECK_VALUE(
+      last == nnz, op, ": crow_indices[-1] = ", last, " but col_indices has ", nnz,
+      " entries; they must agree (nnz)");
+  if (num_rows > 0) {
+    const auto decreasing = (crow.slice(0, 1) < crow.slice(0, 0, -1)).nonzero();
+    TORCH_CHECK_VALUE(
+        decreasing.numel() == 0, op, ": crow_indices must be non-decreasing, but crow_indices[",
+        decreasing.numel() ? decreasing[0][0].item<int64_t>() + 1 : 0, "] < crow_indices[",
+        decreasing.numel() ? decreasing[0][0].item<int64_t>() : 0, "]");
+  }
+  if (nnz > 0) {
+    // Compared in int64: num_cols may exceed the range of int32 indices, and a Python-int bound
+    // compared with an int32 tensor would wrap.
+    const auto col = col_indices.to(at::kLong);
+    const auto bad = ((col < 0) | (col >= num_cols)).nonzero();
+    if (bad.numel() != 0) {
+      const int64_t e = bad[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(
+          false, op, ": col_indices[", e, "] = ", col[e].item<int64_t>(),
+          " is out of range for ", num_cols, " columns");
+    }
+  }
+}
+
+void check_csr_transpose_inputs(const at::Tensor& crow_indices, const at::Tensor& col_indices, int64_t num_cols) {
+  constexpr const char* op = "csr_transpose";
+  check_index_tensor(op, "crow_indices", crow_indices);
+  check_index_tensor(op, "col_indices", col_indices);
+  TORCH_CHECK_VALUE(num_cols >= 0, op, ": num_cols must be >= 0, got ", num_cols);
+  TORCH_CHECK_VALUE(
+      crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
+  // The full structure: it costs less than the transpose's sort and runs once per pattern.
+  check_csr_structure(op, crow_indices, col_indices, crow_indices.numel() - 1, num_cols);
+  // W.T has num_cols rows: its crow_indices holds num_cols + 1 entries, allocated from the caller's
+  // number. The rows of W.T are the features of x, which int32 indices cannot address past 2^31 - 1.
+  check_fits_index_dtype(op, crow_indices.scalar_type(), num_cols, "num_cols = ", num_cols);
+  TORCH_CHECK_VALUE(num_cols < std::numeric_limits<int64_t>::max(), op, ": num_cols = ", num_cols, " is too large");
+  check_allocation(op, "num_cols: the transposed pattern's crow_indices (num_cols + 1)", num_cols + 1,
+                   crow_indices.element_size(), crow_indices.device());
+}
+
+void check_csr_row_order_inputs(const at::Tensor& crow_indices) {
+  check_index_tensor("csr_row_order", "crow_indices", crow_indices);
+  TORCH_CHECK_VALUE(
+      crow_indices.numel() >= 1, "csr_row_order: crow_indices must have num_rows + 1 >= 1 entries");
+}
+
+// ------------------------------------------------------------------------------------------------
+// The pruning ops
+
+namespace prune {
+namespace {
+
+at::Tensor check_score_operand(
+    const at::Tensor& weight, const std::optional<at::Tensor>& t, const char* name, const char* meaning,
+    const std::string& method) {
+  TORCH_CHECK_VALUE(
+      t.has_value() && t->defined(), "prune_score: method '", method, "' needs ", name, " (", meaning,
+      "), got None");
+  TORCH_CHECK_VALUE(
+      t->sizes() == weight.sizes(), "prune_score: ", name, " has shape ", t->sizes(),
+      " but weight has shape ", weight.sizes());
+  TORCH_CHECK_TYPE(
+      t->scalar_type() == weight.scalar_type(), "prune_score: ", name, " has dtype ", t->scalar_type(),
+      " but weight has dtype ", weight.scalar_type());
+  TORCH_CHECK_VALUE(
+      t->device() == weight.device(), "prune_score: ", name, " is on ", t->device(), " but weight is on ",
+      weight.device());
+  return t->contiguous();
+}
+
+}  // namespace
+
+Method parse_method(const std::string& method) {
+  if (method == "magnitude") return Method::kMagnitude;
+  if (method == "snip") return Method::kSnip;
+  if (method == "grasp") return Method::kGrasp;
+  if (method == "synflow") return Method::kSynflow;
+  TORCH_CHECK_VALUE(
+      false, "prune_score: unknown method '", method,
+      "'; expected one of 'magnitude', 'snip', 'grasp', 'synflow'");
+}
+
+ScoreInputs check_score_inputs(
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
+    const std::string& method,
+    c10::DeviceType device_type) {
+  ScoreInputs in;
+  in.method = parse_method(method);
+  check_value_dtype("prune_score", "weight", weight);
+  check_kernel_device("prune_score", "weight", weight, device_type);
+  in.weight = weight.contiguous();
+  in.out_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (in.method == Method::kSnip) {
+    in.grad = check_score_operand(weight, grad, "grad", "dL/dw", method);
+  } else if (in.method == Method::kSynflow) {
+    in.grad = check_score_operand(weight, grad, "grad", "dR/dw of the synaptic-flow objective", method);
+  } else if (in.method == Method::kGrasp) {
+    in.hess_grad = check_score_operand(weight, hess_grad, "hess_grad", "the Hessian-gradient product Hg", method);
+  }
+  return in;
+}
+
+TopkInputs check_topk_inputs(at::TensorList scores, int64_t k, c10::DeviceType device_type) {
+  TopkInputs in;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const auto& s = scores[i];
+    TORCH_CHECK_TYPE(
+        s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, "topk_masks: scores[", i,
+        "] must be float32 or float64, got ", s.scalar_type());
+    TORCH_CHECK_TYPE(
+        s.scalar_type() == scores[0].scalar_type(), "topk_masks: scores[", i, "] has dtype ",
+        s.scalar_type(), " but scores[0] has dtype ", scores[0].scalar_type(), "; use one dtype");
+    TORCH_CHECK_VALUE(
+        s.device().type() == device_type, "topk_masks: scores[", i, "] is on ", s.device(),
+        " but this kernel runs on ", device_type);
+    TORCH_CHECK_VALUE(
+        s.device() == scores[0].device(), "topk_masks: scores[", i, "] is on ", s.device(),
+        " but scores[0] is on ", scores[0].device(), "; move all scores to one device");
+    in.scores.push_back(s.contiguous());
+    in.total += s.numel();
+  }
+  if (!scores.empty()) in.dtype = scores[0].scalar_type();
+  TORCH_CHECK_VALUE(
+      k >= 0 && k <= in.total, "topk_masks: k = ", k, " must be in [0, ", in.total,
+      "] (the total number of scores)");
+  in.k = k;
+  return in;
+}
+
+void fail_nan(size_t index, int64_t count) {
+  TORCH_CHECK_VALUE(
+      false, "topk_masks: scores[", index, "] contains ", count,
+      " NaN value(s); scores must be finite or +-inf to be ranked");
+  std::abort();  // unreachable: the check above always throws
+}
+
+at::Tensor check_mask_inputs(const at::Tensor& mask, at::ScalarType index_dtype, c10::DeviceType device_type) {
+  constexpr const char* op = "mask_to_csr";
+  TORCH_CHECK_VALUE(
+      mask.dim() == 2, op, ": mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
+  check_index_dtype(op, "index_dtype", index_dtype);
+  check_kernel_device(op, "mask", mask, device_type);
+  check_fits_index_dtype(op, index_dtype, std::max(mask.size(0), mask.size(1)), "shape ", mask.sizes());
+  return (mask.scalar_type() == at::kBool ? mask : mask.ne(0)).contiguous();
+}
+
+void check_nnz_fits(int64_t nnz, at::ScalarType index_dtype) {
+  check_fits_index_dtype("mask_to_csr", index_dtype, nnz, "nnz = ", nnz);
+}
+
+}  // namespace prune
 
 }  // namespace sparseadapter

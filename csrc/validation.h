@@ -4,8 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 #include <array>
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -224,5 +227,96 @@ void check_allocation(const char* op, const char* what, int64_t numel, int64_t i
 
 // a * b, or -1 when it overflows int64 (both non-negative).
 int64_t checked_product(int64_t a, int64_t b);
+
+// ------------------------------------------------------------------------------------------------
+// One helper per fact that several ops check. Each raises with "op: name ..." in its message.
+
+// The value dtypes every op computes in: float32, float64, float16, bfloat16 (the set
+// SA_DISPATCH_VALUE_TYPES of dispatch.h instantiates).
+bool is_value_dtype(at::ScalarType t);
+
+// TypeError unless t has a value dtype.
+void check_value_dtype(const char* op, const char* name, const at::Tensor& t);
+
+// ValueError unless t is on the device type of the kernel that was dispatched to.
+void check_kernel_device(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device_type);
+
+// TypeError unless t is int32 or int64.
+void check_index_dtype(const char* op, const char* name, at::ScalarType t);
+
+// ValueError when int32 indices cannot hold `size`: "op: <what...> does not fit int32 indices; use
+// int64 indices". `what` describes the size (e.g. "in_features = ", n).
+template <typename... What>
+void check_fits_index_dtype(const char* op, at::ScalarType index_dtype, int64_t size, const What&... what) {
+  TORCH_CHECK_VALUE(
+      index_dtype != at::kInt || size <= std::numeric_limits<int32_t>::max(), op, ": ", what...,
+      " does not fit int32 indices; use int64 indices");
+}
+
+// ------------------------------------------------------------------------------------------------
+// The pattern ops (pattern.cpp)
+
+// The O(nnz) structural check of a CSR pattern of shape [num_rows, num_cols] (validate_csr's body),
+// reported as `op`: index tensors of one dtype and device, crow_indices of num_rows + 1 entries,
+// starting at 0, non-decreasing, ending at nnz, and every column in [0, num_cols). On the CPU it is
+// check_pattern_bounds_cpu's one pass over raw memory; elsewhere ATen ops that synchronize.
+void check_csr_structure(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_rows,
+    int64_t num_cols);
+
+// csr_transpose's arguments, the whole structure included (the transpose writes through the indices).
+void check_csr_transpose_inputs(const at::Tensor& crow_indices, const at::Tensor& col_indices, int64_t num_cols);
+
+void check_csr_row_order_inputs(const at::Tensor& crow_indices);
+
+// ------------------------------------------------------------------------------------------------
+// The pruning ops (prune.h holds their shared host code and kernels' helpers).
+
+namespace prune {
+
+enum class Method { kMagnitude, kSnip, kGrasp, kSynflow };
+
+// prune_score's method name; ValueError naming the choices otherwise.
+Method parse_method(const std::string& method);
+
+struct ScoreInputs {
+  Method method;
+  at::Tensor weight;     // contiguous
+  at::Tensor grad;       // contiguous, defined when the method needs it
+  at::Tensor hess_grad;  // contiguous, defined when the method needs it
+  at::ScalarType out_dtype;
+};
+
+ScoreInputs check_score_inputs(
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
+    const std::string& method,
+    c10::DeviceType device_type);
+
+// topk_masks' scores, checked: one dtype (float32 or float64), one device, all contiguous.
+struct TopkInputs {
+  std::vector<at::Tensor> scores;  // contiguous
+  int64_t total = 0;
+  int64_t k = 0;
+  at::ScalarType dtype = at::kFloat;
+};
+
+TopkInputs check_topk_inputs(at::TensorList scores, int64_t k, c10::DeviceType device_type);
+
+// The ValueError for NaN scores, raised by the back ends' first histogram pass, which finds them.
+[[noreturn]] void fail_nan(size_t index, int64_t count);
+
+// mask_to_csr's mask as a contiguous bool tensor (non-bool masks keep their nonzeros, as
+// python/sparseadapter/csr.py does), after checking it and index_dtype.
+at::Tensor check_mask_inputs(const at::Tensor& mask, at::ScalarType index_dtype, c10::DeviceType device_type);
+
+// mask_to_csr, once the nonzeros are counted: nnz must fit index_dtype.
+void check_nnz_fits(int64_t nnz, at::ScalarType index_dtype);
+
+}  // namespace prune
 
 }  // namespace sparseadapter

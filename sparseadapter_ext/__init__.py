@@ -31,8 +31,13 @@ from . import autocast  # noqa: E402,F401  (after ops: registers autocast for th
 from .path_cache import install as _install_path_cache, load_path_decisions, save_path_decisions
 
 _install_path_cache()  # this machine's path measurements in, this process's out at exit
+if not hasattr(_C, "__version__"):
+    raise ImportError(f"{_C.__file__} was built from older sources than this package; rebuild it "
+                      "(bash scripts/install.sh, or python setup.py build_ext --inplace)")
+__version__ = _C.__version__  # the repository's VERSION, compiled in (setup.py)
 
 __all__ = [
+    "__version__",
     "ADAPTER_ACTIVATIONS",
     "PATH_MODES",
     "clear_path_decisions",

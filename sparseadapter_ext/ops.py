@@ -654,7 +654,7 @@ torch.library.register_autograd(
 )
 
 
-# Pruning at initialization (issue 3): fused score, exact-k global selection, mask -> CSR.
+# Pruning at initialization: fused score, exact-k global selection, mask -> CSR.
 
 def prune_score(
     weight: Tensor, grad: Optional[Tensor] = None, hess_grad: Optional[Tensor] = None, method: str = "magnitude"

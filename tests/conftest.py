@@ -2,6 +2,7 @@
 CMake build of the C++ side."""
 import math
 import os
+import sys
 import zlib
 
 # The suite tests our CSR kernels unless SPARSEADAPTER_PATH says otherwise (=dense runs it on the
@@ -16,6 +17,12 @@ import torch
 
 import cmake_support
 import sparseadapter_ext
+
+# pytest rewrites the asserts of every test module when it imports it (after this file) and keeps the
+# result in __pycache__, unless bytecode writing is off (PYTHONDONTWRITEBYTECODE, common in containers):
+# then it redoes all of them on every start, about 20 s of the suite's start-up on 2 cores. The cache
+# holds only this repository's compiled modules and changes no result.
+sys.dont_write_bytecode = False
 
 
 PATHS = ["sparse", "dense"]

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from cmake_support import BUILD_TIMEOUT_S, CONFIGURE_TIMEOUT_S, PARALLEL, run_step
+from cmake_support import BUILD_TIMEOUT_S, CONFIGURE_TIMEOUT_S, PARALLEL, REPO, run_step
 
 import sparseadapter as sa
 
@@ -169,10 +169,11 @@ def test_runner_reports_errors(runner, tmp_path):
     assert bad_out.returncode == 1 and "cannot write output" in bad_out.stderr
 
 
+# The exact version of VERSION: the installed package carries the one version source.
 CONSUMER_CMAKE = """\
 cmake_minimum_required(VERSION 3.18)
 project(sparseadapter_consumer LANGUAGES CXX)
-find_package(SparseAdapter 0.1 REQUIRED)
+find_package(SparseAdapter @VERSION@ EXACT REQUIRED)
 add_executable(consumer main.cpp)
 # torch first: its link items end in -Wl,--as-needed, the case that would drop an unwrapped library.
 target_link_libraries(consumer PRIVATE ${TORCH_LIBRARIES} SparseAdapter::sparseadapter)
@@ -226,7 +227,8 @@ def test_install_and_find_package(cmake_build, runner, tmp_path):
 
     src, cbuild = tmp_path / "consumer", tmp_path / "consumer-build"
     src.mkdir()
-    (src / "CMakeLists.txt").write_text(CONSUMER_CMAKE)
+    version = (REPO / "VERSION").read_text(encoding="utf-8").strip()
+    (src / "CMakeLists.txt").write_text(CONSUMER_CMAKE.replace("@VERSION@", version))
     (src / "main.cpp").write_text(textwrap.dedent(CONSUMER_MAIN))
     consumer_args = [a for a in args if not a.startswith("-DCMAKE_PREFIX_PATH=")]
     run_step([cmake, "-S", str(src), "-B", str(cbuild), *consumer_args,

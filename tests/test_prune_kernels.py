@@ -1,4 +1,4 @@
-"""The pruning kernels (issue 3): prune_score, topk_masks, mask_to_csr against plain PyTorch
+"""The pruning kernels: prune_score, topk_masks, mask_to_csr against plain PyTorch
 references, on every device in conftest.DEVICES."""
 import pytest
 import torch

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../adapter_pointers.h"
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
@@ -138,31 +139,8 @@ SA_ALWAYS_INLINE void adapter_few_tokens(const AdapterArgs<scalar_t, index_t>& a
   }
 }
 
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX512 void adapter_few_tokens_avx512(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_few_tokens<CpuIsa::kAvx512>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX2 void adapter_few_tokens_avx2(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_few_tokens<CpuIsa::kAvx2>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-void adapter_few_tokens_baseline(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_few_tokens<CpuIsa::kBaseline>(a, b, e);
-}
-
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX512 void adapter_tiles_avx512(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_tiles<CpuIsa::kAvx512>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX2 void adapter_tiles_avx2(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_tiles<CpuIsa::kAvx2>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-void adapter_tiles_baseline(const AdapterArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  adapter_tiles<CpuIsa::kBaseline>(a, b, e);
-}
+SA_DEFINE_ISA_VARIANTS(AdapterFewTokens, adapter_few_tokens);
+SA_DEFINE_ISA_VARIANTS(AdapterTiles, adapter_tiles);
 
 template <typename scalar_t, typename index_t>
 void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
@@ -171,13 +149,7 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
 
   using acc_t = at::opmath_type<scalar_t>;
   if (a.num_tokens <= kFewTokens) {  // decoding: one pass, nothing staged, on the calling thread
-    auto few = &adapter_few_tokens_baseline<scalar_t, index_t>;
-    switch (cpu_isa()) {
-      case CpuIsa::kAvx512: few = &adapter_few_tokens_avx512<scalar_t, index_t>; break;
-      case CpuIsa::kAvx2: few = &adapter_few_tokens_avx2<scalar_t, index_t>; break;
-      case CpuIsa::kBaseline: break;
-    }
-    few(a, 0, 1);
+    SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] { AdapterFewTokens<kIsa>::run(a, int64_t{0}, int64_t{1}); });
     return;
   }
   const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
@@ -197,22 +169,16 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
     a.up_blocked_values = up_blocked_values.data();
   }
 
-  auto work = &adapter_tiles_baseline<scalar_t, index_t>;
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: work = &adapter_tiles_avx512<scalar_t, index_t>; break;
-    case CpuIsa::kAvx2: work = &adapter_tiles_avx2<scalar_t, index_t>; break;
-    case CpuIsa::kBaseline: break;
-  }
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { work(a, begin, end); });
+  SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { AdapterTiles<kIsa>::run(a, begin, end); });
+  });
 }
 
 }  // namespace
 
 void adapter_cpu_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.down.x.scalar_type(), "adapter_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.down.crow_indices.scalar_type(), "adapter_cpu_index", [&] {
-      run_adapter<scalar_t, index_t>(in, out, hidden_pre);
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.down.x.scalar_type(), in.down.crow_indices.scalar_type(), "adapter_cpu", [&] {
+    run_adapter<scalar_t, index_t>(in, out, hidden_pre);
   });
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 
 namespace sparseadapter {
@@ -18,42 +19,38 @@ int64_t row_grain(const PatternData& in) {
 }  // namespace
 
 void csr_to_dense_cpu_kernel(const PatternData& in, at::Tensor& dense) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.data.scalar_type(), "csr_to_dense_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "csr_to_dense_cpu_index", [&] {
-      const scalar_t* values = in.data.const_data_ptr<scalar_t>();
-      const index_t* crow = in.crow_indices.const_data_ptr<index_t>();
-      const index_t* col = in.col_indices.const_data_ptr<index_t>();
-      scalar_t* out = dense.mutable_data_ptr<scalar_t>();
-      const int64_t cols = in.num_cols;
-      at::parallel_for(0, in.num_rows, row_grain(in), [&](int64_t r_begin, int64_t r_end) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          scalar_t* row = out + r * cols;
-          std::fill(row, row + cols, scalar_t(0));
-          for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
-            row[col[e]] = values[e];
-          }
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.data.scalar_type(), in.crow_indices.scalar_type(), "csr_to_dense_cpu", [&] {
+    const scalar_t* values = in.data.const_data_ptr<scalar_t>();
+    const index_t* crow = in.crow_indices.const_data_ptr<index_t>();
+    const index_t* col = in.col_indices.const_data_ptr<index_t>();
+    scalar_t* out = dense.mutable_data_ptr<scalar_t>();
+    const int64_t cols = in.num_cols;
+    at::parallel_for(0, in.num_rows, row_grain(in), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        scalar_t* row = out + r * cols;
+        std::fill(row, row + cols, scalar_t(0));
+        for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
+          row[col[e]] = values[e];
         }
-      });
+      }
     });
   });
 }
 
 void csr_gather_cpu_kernel(const PatternData& in, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.data.scalar_type(), "csr_gather_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "csr_gather_cpu_index", [&] {
-      const scalar_t* dense = in.data.const_data_ptr<scalar_t>();
-      const index_t* crow = in.crow_indices.const_data_ptr<index_t>();
-      const index_t* col = in.col_indices.const_data_ptr<index_t>();
-      scalar_t* values = out.mutable_data_ptr<scalar_t>();
-      const int64_t cols = in.num_cols;
-      at::parallel_for(0, in.num_rows, row_grain(in), [&](int64_t r_begin, int64_t r_end) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          const scalar_t* row = dense + r * cols;
-          for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
-            values[e] = row[col[e]];
-          }
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.data.scalar_type(), in.crow_indices.scalar_type(), "csr_gather_cpu", [&] {
+    const scalar_t* dense = in.data.const_data_ptr<scalar_t>();
+    const index_t* crow = in.crow_indices.const_data_ptr<index_t>();
+    const index_t* col = in.col_indices.const_data_ptr<index_t>();
+    scalar_t* values = out.mutable_data_ptr<scalar_t>();
+    const int64_t cols = in.num_cols;
+    at::parallel_for(0, in.num_rows, row_grain(in), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const scalar_t* row = dense + r * cols;
+        for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
+          values[e] = row[col[e]];
         }
-      });
+      }
     });
   });
 }

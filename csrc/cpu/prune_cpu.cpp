@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../prune.h"
 
 namespace sparseadapter {
@@ -242,7 +243,7 @@ at::Tensor prune_score_cpu(
   const auto in = check_score_inputs(weight, grad, hess_grad, std::string(method), c10::DeviceType::CPU);
   auto out = at::empty(in.weight.sizes(), in.weight.options().dtype(in.out_dtype));
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), "prune_score_cpu", [&] {
+  SA_DISPATCH_VALUE_TYPES(in.weight.scalar_type(), "prune_score_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       score_dispatch<scalar_t, double>(in, out);
     } else {
@@ -285,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> mask_to_csr_cpu(const at::Tensor& mask_in, at
   check_nnz_fits(nnz, index_dtype);
   auto crow = at::empty({rows + 1}, mask.options().dtype(index_dtype));
   auto col = at::empty({nnz}, mask.options().dtype(index_dtype));
-  AT_DISPATCH_INDEX_TYPES(index_dtype, "mask_to_csr_cpu", [&] {
+  SA_DISPATCH_INDEX_TYPES(index_dtype, "mask_to_csr_cpu", [&] {
     fill_csr<index_t>(m, rows, cols, start, crow.data_ptr<index_t>(), col.data_ptr<index_t>());
   });
   return {crow, col};

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "blocked_order.h"
 #include "cpu_isa.h"
@@ -137,18 +138,7 @@ SA_ALWAYS_INLINE void sddmm_slabs(const SddmmArgs<scalar_t, index_t>& a, int64_t
   }
 }
 
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX512 void sddmm_slabs_avx512(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs<CpuIsa::kAvx512>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX2 void sddmm_slabs_avx2(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs<CpuIsa::kAvx2>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-void sddmm_slabs_baseline(const SddmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  sddmm_slabs<CpuIsa::kBaseline>(a, b, e);
-}
+SA_DEFINE_ISA_VARIANTS(SddmmSlabs, sddmm_slabs);
 
 template <typename scalar_t, typename index_t>
 void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
@@ -177,13 +167,9 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
   a.nnz_padded = nnz_padded;
   a.tiles_per_slab = (tiles + slabs - 1) / slabs;
 
-  auto work = &sddmm_slabs_baseline<scalar_t, index_t>;
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: work = &sddmm_slabs_avx512<scalar_t, index_t>; break;
-    case CpuIsa::kAvx2: work = &sddmm_slabs_avx2<scalar_t, index_t>; break;
-    case CpuIsa::kBaseline: break;
-  }
-  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) { work(a, begin, end); });
+  SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
+    at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) { SddmmSlabs<kIsa>::run(a, begin, end); });
+  });
 
   // slabs added in a fixed order, entries scattered back to CSR order
   scalar_t* result = out.mutable_data_ptr<scalar_t>();
@@ -197,10 +183,8 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
 }  // namespace
 
 void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "sddmm_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "sddmm_cpu_index", [&] {
-      run_sddmm<scalar_t, index_t>(in, out);
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "sddmm_cpu", [&] {
+    run_sddmm<scalar_t, index_t>(in, out);
   });
 }
 

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
@@ -66,18 +67,7 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
   }
 }
 
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX512 void spmm_work_items_avx512(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items<CpuIsa::kAvx512>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX2 void spmm_work_items_avx2(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items<CpuIsa::kAvx2>(a, b, e);
-}
-template <typename scalar_t, typename index_t>
-void spmm_work_items_baseline(const SpmmArgs<scalar_t, index_t>& a, int64_t b, int64_t e) {
-  spmm_work_items<CpuIsa::kBaseline>(a, b, e);
-}
+SA_DEFINE_ISA_VARIANTS(SpmmWorkItems, spmm_work_items);
 
 // A few tokens (few_tokens.h): x read in place, one pass over the nonzeros.
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
@@ -95,18 +85,7 @@ SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
   }
 }
 
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX512 void spmm_few_tokens_avx512(const SpmmArgs<scalar_t, index_t>& a) {
-  spmm_few_tokens<CpuIsa::kAvx512>(a);
-}
-template <typename scalar_t, typename index_t>
-SA_TARGET_AVX2 void spmm_few_tokens_avx2(const SpmmArgs<scalar_t, index_t>& a) {
-  spmm_few_tokens<CpuIsa::kAvx2>(a);
-}
-template <typename scalar_t, typename index_t>
-void spmm_few_tokens_baseline(const SpmmArgs<scalar_t, index_t>& a) {
-  spmm_few_tokens<CpuIsa::kBaseline>(a);
-}
+SA_DEFINE_ISA_VARIANTS(SpmmFewTokens, spmm_few_tokens);
 
 template <typename scalar_t, typename index_t>
 void run_spmm(const SpmmInputs& in, at::Tensor& y) {
@@ -121,13 +100,7 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   a.in_features = in.in_features;
   a.out_features = in.out_features;
   if (in.num_tokens <= kFewTokens) {  // decoding: one pass, nothing staged, on the calling thread
-    auto few = &spmm_few_tokens_baseline<scalar_t, index_t>;
-    switch (cpu_isa()) {
-      case CpuIsa::kAvx512: few = &spmm_few_tokens_avx512<scalar_t, index_t>; break;
-      case CpuIsa::kAvx2: few = &spmm_few_tokens_avx2<scalar_t, index_t>; break;
-      case CpuIsa::kBaseline: break;
-    }
-    few(a);
+    SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] { SpmmFewTokens<kIsa>::run(a); });
     return;
   }
 
@@ -148,22 +121,17 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
     a.blocked_values = blocked_values.data();
   }
 
-  auto work = &spmm_work_items_baseline<scalar_t, index_t>;
-  switch (cpu_isa()) {
-    case CpuIsa::kAvx512: work = &spmm_work_items_avx512<scalar_t, index_t>; break;
-    case CpuIsa::kAvx2: work = &spmm_work_items_avx2<scalar_t, index_t>; break;
-    case CpuIsa::kBaseline: break;
-  }
-  at::parallel_for(0, tiles * a.row_blocks, 1, [&](int64_t begin, int64_t end) { work(a, begin, end); });
+  SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
+    at::parallel_for(0, tiles * a.row_blocks, 1,
+                     [&](int64_t begin, int64_t end) { SpmmWorkItems<kIsa>::run(a, begin, end); });
+  });
 }
 
 }  // namespace
 
 void spmm_cpu_kernel(const SpmmInputs& in, at::Tensor& y) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "spmm_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "spmm_cpu_index", [&] {
-      run_spmm<scalar_t, index_t>(in, y);
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "spmm_cpu", [&] {
+    run_spmm<scalar_t, index_t>(in, y);
   });
 }
 

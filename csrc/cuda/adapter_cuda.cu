@@ -21,6 +21,7 @@
 #include <climits>
 
 #include "../adapter_pointers.h"
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "../op_wrappers.h"
 #include "activation.cuh"
@@ -177,10 +178,8 @@ void adapter_cuda_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& h
   const c10::cuda::CUDAGuard device_guard(in.down.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   bool fused = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.down.x.scalar_type(), "adapter_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.down.crow_indices.scalar_type(), "adapter_cuda_index", [&] {
-      fused = launch_fused<scalar_t, index_t>(in, out, hidden_pre, stream);
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.down.x.scalar_type(), in.down.crow_indices.scalar_type(), "adapter_cuda", [&] {
+    fused = launch_fused<scalar_t, index_t>(in, out, hidden_pre, stream);
   });
   if (!fused) {
     adapter_composite_kernel<CudaBackend>(in, out, hidden_pre);

@@ -7,6 +7,7 @@
 
 #include <climits>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "cuda_backend.h"
 #include "cuda_utils.cuh"
@@ -66,13 +67,11 @@ void csr_to_dense_cuda_kernel(const PatternData& in, at::Tensor& dense) {
   }
   const c10::cuda::CUDAGuard guard(in.data.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.data.scalar_type(), "csr_to_dense_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "csr_to_dense_cuda_index", [&] {
-      csr_to_dense_kernel<scalar_t, index_t><<<row_blocks(in.num_rows), kWarpsPerBlock * 32, 0, stream>>>(
-          in.data.const_data_ptr<scalar_t>(), in.crow_indices.const_data_ptr<index_t>(),
-          in.col_indices.const_data_ptr<index_t>(), in.num_rows, in.num_cols, dense.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.data.scalar_type(), in.crow_indices.scalar_type(), "csr_to_dense_cuda", [&] {
+    csr_to_dense_kernel<scalar_t, index_t><<<row_blocks(in.num_rows), kWarpsPerBlock * 32, 0, stream>>>(
+        in.data.const_data_ptr<scalar_t>(), in.crow_indices.const_data_ptr<index_t>(),
+        in.col_indices.const_data_ptr<index_t>(), in.num_rows, in.num_cols, dense.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -82,13 +81,11 @@ void csr_gather_cuda_kernel(const PatternData& in, at::Tensor& out) {
   }
   const c10::cuda::CUDAGuard guard(in.data.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.data.scalar_type(), "csr_gather_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "csr_gather_cuda_index", [&] {
-      csr_gather_kernel<scalar_t, index_t><<<row_blocks(in.num_rows), kWarpsPerBlock * 32, 0, stream>>>(
-          in.data.const_data_ptr<scalar_t>(), in.crow_indices.const_data_ptr<index_t>(),
-          in.col_indices.const_data_ptr<index_t>(), in.num_rows, in.num_cols, out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.data.scalar_type(), in.crow_indices.scalar_type(), "csr_gather_cuda", [&] {
+    csr_gather_kernel<scalar_t, index_t><<<row_blocks(in.num_rows), kWarpsPerBlock * 32, 0, stream>>>(
+        in.data.const_data_ptr<scalar_t>(), in.crow_indices.const_data_ptr<index_t>(),
+        in.col_indices.const_data_ptr<index_t>(), in.num_rows, in.num_cols, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

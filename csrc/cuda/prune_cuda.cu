@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../prune.h"
 #include "cuda_utils.cuh"
 
@@ -235,7 +236,7 @@ at::Tensor prune_score_cuda(
   auto out = at::empty(in.weight.sizes(), in.weight.options().dtype(in.out_dtype));
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.weight.scalar_type(), "prune_score_cuda", [&] {
+  SA_DISPATCH_VALUE_TYPES(in.weight.scalar_type(), "prune_score_cuda", [&] {
     using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     switch (in.method) {
       case Method::kMagnitude: launch_score<Method::kMagnitude, scalar_t, out_t>(in, out, stream); break;
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> mask_to_csr_cuda(const at::Tensor& mask_in, a
   check_nnz_fits(nnz, index_dtype);
   auto col = at::empty({nnz}, mask.options().dtype(index_dtype));
   if (nnz > 0) {
-    AT_DISPATCH_INDEX_TYPES(index_dtype, "mask_to_csr_cuda", [&] {
+    SA_DISPATCH_INDEX_TYPES(index_dtype, "mask_to_csr_cuda", [&] {
       column_fill_kernel<index_t><<<grid, kThreads, 0, stream>>>(
           m, rows, cols, start.const_data_ptr<int64_t>(), col.data_ptr<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

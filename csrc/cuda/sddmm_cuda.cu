@@ -23,6 +23,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "cuda_utils.cuh"
 
@@ -223,10 +224,8 @@ void sddmm_cuda_kernel(const SddmmInputs& in, at::Tensor& out) {
   const c10::cuda::CUDAGuard device_guard(in.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dev = device_limits(in.x.get_device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "sddmm_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "sddmm_cuda_index", [&] {
-      run_sddmm<scalar_t, index_t>(in, out, dev, stream);
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "sddmm_cuda", [&] {
+    run_sddmm<scalar_t, index_t>(in, out, dev, stream);
   });
 }
 

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "../dispatch.h"
 #include "../kernels.h"
 #include "cuda_utils.cuh"
 
@@ -210,15 +211,13 @@ void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y) {
   const c10::cuda::CUDAGuard device_guard(in.x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dev = device_limits(in.x.get_device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "spmm_cuda", [&] {
-    AT_DISPATCH_INDEX_TYPES(in.crow_indices.scalar_type(), "spmm_cuda_index", [&] {
-      // A handful of tokens would leave most lanes of a 32-token tile idle: one token per tile.
-      if (in.num_tokens <= 4) {
-        launch_spmm<scalar_t, index_t, 1>(in, y, dev, stream);
-      } else {
-        launch_spmm<scalar_t, index_t, 32>(in, y, dev, stream);
-      }
-    });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "spmm_cuda", [&] {
+    // A handful of tokens would leave most lanes of a 32-token tile idle: one token per tile.
+    if (in.num_tokens <= 4) {
+      launch_spmm<scalar_t, index_t, 1>(in, y, dev, stream);
+    } else {
+      launch_spmm<scalar_t, index_t, 32>(in, y, dev, stream);
+    }
   });
 }
 

@@ -10,7 +10,7 @@ _INT32_MAX = torch.iinfo(torch.int32).max
 
 
 def index_dtype_for(shape: Tuple[int, int], nnz: int) -> torch.dtype:
-    """int32 unless nnz or a dimension needs int64 (the DESIGN.md contract)."""
+    """int32 unless nnz or a dimension needs int64 (the index rule of docs/design.md)."""
     return torch.int32 if max(shape[0], shape[1], nnz) <= _INT32_MAX else torch.int64
 
 

@@ -1,4 +1,4 @@
-"""The fused pruning kernels (issue 3) against the plain PyTorch way, on adapter-sized weights.
+"""The fused pruning kernels against the plain PyTorch way, on adapter-sized weights.
 
 Setups (Houlsby adapters, two per layer: down [64, hidden] and up [hidden, 64]):
   bert-base  12 layers x (768x64 down + 64x768 up)   ~1.18M weights
@@ -163,7 +163,7 @@ def main(argv=None):
             pass
         with open(args.markdown, "a") as f:
             f.write(
-                "\n## Pruning kernels (issue 3)\n\n"
+                "\n## Pruning kernels\n\n"
                 f"`sparseadapter bench pruning --device {args.device} --threads {args.threads}` — "
                 f"{datetime.date.today().isoformat()}\n\n```\n"
                 f"machine: {platform.node() and 'linux'} {platform.machine()} | {cpu_model or dev} | {os.cpu_count()} cores\n"

@@ -25,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparseadapter_ext
 
-from .selection import (_check_fraction, _select_global_k, _select_per_tensor_k, _validated_flats,
-                        erk_densities, keep_count)
+from .selection import (check_fraction, erk_densities, keep_count, select_global_k, select_per_tensor_k,
+                        validated_flats)
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 DATA_METHODS = ("snip", "grasp")
@@ -149,14 +149,14 @@ def compute_masks(
     for r in range(1, rounds + 1):
         scores = compute_scores(method, weights, loss_closure=loss_closure, data=data, chains=chains,
                                 seed=seed, masks=masks)
-        flats = _validated_flats(scores)
+        flats = validated_flats(scores)
         frac = r / rounds  # == 1.0 exactly in the last round, so d ** frac == d there
         if scope == "global":
             k = final_k if r == rounds else int(round((1.0 - float(sparsity)) ** frac * total))
-            masks = _select_global_k(scores, flats, k, eligible=masks)
+            masks = select_global_k(scores, flats, k, eligible=masks)
         else:
-            ks = [int(round(_check_fraction(dens[n], "density") ** frac * weights[n].numel())) for n in names]
-            masks = _select_per_tensor_k(scores, flats, ks, eligible=masks)
+            ks = [int(round(check_fraction(dens[n], "density") ** frac * weights[n].numel())) for n in names]
+            masks = select_per_tensor_k(scores, flats, ks, eligible=masks)
     return masks
 
 

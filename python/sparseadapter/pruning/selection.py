@@ -32,7 +32,7 @@ def keep_count(total: int, sparsity: float) -> int:
     `round((1 - sparsity) * total)`, rounded half to even."""
     if isinstance(total, bool) or not isinstance(total, int) or total < 0:
         raise ValueError(f"total must be a non-negative int, got {total!r}")
-    sparsity = _check_fraction(sparsity, "sparsity")
+    sparsity = check_fraction(sparsity, "sparsity")
     if not sparsity < 1.0:
         raise ValueError(f"sparsity must satisfy 0 <= sparsity < 1 (the fraction removed), got {sparsity}")
     return int(round((1.0 - sparsity) * total))
@@ -43,25 +43,25 @@ def select_global(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
 
     One threshold for all tensors: a tensor may end up with no kept weight if its scores are all
     low (e.g. all zero); see `check_no_empty`. Tie-breaking as in the module docstring."""
-    flats = _validated_flats(scores)
+    flats = validated_flats(scores)
     total = sum(f.numel() for f in flats)
-    return _select_global_k(scores, flats, keep_count(total, sparsity))
+    return select_global_k(scores, flats, keep_count(total, sparsity))
 
 
 def select_per_tensor(scores: Mapping[str, Tensor], densities: Mapping[str, float]) -> dict[str, Tensor]:
     """Keep exactly `round(densities[name] * numel)` highest scores in each tensor (0 <= density <= 1).
 
     `densities` must have exactly the keys of `scores`."""
-    flats = _validated_flats(scores)
+    flats = validated_flats(scores)
     missing = [n for n in scores if n not in densities]
     extra = [n for n in densities if n not in scores]
     if missing or extra:
         raise ValueError(f"densities must name exactly the scored tensors; missing {missing}, unknown {extra}")
     ks = []
     for name, flat in zip(scores, flats):
-        d = _check_fraction(densities[name], f"density of {name!r}")
+        d = check_fraction(densities[name], f"density of {name!r}")
         ks.append(int(round(d * flat.numel())))
-    return _select_per_tensor_k(scores, flats, ks)
+    return select_per_tensor_k(scores, flats, ks)
 
 
 def check_no_empty(masks: Mapping[str, Tensor]) -> None:
@@ -128,10 +128,11 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[
 
 
 # ----------------------------------------------------------------------------------------------------
-# Internals shared with scores.compute_masks (which also restricts later rounds to the kept entries).
+# Helpers shared with scores.compute_masks (which also restricts later rounds to the kept entries).
 
 
-def _check_fraction(x: float, what: str) -> float:
+def check_fraction(x: float, what: str) -> float:
+    """x as a float in [0, 1]; a ValueError naming `what` otherwise."""
     try:
         x = float(x)
     except (TypeError, ValueError):
@@ -141,7 +142,7 @@ def _check_fraction(x: float, what: str) -> float:
     return x
 
 
-def _validated_flats(scores: Mapping[str, Tensor]) -> list[Tensor]:
+def validated_flats(scores: Mapping[str, Tensor]) -> list[Tensor]:
     """Flat float64 views of the scores, after checking they are finite floating tensors."""
     flats = []
     for name, s in scores.items():
@@ -158,11 +159,11 @@ def _validated_flats(scores: Mapping[str, Tensor]) -> list[Tensor]:
 def _top_k(flat: Tensor, k: int, eligible: Optional[Tensor] = None) -> Tensor:
     """Bool mask of the k largest entries of a 1-D float64 tensor; ties go to the lower index.
     Entries where `eligible` is False are never kept (k must not exceed the eligible count)."""
-    return _select_global_k({"": flat}, [flat], k, None if eligible is None else {"": eligible})[""]
+    return select_global_k({"": flat}, [flat], k, None if eligible is None else {"": eligible})[""]
 
 
-def _select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
-                     eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+def select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
+                    eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
     """The k largest over all tensors with the fused radix-select kernel (`topk_masks`), which keeps
     the tie rule of the module docstring and never concatenates the tensors."""
     if not flats:
@@ -175,8 +176,9 @@ def _select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
     return {name: m.view(s.shape).to(s.device) for (name, s), m in zip(scores.items(), keep)}
 
 
-def _select_per_tensor_k(scores: Mapping[str, Tensor], flats: list[Tensor], ks: Sequence[int],
-                         eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+def select_per_tensor_k(scores: Mapping[str, Tensor], flats: list[Tensor], ks: Sequence[int],
+                        eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+    """The ks[i] largest of each tensor on its own, with the same tie rule."""
     out = {}
     for (name, s), f, k in zip(scores.items(), flats, ks):
         elig = None if eligible is None else eligible[name].reshape(-1).to(f.device)
