@@ -56,6 +56,35 @@ def _sparse_adapter_args(device, index_dtype, seed, optional):
     return (x, residual, *down, *up, "gelu", 0.5, True)
 
 
+def _sparse_adapter_multi_args(device, index_dtype, seed, optional):
+    """Two adapters (bottlenecks 8 and 6) concatenated as sparse_adapter_multi takes them; the middle row
+    runs no adapter. Forward arguments only (no transposed patterns)."""
+    downs = [_projection(r, 27, 0.4, device, index_dtype, seed + k, bias=optional)[0] for k, r in enumerate((8, 6))]
+    ups = [_projection(27, r, 0.4, device, index_dtype, seed + 5 + k, bias=optional)[0] for k, r in enumerate((8, 6))]
+
+    def cat(parts, i):
+        return None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+
+    x = torch.randn(3, 7, 27, device=device)
+    residual = torch.randn(3, 7, 27, device=device) if optional else None
+    index = torch.tensor([1, -1, 0], device=device)
+    nnz = [[p[0].numel() for p in parts] for parts in (downs, ups)]
+    return (
+        x,
+        index,
+        residual,
+        *(cat(downs, i) for i in range(4)),
+        *(cat(ups, i) for i in range(4)),
+        [8, 6],
+        nnz[0],
+        nnz[1],
+        27,
+        "gelu,relu",
+        [0.5, 2.0],
+        True,
+    )
+
+
 # One case per autocast op: (device, index_dtype, seed, optional) -> the op's arguments with fp32
 # floating tensors; `optional` False passes None for every Optional tensor.
 OP_ARGS = {
@@ -63,6 +92,7 @@ OP_ARGS = {
     "sddmm": _sddmm_args,
     "sparse_linear": _sparse_linear_args,
     "sparse_adapter": _sparse_adapter_args,
+    "sparse_adapter_multi": _sparse_adapter_multi_args,
 }
 DIFFERENTIABLE = ("sparse_linear", "sparse_adapter")
 
