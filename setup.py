@@ -8,6 +8,7 @@ SPARSEADAPTER_NO_EXTENSION=1 installs the Python packages without compiling: scr
 so, then builds the extension with `setup.py build_ext --inplace`, whose build folder (build/) persists,
 so that ninja recompiles only the sources that changed.
 """
+
 import glob
 import os
 import re
@@ -38,12 +39,14 @@ def _with_cuda():
     if _flag("FORCE_CUDA"):
         if torch.version.cuda is None:
             raise RuntimeError(
-                f"FORCE_CUDA=1, but torch {torch.__version__} is a CPU-only build; install a CUDA build of torch")
+                f"FORCE_CUDA=1, but torch {torch.__version__} is a CPU-only build; install a CUDA build of torch"
+            )
         if _cuda_home() is None:
             raise RuntimeError(
                 "FORCE_CUDA=1, but no CUDA toolkit was found (torch guessed CUDA_HOME="
                 f"{cpp_extension.CUDA_HOME!r}); set CUDA_HOME to the toolkit root, the folder holding "
-                "bin/nvcc and include/cuda_runtime.h")
+                "bin/nvcc and include/cuda_runtime.h"
+            )
         return True
     return torch.version.cuda is not None and _cuda_home() is not None
 
@@ -86,7 +89,9 @@ def extension():
     builder = cpp_extension.CppExtension
     if with_cuda:
         os.environ["CUDA_HOME"] = _cuda_home()
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu"))
+        )
         define_macros.append(("SPARSEADAPTER_WITH_CUDA", None))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         builder = cpp_extension.CUDAExtension

@@ -15,6 +15,7 @@ resumes where it stopped. The grid goes seed by seed, so a partial study holds w
     python benchmarks/generation_study.py run                 # the grid (long: minutes per run)
     python benchmarks/generation_study.py table               # the table of what --results holds
 """
+
 import argparse
 import json
 import statistics
@@ -28,8 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("houlsby", "lora")
 # (cell, pruner, sparsity); the dense cell has nothing to prune
-CELLS = (("dense", "random", 0.0), ("random40", "random", 0.4), ("snip40", "snip", 0.4),
-         ("random80", "random", 0.8), ("snip80", "snip", 0.8))
+CELLS = (
+    ("dense", "random", 0.0),
+    ("random40", "random", 0.4),
+    ("snip40", "snip", 0.4),
+    ("random80", "random", 0.8),
+    ("snip80", "snip", 0.8),
+)
 BASELINE_RUN = ("houlsby", "dense", 0)  # the run that also scores the lead and zero-shot baselines
 
 
@@ -52,12 +58,26 @@ def settings(args) -> dict:
     """The options every run shares (besides kind, cell and seed)."""
     from sparseadapter.training.tasks import HEADLINE_PROMPT
 
-    return dict(model="smollm2", task="custom", prompt=HEADLINE_PROMPT, objective="causal-lm",
-                max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.06,
-                max_length=args.max_length, max_target_length=args.max_target_length,
-                max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
-                max_eval_examples=args.eval_examples, calibration_batches=args.calibration_batches,
-                precision=args.precision, checkpoint_every=0, progress=False, threads=1)
+    return dict(
+        model="smollm2",
+        task="custom",
+        prompt=HEADLINE_PROMPT,
+        objective="causal-lm",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_ratio=0.06,
+        max_length=args.max_length,
+        max_target_length=args.max_target_length,
+        max_new_tokens=args.max_new_tokens,
+        eval_batch_size=args.eval_batch_size,
+        max_eval_examples=args.eval_examples,
+        calibration_batches=args.calibration_batches,
+        precision=args.precision,
+        checkpoint_every=0,
+        progress=False,
+        threads=1,
+    )
 
 
 def run_one(kind: str, cell: str, seed: int, files: dict, args, work: Path) -> dict:
@@ -65,15 +85,34 @@ def run_one(kind: str, cell: str, seed: int, files: dict, args, work: Path) -> d
 
     pruner, sparsity = next((p, s) for name, p, s in CELLS if name == cell)
     common = settings(args)
-    cfg = TrainConfig(kind=kind, pruner=pruner, sparsity=sparsity, seed=seed, train_file=files["train"],
-                      test_file=files["test"], baselines=(kind, cell, seed) == BASELINE_RUN,
-                      output_dir=str(work / f"{kind}-{cell}-{seed}"), overwrite=True, **common)
+    cfg = TrainConfig(
+        kind=kind,
+        pruner=pruner,
+        sparsity=sparsity,
+        seed=seed,
+        train_file=files["train"],
+        test_file=files["test"],
+        baselines=(kind, cell, seed) == BASELINE_RUN,
+        output_dir=str(work / f"{kind}-{cell}-{seed}"),
+        overwrite=True,
+        **common,
+    )
     start = time.perf_counter()
     result = train(cfg, log=lambda *_: None)
-    record = {"kind": kind, "cell": cell, "pruner": pruner, "sparsity": sparsity, "seed": seed,
-              "settings": common, "test": result.test, "steps": result.steps,
-              "parameters": result.counts, "timings": result.timings, "wall_s": time.perf_counter() - start,
-              "torch": torch.__version__}
+    record = {
+        "kind": kind,
+        "cell": cell,
+        "pruner": pruner,
+        "sparsity": sparsity,
+        "seed": seed,
+        "settings": common,
+        "test": result.test,
+        "steps": result.steps,
+        "parameters": result.counts,
+        "timings": result.timings,
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
     if result.baselines:
         record["baselines"] = result.baselines
     return record
@@ -86,9 +125,11 @@ def _mean_spread(values):
 
 
 def table(results) -> str:
-    lines = ["| adapter | cell | seeds | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L per seed | ROUGE-L - dense, same seed "
-             "| words | wall s / run |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    lines = [
+        "| adapter | cell | seeds | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L per seed | ROUGE-L - dense, same seed "
+        "| words | wall s / run |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
     dense = {(r["kind"], r["seed"]): r["test"]["rougeL"] for r in results if r["cell"] == "dense"}
     for kind in KINDS:
         for cell, _, _ in CELLS:
@@ -101,18 +142,26 @@ def table(results) -> str:
                 cols.append(f"{mean:.2f} ± {spread:.2f}")
             per_seed = ", ".join(f"{100 * r['test']['rougeL']:.2f}" for r in runs)
             paired = [r["test"]["rougeL"] - dense[(kind, r["seed"])] for r in runs if (kind, r["seed"]) in dense]
-            delta = "-" if cell == "dense" or not paired else (
-                f"{100 * statistics.mean(paired):+.2f} ({', '.join(f'{100 * d:+.2f}' for d in paired)})")
+            delta = (
+                "-"
+                if cell == "dense" or not paired
+                else (f"{100 * statistics.mean(paired):+.2f} ({', '.join(f'{100 * d:+.2f}' for d in paired)})")
+            )
             words = statistics.mean(r["test"].get("words", float("nan")) for r in runs)
             wall = statistics.median(r["wall_s"] for r in runs)
-            lines.append(f"| {kind} | {cell} | {len(runs)} | " + " | ".join(cols) +
-                         f" | {per_seed} | {delta} | {words:.1f} | {wall:.0f} |")
+            lines.append(
+                f"| {kind} | {cell} | {len(runs)} | "
+                + " | ".join(cols)
+                + f" | {per_seed} | {delta} | {words:.1f} | {wall:.0f} |"
+            )
     for r in results:
         for name, label in (("lead", "lead baseline (first sentence)"), ("zero_shot", "zero-shot (adapter off)")):
             if name in r.get("baselines", {}):
                 m = r["baselines"][name]
-                lines.append(f"| {label} | - | - | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | "
-                             f"{100 * m['rougeL']:.2f} | - | - | {m.get('words', float('nan')):.1f} | - |")
+                lines.append(
+                    f"| {label} | - | - | {100 * m['rouge1']:.2f} | {100 * m['rouge2']:.2f} | "
+                    f"{100 * m['rougeL']:.2f} | - | - | {m.get('words', float('nan')):.1f} | - |"
+                )
     return "\n".join(lines)
 
 
@@ -140,8 +189,12 @@ def main(argv=None) -> int:
     r.add_argument("--eval-batch-size", type=int, default=16)
     r.add_argument("--calibration-batches", type=int, default=2)
     r.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    r.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="run only the I-th of every N runs of the grid (0-based), so N processes share it")
+    r.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="run only the I-th of every N runs of the grid (0-based), so N processes share it",
+    )
     args = p.parse_args(argv)
     results = read_results(args.results)
     if args.command == "table":
@@ -169,8 +222,11 @@ def main(argv=None) -> int:
                 with open(args.results, "a", encoding="utf-8") as f:  # one write per line: shards append safely
                     f.write(json.dumps(record, sort_keys=True) + "\n")
                 results.append(record)
-                print(f"{kind} {cell} seed {seed}: test ROUGE-L {100 * record['test']['rougeL']:.2f} "
-                      f"({record['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"{kind} {cell} seed {seed}: test ROUGE-L {100 * record['test']['rougeL']:.2f} "
+                    f"({record['wall_s']:.0f} s)",
+                    flush=True,
+                )
     print(table(results))
     return 0
 

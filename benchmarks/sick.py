@@ -14,6 +14,7 @@ study resumes).
 The data never enters the repository: the script reads it from the path it is given (--data, or
 $SPARSEADAPTER_DATA_DIR/sick/SICK.txt when that variable is set) and stops with a message without it.
 """
+
 import argparse
 import csv
 import json
@@ -31,9 +32,22 @@ SPLITS = {"TRAIN": "train", "TRIAL": "validation", "TEST": "test"}
 COLUMNS = ("sentence_A", "sentence_B", "relatedness_score", "SemEval_set")
 # (name, sparsity): the Houlsby adapter dense, and SNIP-pruned at initialization to 40% and 80%
 CELLS = (("dense", 0.0), ("snip40", 0.4), ("snip80", 0.8))
-COMMON = dict(model="minilm", task="custom", regression=True, kind="houlsby", pruner="snip", lr=3e-3,
-              batch_size=32, eval_batch_size=64, warmup_ratio=0.06, calibration_batches=4, checkpoint_every=0,
-              progress=False, threads=1, seed=0)
+COMMON = dict(
+    model="minilm",
+    task="custom",
+    regression=True,
+    kind="houlsby",
+    pruner="snip",
+    lr=3e-3,
+    batch_size=32,
+    eval_batch_size=64,
+    warmup_ratio=0.06,
+    calibration_batches=4,
+    checkpoint_every=0,
+    progress=False,
+    threads=1,
+    seed=0,
+)
 
 
 def convert(sick_file: Path, out_dir: Path) -> dict:
@@ -84,26 +98,50 @@ def run_cell(name: str, sparsity: float, files: dict, args, work: Path) -> dict:
     from sparseadapter.training import TrainConfig, train
     from sparseadapter.training.report import warnings
 
-    cfg = TrainConfig(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
-                      sparsity=sparsity, epochs=args.epochs, max_length=args.max_length,
-                      max_eval_examples=args.max_eval_examples, output_dir=str(work / name), overwrite=True,
-                      **COMMON)
+    cfg = TrainConfig(
+        train_file=files["train"],
+        validation_file=files["validation"],
+        test_file=files["test"],
+        sparsity=sparsity,
+        epochs=args.epochs,
+        max_length=args.max_length,
+        max_eval_examples=args.max_eval_examples,
+        output_dir=str(work / name),
+        overwrite=True,
+        **COMMON,
+    )
     start = time.perf_counter()
     result = train(cfg, log=lambda *_: None)
-    return {"cell": name, "sparsity": sparsity, "config": portable(cfg.to_dict()), "validation": result.validation,
-            "test": result.test, "steps": result.steps, "best_step": result.best_step,
-            "target_normalization": result.target_normalization, "warnings": warnings(result),
-            "parameters": result.counts, "timings": result.timings, "wall_s": time.perf_counter() - start,
-            "torch": torch.__version__, "sizes": result.sizes}
+    return {
+        "cell": name,
+        "sparsity": sparsity,
+        "config": portable(cfg.to_dict()),
+        "validation": result.validation,
+        "test": result.test,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "target_normalization": result.target_normalization,
+        "warnings": warnings(result),
+        "parameters": result.counts,
+        "timings": result.timings,
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "sizes": result.sizes,
+    }
 
 
 def table(results) -> str:
-    lines = ["| adapter | test Pearson | test Spearman | validation Pearson | prediction std / label std (test) "
-             "| steps | wall s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| adapter | test Pearson | test Spearman | validation Pearson | prediction std / label std (test) "
+        "| steps | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         t, v = r["test"], r["validation"]
-        lines.append(f"| Houlsby {r['cell']} | {t['pearson']:.4f} | {t['spearman']:.4f} | {v['pearson']:.4f} | "
-                     f"{t['prediction_std']:.3f} / {t['label_std']:.3f} | {r['steps']} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| Houlsby {r['cell']} | {t['pearson']:.4f} | {t['spearman']:.4f} | {v['pearson']:.4f} | "
+            f"{t['prediction_std']:.3f} / {t['label_std']:.3f} | {r['steps']} | {r['wall_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -115,14 +153,22 @@ def main(argv=None) -> int:
     c.add_argument("out_dir", type=Path)
     r = sub.add_parser("run", help="convert, then train and score each cell")
     data_dir = os.environ.get(DATA_DIR_ENV)
-    r.add_argument("--data", type=Path, default=Path(data_dir) / "sick" / "SICK.txt" if data_dir else None,
-                   help=f"SICK.txt (default: ${DATA_DIR_ENV}/sick/SICK.txt)")
+    r.add_argument(
+        "--data",
+        type=Path,
+        default=Path(data_dir) / "sick" / "SICK.txt" if data_dir else None,
+        help=f"SICK.txt (default: ${DATA_DIR_ENV}/sick/SICK.txt)",
+    )
     r.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "sick_results.jsonl")
     r.add_argument("--cells", nargs="+", default=[n for n, _ in CELLS], choices=[n for n, _ in CELLS])
     r.add_argument("--epochs", type=float, default=2.0)
     r.add_argument("--max-length", type=int, default=64)
-    r.add_argument("--max-eval-examples", type=int, default=None,
-                   help="score a fixed seeded subset of TRIAL and TEST (default: all of them)")
+    r.add_argument(
+        "--max-eval-examples",
+        type=int,
+        default=None,
+        help="score a fixed seeded subset of TRIAL and TEST (default: all of them)",
+    )
     args = p.parse_args(argv)
     if args.command == "convert":
         info = convert(args.sick_file, args.out_dir)
@@ -146,9 +192,12 @@ def main(argv=None) -> int:
             results.append(record)
             with open(args.results, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-            print(f"{name}: test pearson {record['test']['pearson']:.4f} spearman {record['test']['spearman']:.4f}"
-                  f" | validation pearson {record['validation']['pearson']:.4f} ({record['wall_s']:.0f} s)"
-                  + "".join(f"\n  WARNING {w}" for w in record["warnings"]), flush=True)
+            print(
+                f"{name}: test pearson {record['test']['pearson']:.4f} spearman {record['test']['spearman']:.4f}"
+                f" | validation pearson {record['validation']['pearson']:.4f} ({record['wall_s']:.0f} s)"
+                + "".join(f"\n  WARNING {w}" for w in record["warnings"]),
+                flush=True,
+            )
     print(table([r for r in results if r["cell"] in args.cells]))
     return 0
 

@@ -12,6 +12,7 @@ folder: the data never enters the repository, the script reads it from the path 
     python benchmarks/squad.py table --results benchmarks/study/squad_results.jsonl
     python benchmarks/squad.py split --data PATH/TO/squad.json --rotation 0 OUT_DIR   # the files only
 """
+
 import argparse
 import json
 import statistics
@@ -27,9 +28,21 @@ sys.path.insert(0, str(ROOT / "python"))
 
 # (name, sparsity): the Houlsby adapter dense, and SNIP-pruned at initialization to 40% and 80%
 CELLS = (("dense", 0.0), ("snip40", 0.4), ("snip80", 0.8))
-COMMON = dict(model="minilm", task="squad", kind="houlsby", pruner="snip", batch_size=16,
-              eval_batch_size=64, warmup_ratio=0.06, calibration_batches=4, checkpoint_every=0, eval_every=0,
-              progress=False, threads=1, seed=0)
+COMMON = dict(
+    model="minilm",
+    task="squad",
+    kind="houlsby",
+    pruner="snip",
+    batch_size=16,
+    eval_batch_size=64,
+    warmup_ratio=0.06,
+    calibration_batches=4,
+    checkpoint_every=0,
+    eval_every=0,
+    progress=False,
+    threads=1,
+    seed=0,
+)
 
 
 def split_files(data: dict, rotation: int, out_dir: Path, validation_every: int) -> dict:
@@ -70,16 +83,39 @@ def run_cell(name: str, sparsity: float, split: dict, args, work: Path) -> dict:
     from sparseadapter.training import TrainConfig, train
 
     files = split["files"]
-    cfg = TrainConfig(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
-                      sparsity=sparsity, epochs=args.epochs, max_length=args.max_length, doc_stride=args.doc_stride,
-                      precision=args.precision, lr=args.lr, output_dir=str(work / name), overwrite=True, **COMMON)
+    cfg = TrainConfig(
+        train_file=files["train"],
+        validation_file=files["validation"],
+        test_file=files["test"],
+        sparsity=sparsity,
+        epochs=args.epochs,
+        max_length=args.max_length,
+        doc_stride=args.doc_stride,
+        precision=args.precision,
+        lr=args.lr,
+        output_dir=str(work / name),
+        overwrite=True,
+        **COMMON,
+    )
     start, cpu = time.perf_counter(), time.process_time()
     result = train(cfg, log=lambda *_: None)
-    return {"cell": name, "sparsity": sparsity, "rotation": args.current_rotation, "test_title": split["test_title"],
-            "counts": split["counts"], "config": portable(cfg.to_dict()), "validation": result.validation,
-            "test": result.test, "steps": result.steps, "best_step": result.best_step, "parameters": result.counts,
-            "timings": result.timings, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-            "torch": torch.__version__}
+    return {
+        "cell": name,
+        "sparsity": sparsity,
+        "rotation": args.current_rotation,
+        "test_title": split["test_title"],
+        "counts": split["counts"],
+        "config": portable(cfg.to_dict()),
+        "validation": result.validation,
+        "test": result.test,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "parameters": result.counts,
+        "timings": result.timings,
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu,
+        "torch": torch.__version__,
+    }
 
 
 def _mean(values):
@@ -91,9 +127,11 @@ def table(results) -> str:
     """Per cell: test EM / F1 (mean over its rotations), answerable F1, unanswerable EM, the always-null
     baseline; then one row per rotation."""
     cells = [c for c, _ in CELLS if any(r["cell"] == c for r in results)]
-    lines = ["| Houlsby adapter | rotations | test EM | test F1 | answerable F1 | unanswerable EM | always-null EM / F1 "
-             "| answerable F1, best spans | validation F1 (own threshold) | CPU min |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Houlsby adapter | rotations | test EM | test F1 | answerable F1 | unanswerable EM | always-null EM / F1 "
+        "| answerable F1, best spans | validation F1 (own threshold) | CPU min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for cell in cells:
         rs = sorted((r for r in results if r["cell"] == cell), key=lambda r: r["rotation"])
         t = [r["test"] for r in rs]
@@ -103,15 +141,22 @@ def table(results) -> str:
             f"{_mean(x['no_answer_exact'] for x in t):.2f} | {_mean(x['baseline_exact'] for x in t):.2f} / "
             f"{_mean(x['baseline_f1'] for x in t):.2f} | {_mean(x.get('has_answer_span_f1', float('nan')) for x in t):.2f} | "
             f"{_mean(r['validation']['f1'] for r in rs):.2f} | "
-            f"{sum(r['cpu_s'] for r in rs) / 60:.1f} |")
-    lines += ["", "| rotation (test article) | adapter | test EM | test F1 | answerable F1 | unanswerable EM | "
-              "answerable F1, best spans | null threshold | steps | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
+            f"{sum(r['cpu_s'] for r in rs) / 60:.1f} |"
+        )
+    lines += [
+        "",
+        "| rotation (test article) | adapter | test EM | test F1 | answerable F1 | unanswerable EM | "
+        "answerable F1, best spans | null threshold | steps | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["rotation"], [c for c, _ in CELLS].index(r["cell"]))):
         t = r["test"]
-        lines.append(f"| {r['rotation']} ({r['test_title']}) | {r['cell']} | {t['exact']:.2f} | {t['f1']:.2f} | "
-                     f"{t['has_answer_f1']:.2f} | {t['no_answer_exact']:.2f} | {t.get('has_answer_span_f1', float('nan')):.2f} | "
-                     f"{t['null_threshold']:.3g} | "
-                     f"{r['steps']} | {r['cpu_s']:.0f} |")
+        lines.append(
+            f"| {r['rotation']} ({r['test_title']}) | {r['cell']} | {t['exact']:.2f} | {t['f1']:.2f} | "
+            f"{t['has_answer_f1']:.2f} | {t['no_answer_exact']:.2f} | {t.get('has_answer_span_f1', float('nan')):.2f} | "
+            f"{t['null_threshold']:.3g} | "
+            f"{r['steps']} | {r['cpu_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -128,8 +173,12 @@ def main(argv=None) -> int:
     r.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "squad_results.jsonl")
     r.add_argument("--cells", nargs="+", default=[n for n, _ in CELLS], choices=[n for n, _ in CELLS])
     r.add_argument("--rotations", nargs="+", type=int, default=None, help="test articles by index (default: all)")
-    r.add_argument("--validation-every", type=int, default=8,
-                   help="hold out every N-th paragraph of the training articles for validation")
+    r.add_argument(
+        "--validation-every",
+        type=int,
+        default=8,
+        help="hold out every N-th paragraph of the training articles for validation",
+    )
     r.add_argument("--epochs", type=float, default=3.0)
     r.add_argument("--lr", type=float, default=5e-3)
     r.add_argument("--max-length", type=int, default=256)
@@ -142,8 +191,10 @@ def main(argv=None) -> int:
         print(table([json.loads(line) for line in args.results.read_text().splitlines()]))
         return 0
     if not args.data.is_file():
-        sys.exit(f"SQuAD data not found at {args.data}: this study reads evaluation data kept outside the "
-                 "repository; pass --data with the path of a SQuAD JSON file of several articles")
+        sys.exit(
+            f"SQuAD data not found at {args.data}: this study reads evaluation data kept outside the "
+            "repository; pass --data with the path of a SQuAD JSON file of several articles"
+        )
     data = json.loads(args.data.read_text(encoding="utf-8"))
     if args.command == "split":
         print(json.dumps(split_files(data, args.rotation, args.out_dir, args.validation_every), indent=2))
@@ -166,11 +217,14 @@ def main(argv=None) -> int:
                 with open(args.results, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record, sort_keys=True) + "\n")
                 t = record["test"]
-                print(f"  {name}: test EM {t['exact']:.2f} F1 {t['f1']:.2f} (answerable F1 {t['has_answer_f1']:.2f}, "
-                      f"best spans {t.get('has_answer_span_f1', float('nan')):.2f}, "
-                      f"unanswerable EM {t['no_answer_exact']:.2f}, always-null {t['baseline_f1']:.2f}) | "
-                      f"validation F1 {record['validation']['f1']:.2f} | {record['steps']} steps, "
-                      f"{record['cpu_s']:.0f} s CPU, {record['wall_s']:.0f} s wall", flush=True)
+                print(
+                    f"  {name}: test EM {t['exact']:.2f} F1 {t['f1']:.2f} (answerable F1 {t['has_answer_f1']:.2f}, "
+                    f"best spans {t.get('has_answer_span_f1', float('nan')):.2f}, "
+                    f"unanswerable EM {t['no_answer_exact']:.2f}, always-null {t['baseline_f1']:.2f}) | "
+                    f"validation F1 {record['validation']['f1']:.2f} | {record['steps']} steps, "
+                    f"{record['cpu_s']:.0f} s CPU, {record['wall_s']:.0f} s wall",
+                    flush=True,
+                )
     chosen = [r for r in results if r["cell"] in args.cells and r["rotation"] in rotations]
     print(table(chosen))
     return 0

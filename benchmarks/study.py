@@ -22,6 +22,7 @@ seed; the seed moves initialization, pruning ties, data order and dropout).
     python benchmarks/study.py --seeds 0
     python benchmarks/study_report.py        # STUDY.md tables and PNG plots from the results
 """
+
 import argparse
 import json
 import os
@@ -50,8 +51,17 @@ TASKS = {
     "sst2": dict(data_dir="SST-2", max_train_examples=1024, max_eval_examples=872, max_length=64),
     "mrpc": dict(data_dir="MRPC", max_train_examples=1024, max_eval_examples=600, max_length=96),
 }
-COMMON = dict(model="minilm", epochs=1.0, batch_size=16, eval_batch_size=64, warmup_ratio=0.06,
-              calibration_batches=4, checkpoint_every=0, progress=False, threads=1)
+COMMON = dict(
+    model="minilm",
+    epochs=1.0,
+    batch_size=16,
+    eval_batch_size=64,
+    warmup_ratio=0.06,
+    calibration_batches=4,
+    checkpoint_every=0,
+    progress=False,
+    threads=1,
+)
 
 
 def cell_key(c: dict) -> str:
@@ -65,8 +75,9 @@ def glue_score(record: dict, split: str = "validation") -> float:
 
 
 def cell(task, kind, seed, lr, phase, sparsity=0.0, pruner="snip", large_sparse=1):
-    return dict(task=task, kind=kind, sparsity=sparsity, pruner=pruner, large_sparse=large_sparse, lr=lr,
-                seed=seed, phase=phase)
+    return dict(
+        task=task, kind=kind, sparsity=sparsity, pruner=pruner, large_sparse=large_sparse, lr=lr, seed=seed, phase=phase
+    )
 
 
 def lr_cells(task, seed, lrs=None):
@@ -85,6 +96,7 @@ def large_cells(task, seed, lrs):
 def sparse_cells(sparsity):
     def make(task, seed, lrs):
         return [cell(task, k, seed, lrs[k], "grid", sparsity, p) for k in KINDS for p in PRUNERS]
+
     return make
 
 
@@ -93,23 +105,34 @@ def budget_cells(task, seed, lrs):
     seed 0: does the gap close with more training?"""
     if seed != 0:
         return []
-    cells = [cell(task, "houlsby", seed, lrs["houlsby"], "budget")] + \
-        [cell(task, "houlsby", seed, lrs["houlsby"], "budget", 0.8, p) for p in ("snip", "random")]
+    cells = [cell(task, "houlsby", seed, lrs["houlsby"], "budget")] + [
+        cell(task, "houlsby", seed, lrs["houlsby"], "budget", 0.8, p) for p in ("snip", "random")
+    ]
     for c in cells:
         c["train_examples"] = BUDGET_EXAMPLES
     return cells
 
 
-STAGES = [("lr", lr_cells), ("dense", dense_cells), ("large", large_cells)] + \
-    [(f"sparsity {s}", sparse_cells(s)) for s in SPARSITIES] + [("budget", budget_cells)]
+STAGES = (
+    [("lr", lr_cells), ("dense", dense_cells), ("large", large_cells)]
+    + [(f"sparsity {s}", sparse_cells(s)) for s in SPARSITIES]
+    + [("budget", budget_cells)]
+)
 
 
 def best_lrs(results, task):
     """Per kind, the lr whose dense run (seed 0) scored best on validation (glue_score)."""
     out = {}
     for kind in KINDS:
-        runs = [r for r in results if r["cell"]["phase"] == "lr" and r["cell"]["task"] == task
-                and r["cell"]["kind"] == kind and r["cell"]["seed"] == 0 and "error" not in r]
+        runs = [
+            r
+            for r in results
+            if r["cell"]["phase"] == "lr"
+            and r["cell"]["task"] == task
+            and r["cell"]["kind"] == kind
+            and r["cell"]["seed"] == 0
+            and "error" not in r
+        ]
         if not runs:
             return None
         best = max(runs, key=glue_score)
@@ -122,16 +145,34 @@ def run_cell(c: dict, glue_dir: Path, work: Path) -> dict:
     task_opts["data_dir"] = str(glue_dir / task_opts["data_dir"])
     if "train_examples" in c:
         task_opts["max_train_examples"] = c["train_examples"]
-    cfg = TrainConfig(task=c["task"], kind=c["kind"], sparsity=c["sparsity"], pruner=c["pruner"],
-                      large_sparse=c["large_sparse"], lr=c["lr"], seed=c["seed"],
-                      output_dir=str(work / "run"), overwrite=True, **task_opts, **COMMON)
+    cfg = TrainConfig(
+        task=c["task"],
+        kind=c["kind"],
+        sparsity=c["sparsity"],
+        pruner=c["pruner"],
+        large_sparse=c["large_sparse"],
+        lr=c["lr"],
+        seed=c["seed"],
+        output_dir=str(work / "run"),
+        overwrite=True,
+        **task_opts,
+        **COMMON,
+    )
     start = time.perf_counter()
     result = train(cfg, log=lambda *_: None)
     return {
-        "cell": c, "main_metric": result.task.main_metric, "metrics": list(result.task.metrics), "validation": result.validation, "test": result.test,
-        "parameters": result.counts, "effective_sparsity": cfg.adapter_config().effective_sparsity,
-        "width": cfg.adapter_config().effective_bottleneck, "steps": result.steps, "timings": result.timings,
-        "wall_s": time.perf_counter() - start, "torch": torch.__version__,
+        "cell": c,
+        "main_metric": result.task.main_metric,
+        "metrics": list(result.task.metrics),
+        "validation": result.validation,
+        "test": result.test,
+        "parameters": result.counts,
+        "effective_sparsity": cfg.adapter_config().effective_sparsity,
+        "width": cfg.adapter_config().effective_bottleneck,
+        "steps": result.steps,
+        "timings": result.timings,
+        "wall_s": time.perf_counter() - start,
+        "torch": torch.__version__,
     }
 
 
@@ -142,8 +183,12 @@ def default_glue_dir() -> Path | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--glue-dir", type=Path, default=default_glue_dir(),
-                   help=f"the folder holding SST-2/ and MRPC/ (default: ${DATA_DIR_ENV}/glue)")
+    p.add_argument(
+        "--glue-dir",
+        type=Path,
+        default=default_glue_dir(),
+        help=f"the folder holding SST-2/ and MRPC/ (default: ${DATA_DIR_ENV}/glue)",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "study" / "study_results.jsonl")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -151,8 +196,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.glue_dir is None:
         sys.exit(f"no GLUE data: pass --glue-dir (the folder holding SST-2/ and MRPC/) or set {DATA_DIR_ENV}")
-    missing = [d for d in ("SST-2", "MRPC") if d in {TASKS[t]["data_dir"] for t in args.tasks}
-               and not (args.glue_dir / d).is_dir()]
+    missing = [
+        d
+        for d in ("SST-2", "MRPC")
+        if d in {TASKS[t]["data_dir"] for t in args.tasks} and not (args.glue_dir / d).is_dir()
+    ]
     if missing:
         sys.exit(f"GLUE data not found: {args.glue_dir} has no {', '.join(missing)} folder")
     torch.set_num_threads(1)
@@ -180,14 +228,21 @@ def main(argv=None):
                         with open(args.results, "a", encoding="utf-8") as f:
                             f.write(json.dumps(record, sort_keys=True) + "\n")
                         if "error" in record:
-                            print(f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
-                                  f"seed={seed}: refused: {record['error'][:160]}", flush=True)
+                            print(
+                                f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
+                                f"seed={seed}: refused: {record['error'][:160]}",
+                                flush=True,
+                            )
                             continue
                         m = record["main_metric"]
-                        print(f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
-                              f"k={c['large_sparse']} lr={c['lr']:g} seed={seed}: "
-                              f"val {m} {record['validation'][m]:.4f}  test {m} {record['test'][m]:.4f}  "
-                              f"({record['wall_s']:.0f} s)", flush=True)
+                        print(
+                            f"{task} {stage:<12} {c['kind']:<8} s={c['sparsity']:.1f} {c['pruner']:<9} "
+                            f"k={c['large_sparse']} lr={c['lr']:g} seed={seed}: "
+                            f"val {m} {record['validation'][m]:.4f}  test {m} {record['test'][m]:.4f}  "
+                            f"({record['wall_s']:.0f} s)",
+                            flush=True,
+                        )
+
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ prints the Markdown tables (test scores, mean ± std over seeds) and writes the 
 (accuracy vs sparsity per pruner, the dense adapter as a line: the paper's Figure 2), to --figures.
 STUDY.md quotes both; the prose there is written from them.
 """
+
 import argparse
 import json
 import statistics
@@ -34,8 +35,9 @@ def score(record: dict, split: str = "test") -> float:
 
 
 def chosen_lr(results, task, kind):
-    runs = [r for r in results if r["cell"]["phase"] == "lr" and r["cell"]["task"] == task
-            and r["cell"]["kind"] == kind]
+    runs = [
+        r for r in results if r["cell"]["phase"] == "lr" and r["cell"]["task"] == task and r["cell"]["kind"] == kind
+    ]
     return max(runs, key=lambda r: score(r, "validation"))["cell"]["lr"] if runs else None
 
 
@@ -74,15 +76,21 @@ def collapse_table(results, task) -> str:
     counts = defaultdict(lambda: [0, 0])
     for r in results:
         c = r["cell"]
-        if c["task"] != task or c["lr"] != chosen_lr(results, task, c["kind"]) or c["large_sparse"] != 1 \
-                or "train_examples" in c:
+        if (
+            c["task"] != task
+            or c["lr"] != chosen_lr(results, task, c["kind"])
+            or c["large_sparse"] != 1
+            or "train_examples" in c
+        ):
             continue
         key = (c["kind"], c["sparsity"])
         counts[key][0] += collapsed(r)
         counts[key][1] += 1
     sparsities = (0.0,) + SPARSITIES
-    lines = ["| adapter | " + " | ".join("dense" if s == 0 else f"{s:.0%}" for s in sparsities) + " |",
-             "|---|" + "---|" * len(sparsities)]
+    lines = [
+        "| adapter | " + " | ".join("dense" if s == 0 else f"{s:.0%}" for s in sparsities) + " |",
+        "|---|" + "---|" * len(sparsities),
+    ]
     for kind in KINDS:
         row = [f"{counts[(kind, s)][0]} / {counts[(kind, s)][1]}" if counts[(kind, s)][1] else "–" for s in sparsities]
         lines.append(f"| {kind} | " + " | ".join(row) + " |")
@@ -105,15 +113,20 @@ def grid_table(cells, task) -> str:
 
 
 def large_table(cells, task, results) -> str:
-    lines = ["| adapter | standard (r, dense) | 2x r, 50% sparse | 4x r, 75% sparse | kept weights |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| adapter | standard (r, dense) | 2x r, 50% sparse | 4x r, 75% sparse | kept weights |",
+        "|---|---|---|---|---|",
+    ]
     for kind in KINDS:
-        nnz = {r["cell"]["large_sparse"]: r["parameters"]["sparse_nnz"] or r["parameters"]["trainable"]
-               for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == kind
-               and r["cell"]["sparsity"] == 0.0}
+        nnz = {
+            r["cell"]["large_sparse"]: r["parameters"]["sparse_nnz"] or r["parameters"]["trainable"]
+            for r in results
+            if r["cell"]["task"] == task and r["cell"]["kind"] == kind and r["cell"]["sparsity"] == 0.0
+        }
         kept = sorted({v for k, v in nnz.items() if k > 1})
-        row = [fmt(cells.get((task, kind, 0.0, "dense", 1), []))] + \
-              [fmt(cells.get((task, kind, 0.0, "snip", k), [])) for k in (2, 4)]
+        row = [fmt(cells.get((task, kind, 0.0, "dense", 1), []))] + [
+            fmt(cells.get((task, kind, 0.0, "snip", k), [])) for k in (2, 4)
+        ]
         lines.append(f"| {kind} | " + " | ".join(row) + f" | {', '.join(f'{k:,}' for k in kept) or '–'} |")
     return "\n".join(lines)
 
@@ -139,8 +152,10 @@ def pruner_ranking(cells, task) -> str:
 
 def gap_table(cells, task) -> str:
     """Sparse minus dense, per kind and sparsity: the best pruner and the mean over pruners."""
-    lines = ["| adapter | " + " | ".join(f"{s:.0%}: best / mean" for s in SPARSITIES) + " |",
-             "|---|" + "---|" * len(SPARSITIES)]
+    lines = [
+        "| adapter | " + " | ".join(f"{s:.0%}: best / mean" for s in SPARSITIES) + " |",
+        "|---|" + "---|" * len(SPARSITIES),
+    ]
     for kind in KINDS:
         dense = mean(cells.get((task, kind, 0.0, "dense", 1), []))
         row = []
@@ -158,25 +173,45 @@ def budget_table(results, cells, task) -> str:
     if not runs:
         return ""
     steps = max(r["steps"] for r in runs)  # the task may have fewer examples than asked for
-    lines = [f"| houlsby | 1,024 examples (64 steps), seed 0 | {steps * 16:,} examples at most ({steps} steps), seed 0 |",
-             "|---|---|---|"]
+    lines = [
+        f"| houlsby | 1,024 examples (64 steps), seed 0 | {steps * 16:,} examples at most ({steps} steps), seed 0 |",
+        "|---|---|---|",
+    ]
     for label, sparsity, pruner in (("dense", 0.0, "dense"), ("80% SNIP", 0.8, "snip"), ("80% random", 0.8, "random")):
-        small = [score(r) for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == "houlsby"
-                 and r["cell"]["seed"] == 0 and "train_examples" not in r["cell"] and r["cell"]["phase"] != "lr"
-                 and r["cell"]["large_sparse"] == 1 and r["cell"]["sparsity"] == sparsity
-                 and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)]
+        small = [
+            score(r)
+            for r in results
+            if r["cell"]["task"] == task
+            and r["cell"]["kind"] == "houlsby"
+            and r["cell"]["seed"] == 0
+            and "train_examples" not in r["cell"]
+            and r["cell"]["phase"] != "lr"
+            and r["cell"]["large_sparse"] == 1
+            and r["cell"]["sparsity"] == sparsity
+            and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)
+        ]
         if sparsity == 0.0:
-            small = [score(r) for r in results if r["cell"]["task"] == task and r["cell"]["kind"] == "houlsby"
-                     and r["cell"]["seed"] == 0 and r["cell"]["phase"] == "lr"
-                     and r["cell"]["lr"] == chosen_lr(results, task, "houlsby")]
-        big = [score(r) for r in runs if r["cell"]["sparsity"] == sparsity
-               and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)]
+            small = [
+                score(r)
+                for r in results
+                if r["cell"]["task"] == task
+                and r["cell"]["kind"] == "houlsby"
+                and r["cell"]["seed"] == 0
+                and r["cell"]["phase"] == "lr"
+                and r["cell"]["lr"] == chosen_lr(results, task, "houlsby")
+            ]
+        big = [
+            score(r)
+            for r in runs
+            if r["cell"]["sparsity"] == sparsity and (sparsity == 0.0 or r["cell"]["pruner"] == pruner)
+        ]
         lines.append(f"| {label} | {fmt(small)} | {fmt(big)} |")
     return "\n".join(lines)
 
 
 def plot(cells, task, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -195,8 +230,14 @@ def plot(cells, task, path: Path) -> None:
             xs = [s for s in SPARSITIES if cells.get((task, kind, s, pruner, 1))]
             runs = [cells[(task, kind, s, pruner, 1)] for s in xs]
             if xs:
-                ax.errorbar([100 * x for x in xs], [mean(r) for r in runs], marker="o", capsize=3,
-                            yerr=[statistics.stdev(r) if len(r) > 1 else 0.0 for r in runs], label=pruner)
+                ax.errorbar(
+                    [100 * x for x in xs],
+                    [mean(r) for r in runs],
+                    marker="o",
+                    capsize=3,
+                    yerr=[statistics.stdev(r) if len(r) > 1 else 0.0 for r in runs],
+                    label=pruner,
+                )
         ax.set_title(f"{TASK_TITLES[task]} – {kind}")
         ax.set_xlabel("sparsity (%)")
         ax.grid(alpha=0.3)
@@ -224,17 +265,23 @@ def main(argv=None):
     print(f"{len(results)} runs, seeds {seeds}, {hours:.2f} h of compute\n")
     for r in refusals:
         c = r["cell"]
-        print(f"refused: {c['task']} {c['kind']} {c['pruner']} at {c['sparsity']:.0%} seed {c['seed']}: {r['error'][:200]}")
+        print(
+            f"refused: {c['task']} {c['kind']} {c['pruner']} at {c['sparsity']:.0%} seed {c['seed']}: {r['error'][:200]}"
+        )
     for task in tasks:
         print(f"## {TASK_TITLES[task]}\n")
         lrs = {k: chosen_lr(results, task, k) for k in KINDS}
         print("lr sweep (validation):")
         for r in results:
             if r["cell"]["phase"] == "lr" and r["cell"]["task"] == task:
-                print(f"  {r['cell']['kind']:<8} lr {r['cell']['lr']:g}: validation {score(r, 'validation'):.1f}, "
-                      f"test {score(r):.1f}{'  <- chosen' if lrs[r['cell']['kind']] == r['cell']['lr'] else ''}")
-        print(f"\n{grid_table(cells, task)}\n\n{gap_table(cells, task)}\n\n{pruner_ranking(cells, task)}\n\n"
-              f"{large_table(cells, task, results)}\n")
+                print(
+                    f"  {r['cell']['kind']:<8} lr {r['cell']['lr']:g}: validation {score(r, 'validation'):.1f}, "
+                    f"test {score(r):.1f}{'  <- chosen' if lrs[r['cell']['kind']] == r['cell']['lr'] else ''}"
+                )
+        print(
+            f"\n{grid_table(cells, task)}\n\n{gap_table(cells, task)}\n\n{pruner_ranking(cells, task)}\n\n"
+            f"{large_table(cells, task, results)}\n"
+        )
         if task == "sst2":
             print(f"runs that predict one class on test (all pruners, all seeds):\n\n{collapse_table(results, task)}\n")
         budget = budget_table(results, cells, task)

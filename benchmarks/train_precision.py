@@ -6,6 +6,7 @@ BENCHMARKS.md ("CPU bf16 training") has both.
 
     OMP_NUM_THREADS=1 python benchmarks/train_precision.py --pairs 16
 """
+
 import argparse
 import json
 import statistics
@@ -36,9 +37,17 @@ def main() -> None:
                 times[p].append(time.perf_counter() - start)
     a, b = args.precisions
     medians = {p: statistics.median(v) for p, v in times.items()}
-    print(json.dumps({"pairs": args.pairs, "median_s": medians, f"{b}_over_{a}": medians[b] / medians[a],
-                      "per_pair_ratio_median": statistics.median(y / x for x, y in zip(times[a], times[b])),
-                      "times_s": times}))
+    print(
+        json.dumps(
+            {
+                "pairs": args.pairs,
+                "median_s": medians,
+                f"{b}_over_{a}": medians[b] / medians[a],
+                "per_pair_ratio_median": statistics.median(y / x for x, y in zip(times[a], times[b])),
+                "times_s": times,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ class Parser {
     }
     budget_->used += bytes;
     if (budget_->used > budget_->max_bytes) {
-      throw ParseError("the request would take more than " + std::to_string(budget_->max_bytes >> 20) +
-                       " MiB of memory once parsed (at column " + std::to_string(pos_ + 1) +
-                       "); send fewer or smaller values per line");
+      throw ParseError(
+          "the request would take more than " + std::to_string(budget_->max_bytes >> 20) +
+          " MiB of memory once parsed (at column " + std::to_string(pos_ + 1) +
+          "); send fewer or smaller values per line");
     }
   }
 
@@ -141,11 +142,8 @@ class Parser {
     }
     Value v;
     switch (s_[pos_]) {
-      case '{':
-        v.data = object(depth + 1);
-        return v;
-      case '[':
-        return array(depth + 1);
+      case '{': v.data = object(depth + 1); return v;
+      case '[': return array(depth + 1);
       case '"':
         v.data = string();
         charge(std::get<std::string>(v.data).size() + kAllocation);
@@ -158,9 +156,7 @@ class Parser {
         literal("false");
         v.data.emplace<bool>(false);
         return v;
-      case 'n':
-        literal("null");
-        return v;
+      case 'n': literal("null"); return v;
       default:
         if (at('-') || at_digit()) {
           return number();
@@ -392,10 +388,14 @@ class Parser {
     for (int i = 0; i < 4; ++i, ++pos_) {
       const char c = pos_ < s_.size() ? s_[pos_] : '\0';
       int digit;
-      if (c >= '0' && c <= '9') digit = c - '0';
-      else if (c >= 'a' && c <= 'f') digit = c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F') digit = c - 'A' + 10;
-      else fail("expected 4 hex digits after \\u, found " + describe());
+      if (c >= '0' && c <= '9')
+        digit = c - '0';
+      else if (c >= 'a' && c <= 'f')
+        digit = c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F')
+        digit = c - 'A' + 10;
+      else
+        fail("expected 4 hex digits after \\u, found " + describe());
       code = code * 16 + static_cast<uint32_t>(digit);
     }
     return code;

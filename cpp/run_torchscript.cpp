@@ -92,9 +92,9 @@ at::Tensor load_input(const std::string& path) {
   } catch (const Failure&) {
     throw;
   } catch (const std::exception& e) {
-    throw Failure{"cannot read input '" + path +
-                  "' as a TorchScript module with attribute 'x' (" + module_error +
-                  ") nor as a tensor saved with torch.save (" + brief(e) + ")"};
+    throw Failure{
+        "cannot read input '" + path + "' as a TorchScript module with attribute 'x' (" + module_error +
+        ") nor as a tensor saved with torch.save (" + brief(e) + ")"};
   }
 }
 
@@ -125,8 +125,7 @@ void write_output(const std::string& path, const at::Tensor& y) {
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::cerr << "usage: " << (argc > 0 ? argv[0] : "sparseadapter_run")
-              << " MODEL.pt INPUT.pt OUTPUT.pt\n"
+    std::cerr << "usage: " << (argc > 0 ? argv[0] : "sparseadapter_run") << " MODEL.pt INPUT.pt OUTPUT.pt\n"
               << "  MODEL.pt   TorchScript model (torch.jit.script / torch.jit.trace, then .save)\n"
               << "  INPUT.pt   TorchScript module with tensor attribute 'x', or torch.save(tensor)\n"
               << "  OUTPUT.pt  written with the output tensor; read with "

@@ -37,13 +37,13 @@
 
 #include <algorithm>
 #include <charconv>
-#include <iterator>
 #include <cmath>
-#include <cstdio>
 #include <csignal>
+#include <cstdio>
 #include <exception>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
@@ -164,7 +164,7 @@ struct Metadata {
   int64_t vocab_size = 0;
   int64_t max_length = 0;
   int64_t pad_token_id = 0;
-  int64_t type_vocab_size = 0;  // 0: the model takes no token types (all must be 0)
+  int64_t type_vocab_size = 0;        // 0: the model takes no token types (all must be 0)
   std::vector<std::string> adapters;  // several adapters: forward takes an adapter index per row
 };
 
@@ -224,16 +224,17 @@ Metadata parse_metadata(const std::string& text) {
     }
     if (names == nullptr || meta.labels.size() != names->size() ||
         static_cast<int64_t>(meta.labels.size()) != meta.num_labels) {
-      throw std::runtime_error("\"labels\" must be null or a list of num_labels (" +
-                               std::to_string(meta.num_labels) + ") strings");
+      throw std::runtime_error(
+          "\"labels\" must be null or a list of num_labels (" + std::to_string(meta.num_labels) + ") strings");
     }
   }
   meta.vocab_size = meta_int(doc, "vocab_size", 1);
   meta.max_length = meta_int(doc, "max_length", 1);
   meta.pad_token_id = meta_int(doc, "pad_token_id", 0);
   if (meta.pad_token_id >= meta.vocab_size) {
-    throw std::runtime_error("pad_token_id " + std::to_string(meta.pad_token_id) + " is not below vocab_size " +
-                             std::to_string(meta.vocab_size));
+    throw std::runtime_error(
+        "pad_token_id " + std::to_string(meta.pad_token_id) + " is not below vocab_size " +
+        std::to_string(meta.vocab_size));
   }
   meta.type_vocab_size = meta_int(doc, "type_vocab_size", 0);
   if (const auto* adapters = doc.find("adapters"); adapters != nullptr && !adapters->is_null()) {
@@ -242,7 +243,8 @@ Metadata parse_metadata(const std::string& text) {
       const auto* name = (*names)[i].get<std::string>();
       if (name == nullptr || name->empty() ||
           std::find(meta.adapters.begin(), meta.adapters.end(), *name) != meta.adapters.end()) {
-        throw std::runtime_error("\"adapters\"[" + std::to_string(i) + "] must be a name of its own (a non-empty string)");
+        throw std::runtime_error(
+            "\"adapters\"[" + std::to_string(i) + "] must be a name of its own (a non-empty string)");
       }
       meta.adapters.push_back(*name);
     }
@@ -257,15 +259,15 @@ Metadata parse_metadata(const std::string& text) {
 // largest Embedding module): ids past them would fail the forward, and with it every request run in
 // the same batch. The smaller of that and the metadata's vocab_size is used.
 int64_t checked_vocab_size(const torch::jit::Module& model, int64_t declared) {
-  static const char* const kTokenNames[] = {"word_embeddings", "embed_tokens", "wte", "tokens", "token_embeddings",
-                                            "word_embedding", "embed_in", "shared", "embeddings"};
+  static const char* const kTokenNames[] = {"word_embeddings", "embed_tokens",     "wte",
+                                            "tokens",          "token_embeddings", "word_embedding",
+                                            "embed_in",        "shared",           "embeddings"};
   int64_t named_rows = -1, largest_rows = -1;
   std::string named, largest;
   int named_rank = static_cast<int>(std::size(kTokenNames));
   for (const auto& item : model.named_modules()) {
     const auto type = item.value.type();
-    if (!type->name() || type->name()->name().find("Embedding") == std::string::npos ||
-        !item.value.hasattr("weight")) {
+    if (!type->name() || type->name()->name().find("Embedding") == std::string::npos || !item.value.hasattr("weight")) {
       continue;
     }
     const auto weight = item.value.attr("weight");
@@ -290,9 +292,9 @@ int64_t checked_vocab_size(const torch::jit::Module& model, int64_t declared) {
   if (rows < 0 || rows >= declared) {
     return declared;
   }
-  std::cerr << "sparseadapter_serve: warning: the metadata's vocab_size " << declared << " is more than the "
-            << rows << " rows of the model's token embedding '" << (named_rows >= 0 ? named : largest)
-            << "'; ids from " << rows << " on are refused" << std::endl;
+  std::cerr << "sparseadapter_serve: warning: the metadata's vocab_size " << declared << " is more than the " << rows
+            << " rows of the model's token embedding '" << (named_rows >= 0 ? named : largest) << "'; ids from " << rows
+            << " on are refused" << std::endl;
   return rows;
 }
 
@@ -323,17 +325,18 @@ torch::jit::Module load_model(const std::string& path, Metadata& meta) {
   const size_t inputs = forward->function().getSchema().arguments().size() - 1;  // less self
   const size_t expected = meta.adapters.empty() ? 3 : 4;
   if (inputs != expected) {
-    throw Failure{"'" + path + "': forward takes " + std::to_string(inputs) + " inputs, expected " +
-                  std::to_string(expected) +
-                  (meta.adapters.empty() ? " (input_ids, attention_mask, token_type_ids)"
-                                         : " (input_ids, attention_mask, token_type_ids, adapter_index: the "
-                                           "metadata lists adapters)")};
+    throw Failure{
+        "'" + path + "': forward takes " + std::to_string(inputs) + " inputs, expected " + std::to_string(expected) +
+        (meta.adapters.empty() ? " (input_ids, attention_mask, token_type_ids)"
+                               : " (input_ids, attention_mask, token_type_ids, adapter_index: the "
+                                 "metadata lists adapters)")};
   }
   model.eval();
   meta.vocab_size = checked_vocab_size(model, meta.vocab_size);
   if (meta.pad_token_id >= meta.vocab_size) {
-    throw Failure{"'" + path + "': pad_token_id " + std::to_string(meta.pad_token_id) +
-                  " is not below the rows of the model's token embedding (" + std::to_string(meta.vocab_size) + ")"};
+    throw Failure{
+        "'" + path + "': pad_token_id " + std::to_string(meta.pad_token_id) +
+        " is not below the rows of the model's token embedding (" + std::to_string(meta.vocab_size) + ")"};
   }
   return model;
 }
@@ -356,7 +359,9 @@ struct Request {
   size_t bytes = 0;   // what it holds, from above: its parse (the id) and its rows
 };
 
-bool is_array(const jsonl::Value& v) { return v.get<jsonl::Array>() != nullptr || v.get<jsonl::IntArray>() != nullptr; }
+bool is_array(const jsonl::Value& v) {
+  return v.get<jsonl::Array>() != nullptr || v.get<jsonl::IntArray>() != nullptr;
+}
 
 size_t array_size(const jsonl::Value& v) {
   if (const auto* ints = v.get<jsonl::IntArray>()) return ints->size();
@@ -385,8 +390,12 @@ std::vector<int64_t> int_array(const jsonl::Value& v, const std::string& name) {
 }
 
 // One sentence. `at` names it in messages: "" for a single request, "[i]" in a batch.
-Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Value* types, const std::string& at,
-             const Metadata& meta) {
+Row make_row(
+    const jsonl::Value& ids,
+    const jsonl::Value* mask,
+    const jsonl::Value* types,
+    const std::string& at,
+    const Metadata& meta) {
   Row row;
   const std::string ids_name = "input_ids" + at;
   row.ids = int_array(ids, ids_name);
@@ -395,13 +404,15 @@ Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Val
     throw BadRequest{ids_name + " is empty"};
   }
   if (n > meta.max_length) {
-    throw BadRequest{ids_name + " has " + std::to_string(n) + " tokens, more than the model's max_length " +
-                     std::to_string(meta.max_length)};
+    throw BadRequest{
+        ids_name + " has " + std::to_string(n) + " tokens, more than the model's max_length " +
+        std::to_string(meta.max_length)};
   }
   for (int64_t j = 0; j < n; ++j) {
     if (row.ids[j] < 0 || row.ids[j] >= meta.vocab_size) {
-      throw BadRequest{ids_name + "[" + std::to_string(j) + "] = " + std::to_string(row.ids[j]) +
-                       " is out of the vocabulary [0, " + std::to_string(meta.vocab_size) + ")"};
+      throw BadRequest{
+          ids_name + "[" + std::to_string(j) + "] = " + std::to_string(row.ids[j]) + " is out of the vocabulary [0, " +
+          std::to_string(meta.vocab_size) + ")"};
     }
   }
   // attention_mask and token_type_ids: each as long as input_ids, or absent for the default.
@@ -412,16 +423,16 @@ Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Val
     }
     auto values = int_array(*v, name);
     if (values.size() != row.ids.size()) {
-      throw BadRequest{name + " has " + std::to_string(values.size()) + " entries but " + ids_name + " has " +
-                       std::to_string(n)};
+      throw BadRequest{
+          name + " has " + std::to_string(values.size()) + " entries but " + ids_name + " has " + std::to_string(n)};
     }
     return values;
   };
   row.mask = companion(mask, "attention_mask", 1);
   for (size_t j = 0; j < row.mask.size(); ++j) {
     if (row.mask[j] != 0 && row.mask[j] != 1) {
-      throw BadRequest{"attention_mask" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.mask[j]) +
-                       ", expected 0 or 1"};
+      throw BadRequest{
+          "attention_mask" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.mask[j]) + ", expected 0 or 1"};
     }
   }
   if (std::find(row.mask.begin(), row.mask.end(), 1) == row.mask.end()) {
@@ -431,10 +442,10 @@ Row make_row(const jsonl::Value& ids, const jsonl::Value* mask, const jsonl::Val
   const int64_t type_limit = std::max<int64_t>(meta.type_vocab_size, 1);
   for (size_t j = 0; j < row.types.size(); ++j) {
     if (row.types[j] < 0 || row.types[j] >= type_limit) {
-      throw BadRequest{"token_type_ids" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.types[j]) +
-                       (meta.type_vocab_size == 0
-                            ? std::string(", but the model takes no token types (only 0)")
-                            : " is out of range [0, " + std::to_string(meta.type_vocab_size) + ")")};
+      throw BadRequest{
+          "token_type_ids" + at + "[" + std::to_string(j) + "] = " + std::to_string(row.types[j]) +
+          (meta.type_vocab_size == 0 ? std::string(", but the model takes no token types (only 0)")
+                                     : " is out of range [0, " + std::to_string(meta.type_vocab_size) + ")")};
     }
   }
   return row;
@@ -451,8 +462,9 @@ std::string adapter_list(const Metadata& meta) {
 // The index of the adapter a request names; a model without several adapters takes no "adapter".
 int64_t adapter_index(const jsonl::Value& value, const Metadata& meta) {
   if (meta.adapters.empty()) {
-    throw BadRequest{"unknown key \"adapter\": this model was exported with one adapter (export with several "
-                     "--adapter to serve several)"};
+    throw BadRequest{
+        "unknown key \"adapter\": this model was exported with one adapter (export with several "
+        "--adapter to serve several)"};
   }
   const auto* name = value.get<std::string>();
   if (name == nullptr) {
@@ -461,8 +473,9 @@ int64_t adapter_index(const jsonl::Value& value, const Metadata& meta) {
   const auto at = std::find(meta.adapters.begin(), meta.adapters.end(), *name);
   if (at == meta.adapters.end()) {
     std::string shown = name->substr(0, 64);
-    throw BadRequest{"unknown adapter \"" + shown + (name->size() > 64 ? "...\"" : "\"") + " (this model serves " +
-                     adapter_list(meta) + ")"};
+    throw BadRequest{
+        "unknown adapter \"" + shown + (name->size() > 64 ? "...\"" : "\"") + " (this model serves " +
+        adapter_list(meta) + ")"};
   }
   return static_cast<int64_t>(at - meta.adapters.begin());
 }
@@ -482,13 +495,15 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
     } else if (key == "adapter") {
       req.adapter = adapter_index(value, meta);
     } else if (key != "id") {
-      throw BadRequest{"unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids" +
-                       (meta.adapters.empty() ? ")" : ", adapter)")};
+      throw BadRequest{
+          "unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids" +
+          (meta.adapters.empty() ? ")" : ", adapter)")};
     }
   }
   if (!meta.adapters.empty() && req.adapter < 0) {
-    throw BadRequest{"missing \"adapter\": this model serves several adapters (" + adapter_list(meta) +
-                     "); name the one that answers"};
+    throw BadRequest{
+        "missing \"adapter\": this model serves several adapters (" + adapter_list(meta) +
+        "); name the one that answers"};
   }
   if (ids == nullptr) {
     throw BadRequest{"missing input_ids"};
@@ -507,8 +522,9 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
   }
   const size_t n = rows->size();
   if (n > kMaxRequestRows) {
-    throw BadRequest{"input_ids holds " + std::to_string(n) + " sentences, more than " +
-                     std::to_string(kMaxRequestRows) + " per request; split the batch"};
+    throw BadRequest{
+        "input_ids holds " + std::to_string(n) + " sentences, more than " + std::to_string(kMaxRequestRows) +
+        " per request; split the batch"};
   }
   auto rows_of = [n](const jsonl::Value* v, const char* key) -> const jsonl::Array* {
     if (v == nullptr) {
@@ -529,14 +545,15 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
   for (size_t i = 0; i < n; ++i) {
     tokens += array_size((*rows)[i]);
     if (tokens > kMaxRequestTokens) {
-      throw BadRequest{"input_ids holds more than " + std::to_string(kMaxRequestTokens) +
-                       " tokens in one request; split the batch"};
+      throw BadRequest{
+          "input_ids holds more than " + std::to_string(kMaxRequestTokens) + " tokens in one request; split the batch"};
     }
   }
   req.rows.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    req.rows.push_back(make_row((*rows)[i], mask_rows ? &(*mask_rows)[i] : nullptr,
-                                type_rows ? &(*type_rows)[i] : nullptr, "[" + std::to_string(i) + "]", meta));
+    req.rows.push_back(make_row(
+        (*rows)[i], mask_rows ? &(*mask_rows)[i] : nullptr, type_rows ? &(*type_rows)[i] : nullptr,
+        "[" + std::to_string(i) + "]", meta));
   }
 }
 
@@ -669,7 +686,8 @@ class Server {
       const bool single = only != nullptr || rows[start].first == rows[end - 1].first;
       if (!single) {
         std::cerr << "sparseadapter_serve: running the model failed on lines " << rows[start].first->line << "-"
-                  << rows[end - 1].first->line << "; running them one by one:\n" << text << std::endl;
+                  << rows[end - 1].first->line << "; running them one by one:\n"
+                  << text << std::endl;
         return false;
       }
       std::cerr << "sparseadapter_serve: running the model failed on line " << rows[start].first->line << ":\n"
@@ -706,23 +724,23 @@ class Server {
         adapters_data[i] = rows[start + static_cast<size_t>(i)].first->adapter;
       }
     }
-    const auto out = meta_.adapters.empty() ? model_.forward({ids, mask, types})
-                                            : model_.forward({ids, mask, types, adapters});
+    const auto out =
+        meta_.adapters.empty() ? model_.forward({ids, mask, types}) : model_.forward({ids, mask, types, adapters});
     if (!out.isTensor()) {
       throw std::runtime_error("the model returned a " + out.tagKind() + ", expected a tensor of logits");
     }
     auto logits = out.toTensor();
-    if (logits.dim() != 2 || logits.size(0) != n || logits.size(1) != meta_.num_labels ||
-        !logits.is_floating_point()) {
-      throw std::runtime_error("the model returned " + std::string(c10::toString(logits.scalar_type())) +
-                               " logits of shape " + c10::str(logits.sizes()) + ", expected floats of shape [" +
-                               std::to_string(n) + ", " + std::to_string(meta_.num_labels) + "]");
+    if (logits.dim() != 2 || logits.size(0) != n || logits.size(1) != meta_.num_labels || !logits.is_floating_point()) {
+      throw std::runtime_error(
+          "the model returned " + std::string(c10::toString(logits.scalar_type())) + " logits of shape " +
+          c10::str(logits.sizes()) + ", expected floats of shape [" + std::to_string(n) + ", " +
+          std::to_string(meta_.num_labels) + "]");
     }
     logits = logits.to(torch::kCPU, torch::kFloat).contiguous();
     const float* data = logits.data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) {
-      rows[start + static_cast<size_t>(i)].second->logits.assign(data + i * meta_.num_labels,
-                                                                  data + (i + 1) * meta_.num_labels);
+      rows[start + static_cast<size_t>(i)].second->logits.assign(
+          data + i * meta_.num_labels, data + (i + 1) * meta_.num_labels);
     }
   }
 
@@ -777,8 +795,8 @@ class Server {
       per_sentence("label", "labels", [&](const Row& row) { out += std::to_string(argmax(row)); });
       if (!meta_.labels.empty()) {
         out += ',';
-        per_sentence("label_name", "label_names",
-                     [&](const Row& row) { jsonl::write_string(out, meta_.labels[argmax(row)]); });
+        per_sentence(
+            "label_name", "label_names", [&](const Row& row) { jsonl::write_string(out, meta_.labels[argmax(row)]); });
       }
     }
     out += "}\n";

@@ -112,8 +112,8 @@ void adapter_dense(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_
   if (B::adapter_dense_fused(in, down, up, out, hidden_pre)) {
     return;
   }
-  auto pre = hidden_pre.numel() > 0 ? hidden_pre
-                                    : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
+  auto pre =
+      hidden_pre.numel() > 0 ? hidden_pre : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
   if (in.down.bias.has_value()) {
     at::addmm_out(pre, *in.down.bias, in.down.x, down.t());
   } else {

@@ -25,49 +25,49 @@
 // CONST_NAME is ISA's value in the body. The switch alone does not change how the body is compiled
 // (the instruction set is a property of a function): a body that must run as AVX-512 or AVX2 code
 // calls a variant defined by SA_DEFINE_ISA_VARIANTS.
-#define SA_CPU_ISA_SWITCH(ISA, CONST_NAME, ...)                        \
-  [&] {                                                                \
-    switch (ISA) {                                                     \
-      case ::sparseadapter::CpuIsa::kAvx512: {                         \
-        constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kAvx512; \
-        return __VA_ARGS__();                                          \
-      }                                                                \
-      case ::sparseadapter::CpuIsa::kAvx2: {                           \
-        constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kAvx2; \
-        return __VA_ARGS__();                                          \
-      }                                                                \
-      case ::sparseadapter::CpuIsa::kBaseline:                         \
-      default: {                                                       \
+#define SA_CPU_ISA_SWITCH(ISA, CONST_NAME, ...)                                            \
+  [&] {                                                                                    \
+    switch (ISA) {                                                                         \
+      case ::sparseadapter::CpuIsa::kAvx512: {                                             \
+        constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kAvx512;   \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case ::sparseadapter::CpuIsa::kAvx2: {                                               \
+        constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kAvx2;     \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case ::sparseadapter::CpuIsa::kBaseline:                                             \
+      default: {                                                                           \
         constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kBaseline; \
-        return __VA_ARGS__();                                          \
-      }                                                                \
-    }                                                                  \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+    }                                                                                      \
   }()
 
 // Defines the class template NAME<kIsa> whose static run(args...) calls BODY<kIsa>(args...) from a
 // function compiled for kIsa's instruction set (GCC/Clang `target` attributes). BODY must be
 // SA_ALWAYS_INLINE, so that each variant holds its own copy compiled for its ISA.
-#define SA_DEFINE_ISA_VARIANTS(NAME, BODY)                                                     \
-  template <::sparseadapter::CpuIsa kIsa>                                                      \
-  struct NAME;                                                                                 \
-  template <>                                                                                  \
-  struct NAME<::sparseadapter::CpuIsa::kAvx512> {                                              \
-    template <typename... Args>                                                                \
-    SA_TARGET_AVX512 static void run(const Args&... args) {                                    \
-      BODY<::sparseadapter::CpuIsa::kAvx512>(args...);                                         \
-    }                                                                                          \
-  };                                                                                           \
-  template <>                                                                                  \
-  struct NAME<::sparseadapter::CpuIsa::kAvx2> {                                                \
-    template <typename... Args>                                                                \
-    SA_TARGET_AVX2 static void run(const Args&... args) {                                      \
-      BODY<::sparseadapter::CpuIsa::kAvx2>(args...);                                           \
-    }                                                                                          \
-  };                                                                                           \
-  template <>                                                                                  \
-  struct NAME<::sparseadapter::CpuIsa::kBaseline> {                                            \
-    template <typename... Args>                                                                \
-    static void run(const Args&... args) {                                                     \
-      BODY<::sparseadapter::CpuIsa::kBaseline>(args...);                                       \
-    }                                                                                          \
+#define SA_DEFINE_ISA_VARIANTS(NAME, BODY)                  \
+  template <::sparseadapter::CpuIsa kIsa>                   \
+  struct NAME;                                              \
+  template <>                                               \
+  struct NAME<::sparseadapter::CpuIsa::kAvx512> {           \
+    template <typename... Args>                             \
+    SA_TARGET_AVX512 static void run(const Args&... args) { \
+      BODY<::sparseadapter::CpuIsa::kAvx512>(args...);      \
+    }                                                       \
+  };                                                        \
+  template <>                                               \
+  struct NAME<::sparseadapter::CpuIsa::kAvx2> {             \
+    template <typename... Args>                             \
+    SA_TARGET_AVX2 static void run(const Args&... args) {   \
+      BODY<::sparseadapter::CpuIsa::kAvx2>(args...);        \
+    }                                                       \
+  };                                                        \
+  template <>                                               \
+  struct NAME<::sparseadapter::CpuIsa::kBaseline> {         \
+    template <typename... Args>                             \
+    static void run(const Args&... args) {                  \
+      BODY<::sparseadapter::CpuIsa::kBaseline>(args...);    \
+    }                                                       \
   }

@@ -39,8 +39,12 @@ void csr_gather_cuda_kernel(const PatternData& in, at::Tensor& out);
 // The adapter on dense weights (down [bottleneck, in], up [out, bottleneck], in x's dtype) in one
 // pass on tensor cores; false when the dtype or shape is not one it serves (the caller composes
 // cuBLAS products instead).
-bool adapter_dense_fused_cuda(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& up, at::Tensor& out,
-                              at::Tensor& hidden_pre);
+bool adapter_dense_fused_cuda(
+    const AdapterInputs& in,
+    const at::Tensor& down,
+    const at::Tensor& up,
+    at::Tensor& out,
+    at::Tensor& hidden_pre);
 #endif
 
 }  // namespace sparseadapter

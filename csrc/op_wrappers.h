@@ -9,8 +9,8 @@
 
 #include <ATen/ATen.h>
 
-#include <array>
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -25,9 +25,12 @@ namespace sparseadapter {
 // spmm's product on the chosen path: y = x @ W.T + bias.
 template <typename B>
 void run_spmm(const SpmmInputs& in, at::Tensor& y) {
-  const PathProblem problem{"spmm", in.x.device(), in.x.scalar_type(),
-                            {in.out_features, in.in_features, in.nnz, in.bias.has_value() ? 1 : 0, 0, 0},
-                            token_bucket(in.num_tokens)};
+  const PathProblem problem{
+      "spmm",
+      in.x.device(),
+      in.x.scalar_type(),
+      {in.out_features, in.in_features, in.nnz, in.bias.has_value() ? 1 : 0, 0, 0},
+      token_bucket(in.num_tokens)};
   run_chosen_path(problem, B::timer(), [&] { B::spmm(in, y); }, [&] { spmm_dense<B>(in, y); });
 }
 
@@ -39,8 +42,7 @@ at::Tensor spmm_op(
     const at::Tensor& col_indices,
     const std::optional<at::Tensor>& row_order,
     const std::optional<at::Tensor>& bias) {
-  const auto in =
-      check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
+  const auto in = check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("spmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
@@ -63,8 +65,7 @@ at::Tensor sparse_linear_op(
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t) {
-  const auto in = check_spmm_inputs(
-      "sparse_linear", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
+  const auto in = check_spmm_inputs("sparse_linear", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
   check_transposed_pattern("sparse_linear", in, crow_indices_t, col_indices_t, perm_t, row_order_t);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
@@ -91,8 +92,12 @@ at::Tensor sddmm_op(
     if (in.num_tokens == 0) {
       out.zero_();
     } else {
-      const PathProblem problem{"sddmm", in.x.device(), in.x.scalar_type(),
-                                {in.out_features, in.in_features, in.nnz, 0, 0, 0}, token_bucket(in.num_tokens)};
+      const PathProblem problem{
+          "sddmm",
+          in.x.device(),
+          in.x.scalar_type(),
+          {in.out_features, in.in_features, in.nnz, 0, 0, 0},
+          token_bucket(in.num_tokens)};
       run_chosen_path(problem, B::timer(), [&] { B::sddmm(in, out); }, [&] { sddmm_dense<B>(in, out); });
     }
   }
@@ -105,8 +110,8 @@ at::Tensor csr_to_dense_op(
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices,
     c10::SymInt num_cols) {
-  const auto in = check_csr_to_dense_inputs(values, crow_indices, col_indices, num_cols.guard_int(__FILE__, __LINE__),
-                                            B::kDevice);
+  const auto in =
+      check_csr_to_dense_inputs(values, crow_indices, col_indices, num_cols.guard_int(__FILE__, __LINE__), B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu("csr_to_dense", in.crow_indices, in.col_indices, in.num_cols, "num_cols");
   }
@@ -136,8 +141,8 @@ at::Tensor csr_gather_op(const at::Tensor& dense, const at::Tensor& crow_indices
 template <typename B>
 void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre) {
   // the pre-activation goes straight into hidden_pre when the backward keeps it
-  auto pre = hidden_pre.numel() > 0 ? hidden_pre
-                                    : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
+  auto pre =
+      hidden_pre.numel() > 0 ? hidden_pre : at::empty({in.down.num_tokens, in.down.out_features}, in.down.x.options());
   if (pre.numel() > 0) {
     B::spmm(in.down, pre);
   }
@@ -160,12 +165,16 @@ void adapter_composite_kernel(const AdapterInputs& in, at::Tensor& out, at::Tens
 template <typename B>
 void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pre, bool save_hidden) {
   if (in.down.num_tokens > 0 && (out.numel() > 0 || hidden_pre.numel() > 0)) {
-    const int64_t flags = static_cast<int64_t>(in.activation) * 4 + (in.residual.has_value() ? 2 : 0) + (save_hidden ? 1 : 0);
-    const PathProblem problem{"sparse_adapter", in.down.x.device(), in.down.x.scalar_type(),
-                              {in.down.in_features, in.down.out_features, in.up.out_features, in.down.nnz, in.up.nnz, flags},
-                              token_bucket(in.down.num_tokens)};
-    run_chosen_path(problem, B::timer(), [&] { B::adapter(in, out, hidden_pre); },
-                    [&] { adapter_dense<B>(in, out, hidden_pre); });
+    const int64_t flags =
+        static_cast<int64_t>(in.activation) * 4 + (in.residual.has_value() ? 2 : 0) + (save_hidden ? 1 : 0);
+    const PathProblem problem{
+        "sparse_adapter",
+        in.down.x.device(),
+        in.down.x.scalar_type(),
+        {in.down.in_features, in.down.out_features, in.up.out_features, in.down.nnz, in.up.nnz, flags},
+        token_bucket(in.down.num_tokens)};
+    run_chosen_path(
+        problem, B::timer(), [&] { B::adapter(in, out, hidden_pre); }, [&] { adapter_dense<B>(in, out, hidden_pre); });
   }
 }
 
@@ -192,15 +201,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
     c10::string_view activation,
     double scale,
     bool save_hidden) {
-  const auto in = check_adapter_inputs(x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias,
-                                       up_crow, up_col, activation, scale, B::kDevice);
+  const auto in = check_adapter_inputs(
+      x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow, up_col, activation, scale,
+      B::kDevice);
   check_transposed_pattern("sparse_adapter (down)", in.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
   check_transposed_pattern("sparse_adapter (up)", in.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features,
-                             "x's last dim");
-    check_pattern_bounds_cpu("sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
-                             "the bottleneck width (down's rows)");
+    check_pattern_bounds_cpu(
+        "sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features, "x's last dim");
+    check_pattern_bounds_cpu(
+        "sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
+        "the bottleneck width (down's rows)");
   }
   const auto options = in.down.x.options();
   auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
@@ -210,8 +221,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
 }
 
 // grad @ W for W [rows, cols] in CSR, through its transposed pattern: the back end's spmm inputs.
-inline SpmmInputs transposed_product(const at::Tensor& grad, const SpmmInputs& w, const at::Tensor& crow_t,
-                                     const at::Tensor& col_t, const at::Tensor& perm_t, const at::Tensor& row_order_t) {
+inline SpmmInputs transposed_product(
+    const at::Tensor& grad,
+    const SpmmInputs& w,
+    const at::Tensor& crow_t,
+    const at::Tensor& col_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t) {
   SpmmInputs t;
   t.x = grad;
   t.values = w.values.index_select(0, perm_t);
@@ -306,10 +322,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
   if (output_mask[0]) {
     TORCH_CHECK_VALUE(values.has_value(), op, ": x's gradient needs values");
     check_index_tensor(op, "perm_t", perm_t);
-    TORCH_CHECK_VALUE(perm_t.numel() == values->numel(), op, ": perm_t has ", perm_t.numel(),
-                      " entries but values has ", values->numel());
-    grad_x = spmm_op<B>(grad_y, values->index_select(0, perm_t), crow_indices_t, col_indices_t, row_order_t,
-                        std::nullopt);
+    TORCH_CHECK_VALUE(
+        perm_t.numel() == values->numel(), op, ": perm_t has ", perm_t.numel(), " entries but values has ",
+        values->numel());
+    grad_x =
+        spmm_op<B>(grad_y, values->index_select(0, perm_t), crow_indices_t, col_indices_t, row_order_t, std::nullopt);
   }
   if (output_mask[1]) {
     TORCH_CHECK_VALUE(x.has_value(), op, ": the values' gradient needs x");
@@ -331,19 +348,24 @@ AdapterGradients run_adapter_backward(const AdapterBackwardInputs& in, std::arra
   AdapterGradients grads;
   if (f.down.num_tokens == 0) {  // nothing to sum: zero gradients
     const auto options = in.grad_out.options();
-    grads = {at::empty({0, f.down.in_features}, options), at::zeros({f.down.nnz}, options),
-             at::zeros({f.down.out_features}, options), at::zeros({f.up.nnz}, options),
-             at::zeros({f.up.out_features}, options)};
+    grads = {
+        at::empty({0, f.down.in_features}, options), at::zeros({f.down.nnz}, options),
+        at::zeros({f.down.out_features}, options), at::zeros({f.up.nnz}, options),
+        at::zeros({f.up.out_features}, options)};
   } else {
     int64_t flags = static_cast<int64_t>(f.activation);
     for (bool m : output_mask) {
       flags = flags * 2 + (m ? 1 : 0);
     }
-    const PathProblem problem{"sparse_adapter_backward", f.down.x.device(), f.down.x.scalar_type(),
-                              {f.down.in_features, f.down.out_features, f.up.out_features, f.down.nnz, f.up.nnz, flags},
-                              token_bucket(f.down.num_tokens)};
-    run_chosen_path(problem, B::timer(), [&] { grads = adapter_backward_sparse<B>(in, output_mask); },
-                    [&] { grads = adapter_backward_dense<B>(in, output_mask); });
+    const PathProblem problem{
+        "sparse_adapter_backward",
+        f.down.x.device(),
+        f.down.x.scalar_type(),
+        {f.down.in_features, f.down.out_features, f.up.out_features, f.down.nnz, f.up.nnz, flags},
+        token_bucket(f.down.num_tokens)};
+    run_chosen_path(
+        problem, B::timer(), [&] { grads = adapter_backward_sparse<B>(in, output_mask); },
+        [&] { grads = adapter_backward_dense<B>(in, output_mask); });
   }
   return grads;
 }
@@ -372,9 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
     double scale,
     std::array<bool, 5> output_mask) {
   const auto in = check_adapter_backward_inputs(
-      grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t, down_perm_t,
-      down_row_order_t, up_values, up_crow, up_col, up_crow_t, up_col_t, up_perm_t, up_row_order_t, activation,
-      scale, B::kDevice);
+      grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t, down_perm_t, down_row_order_t,
+      up_values, up_crow, up_col, up_crow_t, up_col_t, up_perm_t, up_row_order_t, activation, scale, B::kDevice);
   const AdapterInputs& f = in.forward;
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     const char* op = "sparse_adapter_backward";
@@ -387,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
   auto none = [&] { return at::empty({0}, in.grad_out.options()); };
   auto pick = [&](int i, const at::Tensor& t) { return output_mask[i] && t.defined() ? t : none(); };
   const auto grad_x = output_mask[0] ? grads.x.view(x.sizes()) : none();
-  return {grad_x, pick(1, grads.down_values), pick(2, grads.down_bias), pick(3, grads.up_values),
-          pick(4, grads.up_bias)};
+  return {
+      grad_x, pick(1, grads.down_values), pick(2, grads.down_bias), pick(3, grads.up_values), pick(4, grads.up_bias)};
 }
 
 // -- several adapters in one batch: sparse_adapter_multi ------------------------------------------------
@@ -401,12 +422,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
 // mixed batch computes, row by row, what each adapter computes alone.
 
 struct RowSegment {
-  int64_t adapter = -1;        // -1: the rows without an adapter
+  int64_t adapter = -1;  // -1: the rows without an adapter
   int64_t first_row = 0;
   int64_t num_rows = 0;
-  bool consecutive = true;     // the rows are first_row .. first_row + num_rows - 1: a slice
-  at::Tensor index;            // the rows (int64, on x's device) when not consecutive
-  int64_t hidden_offset = 0;   // where the segment's [tokens, bottleneck] block starts in hidden_pre
+  bool consecutive = true;    // the rows are first_row .. first_row + num_rows - 1: a slice
+  at::Tensor index;           // the rows (int64, on x's device) when not consecutive
+  int64_t hidden_offset = 0;  // where the segment's [tokens, bottleneck] block starts in hidden_pre
 };
 
 // The segments of adapters 0..K-1 that have rows, in that order, then the rows without an adapter.
@@ -471,8 +492,8 @@ inline at::Tensor segment_rows(const at::Tensor& t, const RowSegment& seg, const
 
 // Writes `values` (the segment's tokens) into t's rows of the segment; nothing when `values` is
 // already that slice of t.
-inline void put_segment_rows(at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in,
-                             const at::Tensor& values) {
+inline void
+put_segment_rows(at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in, const at::Tensor& values) {
   const int64_t features = t.size(1), tokens_per_row = in.tokens_per_row;
   if (seg.consecutive) {
     auto slice = t.narrow(0, seg.first_row * tokens_per_row, seg.num_rows * tokens_per_row);
@@ -486,8 +507,11 @@ inline void put_segment_rows(at::Tensor& t, const RowSegment& seg, const MultiAd
 }
 
 // Adapter k's inputs for one segment: its checked arrays, with the segment's x and residual.
-inline AdapterInputs segment_inputs(const MultiAdapterInputs& in, const RowSegment& seg, const at::Tensor& x,
-                                    const std::optional<at::Tensor>& residual) {
+inline AdapterInputs segment_inputs(
+    const MultiAdapterInputs& in,
+    const RowSegment& seg,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual) {
   AdapterInputs a = in.adapters[seg.adapter];
   const int64_t n = seg.num_rows * in.tokens_per_row;
   a.down.x = x;
@@ -512,14 +536,13 @@ void check_multi_patterns_cpu(const char* op, const MultiAdapterInputs& in, bool
   for (size_t k = 0; k < in.adapters.size(); ++k) {
     const AdapterInputs& a = in.adapters[k];
     const std::string name = std::string(op) + " (adapter " + std::to_string(k) + ")";
-    check_pattern_bounds_cpu(name.c_str(), a.down.crow_indices, a.down.col_indices, a.down.in_features,
-                             "x's last dim");
-    check_pattern_bounds_cpu(name.c_str(), a.up.crow_indices, a.up.col_indices, a.up.in_features,
-                             "the adapter's bottleneck width");
+    check_pattern_bounds_cpu(name.c_str(), a.down.crow_indices, a.down.col_indices, a.down.in_features, "x's last dim");
+    check_pattern_bounds_cpu(
+        name.c_str(), a.up.crow_indices, a.up.col_indices, a.up.in_features, "the adapter's bottleneck width");
     if (transposed) {
       const AdapterTransposed& t = in.transposed[k];
-      check_pattern_bounds_cpu(name.c_str(), t.down_crow_t, t.down_col_t, a.down.out_features,
-                               "the adapter's bottleneck width");
+      check_pattern_bounds_cpu(
+          name.c_str(), t.down_crow_t, t.down_col_t, a.down.out_features, "the adapter's bottleneck width");
       check_pattern_bounds_cpu(name.c_str(), t.up_crow_t, t.up_col_t, a.up.out_features, "out_features");
     }
   }
@@ -555,8 +578,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
     const std::optional<at::Tensor>& up_row_order_t) {
   constexpr const char* op = "sparse_adapter_multi";
   const auto in = check_multi_adapter_inputs(
-      op, x, adapter_index, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow,
-      up_col, bottleneck, down_nnz, up_nnz, out_features, activation, scale,
+      op, x, adapter_index, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow, up_col,
+      bottleneck, down_nnz, up_nnz, out_features, activation, scale,
       {down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_crow_t, up_col_t, up_perm_t, up_row_order_t},
       B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
@@ -572,8 +595,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
     for (const RowSegment& seg : group_rows(src, src.x.device())) {
       if (seg.adapter < 0) {  // no adapter: the residual, or zeros
         const int64_t n = seg.num_rows * T;
-        put_segment_rows(dst, seg, src, src.residual.has_value() ? segment_rows(*src.residual, seg, src)
-                                                                 : at::zeros({n, src.out_features}, options));
+        put_segment_rows(
+            dst, seg, src,
+            src.residual.has_value() ? segment_rows(*src.residual, seg, src)
+                                     : at::zeros({n, src.out_features}, options));
         continue;
       }
       const auto seg_residual =
@@ -581,7 +606,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
       const AdapterInputs a = segment_inputs(src, seg, segment_rows(src.x, seg, src), seg_residual);
       auto seg_out = seg.consecutive ? dst.narrow(0, seg.first_row * T, a.down.num_tokens)
                                      : at::empty({a.down.num_tokens, src.out_features}, options);
-      auto seg_hidden = save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
+      auto seg_hidden =
+          save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
       run_adapter<B>(a, seg_out, seg_hidden, save_hidden);
       if (!seg.consecutive) {
         put_segment_rows(dst, seg, src, seg_out);
@@ -595,8 +621,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
     } else {
       // Rows of one adapter scattered over the batch: one gather into adapter order and one scatter
       // back, rather than one of each per adapter. hidden_pre's blocks come in the same order either way.
-      const auto index = at::tensor(c10::ArrayRef<int64_t>(order), at::TensorOptions().dtype(at::kLong))
-                             .to(in.x.device());
+      const auto index =
+          at::tensor(c10::ArrayRef<int64_t>(order), at::TensorOptions().dtype(at::kLong)).to(in.x.device());
       auto rows_of = [&](const at::Tensor& t) {
         return t.view({in.num_rows, -1}).index_select(0, index).view({in.num_tokens, t.size(1)});
       };
@@ -655,17 +681,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_multi_patterns_cpu<B>(op, in, true);
   }
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type() && hidden_pre.scalar_type() == x.scalar_type(), op,
-                   ": grad_out and hidden_pre must have x's dtype ", x.scalar_type(), ", got ", grad_out.scalar_type(),
-                   " and ", hidden_pre.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device() && hidden_pre.device() == x.device(), op,
-                    ": grad_out and hidden_pre must be on x's device ", x.device());
-  TORCH_CHECK_VALUE(grad_out.sizes().vec() == in.out_shape, op, ": grad_out must have shape ",
-                    c10::IntArrayRef(in.out_shape), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(hidden_pre.dim() == 2 && hidden_pre.size(0) == in.num_tokens &&
-                        hidden_pre.size(1) == in.max_bottleneck,
-                    op, ": hidden_pre must be the forward's [", in.num_tokens, ", ", in.max_bottleneck, "], got ",
-                    hidden_pre.sizes());
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == x.scalar_type() && hidden_pre.scalar_type() == x.scalar_type(), op,
+      ": grad_out and hidden_pre must have x's dtype ", x.scalar_type(), ", got ", grad_out.scalar_type(), " and ",
+      hidden_pre.scalar_type());
+  TORCH_CHECK_VALUE(
+      grad_out.device() == x.device() && hidden_pre.device() == x.device(), op,
+      ": grad_out and hidden_pre must be on x's device ", x.device());
+  TORCH_CHECK_VALUE(
+      grad_out.sizes().vec() == in.out_shape, op, ": grad_out must have shape ", c10::IntArrayRef(in.out_shape),
+      ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(
+      hidden_pre.dim() == 2 && hidden_pre.size(0) == in.num_tokens && hidden_pre.size(1) == in.max_bottleneck, op,
+      ": hidden_pre must be the forward's [", in.num_tokens, ", ", in.max_bottleneck, "], got ", hidden_pre.sizes());
   const auto options = in.x.options();
   const auto g = grad_out.reshape({in.num_tokens, in.out_features}).contiguous();
   const auto saved = hidden_pre.contiguous();

@@ -57,13 +57,17 @@ Key key_of(const PathProblem& p) {
   return Key{p.op, p.device.str(), c10::toString(p.dtype), p.dims, p.tokens};
 }
 
-Key key_of(const PathDecision& d) { return Key{d.op, d.device, d.dtype, d.dims, d.tokens}; }
+Key key_of(const PathDecision& d) {
+  return Key{d.op, d.device, d.dtype, d.dims, d.tokens};
+}
 
-bool is_measurement(const std::string& source) { return source == "measured" || source == "cached"; }
+bool is_measurement(const std::string& source) {
+  return source == "measured" || source == "cached";
+}
 
 PathDecision decision_of(const PathProblem& p, Path path, const char* source, double ms_sparse, double ms_dense) {
-  return PathDecision{p.op, p.device.str(), c10::toString(p.dtype), p.dims, p.tokens, path, source,
-                      ms_sparse, ms_dense, 0};
+  return PathDecision{p.op, p.device.str(), c10::toString(p.dtype), p.dims, p.tokens, path, source, ms_sparse, ms_dense,
+                      0};
 }
 
 // Records (or replaces) the decision for `p` and counts one call.
@@ -125,9 +129,13 @@ const char* path_mode_name(PathMode mode) {
   return "?";
 }
 
-const char* path_name(Path path) { return path == Path::kSparse ? "sparse" : "dense"; }
+const char* path_name(Path path) {
+  return path == Path::kSparse ? "sparse" : "dense";
+}
 
-PathMode path_mode() { return static_cast<PathMode>(mode_storage().load()); }
+PathMode path_mode() {
+  return static_cast<PathMode>(mode_storage().load());
+}
 
 PathMode set_path_mode(PathMode mode) {
   return static_cast<PathMode>(mode_storage().exchange(static_cast<int>(mode)));

@@ -73,7 +73,7 @@ struct PathDecision {
   std::string source;  // "measured", "cached" (seed_path_decision) or "forced"
   double ms_sparse;    // medians of the measurement; NaN when not measured
   double ms_dense;
-  int64_t calls;       // calls that ran this problem's path since it was recorded
+  int64_t calls;  // calls that ran this problem's path since it was recorded
 };
 
 std::vector<PathDecision> path_decisions();

@@ -16,14 +16,13 @@ namespace {
 // Row index of every stored entry (COO rows), in the index dtype of the pattern.
 at::Tensor row_indices(const at::Tensor& crow_indices, const at::Tensor& col_indices) {
   const bool int32 = crow_indices.scalar_type() == at::kInt;
-  return at::_convert_indices_from_csr_to_coo(crow_indices, col_indices, int32, /*transpose=*/false)
-      .select(0, 0);
+  return at::_convert_indices_from_csr_to_coo(crow_indices, col_indices, int32, /*transpose=*/false).select(0, 0);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose(
-    const at::Tensor& crow_indices, const at::Tensor& col_indices, c10::SymInt num_cols_sym) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor>
+csr_transpose(const at::Tensor& crow_indices, const at::Tensor& col_indices, c10::SymInt num_cols_sym) {
   constexpr const char* op = "csr_transpose";
   const int64_t num_cols = num_cols_sym.guard_int(__FILE__, __LINE__);
   // The ATen index conversions below write through the indices, so the whole structure is checked.
@@ -38,8 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_transpose(
   try {
     crow_t = at::_convert_indices_from_coo_to_csr(sorted_cols, num_cols, int32);
   } catch (const c10::OutOfMemoryError& e) {
-    TORCH_CHECK_VALUE(false, op, ": num_cols = ", num_cols, ": the transposed pattern's crow_indices (",
-                      num_cols, " + 1 entries) could not be allocated on ", crow.device());
+    TORCH_CHECK_VALUE(
+        false, op, ": num_cols = ", num_cols, ": the transposed pattern's crow_indices (", num_cols,
+        " + 1 entries) could not be allocated on ", crow.device());
   }
   auto col_t = row_indices(crow, col).index_select(0, perm);
   return {crow_t, col_t, perm.to(crow.scalar_type())};
@@ -49,8 +49,7 @@ at::Tensor csr_row_order(const at::Tensor& crow_indices) {
   check_csr_row_order_inputs(crow_indices);
   const auto crow = crow_indices.contiguous();
   const auto row_nnz = crow.slice(0, 1) - crow.slice(0, 0, -1);
-  return at::argsort(row_nnz, /*stable=*/true, /*dim=*/0, /*descending=*/true)
-      .to(crow.scalar_type());
+  return at::argsort(row_nnz, /*stable=*/true, /*dim=*/0, /*descending=*/true).to(crow.scalar_type());
 }
 
 void validate_csr(

@@ -129,14 +129,18 @@ Threshold<key_t> radix_select(int64_t k, Histogram&& histogram) {
 
 // Op entry points of each back end (registered in csrc/{cpu,cuda}/register_*.cpp).
 at::Tensor prune_score_cpu(
-    const at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& hess_grad,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
     c10::string_view method);
 std::vector<at::Tensor> topk_masks_cpu(at::TensorList scores, c10::SymInt k);
 std::tuple<at::Tensor, at::Tensor> mask_to_csr_cpu(const at::Tensor& mask, at::ScalarType index_dtype);
 
 #ifdef SPARSEADAPTER_WITH_CUDA
 at::Tensor prune_score_cuda(
-    const at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& hess_grad,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
     c10::string_view method);
 std::vector<at::Tensor> topk_masks_cuda(at::TensorList scores, c10::SymInt k);
 std::tuple<at::Tensor, at::Tensor> mask_to_csr_cuda(const at::Tensor& mask, at::ScalarType index_dtype);

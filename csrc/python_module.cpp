@@ -88,8 +88,7 @@ PyObject* path_decisions(PyObject*, PyObject*) {
          set_item(dict, "path", PyUnicode_FromString(sparseadapter::path_name(d.path))) &&
          set_item(dict, "source", PyUnicode_FromString(d.source.c_str())) &&
          set_item(dict, "ms_sparse", float_or_none(d.ms_sparse)) &&
-         set_item(dict, "ms_dense", float_or_none(d.ms_dense)) &&
-         set_item(dict, "calls", PyLong_FromLongLong(d.calls));
+         set_item(dict, "ms_dense", float_or_none(d.ms_dense)) && set_item(dict, "calls", PyLong_FromLongLong(d.calls));
     if (!ok || PyList_Append(list, dict) != 0) {
       Py_XDECREF(dict);
       Py_DECREF(list);

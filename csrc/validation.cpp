@@ -37,8 +37,7 @@ void check_pattern(
   check_index_tensor(op, "crow_indices", crow_indices);
   check_index_tensor(op, "col_indices", col_indices);
   check_same_index_dtype(op, "col_indices", col_indices, crow_indices);
-  TORCH_CHECK_VALUE(
-      crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
+  TORCH_CHECK_VALUE(crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
   check_device(op, "crow_indices", crow_indices, device);
   check_device(op, "col_indices", col_indices, device);
 }
@@ -88,8 +87,8 @@ int64_t physical_memory_bytes() {
 void check_allocation(const char* op, const char* what, int64_t numel, int64_t itemsize, const at::Device& device) {
   const int64_t bytes = checked_product(numel, itemsize);
   TORCH_CHECK_VALUE(
-      numel >= 0 && bytes >= 0, op, ": ", what, " would need ", numel < 0 ? "a negative number of" : "more than 2^63 bytes for",
-      " entries; the size is not allocatable");
+      numel >= 0 && bytes >= 0, op, ": ", what, " would need ",
+      numel < 0 ? "a negative number of" : "more than 2^63 bytes for", " entries; the size is not allocatable");
   if (device.is_cpu()) {
     const int64_t memory = physical_memory_bytes();
     TORCH_CHECK_VALUE(
@@ -138,12 +137,12 @@ SpmmInputs check_spmm_inputs(
 
   TORCH_CHECK_VALUE(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
   TORCH_CHECK_TYPE(
-      values.scalar_type() == x.scalar_type(), op, ": values has dtype ", values.scalar_type(),
-      " but x has dtype ", x.scalar_type());
+      values.scalar_type() == x.scalar_type(), op, ": values has dtype ", values.scalar_type(), " but x has dtype ",
+      x.scalar_type());
   check_device(op, "values", values, device);
   TORCH_CHECK_VALUE(
-      values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
-      " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
+      values.numel() == col_indices.numel(), op, ": values has ", values.numel(), " entries but col_indices has ",
+      col_indices.numel(), "; both must have nnz entries");
 
   SpmmInputs in;
   in.out_features = crow_indices.numel() - 1;
@@ -162,12 +161,12 @@ SpmmInputs check_spmm_inputs(
   }
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(
-        bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ", bias->scalar_type(),
-        " but x has dtype ", x.scalar_type());
+        bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ", bias->scalar_type(), " but x has dtype ",
+        x.scalar_type());
     check_device(op, "bias", *bias, device);
     TORCH_CHECK_VALUE(
-        bias->dim() == 1 && bias->numel() == in.out_features, op, ": bias must have shape [",
-        in.out_features, "] (one entry per row), got ", bias->sizes());
+        bias->dim() == 1 && bias->numel() == in.out_features, op, ": bias must have shape [", in.out_features,
+        "] (one entry per row), got ", bias->sizes());
     in.bias = bias->contiguous();
   }
 
@@ -193,8 +192,8 @@ SddmmInputs check_sddmm_inputs(
   check_pattern(op, crow_indices, col_indices, device);
   check_device(op, "grad_out", grad_out, device);
   TORCH_CHECK_TYPE(
-      grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ",
-      grad_out.scalar_type(), " but x has dtype ", x.scalar_type());
+      grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
+      " but x has dtype ", x.scalar_type());
 
   SddmmInputs in;
   in.out_features = crow_indices.numel() - 1;
@@ -202,16 +201,16 @@ SddmmInputs check_sddmm_inputs(
   in.nnz = col_indices.numel();
   check_fits_index_dtype(op, crow_indices.scalar_type(), in.in_features, "in_features = ", in.in_features);
   TORCH_CHECK_VALUE(
-      grad_out.dim() == x.dim(), op, ": grad_out has shape ", grad_out.sizes(), " but x has shape ",
-      x.sizes(), "; they must share leading dims");
+      grad_out.dim() == x.dim(), op, ": grad_out has shape ", grad_out.sizes(), " but x has shape ", x.sizes(),
+      "; they must share leading dims");
   for (int64_t d = 0; d + 1 < x.dim(); ++d) {
     TORCH_CHECK_VALUE(
-        grad_out.size(d) == x.size(d), op, ": grad_out has shape ", grad_out.sizes(),
-        " but x has shape ", x.sizes(), "; they must share leading dims");
+        grad_out.size(d) == x.size(d), op, ": grad_out has shape ", grad_out.sizes(), " but x has shape ", x.sizes(),
+        "; they must share leading dims");
   }
   TORCH_CHECK_VALUE(
-      grad_out.size(-1) == in.out_features, op, ": grad_out's last dim is ", grad_out.size(-1),
-      " but the pattern has ", in.out_features, " rows");
+      grad_out.size(-1) == in.out_features, op, ": grad_out's last dim is ", grad_out.size(-1), " but the pattern has ",
+      in.out_features, " rows");
 
   in.num_tokens = leading_numel(x);
   in.x = x.reshape({in.num_tokens, in.in_features}).contiguous();
@@ -235,13 +234,14 @@ PatternData check_csr_to_dense_inputs(
   TORCH_CHECK_VALUE(num_cols >= 0, op, ": num_cols must be >= 0, got ", num_cols);
   check_fits_index_dtype(op, crow_indices.scalar_type(), num_cols, "num_cols = ", num_cols);
   TORCH_CHECK_VALUE(
-      values.numel() == col_indices.numel(), op, ": values has ", values.numel(),
-      " entries but col_indices has ", col_indices.numel(), "; both must have nnz entries");
+      values.numel() == col_indices.numel(), op, ": values has ", values.numel(), " entries but col_indices has ",
+      col_indices.numel(), "; both must have nnz entries");
   {
     const int64_t rows = crow_indices.numel() - 1;
     const int64_t numel = checked_product(rows, num_cols);
-    TORCH_CHECK_VALUE(numel >= 0, op, ": the dense matrix [", rows, ", ", num_cols,
-                      "] has more than 2^63 entries; num_cols is not allocatable");
+    TORCH_CHECK_VALUE(
+        numel >= 0, op, ": the dense matrix [", rows, ", ", num_cols,
+        "] has more than 2^63 entries; num_cols is not allocatable");
     check_allocation(op, "the dense matrix [num_rows, num_cols]", numel, values.element_size(), values.device());
   }
   PatternData in;
@@ -290,8 +290,8 @@ void check_transposed_pattern(
   check_same_index_dtype(op, "crow_indices_t", crow_indices_t, forward.crow_indices);
   TORCH_CHECK_VALUE(
       crow_indices_t.numel() == forward.in_features + 1, op, ": x has ", forward.in_features,
-      " features but the weight has ", crow_indices_t.numel() - 1,
-      " columns (crow_indices_t has ", crow_indices_t.numel(), " entries)");
+      " features but the weight has ", crow_indices_t.numel() - 1, " columns (crow_indices_t has ",
+      crow_indices_t.numel(), " entries)");
   TORCH_CHECK_VALUE(
       col_indices_t.numel() == forward.nnz, op, ": col_indices_t has ", col_indices_t.numel(),
       " entries but the pattern has nnz = ", forward.nnz);
@@ -317,8 +317,9 @@ Activation parse_activation(c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "silu") return Activation::kSilu;
   if (name == "tanh") return Activation::kTanh;
-  TORCH_CHECK_VALUE(false, "sparse_adapter: activation must be one of identity, relu, gelu, silu, tanh; got '",
-                    std::string(name), "'");
+  TORCH_CHECK_VALUE(
+      false, "sparse_adapter: activation must be one of identity, relu, gelu, silu, tanh; got '", std::string(name),
+      "'");
 }
 
 }  // namespace
@@ -341,26 +342,31 @@ AdapterInputs check_adapter_inputs(
   in.activation = parse_activation(activation);
   TORCH_CHECK_VALUE(std::isfinite(scale), "sparse_adapter: scale must be finite, got ", scale);
   in.scale = scale;
-  in.down = check_spmm_inputs("sparse_adapter (down)", x, down_values, down_crow, down_col, std::nullopt,
-                              down_bias, device_type);
+  in.down = check_spmm_inputs(
+      "sparse_adapter (down)", x, down_values, down_crow, down_col, std::nullopt, down_bias, device_type);
   const int64_t bottleneck = in.down.out_features;
   // up's input is the bottleneck activation, which exists only inside the kernel: check its pattern
   // against an empty stand-in of the right width, dtype and device.
   const auto stand_in = at::empty({0, bottleneck}, x.options());
-  in.up = check_spmm_inputs("sparse_adapter (up)", stand_in, up_values, up_crow, up_col, std::nullopt, up_bias,
-                            device_type);
-  TORCH_CHECK_TYPE(in.up.crow_indices.scalar_type() == in.down.crow_indices.scalar_type(),
-                   "sparse_adapter: the down pattern has index dtype ", in.down.crow_indices.scalar_type(),
-                   " but the up pattern has ", in.up.crow_indices.scalar_type(), "; use one index dtype for both");
+  in.up = check_spmm_inputs(
+      "sparse_adapter (up)", stand_in, up_values, up_crow, up_col, std::nullopt, up_bias, device_type);
+  TORCH_CHECK_TYPE(
+      in.up.crow_indices.scalar_type() == in.down.crow_indices.scalar_type(),
+      "sparse_adapter: the down pattern has index dtype ", in.down.crow_indices.scalar_type(),
+      " but the up pattern has ", in.up.crow_indices.scalar_type(), "; use one index dtype for both");
   in.out_shape = in.down.out_shape;
   in.out_shape.back() = in.up.out_features;
   in.hidden_shape = in.down.out_shape;
   if (residual.has_value()) {
-    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "sparse_adapter: residual has dtype ",
-                     residual->scalar_type(), " but x has dtype ", x.scalar_type());
+    TORCH_CHECK_TYPE(
+        residual->scalar_type() == x.scalar_type(), "sparse_adapter: residual has dtype ", residual->scalar_type(),
+        " but x has dtype ", x.scalar_type());
     check_device("sparse_adapter", "residual", *residual, x.device());
-    TORCH_CHECK_VALUE(residual->sizes().vec() == in.out_shape, "sparse_adapter: residual must have the output's "
-                      "shape ", c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
+    TORCH_CHECK_VALUE(
+        residual->sizes().vec() == in.out_shape,
+        "sparse_adapter: residual must have the output's "
+        "shape ",
+        c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
     in.residual = residual->reshape({in.down.num_tokens, in.up.out_features}).contiguous();
   }
   return in;
@@ -379,8 +385,8 @@ int64_t sum_of(const char* op, const char* name, c10::ArrayRef<int64_t> sizes, i
 
 void check_length(const char* op, const char* name, const at::Tensor& t, int64_t expected, const char* what) {
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.numel() == expected, op, ": ", name, " has ", t.numel(), " entries but ", what, " make ",
-                    expected);
+  TORCH_CHECK_VALUE(
+      t.numel() == expected, op, ": ", name, " has ", t.numel(), " entries but ", what, " make ", expected);
 }
 
 // Runs `check` and puts "op: adapter k: " before the message of a ValueError or TypeError it raises.
@@ -419,8 +425,11 @@ MultiAdapterInputs check_multi_adapter_inputs(
     const std::array<std::optional<at::Tensor>, 8>& transposed,
     c10::DeviceType device_type) {
   check_x(op, x, device_type);
-  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must have shape [rows, ..., in_features] (one adapter index per row), "
-                    "got shape ", x.sizes());
+  TORCH_CHECK_VALUE(
+      x.dim() >= 2, op,
+      ": x must have shape [rows, ..., in_features] (one adapter index per row), "
+      "got shape ",
+      x.sizes());
   const auto device = x.device();
   const size_t K = bottleneck.size();
   std::vector<std::string> activations;  // "relu,gelu": one name per adapter
@@ -432,10 +441,11 @@ MultiAdapterInputs check_multi_adapter_inputs(
       activations.emplace_back();  // a trailing comma: an empty name, refused below
     }
   }
-  TORCH_CHECK_VALUE(down_nnz.size() == K && up_nnz.size() == K && activations.size() == K && scale.size() == K, op,
-                    ": bottleneck, down_nnz, up_nnz, activation (names separated by commas) and scale must have one "
-                    "entry per adapter; got ", bottleneck.size(), ", ", down_nnz.size(), ", ", up_nnz.size(), ", ",
-                    activations.size(), ", ", scale.size());
+  TORCH_CHECK_VALUE(
+      down_nnz.size() == K && up_nnz.size() == K && activations.size() == K && scale.size() == K, op,
+      ": bottleneck, down_nnz, up_nnz, activation (names separated by commas) and scale must have one "
+      "entry per adapter; got ",
+      bottleneck.size(), ", ", down_nnz.size(), ", ", up_nnz.size(), ", ", activations.size(), ", ", scale.size());
   TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
 
   MultiAdapterInputs in;
@@ -472,14 +482,17 @@ MultiAdapterInputs check_multi_adapter_inputs(
   for (const auto& t : transposed) {
     given += t.has_value() ? 1 : 0;
   }
-  TORCH_CHECK_VALUE(given == 0 || given == 8, op, ": the transposed patterns (the backward's) are given whole or "
-                    "not at all; got ", given, " of 8");
+  TORCH_CHECK_VALUE(
+      given == 0 || given == 8, op,
+      ": the transposed patterns (the backward's) are given whole or "
+      "not at all; got ",
+      given, " of 8");
   static const char* kTransposedNames[8] = {"down_crow_indices_t", "down_col_indices_t", "down_perm_t",
                                             "down_row_order_t",    "up_crow_indices_t",  "up_col_indices_t",
                                             "up_perm_t",           "up_row_order_t"};
   if (given == 8) {
-    const int64_t lengths[8] = {k * (in.in_features + 1), nnz_down, nnz_down, k * in.in_features,
-                                rows_down + k,            nnz_up,   nnz_up,   rows_down};
+    const int64_t lengths[8] = {
+        k * (in.in_features + 1), nnz_down, nnz_down, k * in.in_features, rows_down + k, nnz_up, nnz_up, rows_down};
     for (int i = 0; i < 8; ++i) {
       check_index_tensor(op, kTransposedNames[i], *transposed[i]);
       check_length(op, kTransposedNames[i], *transposed[i], lengths[i], "the adapters' sizes");
@@ -529,32 +542,37 @@ MultiAdapterInputs check_multi_adapter_inputs(
     u_nnz += up_nnz[a];
   }
   if (K == 0) {  // nothing per adapter checked the arrays' dtypes and devices
-    TORCH_CHECK_TYPE(down_values.scalar_type() == x.scalar_type() && up_values.scalar_type() == x.scalar_type(), op,
-                     ": values have dtype ", down_values.scalar_type(), " / ", up_values.scalar_type(),
-                     " but x has dtype ", x.scalar_type());
+    TORCH_CHECK_TYPE(
+        down_values.scalar_type() == x.scalar_type() && up_values.scalar_type() == x.scalar_type(), op,
+        ": values have dtype ", down_values.scalar_type(), " / ", up_values.scalar_type(), " but x has dtype ",
+        x.scalar_type());
   }
 
   // the adapter of each row
   check_index_tensor(op, "adapter_index", adapter_index);
-  TORCH_CHECK_VALUE(adapter_index.device().is_cpu() || adapter_index.device() == device, op,
-                    ": adapter_index is on ", adapter_index.device(), "; it must be on the CPU or on x's device ",
-                    device);
-  TORCH_CHECK_VALUE(adapter_index.numel() == in.num_rows, op, ": adapter_index has ", adapter_index.numel(),
-                    " entries but x has ", in.num_rows, " rows (x's first dim); give one adapter per row");
+  TORCH_CHECK_VALUE(
+      adapter_index.device().is_cpu() || adapter_index.device() == device, op, ": adapter_index is on ",
+      adapter_index.device(), "; it must be on the CPU or on x's device ", device);
+  TORCH_CHECK_VALUE(
+      adapter_index.numel() == in.num_rows, op, ": adapter_index has ", adapter_index.numel(), " entries but x has ",
+      in.num_rows, " rows (x's first dim); give one adapter per row");
   const auto ids = adapter_index.to(at::kCPU, at::kLong).contiguous();
   const int64_t* id = ids.const_data_ptr<int64_t>();
   in.row_adapter.assign(id, id + in.num_rows);
   for (int64_t r = 0; r < in.num_rows; ++r) {
-    TORCH_CHECK_VALUE(id[r] >= -1 && id[r] < k, op, ": adapter_index[", r, "] = ", id[r], " is out of range for ", K,
-                      " adapter(s) (-1 = none, 0..", k - 1, ")");
+    TORCH_CHECK_VALUE(
+        id[r] >= -1 && id[r] < k, op, ": adapter_index[", r, "] = ", id[r], " is out of range for ", K,
+        " adapter(s) (-1 = none, 0..", k - 1, ")");
   }
 
   if (residual.has_value()) {
-    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), op, ": residual has dtype ",
-                     residual->scalar_type(), " but x has dtype ", x.scalar_type());
+    TORCH_CHECK_TYPE(
+        residual->scalar_type() == x.scalar_type(), op, ": residual has dtype ", residual->scalar_type(),
+        " but x has dtype ", x.scalar_type());
     check_device(op, "residual", *residual, device);
-    TORCH_CHECK_VALUE(residual->sizes().vec() == in.out_shape, op, ": residual must have the output's shape ",
-                      c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
+    TORCH_CHECK_VALUE(
+        residual->sizes().vec() == in.out_shape, op, ": residual must have the output's shape ",
+        c10::IntArrayRef(in.out_shape), ", got ", residual->sizes());
     in.residual = residual->reshape({in.num_tokens, out_features}).contiguous();
   }
   in.x = x.reshape({in.num_tokens, in.in_features}).contiguous();
@@ -611,17 +629,15 @@ void check_pattern_bounds_cpu(
     const index_t* col = col_indices.const_data_ptr<index_t>();
     TORCH_CHECK_VALUE(crow[0] == 0, op, ": crow_indices[0] must be 0, got ", static_cast<int64_t>(crow[0]));
     TORCH_CHECK_VALUE(
-        static_cast<int64_t>(crow[n - 1]) == nnz, op, ": crow_indices[-1] = ",
-        static_cast<int64_t>(crow[n - 1]), " but col_indices has ", nnz, " entries; they must agree (nnz)");
+        static_cast<int64_t>(crow[n - 1]) == nnz, op, ": crow_indices[-1] = ", static_cast<int64_t>(crow[n - 1]),
+        " but col_indices has ", nnz, " entries; they must agree (nnz)");
     const int64_t r = first_decrease(crow, n);
     TORCH_CHECK_VALUE(
-        r < 0, op, ": crow_indices must be non-decreasing, but crow_indices[", r, "] < crow_indices[",
-        r - 1, "]");
+        r < 0, op, ": crow_indices must be non-decreasing, but crow_indices[", r, "] < crow_indices[", r - 1, "]");
     const int64_t e = first_out_of_range(col, nnz, num_cols);
     TORCH_CHECK_VALUE(
-        e < 0, op, ": col_indices[", e, "] = ", e < 0 ? 0 : static_cast<int64_t>(col[e]),
-        " is out of range for ", num_cols, " columns", num_cols_name ? " (" : "", num_cols_name ? num_cols_name : "",
-        num_cols_name ? ")" : "");
+        e < 0, op, ": col_indices[", e, "] = ", e < 0 ? 0 : static_cast<int64_t>(col[e]), " is out of range for ",
+        num_cols, " columns", num_cols_name ? " (" : "", num_cols_name ? num_cols_name : "", num_cols_name ? ")" : "");
   });
 }
 
@@ -629,8 +645,9 @@ namespace {
 
 // t has the shape, dtype and device of the tensor it is the gradient or saved copy of.
 void check_like(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef shape, const at::Tensor& like) {
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                   " but x has dtype ", like.scalar_type());
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has dtype ",
+      like.scalar_type());
   check_device(op, name, t, like.device());
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
@@ -660,11 +677,12 @@ AdapterBackwardInputs check_adapter_backward_inputs(
     c10::DeviceType device_type) {
   constexpr const char* op = "sparse_adapter_backward";
   AdapterBackwardInputs in;
-  in.forward = check_adapter_inputs(x, std::nullopt, down_values, std::nullopt, down_crow, down_col, up_values,
-                                    std::nullopt, up_crow, up_col, activation, scale, device_type);
+  in.forward = check_adapter_inputs(
+      x, std::nullopt, down_values, std::nullopt, down_crow, down_col, up_values, std::nullopt, up_crow, up_col,
+      activation, scale, device_type);
   const AdapterInputs& f = in.forward;
-  check_transposed_pattern("sparse_adapter_backward (down)", f.down, down_crow_t, down_col_t, down_perm_t,
-                           down_row_order_t);
+  check_transposed_pattern(
+      "sparse_adapter_backward (down)", f.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
   check_transposed_pattern("sparse_adapter_backward (up)", f.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
   check_like(op, "grad_out", grad_out, f.out_shape, x);
   check_like(op, "hidden_pre", hidden_pre, f.hidden_shape, x);
@@ -697,10 +715,10 @@ void check_csr_structure(
       crow_indices.scalar_type() == col_indices.scalar_type(), op, ": col_indices has dtype ",
       col_indices.scalar_type(), " but crow_indices has dtype ", crow_indices.scalar_type());
   TORCH_CHECK_VALUE(
-      crow_indices.device() == col_indices.device(), op, ": crow_indices is on ",
-      crow_indices.device(), " but col_indices is on ", col_indices.device());
-  TORCH_CHECK_VALUE(num_rows >= 0 && num_cols >= 0, op, ": shape [", num_rows, ", ", num_cols,
-                    "] must be non-negative");
+      crow_indices.device() == col_indices.device(), op, ": crow_indices is on ", crow_indices.device(),
+      " but col_indices is on ", col_indices.device());
+  TORCH_CHECK_VALUE(
+      num_rows >= 0 && num_cols >= 0, op, ": shape [", num_rows, ", ", num_cols, "] must be non-negative");
   // Compared as numel - 1 == num_rows and printed unsigned: num_rows + 1 overflows for 2^63 - 1.
   TORCH_CHECK_VALUE(
       crow_indices.numel() - 1 == num_rows, op, ": crow_indices has ", crow_indices.numel(),
@@ -715,8 +733,7 @@ void check_csr_structure(
   TORCH_CHECK_VALUE(first == 0, op, ": crow_indices[0] must be 0, got ", first);
   const int64_t last = crow[-1].item<int64_t>();
   TORCH_CHECK_VALUE(
-      last == nnz, op, ": crow_indices[-1] = ", last, " but col_indices has ", nnz,
-      " entries; they must agree (nnz)");
+      last == nnz, op, ": crow_indices[-1] = ", last, " but col_indices has ", nnz, " entries; they must agree (nnz)");
   if (num_rows > 0) {
     const auto decreasing = (crow.slice(0, 1) < crow.slice(0, 0, -1)).nonzero();
     TORCH_CHECK_VALUE(
@@ -732,8 +749,8 @@ void check_csr_structure(
     if (bad.numel() != 0) {
       const int64_t e = bad[0][0].item<int64_t>();
       TORCH_CHECK_VALUE(
-          false, op, ": col_indices[", e, "] = ", col[e].item<int64_t>(),
-          " is out of range for ", num_cols, " columns");
+          false, op, ": col_indices[", e, "] = ", col[e].item<int64_t>(), " is out of range for ", num_cols,
+          " columns");
     }
   }
 }
@@ -743,22 +760,21 @@ void check_csr_transpose_inputs(const at::Tensor& crow_indices, const at::Tensor
   check_index_tensor(op, "crow_indices", crow_indices);
   check_index_tensor(op, "col_indices", col_indices);
   TORCH_CHECK_VALUE(num_cols >= 0, op, ": num_cols must be >= 0, got ", num_cols);
-  TORCH_CHECK_VALUE(
-      crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
+  TORCH_CHECK_VALUE(crow_indices.numel() >= 1, op, ": crow_indices must have num_rows + 1 >= 1 entries, got 0");
   // The full structure: it costs less than the transpose's sort and runs once per pattern.
   check_csr_structure(op, crow_indices, col_indices, crow_indices.numel() - 1, num_cols);
   // W.T has num_cols rows: its crow_indices holds num_cols + 1 entries, allocated from the caller's
   // number. The rows of W.T are the features of x, which int32 indices cannot address past 2^31 - 1.
   check_fits_index_dtype(op, crow_indices.scalar_type(), num_cols, "num_cols = ", num_cols);
   TORCH_CHECK_VALUE(num_cols < std::numeric_limits<int64_t>::max(), op, ": num_cols = ", num_cols, " is too large");
-  check_allocation(op, "num_cols: the transposed pattern's crow_indices (num_cols + 1)", num_cols + 1,
-                   crow_indices.element_size(), crow_indices.device());
+  check_allocation(
+      op, "num_cols: the transposed pattern's crow_indices (num_cols + 1)", num_cols + 1, crow_indices.element_size(),
+      crow_indices.device());
 }
 
 void check_csr_row_order_inputs(const at::Tensor& crow_indices) {
   check_index_tensor("csr_row_order", "crow_indices", crow_indices);
-  TORCH_CHECK_VALUE(
-      crow_indices.numel() >= 1, "csr_row_order: crow_indices must have num_rows + 1 >= 1 entries");
+  TORCH_CHECK_VALUE(crow_indices.numel() >= 1, "csr_row_order: crow_indices must have num_rows + 1 >= 1 entries");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -768,14 +784,16 @@ namespace prune {
 namespace {
 
 at::Tensor check_score_operand(
-    const at::Tensor& weight, const std::optional<at::Tensor>& t, const char* name, const char* meaning,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& t,
+    const char* name,
+    const char* meaning,
     const std::string& method) {
   TORCH_CHECK_VALUE(
-      t.has_value() && t->defined(), "prune_score: method '", method, "' needs ", name, " (", meaning,
-      "), got None");
+      t.has_value() && t->defined(), "prune_score: method '", method, "' needs ", name, " (", meaning, "), got None");
   TORCH_CHECK_VALUE(
-      t->sizes() == weight.sizes(), "prune_score: ", name, " has shape ", t->sizes(),
-      " but weight has shape ", weight.sizes());
+      t->sizes() == weight.sizes(), "prune_score: ", name, " has shape ", t->sizes(), " but weight has shape ",
+      weight.sizes());
   TORCH_CHECK_TYPE(
       t->scalar_type() == weight.scalar_type(), "prune_score: ", name, " has dtype ", t->scalar_type(),
       " but weight has dtype ", weight.scalar_type());
@@ -793,8 +811,7 @@ Method parse_method(const std::string& method) {
   if (method == "grasp") return Method::kGrasp;
   if (method == "synflow") return Method::kSynflow;
   TORCH_CHECK_VALUE(
-      false, "prune_score: unknown method '", method,
-      "'; expected one of 'magnitude', 'snip', 'grasp', 'synflow'");
+      false, "prune_score: unknown method '", method, "'; expected one of 'magnitude', 'snip', 'grasp', 'synflow'");
 }
 
 ScoreInputs check_score_inputs(
@@ -827,21 +844,20 @@ TopkInputs check_topk_inputs(at::TensorList scores, int64_t k, c10::DeviceType d
         s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, "topk_masks: scores[", i,
         "] must be float32 or float64, got ", s.scalar_type());
     TORCH_CHECK_TYPE(
-        s.scalar_type() == scores[0].scalar_type(), "topk_masks: scores[", i, "] has dtype ",
-        s.scalar_type(), " but scores[0] has dtype ", scores[0].scalar_type(), "; use one dtype");
+        s.scalar_type() == scores[0].scalar_type(), "topk_masks: scores[", i, "] has dtype ", s.scalar_type(),
+        " but scores[0] has dtype ", scores[0].scalar_type(), "; use one dtype");
     TORCH_CHECK_VALUE(
-        s.device().type() == device_type, "topk_masks: scores[", i, "] is on ", s.device(),
-        " but this kernel runs on ", device_type);
+        s.device().type() == device_type, "topk_masks: scores[", i, "] is on ", s.device(), " but this kernel runs on ",
+        device_type);
     TORCH_CHECK_VALUE(
-        s.device() == scores[0].device(), "topk_masks: scores[", i, "] is on ", s.device(),
-        " but scores[0] is on ", scores[0].device(), "; move all scores to one device");
+        s.device() == scores[0].device(), "topk_masks: scores[", i, "] is on ", s.device(), " but scores[0] is on ",
+        scores[0].device(), "; move all scores to one device");
     in.scores.push_back(s.contiguous());
     in.total += s.numel();
   }
   if (!scores.empty()) in.dtype = scores[0].scalar_type();
   TORCH_CHECK_VALUE(
-      k >= 0 && k <= in.total, "topk_masks: k = ", k, " must be in [0, ", in.total,
-      "] (the total number of scores)");
+      k >= 0 && k <= in.total, "topk_masks: k = ", k, " must be in [0, ", in.total, "] (the total number of scores)");
   in.k = k;
   return in;
 }
@@ -855,8 +871,7 @@ void fail_nan(size_t index, int64_t count) {
 
 at::Tensor check_mask_inputs(const at::Tensor& mask, at::ScalarType index_dtype, c10::DeviceType device_type) {
   constexpr const char* op = "mask_to_csr";
-  TORCH_CHECK_VALUE(
-      mask.dim() == 2, op, ": mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.dim() == 2, op, ": mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
   check_index_dtype(op, "index_dtype", index_dtype);
   check_kernel_device(op, "mask", mask, device_type);
   check_fits_index_dtype(op, index_dtype, std::max(mask.size(0), mask.size(1)), "shape ", mask.sizes());

@@ -17,13 +17,13 @@ namespace sparseadapter {
 
 // spmm's inputs, flattened to 2-D and made contiguous so kernels can index them directly.
 struct SpmmInputs {
-  at::Tensor x;                          // [num_tokens, in_features]
-  at::Tensor values;                     // [nnz]
-  at::Tensor crow_indices;               // [out_features + 1]
-  at::Tensor col_indices;                // [nnz]
-  std::optional<at::Tensor> row_order;   // [out_features]
-  std::optional<at::Tensor> bias;        // [out_features]
-  std::vector<int64_t> out_shape;        // x's leading dims + [out_features]
+  at::Tensor x;                         // [num_tokens, in_features]
+  at::Tensor values;                    // [nnz]
+  at::Tensor crow_indices;              // [out_features + 1]
+  at::Tensor col_indices;               // [nnz]
+  std::optional<at::Tensor> row_order;  // [out_features]
+  std::optional<at::Tensor> bias;       // [out_features]
+  std::vector<int64_t> out_shape;       // x's leading dims + [out_features]
   int64_t num_tokens = 0;
   int64_t in_features = 0;
   int64_t out_features = 0;
@@ -87,13 +87,13 @@ enum class Activation { kIdentity, kRelu, kGelu, kSilu, kTanh };
 
 // sparse_adapter's inputs: two CSR projections, down [bottleneck, in] and up [out, bottleneck].
 struct AdapterInputs {
-  SpmmInputs down;                      // x [num_tokens, in] and the down projection
-  SpmmInputs up;                        // the up projection; its x is an empty [0, bottleneck] stand-in
-  std::optional<at::Tensor> residual;   // [num_tokens, out], contiguous
+  SpmmInputs down;                     // x [num_tokens, in] and the down projection
+  SpmmInputs up;                       // the up projection; its x is an empty [0, bottleneck] stand-in
+  std::optional<at::Tensor> residual;  // [num_tokens, out], contiguous
   Activation activation = Activation::kIdentity;
   double scale = 1.0;
-  std::vector<int64_t> out_shape;       // x's leading dims + [out]
-  std::vector<int64_t> hidden_shape;    // x's leading dims + [bottleneck]
+  std::vector<int64_t> out_shape;     // x's leading dims + [out]
+  std::vector<int64_t> hidden_shape;  // x's leading dims + [bottleneck]
 };
 
 AdapterInputs check_adapter_inputs(
@@ -163,7 +163,7 @@ struct MultiAdapterInputs {
   std::vector<int64_t> down_nnz_offset, up_nnz_offset, bottleneck_offset;  // where adapter k starts
   int64_t num_rows = 0, tokens_per_row = 0, num_tokens = 0;
   int64_t in_features = 0, out_features = 0, max_bottleneck = 0;
-  std::vector<int64_t> out_shape;             // x's leading dims + [out]
+  std::vector<int64_t> out_shape;  // x's leading dims + [out]
 };
 
 // transposed: the eight backward arrays (down crow_t, col_t, perm_t, row_order_t, then up's), all

@@ -12,6 +12,7 @@
 Standard library only, and torch is never imported: the check runs before torch is installed and in
 well under a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def _project_table(pyproject: Path) -> str:
 
 
 def deps_key(root: Path, specs: list[str]) -> str:
-    return _digest([sys.version, *specs, "--", _project_table(root / "pyproject.toml"),
-                    (root / "setup.py").read_bytes()])
+    return _digest(
+        [sys.version, *specs, "--", _project_table(root / "pyproject.toml"), (root / "setup.py").read_bytes()]
+    )
 
 
 def extension_sources(root: Path) -> list[Path]:
@@ -73,8 +75,15 @@ def toolchain_key() -> str:
         torch_id = (torch.version, str(torch.locate_file("torch")))
     except importlib.metadata.PackageNotFoundError:
         torch_id = ("no torch",)
-    return _digest([sys.version, sys.executable, sysconfig.get_platform(), *torch_id,
-                    *(f"{name}={os.environ.get(name, '')}" for name in BUILD_ENV)])
+    return _digest(
+        [
+            sys.version,
+            sys.executable,
+            sysconfig.get_platform(),
+            *torch_id,
+            *(f"{name}={os.environ.get(name, '')}" for name in BUILD_ENV),
+        ]
+    )
 
 
 def sources_key(root: Path) -> str:

@@ -3,13 +3,20 @@ nnz = 0, fully dense, one token, wide rows that take the fallback kernels, every
 path and on the dense path (expansion, gather, the tensor-core adapter: partial warp tiles; wider
 bottlenecks on cuBLAS); the fused adapter (chunked and fallback plans); and the
 pruning kernels (scores, exact-k selection with ties, mask to CSR)."""
+
 import torch
 
 import sparseadapter_ext as ops
 from sparseadapter import SparseLinear
 
-CASES = [(37, 53, 0.3, 71), (17, 23, 0.0, 9), (19, 21, 1.0, 35), (33, 65, 0.4, 1), (5, 4099, 0.05, 40),
-         (64, 768, 0.1, 300)]
+CASES = [
+    (37, 53, 0.3, 71),
+    (17, 23, 0.0, 9),
+    (19, 21, 1.0, 35),
+    (33, 65, 0.4, 1),
+    (5, 4099, 0.05, 40),
+    (64, 768, 0.1, 300),
+]
 
 
 def main():
@@ -33,8 +40,15 @@ def products(gen):
             ops.sddmm(torch.randn_like(y), x.detach(), layer.crow_indices, layer.col_indices)
     # the fused adapter: partial tiles, chunked x and output (wide), the few-token fallback
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        for tokens, d, r, density in ((70, 48, 16, 0.4), (40, 2000, 96, 0.05), (3, 40, 8, 0.5), (33, 17, 5, 1.0),
-                                      (77, 96, 64, 0.3), (150, 256, 160, 0.2), (9, 64, 256, 0.3)):
+        for tokens, d, r, density in (
+            (70, 48, 16, 0.4),
+            (40, 2000, 96, 0.05),
+            (3, 40, 8, 0.5),
+            (33, 17, 5, 1.0),
+            (77, 96, 64, 0.3),
+            (150, 256, 160, 0.2),
+            (9, 64, 256, 0.3),
+        ):
             layers = []
             for shape in ((r, d), (d, r)):
                 mask = torch.rand(*shape, generator=gen) < density
@@ -48,7 +62,9 @@ def products(gen):
 
 def pruning(gen):
     for dtype in (torch.float32, torch.float64):
-        scores = [torch.randint(0, 5, shape, generator=gen).to("cuda", dtype) for shape in ((37, 53), (0, 4), (64, 768))]
+        scores = [
+            torch.randint(0, 5, shape, generator=gen).to("cuda", dtype) for shape in ((37, 53), (0, 4), (64, 768))
+        ]
         total = sum(s.numel() for s in scores)
         for k in (0, 1, total // 3, total):
             masks = ops.topk_masks(scores, k)

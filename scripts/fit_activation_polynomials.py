@@ -3,6 +3,7 @@ prints them as C++ float literals, with each fit's worst error when evaluated in
 
     python scripts/fit_activation_polynomials.py
 """
+
 import math
 
 import numpy as np
@@ -28,7 +29,9 @@ def main():
     tanh_poly = P.polyfit(x * x, (np.tanh(x) - x) / x**3, 5)
     xf = np.linspace(0, 0.625, 100001).astype(F32)
     got = xf + xf * (xf * xf) * horner32(tanh_poly, (xf * xf).astype(F32))
-    print("kPoly (tanh)       ", literal(tanh_poly), "  max abs err", np.abs(got - np.tanh(xf.astype(np.float64))).max())
+    print(
+        "kPoly (tanh)       ", literal(tanh_poly), "  max abs err", np.abs(got - np.tanh(xf.astype(np.float64))).max()
+    )
 
     # erf(z) = z Q(z^2) on z < 0.8
     z = np.linspace(0, 0.85, 20001)
@@ -36,8 +39,12 @@ def main():
     erf_near = P.polyfit(z * z, erf_over_z, 5)
     zf = np.linspace(0, 0.8, 100001).astype(F32)
     got = zf * horner32(erf_near, (zf * zf).astype(F32))
-    print("kErfNearZero       ", literal(erf_near), "  max abs err",
-          np.abs(got - np.array([math.erf(float(v)) for v in zf])).max())
+    print(
+        "kErfNearZero       ",
+        literal(erf_near),
+        "  max abs err",
+        np.abs(got - np.array([math.erf(float(v)) for v in zf])).max(),
+    )
 
     # erfc(z) = e^{-z^2} R(t), t = 1 / (1 + z / 2), on z >= 0.8 (fitted to 10, relative weights)
     z = np.linspace(0.75, 10, 40001)
@@ -46,8 +53,12 @@ def main():
     zf = np.linspace(0.8, 9, 100001).astype(F32)
     tf = (F32(1) / (F32(1) + F32(0.5) * zf)).astype(F32)
     got = np.exp(-(zf * zf)).astype(F32) * horner32(erfc_tail, tf)
-    print("kErfcTail          ", literal(erfc_tail), "  max abs err",
-          np.abs(got - np.array([math.erfc(float(v)) for v in zf])).max())
+    print(
+        "kErfcTail          ",
+        literal(erfc_tail),
+        "  max abs err",
+        np.abs(got - np.array([math.erfc(float(v)) for v in zf])).max(),
+    )
 
 
 if __name__ == "__main__":

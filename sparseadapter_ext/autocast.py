@@ -21,6 +21,7 @@ Unlike aten's autocast, casts of parameters are not cached across calls within o
 (each call casts its inputs), and the kernels are registered from Python: a C++ program that loads
 the library without Python (libtorch) gets no autocast rule for these ops.
 """
+
 from typing import Any, Callable, Dict, Tuple
 
 import torch

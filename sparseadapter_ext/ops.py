@@ -1,5 +1,6 @@
 """Typed wrappers over torch.ops.sparseadapter, their fake kernels (for torch.compile / export) and
 the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseadapter.cpp."""
+
 import functools
 import inspect
 import warnings
@@ -143,6 +144,7 @@ def has_cuda_kernels() -> bool:
 # arguments share the reference argument's device, with the C++ checks' message (ValueError). A call
 # with every tensor on meta is a shape computation and stays allowed.
 
+
 def _check_one_device(op: str, reference: str, named) -> None:
     ref = None
     for name, t in named:
@@ -157,8 +159,9 @@ def _check_one_device(op: str, reference: str, named) -> None:
                 ref = u.device
                 ref_name = reference
             elif u.device != ref:
-                raise ValueError(f"{op}: {item_name} is on {u.device} but {ref_name} is on {ref}; "
-                                 "move all arguments to one device")
+                raise ValueError(
+                    f"{op}: {item_name} is on {u.device} but {ref_name} is on {ref}; move all arguments to one device"
+                )
 
 
 def _fake(qualname: str, reference: str, exempt: Tuple[str, ...] = ()):
@@ -193,7 +196,9 @@ def _spmm_fake(x, values, crow_indices, col_indices, row_order=None, bias=None):
 
 
 @_fake("sparseadapter::sparse_linear", "x")
-def _sparse_linear_fake(x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t):
+def _sparse_linear_fake(
+    x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t, row_order_t
+):
     torch._check(
         x.shape[-1] == crow_indices_t.shape[0] - 1,
         lambda: f"sparse_linear: x has {x.shape[-1]} features but the weight has {crow_indices_t.shape[0] - 1} columns",
@@ -208,7 +213,11 @@ def _sddmm_fake(grad_out, x, crow_indices, col_indices):
 
 @_fake("sparseadapter::csr_transpose", "crow_indices")
 def _csr_transpose_fake(crow_indices, col_indices, num_cols):
-    return crow_indices.new_empty((num_cols + 1,)), col_indices.new_empty(col_indices.shape), col_indices.new_empty(col_indices.shape)
+    return (
+        crow_indices.new_empty((num_cols + 1,)),
+        col_indices.new_empty(col_indices.shape),
+        col_indices.new_empty(col_indices.shape),
+    )
 
 
 @_fake("sparseadapter::csr_row_order", "crow_indices")
@@ -242,10 +251,10 @@ def _csr_gather_backward(ctx, grad):
     return _ops.csr_to_dense.default(grad, crow, col, ctx.num_cols), None, None
 
 
-torch.library.register_autograd("sparseadapter::csr_to_dense", _csr_to_dense_backward,
-                                setup_context=_pattern_setup_context)
-torch.library.register_autograd("sparseadapter::csr_gather", _csr_gather_backward,
-                                setup_context=_pattern_setup_context)
+torch.library.register_autograd(
+    "sparseadapter::csr_to_dense", _csr_to_dense_backward, setup_context=_pattern_setup_context
+)
+torch.library.register_autograd("sparseadapter::csr_gather", _csr_gather_backward, setup_context=_pattern_setup_context)
 
 
 @_fake("sparseadapter::validate_csr", "crow_indices")
@@ -257,6 +266,7 @@ def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
 # grad_values by SDDMM, grad_bias by a sum). Registered on the op (torch.compile, torch.export, direct
 # op calls) and, with less host time per call, as the eager autograd.Function of the Python wrappers
 # (_eager_autograd): both compute through _linear_grads. Index tensors get no gradient.
+
 
 def capturing_graph() -> bool:
     """Whether torch.jit.trace or torch.compile / torch.export is capturing this call. (The
@@ -272,8 +282,7 @@ def _eager_autograd(*tensors: Optional[Tensor]) -> bool:
     CPU), which an eager training step on a GPU pays on every layer; graphs (compile, trace) take the
     op's registration. The wrapper applies autocast's casts itself (autocast_inputs), outside the
     function, as the op's autocast kernel would before its autograd."""
-    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-            and not capturing_graph())
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors) and not capturing_graph()
 
 
 def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
@@ -293,29 +302,36 @@ def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
     if not (cpu or x.is_cuda):
         return None
     kind = "cpu" if cpu else "cuda"
-    if (torch.is_autocast_enabled(kind) or capturing_graph() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+    if (
+        torch.is_autocast_enabled(kind)
+        or capturing_graph()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
         return None
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return None
     for t in tensors:  # (Tensor.is_cpu costs a fifth of Tensor.device.type)
-        if t is not None and (type(t) is not Tensor or (not t.is_cpu if cpu else not t.is_cuda)
-                              or (grad and t.requires_grad)):
+        if t is not None and (
+            type(t) is not Tensor or (not t.is_cpu if cpu else not t.is_cuda) or (grad and t.requires_grad)
+        ):
             return None
     return _BACKEND_KEYS[kind]
 
 
 # The kernels an inference call goes to (the ops' C++ kernels); other devices take the dispatcher.
-_BACKEND_KEYS = {"cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
-                 "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)}
+_BACKEND_KEYS = {
+    "cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+    "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA),
+}
 
 
 def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need):
     """(grad_x, grad_values, grad_bias), None where `need` is False."""
     need = [bool(n) for n in need]
-    grads = _ops.sparse_linear_backward.default(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t,
-                                                need)
+    grads = _ops.sparse_linear_backward.default(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
@@ -330,8 +346,10 @@ class _SparseLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, values = ctx.saved_tensors
         crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = ctx.pattern
-        return (*_linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t,
-                               ctx.needs_input_grad[:3]), None)
+        return (
+            *_linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, ctx.needs_input_grad[:3]),
+            None,
+        )
 
 
 def _sparse_linear_setup_context(ctx, inputs, output):
@@ -339,7 +357,12 @@ def _sparse_linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(
         x if ctx.needs_input_grad[1] else None,
         values if ctx.needs_input_grad[0] else None,
-        crow, col, crow_t, col_t, perm_t, row_order_t,
+        crow,
+        col,
+        crow_t,
+        col_t,
+        perm_t,
+        row_order_t,
     )
 
 
@@ -348,8 +371,9 @@ def _sparse_linear_backward(ctx, grad_y):
 
 
 @_fake("sparseadapter::sparse_linear_backward", "grad_y")
-def _sparse_linear_backward_fake(grad_y, x, values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t,
-                                 row_order_t, output_mask):
+def _sparse_linear_backward_fake(
+    grad_y, x, values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t, output_mask
+):
     none = grad_y.new_empty((0,))
     grad_x = grad_y.new_empty((*grad_y.shape[:-1], crow_indices_t.shape[0] - 1)) if output_mask[0] else none
     grad_values = grad_y.new_empty(col_indices.shape) if output_mask[1] else none
@@ -385,22 +409,46 @@ def sparse_adapter(
     keys = _inference_keys(x, residual, *down, *up)
     if keys is not None:
         with torch._C._AutoDispatchBelowAutograd():
-            out, _ = _ops.sparse_adapter.default.redispatch(keys, x, residual, *down, *up, activation, float(scale),
-                                                            False)
+            out, _ = _ops.sparse_adapter.default.redispatch(
+                keys, x, residual, *down, *up, activation, float(scale), False
+            )
         return out
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, down[0], down[1], up[0], up[1]))
+        t is not None and t.requires_grad for t in (x, residual, down[0], down[1], up[0], up[1])
+    )
     out, _ = _ops.sparse_adapter.default(x, residual, *down, *up, activation, float(scale), needs_grad)
     return out
 
 
 @_fake("sparseadapter::sparse_adapter", "x")
-def _sparse_adapter_fake(x, residual, down_values, down_bias, down_crow, down_col, down_crow_t, down_col_t,
-                         down_perm_t, down_row_order_t, up_values, up_bias, up_crow, up_col, up_crow_t, up_col_t,
-                         up_perm_t, up_row_order_t, activation, scale, save_hidden):
+def _sparse_adapter_fake(
+    x,
+    residual,
+    down_values,
+    down_bias,
+    down_crow,
+    down_col,
+    down_crow_t,
+    down_col_t,
+    down_perm_t,
+    down_row_order_t,
+    up_values,
+    up_bias,
+    up_crow,
+    up_col,
+    up_crow_t,
+    up_col_t,
+    up_perm_t,
+    up_row_order_t,
+    activation,
+    scale,
+    save_hidden,
+):
     torch._check(activation in ADAPTER_ACTIVATIONS, lambda: f"sparse_adapter: unknown activation {activation!r}")
-    torch._check(x.shape[-1] == down_crow_t.shape[0] - 1,
-                 lambda: f"sparse_adapter: x has {x.shape[-1]} features but down has {down_crow_t.shape[0] - 1} columns")
+    torch._check(
+        x.shape[-1] == down_crow_t.shape[0] - 1,
+        lambda: f"sparse_adapter: x has {x.shape[-1]} features but down has {down_crow_t.shape[0] - 1} columns",
+    )
     bottleneck = down_crow.shape[0] - 1
     out = x.new_empty((*x.shape[:-1], up_crow.shape[0] - 1))
     hidden = x.new_empty((*x.shape[:-1], bottleneck)) if save_hidden else x.new_empty((0,))
@@ -408,14 +456,53 @@ def _sparse_adapter_fake(x, residual, down_values, down_bias, down_crow, down_co
 
 
 def _sparse_adapter_setup_context(ctx, inputs, output):
-    (x, residual, d_values, _d_bias, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
-     u_values, _u_bias, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t, activation, scale, save_hidden) = inputs
+    (
+        x,
+        residual,
+        d_values,
+        _d_bias,
+        d_crow,
+        d_col,
+        d_crow_t,
+        d_col_t,
+        d_perm_t,
+        d_row_order_t,
+        u_values,
+        _u_bias,
+        u_crow,
+        u_col,
+        u_crow_t,
+        u_col_t,
+        u_perm_t,
+        u_row_order_t,
+        activation,
+        scale,
+        save_hidden,
+    ) = inputs
     if any(ctx.needs_input_grad) and not save_hidden:
-        raise RuntimeError("sparse_adapter: call it with save_hidden=True when gradients are needed "
-                           "(sparseadapter_ext.sparse_adapter does)")
+        raise RuntimeError(
+            "sparse_adapter: call it with save_hidden=True when gradients are needed "
+            "(sparseadapter_ext.sparse_adapter does)"
+        )
     ctx.activation, ctx.scale = activation, scale
-    ctx.save_for_backward(x, output[1], d_values, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
-                          u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t)
+    ctx.save_for_backward(
+        x,
+        output[1],
+        d_values,
+        d_crow,
+        d_col,
+        d_crow_t,
+        d_col_t,
+        d_perm_t,
+        d_row_order_t,
+        u_values,
+        u_crow,
+        u_col,
+        u_crow_t,
+        u_col_t,
+        u_perm_t,
+        u_row_order_t,
+    )
 
 
 def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, activation, scale, need):
@@ -424,8 +511,9 @@ def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_patter
     mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
     grads = [None] * 6
     if any(mask):
-        computed = _ops.sparse_adapter_backward.default(grad_out, x, pre, d_values, *down_pattern, u_values,
-                                                        *up_pattern, activation, scale, mask)
+        computed = _ops.sparse_adapter_backward.default(
+            grad_out, x, pre, d_values, *down_pattern, u_values, *up_pattern, activation, scale, mask
+        )
         for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
             grads[i] = g if m else None
     if need[1]:
@@ -436,8 +524,9 @@ def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_patter
 class _SparseAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, down_pattern, up_pattern, activation, scale):
-        out, pre = _ops.sparse_adapter.default(x, residual, d_values, d_bias, *down_pattern, u_values, u_bias,
-                                               *up_pattern, activation, scale, True)
+        out, pre = _ops.sparse_adapter.default(
+            x, residual, d_values, d_bias, *down_pattern, u_values, u_bias, *up_pattern, activation, scale, True
+        )
         ctx.patterns, ctx.activation, ctx.scale = (down_pattern, up_pattern), activation, scale
         ctx.save_for_backward(x, pre, d_values, u_values)
         return out
@@ -446,25 +535,79 @@ class _SparseAdapterFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, pre, d_values, u_values = ctx.saved_tensors
         down_pattern, up_pattern = ctx.patterns
-        grads = _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, ctx.activation,
-                               ctx.scale, ctx.needs_input_grad[:6])
+        grads = _adapter_grads(
+            grad_out,
+            x,
+            pre,
+            d_values,
+            down_pattern,
+            u_values,
+            up_pattern,
+            ctx.activation,
+            ctx.scale,
+            ctx.needs_input_grad[:6],
+        )
         return (*grads, None, None, None, None)
 
 
 def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
-    (x, pre, d_values, d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t,
-     u_values, u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t) = ctx.saved_tensors
+    (
+        x,
+        pre,
+        d_values,
+        d_crow,
+        d_col,
+        d_crow_t,
+        d_col_t,
+        d_perm_t,
+        d_row_order_t,
+        u_values,
+        u_crow,
+        u_col,
+        u_crow_t,
+        u_col_t,
+        u_perm_t,
+        u_row_order_t,
+    ) = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grads = _adapter_grads(grad_out, x, pre, d_values, (d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t),
-                           u_values, (u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t), ctx.activation,
-                           ctx.scale, (need[0], need[1], need[2], need[3], need[10], need[11]))
+    grads = _adapter_grads(
+        grad_out,
+        x,
+        pre,
+        d_values,
+        (d_crow, d_col, d_crow_t, d_col_t, d_perm_t, d_row_order_t),
+        u_values,
+        (u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t),
+        ctx.activation,
+        ctx.scale,
+        (need[0], need[1], need[2], need[3], need[10], need[11]),
+    )
     return (grads[0], grads[1], grads[2], grads[3]) + (None,) * 6 + (grads[4], grads[5]) + (None,) * 9
 
 
 @_fake("sparseadapter::sparse_adapter_backward", "grad_out")
-def _sparse_adapter_backward_fake(grad_out, x, hidden_pre, down_values, down_crow, down_col, down_crow_t, down_col_t,
-                                  down_perm_t, down_row_order_t, up_values, up_crow, up_col, up_crow_t, up_col_t,
-                                  up_perm_t, up_row_order_t, activation, scale, output_mask):
+def _sparse_adapter_backward_fake(
+    grad_out,
+    x,
+    hidden_pre,
+    down_values,
+    down_crow,
+    down_col,
+    down_crow_t,
+    down_col_t,
+    down_perm_t,
+    down_row_order_t,
+    up_values,
+    up_crow,
+    up_col,
+    up_crow_t,
+    up_col_t,
+    up_perm_t,
+    up_row_order_t,
+    activation,
+    scale,
+    output_mask,
+):
     none = grad_out.new_empty((0,))
     shapes = (x.shape, down_col.shape, (down_crow.shape[0] - 1,), up_col.shape, (up_crow.shape[0] - 1,))
     return tuple(grad_out.new_empty(shape) if m else none for shape, m in zip(shapes, output_mask))
@@ -476,6 +619,7 @@ torch.library.register_autograd(
 
 
 # Several adapters in one batch, one per row: the adapters' arrays concatenated, an index per row.
+
 
 def pack_adapters(adapters: Sequence[Tuple], out_features: int, like: Tensor, transposed: bool = False):
     """The arguments of sparse_adapter_multi for `adapters`, each `(down, up, activation, scale)` with
@@ -510,16 +654,25 @@ def _pack(adapters, out_features, like, transposed):
 
     bottleneck = [int(d[2].shape[0]) - 1 for d in downs]
     packed = dict(
-        down_values=cat([d[0] for d in downs]), down_bias=biases(downs, bottleneck),
-        down_crow=cat([d[2] for d in downs], index_dtype), down_col=cat([d[3] for d in downs], index_dtype),
-        up_values=cat([u[0] for u in ups]), up_bias=biases(ups, [out_features] * len(ups)),
-        up_crow=cat([u[2] for u in ups], index_dtype), up_col=cat([u[3] for u in ups], index_dtype),
-        bottleneck=bottleneck, down_nnz=[int(d[3].shape[0]) for d in downs], up_nnz=[int(u[3].shape[0]) for u in ups],
-        out_features=int(out_features), activation=",".join(str(a[2]) for a in adapters),
-        scale=[float(a[3]) for a in adapters])
+        down_values=cat([d[0] for d in downs]),
+        down_bias=biases(downs, bottleneck),
+        down_crow=cat([d[2] for d in downs], index_dtype),
+        down_col=cat([d[3] for d in downs], index_dtype),
+        up_values=cat([u[0] for u in ups]),
+        up_bias=biases(ups, [out_features] * len(ups)),
+        up_crow=cat([u[2] for u in ups], index_dtype),
+        up_col=cat([u[3] for u in ups], index_dtype),
+        bottleneck=bottleneck,
+        down_nnz=[int(d[3].shape[0]) for d in downs],
+        up_nnz=[int(u[3].shape[0]) for u in ups],
+        out_features=int(out_features),
+        activation=",".join(str(a[2]) for a in adapters),
+        scale=[float(a[3]) for a in adapters],
+    )
     if transposed:
-        packed["transposed"] = tuple(cat([layer[i] for layer in layers], index_dtype)
-                                     for layers in (downs, ups) for i in (4, 5, 6, 7))
+        packed["transposed"] = tuple(
+            cat([layer[i] for layer in layers], index_dtype) for layers in (downs, ups) for i in (4, 5, 6, 7)
+        )
     return packed
 
 
@@ -547,36 +700,72 @@ def sparse_adapter_multi(
     params = [t for a in adapters for t in (a[0][0], a[0][1], a[1][0], a[1][1])]
     if _eager_autograd(x, residual, *params):
         packed = pack_adapters(adapters, out_features, x, transposed=True)
-        cast = autocast_inputs(x.device.type, x, residual, packed["down_values"], packed["down_bias"],
-                               packed["up_values"], packed["up_bias"])
+        cast = autocast_inputs(
+            x.device.type,
+            x,
+            residual,
+            packed["down_values"],
+            packed["down_bias"],
+            packed["up_values"],
+            packed["up_bias"],
+        )
         return _SparseAdapterMultiFunction.apply(*cast, adapter_index, _multi_static(packed))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *params))
     packed = pack_adapters(adapters, out_features, x, transposed=needs_grad)
     out, _ = _ops.sparse_adapter_multi.default(
-        x, adapter_index, residual, packed["down_values"], packed["down_bias"], packed["down_crow"],
-        packed["down_col"], packed["up_values"], packed["up_bias"], packed["up_crow"], packed["up_col"],
-        packed["bottleneck"], packed["down_nnz"], packed["up_nnz"], packed["out_features"], packed["activation"],
-        packed["scale"], needs_grad, *packed.get("transposed", (None,) * 8))
+        x,
+        adapter_index,
+        residual,
+        packed["down_values"],
+        packed["down_bias"],
+        packed["down_crow"],
+        packed["down_col"],
+        packed["up_values"],
+        packed["up_bias"],
+        packed["up_crow"],
+        packed["up_col"],
+        packed["bottleneck"],
+        packed["down_nnz"],
+        packed["up_nnz"],
+        packed["out_features"],
+        packed["activation"],
+        packed["scale"],
+        needs_grad,
+        *packed.get("transposed", (None,) * 8),
+    )
     return out
 
 
 def _multi_static(packed):
     """What the autograd function keeps of a pack besides the differentiable tensors."""
-    return (packed["down_crow"], packed["down_col"], packed["up_crow"], packed["up_col"], packed["transposed"],
-            (packed["bottleneck"], packed["down_nnz"], packed["up_nnz"], packed["out_features"], packed["activation"],
-             packed["scale"]))
+    return (
+        packed["down_crow"],
+        packed["down_col"],
+        packed["up_crow"],
+        packed["up_col"],
+        packed["transposed"],
+        (
+            packed["bottleneck"],
+            packed["down_nnz"],
+            packed["up_nnz"],
+            packed["out_features"],
+            packed["activation"],
+            packed["scale"],
+        ),
+    )
 
 
-def _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, d_t, u_values, u_crow, u_col, u_t,
-                 sizes, need):
+def _multi_grads(
+    grad_out, x, adapter_index, pre, d_values, d_crow, d_col, d_t, u_values, u_crow, u_col, u_t, sizes, need
+):
     """The gradients of (x, residual, down values, down bias, up values, up bias), None where `need`
     is False (one backward op)."""
     mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
     grads = [None] * 6
     if any(mask):
         computed = _ops.sparse_adapter_multi_backward.default(
-            grad_out, x, adapter_index, pre, d_values, d_crow, d_col, *d_t, u_values, u_crow, u_col, *u_t, *sizes,
-            mask)
+            grad_out, x, adapter_index, pre, d_values, d_crow, d_col, *d_t, u_values, u_crow, u_col, *u_t, *sizes, mask
+        )
         for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
             grads[i] = g if m else None
     if need[1]:
@@ -588,8 +777,9 @@ class _SparseAdapterMultiFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, adapter_index, static):
         d_crow, d_col, u_crow, u_col, transposed, sizes = static
-        out, pre = _ops.sparse_adapter_multi.default(x, adapter_index, residual, d_values, d_bias, d_crow, d_col,
-                                                     u_values, u_bias, u_crow, u_col, *sizes, True)
+        out, pre = _ops.sparse_adapter_multi.default(
+            x, adapter_index, residual, d_values, d_bias, d_crow, d_col, u_values, u_bias, u_crow, u_col, *sizes, True
+        )
         ctx.static = static
         ctx.save_for_backward(x, pre, d_values, u_values, adapter_index)
         return out
@@ -598,18 +788,56 @@ class _SparseAdapterMultiFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, pre, d_values, u_values, adapter_index = ctx.saved_tensors
         d_crow, d_col, u_crow, u_col, transposed, sizes = ctx.static
-        grads = _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, transposed[:4], u_values,
-                             u_crow, u_col, transposed[4:], sizes, ctx.needs_input_grad[:6])
+        grads = _multi_grads(
+            grad_out,
+            x,
+            adapter_index,
+            pre,
+            d_values,
+            d_crow,
+            d_col,
+            transposed[:4],
+            u_values,
+            u_crow,
+            u_col,
+            transposed[4:],
+            sizes,
+            ctx.needs_input_grad[:6],
+        )
         return (*grads, None, None)
 
 
 @_fake("sparseadapter::sparse_adapter_multi", "x", exempt=("adapter_index",))
-def _sparse_adapter_multi_fake(x, adapter_index, residual, down_values, down_bias, down_crow, down_col, up_values,
-                               up_bias, up_crow, up_col, bottleneck, down_nnz, up_nnz, out_features, activation, scale,
-                               save_hidden, down_crow_t=None, down_col_t=None, down_perm_t=None, down_row_order_t=None,
-                               up_crow_t=None, up_col_t=None, up_perm_t=None, up_row_order_t=None):
+def _sparse_adapter_multi_fake(
+    x,
+    adapter_index,
+    residual,
+    down_values,
+    down_bias,
+    down_crow,
+    down_col,
+    up_values,
+    up_bias,
+    up_crow,
+    up_col,
+    bottleneck,
+    down_nnz,
+    up_nnz,
+    out_features,
+    activation,
+    scale,
+    save_hidden,
+    down_crow_t=None,
+    down_col_t=None,
+    down_perm_t=None,
+    down_row_order_t=None,
+    up_crow_t=None,
+    up_col_t=None,
+    up_perm_t=None,
+    up_row_order_t=None,
+):
     for a in activation.split(",") if activation else ():
-        torch._check(a in ADAPTER_ACTIVATIONS, lambda: f"sparse_adapter_multi: unknown activation {a!r}")
+        torch._check(a in ADAPTER_ACTIVATIONS, lambda a=a: f"sparse_adapter_multi: unknown activation {a!r}")
     torch._check(x.dim() >= 2, lambda: "sparse_adapter_multi: x must have shape [rows, ..., in_features]")
     out = x.new_empty((*x.shape[:-1], out_features))
     tokens = 1
@@ -620,41 +848,111 @@ def _sparse_adapter_multi_fake(x, adapter_index, residual, down_values, down_bia
 
 
 def _sparse_adapter_multi_setup_context(ctx, inputs, output):
-    (x, adapter_index, residual, d_values, _d_bias, d_crow, d_col, u_values, _u_bias, u_crow, u_col, bottleneck,
-     down_nnz, up_nnz, out_features, activation, scale, save_hidden, *transposed) = inputs
+    (
+        x,
+        adapter_index,
+        residual,
+        d_values,
+        _d_bias,
+        d_crow,
+        d_col,
+        u_values,
+        _u_bias,
+        u_crow,
+        u_col,
+        bottleneck,
+        down_nnz,
+        up_nnz,
+        out_features,
+        activation,
+        scale,
+        save_hidden,
+        *transposed,
+    ) = inputs
     if any(ctx.needs_input_grad) and (not save_hidden or any(t is None for t in transposed)):
-        raise RuntimeError("sparse_adapter_multi: call it with save_hidden=True and the transposed patterns when "
-                           "gradients are needed (sparseadapter_ext.sparse_adapter_multi does)")
+        raise RuntimeError(
+            "sparse_adapter_multi: call it with save_hidden=True and the transposed patterns when "
+            "gradients are needed (sparseadapter_ext.sparse_adapter_multi does)"
+        )
     ctx.sizes = (list(bottleneck), list(down_nnz), list(up_nnz), out_features, activation, list(scale))
-    ctx.save_for_backward(x, output[1], adapter_index, d_values, d_crow, d_col, u_values, u_crow, u_col,
-                          *(t if t is not None else x.new_empty(0) for t in transposed))
+    ctx.save_for_backward(
+        x,
+        output[1],
+        adapter_index,
+        d_values,
+        d_crow,
+        d_col,
+        u_values,
+        u_crow,
+        u_col,
+        *(t if t is not None else x.new_empty(0) for t in transposed),
+    )
 
 
 def _sparse_adapter_multi_backward(ctx, grad_out, _grad_hidden):
     x, pre, adapter_index, d_values, d_crow, d_col, u_values, u_crow, u_col, *transposed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grads = _multi_grads(grad_out, x, adapter_index, pre, d_values, d_crow, d_col, transposed[:4], u_values, u_crow,
-                         u_col, transposed[4:], ctx.sizes, (need[0], need[2], need[3], need[4], need[7], need[8]))
+    grads = _multi_grads(
+        grad_out,
+        x,
+        adapter_index,
+        pre,
+        d_values,
+        d_crow,
+        d_col,
+        transposed[:4],
+        u_values,
+        u_crow,
+        u_col,
+        transposed[4:],
+        ctx.sizes,
+        (need[0], need[2], need[3], need[4], need[7], need[8]),
+    )
     return (grads[0], None, grads[1], grads[2], grads[3], None, None, grads[4], grads[5]) + (None,) * 17
 
 
 @_fake("sparseadapter::sparse_adapter_multi_backward", "grad_out", exempt=("adapter_index",))
-def _sparse_adapter_multi_backward_fake(grad_out, x, adapter_index, hidden_pre, down_values, down_crow, down_col,
-                                        down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_values, up_crow,
-                                        up_col, up_crow_t, up_col_t, up_perm_t, up_row_order_t, bottleneck, down_nnz,
-                                        up_nnz, out_features, activation, scale, output_mask):
+def _sparse_adapter_multi_backward_fake(
+    grad_out,
+    x,
+    adapter_index,
+    hidden_pre,
+    down_values,
+    down_crow,
+    down_col,
+    down_crow_t,
+    down_col_t,
+    down_perm_t,
+    down_row_order_t,
+    up_values,
+    up_crow,
+    up_col,
+    up_crow_t,
+    up_col_t,
+    up_perm_t,
+    up_row_order_t,
+    bottleneck,
+    down_nnz,
+    up_nnz,
+    out_features,
+    activation,
+    scale,
+    output_mask,
+):
     none = grad_out.new_empty((0,))
     shapes = (x.shape, down_values.shape, (sum(bottleneck),), up_values.shape, (len(bottleneck) * out_features,))
     return tuple(grad_out.new_empty(shape) if m else none for shape, m in zip(shapes, output_mask))
 
 
 torch.library.register_autograd(
-    "sparseadapter::sparse_adapter_multi", _sparse_adapter_multi_backward,
-    setup_context=_sparse_adapter_multi_setup_context
+    "sparseadapter::sparse_adapter_multi",
+    _sparse_adapter_multi_backward,
+    setup_context=_sparse_adapter_multi_setup_context,
 )
 
 
 # Pruning at initialization: fused score, exact-k global selection, mask -> CSR.
+
 
 def prune_score(
     weight: Tensor, grad: Optional[Tensor] = None, hess_grad: Optional[Tensor] = None, method: str = "magnitude"

@@ -12,6 +12,7 @@ Location: the folder SPARSEADAPTER_CACHE_DIR (default ~/.cache/sparseadapter); a
 SPARSEADAPTER_CACHE_DIR turns the cache off. `save_path_decisions` and `load_path_decisions` do the
 same explicitly, with a file of your choice.
 """
+
 import atexit
 import hashlib
 import json
@@ -43,8 +44,13 @@ def machine() -> Dict[str, object]:
     except RuntimeError:  # a bad SPARSEADAPTER_CPU_ISA: the kernels' call will say so
         isa = "invalid"
     build = Path(_C.__file__).stat()
-    return {"cpu": cpu, "cpu_isa": isa, "gpus": _gpu_models(), "torch": torch.__version__,
-            "extension_build": f"{build.st_size}-{build.st_mtime_ns}"}
+    return {
+        "cpu": cpu,
+        "cpu_isa": isa,
+        "gpus": _gpu_models(),
+        "torch": torch.__version__,
+        "extension_build": f"{build.st_size}-{build.st_mtime_ns}",
+    }
 
 
 def _gpu_models() -> list:
@@ -53,8 +59,9 @@ def _gpu_models() -> list:
     models = []
     for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
         try:
-            models += [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                       if line.startswith("Model:")]
+            models += [
+                line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("Model:")
+            ]
         except OSError:
             models.append("unreadable")
     return models
@@ -103,8 +110,9 @@ def load_path_decisions(path: Optional[os.PathLike] = None) -> int:
         return 0
     decisions = _read(path)
     for d in decisions:
-        _C.seed_path_decision(d["op"], d["device"], d["dtype"], d["dims"], d["tokens"], d["path"],
-                              _ms(d["ms_sparse"]), _ms(d["ms_dense"]))
+        _C.seed_path_decision(
+            d["op"], d["device"], d["dtype"], d["dims"], d["tokens"], d["path"], _ms(d["ms_sparse"]), _ms(d["ms_dense"])
+        )
     return len(decisions)
 
 
@@ -117,8 +125,14 @@ def _read(path: Path) -> list:
             raise ValueError(f"measured on another machine or build: {data.get('machine')} (this one: {machine()})")
         decisions = list(data["decisions"])
         for d in decisions:
-            if not (isinstance(d["op"], str) and isinstance(d["device"], str) and isinstance(d["dtype"], str)
-                    and len(d["dims"]) == 6 and d["path"] in ("sparse", "dense") and int(d["tokens"]) > 0):
+            if not (
+                isinstance(d["op"], str)
+                and isinstance(d["device"], str)
+                and isinstance(d["dtype"], str)
+                and len(d["dims"]) == 6
+                and d["path"] in ("sparse", "dense")
+                and int(d["tokens"]) > 0
+            ):
                 raise ValueError(f"malformed entry {d}")
     except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a path-decision file ({type(err).__name__}: {err})") from None

@@ -2,6 +2,7 @@
 sparseadapter_serve) against the installed torch, for the C++ tests. conftest.py's session fixture
 `cmake_build` builds it once per pytest session (about a minute on 2 cores); set
 SPARSEADAPTER_CMAKE_BUILD_DIR to reuse a build folder between runs."""
+
 import glob
 import os
 import shutil
@@ -29,8 +30,10 @@ def run_step(cmd, what, timeout, **kwargs):
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{what} timed out after {timeout}s: {' '.join(map(str, cmd))}\n{_tail(err.stdout or '')}")
     if proc.returncode != 0:
-        pytest.fail(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n"
-                    f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
+        pytest.fail(
+            f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+        )
     return proc
 
 
@@ -42,11 +45,21 @@ def _cuda_toolkit_args():
 
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
     candidates = [home, "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    home = next((h for h in candidates if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))
-                 and os.path.isfile(os.path.join(h, "bin", "nvcc"))), None)
+    home = next(
+        (
+            h
+            for h in candidates
+            if h
+            and os.path.isfile(os.path.join(h, "include", "cuda_runtime.h"))
+            and os.path.isfile(os.path.join(h, "bin", "nvcc"))
+        ),
+        None,
+    )
     if home is None:
-        pytest.skip(f"torch {torch.__version__} is a CUDA build and its CMake config needs a CUDA toolkit; "
-                    "none found (set CUDA_HOME)")
+        pytest.skip(
+            f"torch {torch.__version__} is a CUDA build and its CMake config needs a CUDA toolkit; "
+            "none found (set CUDA_HOME)"
+        )
     args = [f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc", f"-DCUDA_TOOLKIT_ROOT_DIR={home}"]
     if not glob.glob(os.path.join(home, "lib*", "libnvrtc.so*")):
         site = Path(torch.__file__).resolve().parents[1]

@@ -1,5 +1,6 @@
 """Shared fixtures: devices under test, random sparse patterns, the numerical test rule and the
 CMake build of the C++ side."""
+
 import math
 import os
 import sys
@@ -12,10 +13,10 @@ os.environ.setdefault("SPARSEADAPTER_PATH", "sparse")
 # No test reads or writes the user's path-decision cache (tests of the cache give their own files).
 os.environ["SPARSEADAPTER_CACHE_DIR"] = ""
 
+import cmake_support
 import pytest
 import torch
 
-import cmake_support
 import sparseadapter_ext
 
 # pytest rewrites the asserts of every test module when it imports it (after this file) and keeps the
@@ -95,8 +96,17 @@ class Pattern:
     def linear_args(self, values, bias):
         """The argument list of sparse_linear after x."""
         crow_t, col_t, perm_t = self.transposed()
-        return (values, bias, self.crow, self.col, sparseadapter_ext.csr_row_order(self.crow),
-                crow_t, col_t, perm_t, sparseadapter_ext.csr_row_order(crow_t))
+        return (
+            values,
+            bias,
+            self.crow,
+            self.col,
+            sparseadapter_ext.csr_row_order(self.crow),
+            crow_t,
+            col_t,
+            perm_t,
+            sparseadapter_ext.csr_row_order(crow_t),
+        )
 
 
 def float64_reference(fn, *inputs, absolute=None):
@@ -105,8 +115,10 @@ def float64_reference(fn, *inputs, absolute=None):
     sum of the absolute values of its terms, which sizes the rounding floor of
     assert_close_to_reference. fn may return a tensor or a sequence of tensors; a constant in it (a
     scale) must not be negative."""
+
     def run(f, cast):
         return f(*(None if t is None else cast(t.detach().double()) for t in inputs))
+
     return run(fn, lambda t: t), run(absolute or fn, torch.abs)
 
 
@@ -148,7 +160,8 @@ def assert_close_to_reference(out, ref64, abs64, terms, same_precision_dense, wh
         raise AssertionError(
             f"{what}: {int((excess > 0).sum())} of {excess.numel()} beyond the rule, worst: error "
             f"{err.flatten()[i].item():.3g} > 2 x dense error {dense_err:.3g} + floor {floor.flatten()[i].item():.3g} "
-            f"(S = {abs64.flatten()[i].item():.3g}, K = {terms}, {out.dtype})")
+            f"(S = {abs64.flatten()[i].item():.3g}, K = {terms}, {out.dtype})"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Tiny random language models (llama, gpt2, t5) with a word-level tokenizer and a chat template, and
 source/target tables, for fast end-to-end runs of generation training, `eval` and `generate` (no
 download: everything is built here)."""
+
 import json
 import random
 
@@ -11,13 +12,38 @@ tokenizers = pytest.importorskip("tokenizers")
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 MARKUP = ["<user>", "<bot>", "summarize", ":", "Answer:"]
-WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old", "new",
-         "house", "tree", "river", "the", "a", "and", "then", "today", "now", "slowly", "fast"]
+WORDS = [
+    "red",
+    "green",
+    "blue",
+    "cat",
+    "dog",
+    "bird",
+    "runs",
+    "sleeps",
+    "eats",
+    "big",
+    "small",
+    "old",
+    "new",
+    "house",
+    "tree",
+    "river",
+    "the",
+    "a",
+    "and",
+    "then",
+    "today",
+    "now",
+    "slowly",
+    "fast",
+]
 VOCAB = SPECIAL + MARKUP + WORDS
 PAD, BOS, EOS = 0, 1, 2
 # One user turn, then the assistant's: what a chat template renders, in words of VOCAB.
-CHAT_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}<bot> {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<user> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<bot> {% endif %}"
+)
 
 
 def tiny_tokenizer(chat: bool = True):
@@ -26,8 +52,9 @@ def tiny_tokenizer(chat: bool = True):
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -40,15 +67,31 @@ def tiny_config(family: str):
     if family != "t5":
         common["initializer_range"] = 0.5
     if family == "llama":
-        return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        **common)
+        return transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
     if family == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common
+        )
     if family == "t5":
-        return transformers.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                                     decoder_start_token_id=PAD, initializer_factor=5.0, **common)
+        return transformers.T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            decoder_start_token_id=PAD,
+            initializer_factor=5.0,
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -87,6 +130,7 @@ def write_rows(path, rows) -> str:
                 f.write(json.dumps(row) + "\n")
     else:
         import csv
+
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -97,9 +141,11 @@ def write_rows(path, rows) -> str:
 @pytest.fixture(scope="session")
 def copy_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("copy-task")
-    return {"train": write_rows(root / "train.csv", copy_rows(48, seed=1)),
-            "validation": write_rows(root / "validation.jsonl", copy_rows(12, seed=2)),
-            "test": write_rows(root / "test.csv", copy_rows(12, seed=3))}
+    return {
+        "train": write_rows(root / "train.csv", copy_rows(48, seed=1)),
+        "validation": write_rows(root / "validation.jsonl", copy_rows(12, seed=2)),
+        "test": write_rows(root / "test.csv", copy_rows(12, seed=3)),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +157,44 @@ def tiny_lms(tmp_path_factory):
 
 def gen_train_args(model, files, out, *extra):
     """`sparseadapter train` flags for a short generation run on a tiny model and the copy task."""
-    return ["train", "--model", model, "--task", "custom", "--train-file", files["train"],
-            "--validation-file", files["validation"], "--test-file", files["test"], "--output-dir", str(out),
-            "--batch-size", "8", "--eval-batch-size", "8", "--max-length", "16", "--max-target-length", "8",
-            "--max-new-tokens", "6", "--lr", "1e-2", "--no-progress", "--threads", "1", "--kind", "houlsby",
-            "--bottleneck", "8", "--sparsity", "0.5", "--pruner", "snip", "--calibration-batches", "1", *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--task",
+        "custom",
+        "--train-file",
+        files["train"],
+        "--validation-file",
+        files["validation"],
+        "--test-file",
+        files["test"],
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--eval-batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--max-target-length",
+        "8",
+        "--max-new-tokens",
+        "6",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--kind",
+        "houlsby",
+        "--bottleneck",
+        "8",
+        "--sparsity",
+        "0.5",
+        "--pruner",
+        "snip",
+        "--calibration-batches",
+        "1",
+        *extra,
+    ]

@@ -1,5 +1,6 @@
 """Shared by the adapter tests that use Hugging Face models: offline mode, the MiniLM tokenizer, the
 transformers version gate for prefix tuning, and training at one thread."""
+
 import os
 
 import pytest
@@ -9,8 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 # Prefix tuning plugs into transformers' AttentionInterface, which BERT dispatches through from 5.0 on.
-needs_attention_interface = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                               reason="prefix tuning needs transformers >= 5")
+needs_attention_interface = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="prefix tuning needs transformers >= 5"
+)
 
 
 @pytest.fixture(scope="module")

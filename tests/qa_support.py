@@ -1,6 +1,7 @@
 """The SQuAD-format fixture (tests/fixtures/squad-mini-v2.json: 3 articles, 22 questions, 7 of them
 unanswerable, one context of about 300 words that needs many windows) and a tiny BERT whose word-level
 vocabulary covers it, for fast offline runs of `sparseadapter train --task squad` / `eval` / `predict`."""
+
 import json
 from pathlib import Path
 
@@ -41,10 +42,17 @@ def write_qa_model(path, dropout: float = 0.0, max_positions: int = 128) -> str:
 
     vocab = SPECIALS + fixture_words(fixture_data())
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=max_positions, initializer_range=0.2,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        initializer_range=0.2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     transformers.BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

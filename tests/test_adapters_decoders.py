@@ -5,6 +5,7 @@ the KV cache, and checks that a cached incremental forward gives the logits of a
 (the check prefix tuning must pass: its prefixes live outside the cache). Then prefix tuning against
 an independent reference (the prefixes fed as a pre-filled cache), sdpa against eager, fusion,
 merging a fused projection, and saving and loading."""
+
 import pytest
 import torch
 
@@ -28,24 +29,66 @@ LLAMA_LIKE = ("llama", "qwen2", "mistral", "gemma", "phi3")
 # Four query heads over fewer key/value heads (grouped-query attention), no dropout (the loss of one
 # batch must fall), token ids 0..2 special. Mistral attends through a sliding window shorter than the
 # sequences below, so its masks and its cache take the sliding path.
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **_COMMON),
     "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **_COMMON),
     "mistral": lambda: transformers.MistralConfig(num_key_value_heads=1, head_dim=8, sliding_window=4, **_COMMON),
     "gemma": lambda: transformers.GemmaConfig(num_key_value_heads=1, head_dim=8, **_COMMON),
     "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0, **_COMMON),
-    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
-    "bart": lambda: transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                            decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
-                                            attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
-                                            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
-    "t5": lambda: transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    "gpt2": lambda: transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "bart": lambda: transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    ),
+    "t5": lambda: transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    ),
 }
 
 
@@ -97,10 +140,14 @@ def expected_hosts(family: str, kind: str):
         layers = [f"model.layers.{i}" for i in range(2)]
         lora = ("self_attn.qkv_proj",) if family == "phi3" else ("self_attn.q_proj", "self_attn.v_proj")
         parts = dict(attn_out="self_attn.o_proj", ffn_out="mlp.down_proj", ffn="mlp", lora=lora, attn="self_attn")
-    per_layer = dict(houlsby=[(parts["attn_out"], "after"), (parts["ffn_out"], "after")],
-                     pfeiffer=[(parts["ffn_out"], "after")], parallel=[(parts["ffn"], "parallel")],
-                     lora=[(p, "lora") for p in parts["lora"]], prefix=[(parts["attn"], "prefix")],
-                     mam=[(parts["attn"], "prefix"), (parts["ffn"], "parallel")])[kind]
+    per_layer = dict(
+        houlsby=[(parts["attn_out"], "after"), (parts["ffn_out"], "after")],
+        pfeiffer=[(parts["ffn_out"], "after")],
+        parallel=[(parts["ffn"], "parallel")],
+        lora=[(p, "lora") for p in parts["lora"]],
+        prefix=[(parts["attn"], "prefix")],
+        mam=[(parts["attn"], "prefix"), (parts["ffn"], "parallel")],
+    )[kind]
     return {f"{layer}.{module}": mode for layer in layers for module, mode in per_layer}
 
 
@@ -137,11 +184,17 @@ def incremental_logits(model, data, cuts):
         if model.config.is_encoder_decoder:
             encoded = model.get_encoder()(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
             dec = data["decoder_input_ids"]
-            full = model(encoder_outputs=encoded, attention_mask=data["attention_mask"], decoder_input_ids=dec,
-                         use_cache=False).logits
+            full = model(
+                encoder_outputs=encoded, attention_mask=data["attention_mask"], decoder_input_ids=dec, use_cache=False
+            ).logits
             for a, b in zip(cuts, cuts[1:]):
-                out = model(encoder_outputs=encoded, attention_mask=data["attention_mask"],
-                            decoder_input_ids=dec[:, a:b], cache=cache, use_cache=True)
+                out = model(
+                    encoder_outputs=encoded,
+                    attention_mask=data["attention_mask"],
+                    decoder_input_ids=dec[:, a:b],
+                    cache=cache,
+                    use_cache=True,
+                )
                 cache = out.cache
                 chunks.append(out.logits)
         else:
@@ -174,13 +227,20 @@ def check_cache_consistency(model, family):
 def generate(model, family, **kw):
     data = batch(family, seed=5)
     with torch.no_grad():
-        return model.generate(input_ids=data["input_ids"], attention_mask=data["attention_mask"], max_new_tokens=4,
-                              min_new_tokens=4, do_sample=False, **kw)
+        return model.generate(
+            input_ids=data["input_ids"],
+            attention_mask=data["attention_mask"],
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            **kw,
+        )
 
 
 # -- the matrix: every family x every kind ------------------------------------------------------------
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k
-                                  for k in KINDS])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k for k in KINDS]
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_kind_trains_and_generates(family, kind):
     model = make(family)
@@ -227,7 +287,7 @@ def test_family_kind_trains_and_generates(family, kind):
     if family in SEQ2SEQ:  # the decoder's start token, then 4 new ones
         assert cached.shape == (2, 5)
     else:
-        assert cached.shape == (2, prompt.shape[1] + 4) and torch.equal(cached[:, :prompt.shape[1]], prompt)
+        assert cached.shape == (2, prompt.shape[1] + 4) and torch.equal(cached[:, : prompt.shape[1]], prompt)
 
     sa.set_active_adapters(model, [])  # off: the base model exactly
     with torch.no_grad():
@@ -302,10 +362,12 @@ def test_prefix_padded_row_equals_unpadded(family):
     with torch.no_grad():
         together = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         alone = model(input_ids=ids[:1, 3:]).logits
-        together_generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
-                                            do_sample=False)
-        alone_generated = model.generate(input_ids=ids[:1, 3:], attention_mask=mask[:1, 3:], max_new_tokens=4,
-                                         min_new_tokens=4, do_sample=False)
+        together_generated = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
+        alone_generated = model.generate(
+            input_ids=ids[:1, 3:], attention_mask=mask[:1, 3:], max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
     torch.testing.assert_close(together[:1, 3:], alone, rtol=0, atol=2e-5)
     assert torch.equal(together_generated[0, 3:], alone_generated[0])
 
@@ -316,8 +378,9 @@ def test_prefix_with_beam_search_and_static_cache():
     the batch and reorders the cache. Both find what they find without a cache."""
     model = make("llama")
     sa.add_adapter(model, "a", adapter_config("mam"))
-    assert torch.equal(generate(model, "llama", cache_implementation="static"),
-                       generate(model, "llama", use_cache=False))
+    assert torch.equal(
+        generate(model, "llama", cache_implementation="static"), generate(model, "llama", use_cache=False)
+    )
     assert torch.equal(generate(model, "llama", num_beams=3), generate(model, "llama", num_beams=3, use_cache=False))
 
 

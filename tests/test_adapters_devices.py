@@ -1,14 +1,14 @@
 """Adapters on a plain PyTorch model (no transformers), on every device: the generic target_modules
 path, sparse forward and backward against the dense masked reference, and the same step on each
 device giving the same result."""
+
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 import sparseadapter as sa
 from sparseadapter import SparseLinear
-
-from conftest import DEVICES
 
 
 class TinyEncoder(nn.Module):
@@ -16,8 +16,9 @@ class TinyEncoder(nn.Module):
 
     def __init__(self, d=48, hidden=96, classes=3):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict({"inp": nn.Linear(d, hidden), "out": nn.Linear(hidden, d)})
-                                    for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"inp": nn.Linear(d, hidden), "out": nn.Linear(hidden, d)}) for _ in range(2)
+        )
         self.classifier = nn.Linear(d, classes)
 
     def forward(self, x, labels=None):
@@ -31,13 +32,14 @@ class TinyEncoder(nn.Module):
 def _model_and_batch(device, dtype, kind):
     torch.manual_seed(0)
     model = TinyEncoder().to(device, dtype)
-    where = (dict(lora_targets=[r"blocks\.\d+\.inp$"]) if kind == "lora"
-             else dict(target_modules=[r"blocks\.\d+\.out$"]))
+    where = dict(lora_targets=[r"blocks\.\d+\.inp$"]) if kind == "lora" else dict(target_modules=[r"blocks\.\d+\.out$"])
     cfg = sa.SparseAdapterConfig(kind=kind, bottleneck=16, sparsity=0.7, pruner="random", init="bert", **where)
     sa.add_adapter(model, "a", cfg)
     gen = torch.Generator().manual_seed(1)
-    batch = {"x": torch.randn(4, 9, 48, generator=gen).to(device, dtype),
-             "labels": torch.randint(0, 3, (4,), generator=gen).to(device)}
+    batch = {
+        "x": torch.randn(4, 9, 48, generator=gen).to(device, dtype),
+        "labels": torch.randint(0, 3, (4,), generator=gen).to(device),
+    }
     return model, batch
 
 
@@ -68,8 +70,9 @@ def test_sparse_adapter_matches_its_dense_twin(device, kind):
     out["loss"].backward()
     ref["loss"].backward()
     sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    dense_layers = [m for m in twin.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad
-                    and m.weight.shape != (3, 48)]  # every trainable dense Linear but the head
+    dense_layers = [
+        m for m in twin.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad and m.weight.shape != (3, 48)
+    ]  # every trainable dense Linear but the head
     assert len(sparse_layers) == len(dense_layers) > 0
     for sparse, dense in zip(sparse_layers, dense_layers):
         mask = sparse.to_dense() != 0

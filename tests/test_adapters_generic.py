@@ -2,6 +2,7 @@
 placement, user patterns over it (GPT-2) and on a model type with none (OPT), the errors for
 placements that cannot work, and prefix tuning's attention masking (padding, sdpa against eager).
 The decoder-only families and generation with the KV cache: test_adapters_decoders.py."""
+
 import os
 
 import pytest
@@ -15,13 +16,33 @@ from sparseadapter.adapters import prefix as prefix_attention  # noqa: E402
 from sparseadapter.adapters.slot import AdapterSlot  # noqa: E402
 from sparseadapter.sparse_linear import SparseLinear  # noqa: E402
 
-BART = dict(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+BART = dict(
+    vocab_size=100,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_position_embeddings=64,
+)
 T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
-GPT2 = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=2,
-            pad_token_id=1)
-OPT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-           max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+GPT2 = dict(
+    n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=2, pad_token_id=1
+)
+OPT = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    ffn_dim=64,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+    word_embed_proj_dim=32,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
 KINDS = ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
 # Prefix tuning plugs into transformers' AttentionInterface, which these models dispatch through from 5.0 on.
 # Every kind's slot mode at its hosts, per family (BART's parallel adapter spans fc1 .. fc2).
@@ -63,7 +84,8 @@ def expected_hosts(family: str, kind: str):
         lora = [f"{layer}.self_attn.{p}" for layer in layers for p in ("q_proj", "v_proj")]
         # encoder self-attention, then per decoder layer its self- and its cross-attention
         prefix = [f"{layer}.self_attn" for layer in enc] + [
-            f"model.decoder.layers.{i}.{attn}" for i in range(2) for attn in ("self_attn", "encoder_attn")]
+            f"model.decoder.layers.{i}.{attn}" for i in range(2) for attn in ("self_attn", "encoder_attn")
+        ]
     else:
         enc = [f"encoder.block.{i}" for i in range(2)]
         dec = [f"decoder.block.{i}" for i in range(2)]
@@ -72,9 +94,11 @@ def expected_hosts(family: str, kind: str):
         ffn_out = [f"{ffn}.wo" for ffn in parallel]
         lora = [f"{block}.layer.0.SelfAttention.{p}" for block in enc + dec for p in ("q", "v")]
         prefix = [f"{block}.layer.0.SelfAttention" for block in enc] + [
-            f"{block}.{attn}" for block in dec for attn in ("layer.0.SelfAttention", "layer.1.EncDecAttention")]
-    return dict(houlsby=attn_out + ffn_out, pfeiffer=ffn_out, parallel=parallel, lora=lora, prefix=prefix,
-                mam=prefix + parallel)[kind]
+            f"{block}.{attn}" for block in dec for attn in ("layer.0.SelfAttention", "layer.1.EncDecAttention")
+        ]
+    return dict(
+        houlsby=attn_out + ffn_out, pfeiffer=ffn_out, parallel=parallel, lora=lora, prefix=prefix, mam=prefix + parallel
+    )[kind]
 
 
 def slot_hosts(model):
@@ -107,8 +131,9 @@ def check_adapter_behaviour(model, ids, labels, base_logits, base_generated, spa
     assert adapter and trainable == adapter, f"trainable {sorted(trainable - adapter)} are not adapter parameters"
     if sparse:
         sparse_layers = [m for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-        assert sparse_layers and all(".sparseadapter.adapters.a." in f".{n}." for n, m in model.named_modules()
-                                     if isinstance(m, SparseLinear))
+        assert sparse_layers and all(
+            ".sparseadapter.adapters.a." in f".{n}." for n, m in model.named_modules() if isinstance(m, SparseLinear)
+        )
         nnz = sum(m.nnz for m in sparse_layers)
         dense = sum(m.in_features * m.out_features for m in sparse_layers)
         assert abs(nnz - 0.5 * dense) <= 1, f"{nnz} of {dense} weights kept at sparsity 0.5"
@@ -130,7 +155,7 @@ def check_adapter_behaviour(model, ids, labels, base_logits, base_generated, spa
     if model.config.is_encoder_decoder:  # the decoder's start token, then up to 5 new ones
         assert generated.shape[0] == ids.shape[0] and 1 < generated.shape[1] <= 6
     else:
-        assert ids.shape[1] < generated.shape[1] <= ids.shape[1] + 5 and torch.equal(generated[:, :ids.shape[1]], ids)
+        assert ids.shape[1] < generated.shape[1] <= ids.shape[1] + 5 and torch.equal(generated[:, : ids.shape[1]], ids)
 
     sa.set_active_adapters(model, [])
     with torch.no_grad():
@@ -146,12 +171,12 @@ def check_adapter_behaviour(model, ids, labels, base_logits, base_generated, spa
 
 def base_outputs(model, ids, labels):
     with torch.no_grad():
-        return (model(input_ids=ids, labels=labels).logits,
-                model.generate(ids, max_new_tokens=5, do_sample=False))
+        return (model(input_ids=ids, labels=labels).logits, model.generate(ids, max_new_tokens=5, do_sample=False))
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k
-                                  for k in KINDS])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k for k in KINDS]
+)
 @pytest.mark.parametrize("family", ["bart", "t5"])
 def test_builtin_placement(family, kind):
     model = make(family)
@@ -247,7 +272,7 @@ def test_unknown_model_type_needs_patterns(kind):
     model = make("opt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if kind in ("prefix", "mam"):  # patterns place bottleneck adapters only: the advice must not be to pass them
-        match = r"prefix tuning \(%s\) goes into the attention modules .*'opt' has none" % kind
+        match = rf"prefix tuning \({kind}\) goes into the attention modules .*'opt' has none"
     else:
         match = r"no built-in placement for model type 'opt'.*pass target_modules"
     with pytest.raises(ValueError, match=match):
@@ -264,7 +289,8 @@ def test_target_modules_on_unknown_model_type():
     base_logits, base_generated = base_outputs(model, ids, ids)
     sa.add_adapter(model, "a", config("houlsby", target_modules=[r"self_attn\.out_proj$", r"fc2$"]))
     assert {h: s.mode for h, s in slot_hosts(model).items()} == {
-        f"model.decoder.layers.{i}.{m}": "after" for i in range(2) for m in ("self_attn.out_proj", "fc2")}
+        f"model.decoder.layers.{i}.{m}": "after" for i in range(2) for m in ("self_attn.out_proj", "fc2")
+    }
     check_adapter_behaviour(model, ids, ids, base_logits, base_generated)
 
 
@@ -275,7 +301,8 @@ def test_lora_on_conv1d_merges_transposed():
     sa.add_adapter(model, "a", config("lora", lora_targets=[r"attn\.c_attn$"]))
     hosts = slot_hosts(model)
     assert {h: (s.mode, s.in_features, s.out_features) for h, s in hosts.items()} == {
-        f"transformer.h.{i}.attn.c_attn": ("lora", 32, 96) for i in range(2)}
+        f"transformer.h.{i}.attn.c_attn": ("lora", 32, 96) for i in range(2)
+    }
     weight = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     with torch.no_grad():
         hooked = model(input_ids=ids).logits
@@ -287,10 +314,16 @@ def test_lora_on_conv1d_merges_transposed():
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, weight)
 
 
-@pytest.mark.parametrize("family,kind,field", [
-    ("gpt2", "houlsby", "target_modules"), ("gpt2", "parallel", "target_modules"),
-    ("bart", "pfeiffer", "target_modules"), ("gpt2", "lora", "lora_targets"), ("t5", "lora", "lora_targets"),
-])
+@pytest.mark.parametrize(
+    "family,kind,field",
+    [
+        ("gpt2", "houlsby", "target_modules"),
+        ("gpt2", "parallel", "target_modules"),
+        ("bart", "pfeiffer", "target_modules"),
+        ("gpt2", "lora", "lora_targets"),
+        ("t5", "lora", "lora_targets"),
+    ],
+)
 def test_patterns_matching_nothing(family, kind, field):
     model = make(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -381,7 +414,8 @@ def test_prefix_masking_minilm(minilm_tokenizer):
     for attn in ("sdpa", "eager"):
         torch.manual_seed(0)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=2, attn_implementation=attn).eval()
+            path, num_labels=2, attn_implementation=attn
+        ).eval()
         sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="prefix", prefix_length=8, prefix_mid_dim=64))
         assert model.config._attn_implementation == prefix_attention.PREFIX + attn
         with torch.no_grad():
@@ -408,7 +442,8 @@ def test_t5_encoder_model_with_gated_ffn():
     sa.add_adapter(model, "a", config("mam"))
     assert {h: s.mode for h, s in slot_hosts(model).items()} == {
         **{f"encoder.block.{i}.layer.0.SelfAttention": "prefix" for i in range(2)},
-        **{f"encoder.block.{i}.layer.1.DenseReluDense": "parallel" for i in range(2)}}
+        **{f"encoder.block.{i}.layer.1.DenseReluDense": "parallel" for i in range(2)},
+    }
     assert type(model.encoder.block[0].layer[1].DenseReluDense).__name__ == "T5DenseGatedActDense"
     with torch.no_grad():
         assert (model(input_ids=ids).last_hidden_state - base).abs().max() > 1e-4

@@ -2,11 +2,11 @@
 normalization) live in one model, each answers with its own head, before and after save/load; adding or
 training one adapter never changes another's head; the kinds a model can hold are checked; and
 `sparseadapter train --adapter-name` saves the adapter under its name."""
+
 import json
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import sentiment_files, tiny_model, train_args  # noqa: F401
 
@@ -21,16 +21,27 @@ HOULSBY = dict(kind="houlsby", bottleneck=8, sparsity=0.5, pruner="random")
 
 def make_model(num_labels=3, seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=num_labels,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
 @pytest.fixture
 def batch():
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(5, 40, (4, 9), generator=gen), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(5, 40, (4, 9), generator=gen),
+        "attention_mask": torch.ones(4, 9, dtype=torch.long),
+    }
 
 
 def randomize(model, name, seed):
@@ -79,7 +90,9 @@ def test_two_adapters_answer_with_their_own_heads(batch):
     assert torch.isfinite(model(**batch, labels=torch.tensor([0, 1, 2, 1])).loss)
     sa.set_active_adapters(model, "b")
     loss = model(**batch, labels=torch.tensor([1.0, 2.0, 3.0, 4.0])).loss
-    assert float(loss.detach()) == pytest.approx(float(((logits_b.squeeze(-1) - torch.tensor([1.0, 2.0, 3.0, 4.0])) ** 2).mean()))
+    assert float(loss.detach()) == pytest.approx(
+        float(((logits_b.squeeze(-1) - torch.tensor([1.0, 2.0, 3.0, 4.0])) ** 2).mean())
+    )
     assert torch.equal(answer(model, "a", batch), logits_a)  # switching back gives a's answers again
 
 
@@ -108,6 +121,7 @@ def test_heads_survive_save_and_load(batch, tmp_path):
     # the regression adapter saved again from the new model is the same file content
     sa.save_adapter(fresh, str(tmp_path / "b2"), "b")
     from sparseadapter.adapters.io import weights_path
+
     safetensors = pytest.importorskip("safetensors.torch")
     one, two = (safetensors.load_file(weights_path(str(tmp_path / d))) for d in ("b", "b2"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
@@ -143,8 +157,15 @@ def test_heads_survive_save_pretrained_and_load_pretrained(batch, tmp_path):
 def test_language_models_answer_with_the_shared_lm_head():
     """A causal LM has no task head to own: its adapters share the base model's (frozen) LM head, and
     asking for a task head is refused with a message that says so."""
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -177,8 +198,9 @@ def test_adding_or_training_an_adapter_never_changes_another_head(batch):
     c = sa.adapter_head(model, "c")
     assert c.module is not sa.adapter_head(model, "a").module
     assert all(torch.equal(c.module.state_dict()[k], v) for k, v in before.items())
-    sa.add_adapter(model, "d", sa.SparseAdapterConfig(**HOULSBY, seed=4), head=sa.HeadConfig("classification", 5),
-                   activate=False)
+    sa.add_adapter(
+        model, "d", sa.SparseAdapterConfig(**HOULSBY, seed=4), head=sa.HeadConfig("classification", 5), activate=False
+    )
     assert sa.adapter_head(model, "d").outputs == 5 and model.classifier is c.module  # not activated
     sa.train_adapter(model, "c")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -229,8 +251,23 @@ def test_head_info_travels_with_the_head(tmp_path):
 
 def test_train_adapter_name_flag(tiny_model, sentiment_files, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(train_args(tiny_model, sentiment_files, out, "--adapter-name", "sentiment", "--max-steps", "4",
-                           "--bottleneck", "8", "--sparsity", "0.5", "--pruner", "random"))
+    code = main(
+        train_args(
+            tiny_model,
+            sentiment_files,
+            out,
+            "--adapter-name",
+            "sentiment",
+            "--max-steps",
+            "4",
+            "--bottleneck",
+            "8",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "random",
+        )
+    )
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["name"] == "sentiment" and meta["head"]["kind"] == "classification"

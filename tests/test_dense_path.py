@@ -1,15 +1,16 @@
 """The dense path (the CSR weight expanded per call, then the vendor GEMM) and the choice between it
 and the CSR kernels. The numerics of both paths are in test_ops_numerics.py and test_fused_adapter.py
 (their `path` fixture); here: the expansion ops themselves, and the path choice."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern
 
 import sparseadapter_ext as ops
-from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern
 
 
 @pytest.mark.parametrize("case", list(PATTERN_CASES))
@@ -126,9 +127,11 @@ def test_bad_modes_are_named():
     with pytest.raises(ValueError, match="path mode must be one of auto, sparse, dense"):
         ops.set_path_mode("fastest")
     env = dict(os.environ, SPARSEADAPTER_PATH="fastest")
-    code = ("import torch, sparseadapter_ext as ops\n"
-            "ops.spmm(torch.ones(2, 3), torch.ones(1), torch.tensor([0, 1], dtype=torch.int32), "
-            "torch.tensor([2], dtype=torch.int32))")
+    code = (
+        "import torch, sparseadapter_ext as ops\n"
+        "ops.spmm(torch.ones(2, 3), torch.ones(1), torch.tensor([0, 1], dtype=torch.int32), "
+        "torch.tensor([2], dtype=torch.int32))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "SPARSEADAPTER_PATH=fastest: path mode must be one of auto, sparse, dense" in proc.stderr
@@ -152,7 +155,10 @@ def test_measurements_are_kept_per_machine(tmp_path):
     (cached,) = ops.path_decisions()
     assert cached["source"] == "cached" and cached["calls"] == 0
     assert (cached["path"], cached["ms_sparse"], cached["ms_dense"]) == (
-        measured["path"], measured["ms_sparse"], measured["ms_dense"])
+        measured["path"],
+        measured["ms_sparse"],
+        measured["ms_dense"],
+    )
     ops.spmm(x, values, p.crow, p.col)
     (used,) = ops.path_decisions()
     assert used["source"] == "cached" and used["calls"] == 1
@@ -180,19 +186,21 @@ def test_the_cache_folder_carries_measurements_to_the_next_process(tmp_path):
     """With SPARSEADAPTER_CACHE_DIR set, a process saves its measurements at exit and the next one
     starts with them; an unreadable cache file is a warning, not a failed import."""
     env = dict(os.environ, SPARSEADAPTER_CACHE_DIR=str(tmp_path), SPARSEADAPTER_PATH="auto")
-    first = ("import torch, sparseadapter_ext as ops\n"
-             "crow = torch.tensor([0, 2, 3], dtype=torch.int32); col = torch.tensor([0, 2, 1], dtype=torch.int32)\n"
-             "ops.spmm(torch.randn(40, 3), torch.randn(3), crow, col)\n"
-             "assert [d['source'] for d in ops.path_decisions()] == ['measured']\n")
-    second = ("import sparseadapter_ext as ops\n"
-              "print([(d['op'], d['source']) for d in ops.path_decisions()])\n")
+    first = (
+        "import torch, sparseadapter_ext as ops\n"
+        "crow = torch.tensor([0, 2, 3], dtype=torch.int32); col = torch.tensor([0, 2, 1], dtype=torch.int32)\n"
+        "ops.spmm(torch.randn(40, 3), torch.randn(3), crow, col)\n"
+        "assert [d['source'] for d in ops.path_decisions()] == ['measured']\n"
+    )
+    second = "import sparseadapter_ext as ops\nprint([(d['op'], d['source']) for d in ops.path_decisions()])\n"
     for code in (first, second):
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[('spmm', 'cached')]"
     (cache_file,) = tmp_path.glob("path-decisions-*.json")
     cache_file.write_text("garbage")
-    proc = subprocess.run([sys.executable, "-W", "always", "-c", second], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-W", "always", "-c", second], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]"
     assert "path-decision cache not used" in proc.stderr

@@ -2,6 +2,7 @@
 csrc/cpu/vec_math.h; CUDA: the device math library), isolated by running the op with identity
 projections, so that out = act(x) exactly. Checked against float64 over the whole float range, by the
 numerical rule against ATen's float32 functions, plus relative accuracy where the function has it."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ def test_activation_matches_float64(device, activation):
     err = (out - ref).abs()
     aten_err = (fn(x).double() - ref).abs().max().item()
     # the numerical rule, with an absolute floor of about one float32 ulp at 1
-    assert err.max().item() <= 2 * aten_err + 1e-7, f"{activation}: max error {err.max().item():.3g}, ATen {aten_err:.3g}"
+    assert err.max().item() <= 2 * aten_err + 1e-7, (
+        f"{activation}: max error {err.max().item():.3g}, ATen {aten_err:.3g}"
+    )
     if activation in ("silu", "tanh"):  # accurate relative to the result, down to tiny values
         significant = ref.abs() > 1e-30
         rel = (err[significant] / ref.abs()[significant]).max().item()
@@ -58,7 +61,11 @@ def test_activation_limits(device, activation, path):
     if path == "dense":
         assert all(v != v for v in out)
         return
-    limits = {"gelu": [float("inf"), 0.0, 0.0], "silu": [float("inf"), 0.0, 0.0], "tanh": [1.0, -1.0, -1.0],
-              "relu": [float("inf"), 0.0, 0.0]}
+    limits = {
+        "gelu": [float("inf"), 0.0, 0.0],
+        "silu": [float("inf"), 0.0, 0.0],
+        "tanh": [1.0, -1.0, -1.0],
+        "relu": [float("inf"), 0.0, 0.0],
+    }
     assert out[:3] == limits[activation]
     assert all(v != v for v in out[3:])

@@ -1,12 +1,13 @@
 """The fused sparse adapter (`sparseadapter::sparse_adapter`): forward and gradients against a float64
 reference by the numerical rule, every activation and dtype, partial tiles and empty cases, graph
 capture, the module paths (fused or not, same result) and clear errors for bad inputs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DTYPES, Pattern, assert_close_to_reference, float64_reference
 
 import sparseadapter_ext as ops
-from conftest import DTYPES, Pattern, assert_close_to_reference, float64_reference
 from sparseadapter import SparseLinear
 from sparseadapter.adapters import BottleneckAdapter
 
@@ -52,7 +53,9 @@ class Projection:
     def buffers(self, dtype, requires_grad=False):
         values = self.p.values64.to(dtype).requires_grad_(requires_grad)
         bias = None if self.bias64 is None else self.bias64.to(dtype).requires_grad_(requires_grad)
-        args = self.p.linear_args(values, bias)   # values, bias, crow, col, row_order, crow_t, col_t, perm_t, row_order_t
+        args = self.p.linear_args(
+            values, bias
+        )  # values, bias, crow, col, row_order, crow_t, col_t, perm_t, row_order_t
         return (args[0], args[1], args[2], args[3], args[5], args[6], args[7], args[8])
 
     def linear(self, x, values, bias):
@@ -76,12 +79,23 @@ def reference(x, residual, down, up, d_buf, u_buf, act, scale):
 # order (tile.h); "tensor_cores": widths the CUDA dense path's tensor-core kernel serves, with partial
 # warp tiles and fewer column steps than its pipeline stages; "*_wide", "*_256": wider bottlenecks,
 # which take the cuBLAS products
-CASES = {"tiles": (70, 48, 16, 48, 0.4), "one": (1, 33, 8, 33, 0.5), "none": (0, 24, 8, 24, 0.5),
-         "eight_wide": (8, 700, 40, 650, 0.3), "nine": (9, 40, 12, 40, 0.5),
-         "nnz0": (9, 20, 6, 20, 0.0), "dense": (33, 17, 5, 17, 1.0), "wide": (40, 300, 64, 300, 0.1),
-         "not_square": (35, 40, 12, 24, 0.3), "chunked": (70, 2000, 96, 1900, 0.02), "few": (4, 40, 8, 40, 0.5),
-         "blocked": (600, 400, 300, 400, 0.1), "tensor_cores": (77, 96, 64, 128, 0.3),
-         "tensor_cores_wide": (150, 256, 160, 64, 0.2), "tensor_cores_256": (40, 64, 256, 32, 0.25)}
+CASES = {
+    "tiles": (70, 48, 16, 48, 0.4),
+    "one": (1, 33, 8, 33, 0.5),
+    "none": (0, 24, 8, 24, 0.5),
+    "eight_wide": (8, 700, 40, 650, 0.3),
+    "nine": (9, 40, 12, 40, 0.5),
+    "nnz0": (9, 20, 6, 20, 0.0),
+    "dense": (33, 17, 5, 17, 1.0),
+    "wide": (40, 300, 64, 300, 0.1),
+    "not_square": (35, 40, 12, 24, 0.3),
+    "chunked": (70, 2000, 96, 1900, 0.02),
+    "few": (4, 40, 8, 40, 0.5),
+    "blocked": (600, 400, 300, 400, 0.1),
+    "tensor_cores": (77, 96, 64, 128, 0.3),
+    "tensor_cores_wide": (150, 256, 160, 64, 0.2),
+    "tensor_cores_256": (40, 64, 256, 32, 0.25),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -96,10 +110,12 @@ def test_forward_and_gradients_match_float64(device, seed, case, activation, pat
     def adapter(act):
         """Dense PyTorch in the inputs' dtype: out and the gradients of x, residual and the four
         parameters, from those and out's gradient."""
+
         def fn(x, residual, dv, db, uv, ub, g):
             leaves = [t.detach().requires_grad_() for t in (x, residual, dv, db, uv, ub)]
             out = reference(leaves[0], leaves[1], down, up, leaves[2:4], leaves[4:6], act, 0.7)
             return [out.detach(), *torch.autograd.grad(out, leaves, g)]
+
         return fn
 
     # any output's chain of roundings: the sums over the tokens and each feature dimension, at most
@@ -112,8 +128,9 @@ def test_forward_and_gradients_match_float64(device, seed, case, activation, pat
         inputs = (x, res, d_buf[0], d_buf[1], u_buf[0], u_buf[1])
         out = ops.sparse_adapter(x, res, d_buf, u_buf, activation, 0.7)
         fused = [out.detach(), *torch.autograd.grad(out, inputs, g, allow_unused=True)]
-        ref64, abs64 = float64_reference(adapter(REFERENCE_ACT[activation]), *inputs, g,
-                                         absolute=adapter(absolute_activation(activation)))
+        ref64, abs64 = float64_reference(
+            adapter(REFERENCE_ACT[activation]), *inputs, g, absolute=adapter(absolute_activation(activation))
+        )
         dense = adapter(REFERENCE_ACT[activation])(*inputs, g)
         for i, name in enumerate(names):
             what = f"{case}/{activation}/{dtype}/{name}"
@@ -187,8 +204,10 @@ def test_opcheck(device, seed):
     down, up = Projection(8, 16, 0.5, device, seed), Projection(16, 8, 0.5, device, seed + 1)
     x = torch.randn(2, 5, 16, device=device, requires_grad=True)
     res = torch.randn(2, 5, 16, device=device, requires_grad=True)
-    torch.library.opcheck(_ops.sparse_adapter.default, (x, res, *down.buffers(torch.float32, True),
-                                                         *up.buffers(torch.float32, True), "silu", 0.5, True))
+    torch.library.opcheck(
+        _ops.sparse_adapter.default,
+        (x, res, *down.buffers(torch.float32, True), *up.buffers(torch.float32, True), "silu", 0.5, True),
+    )
 
 
 def _adapter(device, seed, fused=True, activation="relu"):

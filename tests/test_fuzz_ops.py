@@ -21,6 +21,7 @@ class, outcome); test_zz_example_counts, the last test here, prints both and wri
 $SPARSEADAPTER_FUZZ_COUNTS when that is set. $SPARSEADAPTER_FUZZ_SCALE multiplies every example
 budget (default 1: about 3,900 examples, about 10 s on one CPU thread).
 """
+
 import collections
 import json
 import math
@@ -29,9 +30,9 @@ import re
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, INDEX_DTYPES
 
 import sparseadapter_ext as ops
-from conftest import DEVICES, DTYPES, INDEX_DTYPES
 from sparseadapter import SparseLinear
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -42,7 +43,7 @@ SCALE = float(os.environ.get("SPARSEADAPTER_FUZZ_SCALE", "1"))
 INT32_MAX = 2**31 - 1
 
 EXAMPLES = collections.Counter()  # property -> examples run
-CLASSES = collections.Counter()   # (property, input class, outcome) -> examples
+CLASSES = collections.Counter()  # (property, input class, outcome) -> examples
 
 
 def fuzz(examples):
@@ -72,12 +73,13 @@ def expect_error(fn, exc, pattern, what):
         assert re.search(pattern, msg), f"{what}: message {msg!r} does not match {pattern!r}"
         return msg
     except Exception as err:  # noqa: BLE001 - report the wrong type with its message
-        raise AssertionError(f"{what}: expected {exc} matching {pattern!r}, got {type(err).__name__}: {err}")
+        raise AssertionError(f"{what}: expected {exc} matching {pattern!r}, got {type(err).__name__}: {err}") from err
     raise AssertionError(f"{what}: expected {exc} matching {pattern!r}, but the call succeeded")
 
 
 # ------------------------------------------------------------------------------------------------
 # Valid cases and float64 references
+
 
 class Case:
     """A valid random CSR weight [rows, cols] with x [*lead, cols] (and grad_out [*lead, rows])."""
@@ -116,8 +118,10 @@ class Case:
         self.grad = relayout(grad.to(device), layout)
 
     def __repr__(self):  # what hypothesis prints for a failing example
-        return (f"Case(rows={self.rows}, cols={self.cols}, nnz={self.nnz}, lead={self.lead}, dtype={self.dtype}, "
-                f"index_dtype={self.index_dtype}, special={self.special!r}, x.stride={self.x.stride()})")
+        return (
+            f"Case(rows={self.rows}, cols={self.cols}, nnz={self.nnz}, lead={self.lead}, dtype={self.dtype}, "
+            f"index_dtype={self.index_dtype}, special={self.special!r}, x.stride={self.x.stride()})"
+        )
 
     @property
     def nnz(self):
@@ -129,8 +133,17 @@ class Case:
 
     def linear_args(self, values, bias):
         crow_t, col_t, perm_t = ops.csr_transpose(self.crow, self.col, self.cols)
-        return [values, bias, self.crow, self.col, ops.csr_row_order(self.crow),
-                crow_t, col_t, perm_t, ops.csr_row_order(crow_t)]
+        return [
+            values,
+            bias,
+            self.crow,
+            self.col,
+            ops.csr_row_order(self.crow),
+            crow_t,
+            col_t,
+            perm_t,
+            ops.csr_row_order(crow_t),
+        ]
 
 
 def poison(t, gen, kind):
@@ -188,8 +201,19 @@ def cases(draw, device, dtypes=DTYPES, special="none", min_rows=0, need_entry=Fa
     index_dtype = draw(st.sampled_from(INDEX_DTYPES))
     seed = draw(st.integers(0, 2**31 - 1))
     layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "strided", "expanded"]))
-    return Case(rows, cols, density, lead, dtype, index_dtype, seed, special, layout, device,
-                need_entry=need_entry and rows > 0 and cols > 0)
+    return Case(
+        rows,
+        cols,
+        density,
+        lead,
+        dtype,
+        index_dtype,
+        seed,
+        special,
+        layout,
+        device,
+        need_entry=need_entry and rows > 0 and cols > 0,
+    )
 
 
 def case_class(c):
@@ -219,8 +243,14 @@ def assert_matches(out, ref, ref_abs, terms, what):
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     o = out.double()
     special = ~torch.isfinite(ref)
-    torch.testing.assert_close(o.where(special, 0.0), ref.where(special, 0.0), rtol=0, atol=0, equal_nan=True,
-                               msg=lambda m: f"{what}: NaN/Inf differ from the reference\n{m}")
+    torch.testing.assert_close(
+        o.where(special, 0.0),
+        ref.where(special, 0.0),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+        msg=lambda m: f"{what}: NaN/Inf differ from the reference\n{m}",
+    )
     acc_eps = torch.finfo(torch.float64 if out.dtype == torch.float64 else torch.float32).eps
     out = torch.finfo(out.dtype)
     # accumulation error + rounding to out's dtype (relative; absolute below its smallest normal)
@@ -231,11 +261,13 @@ def assert_matches(out, ref, ref_abs, terms, what):
         i = int(excess.flatten().argmax())
         raise AssertionError(
             f"{what}: {int((excess > 0).sum())} entries beyond the rounding bound, worst: got "
-            f"{o.flatten()[i].item()!r}, float64 reference {ref.flatten()[i].item()!r}, bound {tol.flatten()[i].item():.3g}")
+            f"{o.flatten()[i].item()!r}, float64 reference {ref.flatten()[i].item()!r}, bound {tol.flatten()[i].item():.3g}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # Valid inputs (empty, 1-D x, non-contiguous, NaN/Inf): results equal the float64 reference
+
 
 @pytest.mark.parametrize("special", ["none", "nan_x", "inf_x", "nan_values", "inf_values", "inf_x_zero_values"])
 @fuzz(100)
@@ -303,6 +335,7 @@ def test_sparse_linear_bias_gradient_without_rows(device):
 
 # ------------------------------------------------------------------------------------------------
 # O(1) mutations: every call of spmm / sddmm / sparse_linear must reject them with a clear error
+
 
 def _other_float(dtype):
     return torch.float64 if dtype != torch.float64 else torch.float32
@@ -454,11 +487,21 @@ O1_MUTATIONS = {
     "crow float dtype": (ALL, TypeError, r"crow_indices must be int32 or int64", _m_crow_float),
     "col float dtype": (ALL, TypeError, r"col_indices must be int32 or int64", _m_col_float),
     "index dtype int16": (ALL, TypeError, r"crow_indices must be int32 or int64", _m_index_int16),
-    "crow/col dtypes differ": (ALL, TypeError, r"col_indices has dtype \w+ but crow_indices has dtype", _m_index_dtypes_differ),
+    "crow/col dtypes differ": (
+        ALL,
+        TypeError,
+        r"col_indices has dtype \w+ but crow_indices has dtype",
+        _m_index_dtypes_differ,
+    ),
     "crow 2-D": (ALL, ValueError, r"crow_indices must be 1-D", _m_crow_2d),
     "col 2-D": (ALL, ValueError, r"col_indices must be 1-D", _m_col_2d),
     "crow empty (0 entries)": (ALL, ValueError, r"crow_indices must have num_rows \+ 1 >= 1 entries", _m_crow_empty),
-    "values length != nnz": ((SPMM, LINEAR), ValueError, r"values has \d+ entries but col_indices has \d+", _m_values_length),
+    "values length != nnz": (
+        (SPMM, LINEAR),
+        ValueError,
+        r"values has \d+ entries but col_indices has \d+",
+        _m_values_length,
+    ),
     "values 2-D": ((SPMM, LINEAR), ValueError, r"values must be 1-D", _m_values_2d),
     "values dtype != x dtype": ((SPMM, LINEAR), TypeError, r"values has dtype \w+ but x has dtype", _m_values_dtype),
     "x integer dtype": (ALL, TypeError, r"x must be float32, float16, bfloat16 or float64, got Long", _m_x_int),
@@ -467,26 +510,79 @@ O1_MUTATIONS = {
     "bias wrong length": ((SPMM, LINEAR), ValueError, r"bias must have shape \[\d+\]", _m_bias_shape),
     "bias 2-D": ((SPMM, LINEAR), ValueError, r"bias must have shape \[\d+\]", _m_bias_2d),
     "bias dtype != x dtype": ((SPMM, LINEAR), TypeError, r"bias has dtype \w+ but x has dtype", _m_bias_dtype),
-    "row_order wrong length": ((SPMM, LINEAR), ValueError, r"row_order has \d+ entries but the pattern has \d+ rows", _m_row_order_len),
-    "row_order index dtype differs": ((SPMM, LINEAR), TypeError, r"row_order has dtype \w+ but crow_indices has dtype", _m_row_order_dtype),
+    "row_order wrong length": (
+        (SPMM, LINEAR),
+        ValueError,
+        r"row_order has \d+ entries but the pattern has \d+ rows",
+        _m_row_order_len,
+    ),
+    "row_order index dtype differs": (
+        (SPMM, LINEAR),
+        TypeError,
+        r"row_order has dtype \w+ but crow_indices has dtype",
+        _m_row_order_dtype,
+    ),
     "row_order float": ((SPMM, LINEAR), TypeError, r"row_order must be int32 or int64", _m_row_order_float),
-    "x 2**31 features, int32 indices": ((SPMM,), ValueError, r"in_features = 2147483648 does not fit int32 indices", _m_x_huge_features),
-    "grad_out last dim != rows": ((SDDMM,), ValueError, r"grad_out's last dim is \d+ but the pattern has \d+ rows", _m_grad_last_dim),
+    "x 2**31 features, int32 indices": (
+        (SPMM,),
+        ValueError,
+        r"in_features = 2147483648 does not fit int32 indices",
+        _m_x_huge_features,
+    ),
+    "grad_out last dim != rows": (
+        (SDDMM,),
+        ValueError,
+        r"grad_out's last dim is \d+ but the pattern has \d+ rows",
+        _m_grad_last_dim,
+    ),
     "grad_out leading dims differ": ((SDDMM,), ValueError, r"they must share leading dims", _m_grad_leading),
     "grad_out extra dim": ((SDDMM,), ValueError, r"they must share leading dims", _m_grad_extra_dim),
     "grad_out dtype != x dtype": ((SDDMM,), TypeError, r"grad_out has dtype \w+ but x has dtype", _m_grad_dtype),
-    "x last dim != in_features": ((LINEAR,), ValueError, r"x has \d+ features but the weight has \d+ columns", _m_x_features),
-    "col_indices_t wrong length": ((LINEAR,), ValueError, r"col_indices_t has \d+ entries but the pattern has nnz = \d+", _m_col_t_len),
-    "perm_t wrong length": ((LINEAR,), ValueError, r"perm_t has \d+ entries but the pattern has nnz = \d+", _m_perm_t_len),
-    "perm_t index dtype differs": ((LINEAR,), TypeError, r"perm_t has dtype \w+ but crow_indices has dtype", _m_perm_t_dtype),
-    "row_order_t wrong length": ((LINEAR,), ValueError, r"row_order_t has \d+ entries but the weight has \d+ columns", _m_row_order_t_len),
-    "transposed pattern index dtype differs": ((LINEAR,), TypeError, r"crow_indices_t has dtype \w+ but crow_indices has dtype", _m_pattern_t_dtype),
+    "x last dim != in_features": (
+        (LINEAR,),
+        ValueError,
+        r"x has \d+ features but the weight has \d+ columns",
+        _m_x_features,
+    ),
+    "col_indices_t wrong length": (
+        (LINEAR,),
+        ValueError,
+        r"col_indices_t has \d+ entries but the pattern has nnz = \d+",
+        _m_col_t_len,
+    ),
+    "perm_t wrong length": (
+        (LINEAR,),
+        ValueError,
+        r"perm_t has \d+ entries but the pattern has nnz = \d+",
+        _m_perm_t_len,
+    ),
+    "perm_t index dtype differs": (
+        (LINEAR,),
+        TypeError,
+        r"perm_t has dtype \w+ but crow_indices has dtype",
+        _m_perm_t_dtype,
+    ),
+    "row_order_t wrong length": (
+        (LINEAR,),
+        ValueError,
+        r"row_order_t has \d+ entries but the weight has \d+ columns",
+        _m_row_order_t_len,
+    ),
+    "transposed pattern index dtype differs": (
+        (LINEAR,),
+        TypeError,
+        r"crow_indices_t has dtype \w+ but crow_indices has dtype",
+        _m_pattern_t_dtype,
+    ),
 }
 if "cuda" in DEVICES:
     # values (crow for sddmm) on the other device type; with x on the CPU the CUDA kernel is chosen
     O1_MUTATIONS["argument on another device"] = (
-        ALL, ValueError, r"is on cuda:?\d* but x is on cpu|is on cpu but x is on cuda|x is on cpu but this kernel runs on",
-        _m_device)
+        ALL,
+        ValueError,
+        r"is on cuda:?\d* but x is on cpu|is on cpu but x is on cuda|x is on cpu but this kernel runs on",
+        _m_device,
+    )
 
 
 O1_CASES = [(op, name) for name, (for_ops, *_) in O1_MUTATIONS.items() for op in for_ops]
@@ -508,12 +604,31 @@ def test_o1_mutations_raise_clear_errors(device, op, name, data):
         fn = lambda: ops.sddmm(a["grad"], a["x"], a["crow"], a["col"])  # noqa: E731
     else:
         values, bias, crow, col, order, crow_t, col_t, perm_t, order_t = c.linear_args(c.values, c.bias)
-        a = dict(x=c.x, values=values, bias=bias, crow=crow, col=col, row_order=order, crow_t=crow_t,
-                 col_t=col_t, perm_t=perm_t, row_order_t=order_t)
+        a = dict(
+            x=c.x,
+            values=values,
+            bias=bias,
+            crow=crow,
+            col=col,
+            row_order=order,
+            crow_t=crow_t,
+            col_t=col_t,
+            perm_t=perm_t,
+            row_order_t=order_t,
+        )
         mutate(a, c)
         fn = lambda: ops.sparse_linear(  # noqa: E731
-            a["x"], a["values"], a["bias"], a["crow"], a["col"], a["row_order"], a["crow_t"], a["col_t"],
-            a["perm_t"], a["row_order_t"])
+            a["x"],
+            a["values"],
+            a["bias"],
+            a["crow"],
+            a["col"],
+            a["row_order"],
+            a["crow_t"],
+            a["col_t"],
+            a["perm_t"],
+            a["row_order_t"],
+        )
     expect_error(fn, exc, rf"^{op}: .*{pattern}", f"{op} with {name}")
     record(f"{op} O(1) mutations", name, f"{exc.__name__} naming it")
 
@@ -521,6 +636,7 @@ def test_o1_mutations_raise_clear_errors(device, op, name, data):
 # ------------------------------------------------------------------------------------------------
 # Structural (O(nnz)) mutations: validate_csr, csr_transpose, SparseLinear(...) and load_state_dict
 # must reject them; raw spmm/sddmm are not promised to (see the module docstring)
+
 
 def structural_problem(crow, col, num_rows, num_cols, op="validate_csr"):
     """(exception type, message regex) of the first problem `op` must report, or None when the
@@ -549,7 +665,10 @@ def structural_problem(crow, col, num_rows, num_cols, op="validate_csr"):
         return ValueError, rf"{op}: crow_indices\[-1\] = {c[-1]} but col_indices has {col.numel()} entries"
     for r in range(num_rows):
         if c[r + 1] < c[r]:
-            return ValueError, rf"{op}: crow_indices must be non-decreasing, but crow_indices\[{r + 1}\] < crow_indices\[{r}\]"
+            return (
+                ValueError,
+                rf"{op}: crow_indices must be non-decreasing, but crow_indices\[{r + 1}\] < crow_indices\[{r}\]",
+            )
     for e, j in enumerate(col.long().tolist()):
         if not 0 <= j < num_cols:
             return ValueError, rf"{op}: col_indices\[{e}\] = {j} is out of range for {num_cols} columns"
@@ -561,11 +680,27 @@ def _pick(data, n):
 
 
 STRUCTURAL_KINDS = [
-    "crow not monotone", "crow[0] != 0", "crow[-1] > nnz", "crow[-1] < nnz", "crow claims nnz 2**31-1",
-    "crow claims nnz 2**40 (int64)", "crow negative entry", "crow one entry short", "crow one entry long",
-    "col >= num_cols", "col negative", "col int32 min", "crow/col dtypes differ", "float index dtype",
-    "crow 2-D", "crow empty", "num_rows negative", "num_cols negative", "num_cols > int32 max (valid)",
-    "unmutated (valid)"]
+    "crow not monotone",
+    "crow[0] != 0",
+    "crow[-1] > nnz",
+    "crow[-1] < nnz",
+    "crow claims nnz 2**31-1",
+    "crow claims nnz 2**40 (int64)",
+    "crow negative entry",
+    "crow one entry short",
+    "crow one entry long",
+    "col >= num_cols",
+    "col negative",
+    "col int32 min",
+    "crow/col dtypes differ",
+    "float index dtype",
+    "crow 2-D",
+    "crow empty",
+    "num_rows negative",
+    "num_cols negative",
+    "num_cols > int32 max (valid)",
+    "unmutated (valid)",
+]
 
 
 def structural_case(data, device, kind, dtypes=(torch.float32, torch.float64)):
@@ -643,8 +778,12 @@ def _same_state(a, b):
 
 ENTRIES = ["validate_csr", "csr_transpose", "SparseLinear(...)", "load_state_dict"]
 # "num_cols > int32 max" only for validate_csr: the others allocate num_cols + 1 entries (W.T's crow)
-STRUCTURAL_CASES = [(entry, kind) for kind in STRUCTURAL_KINDS for entry in ENTRIES
-                    if entry == "validate_csr" or kind != "num_cols > int32 max (valid)"]
+STRUCTURAL_CASES = [
+    (entry, kind)
+    for kind in STRUCTURAL_KINDS
+    for entry in ENTRIES
+    if entry == "validate_csr" or kind != "num_cols > int32 max (valid)"
+]
 
 
 @pytest.mark.parametrize("entry,kind", STRUCTURAL_CASES)
@@ -689,9 +828,12 @@ def test_structural_mutations_rejected_by_guarded_entry_points(device, entry, ki
             before = {k: v.clone() for k, v in layer.state_dict().items()}
             state = {"values": values, "bias": layer.bias.detach().clone(), "crow_indices": crow, "col_indices": col}
             if problem:
-                expect_error(lambda: layer.load_state_dict(state), RuntimeError,
-                             r"invalid sparse pattern in state_dict: " + problem[1],
-                             f"load_state_dict, {kind}")
+                expect_error(
+                    lambda: layer.load_state_dict(state),
+                    RuntimeError,
+                    r"invalid sparse pattern in state_dict: " + problem[1],
+                    f"load_state_dict, {kind}",
+                )
                 assert _same_state(layer.state_dict(), before), f"load_state_dict, {kind}: module changed"
                 layer.validate()
             else:
@@ -700,8 +842,9 @@ def test_structural_mutations_rejected_by_guarded_entry_points(device, entry, ki
                 assert torch.equal(layer.col_indices, col)
         if not problem:  # the built / loaded layer computes with the new pattern
             x = torch.randn(4, max(cols, 0), dtype=c.dtype, device=device)
-            ref, ref_abs = spmm_reference(x, layer.values.detach(), layer.crow_indices, layer.col_indices,
-                                          layer.out_features, layer.bias.detach())
+            ref, ref_abs = spmm_reference(
+                x, layer.values.detach(), layer.crow_indices, layer.col_indices, layer.out_features, layer.bias.detach()
+            )
             assert_matches(layer(x).detach(), ref, ref_abs, max(cols, 0), f"{entry}, {kind}")
     if entry != "csr_transpose":
         record(f"{entry} structural", kind, "ValueError/TypeError naming it" if problem else "valid, correct result")
@@ -749,8 +892,12 @@ def _unchecked_transpose_args(crow, col, cols):
     (the forward never reads them; only their lengths are checked)."""
     index = crow.dtype if crow.dtype in (torch.int32, torch.int64) else torch.int32
     nnz = col.numel() if col.dim() == 1 else 0
-    return (torch.zeros(max(cols, 0) + 1, dtype=index), torch.zeros(nnz, dtype=index),
-            torch.zeros(nnz, dtype=index), torch.zeros(max(cols, 0), dtype=index))
+    return (
+        torch.zeros(max(cols, 0) + 1, dtype=index),
+        torch.zeros(nnz, dtype=index),
+        torch.zeros(nnz, dtype=index),
+        torch.zeros(max(cols, 0), dtype=index),
+    )
 
 
 @pytest.mark.parametrize("side,kind", [(side, k) for side in ("down", "up") for k in RAW_KINDS])
@@ -768,23 +915,31 @@ def test_fused_adapter_refuses_a_corrupt_pattern(side, kind, data):
     # the other projection: valid, dense, shaped to fit (down [rows, d_in] -> up [cols, rows])
     other_shape = (cols, rows) if side == "down" else (cols, 7)
     index_dtype = crow.dtype if crow.dtype in (torch.int32, torch.int64) else torch.int32
-    other = SparseLinear.from_dense(torch.randn(other_shape, dtype=c.dtype), torch.ones(other_shape, dtype=torch.bool),
-                                    index_dtype=index_dtype)
+    other = SparseLinear.from_dense(
+        torch.randn(other_shape, dtype=c.dtype), torch.ones(other_shape, dtype=torch.bool), index_dtype=index_dtype
+    )
     if side == "down":
         x, down, up = c.x.cpu(), corrupt, other.csr_buffers()
     else:
         x, down, up = torch.randn(3, 7, dtype=c.dtype), other.csr_buffers(), corrupt
     call = lambda: ops.sparse_adapter(x, None, down, up, "relu", 1.0)  # noqa: E731
     if problem:
-        expect_error(call, (ValueError, TypeError), rf"sparse_adapter \({side}\): .*(crow_indices|col_indices)",
-                     f"sparse_adapter {side}, {kind}")
+        expect_error(
+            call,
+            (ValueError, TypeError),
+            rf"sparse_adapter \({side}\): .*(crow_indices|col_indices)",
+            f"sparse_adapter {side}, {kind}",
+        )
     else:
         down_spmm = ops.spmm(x.double(), down[0].double(), down[2], down[3])
         want = ops.spmm(torch.relu(down_spmm), up[0].double(), up[2], up[3])
         got = call()
         assert got.shape == want.shape and torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4), kind
-    record(f"raw sparse_adapter {side} (CPU) structural", kind,
-           "ValueError/TypeError naming it" if problem else "valid, correct result")
+    record(
+        f"raw sparse_adapter {side} (CPU) structural",
+        kind,
+        "ValueError/TypeError naming it" if problem else "valid, correct result",
+    )
 
 
 @pytest.mark.parametrize("kind", [k for k in STRUCTURAL_KINDS if not k.startswith(("num_rows", "num_cols"))])
@@ -817,8 +972,21 @@ def test_csr_row_order_any_crow(device, kind, data):
 # ------------------------------------------------------------------------------------------------
 # SparseLinear.from_dense
 
-@pytest.mark.parametrize("kind", ["valid", "NaN/Inf weights", "float mask", "bias", "int64 indices", "weight 1-D",
-                                  "weight 3-D", "mask shape differs", "bias wrong length"])
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "valid",
+        "NaN/Inf weights",
+        "float mask",
+        "bias",
+        "int64 indices",
+        "weight 1-D",
+        "weight 3-D",
+        "mask shape differs",
+        "bias wrong length",
+    ],
+)
 @fuzz(20)
 @given(data=st.data())
 def test_from_dense_fuzz(device, kind, data):
@@ -859,8 +1027,14 @@ def test_from_dense_fuzz(device, kind, data):
         assert layer.crow_indices.dtype == index_dtype
     x = c.x
     y = layer(x)
-    ref, ref_abs = spmm_reference(x, layer.values.detach(), layer.crow_indices, layer.col_indices, c.rows,
-                                  layer.bias.detach() if layer.bias is not None else None)
+    ref, ref_abs = spmm_reference(
+        x,
+        layer.values.detach(),
+        layer.crow_indices,
+        layer.col_indices,
+        c.rows,
+        layer.bias.detach() if layer.bias is not None else None,
+    )
     assert_matches(y.detach(), ref, ref_abs, c.cols, f"from_dense forward, {kind}")
     record("SparseLinear.from_dense", kind, "valid, correct layer")
 
@@ -921,8 +1095,10 @@ def _score_reference(method, w, g, hg):
     return {"magnitude": w.abs(), "snip": (g * w).abs(), "grasp": w * hg, "synflow": (w * g).abs()}[method]
 
 
-@pytest.mark.parametrize("kind", ["valid", "unknown method", "operand missing", "operand shape", "operand dtype",
-                                  "weight integer", "weight bool"])
+@pytest.mark.parametrize(
+    "kind",
+    ["valid", "unknown method", "operand missing", "operand shape", "operand dtype", "weight integer", "weight bool"],
+)
 @fuzz(30)
 @given(data=st.data())
 def test_prune_score_fuzz(device, kind, data):
@@ -967,20 +1143,22 @@ def topk_reference(scores, k):
     keep[torch.sort(flat.cpu(), descending=True, stable=True).indices[:k]] = True
     out, start = [], 0
     for s in scores:
-        out.append(keep[start:start + s.numel()].reshape(s.shape).to(s.device))
+        out.append(keep[start : start + s.numel()].reshape(s.shape).to(s.device))
         start += s.numel()
     return out
 
 
-@pytest.mark.parametrize("kind", ["valid", "k negative", "k > total", "NaN score", "float16 scores", "mixed dtypes",
-                                  "integer scores"])
+@pytest.mark.parametrize(
+    "kind", ["valid", "k negative", "k > total", "NaN score", "float16 scores", "mixed dtypes", "integer scores"]
+)
 @fuzz(30)
 @given(data=st.data())
 def test_topk_masks_fuzz(device, kind, data):
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
     min_size = 2 if kind == "mixed dtypes" else 1 if kind in ("float16 scores", "integer scores", "NaN score") else 0
-    tensors = st.lists(float_tensors([dtype], specials=("none",), nonempty=kind == "NaN score"),
-                       min_size=min_size, max_size=3)
+    tensors = st.lists(
+        float_tensors([dtype], specials=("none",), nonempty=kind == "NaN score"), min_size=min_size, max_size=3
+    )
     scores = [t.to(device) for t in data.draw(tensors)]
     total = sum(s.numel() for s in scores)
     k = data.draw(st.integers(0, total))
@@ -988,7 +1166,10 @@ def test_topk_masks_fuzz(device, kind, data):
     if kind == "k negative":
         k, problem = -data.draw(st.integers(1, 2**40)), (ValueError, r"topk_masks: k = -\d+ must be in \[0, \d+\]")
     elif kind == "k > total":
-        k, problem = total + data.draw(st.integers(1, 2**40)), (ValueError, r"topk_masks: k = \d+ must be in \[0, \d+\]")
+        k, problem = (
+            total + data.draw(st.integers(1, 2**40)),
+            (ValueError, r"topk_masks: k = \d+ must be in \[0, \d+\]"),
+        )
     elif kind == "NaN score" and total > 0:
         i = next(j for j, s in enumerate(scores) if s.numel() > 0)
         scores[i] = scores[i].clone()
@@ -1011,8 +1192,20 @@ def test_topk_masks_fuzz(device, kind, data):
     record("topk_masks", "valid (ties, +-0, +-Inf, empty)", "equals reference")
 
 
-@pytest.mark.parametrize("kind", ["bool", "uint8", "float with NaN", "non-contiguous", "1-D mask", "3-D mask",
-                                  "index dtype int16", "index dtype float", "int32 overflow shape"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "bool",
+        "uint8",
+        "float with NaN",
+        "non-contiguous",
+        "1-D mask",
+        "3-D mask",
+        "index dtype int16",
+        "index dtype float",
+        "int32 overflow shape",
+    ],
+)
 @fuzz(20)
 @given(data=st.data())
 def test_mask_to_csr_fuzz(device, kind, data):
@@ -1057,6 +1250,7 @@ def test_mask_to_csr_fuzz(device, kind, data):
 
 # ------------------------------------------------------------------------------------------------
 
+
 def test_zz_example_counts(capsys):
     """Print how many examples each property ran (this module's tests run in file order: last)."""
     lines = [f"fuzz examples: {sum(EXAMPLES.values())} in total"]
@@ -1068,5 +1262,8 @@ def test_zz_example_counts(capsys):
     path = os.environ.get("SPARSEADAPTER_FUZZ_COUNTS")
     if path:
         with open(path, "w") as f:
-            json.dump({"examples": dict(EXAMPLES),
-                       "classes": [[p, c, o, n] for (p, c, o), n in sorted(CLASSES.items())]}, f, indent=1)
+            json.dump(
+                {"examples": dict(EXAMPLES), "classes": [[p, c, o, n] for (p, c, o), n in sorted(CLASSES.items())]},
+                f,
+                indent=1,
+            )

@@ -1,12 +1,13 @@
 """Autograd and graph capture: gradcheck, opcheck on every op, torch.compile(fullgraph=True),
 torch.export, TorchScript script/trace with a save/load round trip."""
+
 import io
 
 import pytest
 import torch
+from conftest import Pattern
 
 import sparseadapter_ext as ops
-from conftest import Pattern
 from sparseadapter import SparseLinear
 
 _ops = torch.ops.sparseadapter
@@ -46,8 +47,9 @@ def _opcheck_cases(device, seed):
     }
 
 
-@pytest.mark.parametrize("name", ["spmm", "spmm_no_bias", "sddmm", "csr_transpose", "csr_row_order",
-                                  "validate_csr", "sparse_linear"])
+@pytest.mark.parametrize(
+    "name", ["spmm", "spmm_no_bias", "sddmm", "csr_transpose", "csr_row_order", "validate_csr", "sparse_linear"]
+)
 def test_opcheck(name, device, seed):
     op, args = _opcheck_cases(device, seed)[name]
     torch.library.opcheck(op, args)

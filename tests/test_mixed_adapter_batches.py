@@ -3,6 +3,7 @@ model gives it with only that row's adapter active (or none, for `None` / "__bas
 with per-token compute (houlsby, pfeiffer, parallel, LoRA, prefix, MAM); each adapted site runs one
 `sparse_adapter_multi` op over the batch; several adapters train in one batch with the gradients of
 their own rows; bad names are refused by name; generation routes rows too."""
+
 import pytest
 import torch
 
@@ -19,8 +20,15 @@ NAMES = ("a", "b", "c")
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
@@ -28,8 +36,15 @@ def config_of(kind, seed):
     if kind == "prefix":
         return sa.SparseAdapterConfig(kind="prefix", prefix_length=2 + seed, prefix_mid_dim=8, seed=seed)
     if kind == "mam":  # prefix tuning plus a parallel adapter
-        return sa.SparseAdapterConfig(kind="mam", prefix_length=2 + seed, prefix_mid_dim=8, bottleneck=4 + 2 * seed,
-                                      sparsity=0.5, pruner="random", seed=seed)
+        return sa.SparseAdapterConfig(
+            kind="mam",
+            prefix_length=2 + seed,
+            prefix_mid_dim=8,
+            bottleneck=4 + 2 * seed,
+            sparsity=0.5,
+            pruner="random",
+            seed=seed,
+        )
     return sa.SparseAdapterConfig(kind=kind, bottleneck=4 + 2 * seed, sparsity=0.5, pruner="random", seed=seed)
 
 
@@ -50,7 +65,7 @@ def batch(rows, seed=1, length=9):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 40, (rows, length), generator=gen)
     mask = torch.ones_like(ids)
-    mask[0, length - 3:] = 0  # a padded row: its padding must stay masked under per-row prefixes
+    mask[0, length - 3 :] = 0  # a padded row: its padding must stay masked under per-row prefixes
     return dict(input_ids=ids, attention_mask=mask)
 
 
@@ -77,21 +92,25 @@ def count_multi_calls(monkeypatch):
     def counting(x, index, *args, **kw):
         calls.append(x.shape[0])
         return real(x, index, *args, **kw)
+
     import sparseadapter.adapters.slot as slot_module
+
     monkeypatch.setattr(slot_module.sparseadapter_ext, "sparse_adapter_multi", counting)
     return calls
 
 
 ROUTES = {
-    "mixed": ["b", "a", None, "c", "a", "__base__", "b"],      # 7 rows, shuffled, with bare rows
+    "mixed": ["b", "a", None, "c", "a", "__base__", "b"],  # 7 rows, shuffled, with bare rows
     "one_adapter": ["c"] * 5,
     "all_base": [None, "__base__", None],
     "odd": ["a", "c", "b", "b", "c"],
 }
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "prefix"]
-                         + [pytest.param(k, marks=needs_attention_interface) for k in ("prefix", "mam")])
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in KINDS if k != "prefix"] + [pytest.param(k, marks=needs_attention_interface) for k in ("prefix", "mam")],
+)
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_each_row_equals_its_adapter_alone(kind, route, monkeypatch):
     model = with_adapters(kind)
@@ -116,7 +135,9 @@ def test_unknown_and_malformed_names_are_refused_by_name():
     model = with_adapters("pfeiffer")
     fusion = sa.add_fusion(model, ["a", "b"])
     data = batch(3)
-    with pytest.raises(ValueError, match=r"adapter_names\[1\] = 'zz' is not an adapter of this model \(adapters: a, b, c"):
+    with pytest.raises(
+        ValueError, match=r"adapter_names\[1\] = 'zz' is not an adapter of this model \(adapters: a, b, c"
+    ):
         model(**data, adapter_names=["a", "zz", None])
     with pytest.raises(ValueError, match=r"adapter_names\[0\] = .* is a fusion, not an adapter"):
         model(**data, adapter_names=[fusion, "a", "a"])
@@ -165,6 +186,7 @@ def test_several_adapters_train_in_one_batch(kind):
             sub = {k: v.index_select(0, rows) for k, v in data.items()}
             total = total + loss_fn(model(**sub).logits, labels.index_select(0, rows))
         return total
+
     separate = grads(one_by_one)
     moved = [n for n, g in mixed.items() if g.any()]
     assert any(".a." in n or n.startswith("sparseadapter_prefix.a") for n in moved)
@@ -177,10 +199,14 @@ def test_several_adapters_train_in_one_batch(kind):
 def test_dense_and_layer_norm_adapters_fall_back_per_adapter():
     """Adapters the op cannot run (a layer norm inside) still route, each on its own rows."""
     model = make_model()
-    sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4, sparsity=0.5, seed=0,
-                                                      pruner="random"))
-    sa.add_adapter(model, "n", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4, sparsity=0.5, seed=1,
-                                                      pruner="random", layer_norm=True))
+    sa.add_adapter(
+        model, "a", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4, sparsity=0.5, seed=0, pruner="random")
+    )
+    sa.add_adapter(
+        model,
+        "n",
+        sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4, sparsity=0.5, seed=1, pruner="random", layer_norm=True),
+    )
     names = ["n", "a", None, "n"]
     data = batch(4)
     want = per_row_reference(model, data, names)
@@ -190,6 +216,7 @@ def test_dense_and_layer_norm_adapters_fall_back_per_adapter():
 
 def test_threads_route_independently():
     import threading
+
     model = with_adapters("parallel")
     data = batch(4)
     routes = [["a", "b", "c", None], ["c", "c", "a", "b"]]
@@ -200,6 +227,7 @@ def test_threads_route_independently():
         with torch.no_grad():
             for _ in range(3):
                 got[i] = model(**data, adapter_names=routes[i]).logits
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
@@ -214,6 +242,7 @@ def test_threads_route_independently():
 @pytest.mark.parametrize("kind", ["lora", "houlsby", pytest.param("prefix", marks=needs_attention_interface)])
 def test_generate_routes_rows_and_beams(family, kind):
     from test_adapters_decoders import adapter_config, make
+
     model = make(family)
     for seed, name in enumerate(("a", "b")):
         sa.add_adapter(model, name, adapter_config(kind, seed=seed))
@@ -224,20 +253,22 @@ def test_generate_routes_rows_and_beams(family, kind):
                 module.values.copy_(torch.randn(module.values.shape, generator=gen) * 0.5)
     ids = torch.randint(3, 128, (3, 6), generator=gen)
     names = ["b", None, "a"]
-    for kw in (dict(max_new_tokens=4, do_sample=False),
-               dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)):
+    for kw in (
+        dict(max_new_tokens=4, do_sample=False),
+        dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2),
+    ):
         with sa.per_row_adapters(model, names):
             got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
         per = got.shape[0] // len(names)
         for i, name in enumerate(names):
-            row = dict(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]))
+            row = dict(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]))
             if name is None:
                 with sa.disable_adapter(model):
                     want = model.generate(**row, **kw)
             else:
                 sa.set_active_adapters(model, [name])
                 want = model.generate(**row, **kw)
-            assert torch.equal(got[i * per:(i + 1) * per, :want.shape[1]], want), (i, name, kw)
+            assert torch.equal(got[i * per : (i + 1) * per, : want.shape[1]], want), (i, name, kw)
     with pytest.raises(ValueError, match="adapter_names"):  # transformers' own check names the keyword
         model.generate(input_ids=ids, adapter_names=names, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"adapter_names\[0\] = 'zz' is not an adapter"):

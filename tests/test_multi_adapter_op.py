@@ -4,18 +4,24 @@ row's adapter alone (bit for bit on the CSR path, where every token is computed 
 without an adapter get the residual; its gradients equal those of the adapters run one by one on their
 rows; adapters of different widths, activations, scales, biases and index dtypes mix; bad inputs are
 named; the op traces, exports and compiles."""
+
 import pytest
 import torch
+from conftest import Pattern
 
 import sparseadapter_ext as ops
-from conftest import Pattern
 from sparseadapter import SparseLinear
 
 _ops = torch.ops.sparseadapter
 IN, OUT = 24, 20
 # (bottleneck, activation, scale, biases): widths that differ, every activation, a LoRA-like adapter
-SPECS = [(8, "relu", 1.0, True), (12, "gelu", 0.5, True), (4, "identity", 2.0, False), (16, "silu", 1.5, True),
-         (5, "tanh", 0.25, True)]
+SPECS = [
+    (8, "relu", 1.0, True),
+    (12, "gelu", 0.5, True),
+    (4, "identity", 2.0, False),
+    (16, "silu", 1.5, True),
+    (5, "tanh", 0.25, True),
+]
 
 
 def projection(out_f, in_f, density, seed, dtype, bias, index_dtype=torch.int32, device="cpu"):
@@ -48,11 +54,11 @@ def alone(x, residual, layer):
 def row_reference(x, residual, index, layers):
     rows = []
     for r, k in enumerate(index.tolist()):
-        res = None if residual is None else residual[r:r + 1]
+        res = None if residual is None else residual[r : r + 1]
         if k < 0:
             rows.append(res if res is not None else torch.zeros(1, *x.shape[1:-1], OUT, dtype=x.dtype))
         else:
-            rows.append(alone(x[r:r + 1], res, layers[k]))
+            rows.append(alone(x[r : r + 1], res, layers[k]))
     return torch.cat(rows)
 
 
@@ -61,11 +67,13 @@ def row_reference(x, residual, index, layers):
 def test_each_row_equals_its_adapter_alone(seed, order, residual, path):
     layers = adapters(seed)
     gen = torch.Generator().manual_seed(seed)
-    index = {"sorted": torch.tensor([0, 0, 1, 2, 2, 2, 3, 4]),
-             "shuffled": torch.tensor([3, 0, 4, 1, 0, 2, 4, 1]),
-             "one_adapter": torch.full((8,), 1),
-             "all_base": torch.full((8,), -1),
-             "with_base": torch.tensor([2, -1, 0, -1, 4, 4, -1, 3])}[order]
+    index = {
+        "sorted": torch.tensor([0, 0, 1, 2, 2, 2, 3, 4]),
+        "shuffled": torch.tensor([3, 0, 4, 1, 0, 2, 4, 1]),
+        "one_adapter": torch.full((8,), 1),
+        "all_base": torch.full((8,), -1),
+        "with_base": torch.tensor([2, -1, 0, -1, 4, 4, -1, 3]),
+    }[order]
     x = torch.randn(8, 7, IN, generator=gen)
     res = torch.randn(8, 7, OUT, generator=gen) if residual else None
     with torch.no_grad():
@@ -95,8 +103,12 @@ def test_two_dim_input_one_token_per_row(seed):
     x = torch.randn(6, IN)
     index = torch.tensor([1, 0, 1, 3, -1, 0])
     with torch.no_grad():
-        torch.testing.assert_close(ops.sparse_adapter_multi(x, index, x[:, :OUT], specs_of(layers)),
-                                   row_reference(x, x[:, :OUT], index, layers), rtol=0, atol=0)
+        torch.testing.assert_close(
+            ops.sparse_adapter_multi(x, index, x[:, :OUT], specs_of(layers)),
+            row_reference(x, x[:, :OUT], index, layers),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_empty_batches_and_no_adapters(seed):
@@ -113,8 +125,11 @@ def test_empty_batches_and_no_adapters(seed):
 @pytest.mark.parametrize("order", ["shuffled", "with_base", "sorted"])
 def test_gradients_equal_the_adapters_run_one_by_one(seed, order, path):
     layers = adapters(seed, torch.float64)
-    index = {"shuffled": torch.tensor([3, 0, 4, 1, 0, 2, 4, 1]), "sorted": torch.tensor([0, 0, 1, 1, 2, 3, 3, 4]),
-             "with_base": torch.tensor([2, -1, 0, -1, 4, 4, -1, 0])}[order]
+    index = {
+        "shuffled": torch.tensor([3, 0, 4, 1, 0, 2, 4, 1]),
+        "sorted": torch.tensor([0, 0, 1, 1, 2, 3, 3, 4]),
+        "with_base": torch.tensor([2, -1, 0, -1, 4, 4, -1, 0]),
+    }[order]
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(8, 5, IN, generator=gen, dtype=torch.float64)
     r0 = torch.randn(8, 5, OUT, generator=gen, dtype=torch.float64)
@@ -165,9 +180,27 @@ def test_opcheck(seed):
     res = torch.randn(4, 3, OUT, requires_grad=True)
     dv = packed["down_values"].detach().requires_grad_()
     uv = packed["up_values"].detach().requires_grad_()
-    args = (x, torch.tensor([1, -1, 0, 2]), res, dv, None, packed["down_crow"], packed["down_col"], uv, None,
-            packed["up_crow"], packed["up_col"], packed["bottleneck"], packed["down_nnz"], packed["up_nnz"], OUT,
-            packed["activation"], packed["scale"], True, *packed["transposed"])
+    args = (
+        x,
+        torch.tensor([1, -1, 0, 2]),
+        res,
+        dv,
+        None,
+        packed["down_crow"],
+        packed["down_col"],
+        uv,
+        None,
+        packed["up_crow"],
+        packed["up_col"],
+        packed["bottleneck"],
+        packed["down_nnz"],
+        packed["up_nnz"],
+        OUT,
+        packed["activation"],
+        packed["scale"],
+        True,
+        *packed["transposed"],
+    )
     torch.library.opcheck(_ops.sparse_adapter_multi.default, args)
 
 
@@ -233,28 +266,82 @@ def test_bad_inputs_are_named(seed):
     with pytest.raises(ValueError, match=r"\(adapter 1\): col_indices.*out of range for 24 columns \(x's last dim\)"):
         wrong = adapters(seed, specs=SPECS[:1])[0]
         wrong_in = projection(8, IN + 1, 0.5, seed, torch.float32, True)
-        ops.sparse_adapter_multi(x, torch.tensor([0, 1, 1]), None,
-                                 [specs[0], (wrong_in.csr_buffers(), wrong[1].csr_buffers(), "relu", 1.0)])
+        ops.sparse_adapter_multi(
+            x, torch.tensor([0, 1, 1]), None, [specs[0], (wrong_in.csr_buffers(), wrong[1].csr_buffers(), "relu", 1.0)]
+        )
     # a pattern that reads outside its adapter's bottleneck: refused naming the adapter
     d, u = specs[1][0], specs[1][1]
     bad_col = u[3].clone()
     bad_col[0] = SPECS[1][0]
     with pytest.raises(ValueError, match=r"sparse_adapter_multi \(adapter 1\): col_indices\[0\]"):
-        ops.sparse_adapter_multi(x, torch.tensor([0, 1, 1]), None, [specs[0], (d, u[:3] + (bad_col,) + u[4:], "relu", 1.0)])
+        ops.sparse_adapter_multi(
+            x, torch.tensor([0, 1, 1]), None, [specs[0], (d, u[:3] + (bad_col,) + u[4:], "relu", 1.0)]
+        )
     packed = ops.pack_adapters(specs, OUT, x)
-    with pytest.raises(ValueError, match=r"bottleneck, down_nnz, up_nnz, activation \(names separated by commas\) and scale must have one entry"):
-        _ops.sparse_adapter_multi.default(x, torch.tensor([0, 1, 1]), None, packed["down_values"], None,
-                                          packed["down_crow"], packed["down_col"], packed["up_values"], None,
-                                          packed["up_crow"], packed["up_col"], packed["bottleneck"], packed["down_nnz"][:1],
-                                          packed["up_nnz"], OUT, packed["activation"], packed["scale"], False)
+    with pytest.raises(
+        ValueError,
+        match=r"bottleneck, down_nnz, up_nnz, activation \(names separated by commas\) and scale must have one entry",
+    ):
+        _ops.sparse_adapter_multi.default(
+            x,
+            torch.tensor([0, 1, 1]),
+            None,
+            packed["down_values"],
+            None,
+            packed["down_crow"],
+            packed["down_col"],
+            packed["up_values"],
+            None,
+            packed["up_crow"],
+            packed["up_col"],
+            packed["bottleneck"],
+            packed["down_nnz"][:1],
+            packed["up_nnz"],
+            OUT,
+            packed["activation"],
+            packed["scale"],
+            False,
+        )
     with pytest.raises(ValueError, match="down_col_indices has .* entries but the adapters' down_nnz make"):
-        _ops.sparse_adapter_multi.default(x, torch.tensor([0, 1, 1]), None, packed["down_values"], None,
-                                          packed["down_crow"], packed["down_col"][1:], packed["up_values"], None,
-                                          packed["up_crow"], packed["up_col"], packed["bottleneck"], packed["down_nnz"],
-                                          packed["up_nnz"], OUT, packed["activation"], packed["scale"], False)
+        _ops.sparse_adapter_multi.default(
+            x,
+            torch.tensor([0, 1, 1]),
+            None,
+            packed["down_values"],
+            None,
+            packed["down_crow"],
+            packed["down_col"][1:],
+            packed["up_values"],
+            None,
+            packed["up_crow"],
+            packed["up_col"],
+            packed["bottleneck"],
+            packed["down_nnz"],
+            packed["up_nnz"],
+            OUT,
+            packed["activation"],
+            packed["scale"],
+            False,
+        )
     with pytest.raises(ValueError, match="given whole or not at all"):
-        _ops.sparse_adapter_multi.default(x, torch.tensor([0, 1, 1]), None, packed["down_values"], None,
-                                          packed["down_crow"], packed["down_col"], packed["up_values"], None,
-                                          packed["up_crow"], packed["up_col"], packed["bottleneck"], packed["down_nnz"],
-                                          packed["up_nnz"], OUT, packed["activation"], packed["scale"], False,
-                                          packed["down_crow"])
+        _ops.sparse_adapter_multi.default(
+            x,
+            torch.tensor([0, 1, 1]),
+            None,
+            packed["down_values"],
+            None,
+            packed["down_crow"],
+            packed["down_col"],
+            packed["up_values"],
+            None,
+            packed["up_crow"],
+            packed["up_col"],
+            packed["bottleneck"],
+            packed["down_nnz"],
+            packed["up_nnz"],
+            OUT,
+            packed["activation"],
+            packed["scale"],
+            False,
+            packed["down_crow"],
+        )

@@ -1,10 +1,10 @@
 """The numerical rule itself (conftest.assert_close_to_reference): a correct result summed in another
 order passes even where the dense error is 0; a result with one term missing, or off by K ulps of
 the outputs' scale, fails."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close_to_reference, float64_reference
 
 TOKENS, OUT, TERMS = 48, 32, 256

@@ -1,10 +1,11 @@
 """Every op against a float64 dense reference: all dtypes, index dtypes, devices and pattern shapes."""
+
 import pytest
 import torch
+from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern, assert_close_to_reference, float64_reference
 
 import sparseadapter_ext as ops
 from sparseadapter import csr_to_dense
-from conftest import DTYPES, INDEX_DTYPES, PATTERN_CASES, Pattern, assert_close_to_reference, float64_reference
 
 
 def _inputs(case, device, dtype, index_dtype, seed):
@@ -75,8 +76,12 @@ def test_sparse_linear_forward_backward(case, dtype, device, seed, path):
     ref64, abs64 = float64_reference(linear_and_grads, x, w, bias, gy)
     dense = linear_and_grads(x, w, bias, gy)
     tokens, (out_f, in_f) = x.shape[0], p.shape
-    checks = {"forward": (y.detach(), in_f + 1), "grad x": (x.grad, out_f), "grad values": (values.grad, tokens),
-              "grad bias": (bias.grad, tokens)}
+    checks = {
+        "forward": (y.detach(), in_f + 1),
+        "grad x": (x.grad, out_f),
+        "grad values": (values.grad, tokens),
+        "grad bias": (bias.grad, tokens),
+    }
     for i, (name, (got, terms)) in enumerate(checks.items()):
         assert_close_to_reference(got, ref64[i], abs64[i], terms, dense[i], name)
 
@@ -108,7 +113,7 @@ def test_csr_transpose_is_the_transposed_pattern(index_dtype, device, seed):
     torch.testing.assert_close(dense_t, p.weight64.T)
     # columns of W.T (rows of W) are sorted within each row of W.T
     for r in range(31):
-        seg = col_t[crow_t[r]:crow_t[r + 1]]
+        seg = col_t[crow_t[r] : crow_t[r + 1]]
         assert torch.all(seg[1:] > seg[:-1])
 
 

@@ -1,11 +1,11 @@
 """peft interop: a peft LoRA folder imported (and pruned) as a sparse adapter, and a sparse LoRA written
 back as a peft folder (densified) that peft loads to the same outputs. Skipped without peft."""
+
 import json
 import math
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 
 import sparseadapter as sa
@@ -18,8 +18,15 @@ peft = pytest.importorskip("peft")
 def base_model(seed=0):
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
@@ -33,8 +40,15 @@ def logits(model):
 
 
 def trained_peft_folder(tmp_path, trained=True, **lora):
-    model = peft.get_peft_model(base_model(), peft.LoraConfig(
-        **{**dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS"), **lora}))
+    model = peft.get_peft_model(
+        base_model(),
+        peft.LoraConfig(
+            **{
+                **dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS"),
+                **lora,
+            }
+        ),
+    )
     if trained:  # where training would take B and the head
         with torch.no_grad():
             gen = torch.Generator().manual_seed(2)
@@ -65,7 +79,9 @@ def test_import_prunes_into_a_sparse_adapter_and_exports_back_to_peft(tmp_path):
     assert (record.method, record.sparsity, record.scope) == ("magnitude", 0.5, "layer")
     # magnitude pruning keeps the largest entries of the peft matrices, with their values
     b = model.bert.encoder.layer[0].attention.self.query.sparseadapter.adapters["task"].lora_B
-    peft_b = sa.adapters.peft_interop._read_peft(str(folder))[1]["bert.encoder.layer.0.attention.self.query.lora_B.weight"]
+    peft_b = sa.adapters.peft_interop._read_peft(str(folder))[1][
+        "bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    ]
     kept = b.to_dense() != 0
     assert torch.equal(b.to_dense()[kept], peft_b[kept])
     assert peft_b[kept].abs().min() >= peft_b[~kept].abs().max()
@@ -75,8 +91,12 @@ def test_import_prunes_into_a_sparse_adapter_and_exports_back_to_peft(tmp_path):
     out = tmp_path / "back"
     sa.to_peft(model, str(out))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["r"], config["lora_alpha"], config["modules_to_save"]) == ("LORA", 4, 8.0,
-                                                                                                 ["classifier"])
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["modules_to_save"]) == (
+        "LORA",
+        4,
+        8.0,
+        ["classifier"],
+    )
     reloaded = peft.PeftModel.from_pretrained(base_model(), str(out))
     torch.testing.assert_close(logits(reloaded), ours, rtol=1e-5, atol=1e-6)
 
@@ -95,17 +115,26 @@ def test_what_a_sparse_adapter_cannot_take_is_refused(tmp_path):
     folder, _ = trained_peft_folder(tmp_path, use_dora=True)
     with pytest.raises(ValueError, match="use_dora=True"):
         sa.from_peft(base_model(), str(folder))
-    ia3 = peft.get_peft_model(base_model(), peft.IA3Config(target_modules=["key", "value"], feedforward_modules=[],
-                                                           task_type="SEQ_CLS"))
+    ia3 = peft.get_peft_model(
+        base_model(), peft.IA3Config(target_modules=["key", "value"], feedforward_modules=[], task_type="SEQ_CLS")
+    )
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(ValueError, match="IA3 adapter; only peft's LoRA"):
         sa.from_peft(base_model(), str(tmp_path / "ia3"))
     model = sa.add_adapter(base_model(), "h", sa.SparseAdapterConfig(kind="houlsby", bottleneck=4))
     with pytest.raises(ValueError, match="LoRA adapters only"):
         sa.to_peft(model, str(tmp_path / "nope"))
-    other = transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=40, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, num_labels=3))
+    other = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=40,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=3,
+        )
+    )
     (tmp_path / "again").mkdir()
     folder, _ = trained_peft_folder(tmp_path / "again")
     with pytest.raises(ValueError, match="shape"):

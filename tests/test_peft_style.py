@@ -1,14 +1,13 @@
 """What a peft user expects: a pruned LoRA starts as an exact no-op, `disable_adapter`, routed
 `adapter_names=`, `merge` that refuses what it cannot fold, peft's config names, and the CLI flags
 for them (on a tiny random BERT, built here)."""
-import re
+
 import shlex
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import sentiment_files, tiny_model  # noqa: F401
 
@@ -24,15 +23,24 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
 def batches(n=2):
     gen = torch.Generator().manual_seed(1)
-    return [dict(input_ids=torch.randint(0, 40, (4, 9), generator=gen), labels=torch.randint(0, 3, (4,), generator=gen))
-            for _ in range(n)]
+    return [
+        dict(input_ids=torch.randint(0, 40, (4, 9), generator=gen), labels=torch.randint(0, 3, (4,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def logits(model, batch):
@@ -124,6 +132,7 @@ def test_adapter_names_routing_hook_is_installed_once_and_survives_deepcopy():
     sa.add_adapter(model, "b", sa.SparseAdapterConfig(kind="pfeiffer", bottleneck=4))
     assert sum(1 for fn in model._forward_pre_hooks.values() if fn.__name__ == "_route_adapter_names") == 1
     import copy
+
     twin = copy.deepcopy(model)
     with pytest.raises(ValueError, match=r"adapter_names\[0\] = 'zz' is not an adapter"):
         twin(input_ids=batch["input_ids"], adapter_names=["zz"] * 4)
@@ -183,25 +192,64 @@ def test_peft_style_lora_config_places_and_scales_like_peft():
     sa.add_adapter(model, "a", cfg)
     hosts = sorted(h for h, _ in sa.adapters.adapter_modules(model, "a").items())
     assert [h.split(".sparseadapter")[0] for h in hosts] == [
-        f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("key", "query")]
+        f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("key", "query")
+    ]
     lora = model.bert.encoder.layer[0].attention.self.query.sparseadapter.adapters["a"]
     assert lora.scaling == 3.0 and lora.dropout.p == 0.25 and lora.lora_A.out_features == 2
 
 
 # -- the command line -----------------------------------------------------------------------------------
 def prune_args(tiny_model, files, *extra):
-    return ["prune", "--model", tiny_model, "--task", "custom", "--train-file", files["train"],
-            "--no-progress", "--threads", "1", "--max-length", "16", "--batch-size", "8", *extra]
+    return [
+        "prune",
+        "--model",
+        tiny_model,
+        "--task",
+        "custom",
+        "--train-file",
+        files["train"],
+        "--no-progress",
+        "--threads",
+        "1",
+        "--max-length",
+        "16",
+        "--batch-size",
+        "8",
+        *extra,
+    ]
 
 
 def test_cli_takes_peft_flags_and_the_adapter_name(tiny_model, sentiment_files, tmp_path, capsys):
     out = tmp_path / "saved"
-    code = main(prune_args(tiny_model, sentiment_files, "--kind", "lora", "--target-modules", r"query$", r"key$",
-                           "--r", "2", "--lora-alpha", "4", "--lora-dropout", "0.05", "--adapter-name", "sst2",
-                           "--sparsity", "0.5", "--pruner", "magnitude", "--save", str(out)))
+    code = main(
+        prune_args(
+            tiny_model,
+            sentiment_files,
+            "--kind",
+            "lora",
+            "--target-modules",
+            r"query$",
+            r"key$",
+            "--r",
+            "2",
+            "--lora-alpha",
+            "4",
+            "--lora-dropout",
+            "0.05",
+            "--adapter-name",
+            "sst2",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "magnitude",
+            "--save",
+            str(out),
+        )
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     import json
+
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["name"] == "sst2"
     assert meta["config"]["lora_targets"] == [r"query$", r"key$"]
@@ -211,13 +259,16 @@ def test_cli_takes_peft_flags_and_the_adapter_name(tiny_model, sentiment_files, 
     assert code == 0 and "self.value.sparseadapter.adapters.task" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--kind", "houlsby", "--lora-dropout", "0.1"], "lora_dropout applies to kind 'lora'"),
-    (["--kind", "houlsby", "--lora-alpha", "8"], "lora_alpha applies to kind 'lora'"),
-    (["--kind", "lora", "--adapter-dropout", "0.2", "--lora-dropout", "0.1"], "disagree"),
-    (["--adapter-name", "a.b"], "adapter_name must be"),
-    (["--kind", "lora", "--target-modules", "("], "not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--kind", "houlsby", "--lora-dropout", "0.1"], "lora_dropout applies to kind 'lora'"),
+        (["--kind", "houlsby", "--lora-alpha", "8"], "lora_alpha applies to kind 'lora'"),
+        (["--kind", "lora", "--adapter-dropout", "0.2", "--lora-dropout", "0.1"], "disagree"),
+        (["--adapter-name", "a.b"], "adapter_name must be"),
+        (["--kind", "lora", "--target-modules", "("], "not a valid regex"),
+    ],
+)
 def test_cli_rejects_inconsistent_peft_flags(tiny_model, sentiment_files, capsys, extra, needle):
     assert main(prune_args(tiny_model, sentiment_files, *extra)) == 2
     err = capsys.readouterr().err

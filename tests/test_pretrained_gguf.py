@@ -2,6 +2,7 @@
 its query/key row order, a byte-level BPE vocabulary and a chat template) goes through convert_gguf, and
 the model folder that comes out holds exactly the weights it went in with; the cache converts once and
 again when the file changes. Skipped without the gguf package (scripts/install.sh installs it)."""
+
 import json
 import os
 
@@ -17,8 +18,10 @@ from sparseadapter.training import pretrained  # noqa: E402
 
 HEADS, KV_HEADS, HIDDEN, LAYERS = 4, 2, 32, 2
 SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _byte_vocab():
@@ -39,11 +42,21 @@ def write_tiny_gguf(path, seed: int = 0):
     """A random tiny Llama with tied embeddings, as a GGUF file; returns the HF model it was made from."""
     tokens, merges = _byte_vocab()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(tokens), hidden_size=HIDDEN, intermediate_size=64,
-                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      num_key_value_heads=KV_HEADS, max_position_embeddings=64, rms_norm_eps=1e-5,
-                                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                                      pad_token_id=2)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1, so a dropped or swapped tensor would show
         for name, p in model.named_parameters():
@@ -75,10 +88,15 @@ def write_tiny_gguf(path, seed: int = 0):
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        names = {"input_layernorm.weight": "attn_norm.weight", "self_attn.v_proj.weight": "attn_v.weight",
-                 "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-                 "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-                 "mlp.down_proj.weight": "ffn_down.weight"}
+        names = {
+            "input_layernorm.weight": "attn_norm.weight",
+            "self_attn.v_proj.weight": "attn_v.weight",
+            "self_attn.o_proj.weight": "attn_output.weight",
+            "post_attention_layernorm.weight": "ffn_norm.weight",
+            "mlp.gate_proj.weight": "ffn_gate.weight",
+            "mlp.up_proj.weight": "ffn_up.weight",
+            "mlp.down_proj.weight": "ffn_down.weight",
+        }
         for hf, cpp in names.items():
             w.add_tensor(f"blk.{i}.{cpp}", sd[p + hf].numpy())
         w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], HEADS).numpy())

@@ -1,5 +1,6 @@
 """The pruning kernels: prune_score, topk_masks, mask_to_csr against plain PyTorch
 references, on every device in conftest.DEVICES."""
+
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ def _gen(seed):
 
 # ------------------------------------------------------------------------------------------------
 # prune_score
+
 
 def _score_reference(method, w, g, hg):
     out = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -68,6 +70,7 @@ def test_prune_score_bad_inputs(device):
 # ------------------------------------------------------------------------------------------------
 # topk_masks
 
+
 def _topk_reference(scores, k):
     """Concatenate, stable sort by descending score (ties in list then flat order), first k, split."""
     flat = [s.reshape(-1) for s in scores]
@@ -111,8 +114,10 @@ def test_topk_masks_matches_reference(device, dtype, kind, seed):
             s = pool[torch.randint(0, pool.numel(), shape, generator=gen)]
         scores.append(s.to(device))
     total = sum(s.numel() for s in scores)
-    ks = sorted({0, 1, 2, total // 3, total // 2, total - 1, total} | set(
-        torch.randint(0, total + 1, (4,), generator=gen).tolist()))
+    ks = sorted(
+        {0, 1, 2, total // 3, total // 2, total - 1, total}
+        | set(torch.randint(0, total + 1, (4,), generator=gen).tolist())
+    )
     for k in ks:
         _check_topk(scores, k)
 
@@ -158,6 +163,7 @@ def test_topk_masks_errors(device):
 
 # ------------------------------------------------------------------------------------------------
 # mask_to_csr
+
 
 def mask_to_csr_reference(mask, index_dtype):
     """Plain PyTorch: row counts, their running sum, and the column of every nonzero in row-major order."""
@@ -207,6 +213,7 @@ def test_mask_to_csr_non_bool_and_errors(device):
 
 # ------------------------------------------------------------------------------------------------
 # opcheck: schemas, fake kernels, dispatcher registration
+
 
 def test_opcheck(device):
     w = torch.randn(8, 12, device=device)

@@ -1,4 +1,5 @@
 """`prune`: finds adapter weights, keeps exactly k, converts to SparseLinear, records provenance."""
+
 import pytest
 import torch
 from torch import nn
@@ -123,12 +124,15 @@ def test_targets_by_name_and_predicate():
     assert isinstance(model.adapter.down, sa.SparseLinear) and isinstance(model.adapter.up, nn.Linear)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"targets": ["nope"]}, "no module named 'nope'"),
-    ({"targets": ["adapter"]}, "is a TinyAdapter, not an nn.Linear"),
-    ({"method": "obd"}, "method must be one of"),
-    ({"sparsity": 1.0}, "must be in \\[0, 1\\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"targets": ["nope"]}, "no module named 'nope'"),
+        ({"targets": ["adapter"]}, "is a TinyAdapter, not an nn.Linear"),
+        ({"method": "obd"}, "method must be one of"),
+        ({"sparsity": 1.0}, "must be in \\[0, 1\\)"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     args = {"method": "magnitude", "sparsity": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):

@@ -4,6 +4,7 @@ References are independent of the code under test: closed-form gradients of a ta
 squared-error loss, finite differences for H g, exact gradient-norm changes for the GraSP sign, and
 explicit path enumeration for SynFlow.
 """
+
 import itertools
 
 import pytest
@@ -30,8 +31,9 @@ class TinyNet:
                     p[self.small[-1]] *= 1e-3
             for p in (self.l1.bias, self.l2.bias):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.1)
-        self.batches = [(torch.randn(5, 4, generator=gen, dtype=F64), torch.randn(5, 3, generator=gen, dtype=F64))
-                        for _ in range(2)]
+        self.batches = [
+            (torch.randn(5, 4, generator=gen, dtype=F64), torch.randn(5, 3, generator=gen, dtype=F64)) for _ in range(2)
+        ]
         self.weights = {"l1": self.l1.weight, "l2": self.l2.weight}
 
     def closure(self, batch):
@@ -48,7 +50,7 @@ class TinyNet:
             h = torch.tanh(x @ w1.T + b1)
             e = h @ w2.T + b2 - y
             g2 += e.T @ h
-            g1 += ((e @ w2) * (1 - h ** 2)).T @ x
+            g1 += ((e @ w2) * (1 - h**2)).T @ x
         return g1, g2
 
     def hg(self, eps=1e-5):
@@ -110,14 +112,16 @@ def test_grasp_sign_keeps_weights_whose_removal_reduces_gradient_norm_most(seed)
     net = TinyNet(seed, small_fraction=0.5)
     s = compute_scores("grasp", net.weights, **_kw(net))
     w1, w2 = net.l1.weight.detach(), net.l2.weight.detach()
-    norm0 = sum((g ** 2).sum() for g in net.grads())
+    norm0 = sum((g**2).sum() for g in net.grads())
     delta = []  # exact change of ||g||^2 when each weight alone is set to zero
     for which, w in ((0, w1), (1, w2)):
         d = torch.empty_like(w)
         for i in range(w.numel()):
             wz = w.clone()
             wz.view(-1)[i] = 0
-            d.view(-1)[i] = sum((g ** 2).sum() for g in (net.grads(wz, None) if which == 0 else net.grads(None, wz))) - norm0
+            d.view(-1)[i] = (
+                sum((g**2).sum() for g in (net.grads(wz, None) if which == 0 else net.grads(None, wz))) - norm0
+            )
         delta.append(d.reshape(-1))
     delta = torch.cat(delta)
     score = torch.cat([s["l1"].reshape(-1), s["l2"].reshape(-1)])
@@ -153,8 +157,10 @@ def _path_scores(ws):
 
 def _chain_weights(dims, seed, dtype=F64):
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(dims[i + 1], dims[i], generator=gen, dtype=F64).to(dtype))
-            for i in range(len(dims) - 1)]
+    return [
+        nn.Parameter(torch.randn(dims[i + 1], dims[i], generator=gen, dtype=F64).to(dtype))
+        for i in range(len(dims) - 1)
+    ]
 
 
 def test_synflow_matches_path_enumeration_with_chains_masks_and_singletons():
@@ -275,8 +281,13 @@ def test_weights_restored_when_the_closure_fails():
         return net.closure(batch)
 
     with pytest.raises(RuntimeError, match="boom"):
-        compute_scores("grasp", net.weights, loss_closure=closure, data=net.batches,
-                       masks={"l2": torch.zeros(net.l2.weight.shape, dtype=torch.bool)})
+        compute_scores(
+            "grasp",
+            net.weights,
+            loss_closure=closure,
+            data=net.batches,
+            masks={"l2": torch.zeros(net.l2.weight.shape, dtype=torch.bool)},
+        )
     assert torch.equal(net.l2.weight.detach(), before) and not net.l1.weight.requires_grad
 
 
@@ -305,8 +316,11 @@ def test_compute_masks_exact_counts(method, sparsity):
 
 
 def test_compute_masks_erk_counts():
-    ws = {"a": nn.Parameter(torch.randn(4, 50)), "b": nn.Parameter(torch.randn(50, 4)),
-          "c": nn.Parameter(torch.randn(40, 40))}
+    ws = {
+        "a": nn.Parameter(torch.randn(4, 50)),
+        "b": nn.Parameter(torch.randn(50, 4)),
+        "c": nn.Parameter(torch.randn(40, 40)),
+    }
     m = compute_masks("magnitude", ws, 0.8, scope="layer", erk=True)
     assert sum(int(x.sum()) for x in m.values()) == keep_count(2000, 0.8)
     assert m["a"].float().mean() > m["c"].float().mean()
@@ -331,8 +345,12 @@ def test_iterative_magnitude_and_random_equal_one_shot():
 
 def _top(scores, k, allowed):
     """Brute-force global top-k among the allowed entries: sort (-score, tensor position, flat index)."""
-    flat = [(-float(v), ti, j) for ti, n in enumerate(scores) for j, v in enumerate(scores[n].reshape(-1).tolist())
-            if allowed is None or allowed[n].reshape(-1)[j]]
+    flat = [
+        (-float(v), ti, j)
+        for ti, n in enumerate(scores)
+        for j, v in enumerate(scores[n].reshape(-1).tolist())
+        if allowed is None or allowed[n].reshape(-1)[j]
+    ]
     keep = {n: torch.zeros(s.shape, dtype=torch.bool) for n, s in scores.items()}
     for _, ti, j in sorted(flat)[:k]:
         keep[list(scores)[ti]].view(-1)[j] = True
@@ -346,7 +364,7 @@ def test_synflow_exponential_schedule_two_rounds():
     masks = compute_masks("synflow", ws, sparsity, chains=chains, rounds=2)
     # by hand: round 1 keeps round(0.25 ** 0.5 * 93) = 46 by the unmasked scores, round 2 rescores the
     # masked chain and keeps keep_count(93, 0.75) = 23 of those 46
-    m1 = _top(compute_scores("synflow", ws, chains=chains), round(0.25 ** 0.5 * total), None)
+    m1 = _top(compute_scores("synflow", ws, chains=chains), round(0.25**0.5 * total), None)
     m2 = _top(compute_scores("synflow", ws, chains=chains, masks=m1), keep_count(total, sparsity), m1)
     assert all(torch.equal(masks[n], m2[n]) for n in ws)
     one_shot = compute_masks("synflow", ws, sparsity, chains=chains, rounds=1)

@@ -1,11 +1,11 @@
 """Exact-k selection, tie-breaking, ERK densities and the empty-matrix check (pure PyTorch reference)."""
+
 import math
 
 import pytest
 import torch
 
-from sparseadapter.pruning.selection import (check_no_empty, erk_densities, keep_count, select_global,
-                                             select_per_tensor)
+from sparseadapter.pruning.selection import check_no_empty, erk_densities, keep_count, select_global, select_per_tensor
 
 SHAPES = {"a": (3, 7), "b": (5, 11), "c": (13, 1), "d": (2, 2)}  # 21 + 55 + 13 + 4 = 93 weights
 SPARSITIES = [0.0, 0.1, 0.37, 0.5, 0.99]
@@ -26,8 +26,12 @@ def _reference(scores, ks_by_group):
     """Brute force: sort (-score, tensor position, flat index) in Python, keep the first k of each group."""
     masks = {n: torch.zeros(s.shape, dtype=torch.bool) for n, s in scores.items()}
     for group, k in ks_by_group:
-        entries = [(-float(v), ti, j, n) for ti, n in enumerate(scores) if n in group
-                   for j, v in enumerate(scores[n].reshape(-1).tolist())]
+        entries = [
+            (-float(v), ti, j, n)
+            for ti, n in enumerate(scores)
+            if n in group
+            for j, v in enumerate(scores[n].reshape(-1).tolist())
+        ]
         for _, _, j, n in sorted(entries)[:k]:
             masks[n].view(-1)[j] = True
     return masks
@@ -103,8 +107,9 @@ def test_ties_at_threshold_only_take_what_is_needed():
 
 def test_mixed_dtypes_compare_exactly():
     # float32 and float64 scores compared as float64: 0.1 (float32) > 0.1 (float64)
-    masks = select_global({"a": torch.tensor([0.1], dtype=torch.float64),
-                           "b": torch.tensor([0.1], dtype=torch.float32)}, 0.5)
+    masks = select_global(
+        {"a": torch.tensor([0.1], dtype=torch.float64), "b": torch.tensor([0.1], dtype=torch.float32)}, 0.5
+    )
     assert not masks["a"].any() and masks["b"].all()
 
 

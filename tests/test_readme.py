@@ -9,6 +9,7 @@ so in an HTML comment right above it, invisible on the rendered page:
 and NAME is one of PRELUDES below, which defines those names on a small model first. A block that
 cannot run here says `<!-- readme-test: skip REASON -->`.
 """
+
 import os
 import re
 import subprocess
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,8 +37,9 @@ def python_blocks():
                 i += 1
             above = next((lines[j] for j in range(start - 2, -1, -1) if lines[j].strip()), "")
             match = DIRECTIVE.search(above)
-            blocks.append((start, "\n".join(code) + "\n", match and match.group("prelude"),
-                           match and match.group("skip")))
+            blocks.append(
+                (start, "\n".join(code) + "\n", match and match.group("prelude"), match and match.group("skip"))
+            )
         i += 1
     return blocks
 
@@ -57,8 +58,15 @@ def _tiny_classifier(ns):
     """`model`: a 2-layer BERT classifier (random weights, eval mode); `batch`: a dict of its inputs."""
     transformers = _transformers()
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     ns["model"] = transformers.BertForSequenceClassification(config).eval()
     ns["batch"] = dict(input_ids=torch.randint(0, 64, (4, 12)), attention_mask=torch.ones(4, 12, dtype=torch.long))
     ns["torch"] = torch
@@ -100,8 +108,12 @@ def _exported_model(ns):
     export_model(served, "bbc.pt", fmt="torchscript", meta=serving_metadata(served))
 
 
-PRELUDES = {"tiny_classifier": _tiny_classifier, "dense_adapters": _dense_adapters,
-            "minilm_with_adapter": _minilm_with_adapter, "exported_model": _exported_model}
+PRELUDES = {
+    "tiny_classifier": _tiny_classifier,
+    "dense_adapters": _dense_adapters,
+    "minilm_with_adapter": _minilm_with_adapter,
+    "exported_model": _exported_model,
+}
 
 
 def test_the_readme_has_python_blocks_and_known_directives():
@@ -132,6 +144,7 @@ def test_a_scripted_model_loads_after_import_sparseadapter_only(tmp_path, monkey
     load = "import torch; torch.jit.load('bbc.pt'); print('loaded')"
     without = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
     assert without.returncode != 0 and "sparseadapter" in without.stderr, without.stderr[-2000:]
-    with_import = subprocess.run([sys.executable, "-c", "import sparseadapter; " + load], capture_output=True,
-                                 text=True, env=env, timeout=300)
+    with_import = subprocess.run(
+        [sys.executable, "-c", "import sparseadapter; " + load], capture_output=True, text=True, env=env, timeout=300
+    )
     assert with_import.returncode == 0 and "loaded" in with_import.stdout, with_import.stderr[-2000:]

@@ -5,6 +5,7 @@
   stopped, bit for bit on CPU (dropout on: the RNG state is part of the checkpoint);
 - several threads running inference on one shared model get the answers a single thread gets.
 """
+
 import json
 import os
 import random
@@ -16,10 +17,8 @@ import time
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
-from training_support import sentiment_files, tiny_model  # noqa: F401
-from training_support import kill_when_checkpointed, train_args
+from training_support import kill_when_checkpointed, sentiment_files, tiny_model, train_args  # noqa: F401
 
 import sparseadapter as sa
 from sparseadapter.adapters.card import CARD_FILE
@@ -56,8 +55,13 @@ def test_kill_during_save_leaves_a_whole_adapter(tiny_model, tmp_path):  # noqa:
     rng = random.Random(3)
     seen = set()
     for attempt in range(6):
-        proc = subprocess.Popen([sys.executable, str(script), tiny_model, str(folder)], env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), tiny_model, str(folder)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = proc.stdout.readline()  # one save done: from here on every kill lands during a save loop
         assert first.strip(), proc.stderr.read()
         time.sleep(rng.uniform(0.0, 0.3))
@@ -102,8 +106,16 @@ def test_concurrent_saves_and_loads_of_one_folder(tiny_model, tmp_path):  # noqa
     folder = tmp_path / "adapter"
     script = tmp_path / "saver.py"
     script.write_text(CONCURRENT_SAVER)
-    procs = [subprocess.Popen([sys.executable, str(script), tiny_model, str(folder), str(k), "6"], env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), tiny_model, str(folder), str(k), "6"],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in (1, 2)
+    ]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     loads, seen, errors = 0, set(), []
@@ -133,8 +145,24 @@ def test_concurrent_saves_and_loads_of_one_folder(tiny_model, tmp_path):  # noqa
 
 @pytest.mark.parametrize("kill_seed", [0, 1])
 def test_train_killed_at_random_steps_resumes_bitwise(kill_seed, tiny_model, sentiment_files, tmp_path):  # noqa: F811
-    steps = ("--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.5", "--pruner", "snip",
-             "--max-steps", "120", "--eval-every", "30", "--checkpoint-every", "4", "--adapter-dropout", "0.1")
+    steps = (
+        "--kind",
+        "houlsby",
+        "--bottleneck",
+        "8",
+        "--sparsity",
+        "0.5",
+        "--pruner",
+        "snip",
+        "--max-steps",
+        "120",
+        "--eval-every",
+        "30",
+        "--checkpoint-every",
+        "4",
+        "--adapter-dropout",
+        "0.1",
+    )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(train_args(tiny_model, sentiment_files, straight, *steps)) == 0
 
@@ -143,8 +171,9 @@ def test_train_killed_at_random_steps_resumes_bitwise(kill_seed, tiny_model, sen
     kills = sorted(rng.sample(range(4, 60), 2))  # the run must not reach its end between poll and kill
     for stop in kills:  # killed twice, resumed each time
         extra = ("--resume",) if stop != kills[0] else ()
-        left = kill_when_checkpointed(cli + train_args(tiny_model, sentiment_files, killed, *steps, *extra), killed,
-                                      stop, env=ENV)
+        left = kill_when_checkpointed(
+            cli + train_args(tiny_model, sentiment_files, killed, *steps, *extra), killed, stop, env=ENV
+        )
         assert stop <= left < 120, (stop, left)
     assert main(train_args(tiny_model, sentiment_files, killed, *steps, "--resume")) == 0
 
@@ -153,9 +182,11 @@ def test_train_killed_at_random_steps_resumes_bitwise(kill_seed, tiny_model, sen
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
     def periodic(run):  # the evaluation records, without their wall-clock timing
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k != "step_s"} for r in records if not r.get("final")]
+
     # each evaluation once: those logged after the checkpoint a kill fell back to are replayed, not repeated
     assert periodic(killed) == periodic(straight)
 
@@ -163,8 +194,9 @@ def test_train_killed_at_random_steps_resumes_bitwise(kill_seed, tiny_model, sen
 def test_threads_share_one_model(tiny_model):  # noqa: F811
     model = fresh(tiny_model)
     sa.add_adapter(model, "h", sa.SparseAdapterConfig(kind="houlsby", bottleneck=8, sparsity=0.8, pruner="random"))
-    sa.add_adapter(model, "l", sa.SparseAdapterConfig(kind="lora", bottleneck=4, sparsity=0.5, pruner="magnitude"),
-                   activate=False)
+    sa.add_adapter(
+        model, "l", sa.SparseAdapterConfig(kind="lora", bottleneck=4, sparsity=0.5, pruner="magnitude"), activate=False
+    )
     sa.set_active_adapters(model, ["h", "l"])
     model.eval()
     gen = torch.Generator().manual_seed(0)

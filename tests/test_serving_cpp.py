@@ -3,6 +3,7 @@ the export contract (sparseadapter.json plus forward(input_ids, attention_mask, 
 logits) give the same answers as Python eager, one line per request in input order, whether sent
 alone, as a batch or coalesced with others; every bad request gets its own error line and the rest
 are served; a bad model file or bad options end the program with a clear message."""
+
 import json
 import math
 import os
@@ -11,9 +12,8 @@ import subprocess
 
 import pytest
 import torch
-from torch import nn
-
 from cmake_support import CONFIGURE_TIMEOUT_S, run_step
+from torch import nn
 
 import sparseadapter as sa
 
@@ -41,8 +41,9 @@ class TinyClassifier(nn.Module):
         self.head = sa.SparseLinear.from_dense(weight, mask, torch.randn(num_labels, generator=gen))
         self.traps = traps
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
         if self.traps and bool((input_ids == 13).any()):
             raise RuntimeError("trap token 13")
         positions = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
@@ -57,16 +58,25 @@ class TinyClassifier(nn.Module):
 class ShapeModel(nn.Module):
     """Answers the shape of the batch it was given: shows how requests were coalesced and padded."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
         rows, length = input_ids.size(0), input_ids.size(1)
         return torch.tensor([[float(rows), float(length)]]).expand(rows, 2)
 
 
 def metadata(**changes):
-    meta = {"format": "sparseadapter-serving", "version": 1, "task": "classification", "num_labels": 3,
-            "labels": LABELS, "vocab_size": VOCAB, "max_length": MAX_LENGTH, "pad_token_id": 0,
-            "type_vocab_size": 2}
+    meta = {
+        "format": "sparseadapter-serving",
+        "version": 1,
+        "task": "classification",
+        "num_labels": 3,
+        "labels": LABELS,
+        "vocab_size": VOCAB,
+        "max_length": MAX_LENGTH,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+    }
     meta.update(changes)
     return meta
 
@@ -98,8 +108,12 @@ def serve(server, model_path, lines, *options, tmp_path):
     stdin = tmp_path / "requests.jsonl"
     stdin.write_bytes(data)
     with open(stdin, "rb") as f:
-        return subprocess.run([str(server), "--model", str(model_path), *map(str, options)], stdin=f,
-                              capture_output=True, timeout=RUN_TIMEOUT_S)
+        return subprocess.run(
+            [str(server), "--model", str(model_path), *map(str, options)],
+            stdin=f,
+            capture_output=True,
+            timeout=RUN_TIMEOUT_S,
+        )
 
 
 def answers(proc):
@@ -142,8 +156,10 @@ def assert_classified(answer, want):
 def test_single_requests_match_python(server, classifier, tmp_path):
     model, path = classifier
     sentences = random_sentences(9, seed=2)
-    lines = [json.dumps({"id": i, "input_ids": ids, "attention_mask": mask, "token_type_ids": types})
-             for i, (ids, mask, types) in enumerate(sentences)]
+    lines = [
+        json.dumps({"id": i, "input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        for i, (ids, mask, types) in enumerate(sentences)
+    ]
     lines.append(json.dumps({"id": "defaults", "input_ids": [5, 6, 7]}))  # mask all 1, types all 0
     lines.append(json.dumps({"id": "nulls", "input_ids": [5, 6, 7], "attention_mask": None, "token_type_ids": None}))
     out = answers(serve(server, path, lines, tmp_path=tmp_path))
@@ -159,11 +175,16 @@ def test_single_requests_match_python(server, classifier, tmp_path):
 def test_batch_requests_match_python(server, classifier, tmp_path, batch_size):
     model, path = classifier
     sentences = random_sentences(10, seed=3)  # more rows than --batch-size 4: run in chunks
-    full = {"id": "full", "input_ids": [s[0] for s in sentences], "attention_mask": [s[1] for s in sentences],
-            "token_type_ids": [s[2] for s in sentences]}
+    full = {
+        "id": "full",
+        "input_ids": [s[0] for s in sentences],
+        "attention_mask": [s[1] for s in sentences],
+        "token_type_ids": [s[2] for s in sentences],
+    }
     bare = {"id": "bare", "input_ids": [s[0] for s in sentences[:3]]}
-    out = answers(serve(server, path, [json.dumps(full), json.dumps(bare)], "--batch-size", batch_size,
-                        tmp_path=tmp_path))
+    out = answers(
+        serve(server, path, [json.dumps(full), json.dumps(bare)], "--batch-size", batch_size, tmp_path=tmp_path)
+    )
     assert [a["id"] for a in out] == ["full", "bare"]
     assert set(out[0]) == {"id", "logits", "labels", "label_names"}
     assert len(out[0]["logits"]) == len(out[0]["labels"]) == len(out[0]["label_names"]) == len(sentences)
@@ -179,8 +200,10 @@ def test_batch_requests_match_python(server, classifier, tmp_path, batch_size):
 def test_coalesced_mixed_lengths_match_python(server, classifier, tmp_path):
     model, path = classifier
     sentences = random_sentences(11, seed=4)
-    lines = [json.dumps({"id": i, "input_ids": ids, "attention_mask": mask, "token_type_ids": types})
-             for i, (ids, mask, types) in enumerate(sentences)]
+    lines = [
+        json.dumps({"id": i, "input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        for i, (ids, mask, types) in enumerate(sentences)
+    ]
     batch = {"id": "batch", "input_ids": [[3, 4], [5, 6, 7, 8, 9]]}
     lines.insert(5, json.dumps(batch))
     out = answers(serve(server, path, lines, "--batch-size", 4, tmp_path=tmp_path))
@@ -204,8 +227,10 @@ def test_coalescing_pads_to_the_longest_and_respects_batch_size(server, tmp_path
 def test_threads_give_the_same_answers(server, classifier, tmp_path):
     model, path = classifier
     sentences = random_sentences(8, seed=5)
-    lines = [json.dumps({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
-             for ids, mask, types in sentences]
+    lines = [
+        json.dumps({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        for ids, mask, types in sentences
+    ]
     one = answers(serve(server, path, lines, "--threads", 1, tmp_path=tmp_path))
     two = answers(serve(server, path, lines, "--threads", 2, tmp_path=tmp_path))
     for a, b, (ids, mask, types) in zip(one, two, sentences, strict=True):
@@ -216,8 +241,9 @@ def test_threads_give_the_same_answers(server, classifier, tmp_path):
 
 def test_regression_scores(server, tmp_path):
     model = TinyClassifier(num_labels=1, type_vocab_size=0, seed=6)
-    path = save(model, tmp_path / "regression.pt", metadata(task="regression", num_labels=1, labels=None,
-                                                            type_vocab_size=0))
+    path = save(
+        model, tmp_path / "regression.pt", metadata(task="regression", num_labels=1, labels=None, type_vocab_size=0)
+    )
     lines = [json.dumps({"input_ids": [4, 5, 6]}), json.dumps({"input_ids": [[4, 5, 6], [7, 8]]})]
     single, batch = answers(serve(server, path, lines, tmp_path=tmp_path))
     assert set(single) == {"logits", "score"} and set(batch) == {"logits", "scores"}
@@ -229,9 +255,25 @@ def test_regression_scores(server, tmp_path):
 
 def test_ids_are_echoed_exactly(server, classifier, tmp_path):
     _, path = classifier
-    ids = ["a string", "quotes \" \\ and\nnewline, \u00e9 \U0001F600 \u0001", 7, -3, 2**63 - 1, 1.5, 1.0, -0.25,
-           1e300, 6.02e23, None, True, False, [], {}, [1, "two", [3.0]],
-           {"request": 1, "tags": ["x", {"deep": None}], "ok": True}]
+    ids = [
+        "a string",
+        'quotes " \\ and\nnewline, \u00e9 \U0001f600 \u0001',
+        7,
+        -3,
+        2**63 - 1,
+        1.5,
+        1.0,
+        -0.25,
+        1e300,
+        6.02e23,
+        None,
+        True,
+        False,
+        [],
+        {},
+        [1, "two", [3.0]],
+        {"request": 1, "tags": ["x", {"deep": None}], "ok": True},
+    ]
     lines = [json.dumps({"id": value, "input_ids": [1, 2]}) for value in ids]
     lines.append('{"input_ids": [1, 2]}')
     lines.append('{ "id" : "spaced" ,\t"input_ids" : [ 1 , 2 ] }\r')  # whitespace and CRLF are fine
@@ -258,7 +300,7 @@ BAD_REQUESTS = [
     ('{"id": 1, "id": 2, "input_ids": [1]}', 'duplicate key "id"', False),
     ('{"id": ' + "[" * 80 + "]" * 80 + ', "input_ids": [1]}', "nested deeper than 64 levels", False),
     ('{"input_ids": [9223372036854775808]}', "out of the 64-bit range", False),
-    ('[1, 2, 3]', "a request must be a JSON object", False),
+    ("[1, 2, 3]", "a request must be a JSON object", False),
     ('"input_ids"', "a request must be a JSON object", False),
     ('{"id": "no ids"}', "missing input_ids", True),
     ('{"id": "empty", "input_ids": []}', "input_ids is empty", True),
@@ -269,21 +311,38 @@ BAD_REQUESTS = [
     ('{"id": "mixed", "input_ids": [[1], 2]}', "input_ids[1] must be an array", True),
     ('{"id": "big", "input_ids": [1, 50]}', "input_ids[1] = 50 is out of the vocabulary [0, 50)", True),
     ('{"id": "negative", "input_ids": [[1], [-1]]}', "input_ids[1][0] = -1 is out of the vocabulary", True),
-    ('{"id": "long", "input_ids": [' + ", ".join(["1"] * 13) + "]}", "13 tokens, more than the model's max_length 12",
-     True),
-    ('{"id": "mask 2", "input_ids": [1, 2], "attention_mask": [1, 2]}', "attention_mask[1] = 2, expected 0 or 1",
-     True),
-    ('{"id": "mask len", "input_ids": [1, 2], "attention_mask": [1]}',
-     "attention_mask has 1 entries but input_ids has 2", True),
-    ('{"id": "types len", "input_ids": [[1, 2]], "token_type_ids": [[0, 0, 0]]}',
-     "token_type_ids[0] has 3 entries but input_ids[0] has 2", True),
-    ('{"id": "rows", "input_ids": [[1], [2]], "attention_mask": [[1]]}',
-     "attention_mask must be an array of 2 rows", True),
-    ('{"id": "flat mask", "input_ids": [[1], [2]], "attention_mask": [1, 1]}',
-     "attention_mask[0] must be an array", True),
+    (
+        '{"id": "long", "input_ids": [' + ", ".join(["1"] * 13) + "]}",
+        "13 tokens, more than the model's max_length 12",
+        True,
+    ),
+    ('{"id": "mask 2", "input_ids": [1, 2], "attention_mask": [1, 2]}', "attention_mask[1] = 2, expected 0 or 1", True),
+    (
+        '{"id": "mask len", "input_ids": [1, 2], "attention_mask": [1]}',
+        "attention_mask has 1 entries but input_ids has 2",
+        True,
+    ),
+    (
+        '{"id": "types len", "input_ids": [[1, 2]], "token_type_ids": [[0, 0, 0]]}',
+        "token_type_ids[0] has 3 entries but input_ids[0] has 2",
+        True,
+    ),
+    (
+        '{"id": "rows", "input_ids": [[1], [2]], "attention_mask": [[1]]}',
+        "attention_mask must be an array of 2 rows",
+        True,
+    ),
+    (
+        '{"id": "flat mask", "input_ids": [[1], [2]], "attention_mask": [1, 1]}',
+        "attention_mask[0] must be an array",
+        True,
+    ),
     ('{"id": "zeros", "input_ids": [1, 2], "attention_mask": [0, 0]}', "attention_mask is all zeros", True),
-    ('{"id": "type 2", "input_ids": [1, 2], "token_type_ids": [0, 2]}', "token_type_ids[1] = 2 is out of range [0, 2)",
-     True),
+    (
+        '{"id": "type 2", "input_ids": [1, 2], "token_type_ids": [0, 2]}',
+        "token_type_ids[1] = 2 is out of range [0, 2)",
+        True,
+    ),
     ('{"id": "typo", "input_ids": [1], "attention_masks": [1]}', 'unknown key "attention_masks"', True),
 ]
 
@@ -319,8 +378,15 @@ def test_invalid_utf8_and_overlong_lines(server, classifier, tmp_path):
     _, path = classifier
     good = b'{"input_ids": [1, 2]}\n'
     long_line = b'{"id": "' + b"x" * (16 * 1024 * 1024 + 10) + b'", "input_ids": [1]}\n'
-    data = (good + b'{"id": "\xff"}\n' + b'{"id": "\xc3\x28"}\n' + b'{"id": "\xed\xa0\x80"}\n' + long_line + good
-            + b'{"input_ids": [3]}')  # the last line has no newline: still a request
+    data = (
+        good
+        + b'{"id": "\xff"}\n'
+        + b'{"id": "\xc3\x28"}\n'
+        + b'{"id": "\xed\xa0\x80"}\n'
+        + long_line
+        + good
+        + b'{"input_ids": [3]}'
+    )  # the last line has no newline: still a request
     out = answers(serve(server, path, data, tmp_path=tmp_path))
     assert [a.get("line") for a in out] == [None, 2, 3, 4, 5, None, None]
     assert "invalid UTF-8 (byte 0xff)" in out[1]["error"]
@@ -349,8 +415,14 @@ def test_a_failing_request_fails_alone(server, tmp_path):
         assert_classified(out[i], eager_logits(model, [token[i]] * 2))
     batch = answers(serve(server, path, [json.dumps({"input_ids": [[1], [14]]})], tmp_path=tmp_path))
     assert batch[0]["error"] == "the model produced a non-finite logit (nan) for input_ids[1]"
-    batch = answers(serve(server, path, [json.dumps({"id": "b", "input_ids": [[1], [13]]}),
-                                         json.dumps({"id": "c", "input_ids": [2]})], tmp_path=tmp_path))
+    batch = answers(
+        serve(
+            server,
+            path,
+            [json.dumps({"id": "b", "input_ids": [[1], [13]]}), json.dumps({"id": "c", "input_ids": [2]})],
+            tmp_path=tmp_path,
+        )
+    )
     assert batch[0]["error"].endswith("trap token 13") and batch[1]["id"] == "c" and "logits" in batch[1]
 
 
@@ -359,12 +431,16 @@ def test_ids_are_checked_against_the_model_embedding(server, tmp_path):
     checked against the embedding, so a bad id is that request's error, not its batch's."""
     model = TinyClassifier(seed=3)
     path = save(model, tmp_path / "big_vocab.pt", metadata(vocab_size=10**9))
-    lines = [json.dumps({"id": "good", "input_ids": [1, 2]}), json.dumps({"id": "bad", "input_ids": [3, 60]}),
-             json.dumps({"id": "batch", "input_ids": [[4], [49]]})]
+    lines = [
+        json.dumps({"id": "good", "input_ids": [1, 2]}),
+        json.dumps({"id": "bad", "input_ids": [3, 60]}),
+        json.dumps({"id": "batch", "input_ids": [[4], [49]]}),
+    ]
     proc = serve(server, path, lines, "--batch-size", 8, tmp_path=tmp_path)
     out = answers(proc)
-    assert "vocab_size 1000000000 is more than the 50 rows of the model's token embedding 'tokens'" in \
-        proc.stderr.decode()
+    assert (
+        "vocab_size 1000000000 is more than the 50 rows of the model's token embedding 'tokens'" in proc.stderr.decode()
+    )
     assert_classified(out[0], eager_logits(model, [1, 2]))
     assert out[1] == {"id": "bad", "line": 2, "error": "input_ids[1] = 60 is out of the vocabulary [0, 50)"}
     assert_logits(out[2]["logits"][1], eager_logits(model, [49]))
@@ -397,8 +473,9 @@ def test_memory_per_line_is_bounded(server, classifier):
     import threading
 
     _, path = classifier
-    proc = subprocess.Popen([str(server), "--model", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(server), "--model", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
     def exchange(data, count):
         """Write `data` and read `count` answers, each on its own thread (16 MiB each way)."""
@@ -416,13 +493,13 @@ def test_memory_per_line_is_bounded(server, classifier):
         exchange(b'{"input_ids": [1, 2]}\n', 1)
         baseline = _hwm_kib(proc.pid)
         growth, answered = {}, {}
-        for name, (line, error) in MEMORY_LINES.items():
+        for name, (line, _error) in MEMORY_LINES.items():
             for copies in (1, 4):
                 answered[name, copies] = exchange(line * copies, copies)
                 growth[f"{name} x{copies}"] = (_hwm_kib(proc.pid) - baseline) / 1024
         # measured +64 to +103 MB; +408 MB for one 16 MiB line and +736 MB for four before the budgets
         assert max(growth.values()) < 160, growth
-        for (name, copies), got in answered.items():
+        for (name, _copies), got in answered.items():
             error = MEMORY_LINES[name][1]
             for answer in got:
                 if error is None:
@@ -439,8 +516,9 @@ def test_memory_per_line_is_bounded(server, classifier):
 
 def test_wrong_output_shape_is_an_error_per_request(server, tmp_path):
     path = save(TinyClassifier(num_labels=2, seed=8), tmp_path / "two.pt", metadata())  # says 3 labels
-    out = answers(serve(server, path, [json.dumps({"input_ids": [1]}), json.dumps({"input_ids": [2]})],
-                        tmp_path=tmp_path))
+    out = answers(
+        serve(server, path, [json.dumps({"input_ids": [1]}), json.dumps({"input_ids": [2]})], tmp_path=tmp_path)
+    )
     assert len(out) == 2
     # the batch of two fails, then each request alone: [1, 2] logits where [1, 3] were expected
     assert all("expected floats of shape [1, 3]" in a["error"] and "[1, 2]" in a["error"] for a in out)
@@ -454,19 +532,22 @@ def _bad_forward():
     return OneInput()
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "cannot open model"),
-    ("garbage", "is not a loadable TorchScript model"),
-    ("no metadata", "has no sparseadapter.json"),
-    ("metadata not JSON", "invalid sparseadapter.json: invalid JSON at column 1"),
-    ("wrong format", '"format" is not "sparseadapter-serving"'),
-    ("version 2", "version 2 is not supported"),
-    ("no vocab_size", 'missing "vocab_size"'),
-    ("bad labels", '"labels" must be null or a list of num_labels (3) strings'),
-    ("pad outside vocab", "pad_token_id 50 is not below vocab_size 50"),
-    ("regression with 2 labels", "a regression model must have num_labels 1"),
-    ("forward inputs", "forward takes 1 inputs, expected 3"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "cannot open model"),
+        ("garbage", "is not a loadable TorchScript model"),
+        ("no metadata", "has no sparseadapter.json"),
+        ("metadata not JSON", "invalid sparseadapter.json: invalid JSON at column 1"),
+        ("wrong format", '"format" is not "sparseadapter-serving"'),
+        ("version 2", "version 2 is not supported"),
+        ("no vocab_size", 'missing "vocab_size"'),
+        ("bad labels", '"labels" must be null or a list of num_labels (3) strings'),
+        ("pad outside vocab", "pad_token_id 50 is not below vocab_size 50"),
+        ("regression with 2 labels", "a regression model must have num_labels 1"),
+        ("forward inputs", "forward takes 1 inputs, expected 3"),
+    ],
+)
 def test_bad_model_files_exit_1(server, tmp_path, case, message):
     path = tmp_path / "model.pt"
     model = TinyClassifier(seed=9)
@@ -500,16 +581,19 @@ def test_bad_model_files_exit_1(server, tmp_path, case, message):
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--model is required"),
-    (["--model"], "--model needs a value"),
-    (["--model", "m.pt", "--batch-size", "0"], "--batch-size must be an integer from 1 to 65536, got '0'"),
-    (["--model", "m.pt", "--batch-size=x"], "--batch-size must be an integer"),
-    (["--model", "m.pt", "--threads", "-1"], "--threads must be an integer from 1 to 1024"),
-    (["--model", "m.pt", "--threads", "2.5"], "--threads must be an integer"),
-    (["--model", "m.pt", "--port", "80"], "unknown argument '--port'"),
-    (["m.pt"], "unknown argument 'm.pt'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--model is required"),
+        (["--model"], "--model needs a value"),
+        (["--model", "m.pt", "--batch-size", "0"], "--batch-size must be an integer from 1 to 65536, got '0'"),
+        (["--model", "m.pt", "--batch-size=x"], "--batch-size must be an integer"),
+        (["--model", "m.pt", "--threads", "-1"], "--threads must be an integer from 1 to 1024"),
+        (["--model", "m.pt", "--threads", "2.5"], "--threads must be an integer"),
+        (["--model", "m.pt", "--port", "80"], "unknown argument '--port'"),
+        (["m.pt"], "unknown argument 'm.pt'"),
+    ],
+)
 def test_bad_options_exit_2(server, args, message):
     proc = subprocess.run([str(server), *args], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
@@ -526,8 +610,12 @@ def test_live_pipe_is_answered_line_by_line(server, classifier):
     """A client that waits for each answer before sending the next request is never stalled by
     coalescing, and end of input ends the server with status 0."""
     model, path = classifier
-    proc = subprocess.Popen([str(server), "--model", str(path), "--batch-size", "32"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(server), "--model", str(path), "--batch-size", "32"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         for i in range(5):
             ids = [i + 1] * (i + 1)
@@ -546,7 +634,7 @@ def test_live_pipe_is_answered_line_by_line(server, classifier):
         proc.stdin.write(b'{"id": "split", "input_ids"')
         proc.stdin.flush()
         assert not select.select([proc.stdout], [], [], 0.2)[0]
-        proc.stdin.write(b': [1, 2]}\n')
+        proc.stdin.write(b": [1, 2]}\n")
         proc.stdin.flush()
         assert select.select([proc.stdout], [], [], ANSWER_TIMEOUT_S)[0]
         assert json.loads(proc.stdout.readline())["id"] == "split"

@@ -2,18 +2,23 @@
 ("adapter": "name"), requests for different adapters are answered from one forward, each row with
 what Python gives it with its adapter; a request naming an unknown adapter, or none, gets an error line
 and the others in its batch are answered."""
+
 import json
 import subprocess
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import tiny_model  # noqa: F401
 
 from sparseadapter.adapters import SparseAdapterConfig, add_adapter, save_adapter, set_active_adapters
-from sparseadapter.serving import (MultiAdapterServingModel, export_model, load_adapters, prepare_for_inference,
-                                   serving_metadata)
+from sparseadapter.serving import (
+    MultiAdapterServingModel,
+    export_model,
+    load_adapters,
+    prepare_for_inference,
+    serving_metadata,
+)
 
 transformers = pytest.importorskip("transformers")
 RUN_TIMEOUT_S = 120
@@ -47,8 +52,13 @@ def exported(tiny_model, tmp_path_factory):
 
 
 def serve(binary, model, lines, *extra):
-    proc = subprocess.run([str(binary), "--model", str(model), "--threads", "1", *extra], input="\n".join(lines) + "\n",
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [str(binary), "--model", str(model), "--threads", "1", *extra],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
@@ -67,7 +77,7 @@ def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
     assert [a.get("id") for a in answers] == [0, 1, "x", 2, "y", 3, 4, "b"]
     by_id = {a["id"]: a for a in answers}
     assert by_id["x"]["error"] == 'unknown adapter "gamma" (this model serves alpha, beta)'
-    assert "missing \"adapter\"" in by_id["y"]["error"] and "alpha, beta" in by_id["y"]["error"]
+    assert 'missing "adapter"' in by_id["y"]["error"] and "alpha, beta" in by_id["y"]["error"]
     for i, (s, a) in enumerate(zip(sentences, adapters)):
         ids = torch.tensor([s])
         with torch.inference_mode():
@@ -85,17 +95,22 @@ def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
 def test_adapter_must_be_a_name(cmake_build, exported):
     binary = cmake_build[1] / "sparseadapter_serve"
     path, _, _ = exported
-    answers = serve(binary, path, [json.dumps({"input_ids": [4, 5], "adapter": 3}),
-                                   json.dumps({"input_ids": [4, 5], "adapter": "alpha"})])
+    answers = serve(
+        binary,
+        path,
+        [json.dumps({"input_ids": [4, 5], "adapter": 3}), json.dumps({"input_ids": [4, 5], "adapter": "alpha"})],
+    )
     assert answers[0]["error"] == '"adapter" must be an adapter\'s name (a string)'
     assert "error" not in answers[1] and len(answers[1]["logits"]) == 3
 
 
 def test_a_single_adapter_model_refuses_the_adapter_key(cmake_build, tmp_path):
     from test_serving_cpp import TinyClassifier, metadata, save
+
     binary = cmake_build[1] / "sparseadapter_serve"
     path = save(TinyClassifier(), tmp_path / "one.pt", metadata())
-    answers = serve(binary, path, [json.dumps({"input_ids": [4, 5], "adapter": "alpha"}),
-                                   json.dumps({"input_ids": [4, 5]})])
+    answers = serve(
+        binary, path, [json.dumps({"input_ids": [4, 5], "adapter": "alpha"}), json.dumps({"input_ids": [4, 5]})]
+    )
     assert "this model was exported with one adapter" in answers[0]["error"]
     assert "error" not in answers[1]

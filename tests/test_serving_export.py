@@ -1,12 +1,12 @@
 """The Python half of serving: the inference form of a model (prefixes folded, LoRA merged, each sparse
 layer on the measured-faster kernel) computes what the trained model computes, and every export format
 reproduces it on shapes it was not traced or exported with, carrying the metadata a server needs."""
+
 import json
 import zipfile
 
 import pytest
 import torch
-
 from hf_support import needs_attention_interface, one_thread  # noqa: F401
 from training_support import VOCAB, sentiment_files, tiny_model, train_args  # noqa: F401
 
@@ -14,8 +14,14 @@ import sparseadapter as sa
 from sparseadapter import path_choice
 from sparseadapter.adapters import SparseAdapterConfig, add_adapter, set_active_adapters
 from sparseadapter.cli import main
-from sparseadapter.serving import (ServingModel, densify, example_inputs, export_model, prepare_for_inference,
-                                   serving_metadata)
+from sparseadapter.serving import (
+    ServingModel,
+    densify,
+    example_inputs,
+    export_model,
+    prepare_for_inference,
+    serving_metadata,
+)
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-5  # flash-attention's rule, made strict: fp32 on CPU, same kernels on both sides
@@ -41,8 +47,9 @@ def classifier(tiny_model):
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
     add_adapter(model, "houlsby", SparseAdapterConfig(kind="houlsby", bottleneck=16, sparsity=0.8, pruner="random"))
-    add_adapter(model, "lora", SparseAdapterConfig(kind="lora", bottleneck=8, sparsity=0.5, pruner="random"),
-                activate=False)
+    add_adapter(
+        model, "lora", SparseAdapterConfig(kind="lora", bottleneck=8, sparsity=0.5, pruner="random"), activate=False
+    )
     set_active_adapters(model, ["houlsby", "lora"])
     randomize_adapters(model)
     return model.eval()
@@ -89,8 +96,9 @@ def test_keeping_lora_unmerged_runs_it_sparse(classifier):
 def test_prefixes_are_folded(tiny_model):
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
-    add_adapter(model, "mam", SparseAdapterConfig(kind="mam", sparsity=0.6, pruner="random", prefix_length=4,
-                                                  prefix_mid_dim=16))
+    add_adapter(
+        model, "mam", SparseAdapterConfig(kind="mam", sparsity=0.6, pruner="random", prefix_length=4, prefix_mid_dim=16)
+    )
     randomize_adapters(model)
     model.eval()
     served, plan = prepare_for_inference(model, path="sparse")
@@ -108,20 +116,26 @@ def test_densify_is_the_same_map():
 
 def test_auto_follows_the_crossover_table(tmp_path, monkeypatch):
     monkeypatch.setenv(path_choice.PATH_ENV, "auto")  # the suite runs with SPARSEADAPTER_PATH=sparse
-    table = path_choice.CrossoverTable("cpu", "float32", [
-        {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.5},
-        {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 10000, "crossover_density": 0.1}])
+    table = path_choice.CrossoverTable(
+        "cpu",
+        "float32",
+        [
+            {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.5},
+            {"kind": "linear", "in_features": 64, "out_features": 16, "tokens": 10000, "crossover_density": 0.1},
+        ],
+    )
     file = tmp_path / "table.json"
     file.write_text(table.to_json())
     monkeypatch.setenv(path_choice.TABLE_ENV, str(file))
     choose = path_choice.choose_path
-    assert choose(64, 16, 0.3, 128) == "sparse"       # nearest point: tokens 100, crossover 0.5
-    assert choose(64, 16, 0.3, 8192) == "dense"       # nearest point: tokens 10000, crossover 0.1
+    assert choose(64, 16, 0.3, 128) == "sparse"  # nearest point: tokens 100, crossover 0.5
+    assert choose(64, 16, 0.3, 8192) == "dense"  # nearest point: tokens 10000, crossover 0.1
     assert choose(64, 16, 0.3, 8192, path="sparse") == "sparse"
     # whole adapters have their own points; none of that kind measured: the sparse kernel
     assert choose(64, 16, 0.3, 8192, kind="adapter") == "sparse"
-    table.points.append({"kind": "adapter", "in_features": 64, "out_features": 16, "tokens": 100,
-                         "crossover_density": 0.2})
+    table.points.append(
+        {"kind": "adapter", "in_features": 64, "out_features": 16, "tokens": 100, "crossover_density": 0.2}
+    )
     file.write_text(table.to_json())
     assert choose(64, 16, 0.3, 8192, kind="adapter") == "dense"
     assert choose(64, 16, 0.1, 8192, kind="adapter") == "sparse"
@@ -218,8 +232,10 @@ def test_export_refuses_unknown_format(classifier, tmp_path):
 
 def test_cli_exports_a_trained_adapter(tiny_model, sentiment_files, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_args(tiny_model, sentiment_files, run, "--epochs", "1", "--sparsity", "0.8",
-                           "--pruner", "random")) == 0
+    assert (
+        main(train_args(tiny_model, sentiment_files, run, "--epochs", "1", "--sparsity", "0.8", "--pruner", "random"))
+        == 0
+    )
     out = tmp_path / "served.pt"
     assert main(["export", "--adapter", str(run / "best"), "--output", str(out), "--path", "sparse"]) == 0
     printed = capsys.readouterr().out

@@ -2,12 +2,12 @@
 (random values), exported to TorchScript from Python, answered by sparseadapter_serve (built here with
 CMake) over JSON lines. Its logits equal Python eager within 1e-5 relative; bad requests get error lines
 and the requests after them still get answers."""
+
 import json
 import subprocess
 
 import pytest
 import torch
-
 from hf_support import one_thread, tokenizer  # noqa: F401
 
 from sparseadapter.adapters import SparseAdapterConfig, add_adapter, set_active_adapters
@@ -61,8 +61,13 @@ def eager_logits(model, ids):
 def serve(cmake_build, model_path, lines, *options):
     exe = cmake_build[1] / "sparseadapter_serve"
     assert exe.is_file(), f"{exe} was not built"
-    proc = subprocess.run([str(exe), "--model", str(model_path), *options], input="".join(lines),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(exe), "--model", str(model_path), *options],
+        input="".join(lines),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(answers) == len(lines), proc.stdout
@@ -82,7 +87,7 @@ def test_cpp_server_matches_python_eager(cmake_build, exported, minilm_with_adap
     want = [eager_logits(minilm_with_adapters, i) for i in ids]
     lines = [json.dumps({"id": n, "input_ids": i}) + "\n" for n, i in enumerate(ids)]
     bad = [
-        '{"id": "broken", "input_ids": [101, 2023\n',                                   # malformed JSON
+        '{"id": "broken", "input_ids": [101, 2023\n',  # malformed JSON
         json.dumps({"id": "vocab", "input_ids": [101, meta["vocab_size"], 102]}) + "\n",  # id out of range
         json.dumps({"id": "long", "input_ids": [101] * (meta["max_length"] + 1)}) + "\n",
         json.dumps({"id": "mask", "input_ids": ids[0], "attention_mask": [1, 0]}) + "\n",  # length mismatch
@@ -90,10 +95,24 @@ def test_cpp_server_matches_python_eager(cmake_build, exported, minilm_with_adap
     ]
     # a batched request too: every sentence at once, padded to the longest
     longest = max(map(len, ids))
-    batch = {"id": "batch", "input_ids": [i + [meta["pad_token_id"]] * (longest - len(i)) for i in ids],
-             "attention_mask": [[1] * len(i) + [0] * (longest - len(i)) for i in ids]}
-    stream = [lines[0], bad[0], lines[1], bad[1], bad[2], lines[2], lines[3], bad[3], lines[4], bad[4],
-              json.dumps(batch) + "\n"]
+    batch = {
+        "id": "batch",
+        "input_ids": [i + [meta["pad_token_id"]] * (longest - len(i)) for i in ids],
+        "attention_mask": [[1] * len(i) + [0] * (longest - len(i)) for i in ids],
+    }
+    stream = [
+        lines[0],
+        bad[0],
+        lines[1],
+        bad[1],
+        bad[2],
+        lines[2],
+        lines[3],
+        bad[3],
+        lines[4],
+        bad[4],
+        json.dumps(batch) + "\n",
+    ]
     answers = serve(cmake_build, path, stream, *options)
 
     singles = [a for a in answers if isinstance(a.get("id"), int)]

@@ -1,13 +1,13 @@
 """Several adapters in one exported model: `sparseadapter export --adapter a --adapter b` writes one
 TorchScript module whose forward takes an adapter index per row; each row's logits equal those of its
 adapter exported alone (its own sites and its own task head), whatever the mix of the batch."""
+
 import json
 import shutil
 import zipfile
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import sentiment_files, tiny_model, train_args  # noqa: F401
 
@@ -30,8 +30,26 @@ def two_adapters(tiny_model, sentiment_files, tmp_path_factory):
     folders = []
     for name, kind, seed in (("alpha", "lora", "1"), ("beta", "houlsby", "2")):
         run = root / f"run-{name}"
-        assert main(train_args(tiny_model, sentiment_files, run, "--epochs", "1", "--kind", kind, "--sparsity", "0.7",
-                               "--pruner", "random", "--seed", seed)) == 0
+        assert (
+            main(
+                train_args(
+                    tiny_model,
+                    sentiment_files,
+                    run,
+                    "--epochs",
+                    "1",
+                    "--kind",
+                    kind,
+                    "--sparsity",
+                    "0.7",
+                    "--pruner",
+                    "random",
+                    "--seed",
+                    seed,
+                )
+            )
+            == 0
+        )
         shutil.copytree(run / "best", root / name)
         folders.append(root / name)
     return folders
@@ -47,8 +65,10 @@ def test_one_module_answers_each_row_with_its_adapter(two_adapters, tmp_path, ca
     alone = {}
     for k, folder in enumerate(two_adapters):
         path = tmp_path / f"{k}.pt"
-        assert main(["export", "--adapter", str(folder), "--output", str(path), "--path", "sparse",
-                     "--no-merge-lora"]) == 0
+        assert (
+            main(["export", "--adapter", str(folder), "--output", str(path), "--path", "sparse", "--no-merge-lora"])
+            == 0
+        )
         alone[k] = torch.jit.load(str(path))
     module = torch.jit.load(str(both))
     assert "sparseadapter::sparse_adapter_multi" in str(module.inlined_graph)
@@ -65,10 +85,13 @@ def test_one_module_answers_each_row_with_its_adapter(two_adapters, tmp_path, ca
 
 def test_export_format_takes_the_adapter_index_too(two_adapters, tmp_path):
     import sparseadapter  # noqa: F401  (the ops, for torch.export.load)
+
     alpha, beta = two_adapters
     out = tmp_path / "both.pt2"
-    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--output", str(out),
-                 "--format", "export"]) == 0
+    assert (
+        main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--output", str(out), "--format", "export"])
+        == 0
+    )
     ts = tmp_path / "both.pt"
     assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--output", str(ts)]) == 0
     program = torch.export.load(str(out)).module()
@@ -76,8 +99,9 @@ def test_export_format_takes_the_adapter_index_too(two_adapters, tmp_path):
     inputs = example_inputs(meta, 4, 9, seed=3)
     index = torch.tensor([1, 0, 1, 1])
     with torch.inference_mode():
-        torch.testing.assert_close(program(*inputs, index), torch.jit.load(str(ts))(*inputs, index),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            program(*inputs, index), torch.jit.load(str(ts))(*inputs, index), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_several_adapters_are_checked(two_adapters, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """SparseLinear: construction, conversion, state_dict round trip, pattern loading, devices, dtypes."""
+
 import pytest
 import torch
-
 from conftest import Pattern
+
 from sparseadapter import SparseLinear, csr_to_dense, mask_to_csr
 
 
@@ -96,6 +97,7 @@ def test_mask_to_csr_and_back(device, seed):
 # Loading while other threads run forwards (SparseLinear's module docstring): every forward computes
 # with the whole old state or the whole new one.
 
+
 def _race_loads_and_forwards(module, states, x, refs, seconds=1.5):
     import threading
     import time
@@ -174,6 +176,7 @@ def test_load_state_dict_racing_fused_adapter_forwards():
     # The guarantee is per SparseLinear: a load of the adapter swaps down, then up, so a forward may
     # combine either state of each layer, but never a torn layer.
     import copy
+
     refs = []
     with torch.no_grad():
         for down in adapters:
@@ -204,17 +207,33 @@ def test_failed_load_leaves_the_layer_whole():
 # A tensor on the meta device beside real ones: the dispatcher runs the ops' Meta kernel (the fake),
 # never the C++ kernel and its device checks; the fakes check the devices themselves.
 
+
 def _meta_cases():
     x = torch.randn(3, 4)
     crow, col, v = torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.randn(2)
     bias = torch.zeros(2)
     m = lambda t: t.to("meta")  # noqa: E731
     import sparseadapter_ext as ext
+
     crow_t, col_t, perm_t = ext.csr_transpose(crow, col, 4)
     row_order, row_order_t = ext.csr_row_order(crow), ext.csr_row_order(crow_t)
-    lin = lambda **kw: ext.sparse_linear(**{**dict(  # noqa: E731
-        x=x, values=v, bias=bias, crow_indices=crow, col_indices=col, row_order=row_order,
-        crow_indices_t=crow_t, col_indices_t=col_t, perm_t=perm_t, row_order_t=row_order_t), **kw})
+    lin = lambda **kw: ext.sparse_linear(
+        **{
+            **dict(  # noqa: E731
+                x=x,
+                values=v,
+                bias=bias,
+                crow_indices=crow,
+                col_indices=col,
+                row_order=row_order,
+                crow_indices_t=crow_t,
+                col_indices_t=col_t,
+                perm_t=perm_t,
+                row_order_t=row_order_t,
+            ),
+            **kw,
+        }
+    )
     return [
         ("spmm crow", lambda: ext.spmm(x, v, m(crow), col), "crow_indices is on meta"),
         ("spmm col", lambda: ext.spmm(x, v, crow, m(col)), "col_indices is on meta"),
@@ -256,6 +275,11 @@ def test_sparse_linear_with_a_buffer_on_meta_is_refused(buffer):
 
 def test_all_meta_is_a_shape_computation():
     import sparseadapter_ext as ext
-    out = ext.spmm(torch.empty(3, 4, device="meta"), torch.empty(2, device="meta"),
-                   torch.tensor([0, 1, 2], device="meta"), torch.empty(2, dtype=torch.int64, device="meta"))
+
+    out = ext.spmm(
+        torch.empty(3, 4, device="meta"),
+        torch.empty(2, device="meta"),
+        torch.tensor([0, 1, 2], device="meta"),
+        torch.empty(2, dtype=torch.int64, device="meta"),
+    )
     assert out.device.type == "meta" and out.shape == (3, 2)

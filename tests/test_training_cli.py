@@ -1,15 +1,14 @@
 """`sparseadapter train / eval / prune / demo` end to end on a tiny random BERT and tables written here:
 the run writes what it promises, a killed run resumes to the bitwise same adapter, saved adapters score
 the same in `eval`, and bad options, files and rows end in one clear line and exit status 2."""
+
 import json
 import os
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
-from training_support import sentiment_files, tiny_model  # noqa: F401
-from training_support import sentiment_rows, train_args, write_csv
+from training_support import sentiment_files, sentiment_rows, tiny_model, train_args, write_csv  # noqa: F401
 
 from sparseadapter.adapters.io import weights_path
 from sparseadapter.cli import main
@@ -42,11 +41,35 @@ def adapter_tensors(folder):
 
 def test_train_writes_the_run_and_eval_reproduces_it(tiny_model, sentiment_files, tmp_path, capsys):
     out_dir = tmp_path / "run"
-    stdout = run_ok(train_args(tiny_model, sentiment_files, out_dir, "--kind", "houlsby", "--bottleneck", "8",
-                               "--sparsity", "0.5", "--pruner", "snip", "--max-steps", "24", "--eval-every", "8"),
-                    capsys)
-    for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "adapter/adapter_config.json",
-                 "adapter/train_config.json", "checkpoint/trainer_state.pt"):
+    stdout = run_ok(
+        train_args(
+            tiny_model,
+            sentiment_files,
+            out_dir,
+            "--kind",
+            "houlsby",
+            "--bottleneck",
+            "8",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "snip",
+            "--max-steps",
+            "24",
+            "--eval-every",
+            "8",
+        ),
+        capsys,
+    )
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+        "results.md",
+        "adapter/adapter_config.json",
+        "adapter/train_config.json",
+        "checkpoint/trainer_state.pt",
+    ):
         assert (out_dir / name).is_file(), name
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if not r.get("final")]
@@ -63,8 +86,9 @@ def test_train_writes_the_run_and_eval_reproduces_it(tiny_model, sentiment_files
 
     best = [r for r in periodic if r["step"] == results["best_step"]][0]
     assert results["validation"]["accuracy"] == pytest.approx(best["accuracy"])
-    stdout = run_ok(["eval", "--adapter", str(out_dir / "adapter"), "--split", "test", "--json", "--no-progress"],
-                    capsys)
+    stdout = run_ok(
+        ["eval", "--adapter", str(out_dir / "adapter"), "--split", "test", "--json", "--no-progress"], capsys
+    )
     again = json.loads(stdout)
     assert again["accuracy"] == results["test"]["accuracy"]
     assert again["loss"] == pytest.approx(results["test"]["loss"], rel=1e-5)
@@ -73,8 +97,24 @@ def test_train_writes_the_run_and_eval_reproduces_it(tiny_model, sentiment_files
 def test_killed_run_resumes_to_the_same_adapter(tiny_model, sentiment_files, tmp_path, capsys, monkeypatch):
     """Interrupt at step 7 (checkpoints every 3 steps), resume: same adapter, bit for bit, as a run
     that never stopped; the data order, dropout RNG, optimizer and LR schedule all carry over."""
-    common = ("--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", "snip",
-              "--max-steps", "12", "--eval-every", "5", "--checkpoint-every", "3", "--adapter-dropout", "0.1")
+    common = (
+        "--kind",
+        "houlsby",
+        "--bottleneck",
+        "8",
+        "--sparsity",
+        "0.6",
+        "--pruner",
+        "snip",
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "3",
+        "--adapter-dropout",
+        "0.1",
+    )
     straight = tmp_path / "straight"
     run_ok(train_args(tiny_model, sentiment_files, straight, *common), capsys)
 
@@ -108,11 +148,29 @@ def test_regression_and_pairs_from_jsonl(tiny_model, tmp_path, capsys):
     rows = sentiment_rows(48, seed=5, pairs=True)
     for r in rows:
         r["label"] = 2.5 * r["label"] + 0.5
-    files = {"train": write_csv(tmp_path / "train.csv", rows), "validation": write_csv(tmp_path / "v.csv", rows[:16]),
-             "test": write_csv(tmp_path / "t.csv", rows[16:32])}
+    files = {
+        "train": write_csv(tmp_path / "train.csv", rows),
+        "validation": write_csv(tmp_path / "v.csv", rows[:16]),
+        "test": write_csv(tmp_path / "t.csv", rows[16:32]),
+    }
     out_dir = tmp_path / "run"
-    run_ok(train_args(tiny_model, files, out_dir, "--regression", "--kind", "lora", "--sparsity", "0.5",
-                      "--pruner", "magnitude", "--max-steps", "4"), capsys)
+    run_ok(
+        train_args(
+            tiny_model,
+            files,
+            out_dir,
+            "--regression",
+            "--kind",
+            "lora",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "magnitude",
+            "--max-steps",
+            "4",
+        ),
+        capsys,
+    )
     results = json.loads((out_dir / "results.json").read_text())
     metrics = {k for k in results["test"] if not k.startswith("baseline")}
     assert metrics == {"loss", "pearson", "spearman", "prediction_mean", "prediction_std", "label_std"}
@@ -120,9 +178,29 @@ def test_regression_and_pairs_from_jsonl(tiny_model, tmp_path, capsys):
 
 
 def test_prune_reports_what_is_kept(tiny_model, sentiment_files, tmp_path, capsys):
-    stdout = run_ok(["prune", "--model", tiny_model, "--task", "custom", "--train-file", sentiment_files["train"],
-                     "--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.75", "--pruner", "synflow",
-                     "--no-progress", "--save", str(tmp_path / "pruned")], capsys)
+    stdout = run_ok(
+        [
+            "prune",
+            "--model",
+            tiny_model,
+            "--task",
+            "custom",
+            "--train-file",
+            sentiment_files["train"],
+            "--kind",
+            "houlsby",
+            "--bottleneck",
+            "8",
+            "--sparsity",
+            "0.75",
+            "--pruner",
+            "synflow",
+            "--no-progress",
+            "--save",
+            str(tmp_path / "pruned"),
+        ],
+        capsys,
+    )
     total = [line for line in stdout.splitlines() if line.startswith("total")][0].split()
     # 2 layers x 2 sites x (32x8 + 8x32) weights, 25% kept
     assert total[1:] == ["512", "2,048", "0.750"]
@@ -144,15 +222,18 @@ def test_config_file_then_flags(tmp_path):
     assert read_config_file(str(tmp_path / "run.json"))["kind"] == "pfeiffer"
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["train", "--sparsity", "1.5"], ["sparsity must be in [0, 1)"]),
-    (["train", "--batch-size", "0"], ["batch_size must be a positive int"]),
-    (["train", "--task", "custom"], ["task 'custom' needs train_file"]),
-    (["train", "--task", "nope"], ["nope"]),
-    (["train", "--config", "/nonexistent/run.yaml"], ["config file not found"]),
-    (["train", "--resume", "--overwrite"], ["resume and overwrite exclude each other"]),
-    (["eval", "--adapter", "/nonexistent/adapter"], ["train_config.json"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "--sparsity", "1.5"], ["sparsity must be in [0, 1)"]),
+        (["train", "--batch-size", "0"], ["batch_size must be a positive int"]),
+        (["train", "--task", "custom"], ["task 'custom' needs train_file"]),
+        (["train", "--task", "nope"], ["nope"]),
+        (["train", "--config", "/nonexistent/run.yaml"], ["config file not found"]),
+        (["train", "--resume", "--overwrite"], ["resume and overwrite exclude each other"]),
+        (["eval", "--adapter", "/nonexistent/adapter"], ["train_config.json"]),
+    ],
+)
 def test_bad_options_give_one_clear_line(argv, needles, tmp_path, capsys):
     argv = argv + ["--output-dir", str(tmp_path / "out")] if argv[0] == "train" else argv
     run_error(argv, capsys, *needles)
@@ -196,20 +277,42 @@ def test_bad_data_and_run_folders(tiny_model, sentiment_files, tmp_path, capsys)
     run_error(train_args(tiny_model, files, tmp_path / "b", "--max-steps", "1"), capsys, "missing.csv")
 
     out_dir = tmp_path / "c"
-    run_error(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--resume"), capsys,
-              "no checkpoint")
+    run_error(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--resume"), capsys, "no checkpoint")
     run_ok(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0"), capsys)
-    run_error(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0"), capsys,
-              "already holds a run", "--resume")
-    run_error(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0", "--lr", "1",
-                         "--resume"), capsys, "lr: 0.01 -> 1.0")
-    run_ok(train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0", "--overwrite"),
-           capsys)
+    run_error(
+        train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0"),
+        capsys,
+        "already holds a run",
+        "--resume",
+    )
+    run_error(
+        train_args(
+            tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0", "--lr", "1", "--resume"
+        ),
+        capsys,
+        "lr: 0.01 -> 1.0",
+    )
+    run_ok(
+        train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "2", "--sparsity", "0", "--overwrite"), capsys
+    )
 
 
 def test_diverging_training_stops_with_a_message(tiny_model, sentiment_files, tmp_path, capsys):
-    code = main(train_args(tiny_model, sentiment_files, tmp_path / "nan", "--max-steps", "30", "--lr", "1e30",
-                           "--max-grad-norm", "0", "--sparsity", "0"))
+    code = main(
+        train_args(
+            tiny_model,
+            sentiment_files,
+            tmp_path / "nan",
+            "--max-steps",
+            "30",
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--sparsity",
+            "0",
+        )
+    )
     err = capsys.readouterr().err
     assert code == 1 and "training loss is" in err, err
 
@@ -218,9 +321,29 @@ def test_diverging_training_stops_with_a_message(tiny_model, sentiment_files, tm
 def test_gradient_pruners_through_sdpa_attention(pruner, tiny_model, sentiment_files, capsys):  # noqa: F811
     """GraSP differentiates twice through attention; the fused SDPA kernels cannot, so scoring must not
     use them (BERT in transformers 5 attends through SDPA by default)."""
-    stdout = run_ok(["prune", "--model", tiny_model, "--task", "custom", "--train-file", sentiment_files["train"],
-                     "--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", pruner,
-                     "--calibration-batches", "2", "--no-progress"], capsys)
+    stdout = run_ok(
+        [
+            "prune",
+            "--model",
+            tiny_model,
+            "--task",
+            "custom",
+            "--train-file",
+            sentiment_files["train"],
+            "--kind",
+            "houlsby",
+            "--bottleneck",
+            "8",
+            "--sparsity",
+            "0.6",
+            "--pruner",
+            pruner,
+            "--calibration-batches",
+            "2",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert "total" in stdout
 
 
@@ -230,8 +353,14 @@ class _Payload:
 
 
 @pytest.mark.parametrize("damage", ["pickle", "truncated"])
-def test_resume_refuses_a_bad_checkpoint_state(damage, tiny_model, sentiment_files, tmp_path, capsys,  # noqa: F811
-                                               monkeypatch):
+def test_resume_refuses_a_bad_checkpoint_state(
+    damage,
+    tiny_model,
+    sentiment_files,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+):
     """The checkpoint state is read with weights_only: a pickle that would run code is refused, unrun."""
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("SPARSEADAPTER_TEST_MARKER", str(marker))
@@ -248,8 +377,24 @@ def test_resume_refuses_a_bad_checkpoint_state(damage, tiny_model, sentiment_fil
 
 
 # -- kills around checkpoints -------------------------------------------------------------------------
-RESUMABLE = ("--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.6", "--pruner", "snip", "--max-steps", "12",
-             "--eval-every", "4", "--checkpoint-every", "4", "--adapter-dropout", "0.1")
+RESUMABLE = (
+    "--kind",
+    "houlsby",
+    "--bottleneck",
+    "8",
+    "--sparsity",
+    "0.6",
+    "--pruner",
+    "snip",
+    "--max-steps",
+    "12",
+    "--eval-every",
+    "4",
+    "--checkpoint-every",
+    "4",
+    "--adapter-dropout",
+    "0.1",
+)
 
 
 def _interrupt_checkpoint_at(monkeypatch, step):
@@ -261,6 +406,7 @@ def _interrupt_checkpoint_at(monkeypatch, step):
         if str(f).endswith(os.path.join("checkpoint.tmp", "trainer_state.pt")) and obj.get("step") == step:
             raise KeyboardInterrupt
         return real_save(obj, f, *args, **kwargs)
+
     monkeypatch.setattr(torch, "save", save)
 
 
@@ -285,8 +431,9 @@ def straight_run(tiny_model, sentiment_files, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_kill_during_the_first_checkpoint_resumes_by_starting_over(straight_run, tiny_model, sentiment_files,
-                                                                   tmp_path, capsys, monkeypatch):
+def test_kill_during_the_first_checkpoint_resumes_by_starting_over(
+    straight_run, tiny_model, sentiment_files, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     _interrupt_checkpoint_at(monkeypatch, 4)
     assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
@@ -297,8 +444,9 @@ def test_kill_during_the_first_checkpoint_resumes_by_starting_over(straight_run,
     _assert_same_run(straight_run, out)
 
 
-def test_resume_does_not_log_a_replayed_evaluation_twice(straight_run, tiny_model, sentiment_files, tmp_path,
-                                                         capsys, monkeypatch):
+def test_resume_does_not_log_a_replayed_evaluation_twice(
+    straight_run, tiny_model, sentiment_files, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     _interrupt_checkpoint_at(monkeypatch, 8)  # the evaluation of step 8 is logged, its checkpoint is not
     assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
@@ -309,11 +457,13 @@ def test_resume_does_not_log_a_replayed_evaluation_twice(straight_run, tiny_mode
     _assert_same_run(straight_run, out)
 
 
-def test_resume_falls_back_to_the_previous_checkpoint(straight_run, tiny_model, sentiment_files, tmp_path, capsys,
-                                                      monkeypatch):
+def test_resume_falls_back_to_the_previous_checkpoint(
+    straight_run, tiny_model, sentiment_files, tmp_path, capsys, monkeypatch
+):
     """A swap interrupted after the new checkpoint went in leaves `checkpoint.old`; if `checkpoint` is
     then unreadable, the resume takes `checkpoint.old` and says so."""
     import shutil
+
     out = tmp_path / "run"
     _interrupt_checkpoint_at(monkeypatch, 8)
     assert main(train_args(tiny_model, sentiment_files, out, *RESUMABLE)) == 130
@@ -322,23 +472,29 @@ def test_resume_falls_back_to_the_previous_checkpoint(straight_run, tiny_model, 
     state = out / "checkpoint" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:200])
     stdout = run_ok(train_args(tiny_model, sentiment_files, out, *RESUMABLE, "--resume"), capsys)
-    assert "warning: cannot read checkpoint state" in stdout and "resuming from the previous checkpoint, " \
-        "checkpoint.old" in stdout
+    assert (
+        "warning: cannot read checkpoint state" in stdout
+        and "resuming from the previous checkpoint, checkpoint.old" in stdout
+    )
     _assert_same_run(straight_run, out)
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("step", -5, "step is -5, expected an int >= 0"),
-    ("step", "7", "step is '7', expected an int >= 0"),
-    ("step", 7.0, "step is 7.0"),
-    ("step", 10**6, "the checkpoint is at step 1000000, past this run's 4 steps"),
-    ("rng", [{"cpu": "seed"}], "rng is"),
-    ("best", {"step": "4"}, "best is"),
-    ("loss_count", -1, "loss_count is -1"),
-    ("optimizer", None, "optimizer is None"),
-])
-def test_resume_refuses_a_checkpoint_state_of_the_wrong_types(field, value, needle, tiny_model, sentiment_files,
-                                                             tmp_path, capsys):
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("step", -5, "step is -5, expected an int >= 0"),
+        ("step", "7", "step is '7', expected an int >= 0"),
+        ("step", 7.0, "step is 7.0"),
+        ("step", 10**6, "the checkpoint is at step 1000000, past this run's 4 steps"),
+        ("rng", [{"cpu": "seed"}], "rng is"),
+        ("best", {"step": "4"}, "best is"),
+        ("loss_count", -1, "loss_count is -1"),
+        ("optimizer", None, "optimizer is None"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_state_of_the_wrong_types(
+    field, value, needle, tiny_model, sentiment_files, tmp_path, capsys
+):
     out_dir = tmp_path / "run"
     args = train_args(tiny_model, sentiment_files, out_dir, "--max-steps", "4", "--sparsity", "0")
     run_ok(args, capsys)
@@ -354,19 +510,26 @@ def test_a_far_off_class_id_is_refused(tiny_model, sentiment_files, tmp_path, ca
     rows = sentiment_rows(8, seed=7)
     rows[3]["label"] = 1000000000000
     files = dict(sentiment_files, train=write_csv(tmp_path / "t.csv", rows))
-    run_error(train_args(tiny_model, files, tmp_path / "run", "--max-steps", "1"), capsys,
-              "t.csv:5", "makes 1,000,000,000,001 classes")
+    run_error(
+        train_args(tiny_model, files, tmp_path / "run", "--max-steps", "1"),
+        capsys,
+        "t.csv:5",
+        "makes 1,000,000,000,001 classes",
+    )
 
 
 def _deep_json(depth):
     return "[" * depth + "]" * depth
 
 
-@pytest.mark.parametrize("row, needle", [
-    ('{"text": "a", "label": 1, "x": ' + _deep_json(100_000) + "}", "nested too deeply"),
-    ('{"text": "a \\ud800 b", "label": 1}', "lone UTF-16 surrogate"),
-    ('{"text": "fine", "text_pair": "\\udfff", "label": 1}', "'text_pair' holds"),
-])
+@pytest.mark.parametrize(
+    "row, needle",
+    [
+        ('{"text": "a", "label": 1, "x": ' + _deep_json(100_000) + "}", "nested too deeply"),
+        ('{"text": "a \\ud800 b", "label": 1}', "lone UTF-16 surrogate"),
+        ('{"text": "fine", "text_pair": "\\udfff", "label": 1}', "'text_pair' holds"),
+    ],
+)
 def test_bad_json_lines_rows(row, needle, tiny_model, sentiment_files, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "good movie", "label": 0}\n' + row + "\n")
@@ -382,5 +545,8 @@ def test_a_deeply_nested_config_file(suffix, tmp_path, capsys):
 
 
 def test_max_length_beyond_the_model(tiny_model, sentiment_files, tmp_path, capsys):
-    run_error(train_args(tiny_model, sentiment_files, tmp_path / "run", "--max-steps", "1", "--max-length", "100000"),
-              capsys, "max_length 100000 is more than the model's 64 positions")
+    run_error(
+        train_args(tiny_model, sentiment_files, tmp_path / "run", "--max-steps", "1", "--max-length", "100000"),
+        capsys,
+        "max_length 100000 is more than the model's 64 positions",
+    )

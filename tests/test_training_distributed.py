@@ -6,6 +6,7 @@ mask (rank 0 prunes, the others load it, and all compare pattern digests before 
 The tiny model has no dropout here: with dropout the ranks draw their own masks, so the runs agree in
 distribution, not value.
 """
+
 import os
 import random
 import subprocess
@@ -13,20 +14,37 @@ import sys
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
-from training_support import sentiment_files  # noqa: F401
-from training_support import kill_when_checkpointed, train_args, write_tiny_model
+from training_support import (
+    kill_when_checkpointed,
+    sentiment_files,  # noqa: F401
+    train_args,
+    write_tiny_model,
+)
 
 from sparseadapter.adapters.io import weights_path
 from sparseadapter.cli import main
 
 safetensors = pytest.importorskip("safetensors.torch")
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 
-COMMON = ("--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.5", "--pruner", "snip", "--batch-size", "32",
-          "--calibration-batches", "2")
+COMMON = (
+    "--kind",
+    "houlsby",
+    "--bottleneck",
+    "8",
+    "--sparsity",
+    "0.5",
+    "--pruner",
+    "snip",
+    "--batch-size",
+    "32",
+    "--calibration-batches",
+    "2",
+)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
@@ -36,8 +54,16 @@ def no_dropout_model(tmp_path_factory):
 
 
 def torchrun_cmd(argv, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "sparseadapter.cli", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "sparseadapter.cli",
+        *argv,
+    ]
 
 
 def torchrun(argv):
@@ -79,8 +105,9 @@ def test_killed_two_process_job_resumes(no_dropout_model, sentiment_files, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     stop = random.Random(8).randrange(6, 45)  # far from the end: the job must not finish between poll and kill
-    left = kill_when_checkpointed(torchrun_cmd(train_args(no_dropout_model, sentiment_files, killed, *COMMON, *steps)),
-                                  killed, stop, env=ENV)
+    left = kill_when_checkpointed(
+        torchrun_cmd(train_args(no_dropout_model, sentiment_files, killed, *COMMON, *steps)), killed, stop, env=ENV
+    )
     assert 0 < left < 90, f"killed at checkpoint step {left}"
     proc = torchrun(train_args(no_dropout_model, sentiment_files, killed, *COMMON, *steps, "--resume"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,7 +119,7 @@ def test_killed_two_process_job_resumes(no_dropout_model, sentiment_files, tmp_p
         assert torch.equal(a[key], b[key]), key
 
 
-FSDP_SCRIPT = '''
+FSDP_SCRIPT = """
 import os, sys, warnings
 import torch, torch.distributed as dist
 from torch import nn
@@ -126,7 +153,7 @@ print("rank", dist.get_rank(), "fsdp2 ok", flush=True)
 dist.destroy_process_group()
 sys.stdout.flush()
 os._exit(0)  # see sparseadapter.cli.main: gloo's teardown at interpreter exit can abort
-'''
+"""
 
 
 def test_fsdp2_shards_values_and_keeps_csr_buffers(tmp_path):

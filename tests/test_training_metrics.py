@@ -1,11 +1,21 @@
 """Metrics against values worked out by hand (in the comments), plus optional sklearn/scipy cross-checks."""
+
 import math
 
 import pytest
 import torch
 
 from sparseadapter.training import (
-    METRICS, TaskSpec, accuracy, compute_metrics, f1, get_task, macro_f1, matthews_corrcoef, pearson, spearman,
+    METRICS,
+    TaskSpec,
+    accuracy,
+    compute_metrics,
+    f1,
+    get_task,
+    macro_f1,
+    matthews_corrcoef,
+    pearson,
+    spearman,
 )
 from sparseadapter.training.tasks import METRIC_NAMES
 
@@ -86,9 +96,11 @@ def test_tensors_and_lists_agree():
 
 def test_compute_metrics_follows_the_task():
     assert compute_metrics(get_task("mrpc"), [0, 1, 1, 0, 1], [0, 1, 0, 0, 0]) == pytest.approx(
-        {"accuracy": 0.6, "f1": 0.5})
-    assert compute_metrics(get_task("cola"), torch.tensor([1, 1, 0, 0, 1, 0]),
-                           torch.tensor([1, 0, 0, 0, 1, 1])) == pytest.approx({"matthews": 1 / 3})
+        {"accuracy": 0.6, "f1": 0.5}
+    )
+    assert compute_metrics(
+        get_task("cola"), torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 0, 1, 1])
+    ) == pytest.approx({"matthews": 1 / 3})
     got = compute_metrics(get_task("stsb"), torch.tensor([1.0, 2.0, 2.0, 3.0]), [1.0, 3.0, 2.0, 4.0])
     assert list(got) == ["pearson", "spearman"]
     assert got["spearman"] == pytest.approx(math.sqrt(0.9))
@@ -96,14 +108,17 @@ def test_compute_metrics_follows_the_task():
     assert compute_metrics(get_task("bbc-news"), P3, Y3) == pytest.approx({"accuracy": 4 / 6, "macro_f1": 19 / 42})
 
 
-@pytest.mark.parametrize("predictions, labels, message", [
-    ([0, 1], [0], "2 predictions but 1 labels"),
-    ([], [], "no predictions"),
-    (torch.zeros(3, 2), [0, 1, 0], "argmax"),
-    ([0.2, 0.9], [0, 1], "class ids"),
-    ([True, False], [1, 0], "class ids"),
-    ([0, 1], [0, None], "unlabelled"),
-])
+@pytest.mark.parametrize(
+    "predictions, labels, message",
+    [
+        ([0, 1], [0], "2 predictions but 1 labels"),
+        ([], [], "no predictions"),
+        (torch.zeros(3, 2), [0, 1, 0], "argmax"),
+        ([0.2, 0.9], [0, 1], "class ids"),
+        ([True, False], [1, 0], "class ids"),
+        ([0, 1], [0, None], "unlabelled"),
+    ],
+)
 def test_compute_metrics_rejects_bad_classification_input(predictions, labels, message):
     with pytest.raises(ValueError, match=message):
         compute_metrics(get_task("sst2"), predictions, labels)
@@ -120,6 +135,7 @@ def test_custom_task_metrics():
 
 
 # Cross-checks against the reference implementations, where installed (not needed by the library).
+
 
 def _random_classes(n, k, seed):
     g = torch.Generator().manual_seed(seed)

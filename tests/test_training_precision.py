@@ -10,15 +10,14 @@
   every kind is one graph (no graph break, in our ops or in BERT);
 - bad values and combinations end in one clear line.
 """
+
 import json
 import warnings
 
 import pytest
 import torch
-
 from hf_support import needs_attention_interface, one_thread  # noqa: F401
-from training_support import sentiment_files, tiny_model  # noqa: F401
-from training_support import train_args, write_tiny_model
+from training_support import sentiment_files, tiny_model, train_args, write_tiny_model  # noqa: F401
 
 from sparseadapter.adapters.io import weights_path
 from sparseadapter.cli import build_config, main, make_parser
@@ -79,19 +78,25 @@ def test_flags_defaults_and_round_trip(tmp_path):
     assert (cfg.precision, cfg.grad_accumulation, cfg.compile) == ("bf16", 2, False)
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["train", "--grad-accumulation", "0"], ["grad_accumulation must be a positive int, got 0"]),
-    (["train", "--precision", "fp16", "--device", "cpu"],
-     ["precision fp16 needs a CUDA device", "device is cpu", "--precision bf16"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "--grad-accumulation", "0"], ["grad_accumulation must be a positive int, got 0"]),
+        (
+            ["train", "--precision", "fp16", "--device", "cpu"],
+            ["precision fp16 needs a CUDA device", "device is cpu", "--precision bf16"],
+        ),
+    ],
+)
 def test_bad_values_give_one_clear_line(argv, needles, tmp_path, capsys):
     run_error(argv + ["--output-dir", str(tmp_path / "out")], capsys, *needles)
 
 
 def test_bad_precision_in_a_config_file_and_on_the_command_line(tmp_path, capsys):
     (tmp_path / "fp8.json").write_text('{"precision": "fp8"}')
-    run_error(["train", "--config", str(tmp_path / "fp8.json")], capsys, "precision must be one of fp32, bf16, fp16",
-              "'fp8'")
+    run_error(
+        ["train", "--config", str(tmp_path / "fp8.json")], capsys, "precision must be one of fp32, bf16, fp16", "'fp8'"
+    )
     with pytest.raises(SystemExit) as exc:
         main(["train", "--precision", "fp8"])
     assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
@@ -112,8 +117,21 @@ def test_bf16_trains_and_evaluates_under_autocast(tiny_model, sentiment_files, t
     out = {}
     for precision in ("fp32", "bf16"):
         out[precision] = tmp_path / precision
-        stdout = run_ok(train_args(tiny_model, sentiment_files, out[precision], *COMMON, "--max-steps", "6",
-                                   "--eval-every", "3", "--precision", precision), capsys)
+        stdout = run_ok(
+            train_args(
+                tiny_model,
+                sentiment_files,
+                out[precision],
+                *COMMON,
+                "--max-steps",
+                "6",
+                "--eval-every",
+                "3",
+                "--precision",
+                precision,
+            ),
+            capsys,
+        )
     assert "bf16" in stdout and "s/step" in stdout
     run = out["bf16"]
     saved = json.loads((run / "config.json").read_text())["train_config"]
@@ -144,17 +162,38 @@ def test_bf16_trains_and_evaluates_under_autocast(tiny_model, sentiment_files, t
     # the run's test loss; forced to fp32 it gives another one
     again = json.loads(run_ok(["eval", "--adapter", str(run / "adapter"), "--json", "--no-progress"], capsys))
     assert again["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)
-    fp32 = json.loads(run_ok(["eval", "--adapter", str(run / "adapter"), "--json", "--no-progress",
-                              "--precision", "fp32"], capsys))
+    fp32 = json.loads(
+        run_ok(["eval", "--adapter", str(run / "adapter"), "--json", "--no-progress", "--precision", "fp32"], capsys)
+    )
     assert fp32["loss"] != again["loss"] and fp32["loss"] == pytest.approx(again["loss"], rel=0.05)
 
 
-def test_killed_bf16_run_resumes_to_the_same_adapter(tiny_model, sentiment_files, tmp_path, capsys,  # noqa: F811
-                                                    monkeypatch):
+def test_killed_bf16_run_resumes_to_the_same_adapter(
+    tiny_model,
+    sentiment_files,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+):
     """bf16 with 2 micro-batches of 4 and dropout, interrupted at step 5 (checkpoints every 2): the
     resumed run ends bit for bit where the uninterrupted one does; a resume in another precision is refused."""
-    common = (*COMMON, "--max-steps", "8", "--eval-every", "4", "--checkpoint-every", "2", "--adapter-dropout", "0.1",
-              "--precision", "bf16", "--batch-size", "4", "--grad-accumulation", "2")
+    common = (
+        *COMMON,
+        "--max-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--adapter-dropout",
+        "0.1",
+        "--precision",
+        "bf16",
+        "--batch-size",
+        "4",
+        "--grad-accumulation",
+        "2",
+    )
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_ok(train_args(tiny_model, sentiment_files, straight, *common), capsys)
 
@@ -170,8 +209,11 @@ def test_killed_bf16_run_resumes_to_the_same_adapter(tiny_model, sentiment_files
     capsys.readouterr()
     assert trainer_state(interrupted)["step"] == 4
     monkeypatch.setattr(TrainOrder, "batch", real_batch)
-    run_error(train_args(tiny_model, sentiment_files, interrupted, *common, "--precision", "fp32", "--resume"),
-              capsys, "precision: 'bf16' -> 'fp32'")
+    run_error(
+        train_args(tiny_model, sentiment_files, interrupted, *common, "--precision", "fp32", "--resume"),
+        capsys,
+        "precision: 'bf16' -> 'fp32'",
+    )
     run_ok(train_args(tiny_model, sentiment_files, interrupted, *common, "--resume"), capsys)
 
     a, b = tensors(straight / "adapter"), tensors(interrupted / "adapter")
@@ -183,8 +225,19 @@ def test_killed_bf16_run_resumes_to_the_same_adapter(tiny_model, sentiment_files
 
 # -- fp16 ----------------------------------------------------------------------------------------------
 def _fp16_run_resumes(model, files, tmp_path, capsys, monkeypatch, device):
-    common = (*COMMON, "--max-steps", "6", "--eval-every", "3", "--checkpoint-every", "2", "--precision", "fp16",
-              "--device", device)
+    common = (
+        *COMMON,
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--precision",
+        "fp16",
+        "--device",
+        device,
+    )
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_ok(train_args(model, files, straight, *common), capsys)
     scaler = trainer_state(straight)["scaler"]
@@ -209,8 +262,13 @@ def _fp16_run_resumes(model, files, tmp_path, capsys, monkeypatch, device):
     assert trainer_state(interrupted)["scaler"] == scaler  # restored at step 4, not started afresh (2)
 
 
-def test_fp16_scaler_state_is_checkpointed_and_restored(tiny_model, sentiment_files, tmp_path, capsys,  # noqa: F811
-                                                       monkeypatch):
+def test_fp16_scaler_state_is_checkpointed_and_restored(
+    tiny_model,
+    sentiment_files,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+):
     """The scaler's path on CPU (float16 autocast and torch.amp.GradScaler("cpu") exist; `train` refuses
     fp16 off CUDA only because bf16 is the mixed precision to use there): lift the check."""
     monkeypatch.setattr(config_module, "fp16_device_problem", lambda device: None)
@@ -246,8 +304,10 @@ def test_accumulated_micro_batches_equal_one_large_batch(no_dropout_model, senti
     same examples either way, in the same weighting, so both runs prune the same pattern."""
     common = (*COMMON, "--max-train-examples", "14", "--max-steps", "2", "--eval-every", "1", "--lr", "1e-2")
     runs = {}
-    for name, flags in (("large", ("--batch-size", "8")),
-                        ("accumulated", ("--batch-size", "4", "--grad-accumulation", "2"))):
+    for name, flags in (
+        ("large", ("--batch-size", "8")),
+        ("accumulated", ("--batch-size", "4", "--grad-accumulation", "2")),
+    ):
         grads, params, handles = _record_steps()
         try:
             run_ok(train_args(no_dropout_model, sentiment_files, tmp_path / name, *common, *flags), capsys)
@@ -281,8 +341,23 @@ def test_steps_count_optimizer_steps(tiny_model, sentiment_files, tmp_path, caps
     """96 examples, 4 x 3 per step: 8 steps an epoch; --epochs 1 is 8 steps, evaluated at the epoch's end,
     checkpoints every 3 optimizer steps, and the LR schedule ends at 0 at step 8."""
     run = tmp_path / "run"
-    run_ok(train_args(tiny_model, sentiment_files, run, *COMMON, "--batch-size", "4", "--grad-accumulation", "3",
-                      "--epochs", "1", "--checkpoint-every", "3"), capsys)
+    run_ok(
+        train_args(
+            tiny_model,
+            sentiment_files,
+            run,
+            *COMMON,
+            "--batch-size",
+            "4",
+            "--grad-accumulation",
+            "3",
+            "--epochs",
+            "1",
+            "--checkpoint-every",
+            "3",
+        ),
+        capsys,
+    )
     periodic = [r for r in records(run) if not r.get("final")]
     assert [r["step"] for r in periodic] == [8] and periodic[0]["epoch"] == 1.0 and periodic[0]["lr"] == 0.0
     state = trainer_state(run)
@@ -324,7 +399,8 @@ def test_sparse_adapters_do_not_break_the_graph(kind, no_dropout_model):
     torch._dynamo.reset()
     tokenizer = transformers.AutoTokenizer.from_pretrained(no_dropout_model)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        no_dropout_model, num_labels=2, problem_type="single_label_classification")
+        no_dropout_model, num_labels=2, problem_type="single_label_classification"
+    )
     with warnings.catch_warnings():  # magnitude re-initializes LoRA's all-zero B first, and says so
         warnings.simplefilter("ignore")
         sa.add_adapter(model, "t", sa.SparseAdapterConfig(kind=kind, sparsity=0.5, pruner="magnitude", bottleneck=8))
@@ -343,4 +419,3 @@ def test_sparse_adapters_do_not_break_the_graph(kind, no_dropout_model):
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
     torch._dynamo.reset()
-

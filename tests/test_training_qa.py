@@ -1,22 +1,35 @@
 """Extractive question answering: the SQuAD reader, windows and offsets, answer decoding over windows with
 the null answer, the official exact-match / F1, and `sparseadapter train / eval / predict --task squad`
 end to end on a tiny BERT and the hand-made fixture tests/fixtures/squad-mini-v2.json."""
+
 import json
 import re
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from qa_support import FIXTURE, fixture_data, qa_model, write_squad  # noqa: F401
 
 from sparseadapter.cli import main
 from sparseadapter.training.data import DataError
 from sparseadapter.training.qa import (
-    NO_SPAN_MARGIN, Decoded, SpanModel, char_span_to_tokens, decode, encode_qa, load_qa_model, tokens_to_char_span,
+    NO_SPAN_MARGIN,
+    Decoded,
+    SpanModel,
+    char_span_to_tokens,
+    decode,
+    encode_qa,
+    load_qa_model,
+    tokens_to_char_span,
 )
 from sparseadapter.training.squad import (
-    best_null_threshold, exact_match, f1_score, normalize_answer, parse_squad, read_squad, squad_scores,
+    best_null_threshold,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    parse_squad,
+    read_squad,
+    squad_scores,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -40,6 +53,7 @@ def minilm_tokenizer():
 
 # ------------------------------------------------------------------------------------------ reader
 
+
 def test_reader_reads_the_fixture(squad):
     assert squad.version_2 and squad.realigned == 0
     assert squad.titles() == ["Harbor_Lighthouse", "Orchard_Valley", "Night_Trains"]
@@ -49,7 +63,7 @@ def test_reader_reads_the_fixture(squad):
     for e in squad.examples:
         assert e.labelled
         for a in e.answers:
-            assert e.context[a.start:a.end] == a.text
+            assert e.context[a.start : a.end] == a.text
     lh1 = next(e for e in squad.examples if e.id == "lh-1")
     assert [a.text for a in lh1.answers] == ["Martha Holloway", "the engineer Martha Holloway"]
     assert lh1.title == "Harbor_Lighthouse" and lh1.question == "Who built the Greywater Lighthouse?"
@@ -59,8 +73,11 @@ def test_reader_reads_v1_and_unlabelled_questions():
     data = fixture_data()
     for article in data["data"]:
         for paragraph in article["paragraphs"]:
-            paragraph["qas"] = [dict((k, v) for k, v in qa.items() if k != "is_impossible")
-                                for qa in paragraph["qas"] if not qa["is_impossible"]]
+            paragraph["qas"] = [
+                dict((k, v) for k, v in qa.items() if k != "is_impossible")
+                for qa in paragraph["qas"]
+                if not qa["is_impossible"]
+            ]
     data["version"] = "1.1"
     v1 = parse_squad(data)
     assert not v1.version_2 and len(v1.examples) == 15 and all(e.labelled for e in v1.examples)
@@ -81,12 +98,12 @@ def test_reader_realigns_an_answer_start_and_refuses_bad_questions():
 
     squad = parse_squad(_edited(shift))
     first = squad.examples[0]
-    assert squad.realigned == 1 and first.context[first.answers[0].start:first.answers[0].end] == "Martha Holloway"
+    assert squad.realigned == 1 and first.context[first.answers[0].start : first.answers[0].end] == "Martha Holloway"
     bad = {
         "is not in the context": lambda qas: qas[0]["answers"][0].update(text="Edwin Carrow"),
         "repeats": lambda qas: qas[1].update(id=qas[0]["id"]),
         "is_impossible) with answers": lambda qas: qas[0].update(is_impossible=True),
-        "missing or empty \"question\"": lambda qas: qas[0].update(question="  "),
+        'missing or empty "question"': lambda qas: qas[0].update(question="  "),
     }
     for message, edit in bad.items():
         with pytest.raises(DataError, match=re.escape(message)) as info:
@@ -98,14 +115,15 @@ def test_reader_realigns_an_answer_start_and_refuses_bad_questions():
 
 # ------------------------------------------------------------------------------------------ windows and offsets
 
+
 def test_char_span_to_tokens_and_back():
     #   "the  red fox"  tokens: [CLS] q [SEP] the red fox [SEP]
     offsets = [None, None, None, (0, 3), (5, 8), (9, 12), None]
     assert char_span_to_tokens(offsets, 5, 12) == (4, 5)
     assert tokens_to_char_span(offsets, 4, 5) == (5, 12)
-    assert char_span_to_tokens(offsets, 4, 8) == (4, 4)      # a start in the whitespace before a token
-    assert char_span_to_tokens(offsets, 9, 14) is None       # runs past the window's context piece
-    window = [None, None, (20, 25), (26, 30), None]          # a later window: context starts at 20
+    assert char_span_to_tokens(offsets, 4, 8) == (4, 4)  # a start in the whitespace before a token
+    assert char_span_to_tokens(offsets, 9, 14) is None  # runs past the window's context piece
+    window = [None, None, (20, 25), (26, 30), None]  # a later window: context starts at 20
     assert char_span_to_tokens(window, 5, 8) is None
     with pytest.raises(ValueError, match="not all in the context"):
         tokens_to_char_span(offsets, 1, 4)
@@ -144,7 +162,7 @@ def test_windows_label_every_answer_and_map_back(which, squad, request):
         answer = e.answers[0]
         hits = [(w, s, t) for w, s, t in labelled if s]
         assert hits, e.id
-        for w, s, t in labelled:
+        for w, s, _t in labelled:
             inside = char_span_to_tokens(split.offsets[w], answer.start, answer.end) is not None
             assert bool(s) == inside  # the windows without the whole answer point at the null token
         for w, s, t in hits:
@@ -158,6 +176,7 @@ def test_windows_refuse_a_stride_that_does_not_fit(squad, tiny_tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ decoding
+
 
 def _window(offsets, spans, null):
     """Start/end logits over a window: -10 everywhere, null at token 0, and each (first, last, score)."""
@@ -182,6 +201,7 @@ def _two_windows():
 
 def _decode(windows, logits, **kw):
     from sparseadapter.training.squad import QAExample
+
     example = QAExample("q", "question?", CONTEXT, ())
     return decode([example], [0] * len(windows), windows, [s for s, _ in logits], [e for _, e in logits], **kw)["q"]
 
@@ -204,7 +224,7 @@ def test_decoding_applies_the_null_threshold_only_to_v2():
     logits = [_window(first, [(4, 5, 4.0)], null=5.5), _window(second, [], null=6.0)]
     d = _decode([first, second], logits)
     assert d.text == "beta gamma" and d.null_margin == pytest.approx(1.5)
-    assert d.answer(True, 1.0) == ""            # the null answer beats the span by more than the threshold
+    assert d.answer(True, 1.0) == ""  # the null answer beats the span by more than the threshold
     assert d.answer(True, 2.0) == "beta gamma"  # not by more than this one
     assert d.answer(False, 1.0) == "beta gamma"  # v1.1: always a span
 
@@ -214,7 +234,7 @@ def test_decoding_keeps_one_candidate_per_span_and_only_valid_spans():
     # "gamma delta" is in both windows (tokens 5-6 of the first, 3-4 of the second): one candidate, best score
     s0, e0 = _window(first, [(5, 6, 3.0)], null=0.0)
     s1, e1 = _window(second, [(3, 4, 5.0)], null=0.0)
-    s0[1] = e0[1] = 50.0   # question tokens are never an answer, however high
+    s0[1] = e0[1] = 50.0  # question tokens are never an answer, however high
     d = _decode([first, second], [(s0, e0), (s1, e1)], n_best=5)
     texts = [c["text"] for c in d.nbest]
     assert len(texts) == len(set(texts)) and texts.count("gamma delta") == 1
@@ -237,6 +257,7 @@ def test_best_null_threshold_is_the_official_best():
 
     def ex(qid, answer):
         return QAExample(qid, "q?", "x yes z", (Answer(answer, 2),) if answer else ())
+
     examples = [ex("q1", "yes"), ex("q2", None), ex("q3", "yes"), ex("q4", None)]
     text = {"q1": "yes", "q2": "no", "q3": "yes", "q4": "no"}
     margins = {"q1": -3.0, "q2": 2.0, "q3": 1.0, "q4": 0.5}
@@ -256,11 +277,22 @@ def test_best_null_threshold_is_the_official_best():
 
 # ------------------------------------------------------------------------------------------ metrics
 
-@pytest.mark.parametrize("text,normal", [
-    ("The Cat!", "cat"), ("  a  b ", "b"), ("An apple, the pear.", "apple pear"), ("anthem theory", "anthem theory"),
-    ("1,000", "1000"), ("Hello-World", "helloworld"), ("Théâtre", "théâtre"), ("the", ""), ("", ""),
-    ("  Tolley's\tapple\nfair ", "tolleys apple fair"),
-])
+
+@pytest.mark.parametrize(
+    "text,normal",
+    [
+        ("The Cat!", "cat"),
+        ("  a  b ", "b"),
+        ("An apple, the pear.", "apple pear"),
+        ("anthem theory", "anthem theory"),
+        ("1,000", "1000"),
+        ("Hello-World", "helloworld"),
+        ("Théâtre", "théâtre"),
+        ("the", ""),
+        ("", ""),
+        ("  Tolley's\tapple\nfair ", "tolleys apple fair"),
+    ],
+)
 def test_official_normalization(text, normal):
     assert normalize_answer(text) == normal
 
@@ -277,10 +309,12 @@ def test_exact_and_f1_on_known_strings():
 def test_scores_take_the_best_reference_and_the_null_answer(squad):
     by_id = {e.id: e for e in squad.examples}
     picked = [by_id[q] for q in ("lh-1", "lh-3", "lh-5", "nt-5")]
-    predictions = {"lh-1": "engineer Martha Holloway",  # exact with the second reference after normalization
-                   "lh-3": "31",                        # F1 1/(1+... ) against "31 metres": P 1, R 1/2
-                   "lh-5": "",                          # unanswerable, no answer: right
-                   "nt-5": "ten pounds"}                # unanswerable, an answer: wrong
+    predictions = {
+        "lh-1": "engineer Martha Holloway",  # exact with the second reference after normalization
+        "lh-3": "31",  # F1 1/(1+... ) against "31 metres": P 1, R 1/2
+        "lh-5": "",  # unanswerable, no answer: right
+        "nt-5": "ten pounds",
+    }  # unanswerable, an answer: wrong
     scores = squad_scores(picked, predictions)
     assert scores["exact"] == pytest.approx(50.0)
     assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 0) / 4)
@@ -292,6 +326,7 @@ def test_scores_take_the_best_reference_and_the_null_answer(squad):
 
 
 # ------------------------------------------------------------------------------------------ the span model
+
 
 def test_span_model_fallback_trains_saves_and_loads(qa_model, squad, tmp_path):
     import sparseadapter as sa
@@ -319,6 +354,7 @@ def test_span_model_fallback_trains_saves_and_loads(qa_model, squad, tmp_path):
 
 # ------------------------------------------------------------------------------------------ the CLI
 
+
 def _run(argv, capsys):
     code = main(argv)
     out = capsys.readouterr()
@@ -331,11 +367,49 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
     spans: only right token labels make the answers come out), then eval and predict the saved adapter."""
     data = write_squad(tmp_path / "squad.json", fixture_data())
     run = tmp_path / "run"
-    stdout, _ = _run(["train", "--model", qa_model, "--task", "squad", "--train-file", data, "--validation-file",
-                      data, "--test-file", data, "--output-dir", str(run), "--adapter-name", "qa",
-                      "--max-length", "64", "--doc-stride", "16", "--max-query-length", "16", "--batch-size", "8",
-                      "--lr", "3e-2", "--bottleneck", "32", "--sparsity", "0.4", "--max-steps", "600",
-                      "--eval-every", "200", "--checkpoint-every", "0", "--no-progress", "--threads", "1"], capsys)
+    stdout, _ = _run(
+        [
+            "train",
+            "--model",
+            qa_model,
+            "--task",
+            "squad",
+            "--train-file",
+            data,
+            "--validation-file",
+            data,
+            "--test-file",
+            data,
+            "--output-dir",
+            str(run),
+            "--adapter-name",
+            "qa",
+            "--max-length",
+            "64",
+            "--doc-stride",
+            "16",
+            "--max-query-length",
+            "16",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-2",
+            "--bottleneck",
+            "32",
+            "--sparsity",
+            "0.4",
+            "--max-steps",
+            "600",
+            "--eval-every",
+            "200",
+            "--checkpoint-every",
+            "0",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        capsys,
+    )
     results = json.loads((run / "results.json").read_text())
     test = results["test"]
     assert results["objective"] == "span" and (run / "adapter" / "README.md").is_file()  # with its model card
@@ -368,8 +442,21 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
                 qa["answers"] = []
     questions = write_squad(tmp_path / "questions.json", unlabelled)
     out, odds = tmp_path / "predictions.json", tmp_path / "odds.json"
-    _, stderr = _run(["predict", "--adapter", str(run / "adapter"), "--input", questions, "--output", str(out),
-                      "--null-odds", str(odds), "--no-progress"], capsys)
+    _, stderr = _run(
+        [
+            "predict",
+            "--adapter",
+            str(run / "adapter"),
+            "--input",
+            questions,
+            "--output",
+            str(out),
+            "--null-odds",
+            str(odds),
+            "--no-progress",
+        ],
+        capsys,
+    )
     predictions = json.loads(out.read_text())
     squad = read_squad(data)
     assert sorted(predictions) == sorted(e.id for e in squad.examples)
@@ -379,19 +466,32 @@ def test_train_eval_predict_round_trip(qa_model, tmp_path, capsys):
     margins = json.loads(odds.read_text())
     threshold = meta["head"]["info"]["null_threshold"]
     assert all((predictions[q] == "") == (margins[q] > threshold) for q in predictions if margins[q] < NO_SPAN_MARGIN)
-    stdout, _ = _run(["predict", "--adapter", str(run / "adapter"), "--input", questions, "--null-threshold", "1e6",
-                      "--no-progress"], capsys)
+    stdout, _ = _run(
+        [
+            "predict",
+            "--adapter",
+            str(run / "adapter"),
+            "--input",
+            questions,
+            "--null-threshold",
+            "1e6",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert all(json.loads(stdout).values())  # nothing beats a span by a million: every question answered
 
 
 def test_squad_options_are_checked(qa_model, tmp_path, capsys):
     data = write_squad(tmp_path / "squad.json", fixture_data())
     base = ["train", "--model", qa_model, "--task", "squad", "--output-dir", str(tmp_path / "r"), "--no-progress"]
-    for extra, needle in (([], "task 'squad' needs train_file"),
-                          (["--train-file", data, "--max-length", "64", "--doc-stride", "60"], "doc_stride 60 must be smaller"),
-                          (["--train-file", data, "--adapter-name", "a b"], "adapter_name must be"),
-                          (["--train-file", data, "--objective", "classification"], "trains a span head"),
-                          (["--train-file", data, "--eval-max-examples", "4"], "selects on all validation questions")):
+    for extra, needle in (
+        ([], "task 'squad' needs train_file"),
+        (["--train-file", data, "--max-length", "64", "--doc-stride", "60"], "doc_stride 60 must be smaller"),
+        (["--train-file", data, "--adapter-name", "a b"], "adapter_name must be"),
+        (["--train-file", data, "--objective", "classification"], "trains a span head"),
+        (["--train-file", data, "--eval-max-examples", "4"], "selects on all validation questions"),
+    ):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
@@ -403,7 +503,7 @@ def test_squad_options_are_checked(qa_model, tmp_path, capsys):
 
 def test_reader_refuses_a_file_that_is_not_json(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text("{\"data\": [}")
+    bad.write_text('{"data": [}')
     with pytest.raises(DataError, match="not valid JSON"):
         read_squad(bad)
 
@@ -411,10 +511,35 @@ def test_reader_refuses_a_file_that_is_not_json(tmp_path):
 def test_prune_reports_a_squad_adapter(qa_model, tmp_path, capsys):
     """`sparseadapter prune --task squad` scores SNIP on span windows through the span head."""
     data = write_squad(tmp_path / "squad.json", fixture_data())
-    stdout, _ = _run(["prune", "--model", qa_model, "--task", "squad", "--train-file", data, "--max-length", "64",
-                      "--doc-stride", "16", "--max-query-length", "16", "--bottleneck", "8", "--sparsity", "0.5",
-                      "--pruner", "snip", "--batch-size", "8", "--no-progress", "--save", str(tmp_path / "pruned")],
-                     capsys)
+    stdout, _ = _run(
+        [
+            "prune",
+            "--model",
+            qa_model,
+            "--task",
+            "squad",
+            "--train-file",
+            data,
+            "--max-length",
+            "64",
+            "--doc-stride",
+            "16",
+            "--max-query-length",
+            "16",
+            "--bottleneck",
+            "8",
+            "--sparsity",
+            "0.5",
+            "--pruner",
+            "snip",
+            "--batch-size",
+            "8",
+            "--no-progress",
+            "--save",
+            str(tmp_path / "pruned"),
+        ],
+        capsys,
+    )
     assert "target sparsity 0.500 (snip, global)" in stdout
     meta = json.loads((tmp_path / "pruned" / "adapter_config.json").read_text())
     assert meta["head"]["kind"] == "span" and meta["sparseadapter_pruning"]["method"] == "snip"
@@ -463,10 +588,41 @@ def test_killed_squad_run_resumes_to_the_same_adapter(qa_model, tmp_path, monkey
 
     safetensors = pytest.importorskip("safetensors.torch")
     data = write_squad(tmp_path / "squad.json", fixture_data())
-    common = ["--model", qa_model, "--task", "squad", "--train-file", data, "--validation-file", data,
-              "--max-length", "64", "--doc-stride", "16", "--max-query-length", "16", "--batch-size", "8",
-              "--lr", "1e-2", "--bottleneck", "8", "--sparsity", "0.5", "--max-steps", "12", "--eval-every", "5",
-              "--checkpoint-every", "3", "--adapter-dropout", "0.1", "--no-progress", "--threads", "1"]
+    common = [
+        "--model",
+        qa_model,
+        "--task",
+        "squad",
+        "--train-file",
+        data,
+        "--validation-file",
+        data,
+        "--max-length",
+        "64",
+        "--doc-stride",
+        "16",
+        "--max-query-length",
+        "16",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--bottleneck",
+        "8",
+        "--sparsity",
+        "0.5",
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "5",
+        "--checkpoint-every",
+        "3",
+        "--adapter-dropout",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _run(["train", *common, "--output-dir", str(straight)], capsys)
     real_batch = LengthGroupedOrder.batch

@@ -5,6 +5,7 @@ targets and answers in label units), starts at a loss of about 1, and learns an 
 dozen steps; the normalization is stored with the head through save/load, checkpoints and resume, and
 `eval` and exported models answer in label units. A run whose predictions are one constant (one class)
 says so in its summary and results.md, beside the majority-class / mean-prediction baseline."""
+
 import contextlib
 import hashlib
 import io
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_support import one_thread  # noqa: F401
 from training_support import NEGATIVE, POSITIVE, VOCAB, tiny_model, write_csv, write_tiny_model  # noqa: F401
 
@@ -26,8 +26,12 @@ from sparseadapter.cli import main
 from sparseadapter.serving import ServingModel, example_inputs, export_model, prepare_for_inference, serving_metadata
 from sparseadapter.training.batching import TrainOrder
 from sparseadapter.training.engine import load_saved
-from sparseadapter.training.metrics import (COLLAPSE_STD_FRACTION, baseline_prediction, collapse_warning,
-                                            prediction_diagnostics)
+from sparseadapter.training.metrics import (
+    COLLAPSE_STD_FRACTION,
+    baseline_prediction,
+    collapse_warning,
+    prediction_diagnostics,
+)
 from sparseadapter.training.tasks import TaskSpec
 
 transformers = pytest.importorskip("transformers")
@@ -55,8 +59,10 @@ def word_rows(count, seed, scale=1.0, shift=0.0, same_text=False):
 def write_splits(folder, scale=1.0, shift=0.0, constant_test=False):
     folder.mkdir(parents=True, exist_ok=True)
     sizes = (("train", 96, 1), ("validation", 32, 2), ("test", 40, 3))
-    return {split: write_csv(folder / f"{split}.csv", word_rows(n, seed, scale, shift, split == "test" and constant_test))
-            for split, n, seed in sizes}
+    return {
+        split: write_csv(folder / f"{split}.csv", word_rows(n, seed, scale, shift, split == "test" and constant_test))
+        for split, n, seed in sizes
+    }
 
 
 def run_cli(argv):
@@ -68,10 +74,39 @@ def run_cli(argv):
 
 
 def train_argv(model, files, out, *extra):
-    return ["train", "--model", model, "--task", "custom", "--train-file", files["train"],
-            "--validation-file", files["validation"], "--test-file", files["test"], "--output-dir", str(out),
-            "--batch-size", "8", "--max-length", "16", "--lr", "1e-2", "--no-progress", "--threads", "1",
-            "--kind", "houlsby", "--bottleneck", "8", "--sparsity", "0.5", "--pruner", "snip", *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--task",
+        "custom",
+        "--train-file",
+        files["train"],
+        "--validation-file",
+        files["validation"],
+        "--test-file",
+        files["test"],
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--kind",
+        "houlsby",
+        "--bottleneck",
+        "8",
+        "--sparsity",
+        "0.5",
+        "--pruner",
+        "snip",
+        *extra,
+    ]
 
 
 def records(run_dir):
@@ -95,14 +130,33 @@ def ranged_runs(learner, tmp_path_factory):
         for name, (scale, shift) in RANGES.items():
             files = write_splits(root / f"data-{name}", scale, shift)
             out = root / f"run-{name}"
-            stdout = run_cli(train_argv(learner, files, out, "--regression", "--max-steps", str(STEPS),
-                                        "--eval-every", "1", "--checkpoint-every", "0"))
-            runs[name] = dict(dir=out, files=files, stdout=stdout, scale=scale, shift=shift,
-                              results=json.loads((out / "results.json").read_text()))
+            stdout = run_cli(
+                train_argv(
+                    learner,
+                    files,
+                    out,
+                    "--regression",
+                    "--max-steps",
+                    str(STEPS),
+                    "--eval-every",
+                    "1",
+                    "--checkpoint-every",
+                    "0",
+                )
+            )
+            runs[name] = dict(
+                dir=out,
+                files=files,
+                stdout=stdout,
+                scale=scale,
+                shift=shift,
+                results=json.loads((out / "results.json").read_text()),
+            )
     return runs
 
 
 # ------------------------------------------------------------------------------ learning, any range
+
 
 def test_first_loss_is_about_one_for_every_label_range(ranged_runs):
     """In standardized units the loss starts near 1 (predicting the training mean). A head in label
@@ -174,10 +228,12 @@ def test_eval_and_export_answer_in_label_units(ranged_runs, tmp_path):
 
 # ------------------------------------------------------------------------------ save, load, resume
 
+
 def _regressor(model_dir, mean, scale, seed=0):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
-                                                                            problem_type="regression")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, problem_type="regression"
+    )
     add_adapter(model, "task", SparseAdapterConfig(kind="houlsby", bottleneck=8, sparsity=0.5, pruner="random"))
     if mean is not None:
         sa.set_target_normalization(model, mean, scale)
@@ -281,12 +337,13 @@ def test_killed_regression_run_resumes_with_its_normalization(learner, tmp_path,
 
 # ------------------------------------------------------------------------------ collapse warnings
 
+
 def test_collapse_warning_rules():
     labels = [0.0, 1.0, 2.0, 3.0]
     constant = prediction_diagnostics(REGRESSION, [1.5] * 4, labels, baseline=1.5)
     message = collapse_warning(REGRESSION, constant, "test")
     assert message.startswith("test predictions collapsed") and "predicting the training mean (1.5)" in message
-    spread = 1.01 * COLLAPSE_STD_FRACTION * 1.25 ** 0.5  # just above the threshold (label std of 0..3)
+    spread = 1.01 * COLLAPSE_STD_FRACTION * 1.25**0.5  # just above the threshold (label std of 0..3)
     almost = prediction_diagnostics(REGRESSION, [1.5 - spread, 1.5 + spread] * 2, labels)
     assert collapse_warning(REGRESSION, almost) is None
     tight = prediction_diagnostics(REGRESSION, [1.5 - spread / 2, 1.5 + spread / 2] * 2, labels)
@@ -334,6 +391,7 @@ def test_collapsed_classifier_says_so(learner, tmp_path):
 
 # ------------------------------------------------------------------------------ the SICK converter
 
+
 def test_sick_converter_writes_tables_the_custom_task_reads(tmp_path):
     """benchmarks/sick.py on a file laid out like SICK.txt (written here; the real one is evaluation data
     outside the repository): splits by SemEval_set, whitespace stripped, scores kept exactly."""
@@ -345,22 +403,33 @@ def test_sick_converter_writes_tables_the_custom_task_reads(tmp_path):
     spec = importlib.util.spec_from_file_location("sick_benchmark", script)
     sick = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sick)
-    header = ("pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tentailment_AB\tentailment_BA\t"
-              "sentence_A_original\tsentence_B_original\tsentence_A_dataset\tsentence_B_dataset\tSemEval_set")
-    rows = [("1", "A man plays", "A man is playing", "4.5", "TRAIN"),
-            ("2", "A dog runs", 'A "cat" sleeps', "1.2", "TRIAL"),
-            ("3", "Kids swim", "Children swim", "4.9", "TEST "),  # SICK has a row with a trailing character
-            ("4", "A cat", "A car", "2", "TRAIN")]
-    text = header + "\n" + "".join(f"{i}\t{a}\t{b}\tNEUTRAL\t{s}\tx\ty\t{a}\t{b}\tFLICKR\tFLICKR\t{split}\n"
-                                   for i, a, b, s, split in rows)
+    header = (
+        "pair_ID\tsentence_A\tsentence_B\tentailment_label\trelatedness_score\tentailment_AB\tentailment_BA\t"
+        "sentence_A_original\tsentence_B_original\tsentence_A_dataset\tsentence_B_dataset\tSemEval_set"
+    )
+    rows = [
+        ("1", "A man plays", "A man is playing", "4.5", "TRAIN"),
+        ("2", "A dog runs", 'A "cat" sleeps', "1.2", "TRIAL"),
+        ("3", "Kids swim", "Children swim", "4.9", "TEST "),  # SICK has a row with a trailing character
+        ("4", "A cat", "A car", "2", "TRAIN"),
+    ]
+    text = (
+        header
+        + "\n"
+        + "".join(
+            f"{i}\t{a}\t{b}\tNEUTRAL\t{s}\tx\ty\t{a}\t{b}\tFLICKR\tFLICKR\t{split}\n" for i, a, b, s, split in rows
+        )
+    )
     (tmp_path / "SICK.txt").write_text(text)
     info = sick.convert(tmp_path / "SICK.txt", tmp_path / "tables")
     assert info["counts"] == {"train": 2, "validation": 1, "test": 1}
     task = infer_table_task(list(info["files"].values()), regression=True)
     assert task.pair and task.is_regression
     train = read_table(info["files"]["train"], task)
-    assert [(e.text, e.text_pair, e.label) for e in train] == [("A man plays", "A man is playing", 4.5),
-                                                                ("A cat", "A car", 2.0)]
+    assert [(e.text, e.text_pair, e.label) for e in train] == [
+        ("A man plays", "A man is playing", 4.5),
+        ("A cat", "A car", 2.0),
+    ]
     assert read_table(info["files"]["validation"], task)[0].text_pair == 'A "cat" sleeps'
     (tmp_path / "bad.txt").write_text(text.replace("TRIAL", "DEV"))
     with pytest.raises(ValueError, match="unknown SemEval_set 'DEV'"):

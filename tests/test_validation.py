@@ -1,9 +1,10 @@
 """Bad input gets a clear exception naming the problem, never a crash or a silent wrong answer."""
+
 import pytest
 import torch
+from conftest import Pattern
 
 import sparseadapter_ext as ops
-from conftest import Pattern
 from sparseadapter import SparseLinear
 
 
@@ -17,6 +18,7 @@ def _x(p, tokens=4, dtype=torch.float32):
 
 
 # validate_csr: the O(nnz) structural check
+
 
 def test_validate_accepts_a_good_pattern(p):
     ops.validate_csr(p.crow, p.col, 6, 8)
@@ -60,6 +62,7 @@ def test_float_indices_rejected(p):
 
 
 # spmm / sddmm / sparse_linear: the per-call O(1) checks
+
 
 def test_values_and_col_lengths_disagree(p):
     with pytest.raises(ValueError, match="values has .* entries but col_indices has"):
@@ -135,6 +138,7 @@ def test_device_mix_rejected(p):
 
 # empty inputs are valid and give empty or bias-only results
 
+
 def test_empty_inputs(p):
     v = p.values64.float()
     assert ops.spmm(_x(p, tokens=0), v, p.crow, p.col).shape == (0, 6)
@@ -150,13 +154,17 @@ def test_empty_inputs(p):
 # Sizes from the caller: refused with a ValueError naming them, never an allocator error or an
 # overflowed number in the message.
 
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("num_cols", [2**40, 2**62, 2**63 - 1])
 def test_csr_transpose_refuses_a_num_cols_it_cannot_allocate(index_dtype, num_cols):
     crow = torch.tensor([0, 1, 2], dtype=index_dtype)
     col = torch.tensor([0, 1], dtype=index_dtype)
-    match = ("does not fit int32 indices" if index_dtype == torch.int32
-             else r"num_cols.*(more than this machine's \d+ bytes of memory|not allocatable|too large)")
+    match = (
+        "does not fit int32 indices"
+        if index_dtype == torch.int32
+        else r"num_cols.*(more than this machine's \d+ bytes of memory|not allocatable|too large)"
+    )
     with pytest.raises(ValueError, match="csr_transpose: .*" + match):
         ops.csr_transpose(crow, col, num_cols)
 
@@ -173,15 +181,21 @@ def test_csr_to_dense_refuses_a_size_it_cannot_allocate():
     col = torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"csr_to_dense: .*more than this machine's|csr_to_dense: .*2\^63"):
         ops.csr_to_dense(torch.ones(2), crow, col, 2**40)
-    with pytest.raises(ValueError, match=r"csr_to_dense: the dense matrix \[2, 4611686018427387904\] has more than "
-                                         r"2\^63 entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"csr_to_dense: the dense matrix \[2, 4611686018427387904\] has more than "
+        r"2\^63 entries",
+    ):
         ops.csr_to_dense(torch.ones(2), crow, col, 2**62)
 
 
-@pytest.mark.parametrize("num_rows,needs", [(2**63 - 1, "9223372036854775808"), (2**62, "4611686018427387905"),
-                                            (5, "6")])
+@pytest.mark.parametrize(
+    "num_rows,needs", [(2**63 - 1, "9223372036854775808"), (2**62, "4611686018427387905"), (5, "6")]
+)
 def test_validate_csr_message_names_the_row_count_without_overflow(num_rows, needs):
     crow = torch.tensor([0, 1, 2])
     col = torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=rf"crow_indices has 3 entries but a pattern with {num_rows} rows needs {needs}$"):
+    with pytest.raises(
+        ValueError, match=rf"crow_indices has 3 entries but a pattern with {num_rows} rows needs {needs}$"
+    ):
         ops.validate_csr(crow, col, num_rows, 6)

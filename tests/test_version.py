@@ -1,6 +1,7 @@
 """One version: VERSION is read by pyproject.toml (package metadata), setup.py (compiled into the
 extension) and CMakeLists.txt (the C++ library; tests/test_cpp_libtorch.py finds the installed package
 by this exact version). Nothing else spells it."""
+
 import re
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def test_pyproject_and_cmake_read_the_file():
 def test_no_other_file_spells_the_version():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r"""(__version__|\bversion)\s*=\s*["']\d+\.\d+\.\d+["']|project\(\S+ VERSION \d""")
-    spelled = [path for path in tracked if path.endswith((".py", ".toml", ".txt", ".cfg", ".cmake", ".in"))
-               and (REPO / path).is_file() and pattern.search((REPO / path).read_text(encoding="utf-8", errors="replace"))]
+    spelled = [
+        path
+        for path in tracked
+        if path.endswith((".py", ".toml", ".txt", ".cfg", ".cmake", ".in"))
+        and (REPO / path).is_file()
+        and pattern.search((REPO / path).read_text(encoding="utf-8", errors="replace"))
+    ]
     assert spelled == [], f"a version spelled outside VERSION: {spelled}"

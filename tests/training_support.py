@@ -1,5 +1,6 @@
 """A tiny random BERT with a word-level vocabulary, and small data tables, for fast end-to-end runs of
 `sparseadapter train` / `eval` / `prune` (no download, no real data: everything is written here)."""
+
 import csv
 import json
 import random
@@ -22,10 +23,17 @@ def write_tiny_model(path, dropout: float = 0.1, initializer_range: float = 0.5)
     import torch
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     initializer_range=initializer_range, hidden_dropout_prob=dropout,
-                                     attention_probs_dropout_prob=dropout)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=initializer_range,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True)
     transformers.BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -79,10 +87,31 @@ def sentiment_files(tmp_path_factory):
 
 def train_args(tiny_model, files, out, *extra):
     """`sparseadapter train` flags for a short run on the tiny model and the sentiment tables."""
-    return ["train", "--model", tiny_model, "--task", "custom", "--train-file", files["train"],
-            "--validation-file", files["validation"], "--test-file", files["test"], "--output-dir", str(out),
-            "--batch-size", "8", "--max-length", "16", "--lr", "1e-2", "--no-progress", "--threads", "1",
-            *extra]
+    return [
+        "train",
+        "--model",
+        tiny_model,
+        "--task",
+        "custom",
+        "--train-file",
+        files["train"],
+        "--validation-file",
+        files["validation"],
+        "--test-file",
+        files["test"],
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def checkpoint_step(run_dir) -> int:
@@ -129,8 +158,10 @@ def kill_when_checkpointed(cmd, run_dir, after_step: int, env=None, timeout: flo
     try:
         while checkpoint_step(run_dir) < after_step:
             if proc.poll() is not None:
-                raise AssertionError(f"the run ended (code {proc.returncode}) before step {after_step}: "
-                                     + proc.stderr.read().decode()[-2000:])
+                raise AssertionError(
+                    f"the run ended (code {proc.returncode}) before step {after_step}: "
+                    + proc.stderr.read().decode()[-2000:]
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no checkpoint at step {after_step} after {timeout} s")
             time.sleep(0.01)

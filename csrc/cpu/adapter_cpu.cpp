@@ -91,19 +91,20 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
     load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
-    rows_times_tile<kIsa, kTile>(a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values,
-                           a.down_bias, 0, a.bottleneck, xt.data(), ht.data());
+    rows_times_tile<kIsa, kTile>(
+        a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values, a.down_bias, 0, a.bottleneck,
+        xt.data(), ht.data());
     if (a.hidden_pre) {
-      store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck,
-                                         a.bottleneck);
+      store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck, a.bottleneck);
     }
     activate<kIsa>(ht.data(), a.bottleneck * kTile, a.activation);
-    rows_times_tile<kIsa, kTile>(a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias,
-                           0, a.out_features, ht.data(), yt.data());
+    rows_times_tile<kIsa, kTile>(
+        a.up_blocked, a.up_blocked_values, a.up_crow, a.up_col, a.up_values, a.up_bias, 0, a.out_features, ht.data(),
+        yt.data());
     const int64_t n = a.out_features * kTile;
     if (a.residual) {
-      load_transposed_tile<kIsa, kTile>(a.residual + n0 * a.out_features, a.out_features, nt, a.out_features,
-                                        rt.data());
+      load_transposed_tile<kIsa, kTile>(
+          a.residual + n0 * a.out_features, a.out_features, nt, a.out_features, rt.data());
       for (int64_t i = 0; i < n; ++i) yt[i] = rt[i] + scale * yt[i];
     } else {
       for (int64_t i = 0; i < n; ++i) yt[i] *= scale;
@@ -121,16 +122,18 @@ SA_ALWAYS_INLINE void adapter_few_tokens(const AdapterArgs<scalar_t, index_t>& a
   const int64_t nt = a.num_tokens;
   const int64_t hidden_n = nt * a.bottleneck;
   std::vector<acc_t> h((hidden_n + kPad - 1) / kPad * kPad);  // [tokens][bottleneck]
-  csr_rows_times_few_tokens(a.down_crow, a.down_col, a.down_values, a.down_bias, a.bottleneck, a.x, a.in_features, nt,
-                            h.data(), a.bottleneck);
+  csr_rows_times_few_tokens(
+      a.down_crow, a.down_col, a.down_values, a.down_bias, a.bottleneck, a.x, a.in_features, nt, h.data(),
+      a.bottleneck);
   if (a.hidden_pre) {
     for (int64_t i = 0; i < hidden_n; ++i) a.hidden_pre[i] = static_cast<scalar_t>(h[i]);
   }
   activate<kIsa>(h.data(), static_cast<int64_t>(h.size()), a.activation);
   const int64_t n = nt * a.out_features;
   std::vector<acc_t> y(n);  // [tokens][out]
-  csr_rows_times_few_tokens(a.up_crow, a.up_col, a.up_values, a.up_bias, a.out_features, h.data(), a.bottleneck, nt,
-                            y.data(), a.out_features);
+  csr_rows_times_few_tokens(
+      a.up_crow, a.up_col, a.up_values, a.up_bias, a.out_features, h.data(), a.bottleneck, nt, y.data(),
+      a.out_features);
   const acc_t scale = static_cast<acc_t>(a.scale);
   if (a.residual) {
     for (int64_t i = 0; i < n; ++i) a.out[i] = static_cast<scalar_t>(static_cast<acc_t>(a.residual[i]) + scale * y[i]);

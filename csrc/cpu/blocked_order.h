@@ -22,8 +22,13 @@ struct BlockedOrder {
   std::vector<int32_t> seg_row;
 
   template <typename index_t>
-  BlockedOrder(const index_t* crow, const index_t* col_indices, int64_t rows, int64_t cols, int64_t block_rows,
-               int64_t block_cols) {
+  BlockedOrder(
+      const index_t* crow,
+      const index_t* col_indices,
+      int64_t rows,
+      int64_t cols,
+      int64_t block_rows,
+      int64_t block_cols) {
     const int64_t nnz = static_cast<int64_t>(crow[rows]);
     position.resize(nnz);
     row.resize(nnz);
@@ -67,7 +72,6 @@ struct BlockedOrder {
     }
     seg_start.push_back(nnz);
   }
-
 
   // values[position[i]] for every entry i, in entry order.
   template <typename scalar_t>

@@ -16,8 +16,8 @@ struct CpuBackend {
   static void csr_to_dense(const PatternData& in, at::Tensor& dense) { csr_to_dense_cpu_kernel(in, dense); }
   static void csr_gather(const PatternData& in, at::Tensor& out) { csr_gather_cpu_kernel(in, out); }
   // oneDNN / MKL products with their epilogues serve the dense adapter on CPU.
-  static bool adapter_dense_fused(const AdapterInputs&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                                  at::Tensor&) {
+  static bool
+  adapter_dense_fused(const AdapterInputs&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) {
     return false;
   }
   static const PathTimer& timer() { return cpu_path_timer(); }

@@ -41,8 +41,8 @@ inline const char* cpu_isa_name(CpuIsa isa) {
 inline CpuIsa widest_supported_isa() {
 #if SA_X86_MULTIVERSION
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq")) {
     return CpuIsa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
@@ -74,7 +74,9 @@ inline CpuIsa cpu_isa() {
 
 // The vector a variant computes with: one zmm, ymm or xmm register of acc_t.
 template <CpuIsa kIsa>
-constexpr int kVectorBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
+constexpr int kVectorBytes = kIsa == CpuIsa::kAvx512 ? 64
+                             : kIsa == CpuIsa::kAvx2 ? 32
+                                                     : 16;
 
 template <CpuIsa kIsa, typename acc_t>
 struct Vec {

@@ -20,8 +20,16 @@ namespace few_tokens_detail {
 constexpr int kParts = 4;
 
 template <int kTokens, typename acc_t, typename scalar_t, typename in_t, typename index_t>
-SA_ALWAYS_INLINE void rows(const index_t* crow, const index_t* col, const scalar_t* values, const scalar_t* bias,
-                           int64_t num_rows, const in_t* in, int64_t in_stride, acc_t* out, int64_t out_stride) {
+SA_ALWAYS_INLINE void rows(
+    const index_t* crow,
+    const index_t* col,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t num_rows,
+    const in_t* in,
+    int64_t in_stride,
+    acc_t* out,
+    int64_t out_stride) {
   for (int64_t r = 0; r < num_rows; ++r) {
     acc_t part[kTokens][kParts] = {};
     int64_t e = crow[r];
@@ -55,10 +63,17 @@ SA_ALWAYS_INLINE void rows(const index_t* crow, const index_t* col, const scalar
 // for tokens t < num_tokens (1..kFewTokens) and rows r < num_rows; bias may be null. acc_t: the
 // accumulation type, in which out is written.
 template <typename acc_t, typename scalar_t, typename in_t, typename index_t>
-SA_ALWAYS_INLINE void csr_rows_times_few_tokens(const index_t* crow, const index_t* col, const scalar_t* values,
-                                                const scalar_t* bias, int64_t num_rows, const in_t* in,
-                                                int64_t in_stride, int64_t num_tokens, acc_t* out,
-                                                int64_t out_stride) {
+SA_ALWAYS_INLINE void csr_rows_times_few_tokens(
+    const index_t* crow,
+    const index_t* col,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t num_rows,
+    const in_t* in,
+    int64_t in_stride,
+    int64_t num_tokens,
+    acc_t* out,
+    int64_t out_stride) {
   using namespace few_tokens_detail;
   switch (num_tokens) {
     case 1: rows<1>(crow, col, values, bias, num_rows, in, in_stride, out, out_stride); return;

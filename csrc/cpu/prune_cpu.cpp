@@ -16,7 +16,7 @@ namespace {
 using namespace prune;
 
 constexpr int64_t kElementwiseGrain = 1 << 15;
-constexpr int64_t kBlock = 256;        // keys computed per vectorizable block before histogramming
+constexpr int64_t kBlock = 256;         // keys computed per vectorizable block before histogramming
 constexpr int64_t kTieChunk = 1 << 16;  // fixed chunks of the tie-rank scan
 
 // ---------------------------------------------------------------------------------------------
@@ -76,8 +76,12 @@ void check_no_nan(const TopkInputs& in) {
 // Pass 0 takes every key (mask 0) and also counts NaNs, so NaN costs no extra pass.
 template <typename scalar_t>
 void histogram_pass(
-    const TopkInputs& in, typename KeyOf<scalar_t>::type prefix, typename KeyOf<scalar_t>::type mask, int shift,
-    int pass, int64_t* counts) {
+    const TopkInputs& in,
+    typename KeyOf<scalar_t>::type prefix,
+    typename KeyOf<scalar_t>::type mask,
+    int shift,
+    int pass,
+    int64_t* counts) {
   using key_t = typename KeyOf<scalar_t>::type;
   const int threads = at::get_num_threads();
   std::vector<int64_t> hist(static_cast<size_t>(threads) * kBins, 0);
@@ -129,7 +133,10 @@ void histogram_pass(
 
 // mask = key > T, plus the first `ties_kept` entries with key == T in (list, flat index) order.
 template <typename scalar_t>
-void mask_pass(const TopkInputs& in, const Threshold<typename KeyOf<scalar_t>::type>& th, std::vector<at::Tensor>& masks) {
+void mask_pass(
+    const TopkInputs& in,
+    const Threshold<typename KeyOf<scalar_t>::type>& th,
+    std::vector<at::Tensor>& masks) {
   using key_t = typename KeyOf<scalar_t>::type;
   const key_t T = th.key;
   if (th.ties_kept == th.ties_total) {  // every tie is kept: a plain comparison, no ranks needed
@@ -211,34 +218,43 @@ void topk_impl(const TopkInputs& in, std::vector<at::Tensor>& masks) {
 // mask_to_csr
 
 template <typename index_t>
-void fill_csr(const bool* m, int64_t rows, int64_t cols, const std::vector<int64_t>& start, index_t* crow, index_t* col) {
+void fill_csr(
+    const bool* m,
+    int64_t rows,
+    int64_t cols,
+    const std::vector<int64_t>& start,
+    index_t* crow,
+    index_t* col) {
   for (int64_t r = 0; r <= rows; ++r) crow[r] = static_cast<index_t>(start[r]);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
-    // Branch-free compaction into a private row buffer (one spare slot: every column is written,
-    // only set ones advance), then a copy: random masks would mispredict a branch per column.
-    std::vector<index_t> buffer(cols + 1);
-    for (int64_t r = rb; r < re; ++r) {
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(m + r * cols);
-      const int64_t count = start[r + 1] - start[r];
-      index_t* out = col + start[r];
-      if (count == cols) {  // a full row: no test per column
-        for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<index_t>(j);
-        continue;
-      }
-      int64_t pos = 0;
-      for (int64_t j = 0; j < cols; ++j) {
-        buffer[pos] = static_cast<index_t>(j);
-        pos += row[j];
-      }
-      std::copy(buffer.begin(), buffer.begin() + count, out);
-    }
-  });
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
+        // Branch-free compaction into a private row buffer (one spare slot: every column is written,
+        // only set ones advance), then a copy: random masks would mispredict a branch per column.
+        std::vector<index_t> buffer(cols + 1);
+        for (int64_t r = rb; r < re; ++r) {
+          const uint8_t* row = reinterpret_cast<const uint8_t*>(m + r * cols);
+          const int64_t count = start[r + 1] - start[r];
+          index_t* out = col + start[r];
+          if (count == cols) {  // a full row: no test per column
+            for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<index_t>(j);
+            continue;
+          }
+          int64_t pos = 0;
+          for (int64_t j = 0; j < cols; ++j) {
+            buffer[pos] = static_cast<index_t>(j);
+            pos += row[j];
+          }
+          std::copy(buffer.begin(), buffer.begin() + count, out);
+        }
+      });
 }
 
 }  // namespace
 
 at::Tensor prune_score_cpu(
-    const at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& hess_grad,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
     c10::string_view method) {
   const auto in = check_score_inputs(weight, grad, hess_grad, std::string(method), c10::DeviceType::CPU);
   auto out = at::empty(in.weight.sizes(), in.weight.options().dtype(in.out_dtype));
@@ -273,14 +289,15 @@ std::tuple<at::Tensor, at::Tensor> mask_to_csr_cpu(const at::Tensor& mask_in, at
   const bool* m = mask.const_data_ptr<bool>();
   // Row counts (bytes summed: vectorizable), then an exclusive scan into row starts.
   std::vector<int64_t> start(rows + 1, 0);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(m + r * cols);
-      int64_t count = 0;
-      for (int64_t j = 0; j < cols; ++j) count += row[j];
-      start[r + 1] = count;
-    }
-  });
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(cols, 1)), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const uint8_t* row = reinterpret_cast<const uint8_t*>(m + r * cols);
+          int64_t count = 0;
+          for (int64_t j = 0; j < cols; ++j) count += row[j];
+          start[r + 1] = count;
+        }
+      });
   for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
   const int64_t nnz = start[rows];
   check_nnz_fits(nnz, index_dtype);

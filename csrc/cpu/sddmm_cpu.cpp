@@ -83,8 +83,13 @@ struct SddmmArgs {
 // Entry i's dot product over the tile's tokens, as one vector of partial sums. g holds the grad
 // vectors of row g_row: consecutive entries mostly share their row.
 template <int kTile, typename vec_t, typename scalar_t, typename index_t, typename acc_t>
-SA_ALWAYS_INLINE vec_t entry_dot(const SddmmArgs<scalar_t, index_t>& a, int64_t i, const acc_t* xt, const acc_t* gt,
-                                 vec_t* g, int32_t& g_row) {
+SA_ALWAYS_INLINE vec_t entry_dot(
+    const SddmmArgs<scalar_t, index_t>& a,
+    int64_t i,
+    const acc_t* xt,
+    const acc_t* gt,
+    vec_t* g,
+    int32_t& g_row) {
   constexpr int kLanes = sizeof(vec_t) / sizeof(acc_t);
   constexpr int kVecs = kTile / kLanes;
   const int32_t r = a.row[i];
@@ -147,9 +152,9 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
   const int64_t tiles = (in.num_tokens + kTile - 1) / kTile;
   // few tiles: the sort would cost more than it saves (tile.h); one block is plain CSR order
   const bool blocks = tiles >= kMinTilesForBlocks;
-  const BlockedOrder order(in.crow_indices.const_data_ptr<index_t>(), in.col_indices.const_data_ptr<index_t>(),
-                           in.out_features, in.in_features, blocks ? kBlockRows : in.out_features,
-                           blocks ? kBlockCols : in.in_features);
+  const BlockedOrder order(
+      in.crow_indices.const_data_ptr<index_t>(), in.col_indices.const_data_ptr<index_t>(), in.out_features,
+      in.in_features, blocks ? kBlockRows : in.out_features, blocks ? kBlockCols : in.in_features);
   const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   const int64_t nnz_padded = (in.nnz + kLanes - 1) / kLanes * kLanes;
   std::vector<acc_t> partial(slabs * nnz_padded, acc_t(0));
@@ -183,9 +188,8 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
 }  // namespace
 
 void sddmm_cpu_kernel(const SddmmInputs& in, at::Tensor& out) {
-  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "sddmm_cpu", [&] {
-    run_sddmm<scalar_t, index_t>(in, out);
-  });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(
+      in.x.scalar_type(), in.crow_indices.scalar_type(), "sddmm_cpu", [&] { run_sddmm<scalar_t, index_t>(in, out); });
 }
 
 }  // namespace sparseadapter

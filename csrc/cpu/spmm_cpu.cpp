@@ -23,8 +23,8 @@
 namespace sparseadapter {
 namespace {
 
-constexpr int64_t kTile = 32;        // tokens per tile
-constexpr int64_t kRowBlock = 16;    // rows per work item when there are too few tiles to share
+constexpr int64_t kTile = 32;      // tokens per tile
+constexpr int64_t kRowBlock = 16;  // rows per work item when there are too few tiles to share
 
 template <typename scalar_t, typename index_t>
 struct SpmmArgs {
@@ -37,10 +37,10 @@ struct SpmmArgs {
   int64_t num_tokens;
   int64_t in_features;
   int64_t out_features;
-  int64_t row_blocks;    // work item w covers tile w / row_blocks and row block w % row_blocks
+  int64_t row_blocks;  // work item w covers tile w / row_blocks and row block w % row_blocks
   int64_t rows_per_block;
-  const BlockedOrder* blocked;      // nullptr: CSR order (then row blocks may split the rows)
-  const scalar_t* blocked_values;   // values in blocked order
+  const BlockedOrder* blocked;     // nullptr: CSR order (then row blocks may split the rows)
+  const scalar_t* blocked_values;  // values in blocked order
 };
 
 template <CpuIsa kIsa, typename scalar_t, typename index_t>
@@ -60,8 +60,9 @@ SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int6
     }
     const int64_t r_begin = (w % a.row_blocks) * a.rows_per_block;
     const int64_t r_end = std::min(a.out_features, r_begin + a.rows_per_block);
-    rows_times_tile<kIsa, kTile>(a.blocked, a.blocked_values, a.crow, a.col, a.values, a.bias, r_begin, r_end, xt,
-                                 out_buffer.data());  // blocked: one row block, every row
+    rows_times_tile<kIsa, kTile>(
+        a.blocked, a.blocked_values, a.crow, a.col, a.values, a.bias, r_begin, r_end, xt,
+        out_buffer.data());  // blocked: one row block, every row
     store_transposed_tile<kIsa, kTile>(
         out_buffer.data(), r_end - r_begin, nt, a.y + n0 * a.out_features + r_begin, a.out_features);
   }
@@ -75,12 +76,12 @@ SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = a.num_tokens * a.out_features;
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    csr_rows_times_few_tokens(a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens, a.y,
-                              a.out_features);
+    csr_rows_times_few_tokens(
+        a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens, a.y, a.out_features);
   } else {
     std::vector<acc_t> out(n);
-    csr_rows_times_few_tokens(a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens,
-                              out.data(), a.out_features);
+    csr_rows_times_few_tokens(
+        a.crow, a.col, a.values, a.bias, a.out_features, a.x, a.in_features, a.num_tokens, out.data(), a.out_features);
     for (int64_t i = 0; i < n; ++i) a.y[i] = static_cast<scalar_t>(out[i]);
   }
 }
@@ -114,25 +115,24 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
   if (a.row_blocks == 1 && walk_in_blocks<kTile, at::opmath_type<scalar_t>>(in.in_features, tiles)) {
-    blocked.emplace(tile_blocked_order<kTile, at::opmath_type<scalar_t>>(a.crow, a.col, in.out_features,
-                                                                         in.in_features));
+    blocked.emplace(
+        tile_blocked_order<kTile, at::opmath_type<scalar_t>>(a.crow, a.col, in.out_features, in.in_features));
     blocked_values = blocked->gather(a.values);
     a.blocked = &*blocked;
     a.blocked_values = blocked_values.data();
   }
 
   SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
-    at::parallel_for(0, tiles * a.row_blocks, 1,
-                     [&](int64_t begin, int64_t end) { SpmmWorkItems<kIsa>::run(a, begin, end); });
+    at::parallel_for(
+        0, tiles * a.row_blocks, 1, [&](int64_t begin, int64_t end) { SpmmWorkItems<kIsa>::run(a, begin, end); });
   });
 }
 
 }  // namespace
 
 void spmm_cpu_kernel(const SpmmInputs& in, at::Tensor& y) {
-  SA_DISPATCH_VALUE_AND_INDEX_TYPES(in.x.scalar_type(), in.crow_indices.scalar_type(), "spmm_cpu", [&] {
-    run_spmm<scalar_t, index_t>(in, y);
-  });
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(
+      in.x.scalar_type(), in.crow_indices.scalar_type(), "spmm_cpu", [&] { run_spmm<scalar_t, index_t>(in, y); });
 }
 
 }  // namespace sparseadapter

@@ -41,8 +41,8 @@ inline BlockedOrder tile_blocked_order(const index_t* crow, const index_t* col, 
 // so partial tiles compute on zeros instead of on stale data. The scalar path reads along src rows
 // (contiguous) in blocks of kBlock features, which keeps the strided writes within a few cache lines.
 template <int kTile, typename scalar_t, typename acc_t>
-SA_ALWAYS_INLINE void load_transposed_tile_scalar(
-    const scalar_t* src, int64_t ld, int64_t rows, int64_t k_begin, int64_t cols, acc_t* dst) {
+SA_ALWAYS_INLINE void
+load_transposed_tile_scalar(const scalar_t* src, int64_t ld, int64_t rows, int64_t k_begin, int64_t cols, acc_t* dst) {
   constexpr int64_t kBlock = 16;
   for (int64_t k0 = k_begin; k0 < cols; k0 += kBlock) {
     const int64_t kn = cols - k0 < kBlock ? cols - k0 : kBlock;
@@ -63,8 +63,7 @@ SA_ALWAYS_INLINE void load_transposed_tile_scalar(
 
 // The same, with whole 16x16 blocks transposed in AVX-512 registers where the ISA variant allows.
 template <CpuIsa kIsa, int kTile, typename scalar_t, typename acc_t>
-SA_ALWAYS_INLINE void load_transposed_tile(
-    const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* dst) {
+SA_ALWAYS_INLINE void load_transposed_tile(const scalar_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t* dst) {
 #if SA_X86_MULTIVERSION
   if constexpr (kIsa == CpuIsa::kAvx512 && kHasAvx512Transpose<scalar_t> && kTile % 16 == 0) {
     if (rows == kTile) {
@@ -85,8 +84,7 @@ SA_ALWAYS_INLINE void load_transposed_tile(
 // dst[t * ld + r] = src[r * kTile + t] for r < rows, t < tokens: an output tile, computed transposed
 // ([rows][kTile]), written back to row-major tokens. Whole 16x16 float blocks go through registers.
 template <CpuIsa kIsa, int kTile, typename scalar_t, typename acc_t>
-SA_ALWAYS_INLINE void store_transposed_tile(
-    const acc_t* src, int64_t rows, int64_t tokens, scalar_t* dst, int64_t ld) {
+SA_ALWAYS_INLINE void store_transposed_tile(const acc_t* src, int64_t rows, int64_t tokens, scalar_t* dst, int64_t ld) {
   int64_t r_begin = 0;
 #if SA_X86_MULTIVERSION
   if constexpr (kIsa == CpuIsa::kAvx512 && std::is_same_v<scalar_t, float> && kTile % 16 == 0) {
@@ -112,8 +110,14 @@ SA_ALWAYS_INLINE void store_transposed_tile(
 // kTile tokens with contiguous loads. bias may be null.
 template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void csr_rows_times_tile(
-    const index_t* crow, const index_t* col, const scalar_t* values, const scalar_t* bias,
-    int64_t r_begin, int64_t r_end, const acc_t* in_t, acc_t* out_t) {
+    const index_t* crow,
+    const index_t* col,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t r_begin,
+    int64_t r_end,
+    const acc_t* in_t,
+    acc_t* out_t) {
   using vec_t = typename Vec<kIsa, acc_t>::type;
   constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
@@ -146,7 +150,11 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
 // would stream the whole input tile from L2 for every row. out_t has `rows` rows; bias may be null.
 template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t>
 SA_ALWAYS_INLINE void blocked_rows_times_tile(
-    const BlockedOrder& order, const scalar_t* values, const scalar_t* bias, int64_t rows, const acc_t* in_t,
+    const BlockedOrder& order,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t rows,
+    const acc_t* in_t,
     acc_t* out_t) {
   using vec_t = typename Vec<kIsa, acc_t>::type;
   constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
@@ -174,9 +182,17 @@ SA_ALWAYS_INLINE void blocked_rows_times_tile(
 // Rows [r_begin, r_end) of the product, in block order when `blocked` is given (then every row:
 // r_begin = 0, r_end = all rows), else in CSR order.
 template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t, typename index_t>
-SA_ALWAYS_INLINE void rows_times_tile(const BlockedOrder* blocked, const scalar_t* blocked_values, const index_t* crow,
-                                      const index_t* col, const scalar_t* values, const scalar_t* bias, int64_t r_begin,
-                                      int64_t r_end, const acc_t* in_t, acc_t* out_t) {
+SA_ALWAYS_INLINE void rows_times_tile(
+    const BlockedOrder* blocked,
+    const scalar_t* blocked_values,
+    const index_t* crow,
+    const index_t* col,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t r_begin,
+    int64_t r_end,
+    const acc_t* in_t,
+    acc_t* out_t) {
   if (blocked) {
     blocked_rows_times_tile<kIsa, kTile>(*blocked, blocked_values, bias, r_end, in_t, out_t);
   } else {

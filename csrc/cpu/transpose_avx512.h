@@ -38,8 +38,7 @@ SA_TARGET_AVX512 SA_ALWAYS_INLINE __m512 load16_as_float(const scalar_t* p) {
 // dst[k * ldd + t] = float(src[t * ld + k]) for t, k < 16. Not force-inlined: its callers are
 // compiled for the baseline ISA and only call it from the AVX-512 variant.
 template <typename scalar_t>
-SA_TARGET_AVX512 void transpose16x16_to_float(
-    const scalar_t* src, int64_t ld, float* dst, int64_t ldd) {
+SA_TARGET_AVX512 void transpose16x16_to_float(const scalar_t* src, int64_t ld, float* dst, int64_t ldd) {
   __m512 r[16];
   __m512 u[16];
   for (int i = 0; i < 16; ++i) {

@@ -27,7 +27,9 @@ SA_ALWAYS_INLINE V splat(float s) {
 }
 
 template <typename V>
-SA_ALWAYS_INLINE V abs(V x) { return (V)((IntVec<V>)x & 0x7fffffff); }
+SA_ALWAYS_INLINE V abs(V x) {
+  return (V)((IntVec<V>)x & 0x7fffffff);
+}
 
 // |magnitude| with the sign of `sign`
 template <typename V>
@@ -63,7 +65,7 @@ SA_ALWAYS_INLINE V exp(V x) {
 template <typename V>
 SA_ALWAYS_INLINE V tanh(V x) {
   // |x| < 0.625: x + x^3 P(x^2); beyond, 1 - 2 / (e^{2|x|} + 1), where the subtraction loses nothing.
-  static constexpr float kPoly[] = {-3.333333433e-01f, 1.333328784e-01f, -5.395559594e-02f,
+  static constexpr float kPoly[] = {-3.333333433e-01f, 1.333328784e-01f,  -5.395559594e-02f,
                                     2.173937112e-02f,  -8.249028586e-03f, 2.187986625e-03f};
   const V a = abs(x);
   const V s = a * a;
@@ -86,9 +88,9 @@ SA_ALWAYS_INLINE V silu(V x) {
 // 0.5 x (1 + erf(x / sqrt 2)), which is 0 from x = -8.3).
 template <typename V>
 SA_ALWAYS_INLINE V gelu(V x) {
-  static constexpr float kErfNearZero[] = {1.128379107e+00f, -3.761259019e-01f, 1.128294468e-01f,
-                                           -2.681211941e-02f, 5.067425780e-03f, -6.411937647e-04f};
-  static constexpr float kErfcTail[] = {3.363489668e-06f, 2.819905579e-01f, 2.835090160e-01f, 2.357881367e-01f,
+  static constexpr float kErfNearZero[] = {1.128379107e+00f,  -3.761259019e-01f, 1.128294468e-01f,
+                                           -2.681211941e-02f, 5.067425780e-03f,  -6.411937647e-04f};
+  static constexpr float kErfcTail[] = {3.363489668e-06f, 2.819905579e-01f,  2.835090160e-01f, 2.357881367e-01f,
                                         2.311412692e-01f, -9.601034224e-02f, 3.844672740e-01f, -5.864250064e-01f,
                                         3.357460499e-01f, -7.019777596e-02f};
   const V z = abs(x) * 0.707106781f;

@@ -8,12 +8,24 @@
 namespace sparseadapter {
 namespace cuda_utils {
 
-__device__ __forceinline__ float dev_erf(float v) { return erff(v); }
-__device__ __forceinline__ double dev_erf(double v) { return erf(v); }
-__device__ __forceinline__ float dev_exp(float v) { return expf(v); }
-__device__ __forceinline__ double dev_exp(double v) { return exp(v); }
-__device__ __forceinline__ float dev_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double dev_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float dev_erf(float v) {
+  return erff(v);
+}
+__device__ __forceinline__ double dev_erf(double v) {
+  return erf(v);
+}
+__device__ __forceinline__ float dev_exp(float v) {
+  return expf(v);
+}
+__device__ __forceinline__ double dev_exp(double v) {
+  return exp(v);
+}
+__device__ __forceinline__ float dev_tanh(float v) {
+  return tanhf(v);
+}
+__device__ __forceinline__ double dev_tanh(double v) {
+  return tanh(v);
+}
 
 // relu, gelu (exact, erf), silu and tanh in the accumulation type. As on CPU (vec_math.h), the far
 // negative tails of gelu and silu are 0, so -inf gives the limit 0 rather than -inf * 0.

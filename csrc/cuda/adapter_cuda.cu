@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
   acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);          // [kWarps][32] values of a row batch
   int* eo = reinterpret_cast<int*>(ev + kWarps * 32);      // [kWarps][32] tile offsets of a row batch
   acc_t* hs = reinterpret_cast<acc_t*>(eo + kWarps * 32);  // [bottleneck][32] tile (cuda_utils layout)
-  acc_t* work = hs + bottleneck * kTokens;                  // x chunk [kc][32], later the output chunk [32][ys_pitch]
+  acc_t* work = hs + bottleneck * kTokens;                 // x chunk [kc][32], later the output chunk [32][ys_pitch]
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
     __syncthreads();
     for (int i = warp; i < bottleneck; i += kWarps) {
       // row i of h belongs to this warp alone
-      hs[tile_base<kTokens, V>(i) ^ lane] +=
-          csr_row_dot_tile32(p.down_values, p.down_col, p.down_crow[i], p.down_crow[i + 1], k0, w, work, wev, weo, lane);
+      hs[tile_base<kTokens, V>(i) ^ lane] += csr_row_dot_tile32(
+          p.down_values, p.down_col, p.down_crow[i], p.down_crow[i + 1], k0, w, work, wev, weo, lane);
     }
   }
   __syncthreads();
@@ -106,8 +106,8 @@ __global__ void __launch_bounds__(kThreads) adapter_fused_kernel(const AdapterPa
     const int rows = static_cast<int>(min(static_cast<int64_t>(p.rows_per_chunk), p.out_features - o0));
     for (int j = warp; j < rows; j += kWarps) {
       const int64_t o = o0 + j;
-      acc_t acc = csr_row_dot_tile32(p.up_values, p.up_col, p.up_crow[o], p.up_crow[o + 1], 0, bottleneck, hs, wev,
-                                     weo, lane);
+      acc_t acc =
+          csr_row_dot_tile32(p.up_values, p.up_col, p.up_crow[o], p.up_crow[o + 1], 0, bottleneck, hs, wev, weo, lane);
       if (p.up_bias) {
         acc += static_cast<acc_t>(p.up_bias[o]);
       }

@@ -42,17 +42,17 @@ constexpr int kStages = 4;  // 32-column steps of x in flight per warp
 
 template <typename T>
 struct TcParams {
-  const T* x;         // [N, K]
-  const T* down;      // [R, K]
-  const T* down_bias; // [R] or nullptr
-  const T* up;        // [M, R]
-  const T* up_bias;   // [M] or nullptr
-  const T* residual;  // [N, M] or nullptr
-  T* out;             // [N, M]
-  T* hidden_pre;      // [N, R] or nullptr
+  const T* x;          // [N, K]
+  const T* down;       // [R, K]
+  const T* down_bias;  // [R] or nullptr
+  const T* up;         // [M, R]
+  const T* up_bias;    // [M] or nullptr
+  const T* residual;   // [N, M] or nullptr
+  T* out;              // [N, M]
+  T* hidden_pre;       // [N, R] or nullptr
   int64_t num_tokens;
-  int in_features;    // K, a multiple of 32
-  int out_features;   // M, a multiple of 32
+  int in_features;   // K, a multiple of 32
+  int out_features;  // M, a multiple of 32
   Activation activation;
   float scale;
 };
@@ -82,8 +82,8 @@ struct Pack<c10::Half> {
 
 // d += a * b for one m16n8k16 tile, fp32 accumulate.
 template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                    uint32_t b1) {
+__device__ __forceinline__ void
+mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     asm volatile(
@@ -124,13 +124,19 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-__device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
 
 // The real bottleneck unit (row of D) of virtual column 8j + n of the down projection's output. The
 // thread holding accumulator columns 2q, 2q+1 of n-tiles 4s..4s+3 then holds units 32s+8q .. 32s+8q+7.
-__device__ __forceinline__ int real_unit(int j, int n) { return 32 * (j >> 2) + 8 * (n >> 1) + 2 * (j & 3) + (n & 1); }
+__device__ __forceinline__ int real_unit(int j, int n) {
+  return 32 * (j >> 2) + 8 * (n >> 1) + 2 * (j & 3) + (n & 1);
+}
 // The real output column of virtual column 8jj + n of a 32-column output chunk (same scheme).
-__device__ __forceinline__ int real_out(int jj, int n) { return 8 * (n >> 1) + 2 * jj + (n & 1); }
+__device__ __forceinline__ int real_out(int jj, int n) {
+  return 8 * (n >> 1) + 2 * jj + (n & 1);
+}
 
 // R: bottleneck width, 32 or 64: the bottleneck tile, MT * R / 2 accumulators per thread, stays in
 // registers without spilling. (Measured on an H200: with one m16 tile per warp, R = 256 spilled and
@@ -313,8 +319,9 @@ __global__ void __launch_bounds__(kWarps * 32) adapter_dense_tc_kernel(const TcP
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
           const int e = 2 * jj;
-          w[jj] = Pack<T>::two(res[e] + p.scale * (o[m][jj][2 * h] + bias[e]),
-                               res[e + 1] + p.scale * (o[m][jj][2 * h + 1] + bias[e + 1]));
+          w[jj] = Pack<T>::two(
+              res[e] + p.scale * (o[m][jj][2 * h] + bias[e]),
+              res[e + 1] + p.scale * (o[m][jj][2 * h + 1] + bias[e + 1]));
         }
         __stcs(reinterpret_cast<uint4*>(p.out + at), v);
       }
@@ -339,11 +346,18 @@ bool dispatch_width(const TcParams<T>& p, int64_t bottleneck, cudaStream_t strea
   }
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
 
 template <typename T>
-bool run_tc(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& up, at::Tensor& out,
-            at::Tensor& hidden_pre, cudaStream_t stream) {
+bool run_tc(
+    const AdapterInputs& in,
+    const at::Tensor& down,
+    const at::Tensor& up,
+    at::Tensor& out,
+    at::Tensor& hidden_pre,
+    cudaStream_t stream) {
   TcParams<T> p;
   p.x = in.down.x.const_data_ptr<T>();
   p.down = down.const_data_ptr<T>();
@@ -363,8 +377,12 @@ bool run_tc(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& u
 
 }  // namespace
 
-bool adapter_dense_fused_cuda(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& up, at::Tensor& out,
-                              at::Tensor& hidden_pre) {
+bool adapter_dense_fused_cuda(
+    const AdapterInputs& in,
+    const at::Tensor& down,
+    const at::Tensor& up,
+    at::Tensor& out,
+    at::Tensor& hidden_pre) {
   const auto dtype = in.down.x.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) {
     return false;

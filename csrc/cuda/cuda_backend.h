@@ -18,8 +18,12 @@ struct CudaBackend {
   }
   static void csr_to_dense(const PatternData& in, at::Tensor& dense) { csr_to_dense_cuda_kernel(in, dense); }
   static void csr_gather(const PatternData& in, at::Tensor& out) { csr_gather_cuda_kernel(in, out); }
-  static bool adapter_dense_fused(const AdapterInputs& in, const at::Tensor& down, const at::Tensor& up,
-                                  at::Tensor& out, at::Tensor& hidden_pre) {
+  static bool adapter_dense_fused(
+      const AdapterInputs& in,
+      const at::Tensor& down,
+      const at::Tensor& up,
+      at::Tensor& out,
+      at::Tensor& hidden_pre) {
     return adapter_dense_fused_cuda(in, down, up, out, hidden_pre);
   }
   static const PathTimer& timer() { return cuda_path_timer(); }

@@ -11,7 +11,9 @@
 namespace sparseadapter {
 namespace cuda_utils {
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // The limits every launch plan needs, read off the device of the inputs (cheap attribute reads).
 struct DeviceLimits {
@@ -30,8 +32,7 @@ inline DeviceLimits device_limits(int device) {
 template <typename Kernel>
 inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
 }
 
@@ -45,8 +46,12 @@ struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Vec {
 template <typename scalar_t>
 constexpr int kVecWidth = 16 / static_cast<int>(sizeof(scalar_t));
 
-__device__ __forceinline__ float warp_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-__device__ __forceinline__ double warp_shfl_xor(double v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+__device__ __forceinline__ float warp_shfl_xor(float v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+__device__ __forceinline__ double warp_shfl_xor(double v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Staged x tile: T tokens x w columns, converted once to the accumulation type, stored so that
@@ -75,7 +80,12 @@ __device__ __forceinline__ int tile_base(int k) {
 // that lanes past the last token read defined values. Called by the whole block.
 template <int T, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void stage_x_tile(
-    const scalar_t* __restrict__ x, int64_t in_features, int64_t n0, int nt, int64_t k0, int w,
+    const scalar_t* __restrict__ x,
+    int64_t in_features,
+    int64_t n0,
+    int nt,
+    int64_t k0,
+    int w,
     acc_t* __restrict__ xs) {
   constexpr int V = kVecWidth<scalar_t>;
   const scalar_t* base = x + n0 * in_features + k0;
@@ -116,8 +126,16 @@ __device__ __forceinline__ void stage_x_tile(
 // reads: one shared load and one FMA per nonzero and token. Called by all 32 lanes of a warp.
 template <typename scalar_t, typename index_t, typename acc_t>
 __device__ __forceinline__ acc_t csr_row_dot_tile32(
-    const scalar_t* __restrict__ values, const index_t* __restrict__ col, int64_t e_begin, int64_t e_end,
-    int64_t k0, int w, const acc_t* __restrict__ tile, acc_t* wev, int* weo, int lane) {
+    const scalar_t* __restrict__ values,
+    const index_t* __restrict__ col,
+    int64_t e_begin,
+    int64_t e_end,
+    int64_t k0,
+    int w,
+    const acc_t* __restrict__ tile,
+    acc_t* wev,
+    int* weo,
+    int lane) {
   constexpr int V = kVecWidth<scalar_t>;
   acc_t acc0 = 0, acc1 = 0;
   for (int64_t e0 = e_begin; e0 < e_end; e0 += 32) {

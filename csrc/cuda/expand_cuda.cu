@@ -21,8 +21,12 @@ constexpr int kWarpsPerBlock = 8;
 // __syncwarp, so an entry is never overwritten by a zero.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) csr_to_dense_kernel(
-    const scalar_t* __restrict__ values, const index_t* __restrict__ crow, const index_t* __restrict__ col,
-    int64_t num_rows, int64_t num_cols, scalar_t* __restrict__ dense) {
+    const scalar_t* __restrict__ values,
+    const index_t* __restrict__ crow,
+    const index_t* __restrict__ col,
+    int64_t num_rows,
+    int64_t num_cols,
+    scalar_t* __restrict__ dense) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (r >= num_rows) {
@@ -40,8 +44,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) csr_to_dense_kernel(
 
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) csr_gather_kernel(
-    const scalar_t* __restrict__ dense, const index_t* __restrict__ crow, const index_t* __restrict__ col,
-    int64_t num_rows, int64_t num_cols, scalar_t* __restrict__ values) {
+    const scalar_t* __restrict__ dense,
+    const index_t* __restrict__ crow,
+    const index_t* __restrict__ col,
+    int64_t num_rows,
+    int64_t num_cols,
+    scalar_t* __restrict__ values) {
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (r >= num_rows) {

@@ -49,8 +49,11 @@ unsigned grid_for(int64_t n, int device) {
 
 template <Method kMethod, typename scalar_t, typename out_t>
 __global__ void score_kernel(
-    const scalar_t* __restrict__ w, const scalar_t* __restrict__ g, const scalar_t* __restrict__ hg,
-    out_t* __restrict__ out, int64_t n) {
+    const scalar_t* __restrict__ w,
+    const scalar_t* __restrict__ g,
+    const scalar_t* __restrict__ hg,
+    out_t* __restrict__ out,
+    int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const out_t wi = static_cast<out_t>(w[i]);
@@ -80,8 +83,14 @@ void launch_score(const ScoreInputs& in, at::Tensor& out, cudaStream_t stream) {
 // on the first pass (mask == 0) NaNs are counted into *nan_count instead.
 template <typename scalar_t, typename key_t>
 __global__ void radix_histogram_kernel(
-    const scalar_t* __restrict__ s, int64_t n, key_t prefix, key_t mask, int shift, bool first_pass,
-    unsigned long long* __restrict__ counts, unsigned long long* __restrict__ nan_count) {
+    const scalar_t* __restrict__ s,
+    int64_t n,
+    key_t prefix,
+    key_t mask,
+    int shift,
+    bool first_pass,
+    unsigned long long* __restrict__ counts,
+    unsigned long long* __restrict__ nan_count) {
   __shared__ unsigned int hist[kBins];
   for (int d = threadIdx.x; d < kBins; d += blockDim.x) hist[d] = 0;
   __syncthreads();
@@ -106,7 +115,11 @@ __global__ void radix_histogram_kernel(
 // mask = key > T (or >= T when every tie is kept); eq, when given, gets the key == T flags.
 template <typename scalar_t, typename key_t>
 __global__ void threshold_mask_kernel(
-    const scalar_t* __restrict__ s, int64_t n, key_t threshold, bool keep_equal, bool* __restrict__ m,
+    const scalar_t* __restrict__ s,
+    int64_t n,
+    key_t threshold,
+    bool keep_equal,
+    bool* __restrict__ m,
     int32_t* __restrict__ eq) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -118,8 +131,12 @@ __global__ void threshold_mask_kernel(
 
 // Keeps the ties whose rank in list order (offset + inclusive count) is within ties_kept.
 __global__ void tie_mask_kernel(
-    const int32_t* __restrict__ eq, const int64_t* __restrict__ inclusive, const int64_t* __restrict__ offset,
-    int64_t n, int64_t ties_kept, bool* __restrict__ m) {
+    const int32_t* __restrict__ eq,
+    const int64_t* __restrict__ inclusive,
+    const int64_t* __restrict__ offset,
+    int64_t n,
+    int64_t ties_kept,
+    bool* __restrict__ m) {
   const int64_t base = *offset;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -193,7 +210,8 @@ void topk_impl(const TopkInputs& in, std::vector<at::Tensor>& masks, cudaStream_
 constexpr int kWarpsPerBlock = kThreads / 32;
 
 // counts[r + 1] = number of True entries of row r (counts[0] stays 0).
-__global__ void row_count_kernel(const uint8_t* __restrict__ m, int64_t rows, int64_t cols, int64_t* __restrict__ counts) {
+__global__ void
+row_count_kernel(const uint8_t* __restrict__ m, int64_t rows, int64_t cols, int64_t* __restrict__ counts) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= rows) return;
@@ -208,7 +226,10 @@ __global__ void row_count_kernel(const uint8_t* __restrict__ m, int64_t rows, in
 // One warp per row: the lanes test 32 consecutive columns, a ballot gives each set lane its place.
 template <typename index_t>
 __global__ void column_fill_kernel(
-    const uint8_t* __restrict__ m, int64_t rows, int64_t cols, const int64_t* __restrict__ start,
+    const uint8_t* __restrict__ m,
+    int64_t rows,
+    int64_t cols,
+    const int64_t* __restrict__ start,
     index_t* __restrict__ col) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -229,7 +250,9 @@ __global__ void column_fill_kernel(
 }  // namespace
 
 at::Tensor prune_score_cuda(
-    const at::Tensor& weight, const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& hess_grad,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& grad,
+    const std::optional<at::Tensor>& hess_grad,
     c10::string_view method) {
   const auto in = check_score_inputs(weight, grad, hess_grad, std::string(method), c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(in.weight.device());
@@ -282,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor> mask_to_csr_cuda(const at::Tensor& mask_in, a
   auto col = at::empty({nnz}, mask.options().dtype(index_dtype));
   if (nnz > 0) {
     SA_DISPATCH_INDEX_TYPES(index_dtype, "mask_to_csr_cuda", [&] {
-      column_fill_kernel<index_t><<<grid, kThreads, 0, stream>>>(
-          m, rows, cols, start.const_data_ptr<int64_t>(), col.data_ptr<index_t>());
+      column_fill_kernel<index_t>
+          <<<grid, kThreads, 0, stream>>>(m, rows, cols, start.const_data_ptr<int64_t>(), col.data_ptr<index_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

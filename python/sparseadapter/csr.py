@@ -1,4 +1,5 @@
 """CSR helpers for sparse weights: conversion from a dense weight and a mask, and back."""
+
 from typing import Optional, Tuple
 
 import torch
@@ -25,5 +26,7 @@ def mask_to_csr(mask: Tensor, index_dtype: Optional[torch.dtype] = None) -> Tupl
 def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
     """The dense weight (differentiable with respect to `values`)."""
     if crow_indices.numel() != shape[0] + 1:
-        raise ValueError(f"shape {tuple(shape)} has {shape[0]} rows but crow_indices has {crow_indices.numel()} entries")
+        raise ValueError(
+            f"shape {tuple(shape)} has {shape[0]} rows but crow_indices has {crow_indices.numel()} entries"
+        )
     return sparseadapter_ext.csr_to_dense(values, crow_indices, col_indices, shape[1])

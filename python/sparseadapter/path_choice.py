@@ -11,6 +11,7 @@ fused sparse bottleneck adapter against the same adapter with dense layers.
 Override, strongest first: the `path=` argument of the caller, the environment variable
 SPARSEADAPTER_PATH (sparse | dense | auto), and SPARSEADAPTER_CALIBRATION naming another table.
 """
+
 import functools
 import json
 import math
@@ -41,22 +42,32 @@ class CrossoverTable:
 
     def crossover(self, in_features: int, out_features: int, tokens: int, kind: str = "linear") -> Optional[float]:
         """The crossover of the nearest measured point of this kind; None when there is none."""
+
         def distance(p):
-            return sum(math.log2(max(a, 1) / max(b, 1)) ** 2 for a, b in
-                       ((p["in_features"], in_features), (p["out_features"], out_features), (p["tokens"], tokens)))
+            return sum(
+                math.log2(max(a, 1) / max(b, 1)) ** 2
+                for a, b in ((p["in_features"], in_features), (p["out_features"], out_features), (p["tokens"], tokens))
+            )
+
         points = [p for p in self.points if p["kind"] == kind]
         return float(min(points, key=distance)["crossover_density"]) if points else None
 
     def to_json(self) -> str:
-        return json.dumps({"device": self.device, "dtype": self.dtype, "meta": self.meta, "points": self.points}, indent=1)
+        return json.dumps(
+            {"device": self.device, "dtype": self.dtype, "meta": self.meta, "points": self.points}, indent=1
+        )
 
     @classmethod
     def from_json(cls, text: str, source: str) -> "CrossoverTable":
         try:
             data = json.loads(text)
-            points = [{"kind": str(p.get("kind", "linear")),
-                       **{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")}}
-                      for p in data["points"]]
+            points = [
+                {
+                    "kind": str(p.get("kind", "linear")),
+                    **{k: float(p[k]) for k in ("in_features", "out_features", "tokens", "crossover_density")},
+                }
+                for p in data["points"]
+            ]
             table = cls(str(data["device"]), str(data["dtype"]), points, dict(data.get("meta", {})), source)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise ValueError(f"{source}: not a crossover table ({type(err).__name__}: {err})") from None
@@ -93,8 +104,17 @@ def resolve_path(path: Optional[str]) -> str:
     return path
 
 
-def choose_path(in_features: int, out_features: int, density: float, tokens: int, *, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, path: Optional[str] = None, kind: str = "linear") -> str:
+def choose_path(
+    in_features: int,
+    out_features: int,
+    density: float,
+    tokens: int,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: Optional[str] = None,
+    kind: str = "linear",
+) -> str:
     """'sparse' or 'dense' for one layer (kind "linear") or one whole bottleneck adapter (kind
     "adapter": in_features = hidden, out_features = bottleneck) run on `tokens` rows at a time."""
     path = resolve_path(path)

@@ -10,6 +10,7 @@ or an optimizer step racing a load (autograd keeps the tensors of the forward; t
 one module at once is not supported), `.to()` / `.cuda()` and other module-wide changes, and in-place
 writes to the tensors while forwards run.
 """
+
 import math
 import threading
 import time
@@ -80,8 +81,7 @@ class SparseLinear(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
             values = torch.empty(col_indices.numel(), device=device).uniform_(-bound, bound)
         elif values.shape != col_indices.shape:
-            raise ValueError(
-                f"values has shape {tuple(values.shape)} but the pattern has nnz = {col_indices.numel()}")
+            raise ValueError(f"values has shape {tuple(values.shape)} but the pattern has nnz = {col_indices.numel()}")
         elif values.device != device:
             raise ValueError(f"values is on {values.device} but the pattern is on {device}")
         self.values = nn.Parameter(values.detach().clone())
@@ -127,8 +127,16 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return torch.ops.sparseadapter.sparse_linear(
-                x, self.values, self.bias, self.crow_indices, self.col_indices, self.row_order,
-                self.crow_indices_t, self.col_indices_t, self.perm_t, self.row_order_t,
+                x,
+                self.values,
+                self.bias,
+                self.crow_indices,
+                self.col_indices,
+                self.row_order,
+                self.crow_indices_t,
+                self.col_indices_t,
+                self.perm_t,
+                self.row_order_t,
             )
         return self._forward_python(x)
 
@@ -149,19 +157,44 @@ class SparseLinear(nn.Module):
     def _linear_args(self):
         """sparse_linear's arguments after x: values, bias, then the pattern's buffers."""
         p, b = self._parameters, self._buffers
-        return (p["values"], p["bias"], b["crow_indices"], b["col_indices"], b["row_order"], b["crow_indices_t"],
-                b["col_indices_t"], b["perm_t"], b["row_order_t"])
+        return (
+            p["values"],
+            p["bias"],
+            b["crow_indices"],
+            b["col_indices"],
+            b["row_order"],
+            b["crow_indices_t"],
+            b["col_indices_t"],
+            b["perm_t"],
+            b["row_order_t"],
+        )
 
     def csr_buffers(self):
         """`(values, bias, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t)`:
         this layer as one projection of `sparseadapter_ext.sparse_adapter`. A caller that computes
         with them while another thread may load a state into the layer holds `pinned()` around both."""
         if torch.jit.is_scripting():
-            return (self.values, self.bias, self.crow_indices, self.col_indices, self.crow_indices_t,
-                    self.col_indices_t, self.perm_t, self.row_order_t)
+            return (
+                self.values,
+                self.bias,
+                self.crow_indices,
+                self.col_indices,
+                self.crow_indices_t,
+                self.col_indices_t,
+                self.perm_t,
+                self.row_order_t,
+            )
         p, b = self._parameters, self._buffers
-        return (p["values"], p["bias"], b["crow_indices"], b["col_indices"], b["crow_indices_t"], b["col_indices_t"],
-                b["perm_t"], b["row_order_t"])
+        return (
+            p["values"],
+            p["bias"],
+            b["crow_indices"],
+            b["col_indices"],
+            b["crow_indices_t"],
+            b["col_indices_t"],
+            b["perm_t"],
+            b["row_order_t"],
+        )
 
     @torch.jit.unused
     def pinned(self) -> "_Pinned":
@@ -230,8 +263,10 @@ class SparseLinear(nn.Module):
             raise ValueError(f"values has {self.values.numel()} entries but the pattern has nnz = {self.nnz}")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"sparsity={self.sparsity:.3f}, nnz={self.nnz}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"sparsity={self.sparsity:.3f}, nnz={self.nnz}, bias={self.bias is not None}"
+        )
 
     def _derived_buffers(self, crow: Tensor, col: Tensor) -> Tuple[Tensor, ...]:
         """The buffers of _DERIVED_BUFFERS for a pattern, in that order."""
@@ -242,7 +277,9 @@ class SparseLinear(nn.Module):
         for name, t in zip(_DERIVED_BUFFERS, self._derived_buffers(self.crow_indices, self.col_indices)):
             setattr(self, name, t)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A saved module may carry another pattern (another nnz): check it whole and build every tensor
         # it needs (indices on this layer's device, transposed buffers, values) before anything of the
         # layer changes; then swap them in while no forward runs (see the module docstring). A bad
@@ -255,8 +292,10 @@ class SparseLinear(nn.Module):
             # values alone keep the pattern; new indices without all three would pair a pattern with
             # values it was not made for
             given = [k for k, v in (("crow_indices", crow), ("col_indices", col), ("values", values)) if v is not None]
-            error_msgs.append(f"{prefix or 'SparseLinear'}: a new sparse pattern loads whole: crow_indices, "
-                              f"col_indices and values together (the state_dict has only {', '.join(given)})")
+            error_msgs.append(
+                f"{prefix or 'SparseLinear'}: a new sparse pattern loads whole: crow_indices, "
+                f"col_indices and values together (the state_dict has only {', '.join(given)})"
+            )
             return
         built = None
         if new_pattern:
@@ -276,9 +315,13 @@ class SparseLinear(nn.Module):
                 return
         self._swap_begin()
         try:
-            old = (self.crow_indices, self.col_indices, self.values.data,
-                   None if self.bias is None else self.bias.data.clone(),
-                   tuple(getattr(self, name) for name in _DERIVED_BUFFERS))
+            old = (
+                self.crow_indices,
+                self.col_indices,
+                self.values.data,
+                None if self.bias is None else self.bias.data.clone(),
+                tuple(getattr(self, name) for name in _DERIVED_BUFFERS),
+            )
             if built is not None:
                 new_crow, new_col, new_values, derived = built
                 self.crow_indices, self.col_indices = new_crow, new_col
@@ -287,8 +330,9 @@ class SparseLinear(nn.Module):
                     setattr(self, name, t)
             errors_before = len(error_msgs)
             try:
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                              unexpected_keys, error_msgs)
+                super()._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+                )
             except BaseException:
                 self._restore(old)
                 raise

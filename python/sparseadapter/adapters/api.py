@@ -7,6 +7,7 @@
 Adapters live in `AdapterSlot`s (see slot.py) attached to the modules they adapt; the model keeps a
 registry of names, configs, sites and pruning records.
 """
+
 import contextlib
 import re
 from dataclasses import dataclass
@@ -16,12 +17,11 @@ import torch
 from torch import nn
 
 from ..pruning.api import PRUNABLE_ATTR, prune
-from . import heads
+from . import heads, routing
 from . import prefix as prefix_attention
 from .config import SparseAdapterConfig
 from .modules import AdapterFusion, BottleneckAdapter, LoRAAdapter, PrefixGenerator
 from .placement import Site, hidden_size, is_conv1d, resolve_sites
-from . import routing
 from .registry import PREFIX_ROOT, REGISTRY_ATTR, AdapterEntry, entry, registry
 from .registry import router as registry_router
 from .slot import SLOT_ATTR, AdapterSlot, slots
@@ -46,11 +46,24 @@ def _device_dtype(model: nn.Module, host: nn.Module):
 
 def _build(config: SparseAdapterConfig, site: Site) -> nn.Module:
     if site.mode == "lora":
-        return LoRAAdapter(site.in_features, site.out_features, config.effective_bottleneck,
-                           alpha=config.lora_alpha, dropout=config.dropout, init=config.init)
-    return BottleneckAdapter(site.in_features, site.out_features, config.effective_bottleneck,
-                             activation=config.activation, dropout=config.dropout, layer_norm=config.layer_norm,
-                             scale=config.scale, init=config.init)
+        return LoRAAdapter(
+            site.in_features,
+            site.out_features,
+            config.effective_bottleneck,
+            alpha=config.lora_alpha,
+            dropout=config.dropout,
+            init=config.init,
+        )
+    return BottleneckAdapter(
+        site.in_features,
+        site.out_features,
+        config.effective_bottleneck,
+        activation=config.activation,
+        dropout=config.dropout,
+        layer_norm=config.layer_norm,
+        scale=config.scale,
+        init=config.init,
+    )
 
 
 def _slot_for(model: nn.Module, site: Site) -> AdapterSlot:
@@ -73,16 +86,26 @@ def adapter_modules(model: nn.Module, name: str) -> Dict[str, nn.Module]:
         for site in sites:
             if part == "prefix":
                 continue
-            found[f"{site.host}.{SLOT_ATTR}.adapters.{name}"] = model.get_submodule(site.host).sparseadapter.adapters[name]
+            found[f"{site.host}.{SLOT_ATTR}.adapters.{name}"] = model.get_submodule(site.host).sparseadapter.adapters[
+                name
+            ]
     prefixes = getattr(model, PREFIX_ROOT, None)
     if prefixes is not None and name in prefixes:
         found[f"{PREFIX_ROOT}.{name}"] = prefixes[name]
     return found
 
 
-def add_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, *, data: Optional[Iterable] = None,
-                loss_fn=None, activate: bool = True, calibration_batches: Optional[int] = None,
-                head=None) -> nn.Module:
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    config: SparseAdapterConfig,
+    *,
+    data: Optional[Iterable] = None,
+    loss_fn=None,
+    activate: bool = True,
+    calibration_batches: Optional[int] = None,
+    head=None,
+) -> nn.Module:
     """Add adapter `name` to `model` in place and return the model.
 
     The base model's parameters are frozen. A sparse config (`sparsity > 0` or `large_sparse > 1`) is
@@ -131,15 +154,18 @@ def check_attachable(model: nn.Module, parts: "BuiltAdapter", activate: bool) ->
         for site in sites:
             slot = getattr(model.get_submodule(site.host), SLOT_ATTR, None)
             if slot is not None and slot.mode != site.mode:
-                raise ValueError(f"{site.host!r} already holds {slot.mode} adapters; this adapter needs a "
-                                 f"{site.mode} slot there")
+                raise ValueError(
+                    f"{site.host!r} already holds {slot.mode} adapters; this adapter needs a {site.mode} slot there"
+                )
     if parts.prefix is not None:
         prefix_attention.check_installable(model)
     if activate:
         for host, slot in slots(model).items():
             if slot.merged:
-                raise ValueError(f"adapter {slot.merged[0]!r} is merged into {host!r} and would be deactivated; "
-                                 "unmerge it first, or pass activate=False")
+                raise ValueError(
+                    f"adapter {slot.merged[0]!r} is merged into {host!r} and would be deactivated; "
+                    "unmerge it first, or pass activate=False"
+                )
 
 
 @dataclass
@@ -154,8 +180,9 @@ class BuiltAdapter:
     placement: Optional[List[Tuple[torch.device, torch.dtype]]] = None
 
 
-def build_adapter(model: nn.Module, config: SparseAdapterConfig,
-                  prefix_sites: Optional[List[Site]] = None, *, on_meta: bool = False) -> BuiltAdapter:
+def build_adapter(
+    model: nn.Module, config: SparseAdapterConfig, prefix_sites: Optional[List[Site]] = None, *, on_meta: bool = False
+) -> BuiltAdapter:
     """Resolve the sites and build the modules, seeded, on each host's device and dtype; the model is
     not touched. `prefix_sites` replaces the prefix sites resolved (loading a file that lists fewer).
     `on_meta`: build them on the meta device in their dtypes (shapes only, no memory, no random
@@ -163,13 +190,15 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig,
     sites = resolve_sites(model, config.kind, config.target_modules, config.lora_targets)
     if prefix_sites is not None and "prefix" in sites:
         sites["prefix"] = list(prefix_sites)
-    kv_dims = {site.host: prefix_attention.check_attention_module(site.host, model.get_submodule(site.host))
-               for site in sites.get("prefix", [])}
+    kv_dims = {
+        site.host: prefix_attention.check_attention_module(site.host, model.get_submodule(site.host))
+        for site in sites.get("prefix", [])
+    }
     if len(set(kv_dims.values())) > 1:
         raise ValueError("prefix tuning needs one key/value width across attention layers")
     modules, placement = [], []
     generator = None
-    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else contextlib.nullcontext()):
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if on_meta else contextlib.nullcontext():
         torch.manual_seed(config.seed)
         for part in ("bottleneck", "lora"):
             for site in sites.get(part, []):
@@ -179,9 +208,13 @@ def build_adapter(model: nn.Module, config: SparseAdapterConfig,
         if kv_dims:
             device, dtype = _device_dtype(model, model)
             placement.append((device, dtype))
-            generator = PrefixGenerator(len(kv_dims), hidden_size(model), next(iter(kv_dims.values())),
-                                        config.prefix_length, config.prefix_mid_dim).to("meta" if on_meta else device,
-                                                                                         dtype)
+            generator = PrefixGenerator(
+                len(kv_dims),
+                hidden_size(model),
+                next(iter(kv_dims.values())),
+                config.prefix_length,
+                config.prefix_mid_dim,
+            ).to("meta" if on_meta else device, dtype)
     return BuiltAdapter(sites, modules, generator, placement)
 
 
@@ -213,8 +246,9 @@ def per_row_adapters(model: nn.Module, adapter_names: Sequence[Optional[str]]):
     against the model's forward)."""
     reg = registry(model)
     router = registry_router(model)
-    routed = routing.rows_of(adapter_names, list(reg.adapters), list(reg.fusions), None,
-                             _parameter_device(model), expand=True)
+    routed = routing.rows_of(
+        adapter_names, list(reg.adapters), list(reg.fusions), None, _parameter_device(model), expand=True
+    )
     router.enter_call()
     router.route(routed)
     try:
@@ -265,15 +299,27 @@ def attach_adapter(model: nn.Module, name: str, config: SparseAdapterConfig, par
 
 def _prune_adapter(model, name, config, data, loss_fn, calibration_batches=None) -> None:
     reg = registry(model)
-    targets = [f"{prefix}.{sub}" if sub else prefix
-               for prefix, module in adapter_modules(model, name).items()
-               for sub, layer in module.named_modules() if getattr(layer, PRUNABLE_ATTR, False)]
+    targets = [
+        f"{prefix}.{sub}" if sub else prefix
+        for prefix, module in adapter_modules(model, name).items()
+        for sub, layer in module.named_modules()
+        if getattr(layer, PRUNABLE_ATTR, False)
+    ]
     saved = (list(reg.active), reg.active_fusion)
     try:
         _set_active(model, [name], None)  # LoRA adapters merged into base weights stay there
-        prune(model, method=config.pruner, sparsity=config.effective_sparsity, scope=config.scope, data=data,
-              loss_fn=loss_fn, seed=config.seed, rounds=config.pruner_rounds, targets=targets,
-              calibration_batches=calibration_batches)
+        prune(
+            model,
+            method=config.pruner,
+            sparsity=config.effective_sparsity,
+            scope=config.scope,
+            data=data,
+            loss_fn=loss_fn,
+            seed=config.seed,
+            rounds=config.pruner_rounds,
+            targets=targets,
+            calibration_batches=calibration_batches,
+        )
     except Exception:
         delete_adapter(model, name)  # leave the model as it was
         raise
@@ -361,7 +407,9 @@ def disable_adapter(model: nn.Module):
 
 
 def head_parameters(model: nn.Module) -> List[nn.Parameter]:
-    return [p for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module) for p in getattr(model, n).parameters()]
+    return [
+        p for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module) for p in getattr(model, n).parameters()
+    ]
 
 
 def train_adapter(model: nn.Module, names: Names, *, train_head: bool = True) -> nn.Module:
@@ -413,8 +461,10 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 def _lora_slots(model: nn.Module, name: str):
     config = entry(model, name).config
     if config.kind != "lora":
-        raise ValueError(f"adapter {name!r} is {config.kind}: only LoRA folds into the base weights "
-                         "(a bottleneck adapter's nonlinearity does not)")
+        raise ValueError(
+            f"adapter {name!r} is {config.kind}: only LoRA folds into the base weights "
+            "(a bottleneck adapter's nonlinearity does not)"
+        )
     return [(site.host, model.get_submodule(site.host)) for site in entry(model, name).sites["lora"]]
 
 
@@ -439,12 +489,16 @@ def merge(model: nn.Module, names: Optional[Names] = None) -> nn.Module:
         others = [n for n in reg.active if reg.adapters[n].config.kind not in MERGEABLE_KINDS]
         if others:
             kind = reg.adapters[others[0]].config.kind
-            raise ValueError(f"merge: the active adapter {others[0]!r} is {kind}: only LoRA adapters fold into the "
-                             "base weights (a bottleneck adapter's nonlinearity does not, nor do prefixes); pass "
-                             "names=[...] of the LoRA adapters to merge, or deactivate the others")
+            raise ValueError(
+                f"merge: the active adapter {others[0]!r} is {kind}: only LoRA adapters fold into the "
+                "base weights (a bottleneck adapter's nonlinearity does not, nor do prefixes); pass "
+                "names=[...] of the LoRA adapters to merge, or deactivate the others"
+            )
         if not reg.active:
-            raise ValueError("merge: no adapter is active, so there is nothing to merge; activate the LoRA "
-                             "adapters first (sa.set_active_adapters) or pass names=[...]")
+            raise ValueError(
+                "merge: no adapter is active, so there is nothing to merge; activate the LoRA "
+                "adapters first (sa.set_active_adapters) or pass names=[...]"
+            )
     names = _as_list(names) if names is not None else list(reg.active)
     for n in names:
         if n not in reg.active:
@@ -492,7 +546,7 @@ def unload(model: nn.Module) -> nn.Module:
         if e.config.kind != "lora":
             raise ValueError(f"adapter {n!r} ({e.config.kind}) cannot be merged; delete_adapter it first")
     merge(model, list(reg.active))
-    for host, slot in slots(model).items():
+    for slot in slots(model).values():
         slot.__dict__.pop("original_weight", None)
         slot.merged = []
     for fusion in list(reg.fusions):
@@ -508,13 +562,13 @@ def unload(model: nn.Module) -> nn.Module:
         model._forward_hooks_with_kwargs.pop(key, None)
         model._forward_hooks_always_called.pop(key, None)
     from . import pretrained
+
     pretrained.uninstall(model)
     return model
 
 
 # -- Fusion ---------------------------------------------------------------------------------------
-def add_fusion(model: nn.Module, names: Sequence[str], fusion_name: Optional[str] = None, *,
-               seed: int = 0) -> str:
+def add_fusion(model: nn.Module, names: Sequence[str], fusion_name: Optional[str] = None, *, seed: int = 0) -> str:
     """Add an AdapterFusion layer over sequential bottleneck adapters `names` at every place they share."""
     reg = registry(model)
     names = list(names)
@@ -531,7 +585,7 @@ def add_fusion(model: nn.Module, names: Sequence[str], fusion_name: Optional[str
         raise ValueError(f"adapters {names} share no place in the model to fuse")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for host, slot in shared:
+        for _host, slot in shared:
             device, dtype = _device_dtype(model, slot.adapters[names[0]])
             slot.fusions[fusion_name] = AdapterFusion(slot.out_features, names).to(device, dtype)
     reg.fusions[fusion_name] = names

@@ -5,6 +5,7 @@ The card is generated from the folder's adapter_config.json, so it can be (re)wr
 (`write_model_card(path, metrics=...)` after an evaluation). A README.md that this module did not
 write is never replaced.
 """
+
 import json
 import os
 from typing import Dict, Optional
@@ -37,17 +38,29 @@ def model_card(meta: dict, path: str, metrics: Optional[Dict[str, Dict[str, floa
     if base.get("name_or_path") and not os.path.isabs(str(base["name_or_path"])):
         front.append(f"base_model: {base['name_or_path']}")
     front += ["tags:", "- sparseadapter", f"- {kind}", "- sparse-adapter", "---", ""]
-    lines = [MARKER, *front, f"# Sparse {kind} adapter `{name}`", "",
-             "| | |", "|---|---|", f"| base model | {_base_line(base)} |"]
-    shape = {"lora": f"rank {width}, alpha {config.get('lora_alpha')}", "prefix": f"prefix length "
-             f"{config.get('prefix_length')}"}.get(kind, f"bottleneck {width}")
+    lines = [
+        MARKER,
+        *front,
+        f"# Sparse {kind} adapter `{name}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {_base_line(base)} |",
+    ]
+    shape = {
+        "lora": f"rank {width}, alpha {config.get('lora_alpha')}",
+        "prefix": f"prefix length {config.get('prefix_length')}",
+    }.get(kind, f"bottleneck {width}")
     lines.append(f"| kind | {kind}, {shape} |")
     if pruning:
         lines.append(f"| sparsity | {pruning['sparsity']:.3f} of the adapter weights removed at initialization |")
-        calibration = (f", {pruning['calibration_examples']} calibration examples"
-                       if pruning.get("calibration_examples") else "")
-        lines.append(f"| pruner | {pruning['method']} ({pruning['scope']}, seed {pruning['seed']}"
-                     f"{', ' + str(pruning['rounds']) + ' rounds' if pruning.get('rounds', 1) > 1 else ''}{calibration}) |")
+        calibration = (
+            f", {pruning['calibration_examples']} calibration examples" if pruning.get("calibration_examples") else ""
+        )
+        lines.append(
+            f"| pruner | {pruning['method']} ({pruning['scope']}, seed {pruning['seed']}"
+            f"{', ' + str(pruning['rounds']) + ' rounds' if pruning.get('rounds', 1) > 1 else ''}{calibration}) |"
+        )
     else:
         lines.append("| sparsity | dense (not pruned) |")
     if meta.get("nnz") is not None:
@@ -55,18 +68,33 @@ def model_card(meta: dict, path: str, metrics: Optional[Dict[str, Dict[str, floa
     if metrics:
         for split, values in metrics.items():
             if values:
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, (int, float))
-                                  and k not in ("examples", "seconds"))
+                shown = ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in values.items()
+                    if isinstance(v, (int, float)) and k not in ("examples", "seconds")
+                )
                 lines.append(f"| {split} | {shown} |")
-    lines += [f"| library | sparseadapter {meta.get('library_version', '?')}, torch {meta.get('torch_version', '?')} |",
-              "", "## Load", "", "```python", "import sparseadapter as sa", "",
-              f"model = sa.load_pretrained({path!r})   # the base model with this adapter (and its task head)",
-              "# or, onto a base model you already have:",
-              f"sa.load_adapter(model, {path!r})", "```", ""]
+    lines += [
+        f"| library | sparseadapter {meta.get('library_version', '?')}, torch {meta.get('torch_version', '?')} |",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import sparseadapter as sa",
+        "",
+        f"model = sa.load_pretrained({path!r})   # the base model with this adapter (and its task head)",
+        "# or, onto a base model you already have:",
+        f"sa.load_adapter(model, {path!r})",
+        "```",
+        "",
+    ]
     if os.path.isfile(os.path.join(path, "train_config.json")):
         lines += [f"Or score it from the command line: `sparseadapter eval --adapter {path}`.", ""]
-    lines += ["The weights are CSR arrays in the `adapter-*.safetensors` file that `adapter_config.json` names; "
-              "`transformers`' `from_pretrained` cannot read this folder.", ""]
+    lines += [
+        "The weights are CSR arrays in the `adapter-*.safetensors` file that `adapter_config.json` names; "
+        "`transformers`' `from_pretrained` cannot read this folder.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
 """SparseAdapterConfig: one object describes an adapter, its size and how it is pruned."""
+
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class SparseAdapterConfig:
     scope: str = "global"
     large_sparse: int = 1
     activation: str = "relu"
-    dropout: Optional[float] = None      # None: 0.0 (or lora_dropout)
+    dropout: Optional[float] = None  # None: 0.0 (or lora_dropout)
     layer_norm: bool = False
     scale: Optional[float] = None
     init: Optional[str] = None
@@ -81,16 +82,19 @@ class SparseAdapterConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.kind != "prefix" and (not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool)
-                                      or self.bottleneck < 1):
+        if self.kind != "prefix" and (
+            not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck < 1
+        ):
             raise ValueError(f"SparseAdapterConfig: bottleneck must be a positive int, got {self.bottleneck!r}")
         self.r = self.bottleneck
         if self.kind == "lora":
             self.lora_dropout = self.dropout
             self.target_modules = self.lora_targets
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
-            raise ValueError("SparseAdapterConfig: sparsity is the fraction of weights removed and must be "
-                             f"in [0, 1), got {self.sparsity!r}")
+            raise ValueError(
+                "SparseAdapterConfig: sparsity is the fraction of weights removed and must be "
+                f"in [0, 1), got {self.sparsity!r}"
+            )
         if self.pruner not in METHODS:
             raise ValueError(f"SparseAdapterConfig: pruner must be one of {', '.join(METHODS)}, got {self.pruner!r}")
         if self.scope not in ("global", "layer"):
@@ -98,11 +102,13 @@ class SparseAdapterConfig:
         if not isinstance(self.large_sparse, int) or isinstance(self.large_sparse, bool) or self.large_sparse < 1:
             raise ValueError(f"SparseAdapterConfig: large_sparse must be an int >= 1, got {self.large_sparse!r}")
         if self.kind == "prefix" and self.large_sparse != 1:
-            raise ValueError("SparseAdapterConfig: large_sparse applies to bottleneck and LoRA weights; "
-                             "prefix tuning has none")
+            raise ValueError(
+                "SparseAdapterConfig: large_sparse applies to bottleneck and LoRA weights; prefix tuning has none"
+            )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"SparseAdapterConfig: activation must be one of {', '.join(ACTIVATIONS)}, "
-                             f"got {self.activation!r}")
+            raise ValueError(
+                f"SparseAdapterConfig: activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.init not in INITS:
             raise ValueError(f"SparseAdapterConfig: init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not (_number(self.dropout) and 0.0 <= self.dropout < 1.0):
@@ -112,15 +118,19 @@ class SparseAdapterConfig:
         if not (_number(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"SparseAdapterConfig: lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if self.kind != "lora" and self.lora_targets:
-            raise ValueError(f"SparseAdapterConfig: lora_targets applies to kind='lora', not {self.kind!r} "
-                             "(bottleneck adapters are placed with target_modules)")
+            raise ValueError(
+                f"SparseAdapterConfig: lora_targets applies to kind='lora', not {self.kind!r} "
+                "(bottleneck adapters are placed with target_modules)"
+            )
         for field_name in ("target_modules", "lora_targets"):
             patterns = getattr(self, field_name)
             if patterns is None:
                 continue
             if not isinstance(patterns, (list, tuple)):
-                raise ValueError(f"SparseAdapterConfig: {field_name} must be a list of regular expressions, "
-                                 f"got {type(patterns).__name__}")
+                raise ValueError(
+                    f"SparseAdapterConfig: {field_name} must be a list of regular expressions, "
+                    f"got {type(patterns).__name__}"
+                )
             for pattern in patterns:
                 check_pattern(pattern, f"SparseAdapterConfig: {field_name} pattern")
         if self.kind in ("prefix", "mam") and (self.prefix_length < 1 or self.prefix_mid_dim < 1):
@@ -142,13 +152,16 @@ class SparseAdapterConfig:
 
     def _resolve_aliases(self) -> None:
         """peft's names onto ours: each pair must agree where both are given."""
+
         def merge(alias: str, canonical: str, same=lambda a, b: a == b) -> None:
             a, c = getattr(self, alias), getattr(self, canonical)
             if a is None:
                 return
             if c is not None and not same(a, c):
-                raise ValueError(f"SparseAdapterConfig: {alias}={a!r} and {canonical}={c!r} disagree; "
-                                 f"{alias} is peft's name for {canonical}: give one of them")
+                raise ValueError(
+                    f"SparseAdapterConfig: {alias}={a!r} and {canonical}={c!r} disagree; "
+                    f"{alias} is peft's name for {canonical}: give one of them"
+                )
             setattr(self, canonical, a)
 
         for name in ("target_modules", "lora_targets"):
@@ -160,15 +173,17 @@ class SparseAdapterConfig:
                     raise ValueError(f"SparseAdapterConfig: {name} must be a list of regex strings, got {value!r}")
                 setattr(self, name, list(value))
         if self.r is not None and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 0):
-            raise ValueError(f"SparseAdapterConfig: r (the rank, peft's name for bottleneck) must be a positive "
-                             f"int, got {self.r!r}")
+            raise ValueError(
+                f"SparseAdapterConfig: r (the rank, peft's name for bottleneck) must be a positive int, got {self.r!r}"
+            )
         merge("r", "bottleneck")
         if self.kind == "lora":
             merge("target_modules", "lora_targets")
             merge("lora_dropout", "dropout")
         elif self.lora_dropout is not None:
-            raise ValueError(f"SparseAdapterConfig: lora_dropout applies to kind='lora', not {self.kind!r} "
-                             "(use dropout)")
+            raise ValueError(
+                f"SparseAdapterConfig: lora_dropout applies to kind='lora', not {self.kind!r} (use dropout)"
+            )
         if self.dropout is None:
             self.dropout = 0.0
 

@@ -20,6 +20,7 @@ head's hooked output, so predictions are in label units everywhere without a ste
 The buffers are part of the head's state dict, so `save_adapter(..., include_head=True)` stores them
 with the head and `load_adapter` restores them (installing the hook on a model that has none).
 """
+
 import math
 from typing import Optional, Tuple
 
@@ -57,8 +58,9 @@ def install(module: nn.Module, mean: float, scale: float) -> None:
     """Give the head module `module` the buffers (float32 scalars) and the hook; idempotent."""
     scale, mean = float(scale), float(mean)
     if not (math.isfinite(mean) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"target normalization needs a finite mean and a positive finite scale, "
-                         f"got mean {mean!r}, scale {scale!r}")
+        raise ValueError(
+            f"target normalization needs a finite mean and a positive finite scale, got mean {mean!r}, scale {scale!r}"
+        )
     device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
     for name, value in ((MEAN, mean), (SCALE, scale)):
         module.register_buffer(name, torch.tensor(value, dtype=torch.float32, device=device), persistent=True)

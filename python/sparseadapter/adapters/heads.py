@@ -32,6 +32,7 @@ and `info`, free-form JSON such as a span head's null-answer threshold); `load_a
 adapter that head: into the model's current head when no adapter owns it (it must then have the same
 shapes), else into a new head shaped by the file.
 """
+
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -99,12 +100,17 @@ class HeadRecord:
         """Equal descriptions and equal head tensors (a deep copy of a record equals it)."""
         if not isinstance(other, HeadRecord):
             return NotImplemented
-        if (self.attr, self.problem_type, self.id2label, self.info) != \
-                (other.attr, other.problem_type, other.id2label, other.info):
+        if (self.attr, self.problem_type, self.id2label, self.info) != (
+            other.attr,
+            other.problem_type,
+            other.id2label,
+            other.info,
+        ):
             return False
         mine, theirs = self.module.state_dict(), other.module.state_dict()
         return mine.keys() == theirs.keys() and all(
-            mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
+            mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine
+        )
 
     @property
     def outputs(self) -> int:
@@ -118,14 +124,21 @@ class HeadRecord:
 
     def describe(self) -> dict:
         """The JSON save_adapter writes as "head"."""
-        return {"attr": self.attr, "kind": self.kind, "outputs": self.outputs, "problem_type": self.problem_type,
-                "id2label": list(self.id2label) if self.id2label is not None else None, "info": dict(self.info)}
+        return {
+            "attr": self.attr,
+            "kind": self.kind,
+            "outputs": self.outputs,
+            "problem_type": self.problem_type,
+            "id2label": list(self.id2label) if self.id2label is not None else None,
+            "info": dict(self.info),
+        }
 
 
 HeadLike = Union[None, str, HeadConfig]
 
 
 # ------------------------------------------------------------------------------------------ lookups
+
 
 def current_head(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
     """(attribute, module) of the head the model's forward calls now, or None for a model without one."""
@@ -144,7 +157,7 @@ def adapter_head(model: nn.Module, name: str) -> Optional[HeadRecord]:
 def head_owner(model: nn.Module, module: nn.Module) -> Optional[str]:
     """The adapter that owns head `module`, or None."""
     reg = model.__dict__.get(REGISTRY_ATTR)
-    for name, e in (reg.adapters.items() if reg is not None else ()):
+    for name, e in reg.adapters.items() if reg is not None else ():
         record = getattr(e, "head", None)
         if record is not None and record.module is module:
             return name
@@ -173,6 +186,7 @@ def heads_of(model: nn.Module) -> Dict[str, HeadRecord]:
 
 # ------------------------------------------------------------------------------------------ building
 
+
 def _last_linear(module: nn.Module) -> Tuple[str, nn.Linear]:
     found = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     if not found:
@@ -188,9 +202,12 @@ def _init_std(model: nn.Module) -> float:
 def _kind_fits(attr: str, kind: str) -> None:
     span_model = attr in SPAN_ATTRS
     if (kind == "span") != span_model:
-        need = ("a question-answering model (start and end logits per token: AutoModelForQuestionAnswering or "
-                "sparseadapter.training.qa.SpanModel)" if kind == "span"
-                else "a sequence-level task model (AutoModelForSequenceClassification)")
+        need = (
+            "a question-answering model (start and end logits per token: AutoModelForQuestionAnswering or "
+            "sparseadapter.training.qa.SpanModel)"
+            if kind == "span"
+            else "a sequence-level task model (AutoModelForSequenceClassification)"
+        )
         raise ValueError(f"a {kind} head needs {need}; this model's head is {attr!r}")
 
 
@@ -200,8 +217,9 @@ def new_head(model: nn.Module, template: nn.Module, outputs: int, seed: int = 0)
     module = copy.deepcopy(template)
     normalization.uninstall(module)
     path, last = _last_linear(module)
-    replacement = nn.Linear(last.in_features, outputs, bias=last.bias is not None).to(last.weight.device,
-                                                                                      last.weight.dtype)
+    replacement = nn.Linear(last.in_features, outputs, bias=last.bias is not None).to(
+        last.weight.device, last.weight.dtype
+    )
     parent, _, child = path.rpartition(".")
     if path:
         setattr(module.get_submodule(parent) if parent else module, child, replacement)
@@ -243,7 +261,7 @@ class PlannedHead:
     """A head chosen for a new adapter, built off the model: attach_planned_head gives it to the adapter."""
 
     record: HeadRecord
-    state: Optional[Dict[str, Tensor]] = None      # tensors to load into it (load_adapter)
+    state: Optional[Dict[str, Tensor]] = None  # tensors to load into it (load_adapter)
     normalization: Optional[Tuple[float, float]] = None
 
 
@@ -262,12 +280,16 @@ def plan_head(model: nn.Module, head: HeadLike = None, seed: int = 0) -> Optiona
     current = current_head(model)
     if current is None:
         if head is not None and _has_lm_head(model):
-            raise ValueError(f"this is a language model: its adapters answer through its language-model head, "
-                             f"part of the frozen base model and shared by all of them, so there is no place for "
-                             f"a {head.kind} head; load the model as a task model (AutoModelFor...) for one")
+            raise ValueError(
+                f"this is a language model: its adapters answer through its language-model head, "
+                f"part of the frozen base model and shared by all of them, so there is no place for "
+                f"a {head.kind} head; load the model as a task model (AutoModelFor...) for one"
+            )
         if head is not None:
-            raise ValueError(f"this model has no task head ({', '.join(head_attrs())}) to give a {head.kind} "
-                             "head a place; load it as a task model (AutoModelFor...)")
+            raise ValueError(
+                f"this model has no task head ({', '.join(head_attrs())}) to give a {head.kind} "
+                "head a place; load it as a task model (AutoModelFor...)"
+            )
         return None
     attr, module = current
     if head is None:
@@ -275,11 +297,15 @@ def plan_head(model: nn.Module, head: HeadLike = None, seed: int = 0) -> Optiona
             outputs = _last_linear(module)[1].out_features
             if attr in SPAN_ATTRS:
                 return PlannedHead(HeadRecord(attr, module))
-            return PlannedHead(HeadRecord(attr, module, _default_problem_type(model, outputs),
-                                          _model_labels(model, outputs)))
+            return PlannedHead(
+                HeadRecord(attr, module, _default_problem_type(model, outputs), _model_labels(model, outputs))
+            )
         owner = heads_of(model)[head_owner(model, module)]
-        return PlannedHead(HeadRecord(attr, copy.deepcopy(module), owner.problem_type,
-                                      list(owner.id2label) if owner.id2label else None, {}))
+        return PlannedHead(
+            HeadRecord(
+                attr, copy.deepcopy(module), owner.problem_type, list(owner.id2label) if owner.id2label else None, {}
+            )
+        )
     _kind_fits(attr, head.kind)
     outputs = head.outputs
     if outputs is None:  # a classification head as wide as the model's
@@ -287,8 +313,11 @@ def plan_head(model: nn.Module, head: HeadLike = None, seed: int = 0) -> Optiona
         if outputs < 2:
             raise ValueError("HeadConfig('classification') needs num_labels: the model's head has one output")
     problem = {"regression": "regression", "classification": "single_label_classification"}.get(head.kind)
-    labels = list(head.labels) if head.labels else ([f"LABEL_{i}" for i in range(outputs)]
-                                                    if head.kind == "classification" else None)
+    labels = (
+        list(head.labels)
+        if head.labels
+        else ([f"LABEL_{i}" for i in range(outputs)] if head.kind == "classification" else None)
+    )
     return PlannedHead(HeadRecord(attr, new_head(model, module, outputs, seed), problem, labels))
 
 
@@ -308,6 +337,7 @@ def attach_planned_head(model: nn.Module, name: str, planned: Optional[PlannedHe
 
 
 # ------------------------------------------------------------------------------------------ activation
+
 
 def _device_dtype(model: nn.Module) -> Optional[Tuple[torch.device, torch.dtype]]:
     current = current_head(model)
@@ -351,6 +381,7 @@ def activate_head(model: nn.Module, names: List[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ saving and loading
 
+
 def saved_heads(model: nn.Module, name: str) -> List[Tuple[str, nn.Module]]:
     """The (attribute, module) pairs save_adapter writes for adapter `name`: its own head; for an adapter
     without a record (none was made), every head the model has."""
@@ -369,22 +400,24 @@ def _check_description(described, attr: str, module_kind: str) -> dict:
     if described is None:
         return {}
     if not isinstance(described, dict):
-        raise ValueError(f"load_adapter: the config's \"head\" must be an object, got {type(described).__name__}")
+        raise ValueError(f'load_adapter: the config\'s "head" must be an object, got {type(described).__name__}')
     if described.get("attr", attr) != attr:
-        raise ValueError(f"load_adapter: the config describes a head at {described.get('attr')!r}, the file's "
-                         f"tensors are for {attr!r}")
+        raise ValueError(
+            f"load_adapter: the config describes a head at {described.get('attr')!r}, the file's "
+            f"tensors are for {attr!r}"
+        )
     kind = described.get("kind", module_kind)
     if kind not in HEAD_KINDS:
         raise ValueError(f"load_adapter: unknown head kind {kind!r}")
     info = described.get("info", {})
     if not isinstance(info, dict):
-        raise ValueError("load_adapter: the head's \"info\" must be an object")
+        raise ValueError('load_adapter: the head\'s "info" must be an object')
     labels = described.get("id2label")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(n, str) for n in labels)):
-        raise ValueError("load_adapter: the head's \"id2label\" must be a list of names")
+        raise ValueError('load_adapter: the head\'s "id2label" must be a list of names')
     problem = described.get("problem_type")
     if problem is not None and not isinstance(problem, str):
-        raise ValueError("load_adapter: the head's \"problem_type\" must be a string")
+        raise ValueError('load_adapter: the head\'s "problem_type" must be a string')
     return described
 
 
@@ -398,7 +431,7 @@ def plan_loaded_head(model: nn.Module, tensors: Dict[str, Tensor], described=Non
     for key, t in tensors.items():
         if not key.startswith("head."):
             continue
-        attr, _, param = key[len("head."):].partition(".")
+        attr, _, param = key[len("head.") :].partition(".")
         module = getattr(model, attr, None)
         if attr not in head_attrs() or not isinstance(module, nn.Module):
             raise ValueError(f"load_adapter: the file has a head {attr!r} this model lacks")
@@ -424,13 +457,16 @@ def plan_loaded_head(model: nn.Module, tensors: Dict[str, Tensor], described=Non
         if param in TARGET_KEYS and goal is None and t.numel() == 1:
             goal = t  # a regression head's normalization: installed on this head as it loads
         if goal is None or goal.shape != t.shape:
-            raise ValueError(f"load_adapter: head tensor head.{attr}.{param} has shape {tuple(t.shape)}, the "
-                             f"model's is {None if goal is None else tuple(goal.shape)} (another number of labels?)")
+            raise ValueError(
+                f"load_adapter: head tensor head.{attr}.{param} has shape {tuple(t.shape)}, the "
+                f"model's is {None if goal is None else tuple(goal.shape)} (another number of labels?)"
+            )
     if (TARGET_KEYS[0] in tensors_of) != (TARGET_KEYS[1] in tensors_of):
         raise ValueError(f"load_adapter: the file's head {attr!r} has only one of {TARGET_KEYS}")
     for key in TARGET_KEYS:
-        if key in tensors_of and not (torch.isfinite(tensors_of[key]).all()
-                                      and (key != TARGET_KEYS[1] or tensors_of[key] > 0)):
+        if key in tensors_of and not (
+            torch.isfinite(tensors_of[key]).all() and (key != TARGET_KEYS[1] or tensors_of[key] > 0)
+        ):
             raise ValueError(f"load_adapter: the file's head {attr!r} has an invalid {key} {tensors_of[key].tolist()}")
     # a head that answers in raw units (no normalization in the file) loads onto a normalized one too
     missing = sorted(set(own) - set(tensors_of) - set(TARGET_KEYS))
@@ -446,8 +482,10 @@ def plan_loaded_head(model: nn.Module, tensors: Dict[str, Tensor], described=Non
     _kind_fits(attr, kind)
     if kind == "regression" and outputs != 1:
         raise ValueError(f"load_adapter: the config says a regression head, the file's has {outputs} outputs")
-    problem = described.get("problem_type", "regression" if kind == "regression"
-                            else _default_problem_type(model, outputs) if target is current else None)
+    problem = described.get(
+        "problem_type",
+        "regression" if kind == "regression" else _default_problem_type(model, outputs) if target is current else None,
+    )
     labels = described.get("id2label")
     if labels is not None and len(labels) != outputs:
         raise ValueError(f"load_adapter: {len(labels)} label names for a head with {outputs} outputs")

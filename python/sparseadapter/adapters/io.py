@@ -32,6 +32,7 @@ declares (bottleneck, large_sparse, prefix length and width) against the tensors
 modules are then made from the file's tensors, so a load allocates what the file holds, never what a
 config claims.
 """
+
 import contextlib
 import hashlib
 import json
@@ -48,13 +49,20 @@ import sparseadapter_ext
 
 from ..csr import index_dtype_for
 from ..pruning.api import PRUNABLE_ATTR, PruningRecord
-from ..version import __version__
 from ..sparse_linear import SparseLinear
-from .api import (
-    HEAD_NAMES, adapter_modules, attach_adapter, build_adapter, check_attachable, check_new_name, freeze_base,
-    pruning_record, set_active_adapters,
-)
+from ..version import __version__
 from . import heads
+from .api import (
+    HEAD_NAMES,
+    adapter_modules,
+    attach_adapter,
+    build_adapter,
+    check_attachable,
+    check_new_name,
+    freeze_base,
+    pruning_record,
+    set_active_adapters,
+)
 from .card import write_model_card
 from .config import SparseAdapterConfig
 from .placement import Site, model_type, resolve_sites
@@ -251,8 +259,10 @@ def _read_meta(path: str) -> dict:
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"load_adapter: {config_path} does not exist")
     if os.path.getsize(config_path) > _CONFIG_LIMIT:
-        raise ValueError(f"load_adapter: {config_path} is {os.path.getsize(config_path):,} bytes; an adapter config "
-                         f"is a few kilobytes (limit {_CONFIG_LIMIT:,})")
+        raise ValueError(
+            f"load_adapter: {config_path} is {os.path.getsize(config_path):,} bytes; an adapter config "
+            f"is a few kilobytes (limit {_CONFIG_LIMIT:,})"
+        )
     try:
         with open(config_path, "rb") as f:
             meta = json.loads(f.read().decode("utf-8"))
@@ -263,19 +273,26 @@ def _read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"load_adapter: {config_path} is not a sparseadapter adapter config")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_adapter: format version {meta.get('format_version')!r} is not supported "
-                         f"(this library reads version {FORMAT_VERSION})")
+        raise ValueError(
+            f"load_adapter: format version {meta.get('format_version')!r} is not supported "
+            f"(this library reads version {FORMAT_VERSION})"
+        )
     for key in ("name", "config", "sites", "weights_sha256"):
         if key not in meta:
             raise ValueError(f"load_adapter: {config_path} lacks the field {key!r}")
     digest = meta.get("config_sha256")
     if digest is None:
-        warnings.warn(f"load_adapter: {config_path} has no config_sha256 (saved by sparseadapter before 0.5): its "
-                      "settings are not covered by a checksum; save the adapter again to add one", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"load_adapter: {config_path} has no config_sha256 (saved by sparseadapter before 0.5): its "
+            "settings are not covered by a checksum; save the adapter again to add one",
+            UserWarning,
+            stacklevel=3,
+        )
     elif digest != config_digest(meta):
-        raise ValueError(f"load_adapter: {config_path} does not match its own checksum (config_sha256): a setting "
-                         "was edited or the file is corrupted; save the adapter again rather than editing it")
+        raise ValueError(
+            f"load_adapter: {config_path} does not match its own checksum (config_sha256): a setting "
+            "was edited or the file is corrupted; save the adapter again rather than editing it"
+        )
     return meta
 
 
@@ -292,8 +309,10 @@ def check_adapter_files(path: str) -> None:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     if digest.hexdigest() != meta["weights_sha256"]:
-        raise ValueError(f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
-                         "truncated, or from another save")
+        raise ValueError(
+            f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
+            "truncated, or from another save"
+        )
 
 
 def _size_limit(model: nn.Module, parts) -> int:
@@ -301,8 +320,12 @@ def _size_limit(model: nn.Module, parts) -> int:
     indices, the head, and room for the header. A larger file is not ours, and is not read."""
     entries = sum(p.numel() for _, module in parts.modules for p in module.parameters())
     entries += sum(p.numel() for p in parts.prefix.parameters()) if parts.prefix is not None else 0
-    entries += sum(p.numel() for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)
-                   for p in getattr(model, n).parameters())
+    entries += sum(
+        p.numel()
+        for n in HEAD_NAMES
+        if isinstance(getattr(model, n, None), nn.Module)
+        for p in getattr(model, n).parameters()
+    )
     return 24 * entries + (1 << 20)
 
 
@@ -314,13 +337,17 @@ def _read_tensors(path: str, meta: dict, limit: int) -> Dict[str, Tensor]:
         raise FileNotFoundError(f"load_adapter: {weights} does not exist")
     size = os.path.getsize(weights)
     if size > limit:
-        raise ValueError(f"load_adapter: {weights} is {size:,} bytes, more than this adapter's config can take "
-                         f"({limit:,}): not this adapter's tensors")
+        raise ValueError(
+            f"load_adapter: {weights} is {size:,} bytes, more than this adapter's config can take "
+            f"({limit:,}): not this adapter's tensors"
+        )
     with open(weights, "rb") as f:
         blob = f.read()
     if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
-        raise ValueError(f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
-                         "truncated, or from another save")
+        raise ValueError(
+            f"load_adapter: {weights} does not match its config's checksum: the file is corrupted, "
+            "truncated, or from another save"
+        )
     try:
         return load(blob)
     except Exception as err:  # safetensors raises its own error types
@@ -330,8 +357,10 @@ def _read_tensors(path: str, meta: dict, limit: int) -> Dict[str, Tensor]:
 def _check_sites(meta: dict, parts) -> None:
     saved = meta["sites"]
     if not isinstance(saved, dict) or sorted(saved) != sorted(parts.sites):
-        raise ValueError(f"load_adapter: the file's adapter parts {sorted(saved) if isinstance(saved, dict) else saved} "
-                         f"do not match the model's {sorted(parts.sites)}")
+        raise ValueError(
+            f"load_adapter: the file's adapter parts {sorted(saved) if isinstance(saved, dict) else saved} "
+            f"do not match the model's {sorted(parts.sites)}"
+        )
     for part, sites in parts.sites.items():
         try:
             theirs = [Site(**s) for s in saved[part]]
@@ -340,8 +369,10 @@ def _check_sites(meta: dict, parts) -> None:
         if theirs != sites:
             for mine, other in zip(sites, theirs):
                 if mine != other:
-                    raise ValueError(f"load_adapter: the adapter was saved for {other} but this model has {mine} "
-                                     "(another model or architecture?)")
+                    raise ValueError(
+                        f"load_adapter: the adapter was saved for {other} but this model has {mine} "
+                        "(another model or architecture?)"
+                    )
             raise ValueError(f"load_adapter: the adapter has {len(theirs)} {part} sites, the model {len(sites)}")
 
 
@@ -405,12 +436,16 @@ def _owners(parts, name: str, meta: dict):
 
 def _sparse_keys(module: nn.Module, prefix: str, tensors: Dict[str, Tensor]):
     """(sub-name, layer) of the prunable layers that the file stores as CSR."""
-    return [(sub, layer) for sub, layer in module.named_modules()
-            if getattr(layer, PRUNABLE_ATTR, False) and f"{prefix}.{sub}.crow_indices" in tensors]
+    return [
+        (sub, layer)
+        for sub, layer in module.named_modules()
+        if getattr(layer, PRUNABLE_ATTR, False) and f"{prefix}.{sub}.crow_indices" in tensors
+    ]
 
 
-def _check_declared_sizes(parts, name: str, meta: dict, config: SparseAdapterConfig, tensors: Dict[str, Tensor],
-                          config_path: str) -> None:
+def _check_declared_sizes(
+    parts, name: str, meta: dict, config: SparseAdapterConfig, tensors: Dict[str, Tensor], config_path: str
+) -> None:
     """The sizes the config declares against the file's tensors, on the meta-built modules: a
     mismatch names the config's size fields before anything is allocated."""
     fields = f"bottleneck={config.bottleneck}, large_sparse={config.large_sparse}"
@@ -418,16 +453,19 @@ def _check_declared_sizes(parts, name: str, meta: dict, config: SparseAdapterCon
         fields += f", prefix_length={config.prefix_length}, prefix_mid_dim={config.prefix_mid_dim}"
 
     def refuse(what: str) -> None:
-        raise ValueError(f"load_adapter: {config_path} declares sizes ({fields}) that do not match its tensor "
-                         f"file: {what}")
+        raise ValueError(
+            f"load_adapter: {config_path} declares sizes ({fields}) that do not match its tensor file: {what}"
+        )
 
     for prefix, module, _ in _owners(parts, name, meta):
         sparse = _sparse_keys(module, prefix, tensors)
         for sub, layer in sparse:
             crow = tensors[f"{prefix}.{sub}.crow_indices"]
             if crow.dim() != 1 or crow.numel() != layer.out_features + 1:
-                refuse(f"{prefix}.{sub} is a sparse matrix of {crow.numel() - 1} rows, the config builds "
-                       f"{layer.out_features}")
+                refuse(
+                    f"{prefix}.{sub} is a sparse matrix of {crow.numel() - 1} rows, the config builds "
+                    f"{layer.out_features}"
+                )
         stored_sparse = {f"{sub}.weight" for sub, _ in sparse}
         for key, target in module.state_dict().items():
             t = tensors.get(f"{prefix}.{key}")
@@ -455,8 +493,11 @@ def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
     for prefix, module, device in _owners(parts, name, meta):
         for sub, layer in _sparse_keys(module, prefix, tensors):
             parent, _, child = sub.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child,
-                    _sparse_layer(f"{prefix}.{sub}", tensors, layer, device))
+            setattr(
+                module.get_submodule(parent) if parent else module,
+                child,
+                _sparse_layer(f"{prefix}.{sub}", tensors, layer, device),
+            )
         _materialize(module, device)
         state = {}
         for key, target in module.state_dict().items():
@@ -466,7 +507,9 @@ def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
                 raise ValueError(f"load_adapter: the file lacks {full}")
             t = tensors[full]
             if t.shape != target.shape:
-                raise ValueError(f"load_adapter: {full} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+                raise ValueError(
+                    f"load_adapter: {full} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}"
+                )
             if t.is_floating_point() != target.is_floating_point():
                 raise ValueError(f"load_adapter: {full} has dtype {t.dtype}, the model needs {target.dtype}")
             state[key] = t
@@ -476,8 +519,9 @@ def _fill(parts, name: str, meta: dict, tensors: Dict[str, Tensor]) -> None:
         raise ValueError(f"load_adapter: the file holds tensors this adapter does not have, e.g. {unexpected[0]}")
 
 
-def load_adapter(model: nn.Module, path: str, name: Optional[str] = None, *, load_head: bool = True,
-                 activate: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str, name: Optional[str] = None, *, load_head: bool = True, activate: bool = True
+) -> nn.Module:
     """Add the adapter saved in folder `path` to `model` (as `name`, default the saved name).
 
     Checks the checksum, the config, every site, shape, dtype and CSR index against the model before
@@ -504,8 +548,9 @@ def _prepare(model: nn.Module, path: str, name: Optional[str], load_head: bool, 
         check_new_name(model, name)
         saved_type = meta.get("model_type")
         if saved_type is not None and saved_type != model_type(model):
-            raise ValueError(f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is "
-                             f"{model_type(model)!r}")
+            raise ValueError(
+                f"load_adapter: the adapter was saved for a {saved_type!r} model, this one is {model_type(model)!r}"
+            )
         # shapes only: nothing is allocated from the config's sizes
         parts = build_adapter(model, config, prefix_sites=_earlier_prefix_sites(model, config, meta), on_meta=True)
         tensors = _read_tensors(path, meta, _size_limit(model, parts))

@@ -3,6 +3,7 @@
 Each weight matrix is an nn.Linear marked prunable (`PRUNABLE_ATTR`) until pruning turns it into a
 `SparseLinear`; the modules only call their layers, so the dense and the sparse form share one code.
 """
+
 import math
 from typing import List, Optional
 
@@ -21,7 +22,11 @@ BERT_INIT_STD = 0.02
 FUSED_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 
 _ACTIVATIONS = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 
 
@@ -70,8 +75,18 @@ class BottleneckAdapter(nn.Module):
 
     sparseadapter_chain = ("down", "up")  # forward order, for SynFlow
 
-    def __init__(self, in_features: int, out_features: int, bottleneck: int, *, activation: str = "relu",
-                 dropout: float = 0.0, layer_norm: bool = False, scale: float = 1.0, init: str = "bert") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bottleneck: int,
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+        scale: float = 1.0,
+        init: str = "bert",
+    ) -> None:
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_features) if layer_norm else nn.Identity()
         self.down = _prunable_linear(in_features, bottleneck, bias=True)
@@ -85,9 +100,14 @@ class BottleneckAdapter(nn.Module):
 
     def runs_fused(self) -> bool:
         m = self._modules  # not nn.Module.__getattr__: this runs at every call (one per token when decoding)
-        return (self.fused and self.activation_name in FUSED_ACTIVATIONS
-                and isinstance(m["down"], SparseLinear) and isinstance(m["up"], SparseLinear)
-                and isinstance(m["layer_norm"], nn.Identity) and (m["dropout"].p == 0.0 or not self.training))
+        return (
+            self.fused
+            and self.activation_name in FUSED_ACTIVATIONS
+            and isinstance(m["down"], SparseLinear)
+            and isinstance(m["up"], SparseLinear)
+            and isinstance(m["layer_norm"], nn.Identity)
+            and (m["dropout"].p == 0.0 or not self.training)
+        )
 
     def runs_multi(self) -> bool:
         """Whether a routed batch runs this adapter in the slot's one op (sparse_adapter_multi)."""
@@ -96,8 +116,12 @@ class BottleneckAdapter(nn.Module):
     def multi_spec(self, stack):
         """`(down, up, activation, scale)` for sparse_adapter_multi; the layers stay pinned (no load
         swaps them) until `stack` closes."""
-        return (stack.enter_context(self.down.pinned()), stack.enter_context(self.up.pinned()),
-                self.activation_name, self.scale)
+        return (
+            stack.enter_context(self.down.pinned()),
+            stack.enter_context(self.up.pinned()),
+            self.activation_name,
+            self.scale,
+        )
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.runs_fused():
@@ -114,8 +138,16 @@ class LoRAAdapter(nn.Module):
 
     sparseadapter_chain = ("lora_A", "lora_B")
 
-    def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float = 32.0,
-                 dropout: float = 0.0, init: str = "lora") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        init: str = "lora",
+    ) -> None:
         super().__init__()
         self.lora_A = _prunable_linear(in_features, rank, bias=False)
         self.lora_B = _prunable_linear(rank, out_features, bias=False)
@@ -138,8 +170,12 @@ class LoRAAdapter(nn.Module):
         return isinstance(self.lora_A, SparseLinear) and isinstance(self.lora_B, SparseLinear)
 
     def multi_spec(self, stack):
-        return (stack.enter_context(self.lora_A.pinned()), stack.enter_context(self.lora_B.pinned()),
-                "identity", self.scaling)
+        return (
+            stack.enter_context(self.lora_A.pinned()),
+            stack.enter_context(self.lora_B.pinned()),
+            "identity",
+            self.scaling,
+        )
 
     def delta_weight(self) -> Tensor:
         """`(alpha / r) * B @ A`, the dense update that merging adds to the base weight."""
@@ -207,8 +243,8 @@ class AdapterFusion(nn.Module):
             self.value.bias.zero_()
 
     def forward(self, y: Tensor, outputs: List[Tensor]) -> Tensor:
-        stacked = torch.stack(outputs, dim=-2)                 # [..., n, d]
-        q = self.query(y).unsqueeze(-2)                        # [..., 1, d]
+        stacked = torch.stack(outputs, dim=-2)  # [..., n, d]
+        q = self.query(y).unsqueeze(-2)  # [..., 1, d]
         k = self.key(stacked)
-        weights = torch.softmax((q * k).sum(-1), dim=-1)       # [..., n]
+        weights = torch.softmax((q * k).sum(-1), dim=-1)  # [..., n]
         return (weights.unsqueeze(-1) * self.value(stacked)).sum(-2)

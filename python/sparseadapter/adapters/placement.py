@@ -15,6 +15,7 @@ A family maps roles to regexes over module names (matched with `re.search`):
 Decoder-only families (llama, qwen2, mistral, gemma, phi3, gpt2) are pre-LN: their FFN module maps
 the normalized hidden state to the FFN output, so the parallel adapter runs beside that module.
 """
+
 import re
 import time
 from dataclasses import dataclass
@@ -40,25 +41,37 @@ _LLAMA_LIKE = dict(
 )
 
 FAMILIES = {
-    "bert": _BERT_LIKE, "roberta": _BERT_LIKE, "xlm-roberta": _BERT_LIKE, "camembert": _BERT_LIKE,
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
     "electra": _BERT_LIKE,
     "bart": dict(
         attn_output=r"layers\.\d+\.self_attn\.out_proj$",
         ffn_output=r"layers\.\d+\.fc2$",
         ffn_parallel=("span", r"layers\.\d+\.fc1$", r"layers\.\d+\.fc2$"),
         lora=(r"self_attn\.q_proj$", r"self_attn\.v_proj$"),
-        prefix=(r"encoder\.layers\.\d+\.self_attn$", r"decoder\.layers\.\d+\.self_attn$",
-                r"decoder\.layers\.\d+\.encoder_attn$"),
+        prefix=(
+            r"encoder\.layers\.\d+\.self_attn$",
+            r"decoder\.layers\.\d+\.self_attn$",
+            r"decoder\.layers\.\d+\.encoder_attn$",
+        ),
     ),
     "t5": dict(
         attn_output=r"layer\.0\.SelfAttention\.o$",
         ffn_output=r"DenseReluDense\.wo$",  # also T5 v1.1's gated FFN, under the same attribute name
         ffn_parallel=("parallel", r"DenseReluDense$"),
         lora=(r"SelfAttention\.q$", r"SelfAttention\.v$"),
-        prefix=(r"encoder\.block\.\d+\.layer\.0\.SelfAttention$", r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
-                r"decoder\.block\.\d+\.layer\.1\.EncDecAttention$"),
+        prefix=(
+            r"encoder\.block\.\d+\.layer\.0\.SelfAttention$",
+            r"decoder\.block\.\d+\.layer\.0\.SelfAttention$",
+            r"decoder\.block\.\d+\.layer\.1\.EncDecAttention$",
+        ),
     ),
-    "llama": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "gemma": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
     # Phi-3 fuses query, key and value into qkv_proj (and gate and up into gate_up_proj): LoRA adapts
     # the whole qkv projection, a rank-r update of all three.
     "phi3": dict(_LLAMA_LIKE, lora=(r"layers\.\d+\.self_attn\.qkv_proj$",)),
@@ -97,8 +110,10 @@ def hidden_size(model: nn.Module) -> int:
         value = getattr(config, attr, None)
         if isinstance(value, int):
             return value
-    raise ValueError("cannot tell the model's hidden size (no config.hidden_size or d_model); "
-                     "adapters need it for modules that are not nn.Linear")
+    raise ValueError(
+        "cannot tell the model's hidden size (no config.hidden_size or d_model); "
+        "adapters need it for modules that are not nn.Linear"
+    )
 
 
 # Module-name patterns come from configs, and so from files: a pattern that backtracks exponentially
@@ -127,6 +142,7 @@ def _searcher(pattern: str):
     """`search(name, timeout)` for `pattern`: regex's, which honours the timeout, or re's."""
     try:
         import regex
+
         compiled = regex.compile(pattern)
         return lambda name, timeout: compiled.search(name, timeout=timeout)
     except Exception:  # no regex module, or a pattern it reads otherwise: re, without a time bound
@@ -145,9 +161,11 @@ def _match(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Module]]:
         try:
             hit = search(n, max(deadline - time.monotonic(), 1e-3))
         except TimeoutError:
-            raise ValueError(f"module pattern {pattern!r} took more than {MATCH_BUDGET_S:g} s to match the model's "
-                             "module names (a pattern that backtracks exponentially, such as a repeated group "
-                             "whose alternatives overlap); simplify it") from None
+            raise ValueError(
+                f"module pattern {pattern!r} took more than {MATCH_BUDGET_S:g} s to match the model's "
+                "module names (a pattern that backtracks exponentially, such as a repeated group "
+                "whose alternatives overlap); simplify it"
+            ) from None
         if hit:
             found.append((n, m))
     return found
@@ -188,7 +206,8 @@ def family(model: nn.Module) -> dict:
     if kind not in FAMILIES:
         raise ValueError(
             f"sparseadapter has no built-in placement for model type {kind!r} (known: {', '.join(sorted(FAMILIES))}); "
-            "pass target_modules=[regex, ...] (and lora_targets for LoRA) in the SparseAdapterConfig")
+            "pass target_modules=[regex, ...] (and lora_targets for LoRA) in the SparseAdapterConfig"
+        )
     return FAMILIES[kind]
 
 
@@ -198,8 +217,12 @@ def _require(found, what: str, pattern: str):
     return found
 
 
-def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence[str]] = None,
-                  lora_targets: Optional[Sequence[str]] = None) -> Dict[str, List[Site]]:
+def resolve_sites(
+    model: nn.Module,
+    kind: str,
+    target_modules: Optional[Sequence[str]] = None,
+    lora_targets: Optional[Sequence[str]] = None,
+) -> Dict[str, List[Site]]:
     """The sites of each part of an adapter of `kind`: {"bottleneck": [...], "lora": [...], "prefix": [...]}.
 
     `target_modules` replaces the family's placement of bottleneck adapters: each matching module gets
@@ -211,7 +234,8 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Optional[Sequence
         raise ValueError(
             f"prefix tuning ({kind}) goes into the attention modules of a built-in model family "
             f"(known: {', '.join(sorted(FAMILIES))}); model type {model_type(model)!r} has none, and target_modules "
-            "places bottleneck adapters only")
+            "places bottleneck adapters only"
+        )
     if kind == "lora":
         patterns = list(lora_targets) if lora_targets else list(family(model)["lora"])
         sites = []

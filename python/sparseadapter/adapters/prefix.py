@@ -12,6 +12,7 @@ every query: causal self-attention, sliding windows, padding and cross-attention
 built with the module's key/value heads, so grouped-query attention (fewer key/value heads than
 query heads) takes them as it takes its own keys.
 """
+
 import inspect
 import sys
 from typing import Callable
@@ -70,8 +71,9 @@ def _widen_mask_rows(attention_mask, valid, query, key, module, base: str, is_ca
             keys = keys.tril(diagonal=kv_len - q_len)  # the last query sees every key
         keys = keys[None, None].expand(batch, 1, q_len, kv_len)
     else:
-        keys = attention_mask.expand(batch, *attention_mask.shape[1:]) if attention_mask.shape[0] == 1 \
-            else attention_mask
+        keys = (
+            attention_mask.expand(batch, *attention_mask.shape[1:]) if attention_mask.shape[0] == 1 else attention_mask
+        )
     prefix = valid[:, None, None, :].expand(batch, keys.shape[1], keys.shape[2], n_prefix)
     if keys.dtype == torch.bool and (base == "sdpa" or attention_mask is not None):
         return torch.cat([prefix, keys], dim=-1)
@@ -91,8 +93,9 @@ def _make_attention(base: str) -> Callable:
             rows = slot.prefix_kv_rows(routing, key.shape[1], key.shape[-1], key)
             if rows is not None:
                 k_rows, v_rows, valid = rows
-                attention_mask = _widen_mask_rows(attention_mask, valid, query, key, module, base,
-                                                  kwargs.get("is_causal"))
+                attention_mask = _widen_mask_rows(
+                    attention_mask, valid, query, key, module, base, kwargs.get("is_causal")
+                )
                 key = torch.cat([k_rows, key], dim=2)
                 value = torch.cat([v_rows.to(value.dtype), value], dim=2)
                 if kwargs.get("position_bias") is not None:
@@ -123,8 +126,10 @@ def check_installable(model: nn.Module) -> None:
         raise ValueError("prefix tuning needs transformers >= 5 (its AttentionInterface)") from err
     current = model.config._attn_implementation
     if not current.startswith(PREFIX) and current not in WRAPPED:
-        raise ValueError(f"prefix tuning wraps the 'sdpa' or 'eager' attention; this model uses {current!r} "
-                         "(load it with attn_implementation='sdpa')")
+        raise ValueError(
+            f"prefix tuning wraps the 'sdpa' or 'eager' attention; this model uses {current!r} "
+            "(load it with attn_implementation='sdpa')"
+        )
 
 
 def install(model: nn.Module) -> None:
@@ -141,40 +146,53 @@ def install(model: nn.Module) -> None:
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
-        raise ValueError(f"{type(model).__name__} does not let its attention implementation change, which prefix "
-                         "tuning needs")
+        raise ValueError(
+            f"{type(model).__name__} does not let its attention implementation change, which prefix tuning needs"
+        )
 
 
 def uninstall(model: nn.Module) -> None:
     current = model.config._attn_implementation
     if current.startswith(PREFIX):
-        model.set_attn_implementation(current[len(PREFIX):])
+        model.set_attn_implementation(current[len(PREFIX) :])
 
 
 def check_attention_module(name: str, module: nn.Module) -> int:
     """The key/value width (key/value heads x head size) of an attention module that can take prefixes."""
     source = inspect.getsource(type(module).forward)
     if "ALL_ATTENTION_FUNCTIONS" not in source:
-        raise ValueError(f"{type(module).__name__} does not dispatch through transformers' AttentionInterface, "
-                         "so prefixes cannot be added to it (upgrade transformers to 5.x)")
+        raise ValueError(
+            f"{type(module).__name__} does not dispatch through transformers' AttentionInterface, "
+            "so prefixes cannot be added to it (upgrade transformers to 5.x)"
+        )
     config = getattr(module, "config", None)
-    if (getattr(module, "reorder_and_upcast_attn", False)
-            and getattr(config, "_attn_implementation", None) in ("eager", PREFIX + "eager")):
+    if getattr(module, "reorder_and_upcast_attn", False) and getattr(config, "_attn_implementation", None) in (
+        "eager",
+        PREFIX + "eager",
+    ):
         # GPT-2 runs its upcast attention instead of the interface only when the implementation is named
         # "eager"; under the prefix implementation it would silently switch to the plain one
-        raise ValueError(f"prefix tuning cannot go into {name!r} ({type(module).__name__}) with "
-                         "reorder_and_upcast_attn=True under eager attention: that attention bypasses the "
-                         "AttentionInterface; load the model with attn_implementation='sdpa' or set "
-                         "reorder_and_upcast_attn=False")
+        raise ValueError(
+            f"prefix tuning cannot go into {name!r} ({type(module).__name__}) with "
+            "reorder_and_upcast_attn=True under eager attention: that attention bypasses the "
+            "AttentionInterface; load the model with attn_implementation='sdpa' or set "
+            "reorder_and_upcast_attn=False"
+        )
     for child in ("key", "k_proj", "k"):
         layer = getattr(module, child, None)
         if isinstance(layer, nn.Linear):
             return layer.out_features
     # a fused query-key-value projection (Phi-3's qkv_proj, GPT-2's c_attn): heads x head size
     head_dim = getattr(module, "head_dim", None)
-    heads = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None) \
-        or getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None)
+    heads = (
+        getattr(module, "num_key_value_heads", None)
+        or getattr(config, "num_key_value_heads", None)
+        or getattr(module, "num_heads", None)
+        or getattr(config, "num_attention_heads", None)
+    )
     if isinstance(head_dim, int) and isinstance(heads, int):
         return heads * head_dim
-    raise ValueError(f"cannot tell the key/value width of {name!r}: no key projection (key, k_proj, k) and no "
-                     "head_dim with a number of key/value heads")
+    raise ValueError(
+        f"cannot tell the key/value width of {name!r}: no key projection (key, k_proj, k) and no "
+        "head_dim with a number of key/value heads"
+    )

@@ -13,6 +13,7 @@ Every adapter folder records its base model (`base_model` in adapter_config.json
 it was loaded from, the model class and config (task head size, labels), the dtype, and the hub
 revision or, for a local folder, the SHA-256 of its weight files.
 """
+
 import functools
 import hashlib
 import json
@@ -25,17 +26,20 @@ from torch import nn
 from .registry import PREFIX_ROOT, REGISTRY_ATTR
 from .slot import SLOT_ATTR
 
-MODEL_FILE = "sparseadapter_model.json"     # which adapters a save_pretrained folder holds, which are active
-STATE_FILE = "model.safetensors"            # the adapter and head tensors, for Trainer
+MODEL_FILE = "sparseadapter_model.json"  # which adapters a save_pretrained folder holds, which are active
+STATE_FILE = "model.safetensors"  # the adapter and head tensors, for Trainer
 MARKER_KEY = "__sparseadapter_adapter_state__"
-_HASH_LIMIT = 4 << 30                       # base weights hashed up to this total size
+_HASH_LIMIT = 4 << 30  # base weights hashed up to this total size
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 # -- the base-model record -------------------------------------------------------------------------------
 def _weight_files(folder: str) -> List[str]:
-    return sorted(f for f in os.listdir(folder) if f.endswith(_WEIGHT_SUFFIXES) and not f.startswith("adapter")
-                  and os.path.isfile(os.path.join(folder, f)))
+    return sorted(
+        f
+        for f in os.listdir(folder)
+        if f.endswith(_WEIGHT_SUFFIXES) and not f.startswith("adapter") and os.path.isfile(os.path.join(folder, f))
+    )
 
 
 def weights_digest(folder: str) -> Optional[str]:
@@ -66,8 +70,12 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-    record = {"name_or_path": name, "class": type(model).__name__, "dtype": str(dtype).replace("torch.", ""),
-              "model_type": getattr(config, "model_type", None)}
+    record = {
+        "name_or_path": name,
+        "class": type(model).__name__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "model_type": getattr(config, "model_type", None),
+    }
     try:
         record["config"] = _config_dict(config)
     except (TypeError, ValueError):  # a config holding objects JSON cannot spell: the base's own is used
@@ -83,6 +91,7 @@ def base_model_record(model: nn.Module) -> Optional[dict]:
             record["weights_sha256"] = cache[name]
     try:
         import transformers
+
         record["transformers_version"] = transformers.__version__
     except ImportError:
         pass
@@ -98,8 +107,12 @@ def _owned_keys(model: nn.Module) -> List[str]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     keys = []
     for key in model.state_dict():
-        if (f".{SLOT_ATTR}." in f".{key}" or key.startswith(PREFIX_ROOT + ".") or key.split(".", 1)[0] in HEAD_NAMES
-                or key in trainable):
+        if (
+            f".{SLOT_ATTR}." in f".{key}"
+            or key.startswith(PREFIX_ROOT + ".")
+            or key.split(".", 1)[0] in HEAD_NAMES
+            or key in trainable
+        ):
             keys.append(key)
     return keys
 
@@ -119,14 +132,23 @@ _INDEX_KEYS = (".crow_indices", ".col_indices")
 def _narrow_index(key: str, t: torch.Tensor) -> torch.Tensor:
     """CSR index arrays in int16 when they fit (adapter widths and per-matrix nnz mostly do): a quarter
     less to write per checkpoint; `_adapter_state_pre_hook` widens them back."""
-    if key.endswith(_INDEX_KEYS) and t.dtype in (torch.int32, torch.int64) and (t.numel() == 0 or (
-            int(t.min()) >= 0 and int(t.max()) <= torch.iinfo(torch.int16).max)):
+    if (
+        key.endswith(_INDEX_KEYS)
+        and t.dtype in (torch.int32, torch.int64)
+        and (t.numel() == 0 or (int(t.min()) >= 0 and int(t.max()) <= torch.iinfo(torch.int16).max))
+    ):
         return t.to(torch.int16)
     return t
 
 
-def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], is_main_process: bool = True,
-                    state_dict=None, push_to_hub: bool = False, **kwargs) -> str:
+def save_pretrained(
+    model: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    is_main_process: bool = True,
+    state_dict=None,
+    push_to_hub: bool = False,
+    **kwargs,
+) -> str:
     """Write the model's adapters to `save_directory` (see the module docstring); returns the folder.
 
     The first active adapter (or the only one) goes to the folder itself, every other adapter to a
@@ -140,17 +162,27 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], i
 
     reg = model.__dict__.get(REGISTRY_ATTR)
     if reg is None or not reg.adapters:
-        return type(model).save_pretrained(model, save_directory, is_main_process=is_main_process,
-                                           state_dict=state_dict, push_to_hub=push_to_hub, **kwargs)
+        return type(model).save_pretrained(
+            model,
+            save_directory,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            **kwargs,
+        )
     if push_to_hub:
-        raise ValueError("save_pretrained: push_to_hub is not supported for sparse adapters; save the folder, "
-                         "then upload it with huggingface_hub.upload_folder")
+        raise ValueError(
+            "save_pretrained: push_to_hub is not supported for sparse adapters; save the folder, "
+            "then upload it with huggingface_hub.upload_folder"
+        )
     path = os.fspath(save_directory)
     if not is_main_process:
         return path
     if reg.fusions:
-        raise ValueError(f"save_pretrained: the model has AdapterFusion layers ({', '.join(reg.fusions)}), which "
-                         "are not saved; save the adapters with sa.save_adapter and keep the fusion weights yourself")
+        raise ValueError(
+            f"save_pretrained: the model has AdapterFusion layers ({', '.join(reg.fusions)}), which "
+            "are not saved; save the adapters with sa.save_adapter and keep the fusion weights yourself"
+        )
     names = list(reg.adapters)
     main = next((n for n in reg.active if n in reg.adapters), names[0])
     os.makedirs(path, exist_ok=True)
@@ -160,15 +192,21 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], i
         save_adapter(model, folder, name, include_head=True)
         folders[name] = "." if name == main else name
     save_file(adapter_state_dict(model), os.path.join(path, STATE_FILE), metadata={"format": "pt"})
-    atomic_write(os.path.join(path, MODEL_FILE), json.dumps(
-        {"format": "sparseadapter-model", "version": 1, "adapters": folders, "active": list(reg.active)},
-        indent=2, sort_keys=True).encode())
+    atomic_write(
+        os.path.join(path, MODEL_FILE),
+        json.dumps(
+            {"format": "sparseadapter-model", "version": 1, "adapters": folders, "active": list(reg.active)},
+            indent=2,
+            sort_keys=True,
+        ).encode(),
+    )
     return path
 
 
 # -- what a model with adapters carries: save_pretrained, and load_state_dict of an adapter checkpoint ---
-def _adapter_state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                            error_msgs):
+def _adapter_state_pre_hook(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     if prefix == "" and MARKER_KEY in state_dict:
         state_dict.pop(MARKER_KEY)
         module.__dict__["_sparseadapter_loading_adapter_state"] = True
@@ -214,8 +252,14 @@ def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
     return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
-def load_base_model(record: Optional[dict], base_model: Optional[str] = None, *, dtype=None, check_base: bool = True,
-                    **from_pretrained_kwargs) -> nn.Module:
+def load_base_model(
+    record: Optional[dict],
+    base_model: Optional[str] = None,
+    *,
+    dtype=None,
+    check_base: bool = True,
+    **from_pretrained_kwargs,
+) -> nn.Module:
     """The base model an adapter folder records (or `base_model`, a name or path, in its place), with
     the recorded config (task head size, labels) and dtype."""
     import transformers
@@ -223,13 +267,17 @@ def load_base_model(record: Optional[dict], base_model: Optional[str] = None, *,
     record = record or {}
     name = base_model or record.get("name_or_path")
     if not name:
-        raise ValueError("load_pretrained: the adapter folder does not record its base model (it was saved from "
-                         "a model not loaded with from_pretrained); pass base_model='name or path'")
+        raise ValueError(
+            "load_pretrained: the adapter folder does not record its base model (it was saved from "
+            "a model not loaded with from_pretrained); pass base_model='name or path'"
+        )
     cls_name = record.get("class") or "AutoModelForSequenceClassification"
     cls = getattr(transformers, cls_name, None)
     if cls is None:
-        raise ValueError(f"load_pretrained: the base model class {cls_name!r} is not in transformers "
-                         f"{transformers.__version__}; load the base model yourself and use sa.load_adapter")
+        raise ValueError(
+            f"load_pretrained: the base model class {cls_name!r} is not in transformers "
+            f"{transformers.__version__}; load the base model yourself and use sa.load_adapter"
+        )
     kwargs = dict(from_pretrained_kwargs)
     if record.get("config") and "config" not in kwargs:
         # the recorded head size is the saved adapter's (its head replaces the base's, as in `train`): a base
@@ -250,16 +298,24 @@ def load_base_model(record: Optional[dict], base_model: Optional[str] = None, *,
     if check_base and local and record.get("weights_sha256") and base_model is None:
         found = weights_digest(os.path.expanduser(name))
         if found != record["weights_sha256"]:
-            raise ValueError(f"load_pretrained: the weights in {name} are not those the adapter was saved with "
-                             f"(sha256 {str(found)[:16]}... != {record['weights_sha256'][:16]}...); the base model "
-                             "changed. Pass check_base=False to load it anyway")
+            raise ValueError(
+                f"load_pretrained: the weights in {name} are not those the adapter was saved with "
+                f"(sha256 {str(found)[:16]}... != {record['weights_sha256'][:16]}...); the base model "
+                "changed. Pass check_base=False to load it anyway"
+            )
     model = cls.from_pretrained(os.path.expanduser(str(name)) if local else name, **kwargs)
     return model
 
 
-def load_pretrained(path: Union[str, os.PathLike], base_model: Optional[Union[str, nn.Module]] = None, *,
-                    dtype: Optional[torch.dtype] = None, device=None, check_base: bool = True,
-                    **from_pretrained_kwargs) -> nn.Module:
+def load_pretrained(
+    path: Union[str, os.PathLike],
+    base_model: Optional[Union[str, nn.Module]] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+    check_base: bool = True,
+    **from_pretrained_kwargs,
+) -> nn.Module:
     """The base model recorded in adapter folder `path` with the adapter (and its task head) loaded, in
     eval mode: one call, as peft's `AutoPeftModel.from_pretrained`.
 
@@ -280,8 +336,9 @@ def load_pretrained(path: Union[str, os.PathLike], base_model: Optional[Union[st
     if isinstance(base_model, nn.Module):
         model = base_model
     else:
-        model = load_base_model(meta.get("base_model"), base_model, dtype=dtype, check_base=check_base,
-                                **from_pretrained_kwargs)
+        model = load_base_model(
+            meta.get("base_model"), base_model, dtype=dtype, check_base=check_base, **from_pretrained_kwargs
+        )
     layout = os.path.join(path, MODEL_FILE)
     if os.path.isfile(layout):
         saved = _read_json(layout)

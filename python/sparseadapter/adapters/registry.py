@@ -1,4 +1,5 @@
 """The model-level record of its adapters: configs, sites, pruning provenance, activation."""
+
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -9,14 +10,14 @@ from .placement import Site
 from .routing import Router
 
 REGISTRY_ATTR = "sparseadapter_registry"
-PREFIX_ROOT = "sparseadapter_prefix"     # ModuleDict on the model root: name -> PrefixGenerator
+PREFIX_ROOT = "sparseadapter_prefix"  # ModuleDict on the model root: name -> PrefixGenerator
 
 
 @dataclass
 class AdapterEntry:
     config: SparseAdapterConfig
-    sites: Dict[str, List[Site]]                 # part ("bottleneck", "lora", "prefix") -> sites
-    head: Optional[Any] = None                   # its task head, a heads.HeadRecord (None: the model has none)
+    sites: Dict[str, List[Site]]  # part ("bottleneck", "lora", "prefix") -> sites
+    head: Optional[Any] = None  # its task head, a heads.HeadRecord (None: the model has none)
 
 
 @dataclass

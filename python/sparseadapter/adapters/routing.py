@@ -11,6 +11,7 @@ active adapters (and any active fusion) are ignored for such a call: each row ru
 adapter it names. The routing lives on the calling thread, so threads may run differently routed
 batches through one model at once.
 """
+
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,14 +46,17 @@ class Routing:
             local = self.rows
         else:
             position = {n: i for i, n in enumerate(names)}
-            lut = torch.tensor([-1] + [position.get(n, -1) for n in self.names], dtype=torch.long,
-                               device=self.rows.device)
+            lut = torch.tensor(
+                [-1] + [position.get(n, -1) for n in self.names], dtype=torch.long, device=self.rows.device
+            )
             local = lut.index_select(0, self.rows + 1)
         n = local.shape[0]
         if batch is not None and batch != n:
             if not (self.expand and n > 0 and batch % n == 0):
-                raise ValueError(f"adapter_names has {n} entries but the adapted module's input has {batch} rows; "
-                                 "give one adapter name (or None) per row of the batch")
+                raise ValueError(
+                    f"adapter_names has {n} entries but the adapted module's input has {batch} rows; "
+                    "give one adapter name (or None) per row of the batch"
+                )
             local = local.repeat_interleave(batch // n)
         if key is not None:
             self._local[key] = (names, local)
@@ -96,16 +100,21 @@ class Router:
         return (Router, ())
 
 
-def rows_of(adapter_names, known: Sequence[str], fusions: Sequence[str], batch: Optional[int],
-            device, expand: bool = False) -> Routing:
+def rows_of(
+    adapter_names, known: Sequence[str], fusions: Sequence[str], batch: Optional[int], device, expand: bool = False
+) -> Routing:
     """The Routing of `adapter_names` (one entry per row: an adapter's name, None or "__base__"), checked
     against the model's adapters `known`; ValueError naming what is wrong."""
     if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, (list, tuple)):
-        raise ValueError(f"adapter_names must be a list with one adapter name (or None) per row of the batch, "
-                         f"got {type(adapter_names).__name__} {adapter_names!r}")
+        raise ValueError(
+            f"adapter_names must be a list with one adapter name (or None) per row of the batch, "
+            f"got {type(adapter_names).__name__} {adapter_names!r}"
+        )
     if batch is not None and len(adapter_names) != batch:
-        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; give one "
-                         "adapter name (or None for the bare model) per row")
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; give one "
+            "adapter name (or None for the bare model) per row"
+        )
     names: List[str] = []
     index: Dict[str, int] = {}
     rows = []
@@ -118,8 +127,10 @@ def rows_of(adapter_names, known: Sequence[str], fusions: Sequence[str], batch: 
         if name not in index:
             if name not in known:
                 what = "a fusion, not an adapter" if name in fusions else "not an adapter of this model"
-                raise ValueError(f"adapter_names[{i}] = {name!r} is {what} (adapters: {', '.join(sorted(known)) or 'none'}; "
-                                 f"None or {BASE!r} for the bare model)")
+                raise ValueError(
+                    f"adapter_names[{i}] = {name!r} is {what} (adapters: {', '.join(sorted(known)) or 'none'}; "
+                    f"None or {BASE!r} for the bare model)"
+                )
             index[name] = len(names)
             names.append(name)
         rows.append(index[name])

@@ -16,6 +16,7 @@ Modes (what the hook computes; `x` the host input, `y` its output, `A_i` the act
 A call routed per row (`model(..., adapter_names=[...])`, routing.py) replaces the active adapters:
 each row runs the adapter it names, in the same modes, the slot's adapters in one op over the batch.
 """
+
 import contextlib
 from typing import Dict, List, Optional
 
@@ -48,11 +49,11 @@ class AdapterSlot(nn.Module):
         self.fusions = nn.ModuleDict()
         self.active: List[str] = []
         self.active_fusion: Optional[str] = None
-        self.merged: List[str] = []          # LoRA adapters folded into the host weight
-        self.layer_index = -1                # prefix: which layer of the prefix generator
-        self.__dict__["prefixes"] = {}       # prefix: name -> PrefixGenerator (owned by the model root)
+        self.merged: List[str] = []  # LoRA adapters folded into the host weight
+        self.layer_index = -1  # prefix: which layer of the prefix generator
+        self.__dict__["prefixes"] = {}  # prefix: name -> PrefixGenerator (owned by the model root)
         self.__dict__["_span_input"] = None
-        self.__dict__["router"] = None       # the model's Router (routing.py), set when attached
+        self.__dict__["router"] = None  # the model's Router (routing.py), set when attached
 
     # -- hooks --------------------------------------------------------------------------------
     def attach(self, host: nn.Module, span_start: Optional[nn.Module] = None) -> None:
@@ -156,8 +157,10 @@ class AdapterSlot(nn.Module):
         bottleneck adapter that runs fused or a sparse LoRA adapter; otherwise each adapter runs on its
         rows, gathered (a dense adapter, one with a layer norm or active dropout)."""
         if self.merged:
-            raise ValueError(f"adapter_names= cannot route rows while LoRA adapter {self.merged[0]!r} is merged into "
-                             "the base weight (every row would get it); unmerge it first")
+            raise ValueError(
+                f"adapter_names= cannot route rows while LoRA adapter {self.merged[0]!r} is merged into "
+                "the base weight (every row would get it); unmerge it first"
+            )
         if x.dim() < 2:
             raise ValueError(f"adapter_names routes rows, but the adapted module's input has shape {tuple(x.shape)}")
         names, local = routing.local(self.adapters, x.shape[0])
@@ -190,10 +193,12 @@ class AdapterSlot(nn.Module):
         parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in self.active if n in self.prefixes]
         if not parts:
             return None
-        kv = torch.cat(parts, dim=1).to(like.dtype)        # [2, l, heads * head_dim]
+        kv = torch.cat(parts, dim=1).to(like.dtype)  # [2, l, heads * head_dim]
         if kv.shape[-1] != heads * head_dim:
-            raise RuntimeError(f"sparseadapter: the prefixes are {kv.shape[-1]} wide, the attention's keys "
-                               f"{heads} heads x {head_dim} = {heads * head_dim}")
+            raise RuntimeError(
+                f"sparseadapter: the prefixes are {kv.shape[-1]} wide, the attention's keys "
+                f"{heads} heads x {head_dim} = {heads * head_dim}"
+            )
         kv = kv.reshape(2, kv.shape[1], heads, head_dim).permute(0, 2, 1, 3)
         return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
 
@@ -205,17 +210,21 @@ class AdapterSlot(nn.Module):
         names, local = routing.local(self.prefixes, like.shape[0])
         if not names:
             return None
-        parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in names]   # [2, l_k, width]
+        parts = [self.prefixes[n].layer_prefix(self.layer_index) for n in names]  # [2, l_k, width]
         longest = max(p.shape[1] for p in parts)
         width = parts[0].shape[-1]
         if width != heads * head_dim:
-            raise RuntimeError(f"sparseadapter: the prefixes are {width} wide, the attention's keys "
-                               f"{heads} heads x {head_dim} = {heads * head_dim}")
-        table = torch.stack([like.new_zeros(2, longest, width)]
-                            + [F.pad(p.to(like.dtype), (0, 0, 0, longest - p.shape[1])) for p in parts])
+            raise RuntimeError(
+                f"sparseadapter: the prefixes are {width} wide, the attention's keys "
+                f"{heads} heads x {head_dim} = {heads * head_dim}"
+            )
+        table = torch.stack(
+            [like.new_zeros(2, longest, width)]
+            + [F.pad(p.to(like.dtype), (0, 0, 0, longest - p.shape[1])) for p in parts]
+        )
         lengths = torch.tensor([0] + [p.shape[1] for p in parts], device=like.device)
-        pick = (local + 1).to(like.device)                                            # 0: no prefix
-        kv = table.index_select(0, pick)                                              # [batch, 2, L, width]
+        pick = (local + 1).to(like.device)  # 0: no prefix
+        kv = table.index_select(0, pick)  # [batch, 2, L, width]
         kv = kv.reshape(kv.shape[0], 2, longest, heads, head_dim).permute(1, 0, 3, 2, 4)
         valid = torch.arange(longest, device=like.device)[None, :] < lengths.index_select(0, pick)[:, None]
         return kv[0], kv[1], valid

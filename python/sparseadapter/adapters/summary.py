@@ -1,4 +1,5 @@
 """Parameter counts that count what is stored: nonzeros of sparse weights, not their dense size."""
+
 from typing import Dict
 
 from torch import nn
@@ -29,11 +30,15 @@ def trainable_parameters(model: nn.Module) -> Dict[str, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     c = trainable_parameters(model)
-    line = (f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
-            f"trainable%: {100.0 * c['trainable'] / max(c['total'], 1):.4f}")
+    line = (
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+        f"trainable%: {100.0 * c['trainable'] / max(c['total'], 1):.4f}"
+    )
     if c["sparse_dense_size"]:
-        line += (f" || sparse weights: {c['sparse_nnz']:,} nonzeros of {c['sparse_dense_size']:,} "
-                 f"(sparsity {1 - c['sparse_nnz'] / c['sparse_dense_size']:.3f})")
+        line += (
+            f" || sparse weights: {c['sparse_nnz']:,} nonzeros of {c['sparse_dense_size']:,} "
+            f"(sparsity {1 - c['sparse_nnz'] / c['sparse_dense_size']:.3f})"
+        )
     print(line)
 
 
@@ -46,8 +51,12 @@ def parameter_budget(config: SparseAdapterConfig, model: nn.Module) -> Dict[str,
     biases, prefix: the dense parameters beside them (never pruned).
     """
     parts = build_adapter(model, config)
-    matrices = [layer.weight.numel() for _, module in parts.modules for layer in module.modules()
-                if getattr(layer, PRUNABLE_ATTR, False)]
+    matrices = [
+        layer.weight.numel()
+        for _, module in parts.modules
+        for layer in module.modules()
+        if getattr(layer, PRUNABLE_ATTR, False)
+    ]
     others = sum(p.numel() for _, module in parts.modules for p in module.parameters()) - sum(matrices)
     dense = sum(matrices)
     if not config.is_sparse:

@@ -14,11 +14,11 @@ bandwidth is reported against a copy of x measured in the same run (bytes: x rea
     sparseadapter bench adapter                                   # CPU fp32, N=4096, 1 thread
     sparseadapter bench adapter --device cuda --dtype bfloat16 --tokens 32768
 """
+
 import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters import BottleneckAdapter
 from ..sparse_linear import SparseLinear
@@ -30,18 +30,28 @@ METHODS = ("fused", "separate", "masked", "budget")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench adapter", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench adapter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
-                   help="d x r (hidden x bottleneck)")
+    p.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+        help="d x r (hidden x bottleneck)",
+    )
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9, 0.95])
     p.add_argument("--activation", choices=["relu", "gelu", "silu", "tanh", "identity"], default="relu")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per method and config (default "
-                   "0.6 on cpu, 0.2 on cuda)")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds per method and config (default 0.6 on cpu, 0.2 on cuda)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append the tables to PATH")
@@ -62,7 +72,7 @@ class Config:
         to = dict(dtype=dtype, device=device)
         self.x = torch.randn(n, d, generator=g).to(**to)
         self.grad = torch.randn(n, d, generator=g).to(**to)
-        w_down, w_up = torch.randn(r, d, generator=g) * d ** -0.5, torch.randn(d, r, generator=g) * r ** -0.5
+        w_down, w_up = torch.randn(r, d, generator=g) * d**-0.5, torch.randn(d, r, generator=g) * r**-0.5
         b_down, b_up = torch.randn(r, generator=g) * 0.1, torch.randn(d, generator=g) * 0.1
         m_down, m_up = torch.rand(r, d, generator=g) >= sparsity, torch.rand(d, r, generator=g) >= sparsity
         self.nnz = int(m_down.sum() + m_up.sum())
@@ -105,8 +115,10 @@ class Config:
         masks = [self.sparse.down.to_dense() != 0, self.sparse.up.to_dense() != 0]
         # fused param order: down.values, down.bias, up.values, up.bias; masked: weight, bias per layer
         unit_ok = ~flipped.any(dim=0)[masks[0].nonzero()[:, 0]]  # per stored down entry: its row is clean
-        pairs += [("grad_down", g_fused[1][unit_ok], g_masked[1][masks[0]][unit_ok]),
-                  ("grad_up", g_fused[3], g_masked[3][masks[1]])]
+        pairs += [
+            ("grad_down", g_fused[1][unit_ok], g_masked[1][masks[0]][unit_ok]),
+            ("grad_up", g_fused[3], g_masked[3][masks[1]]),
+        ]
         for name, a, b in pairs:
             scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
             if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol * scale):
@@ -134,11 +146,16 @@ def main(argv=None):
                 if problem:
                     failed, row["fail"] = True, problem
                 for backward in (False, True):
-                    fns = {m: (lambda m=m: cfg.run(m, backward)) for m in METHODS if not (problem and m == "fused")}
+                    fns = {
+                        m: (lambda m=m, cfg=cfg, backward=backward: cfg.run(m, backward))
+                        for m in METHODS
+                        if not (problem and m == "fused")
+                    }
                     if cuda and not backward and copy_s is None:
-                        fns["copy"] = lambda: cfg.x.clone()
-                    times = time_interleaved(fns, rounds=args.rounds, min_run_time=args.min_run_time,
-                                             threads=args.threads, cuda=cuda)
+                        fns["copy"] = lambda cfg=cfg: cfg.x.clone()
+                    times = time_interleaved(
+                        fns, rounds=args.rounds, min_run_time=args.min_run_time, threads=args.threads, cuda=cuda
+                    )
                     copy_s = times.pop("copy", copy_s)
                     row.update({(m, backward): t for m, t in times.items()})
                 if cuda and "fail" not in row:
@@ -158,8 +175,10 @@ def main(argv=None):
 def format_row(row):
     parts = [f"N={row['n']} {row['shape']} s={row['sparsity']:g}"]
     for backward in (False, True):
-        parts.append(("fwd+bwd " if backward else "fwd ") + " ".join(
-            f"{m} {row[(m, backward)] * 1e3:.3f}ms" for m in METHODS if (m, backward) in row))
+        parts.append(
+            ("fwd+bwd " if backward else "fwd ")
+            + " ".join(f"{m} {row[(m, backward)] * 1e3:.3f}ms" for m in METHODS if (m, backward) in row)
+        )
     return " | ".join(parts) + (f" | FAIL {row['fail']}" if "fail" in row else "")
 
 
@@ -172,17 +191,28 @@ def format_table(rows, header):
     out = ["", "```", *header, "```", ""]
     bandwidth = any("bandwidth" in r for r in rows)
     for backward, title in ((False, "forward"), (True, "forward+backward (grads to x and all adapter parameters)")):
-        out += [f"**adapter {title}**: median ms; ratios = other / fused (> 1: fused is faster); budget = dense "
-                "adapter with the same weight count (bottleneck in parentheses)", "",
-                "| N | d x r | sparsity | fused ms | separate ms | masked dense ms | budget dense ms | separate/fused "
-                "| masked/fused | budget/fused |" + (" GB/s fused / copy |" if bandwidth and not backward else ""),
-                "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bandwidth and not backward else "")]
+        out += [
+            f"**adapter {title}**: median ms; ratios = other / fused (> 1: fused is faster); budget = dense "
+            "adapter with the same weight count (bottleneck in parentheses)",
+            "",
+            "| N | d x r | sparsity | fused ms | separate ms | masked dense ms | budget dense ms | separate/fused "
+            "| masked/fused | budget/fused |" + (" GB/s fused / copy |" if bandwidth and not backward else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bandwidth and not backward else ""),
+        ]
         for r in rows:
             fused = "FAIL" if "fail" in r else f"{r[('fused', backward)] * 1e3:.4g}"
-            cells = [str(r["n"]), r["shape"], f"{r['sparsity']:g}", fused,
-                     f"{r[('separate', backward)] * 1e3:.4g}", f"{r[('masked', backward)] * 1e3:.4g}",
-                     f"{r[('budget', backward)] * 1e3:.4g} (r={r['budget_r']})",
-                     _ratio(r, "separate", backward), _ratio(r, "masked", backward), _ratio(r, "budget", backward)]
+            cells = [
+                str(r["n"]),
+                r["shape"],
+                f"{r['sparsity']:g}",
+                fused,
+                f"{r[('separate', backward)] * 1e3:.4g}",
+                f"{r[('masked', backward)] * 1e3:.4g}",
+                f"{r[('budget', backward)] * 1e3:.4g} (r={r['budget_r']})",
+                _ratio(r, "separate", backward),
+                _ratio(r, "masked", backward),
+                _ratio(r, "budget", backward),
+            ]
             if bandwidth and not backward:
                 got, copy = r.get("bandwidth", (None, None))
                 cells.append("n/a" if got is None else f"{got / 1e9:.0f} / {copy / 1e9:.0f} ({got / copy:.0%})")

@@ -11,6 +11,7 @@ torch.inference_mode, at --threads (default 1).
     sparseadapter bench calibrate                      # rewrites the shipped table for this device/dtype
     sparseadapter bench calibrate --output my.json     # then SPARSEADAPTER_CALIBRATION=my.json
 """
+
 import argparse
 import datetime
 import platform
@@ -29,13 +30,19 @@ DEFAULT_DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES])
-    p.add_argument("--adapter-shapes", type=parse_shape, nargs="*",
-                   default=[parse_shape(s) for s in DEFAULT_ADAPTER_SHAPES], help="hidden x bottleneck")
+    p.add_argument(
+        "--adapter-shapes",
+        type=parse_shape,
+        nargs="*",
+        default=[parse_shape(s) for s in DEFAULT_ADAPTER_SHAPES],
+        help="hidden x bottleneck",
+    )
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--densities", type=float, nargs="+", default=DEFAULT_DENSITIES)
     p.add_argument("--threads", type=int, default=1)
@@ -56,8 +63,9 @@ def parse_args(argv=None):
 def median_time(fn, args):
     """Median seconds of one inference call of fn (CUDA: synchronized)."""
     with torch.inference_mode():
-        return time_interleaved({"fn": fn}, rounds=1, min_run_time=args.min_run_time, threads=args.threads,
-                                cuda=args.device == "cuda")["fn"]
+        return time_interleaved(
+            {"fn": fn}, rounds=1, min_run_time=args.min_run_time, threads=args.threads, cuda=args.device == "cuda"
+        )["fn"]
 
 
 def crossover_density(densities, ratios):
@@ -91,7 +99,7 @@ def measure_adapter(d, r, tokens, args, dtype, device):
 
 def measure(in_f, out_f, tokens, args, dtype, device):
     g = torch.Generator().manual_seed(args.seed)
-    w = torch.randn(out_f, in_f, generator=g) * in_f ** -0.5
+    w = torch.randn(out_f, in_f, generator=g) * in_f**-0.5
     x = torch.randn(tokens, in_f, generator=g).to(device, dtype)
     bias = torch.zeros(out_f, device=device, dtype=dtype)
     w_dense = w.to(device, dtype)
@@ -111,21 +119,39 @@ def main(argv=None):
     args.rounds, args.markdown = 1, None
     for line in machine_header(args):
         print(line)
-    print(f"\n{'kind':>8} {'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
-          f"{' '.join(f'{d:.2f}' for d in args.densities)}  -> crossover")
+    print(
+        f"\n{'kind':>8} {'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
+        f"{' '.join(f'{d:.2f}' for d in args.densities)}  -> crossover"
+    )
     points = []
-    grid = [("linear", s, measure) for s in args.shapes] + [("adapter", s, measure_adapter) for s in args.adapter_shapes]
+    grid = [("linear", s, measure) for s in args.shapes] + [
+        ("adapter", s, measure_adapter) for s in args.adapter_shapes
+    ]
     for kind, (in_f, out_f), fn in grid:
         for tokens in args.tokens:
             dense, ratios = fn(in_f, out_f, tokens, args, dtype, args.device)
             cross = crossover_density(args.densities, ratios)
-            points.append({"kind": kind, "in_features": in_f, "out_features": out_f, "tokens": tokens,
-                           "crossover_density": round(cross, 3)})
-            print(f"{kind:>8} {f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
-                  f"{' '.join(f'{r:4.2f}' for r in ratios)}  -> {cross:.3f}", flush=True)
-    meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
-            "threads": str(args.threads), "command": "sparseadapter bench calibrate"}
+            points.append(
+                {
+                    "kind": kind,
+                    "in_features": in_f,
+                    "out_features": out_f,
+                    "tokens": tokens,
+                    "crossover_density": round(cross, 3),
+                }
+            )
+            print(
+                f"{kind:>8} {f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
+                f"{' '.join(f'{r:4.2f}' for r in ratios)}  -> {cross:.3f}",
+                flush=True,
+            )
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+        "threads": str(args.threads),
+        "command": "sparseadapter bench calibrate",
+    }
     if args.device == "cuda":
         meta["machine"] = torch.cuda.get_device_name()
     table = CrossoverTable(args.device, args.dtype, points, meta)

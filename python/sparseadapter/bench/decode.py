@@ -28,6 +28,7 @@ smoke tests; what --quick uses).
     sparseadapter bench decode --markdown BENCH.md --json decode.jsonl
     sparseadapter bench decode --model tiny --batch 1 --rows base houlsby-80
 """
+
 import argparse
 import copy
 import json
@@ -47,8 +48,8 @@ from .training import error_text, peft_missing
 @dataclass(frozen=True)
 class Row:
     label: str
-    method: str                                   # "base", "ours", "peft" or "merged"
-    adapter: Dict = field(default_factory=dict)   # SparseAdapterConfig fields of an "ours"/"merged" row
+    method: str  # "base", "ours", "peft" or "merged"
+    adapter: Dict = field(default_factory=dict)  # SparseAdapterConfig fields of an "ours"/"merged" row
 
 
 ROWS: Dict[str, Row] = {
@@ -60,22 +61,41 @@ ROWS: Dict[str, Row] = {
     "peft-lora": Row("peft LoRA r=8", "peft"),
     "lora-80-merged": Row("ours sparse LoRA r=8 80%, merged", "merged", dict(kind="lora", bottleneck=8, sparsity=0.8)),
 }
-TINY_LLAMA = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY_LLAMA = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 MODELS = ("smollm2", "tiny")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", choices=MODELS, default=None, help="default smollm2 (tiny with --quick)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
-                   help=f"rows to run (default all): {', '.join(ROWS)}")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=None,
+        metavar="ROW",
+        help=f"rows to run (default all): {', '.join(ROWS)}",
+    )
     p.add_argument("--batch", type=int, nargs="+", default=None, help="sequences decoded together (default 1 16)")
     p.add_argument("--prompt-length", type=int, default=None, help="prompt tokens prefilled (default 32)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per timed call (default 16)")
-    p.add_argument("--device", nargs="+", choices=("cpu", "cuda"), default=None,
-                   help="default: cpu, and cuda too when torch sees a GPU")
+    p.add_argument(
+        "--device",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cpu, and cuda too when torch sees a GPU",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None, help="timed calls per row, interleaved (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -84,9 +104,15 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = dict(model="tiny" if quick else "smollm2", rows=list(ROWS), batch=[1, 2] if quick else [1, 16],
-                    prompt_length=8 if quick else 32, new_tokens=4 if quick else 16, rounds=1 if quick else 5,
-                    device=["cpu"] + (["cuda"] if torch.cuda.is_available() and not quick else []))
+    defaults = dict(
+        model="tiny" if quick else "smollm2",
+        rows=list(ROWS),
+        batch=[1, 2] if quick else [1, 16],
+        prompt_length=8 if quick else 32,
+        new_tokens=4 if quick else 16,
+        rounds=1 if quick else 5,
+        device=["cpu"] + (["cuda"] if torch.cuda.is_available() and not quick else []),
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -140,8 +166,7 @@ def build_row(row_id: str, base, seed: int, targets: Optional[List[str]] = None)
     if row.method == "peft":
         import peft
 
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules=targets)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
@@ -170,6 +195,7 @@ def _randomize_lora_b(model, seed: int) -> None:
 def make_decode(model, prompt: torch.Tensor, new_tokens: int, cuda: bool) -> Callable[[], tuple]:
     """A call: prefill `prompt` (untimed), then `new_tokens` greedy steps with the KV cache; returns
     (CPU seconds of this thread, wall seconds) per step."""
+
     def call():
         with torch.inference_mode():
             out = model(input_ids=prompt, use_cache=True)
@@ -183,6 +209,7 @@ def make_decode(model, prompt: torch.Tensor, new_tokens: int, cuda: bool) -> Cal
             if cuda:
                 torch.cuda.synchronize()
             return (time.thread_time() - cpu) / new_tokens, (time.perf_counter() - wall) / new_tokens
+
     return call
 
 
@@ -193,7 +220,7 @@ def time_rows(calls: Dict[str, Callable[[], tuple]], rounds: int):
     samples = {n: [] for n in names}
     errors = {}
     for r in range(rounds + 1):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if name in errors:
                 continue
             try:
@@ -203,8 +230,11 @@ def time_rows(calls: Dict[str, Callable[[], tuple]], rounds: int):
                 continue
             if r > 0:
                 samples[name].append(result)
-    medians = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
-               for n, v in samples.items() if v and n not in errors}
+    medians = {
+        n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+        for n, v in samples.items()
+        if v and n not in errors
+    }
     return medians, errors
 
 
@@ -213,7 +243,7 @@ class Cell:
     device: str
     batch: int
     row: str
-    cpu_s: Optional[float] = None   # per step; None on CUDA
+    cpu_s: Optional[float] = None  # per step; None on CUDA
     wall_s: Optional[float] = None
     reason: Optional[str] = None
 
@@ -247,8 +277,12 @@ def run_device(args, base, device: str) -> List[Cell]:
         calls = {r: make_decode(m, prompt, args.new_tokens, cuda) for r, m in models.items()}
         medians, errors = time_rows(calls, args.rounds)
         for row_id in args.rows:
-            cell = Cell(device, batch, row_id, reason=reasons.get(row_id) or
-                        (f"error: {errors[row_id]}" if row_id in errors else None))
+            cell = Cell(
+                device,
+                batch,
+                row_id,
+                reason=reasons.get(row_id) or (f"error: {errors[row_id]}" if row_id in errors else None),
+            )
             if row_id in medians:
                 cpu, wall = medians[row_id]
                 cell.cpu_s, cell.wall_s = (None if cuda else cpu), wall
@@ -262,8 +296,10 @@ def _time_of(cell: Cell) -> Optional[float]:
 
 
 def table_lines(args, cells: List[Cell]) -> List[str]:
-    lines = ["| device | batch | row | tokens/s (wall) | ms / step (CPU) | ms / step (wall) | time / base |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| device | batch | row | tokens/s (wall) | ms / step (CPU) | ms / step (wall) | time / base |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     by_key = {(c.device, c.batch, c.row): c for c in cells}
     for c in cells:
         label = f"{ROWS[c.row].label} ({c.row})"
@@ -274,18 +310,21 @@ def table_lines(args, cells: List[Cell]) -> List[str]:
         base = by_key.get((c.device, c.batch, "base"))
         ratio = f"{_time_of(c) / _time_of(base):.3f}" if base is not None and base.wall_s is not None else "n/a"
         cpu = f"{1e3 * c.cpu_s:.2f}" if c.cpu_s is not None else "—"
-        lines.append(f"| {c.device} | {c.batch} | {label} | {c.batch / c.wall_s:.1f} | {cpu} | "
-                     f"{1e3 * c.wall_s:.2f} | {ratio} |")
+        lines.append(
+            f"| {c.device} | {c.batch} | {label} | {c.batch / c.wall_s:.1f} | {cpu} | {1e3 * c.wall_s:.2f} | {ratio} |"
+        )
     return lines
 
 
 def caption(args, model_desc: str) -> str:
-    return (f"**Decoding {model_desc} with the KV cache**: prompt {args.prompt_length} random tokens (prefilled, "
-            f"untimed), then {args.new_tokens} greedy steps per timed call; medians over {args.rounds} interleaved "
-            "rounds. A step decodes one token of every sequence, so tokens/s = batch / wall time per step. "
-            "time / base = this row's time per step over the base model's, same device and batch: CPU time of the "
-            "thread on CPU (the step's cost, without the waits of a shared machine), wall clock on CUDA. Adapter "
-            "values are random; sparse rows pruned at random.")
+    return (
+        f"**Decoding {model_desc} with the KV cache**: prompt {args.prompt_length} random tokens (prefilled, "
+        f"untimed), then {args.new_tokens} greedy steps per timed call; medians over {args.rounds} interleaved "
+        "rounds. A step decodes one token of every sequence, so tokens/s = batch / wall time per step. "
+        "time / base = this row's time per step over the base model's, same device and batch: CPU time of the "
+        "thread on CPU (the step's cost, without the waits of a shared machine), wall clock on CUDA. Adapter "
+        "values are random; sparse rows pruned at random."
+    )
 
 
 def main(argv=None):
@@ -296,8 +335,10 @@ def main(argv=None):
     base = load_base(args.model, args.seed)
     cfg = base.config
     params = sum(p.numel() for p in base.parameters())
-    model_desc = (f"{args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                  f"{params / 1e6:.1f}M parameters, fp32)")
+    model_desc = (
+        f"{args.model} ({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{params / 1e6:.1f}M parameters, fp32)"
+    )
     args.dtype, args.min_run_time = "float32", 0
     versions = f"transformers {__import__('transformers').__version__}"
     if not peft_missing():
@@ -305,14 +346,19 @@ def main(argv=None):
     header = machine_header(argparse.Namespace(**{**vars(args), "device": args.device[0]}))[:-1] + [
         f"model {model_desc} | devices {' '.join(args.device)} | batch {' '.join(map(str, args.batch))} | "
         f"prompt {args.prompt_length} + {args.new_tokens} decoded tokens | {args.rounds} interleaved rounds | "
-        f"seed {args.seed}", versions]
+        f"seed {args.seed}",
+        versions,
+    ]
     print("\n".join(header), flush=True)
     cells = []
     for device in args.device:
         found = run_device(args, base, device)
         for c in found:
-            shown = (f"{c.batch / c.wall_s:.1f} tok/s" + (f", {1e3 * c.cpu_s:.2f} ms CPU/step" if c.cpu_s else "")
-                     if c.wall_s is not None else c.reason)
+            shown = (
+                f"{c.batch / c.wall_s:.1f} tok/s" + (f", {1e3 * c.cpu_s:.2f} ms CPU/step" if c.cpu_s else "")
+                if c.wall_s is not None
+                else c.reason
+            )
             print(f"  {device} batch {c.batch:<3d} {c.row:16s} {shown}", flush=True)
         cells += found
     lines = ["", "```", *header, "```", "", caption(args, model_desc), "", *table_lines(args, cells), ""]
@@ -325,13 +371,29 @@ def main(argv=None):
         with open(args.json, "a", encoding="utf-8") as f:
             for c in cells:
                 base_cell = next((b for b in cells if (b.device, b.batch, b.row) == (c.device, c.batch, "base")), None)
-                ratio = (_time_of(c) / _time_of(base_cell) if c.wall_s is not None and base_cell is not None
-                         and base_cell.wall_s is not None else None)
-                f.write(json.dumps({"model": args.model, "device": c.device, "batch": c.batch, "row": c.row,
-                                    "cpu_ms_per_step": None if c.cpu_s is None else 1e3 * c.cpu_s,
-                                    "wall_ms_per_step": None if c.wall_s is None else 1e3 * c.wall_s,
-                                    "tokens_per_s": None if c.wall_s is None else c.batch / c.wall_s,
-                                    "time_over_base": ratio, "reason": c.reason, "threads": args.threads,
-                                    "path_mode": sparseadapter_ext.path_mode(), "torch": torch.__version__},
-                                   sort_keys=True) + "\n")
+                ratio = (
+                    _time_of(c) / _time_of(base_cell)
+                    if c.wall_s is not None and base_cell is not None and base_cell.wall_s is not None
+                    else None
+                )
+                f.write(
+                    json.dumps(
+                        {
+                            "model": args.model,
+                            "device": c.device,
+                            "batch": c.batch,
+                            "row": c.row,
+                            "cpu_ms_per_step": None if c.cpu_s is None else 1e3 * c.cpu_s,
+                            "wall_ms_per_step": None if c.wall_s is None else 1e3 * c.wall_s,
+                            "tokens_per_s": None if c.wall_s is None else c.batch / c.wall_s,
+                            "time_over_base": ratio,
+                            "reason": c.reason,
+                            "threads": args.threads,
+                            "path_mode": sparseadapter_ext.path_mode(),
+                            "torch": torch.__version__,
+                        },
+                        sort_keys=True,
+                    )
+                    + "\n"
+                )
     return 0

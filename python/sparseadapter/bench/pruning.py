@@ -15,6 +15,7 @@ Every fused result is checked against the plain one before timing (exact masks a
     sparseadapter bench pruning --device cuda
     sparseadapter bench pruning --markdown BENCHMARKS.md   # append the table
 """
+
 import argparse
 import datetime
 import os
@@ -39,6 +40,7 @@ def make_weights(layers, hidden, bottleneck, device, seed=0):
 
 
 # ---- plain PyTorch ----
+
 
 def plain_score(w, g):
     return [(gi * wi).abs() for wi, gi in zip(w, g)]
@@ -71,6 +73,7 @@ def plain_pipeline(w, g, k):
 
 # ---- fused ----
 
+
 def fused_score(w, g):
     return [ext.prune_score(wi, gi, None, "snip") for wi, gi in zip(w, g)]
 
@@ -99,13 +102,20 @@ def check(w, g, k):
 
 def time_it(fn, args, label, sub_label, description, min_run_time):
     t = benchmark.Timer(
-        stmt="fn(*args)", globals={"fn": fn, "args": args}, label=label, sub_label=sub_label,
-        description=description, num_threads=torch.get_num_threads())
+        stmt="fn(*args)",
+        globals={"fn": fn, "args": args},
+        label=label,
+        sub_label=sub_label,
+        description=description,
+        num_threads=torch.get_num_threads(),
+    )
     return t.blocked_autorange(min_run_time=min_run_time)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench pruning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench pruning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-run-time", type=float, default=0.3)
@@ -124,8 +134,12 @@ def main(argv=None):
         masks = fused_select(scores, k)
         stages = [
             ("score", (plain_score, (w, g)), (fused_score, (w, g)), None),
-            ("select", (plain_select_topk, (scores, k)), (fused_select, (scores, k)),
-             (plain_select_kthvalue, (scores, k))),
+            (
+                "select",
+                (plain_select_topk, (scores, k)),
+                (fused_select, (scores, k)),
+                (plain_select_kthvalue, (scores, k)),
+            ),
             ("csr", (plain_csr, (masks,)), (fused_csr, (masks,)), None),
             ("pipeline", (plain_pipeline, (w, g, k)), (fused_pipeline, (w, g, k)), None),
         ]
@@ -139,9 +153,11 @@ def main(argv=None):
                     out = fn(*xs)
                     sync()
                     return out
+
                 m = time_it(run, a, stage, sub, desc, args.min_run_time)
                 results.append(m)
                 return m.median * 1e3
+
             t_plain = timed(plain, "plain")
             t_fused = timed(fused, "fused")
             t_extra = timed(extra, "kthvalue") if extra else None
@@ -151,10 +167,15 @@ def main(argv=None):
     header = "| setup | weights | stage | plain ms | fused ms | plain/fused | kthvalue ms (not exact k) |\n|---|---|---|---|---|---|---|\n"
     table = header + "".join(
         f"| {name} | {n} | {stage} | {tp:.4g} | {tf:.4g} | {tp / tf:.2f}x | {'' if te is None else f'{te:.4g}'} |\n"
-        for name, n, stage, tp, tf, te in rows)
+        for name, n, stage, tp, tf, te in rows
+    )
     print(table)
     if args.markdown:
-        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+        dev = (
+            torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else (platform.processor() or platform.machine())
+        )
         cpu_model = ""
         try:
             with open("/proc/cpuinfo") as f:
@@ -174,8 +195,8 @@ def main(argv=None):
                 "Median ms; plain/fused > 1 means the fused kernels are faster. plain = the PyTorch way "
                 "(score: `(g * w).abs()`; select: `torch.cat` + `topk` + scatter + split, exact k; csr: "
                 "`to_sparse_csr`); fused = `prune_score`, `topk_masks`, `mask_to_csr`. kthvalue = "
-                "`torch.cat` + `kthvalue` + compare, shown for reference (not exact k under ties).\n\n"
-                + table)
+                "`torch.cat` + `kthvalue` + compare, shown for reference (not exact k under ties).\n\n" + table
+            )
     return 0
 
 

@@ -16,6 +16,7 @@ Rows (same base model, same inputs, timed in interleaved rounds; medians):
 
 With --adapters N ... it measures serving many adapters at once instead (bench/serving_adapters.py).
 """
+
 import argparse
 import json
 import os
@@ -31,15 +32,19 @@ VARIANTS = ("sparse", "merged-dense", "dense adapters", "no adapters")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench serving", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="sentences per request")
     p.add_argument("--length", type=int, default=128, help="tokens per sentence")
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None, help="timed calls per row (default: 40 at batch 1, 7 above)")
-    p.add_argument("--serve-binary", default=os.environ.get("SPARSEADAPTER_SERVE"),
-                   help="sparseadapter_serve for the C++ rows (default: $SPARSEADAPTER_SERVE; none: no C++ rows)")
+    p.add_argument(
+        "--serve-binary",
+        default=os.environ.get("SPARSEADAPTER_SERVE"),
+        help="sparseadapter_serve for the C++ rows (default: $SPARSEADAPTER_SERVE; none: no C++ rows)",
+    )
     p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
@@ -68,8 +73,9 @@ def build_models(sparsity: float, seed: int):
         if s is None:
             return model.eval()
         add_adapter(model, "houlsby", SparseAdapterConfig(kind="houlsby", sparsity=s, pruner="random", seed=seed))
-        add_adapter(model, "lora", SparseAdapterConfig(kind="lora", sparsity=s, pruner="random", seed=seed),
-                    activate=False)
+        add_adapter(
+            model, "lora", SparseAdapterConfig(kind="lora", sparsity=s, pruner="random", seed=seed), activate=False
+        )
         set_active_adapters(model, ["houlsby", "lora"])
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -79,10 +85,12 @@ def build_models(sparsity: float, seed: int):
         return model.eval()
 
     sparse = with_adapters(sparsity)
-    models = {"sparse": prepare_for_inference(sparse, path="auto"),
-              "merged-dense": prepare_for_inference(sparse, path="dense"),
-              "dense adapters": prepare_for_inference(with_adapters(0.0), path="dense"),
-              "no adapters": (with_adapters(None), None)}
+    models = {
+        "sparse": prepare_for_inference(sparse, path="auto"),
+        "merged-dense": prepare_for_inference(sparse, path="dense"),
+        "dense adapters": prepare_for_inference(with_adapters(0.0), path="dense"),
+        "no adapters": (with_adapters(None), None),
+    }
     return {k: m for k, (m, _) in models.items()}, models["sparse"][1]
 
 
@@ -96,8 +104,12 @@ class CppServer:
     """sparseadapter_serve on one exported model, driven one request at a time."""
 
     def __init__(self, binary, model_file, threads, batch):
-        self.proc = subprocess.Popen([binary, "--model", model_file, "--threads", str(threads), "--batch-size",
-                                      str(batch)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [binary, "--model", model_file, "--threads", str(threads), "--batch-size", str(batch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def __call__(self, line: str) -> dict:
         self.proc.stdin.write(line)
@@ -115,13 +127,15 @@ class CppServer:
 def main(argv=None):
     if "--adapters" in (argv or []):  # many adapters on one model: mixed-adapter batches
         from .serving_adapters import main as many_adapters
+
         return many_adapters(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.device, args.dtype, args.min_run_time = "cpu", "float32", 0
     header = machine_header(args)[:-1] + [
         f"fp32 | {args.rounds or '40 (batch 1) / 7 (larger)'} interleaved rounds per row (bench/timing.py), "
-        f"after one warm-up | seed {args.seed}"]
+        f"after one warm-up | seed {args.seed}"
+    ]
     print("\n".join(header))
     models, plan = build_models(args.sparsity, args.seed)
     print(plan.describe())
@@ -139,7 +153,7 @@ def main(argv=None):
             calls = {f"eager {k}": (lambda m=ServingModel(m): m(*inputs)) for k, m in models.items()}
             hidden = torch.randn(batch, args.length, models["sparse"].config.hidden_size)
             for k in ("sparse", "merged-dense", "dense adapters"):
-                calls[f"adapters only: {k}"] = (lambda a=bottleneck_adapters(models[k]): [f(hidden) for f in a])
+                calls[f"adapters only: {k}"] = lambda a=bottleneck_adapters(models[k]): [f(hidden) for f in a]
             if args.serve_binary:
                 for k in ("sparse", "merged-dense", "dense adapters"):
                     if k not in exported:
@@ -147,10 +161,11 @@ def main(argv=None):
                         export_model(models[k], exported[k], meta=meta)
                     server = CppServer(args.serve_binary, exported[k], args.threads, batch)
                     running.append(server)
-                    calls[f"C++ {k}"] = (lambda s=server: s(line))
+                    calls[f"C++ {k}"] = lambda s=server: s(line)
             with torch.inference_mode():
-                times = time_interleaved(calls, rounds=args.rounds or (40 if batch == 1 else 7), min_run_time=0.0,
-                                         threads=args.threads)
+                times = time_interleaved(
+                    calls, rounds=args.rounds or (40 if batch == 1 else 7), min_run_time=0.0, threads=args.threads
+                )
             results.update({(batch, name): t for name, t in times.items()})
             while running:
                 running.pop().close()
@@ -168,11 +183,14 @@ def main(argv=None):
 
 def format_table(results, args):
     names = list(dict.fromkeys(name for _, name in results))
-    lines = [f"sentences/s at length {args.length}, sparsity {args.sparsity}, {args.threads} thread(s); "
-             "ratio = this row's speed / eager dense adapters' (adapters-only rows: / adapters only: dense "
-             "adapters', the 12 Houlsby adapters run on random hidden states, without the model)", "",
-             "| | " + " | ".join(f"batch {b}: sent/s | ratio" for b in args.batch) + " |",
-             "|---|" + "---:|---:|" * len(args.batch)]
+    lines = [
+        f"sentences/s at length {args.length}, sparsity {args.sparsity}, {args.threads} thread(s); "
+        "ratio = this row's speed / eager dense adapters' (adapters-only rows: / adapters only: dense "
+        "adapters', the 12 Houlsby adapters run on random hidden states, without the model)",
+        "",
+        "| | " + " | ".join(f"batch {b}: sent/s | ratio" for b in args.batch) + " |",
+        "|---|" + "---:|---:|" * len(args.batch),
+    ]
     for name in names:
         cells = []
         for b in args.batch:

@@ -21,6 +21,7 @@ adapter (all of it when N is 1), against an adapter's own bytes (CSR values, ind
 
     sparseadapter bench serving --adapters 1 4 16 64 --markdown BENCH.md
 """
+
 import argparse
 import ctypes
 import gc
@@ -36,8 +37,11 @@ TARGETS = ("query", "value")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench serving --adapters", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench serving --adapters",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--adapters", type=int, nargs="+", required=True, help="adapter counts N, one table row each")
     p.add_argument("--sequences", type=int, default=64, help="rows per batch")
     p.add_argument("--length", type=int, default=64, help="tokens per row")
@@ -78,8 +82,9 @@ def base_model(seed):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"),
-                                                                           num_labels=2).eval()
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path("minilm"), num_labels=2
+    ).eval()
 
 
 def adapter_bytes(model, name) -> int:
@@ -104,8 +109,14 @@ def ours(args, count):
     for i, name in enumerate(names):
         if i == 1:  # the slope from the first adapter on: one-time costs (code paths, caches) left out
             before = resident_bytes()
-        config = SparseAdapterConfig(kind="lora", bottleneck=args.rank, sparsity=args.sparsity, pruner="random",
-                                     seed=args.seed + i, lora_targets=list(TARGETS))
+        config = SparseAdapterConfig(
+            kind="lora",
+            bottleneck=args.rank,
+            sparsity=args.sparsity,
+            pruner="random",
+            seed=args.seed + i,
+            lora_targets=list(TARGETS),
+        )
         add_adapter(model, name, config, activate=i == 0)
         g = torch.Generator().manual_seed(args.seed + i)
         with torch.no_grad():
@@ -124,8 +135,9 @@ def peft_model(args, count, rank):
     except ImportError:
         return None
     model = base_model(args.seed)
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0,
-                             init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0, init_lora_weights=False
+    )
     model = peft.get_peft_model(model, config, adapter_name="lora0")
     for i in range(1, count):
         model.add_adapter(f"lora{i}", config)
@@ -187,7 +199,8 @@ def main(argv=None):
     header = machine_header(args)[:-1] + [
         f"fp32 | {args.sequences} sequences x {args.length} tokens | sparse LoRA rank {args.rank} at sparsity "
         f"{args.sparsity} on {', '.join(TARGETS)} | {args.rounds} interleaved rounds, one call per sample, after "
-        f"one warm-up | seed {args.seed}"]
+        f"one warm-up | seed {args.seed}"
+    ]
     print("\n".join(header))
     most = max(args.adapters)
     model, names, rss_per_adapter, csr_per_adapter = ours(args, most)
@@ -214,8 +227,11 @@ def main(argv=None):
                 set_active_adapters(model, [name])
                 model(**part)
 
-        calls = {"one adapter": one_adapter, "mixed": lambda: model(**batch, adapter_names=routed),
-                 "sub-batches": sub_batches}
+        calls = {
+            "one adapter": one_adapter,
+            "mixed": lambda: model(**batch, adapter_names=routed),
+            "sub-batches": sub_batches,
+        }
         if other is not None:
             calls["peft one adapter"] = lambda: other(**batch)
             calls["peft mixed"] = lambda: other(**batch, adapter_names=routed)
@@ -239,12 +255,18 @@ def main(argv=None):
 def format_tables(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
     variants = list(next(iter(rows.values())))
     has_peft = "peft mixed" in variants
-    lines = [f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft: dense LoRA rank "
-             f"{peft_rank} (the same nnz)" if has_peft else
-             f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft not installed", "",
-             "| adapters N | " + " | ".join(variants) + " | mixed / one adapter | mixed / sub-batches"
-             + (" | mixed / peft mixed | sites only: mixed / peft mixed |" if has_peft else " |"),
-             "|---:|" + "---:|" * (len(variants) + 2 + 2 * has_peft)]
+    lines = [
+        f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft: dense LoRA rank "
+        f"{peft_rank} (the same nnz)"
+        if has_peft
+        else f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft not installed",
+        "",
+        "| adapters N | "
+        + " | ".join(variants)
+        + " | mixed / one adapter | mixed / sub-batches"
+        + (" | mixed / peft mixed | sites only: mixed / peft mixed |" if has_peft else " |"),
+        "|---:|" + "---:|" * (len(variants) + 2 + 2 * has_peft),
+    ]
     for n, times in rows.items():
         cells = [f"{args.sequences / times[v]:.2f}" for v in variants]
         cells += [f"{times['one adapter'] / times['mixed']:.2f}x", f"{times['sub-batches'] / times['mixed']:.2f}x"]
@@ -252,6 +274,9 @@ def format_tables(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
             cells.append(f"{times['peft mixed'] / times['mixed']:.2f}x")
             cells.append(f"{times['sites only: peft mixed'] / times['sites only: mixed']:.2f}x")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", f"memory per added adapter (adapters 2..{max(rows)} added): resident {rss_per_adapter / 1024:.1f} KiB, "
-              f"its tensors {csr_per_adapter / 1024:.1f} KiB, ratio {rss_per_adapter / csr_per_adapter:.2f}x"]
+    lines += [
+        "",
+        f"memory per added adapter (adapters 2..{max(rows)} added): resident {rss_per_adapter / 1024:.1f} KiB, "
+        f"its tensors {csr_per_adapter / 1024:.1f} KiB, ratio {rss_per_adapter / csr_per_adapter:.2f}x",
+    ]
     return "\n".join(lines)

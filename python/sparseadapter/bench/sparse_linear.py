@@ -21,6 +21,7 @@ printed table is torch.utils.benchmark.Compare, --markdown appends medians and r
     OMP_WAIT_POLICY=PASSIVE sparseadapter bench linear --threads 2
     sparseadapter bench linear --device cuda --dtype bfloat16 --tokens 4096 32768
 """
+
 import argparse
 import datetime
 import os
@@ -51,20 +52,35 @@ def parse_shape(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench linear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench linear", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="N, the rows of x")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.8, 0.9, 0.95],
-                   help="fraction of weights removed")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES],
-                   help="IN x OUT, e.g. 768x64")
+    p.add_argument(
+        "--sparsity", type=float, nargs="+", default=[0.4, 0.8, 0.9, 0.95], help="fraction of weights removed"
+    )
+    p.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+        help="IN x OUT, e.g. 768x64",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds of timing per method and config, split over --rounds (default 1.0 on cpu, "
-                        "0.2 on cuda)")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="interleaved rounds per config; each method's blocks are merged (median of all)")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of timing per method and config, split over --rounds (default 1.0 on cpu, 0.2 on cuda)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="interleaved rounds per config; each method's blocks are merged (median of all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append markdown tables to PATH")
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
@@ -114,7 +130,7 @@ class Config:
 
     def __init__(self, n, in_f, out_f, sparsity, dtype, device, seed):
         g = torch.Generator().manual_seed(seed)
-        bound = in_f ** -0.5  # nn.Linear's scale, so outputs are O(1)
+        bound = in_f**-0.5  # nn.Linear's scale, so outputs are O(1)
         w = torch.empty(out_f, in_f).uniform_(-bound, bound, generator=g)
         mask = torch.rand(out_f, in_f, generator=g) >= sparsity
         bias = torch.empty(out_f).uniform_(-bound, bound, generator=g)
@@ -150,14 +166,17 @@ class Config:
         return torch.autograd.grad(F.linear(x, w, self.bias), (x, w), self.grad_y)
 
     def csr_fwdbwd(self, x, values):
-        w = torch.sparse_csr_tensor(self.w_csr.crow_indices(), self.w_csr.col_indices(), values,
-                                    self.w_csr.shape, check_invariants=False)
+        w = torch.sparse_csr_tensor(
+            self.w_csr.crow_indices(), self.w_csr.col_indices(), values, self.w_csr.shape, check_invariants=False
+        )
         return torch.autograd.grad(torch.addmm(self.bias[:, None], w, x.T).T, (x, values), self.grad_y)
 
     def leaves(self):
-        return {"x": self.x.detach().requires_grad_(True),
-                "w": self.w_dense.detach().requires_grad_(True),
-                "values": self.w_csr.values().detach().requires_grad_(True)}
+        return {
+            "x": self.x.detach().requires_grad_(True),
+            "w": self.w_dense.detach().requires_grad_(True),
+            "values": self.w_csr.values().detach().requires_grad_(True),
+        }
 
     def check(self):
         """Ours against dense in the same dtype; returns None or a message naming the mismatch."""
@@ -165,8 +184,11 @@ class Config:
         leaves = self.leaves()
         gx, gv = self.ours_fwdbwd(leaves["x"])
         dgx, dgw = self.dense_fwdbwd(leaves["x"], leaves["w"])
-        pairs = {"output": (self.ours_fwd(), self.dense_fwd()), "grad_x": (gx, dgx),
-                 "grad_values": (gv, dgw[self.mask])}
+        pairs = {
+            "output": (self.ours_fwd(), self.dense_fwd()),
+            "grad_x": (gx, dgx),
+            "grad_values": (gv, dgw[self.mask]),
+        }
         for name, (got, want) in pairs.items():
             scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
             if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol * scale):
@@ -179,12 +201,18 @@ def candidates(cfg, mode):
     """(method, variant, fn, fn_args) for every timed call of one mode; torch.sparse's forward has two
     variants and the faster one is reported."""
     if mode == "fwd":
-        return [("ours", None, cfg.ours_fwd, ()), ("dense", None, cfg.dense_fwd, ()),
-                ("csr", "mm", cfg.csr_mm_fwd, ()), ("csr", "linear", cfg.csr_linear_fwd, ())]
+        return [
+            ("ours", None, cfg.ours_fwd, ()),
+            ("dense", None, cfg.dense_fwd, ()),
+            ("csr", "mm", cfg.csr_mm_fwd, ()),
+            ("csr", "linear", cfg.csr_linear_fwd, ()),
+        ]
     leaves = cfg.leaves()
-    return [("ours", None, cfg.ours_fwdbwd, (leaves["x"],)),
-            ("dense", None, cfg.dense_fwdbwd, (leaves["x"], leaves["w"])),
-            ("csr", "mm", cfg.csr_fwdbwd, (leaves["x"], leaves["values"]))]
+    return [
+        ("ours", None, cfg.ours_fwdbwd, (leaves["x"],)),
+        ("dense", None, cfg.dense_fwdbwd, (leaves["x"], leaves["w"])),
+        ("csr", "mm", cfg.csr_fwdbwd, (leaves["x"], leaves["values"])),
+    ]
 
 
 def measure_mode(cfg, mode, opts, label, sub, skip, notes):
@@ -198,16 +226,24 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
         try:  # one untimed call: torch.sparse CSR raises for dtypes it lacks (e.g. bf16 on CPU and CUDA)
             fn(*fn_args)
         except RuntimeError as err:
-            notes[(method if variant is None else f"{method} ({variant})", mode)] = str(err).strip().splitlines()[0][:160]
+            notes[(method if variant is None else f"{method} ({variant})", mode)] = (
+                str(err).strip().splitlines()[0][:160]
+            )
             continue
         todo.append((method, variant, fn, fn_args))
     for r in range(opts.rounds):
-        for method, variant, fn, fn_args in todo[r % len(todo):] + todo[:r % len(todo)] if todo else []:
+        for method, variant, fn, fn_args in todo[r % len(todo) :] + todo[: r % len(todo)] if todo else []:
             timer = benchmark.Timer(
-                stmt="fn(*fn_args)", globals={"fn": fn, "fn_args": fn_args}, num_threads=opts.threads,
-                label=label, sub_label=sub, description="torch.sparse" if method == "csr" else method)
+                stmt="fn(*fn_args)",
+                globals={"fn": fn, "fn_args": fn_args},
+                num_threads=opts.threads,
+                label=label,
+                sub_label=sub,
+                description="torch.sparse" if method == "csr" else method,
+            )
             blocks.setdefault((method, variant), []).append(
-                timer.blocked_autorange(min_run_time=opts.min_run_time / opts.rounds))
+                timer.blocked_autorange(min_run_time=opts.min_run_time / opts.rounds)
+            )
     best = {}
     for (method, variant), ms in blocks.items():
         m = benchmark.Measurement.merge(ms)[0]
@@ -270,15 +306,20 @@ def ratio(a, b):
 def write_markdown(path, header, results, notes):
     out = ["", "```", *header, "```", ""]
     for mode, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward (grads to x and values)")):
-        out += [f"**{title}** — median ms; ratios > 1 mean ours is faster", "",
-                "| N | shape | sparsity | ours ms | dense ms | torch.sparse ms | dense/ours | torch.sparse/ours |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"**{title}** — median ms; ratios > 1 mean ours is faster",
+            "",
+            "| N | shape | sparsity | ours ms | dense ms | torch.sparse ms | dense/ours | torch.sparse/ours |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in results:
             ours, dense, csr = (r.get((m, mode)) for m in METHODS)
             csr_txt = fmt(csr) + (f" ({r[('variant', mode)]})" if csr is not None else "")
             ours_txt = "FAIL" if "fail" in r else fmt(ours)
-            out.append(f"| {r['n']} | {r['shape']} | {r['sparsity']:g} | {ours_txt} | {fmt(dense)} | {csr_txt} "
-                       f"| {ratio(dense, ours)} | {ratio(csr, ours)} |")
+            out.append(
+                f"| {r['n']} | {r['shape']} | {r['sparsity']:g} | {ours_txt} | {fmt(dense)} | {csr_txt} "
+                f"| {ratio(dense, ours)} | {ratio(csr, ours)} |"
+            )
         out.append("")
     out += [f"- n/a: {method} {mode}: `{why}`" for (method, mode), why in notes.items()]
     out += [f"- FAIL {r['shape']} s={r['sparsity']:g} N={r['n']}: {r['fail']}" for r in results if "fail" in r]

@@ -47,14 +47,15 @@ each new problem (see sparseadapter_ext.set_path_mode).
     sparseadapter bench training --device cuda --batch 128 --length 256 --precision bf16 autocast
     sparseadapter bench training --model bert-base --batch 2 --length 16 --rows houlsby-dense houlsby-80
 """
+
 import argparse
 import collections
-from collections import Counter
 import copy
 import gc
 import os
 import statistics
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -69,7 +70,7 @@ from .timing import time_calls_interleaved
 @dataclass(frozen=True)
 class Row:
     label: str
-    method: str                     # "full", "peft" or "ours"
+    method: str  # "full", "peft" or "ours"
     adapter: Dict = field(default_factory=dict)  # SparseAdapterConfig fields of an "ours" row
     fused: bool = True
 
@@ -79,19 +80,25 @@ ROWS: Dict[str, Row] = {
     "peft-lora": Row("peft LoRA r=8", "peft"),
     "houlsby-dense": Row("ours dense Houlsby r=64", "ours", dict(kind="houlsby", bottleneck=64, sparsity=0.0)),
     "houlsby-80": Row("ours sparse Houlsby r=64 80%", "ours", dict(kind="houlsby", bottleneck=64, sparsity=0.8)),
-    "houlsby-80-separate": Row("ours sparse Houlsby r=64 80%, layer by layer", "ours",
-                               dict(kind="houlsby", bottleneck=64, sparsity=0.8), fused=False),
+    "houlsby-80-separate": Row(
+        "ours sparse Houlsby r=64 80%, layer by layer",
+        "ours",
+        dict(kind="houlsby", bottleneck=64, sparsity=0.8),
+        fused=False,
+    ),
     "houlsby-90": Row("ours sparse Houlsby r=64 90%", "ours", dict(kind="houlsby", bottleneck=64, sparsity=0.9)),
     "lora-80": Row("ours sparse LoRA r=8 80%", "ours", dict(kind="lora", bottleneck=8, sparsity=0.8)),
     "pfeiffer-80": Row("ours sparse Pfeiffer r=64 80%", "ours", dict(kind="pfeiffer", bottleneck=64, sparsity=0.8)),
-    "large-sparse": Row("ours Large-Sparse Houlsby r=256 75%", "ours",
-                        dict(kind="houlsby", bottleneck=64, large_sparse=4, sparsity=0.0)),
+    "large-sparse": Row(
+        "ours Large-Sparse Houlsby r=256 75%", "ours", dict(kind="houlsby", bottleneck=64, large_sparse=4, sparsity=0.0)
+    ),
 }
 PEFT_LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["query", "value"])
 PRECISIONS = ("fp32", "bf16", "autocast")
 BERT_SHAPES = {
-    "bert-base": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072),
+    "bert-base": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
     "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
 }
 MODELS = ("minilm", *BERT_SHAPES)
@@ -107,38 +114,71 @@ def baseline_of(row_id: str, timed: Dict[str, float]) -> Optional[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="sparseadapter bench training", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sparseadapter bench training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="default: minilm on cpu, bert-base on cuda, tiny with --quick")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
-                   help=f"rows to run (default all): {', '.join(ROWS)}")
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=None,
-                   help="default: fp32 on cpu, bf16 autocast on cuda, fp32 autocast with --quick")
+    p.add_argument(
+        "--model", choices=MODELS, default=None, help="default: minilm on cpu, bert-base on cuda, tiny with --quick"
+    )
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=list(ROWS),
+        default=None,
+        metavar="ROW",
+        help=f"rows to run (default all): {', '.join(ROWS)}",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=None,
+        help="default: fp32 on cpu, bf16 autocast on cuda, fp32 autocast with --quick",
+    )
     p.add_argument("--batch", type=int, default=None, help="default: 32 on cpu, 128 on cuda, 2 with --quick")
     p.add_argument("--length", type=int, default=None, help="default: 64 on cpu, 256 on cuda, 8 with --quick")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=None,
-                   help="timed steps per row, interleaved (default: 8 on cpu, 5 on cuda, 1 with --quick)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps per row, the first right after it is built (default 2, 1 with --quick)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed steps per row, interleaved (default: 8 on cpu, 5 on cuda, 1 with --quick)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per row, the first right after it is built (default 2, 1 with --quick)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
-    p.add_argument("--inject-failure", metavar="ROW", choices=list(ROWS), default=None,
-                   help="make ROW raise at its first step (tests the error reporting)")
+    p.add_argument(
+        "--inject-failure",
+        metavar="ROW",
+        choices=list(ROWS),
+        default=None,
+        help="make ROW raise at its first step (tests the error reporting)",
+    )
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        p.error(f"--device cuda: CUDA is not available (torch {torch.__version__}, "
-                + ("built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible")
-                + ")")
+        p.error(
+            f"--device cuda: CUDA is not available (torch {torch.__version__}, "
+            + ("built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible")
+            + ")"
+        )
     quick = args.quick
-    defaults = dict(model="tiny" if quick else "bert-base" if cuda else "minilm",
-                    precision=["fp32", "autocast"] if quick else ["bf16", "autocast"] if cuda else ["fp32"],
-                    batch=2 if quick else 128 if cuda else 32, length=8 if quick else 256 if cuda else 64,
-                    rounds=1 if quick else 5 if cuda else 8, warmup=1 if quick else 2, rows=list(ROWS))
+    defaults = dict(
+        model="tiny" if quick else "bert-base" if cuda else "minilm",
+        precision=["fp32", "autocast"] if quick else ["bf16", "autocast"] if cuda else ["fp32"],
+        batch=2 if quick else 128 if cuda else 32,
+        length=8 if quick else 256 if cuda else 64,
+        rounds=1 if quick else 5 if cuda else 8,
+        warmup=1 if quick else 2,
+        rows=list(ROWS),
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -160,8 +200,9 @@ def load_base(model_name: str, seed: int):
     if model_name == "minilm":
         from ..training.engine import resolve_model_path
 
-        return transformers.AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"),
-                                                                                num_labels=2)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path("minilm"), num_labels=2
+        )
     config = transformers.BertConfig(num_labels=2, **BERT_SHAPES[model_name])
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
@@ -208,6 +249,7 @@ def make_step(model, optimizer, batch, precision: str, device_type: str) -> Call
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -221,8 +263,11 @@ def trainable_bytes(model, optimizer):
     for p in model.parameters():
         if p.requires_grad:
             state = optimizer.state.get(p, {})
-            trainable += sum(t.numel() * t.element_size() for t in [p, p.grad, *state.values()]
-                             if isinstance(t, torch.Tensor) and t.dim() > 0)
+            trainable += sum(
+                t.numel() * t.element_size()
+                for t in [p, p.grad, *state.values()]
+                if isinstance(t, torch.Tensor) and t.dim() > 0
+            )
     for name, b in model.named_buffers():
         if "sparseadapter" in name:
             index += b.numel() * b.element_size()
@@ -268,7 +313,7 @@ def error_text(err: BaseException) -> str:
 class Result:
     precision: str
     ms: Optional[float] = None
-    reason: Optional[str] = None        # why there is no time: an error or a missing package
+    reason: Optional[str] = None  # why there is no time: an error or a missing package
     trainable: Optional[int] = None
     memory: str = "—"
     paths: str = "—"
@@ -294,8 +339,11 @@ def run_precision(args, base, precision: str, batch) -> Dict[str, Result]:
             params = [p for p in model.parameters() if p.requires_grad]
             result.trainable = sum(p.numel() for p in params)
             optimizer = torch.optim.AdamW(params, lr=LR)
-            step = injected_failure if row_id == args.inject_failure else make_step(
-                model, optimizer, batch, precision, args.device)
+            step = (
+                injected_failure
+                if row_id == args.inject_failure
+                else make_step(model, optimizer, batch, precision, args.device)
+            )
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             calls_before = path_calls()
@@ -336,8 +384,10 @@ def row_cell(row_id: str) -> str:
 def table_lines(args, results: Dict[str, Dict[str, Result]]) -> List[str]:
     cuda = args.device == "cuda"
     memory_head = "peak MiB" if cuda else "trainable state MiB"
-    lines = [f"| row | precision | ms / step | baseline / this | trainable params | {memory_head} | kernel paths |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| row | precision | ms / step | baseline / this | trainable params | {memory_head} | kernel paths |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for precision in args.precision:
         timed = {r: res.ms for r, res in results[precision].items() if res.ms is not None}
         for row_id in args.rows:
@@ -349,24 +399,30 @@ def table_lines(args, results: Dict[str, Dict[str, Result]]) -> List[str]:
                 continue
             base = baseline_of(row_id, timed)
             ratio = f"{timed[base] / res.ms:.2f}x vs {base}" if base else "n/a"
-            lines.append(f"| {row_cell(row_id)} | {precision} | {format_ms(res.ms)} | {ratio} | {trainable} | "
-                         f"{res.memory} | {res.paths} |")
+            lines.append(
+                f"| {row_cell(row_id)} | {precision} | {format_ms(res.ms)} | {ratio} | {trainable} | "
+                f"{res.memory} | {res.paths} |"
+            )
     return lines
 
 
 def caption(args, model_desc: str) -> str:
-    memory = ("peak MiB = torch.cuda.max_memory_allocated over the row's first step (reset before it) less what "
-              "was allocated before the row was built: its weights, gradients, AdamW state and activations"
-              if args.device == "cuda" else
-              "trainable state MiB = the trainable parameters with their gradients and AdamW state after a step "
-              "(+ the CSR index buffers of a sparse adapter)")
-    return (f"**{model_desc} training step on {args.device}** (batch {args.batch} x length {args.length}, AdamW on the "
-            f"trainable parameters): median ms per step over {args.rounds} interleaved rounds; baseline / this = the "
-            "baseline row's median over this row's, same precision (> 1: faster than the baseline); baseline: "
-            "peft-lora for ours sparse LoRA when the peft row has a time, houlsby-dense (ours dense Houlsby r=64) "
-            f"for every other row; {memory}; kernel paths = the decisions of sparseadapter_ext.path_decisions() in "
-            "the row's first step, by path (n/a: this build does not report them). Precisions: fp32; bf16 = "
-            "weights cast to bfloat16; autocast = fp32 weights, forward under torch.autocast(bfloat16).")
+    memory = (
+        "peak MiB = torch.cuda.max_memory_allocated over the row's first step (reset before it) less what "
+        "was allocated before the row was built: its weights, gradients, AdamW state and activations"
+        if args.device == "cuda"
+        else "trainable state MiB = the trainable parameters with their gradients and AdamW state after a step "
+        "(+ the CSR index buffers of a sparse adapter)"
+    )
+    return (
+        f"**{model_desc} training step on {args.device}** (batch {args.batch} x length {args.length}, AdamW on the "
+        f"trainable parameters): median ms per step over {args.rounds} interleaved rounds; baseline / this = the "
+        "baseline row's median over this row's, same precision (> 1: faster than the baseline); baseline: "
+        "peft-lora for ours sparse LoRA when the peft row has a time, houlsby-dense (ours dense Houlsby r=64) "
+        f"for every other row; {memory}; kernel paths = the decisions of sparseadapter_ext.path_decisions() in "
+        "the row's first step, by path (n/a: this build does not report them). Precisions: fp32; bf16 = "
+        "weights cast to bfloat16; autocast = fp32 weights, forward under torch.autocast(bfloat16)."
+    )
 
 
 def tf32() -> str:
@@ -384,25 +440,33 @@ def main(argv=None):
     cuda = args.device == "cuda"
     base = load_base(args.model, args.seed)
     cfg = base.config
-    model_desc = (f"{args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
-                  f"heads, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size})")
+    model_desc = (
+        f"{args.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
+        f"heads, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size})"
+    )
     args.dtype, args.min_run_time = " ".join(args.precision), 0
-    extra = [f"model {model_desc} | attention {getattr(cfg, '_attn_implementation', None) or 'default'} | "
-             f"precision {' '.join(args.precision)} | batch {args.batch} x length {args.length} | AdamW lr {LR:g} | "
-             f"{args.warmup} untimed + {args.rounds} timed steps per row, interleaved | seed {args.seed}"]
+    extra = [
+        f"model {model_desc} | attention {getattr(cfg, '_attn_implementation', None) or 'default'} | "
+        f"precision {' '.join(args.precision)} | batch {args.batch} x length {args.length} | AdamW lr {LR:g} | "
+        f"{args.warmup} untimed + {args.rounds} timed steps per row, interleaved | seed {args.seed}"
+    ]
     if cuda:
-        extra.append(f"sparseadapter_ext CUDA kernels: {'yes' if sparseadapter_ext.has_cuda_kernels() else 'no'} | "
-                     f"TF32 matmul {tf32()} | "
-                     f"path_decisions: {'yes' if hasattr(sparseadapter_ext, 'path_decisions') else 'n/a'}")
+        extra.append(
+            f"sparseadapter_ext CUDA kernels: {'yes' if sparseadapter_ext.has_cuda_kernels() else 'no'} | "
+            f"TF32 matmul {tf32()} | "
+            f"path_decisions: {'yes' if hasattr(sparseadapter_ext, 'path_decisions') else 'n/a'}"
+        )
     header = machine_header(args)[:-1] + extra
     print("\n".join(header), flush=True)
 
     g = torch.Generator().manual_seed(args.seed)
     vocab = cfg.vocab_size
     low = 1000 if vocab > 2000 else 0  # past BERT's special tokens where the vocabulary has them
-    batch = {"input_ids": torch.randint(low, vocab, (args.batch, args.length), generator=g),
-             "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+    batch = {
+        "input_ids": torch.randint(low, vocab, (args.batch, args.length), generator=g),
+        "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
+    }
     batch = {k: v.to(args.device) for k, v in batch.items()}
     if cuda:  # cuBLAS handles and workspaces before the first row's memory is measured
         for dtype in (torch.float32, torch.bfloat16):

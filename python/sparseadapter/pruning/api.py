@@ -4,6 +4,7 @@ The scores and the exact-k selection live in `scores.py` and `selection.py`; thi
 weights to prune in a model, prepares them (zero-initialized matrices), runs the selection and turns
 each pruned `nn.Linear` into a `SparseLinear`, recording how it was pruned.
 """
+
 import hashlib
 import itertools
 import warnings
@@ -57,7 +58,8 @@ def find_targets(model: nn.Module, targets: Targets = None) -> Dict[str, nn.Line
         if not found:
             raise ValueError(
                 "prune: the model has no adapter weights marked prunable; add adapters first "
-                "(sparseadapter.add_adapter) or name the layers with targets=[...]")
+                "(sparseadapter.add_adapter) or name the layers with targets=[...]"
+            )
     elif callable(targets):
         found = {n: m for n, m in modules.items() if isinstance(m, nn.Linear) and targets(n, m)}
         if not found:
@@ -81,17 +83,20 @@ CALIBRATION_FORMS = (
     "loss_fn each batch is a dict of tensors the model takes as model(**batch), with labels, so that "
     "model(**batch).loss is the loss (a tokenizer's output with labels added, or what a DataLoader with "
     "transformers' DataCollatorWithPadding yields); any other batch, e.g. an (inputs, labels) tuple, needs "
-    "loss_fn=lambda model, batch: ... returning a scalar loss")
+    "loss_fn=lambda model, batch: ... returning a scalar loss"
+)
 
 
 def describe_batch(batch) -> str:
     """A short description of a batch: its type, and its keys or items with their shapes."""
+
     def item(v) -> str:
         if isinstance(v, Tensor):
             return f"Tensor{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
         if isinstance(v, (list, tuple)):
             return f"{type(v).__name__} of {len(v)}"
         return type(v).__name__
+
     if isinstance(batch, Mapping):
         keys = list(batch)
         shown = ", ".join(f"{k!r}: {item(batch[k])}" for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
@@ -104,14 +109,17 @@ def describe_batch(batch) -> str:
 def _check_default_batch(batch, index: int) -> None:
     """Without loss_fn a batch must be a dict of tensors: say what was received otherwise."""
     if not isinstance(batch, Mapping):
-        raise ValueError(f"prune: calibration batch {index} is {describe_batch(batch)}, not a dict of tensors: "
-                         "pass loss_fn(model, batch) -> scalar loss for batches of this form. " + CALIBRATION_FORMS)
+        raise ValueError(
+            f"prune: calibration batch {index} is {describe_batch(batch)}, not a dict of tensors: "
+            "pass loss_fn(model, batch) -> scalar loss for batches of this form. " + CALIBRATION_FORMS
+        )
     loose = [k for k, v in batch.items() if isinstance(v, (list, str))]
     if loose or not any(isinstance(v, Tensor) for v in batch.values()):
         what = f"{loose[0]!r} is a {type(batch[loose[0]]).__name__}" if loose else "it holds no tensor"
-        raise ValueError(f"prune: calibration batch {index} is {describe_batch(batch)}: {what}; collate examples "
-                         "into tensors (tokenizer(..., return_tensors='pt'), or a DataLoader with a collator). "
-                         + CALIBRATION_FORMS)
+        raise ValueError(
+            f"prune: calibration batch {index} is {describe_batch(batch)}: {what}; collate examples "
+            "into tensors (tokenizer(..., return_tensors='pt'), or a DataLoader with a collator). " + CALIBRATION_FORMS
+        )
 
 
 def _default_loss(model: nn.Module, batch) -> Tensor:
@@ -121,12 +129,15 @@ def _default_loss(model: nn.Module, batch) -> Tensor:
         loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
         if loss is not None:
             return loss
-        raise ValueError(f"prune: the model returned no loss for calibration batch {describe_batch(batch)}: "
-                         "add the labels to each batch (key 'labels') or pass loss_fn(model, batch) -> scalar loss. "
-                         + CALIBRATION_FORMS)
+        raise ValueError(
+            f"prune: the model returned no loss for calibration batch {describe_batch(batch)}: "
+            "add the labels to each batch (key 'labels') or pass loss_fn(model, batch) -> scalar loss. "
+            + CALIBRATION_FORMS
+        )
     raise ValueError(
         "prune: cannot compute a loss from this batch: pass loss_fn(model, batch) -> scalar loss "
-        "(the default only handles dict batches whose model output has .loss)")
+        "(the default only handles dict batches whose model output has .loss)"
+    )
 
 
 def read_calibration(data, method: str, calibration_batches: Optional[int], default_loss: bool) -> Optional[List]:
@@ -134,18 +145,25 @@ def read_calibration(data, method: str, calibration_batches: Optional[int], defa
     else the first `calibration_batches` of `data` (all of them for None), read one by one so that a
     DataLoader or generator is consumed no further than that. Checks the container and, for the
     default loss, each batch."""
-    if calibration_batches is not None and (not isinstance(calibration_batches, int) or isinstance(
-            calibration_batches, bool) or calibration_batches < 1):
-        raise ValueError(f"prune: calibration_batches must be a positive int (or None for all), got {calibration_batches!r}")
+    if calibration_batches is not None and (
+        not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1
+    ):
+        raise ValueError(
+            f"prune: calibration_batches must be a positive int (or None for all), got {calibration_batches!r}"
+        )
     if data is None or method not in DATA_METHODS:
         return None
     if isinstance(data, (Mapping, Tensor, str, bytes)):
-        raise ValueError(f"prune: data is {describe_batch(data)}, a single batch, not an iterable of batches: "
-                         "pass data=[batch]. " + CALIBRATION_FORMS)
+        raise ValueError(
+            f"prune: data is {describe_batch(data)}, a single batch, not an iterable of batches: "
+            "pass data=[batch]. " + CALIBRATION_FORMS
+        )
     try:
         iterator = iter(data)
     except TypeError:
-        raise ValueError(f"prune: data is {describe_batch(data)}, which is not iterable. " + CALIBRATION_FORMS) from None
+        raise ValueError(
+            f"prune: data is {describe_batch(data)}, which is not iterable. " + CALIBRATION_FORMS
+        ) from None
     if calibration_batches is not None:
         iterator = itertools.islice(iterator, calibration_batches)
     batches = []
@@ -159,16 +177,20 @@ def read_calibration(data, method: str, calibration_batches: Optional[int], defa
 def _guarded_loss(model: nn.Module, loss_fn, batches: List):
     """loss_fn(model, batch), with the errors a batch of the wrong form raises deep in a model
     (AttributeError, KeyError, TypeError, IndexError) turned into one that names what was received."""
+
     def closure(batch):
         try:
             loss = loss_fn(model, batch)
         except (AttributeError, KeyError, TypeError, IndexError) as err:
             index = next((i for i, b in enumerate(batches) if b is batch), "?")
-            raise ValueError(f"prune: computing the loss of calibration batch {index} ({describe_batch(batch)}) "
-                             f"failed with {type(err).__name__}: {err}. " + CALIBRATION_FORMS) from err
+            raise ValueError(
+                f"prune: computing the loss of calibration batch {index} ({describe_batch(batch)}) "
+                f"failed with {type(err).__name__}: {err}. " + CALIBRATION_FORMS
+            ) from err
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"prune: loss_fn must return a scalar tensor, got {describe_batch(loss)}")
         return loss
+
     return closure
 
 
@@ -209,12 +231,15 @@ def _reinit_zero_matrices(layers: Mapping[str, nn.Linear], method: str, zero_ini
         raise ValueError(
             f"prune: {zero[0]!r} is all zeros (a zero-initialized adapter matrix, e.g. LoRA's B), so "
             f"'{method}' scores carry no information; initialize adapters with small random values "
-            "(init='bert', N(0, 0.02)) or pass zero_init='reinit'")
+            "(init='bert', N(0, 0.02)) or pass zero_init='reinit'"
+        )
     if zero_init != "reinit":
         raise ValueError(f"prune: zero_init must be 'reinit' or 'raise', got {zero_init!r}")
-    warnings.warn(f"prune: re-initializing {len(zero)} all-zero matrices with N(0, {ZERO_INIT_STD}) "
-                  f"for '{method}' scoring only; their zeros are restored after scoring (first: {zero[0]!r})",
-                  stacklevel=3)
+    warnings.warn(
+        f"prune: re-initializing {len(zero)} all-zero matrices with N(0, {ZERO_INIT_STD}) "
+        f"for '{method}' scoring only; their zeros are restored after scoring (first: {zero[0]!r})",
+        stacklevel=3,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name in zero:
@@ -265,13 +290,39 @@ def compute_prune_masks(
 ) -> Dict[str, Tensor]:
     """The masks `prune` would apply (module name -> bool mask), without converting: for studies. The
     model is left as it was."""
-    masks, _, _ = _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds, erk,
-                                    targets, chains, zero_init, calibration_batches)
+    masks, _, _ = _masks_and_record(
+        model,
+        method,
+        sparsity,
+        scope,
+        data,
+        loss_fn,
+        seed,
+        rounds,
+        erk,
+        targets,
+        chains,
+        zero_init,
+        calibration_batches,
+    )
     return masks
 
 
-def _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds, erk, targets, chains, zero_init,
-                      calibration_batches=None):
+def _masks_and_record(
+    model,
+    method,
+    sparsity,
+    scope,
+    data,
+    loss_fn,
+    seed,
+    rounds,
+    erk,
+    targets,
+    chains,
+    zero_init,
+    calibration_batches=None,
+):
     if method not in METHODS:
         raise ValueError(f"prune: method must be one of {', '.join(METHODS)}; got {method!r}")
     if not 0.0 <= sparsity < 1.0:
@@ -279,18 +330,27 @@ def _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, round
     layers = find_targets(model, targets)
     batches = read_calibration(data, method, calibration_batches, default_loss=loss_fn is None)
     if method in DATA_METHODS and not batches:
-        raise ValueError(f"prune: '{method}' scores weights with gradients and needs calibration data: "
-                         "pass data=[batch, ...] (and loss_fn if batches are not dicts with labels); "
-                         + CALIBRATION_FORMS)
+        raise ValueError(
+            f"prune: '{method}' scores weights with gradients and needs calibration data: "
+            "pass data=[batch, ...] (and loss_fn if batches are not dicts with labels); " + CALIBRATION_FORMS
+        )
     filled = _reinit_zero_matrices(layers, method, zero_init, seed)
     closure = _guarded_loss(model, loss_fn or _default_loss, batches or [])
     was_training = model.training
     model.eval()  # as the paper's code: scores from the model in eval mode (no dropout)
     try:
         masks = compute_masks(
-            method, {n: m.weight for n, m in layers.items()}, sparsity, scope=scope,
-            loss_closure=closure, data=batches,
-            chains=_chains(model, layers, chains), seed=seed, rounds=rounds, erk=erk)
+            method,
+            {n: m.weight for n, m in layers.items()},
+            sparsity,
+            scope=scope,
+            loss_closure=closure,
+            data=batches,
+            chains=_chains(model, layers, chains),
+            seed=seed,
+            rounds=rounds,
+            erk=erk,
+        )
     finally:
         model.train(was_training)
         # the temporary values were for scoring: a zero-initialized matrix starts training at zero
@@ -342,8 +402,21 @@ def prune(
     exact no-op; `zero_init="raise"` rejects them. Each new layer and the model carry a
     `sparseadapter_pruning` PruningRecord.
     """
-    masks, layers, record = _masks_and_record(model, method, sparsity, scope, data, loss_fn, seed, rounds,
-                                              erk, targets, chains, zero_init, calibration_batches)
+    masks, layers, record = _masks_and_record(
+        model,
+        method,
+        sparsity,
+        scope,
+        data,
+        loss_fn,
+        seed,
+        rounds,
+        erk,
+        targets,
+        chains,
+        zero_init,
+        calibration_batches,
+    )
     for name, linear in layers.items():
         sparse = SparseLinear.from_dense(linear.weight.detach(), masks[name], linear.bias)
         sparse.values.requires_grad_(linear.weight.requires_grad)

@@ -15,6 +15,7 @@ Conventions shared by every method:
   pruned entry back, whatever its score.
 - Scores come back on the weights' device, float64 for float64 weights and for synflow, else float32.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -25,8 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparseadapter_ext
 
-from .selection import (check_fraction, erk_densities, keep_count, select_global_k, select_per_tensor_k,
-                        validated_flats)
+from .selection import check_fraction, erk_densities, keep_count, select_global_k, select_per_tensor_k, validated_flats
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 DATA_METHODS = ("snip", "grasp")
@@ -89,12 +89,17 @@ def compute_scores(
             out[name] = s * masks[name] if name in masks else s
         return out
     if method == "magnitude":
-        return {name: sparseadapter_ext.prune_score(_masked(w.detach(), masks.get(name)), None, None, "magnitude")
-                for name, w in weights.items()}
+        return {
+            name: sparseadapter_ext.prune_score(_masked(w.detach(), masks.get(name)), None, None, "magnitude")
+            for name, w in weights.items()
+        }
     if method == "synflow":
         return _synflow(weights, chains, masks)
-    return _with_weights_restored(weights, masks, lambda: (
-        _snip(weights, loss_closure, data) if method == "snip" else _grasp(weights, loss_closure, data)))
+    return _with_weights_restored(
+        weights,
+        masks,
+        lambda: _snip(weights, loss_closure, data) if method == "snip" else _grasp(weights, loss_closure, data),
+    )
 
 
 def compute_masks(
@@ -124,8 +129,10 @@ def compute_masks(
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
     if scope not in SCOPES:
-        raise ValueError(f"scope must be 'global' (one ranking over all weights) or 'layer' (the same "
-                         f"density in every matrix), got {scope!r}")
+        raise ValueError(
+            f"scope must be 'global' (one ranking over all weights) or 'layer' (the same "
+            f"density in every matrix), got {scope!r}"
+        )
     if erk and scope != "layer":
         raise ValueError("erk=True allocates a density per matrix; use it with scope='layer'")
     if rounds is None:
@@ -147,8 +154,9 @@ def compute_masks(
 
     masks = None
     for r in range(1, rounds + 1):
-        scores = compute_scores(method, weights, loss_closure=loss_closure, data=data, chains=chains,
-                                seed=seed, masks=masks)
+        scores = compute_scores(
+            method, weights, loss_closure=loss_closure, data=data, chains=chains, seed=seed, masks=masks
+        )
         flats = validated_flats(scores)
         frac = r / rounds  # == 1.0 exactly in the last round, so d ** frac == d there
         if scope == "global":
@@ -176,8 +184,9 @@ def _check_weights(weights: Mapping[str, Tensor]) -> None:
         raise ValueError(f"weights must be a mapping name -> Parameter, got {type(weights).__name__}")
     for name, w in weights.items():
         if not isinstance(w, Tensor) or not w.is_floating_point():
-            raise ValueError(f"weight {name!r} must be a floating-point tensor, got "
-                             f"{getattr(w, 'dtype', type(w).__name__)}")
+            raise ValueError(
+                f"weight {name!r} must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}"
+            )
 
 
 def _check_masks(masks, weights) -> dict:
@@ -187,8 +196,10 @@ def _check_masks(masks, weights) -> dict:
         if name not in weights:
             raise ValueError(f"mask for {name!r}, which is not one of the scored weights")
         if m.dtype != torch.bool or tuple(m.shape) != tuple(weights[name].shape):
-            raise ValueError(f"mask for {name!r} must be bool with shape {tuple(weights[name].shape)}, "
-                             f"got {m.dtype} {tuple(m.shape)}")
+            raise ValueError(
+                f"mask for {name!r} must be bool with shape {tuple(weights[name].shape)}, "
+                f"got {m.dtype} {tuple(m.shape)}"
+            )
     return {n: m.to(weights[n].device) for n, m in masks.items()}
 
 
@@ -198,7 +209,8 @@ def _require_data(method, loss_closure, data) -> list:
             f"'{method}' scores weights with gradients of a loss: pass loss_closure=fn(batch) -> scalar "
             "loss and data=[batch, ...] (calibration batches)"
             + ("" if data is not None else "; data is missing")
-            + ("" if loss_closure is not None else "; loss_closure is missing"))
+            + ("" if loss_closure is not None else "; loss_closure is missing")
+        )
     batches = data if isinstance(data, list) else list(data)
     if not batches:
         raise ValueError(f"'{method}' needs at least one calibration batch; data is empty")
@@ -233,11 +245,15 @@ def _with_weights_restored(weights, masks, fn):
 def _loss(loss_closure, batch) -> Tensor:
     loss = loss_closure(batch)
     if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_closure must return a scalar tensor, got "
-                         f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+        raise ValueError(
+            f"loss_closure must return a scalar tensor, got "
+            f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
+        )
     if not loss.requires_grad:
-        raise ValueError("the loss does not depend on the weights being scored (was it computed under "
-                         "torch.no_grad(), or with other parameters?)")
+        raise ValueError(
+            "the loss does not depend on the weights being scored (was it computed under "
+            "torch.no_grad(), or with other parameters?)"
+        )
     return loss.reshape(())
 
 
@@ -254,8 +270,10 @@ def _summed_grads(weights, loss_closure, batches) -> list[Tensor]:
 
 def _snip(weights, loss_closure, batches):
     grads = _summed_grads(weights, loss_closure, batches)
-    return {n: sparseadapter_ext.prune_score(w.detach().to(g.dtype), g, None, "snip")
-            for (n, w), g in zip(weights.items(), grads)}
+    return {
+        n: sparseadapter_ext.prune_score(w.detach().to(g.dtype), g, None, "snip")
+        for (n, w), g in zip(weights.items(), grads)
+    }
 
 
 def _grasp(weights, loss_closure, batches):
@@ -275,8 +293,10 @@ def _grasp(weights, loss_closure, batches):
         for a, h in zip(hg, torch.autograd.grad(z, ws, allow_unused=True)):
             if h is not None:
                 a += h
-    return {n: sparseadapter_ext.prune_score(w.detach().to(h.dtype), None, h, "grasp")
-            for (n, w), h in zip(weights.items(), hg)}
+    return {
+        n: sparseadapter_ext.prune_score(w.detach().to(h.dtype), None, h, "grasp")
+        for (n, w), h in zip(weights.items(), hg)
+    }
 
 
 def _synflow_chains(weights, chains) -> list[list[str]]:
@@ -294,8 +314,10 @@ def _synflow_chains(weights, chains) -> list[list[str]]:
             seen.add(n)
         for prev, nxt in zip(chain, chain[1:]):
             if weights[nxt].shape[1] != weights[prev].shape[0]:
-                raise ValueError(f"synflow chain {chain}: {nxt!r} takes {weights[nxt].shape[1]} inputs but "
-                                 f"{prev!r} gives {weights[prev].shape[0]} outputs")
+                raise ValueError(
+                    f"synflow chain {chain}: {nxt!r} takes {weights[nxt].shape[1]} inputs but "
+                    f"{prev!r} gives {weights[prev].shape[0]} outputs"
+                )
         if chain:
             out.append(chain)
     for n, w in weights.items():

@@ -16,6 +16,7 @@ Semantics, exactly:
 - Scores must be finite: NaN or +-Inf anywhere raises ValueError naming the tensor.
 - Masks are bool tensors with the scores' shapes, each on its scores' device.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,7 +78,8 @@ def check_no_empty(masks: Mapping[str, Tensor]) -> None:
             "scores usually mean a zero-initialized matrix (LoRA's B, an up-projection at 0): its "
             "magnitude scores are zero, and for SNIP/GraSP its partner matrix's scores are zero too, so "
             "a global threshold drops it whole. Initialize the adapters with small random values "
-            "(e.g. N(0, 0.02)) before pruning, or use scope='layer'.")
+            "(e.g. N(0, 0.02)) before pruning, or use scope='layer'."
+        )
 
 
 def erk_densities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, float]:
@@ -147,11 +149,14 @@ def validated_flats(scores: Mapping[str, Tensor]) -> list[Tensor]:
     flats = []
     for name, s in scores.items():
         if not isinstance(s, Tensor) or not s.is_floating_point():
-            raise ValueError(f"scores for {name!r} must be a floating-point tensor, got "
-                             f"{getattr(s, 'dtype', type(s).__name__)}")
+            raise ValueError(
+                f"scores for {name!r} must be a floating-point tensor, got {getattr(s, 'dtype', type(s).__name__)}"
+            )
         if s.numel() and not bool(torch.isfinite(s).all()):
-            raise ValueError(f"scores for {name!r} contain NaN or Inf; cannot rank them "
-                             "(check the loss and the weights for overflow)")
+            raise ValueError(
+                f"scores for {name!r} contain NaN or Inf; cannot rank them "
+                "(check the loss and the weights for overflow)"
+            )
         flats.append(s.detach().reshape(-1).to(torch.float64))
     return flats
 
@@ -162,8 +167,9 @@ def _top_k(flat: Tensor, k: int, eligible: Optional[Tensor] = None) -> Tensor:
     return select_global_k({"": flat}, [flat], k, None if eligible is None else {"": eligible})[""]
 
 
-def select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
-                    eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+def select_global_k(
+    scores: Mapping[str, Tensor], flats: list[Tensor], k: int, eligible: Optional[Mapping[str, Tensor]] = None
+) -> dict[str, Tensor]:
     """The k largest over all tensors with the fused radix-select kernel (`topk_masks`), which keeps
     the tie rule of the module docstring and never concatenates the tensors."""
     if not flats:
@@ -176,8 +182,12 @@ def select_global_k(scores: Mapping[str, Tensor], flats: list[Tensor], k: int,
     return {name: m.view(s.shape).to(s.device) for (name, s), m in zip(scores.items(), keep)}
 
 
-def select_per_tensor_k(scores: Mapping[str, Tensor], flats: list[Tensor], ks: Sequence[int],
-                        eligible: Optional[Mapping[str, Tensor]] = None) -> dict[str, Tensor]:
+def select_per_tensor_k(
+    scores: Mapping[str, Tensor],
+    flats: list[Tensor],
+    ks: Sequence[int],
+    eligible: Optional[Mapping[str, Tensor]] = None,
+) -> dict[str, Tensor]:
     """The ks[i] largest of each tensor on its own, with the same tie rule."""
     out = {}
     for (name, s), f, k in zip(scores.items(), flats, ks):

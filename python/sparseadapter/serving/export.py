@@ -16,6 +16,7 @@ the graph, so a served score is a label; the metadata's `target_normalization` (
 records that it does (null for classification and for heads in raw units). The exported
 graph is checked against the eager model on a second input shape before the file is written.
 """
+
 import inspect
 import io
 import json
@@ -65,8 +66,13 @@ class ServingModel(nn.Module):
         return example_inputs(meta, batch, length, seed)
 
 
-def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pad_token_id: Optional[int] = None,
-                     max_length: Optional[int] = None) -> Dict:
+def serving_metadata(
+    model: nn.Module,
+    *,
+    labels: Optional[List[str]] = None,
+    pad_token_id: Optional[int] = None,
+    max_length: Optional[int] = None,
+) -> Dict:
     """What a server needs besides the graph; defaults come from the Hugging Face config."""
     config = model.config
     num_labels = int(config.num_labels)
@@ -78,15 +84,17 @@ def serving_metadata(model: nn.Module, *, labels: Optional[List[str]] = None, pa
         raise ValueError(f"{len(labels)} label names for a model with {num_labels} outputs")
     positions = int(config.max_position_embeddings) - _POSITION_OFFSET.get(config.model_type, 0)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
-    return dict(SERVING_FORMAT,
-                task="regression" if regression else "classification",
-                num_labels=num_labels,
-                labels=None if regression else [str(x) for x in labels],
-                vocab_size=int(config.vocab_size),
-                max_length=min(positions, max_length) if max_length else positions,
-                pad_token_id=int(pad if pad is not None else 0),
-                type_vocab_size=int(config.type_vocab_size) if _takes_token_types(model) else 0,
-                target_normalization=_normalization(model) if regression else None)
+    return dict(
+        SERVING_FORMAT,
+        task="regression" if regression else "classification",
+        num_labels=num_labels,
+        labels=None if regression else [str(x) for x in labels],
+        vocab_size=int(config.vocab_size),
+        max_length=min(positions, max_length) if max_length else positions,
+        pad_token_id=int(pad if pad is not None else 0),
+        type_vocab_size=int(config.type_vocab_size) if _takes_token_types(model) else 0,
+        target_normalization=_normalization(model) if regression else None,
+    )
 
 
 def _normalization(model: nn.Module) -> Optional[Dict]:
@@ -115,8 +123,10 @@ def _check_same(run_exported, serving: ServingModel, meta: Dict) -> None:
     scale = max(want.abs().max().item(), 1e-6)
     err = (got - want).abs().max().item()
     if got.shape != want.shape or not err <= CHECK_RTOL * scale:
-        raise RuntimeError(f"the exported graph does not reproduce the model on a new input shape "
-                           f"(max abs error {err:.3g} at output scale {scale:.3g}); not written")
+        raise RuntimeError(
+            f"the exported graph does not reproduce the model on a new input shape "
+            f"(max abs error {err:.3g} at output scale {scale:.3g}); not written"
+        )
 
 
 def _trace(serving: ServingModel, example) -> torch.jit.ScriptModule:
@@ -132,16 +142,26 @@ def _trace(serving: ServingModel, example) -> torch.jit.ScriptModule:
 def _export_program(serving: ServingModel, example, meta: Dict):
     batch = torch.export.Dim("batch", min=1, max=4096)
     length = torch.export.Dim("length", min=1, max=meta["max_length"])
-    dims = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length},
-            "token_type_ids": {0: batch, 1: length}}
+    dims = {
+        "input_ids": {0: batch, 1: length},
+        "attention_mask": {0: batch, 1: length},
+        "token_type_ids": {0: batch, 1: length},
+    }
     if len(example) == 4:  # MultiAdapterServingModel: an adapter index per row
         dims["adapter_index"] = {0: batch}
     with torch.no_grad():
         return torch.export.export(serving, example, dynamic_shapes=dims, strict=False)
 
 
-def export_model(model: nn.Module, path: str, *, fmt: str = "torchscript", meta: Optional[Dict] = None,
-                 example_length: int = 16, serving: Optional[ServingModel] = None) -> Dict:
+def export_model(
+    model: nn.Module,
+    path: str,
+    *,
+    fmt: str = "torchscript",
+    meta: Optional[Dict] = None,
+    example_length: int = 16,
+    serving: Optional[ServingModel] = None,
+) -> Dict:
     """Write `model` (already in inference form, see prepare_for_inference) to `path` in format `fmt`.
     `serving`: the wrapper whose forward is exported (default ServingModel(model); a
     MultiAdapterServingModel takes an adapter index per row too). Returns the metadata stored with it."""

@@ -7,6 +7,7 @@ nn.Linear layers, and every other SparseLinear keeps our CSR kernel or becomes a
 whichever `sparseadapter.path_choice` measured faster for its shape and density at the expected rows
 per call.
 """
+
 import copy
 from dataclasses import dataclass
 from typing import List, Optional
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 
 from ..adapters import api as adapters_api
-from ..adapters.registry import PREFIX_ROOT, REGISTRY_ATTR
 from ..adapters.modules import BottleneckAdapter
+from ..adapters.registry import PREFIX_ROOT, REGISTRY_ATTR
 from ..adapters.slot import slots
 from ..path_choice import choose_path
 from ..sparse_linear import SparseLinear
@@ -27,9 +28,9 @@ DEFAULT_TOKENS = 32 * 128  # a batch of 32 sentences of 128 tokens
 @dataclass
 class LayerChoice:
     name: str
-    shape: "tuple[int, int]"     # (in_features, out_features)
+    shape: "tuple[int, int]"  # (in_features, out_features)
     density: float
-    path: str                    # "fused" (the adapter's sparse kernel), "sparse" or "dense"
+    path: str  # "fused" (the adapter's sparse kernel), "sparse" or "dense"
 
 
 @dataclass
@@ -40,8 +41,10 @@ class InferencePlan:
 
     def describe(self) -> str:
         count = {p: sum(c.path == p for c in self.layers) for p in ("fused", "sparse", "dense")}
-        lines = [f"of {len(self.layers)} sparse layers, {count['fused']} run in fused sparse adapters, "
-                 f"{count['sparse']} as CSR layers, {count['dense']} as dense GEMMs"]
+        lines = [
+            f"of {len(self.layers)} sparse layers, {count['fused']} run in fused sparse adapters, "
+            f"{count['sparse']} as CSR layers, {count['dense']} as dense GEMMs"
+        ]
         if self.merged_lora:
             lines.append(f"LoRA merged into the base weights: {', '.join(self.merged_lora)}")
         if self.folded_prefixes:
@@ -51,8 +54,13 @@ class InferencePlan:
 
 def densify(layer: SparseLinear) -> nn.Linear:
     """The same map as a dense nn.Linear (zeros where pruned)."""
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      device=layer.values.device, dtype=layer.values.dtype)
+    dense = nn.Linear(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        device=layer.values.device,
+        dtype=layer.values.dtype,
+    )
     with torch.no_grad():
         dense.weight.copy_(layer.to_dense())
         if layer.bias is not None:
@@ -74,8 +82,14 @@ def _fold_and_merge(model: nn.Module, merge_lora: bool) -> "tuple[List[str], Lis
     return merged, folded
 
 
-def prepare_for_inference(model: nn.Module, *, path: Optional[str] = None, tokens: int = DEFAULT_TOKENS,
-                          merge_lora: bool = True, inplace: bool = False) -> "tuple[nn.Module, InferencePlan]":
+def prepare_for_inference(
+    model: nn.Module,
+    *,
+    path: Optional[str] = None,
+    tokens: int = DEFAULT_TOKENS,
+    merge_lora: bool = True,
+    inplace: bool = False,
+) -> "tuple[nn.Module, InferencePlan]":
     """The model in inference form and what was done to it.
 
     path:   "auto" (measured crossover), "sparse" or "dense" for every SparseLinear; None reads the
@@ -102,15 +116,34 @@ def prepare_for_inference(model: nn.Module, *, path: Optional[str] = None, token
         if isinstance(adapter, BottleneckAdapter) and adapter.runs_fused():
             down, up = adapter.down, adapter.up
             density = (down.nnz + up.nnz) / (down.in_features * down.out_features + up.in_features * up.out_features)
-            chosen = choose_path(down.in_features, down.out_features, density, tokens, device=down.values.device.type,
-                                 dtype=down.values.dtype, path=path, kind="adapter")
+            chosen = choose_path(
+                down.in_features,
+                down.out_features,
+                density,
+                tokens,
+                device=down.values.device.type,
+                dtype=down.values.dtype,
+                path=path,
+                kind="adapter",
+            )
             for child, layer in (("down", down), ("up", up)):
                 decide(f"{name}.{child}", layer, "fused" if chosen == "sparse" else "dense")
                 decided.add(id(layer))
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, SparseLinear) or id(layer) in idle or id(layer) in decided:
             continue  # idle: merged LoRA, never called
-        decide(name, layer, choose_path(layer.in_features, layer.out_features, layer.density, tokens,
-                                        device=layer.values.device.type, dtype=layer.values.dtype, path=path))
+        decide(
+            name,
+            layer,
+            choose_path(
+                layer.in_features,
+                layer.out_features,
+                layer.density,
+                tokens,
+                device=layer.values.device.type,
+                dtype=layer.values.dtype,
+                path=path,
+            ),
+        )
     model.requires_grad_(False)
     return model, InferencePlan(choices, merged, folded)

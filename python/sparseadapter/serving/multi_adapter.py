@@ -6,6 +6,7 @@ adapted site over the whole batch); each adapter keeps the task head saved with 
 answers each row with its adapter's head. LoRA stays unmerged (a merge would reach every row) and every
 sparse layer stays CSR (the op runs CSR arrays), whatever the path choice would say.
 """
+
 import copy
 import os
 from typing import List, Sequence, Tuple
@@ -34,7 +35,7 @@ class RowHeads(nn.Module):
         routing = self.__dict__["router"].current()
         if routing is None:
             raise RuntimeError("RowHeads: called outside a routed call (MultiAdapterServingModel sets the routing)")
-        out = torch.stack([head(x) for head in self.heads], dim=1)            # [batch, K, labels]
+        out = torch.stack([head(x) for head in self.heads], dim=1)  # [batch, K, labels]
         pick = routing.rows.view(-1, 1, 1).expand(-1, 1, out.shape[-1])
         return out.gather(1, pick).squeeze(1)
 
@@ -47,8 +48,13 @@ class MultiAdapterServingModel(ServingModel):
         self.adapters = list(adapters)
         self.__dict__["router"] = registry_router(model)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor,  # type: ignore[override]
-                adapter_index: Tensor) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor,  # type: ignore[override]
+        adapter_index: Tensor,
+    ) -> Tensor:
         router = self.__dict__["router"]
         router.enter_call()
         router.route(Routing(self.adapters, adapter_index))
@@ -75,8 +81,10 @@ def load_adapters(model: nn.Module, paths: Sequence[str]) -> List[str]:
     names = [adapter_name_of(p) for p in paths]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"several adapters are named {repeated[0]!r} (a folder's name names its adapter); "
-                         "give each adapter folder its own name")
+        raise ValueError(
+            f"several adapters are named {repeated[0]!r} (a folder's name names its adapter); "
+            "give each adapter folder its own name"
+        )
     head_name = next((h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
     if head_name is None:
         raise ValueError(f"the model has no task head ({', '.join(HEAD_NAMES)}) to answer each adapter's rows with")
@@ -86,12 +94,16 @@ def load_adapters(model: nn.Module, paths: Sequence[str]) -> List[str]:
         # an inactive adapter's head is not at the model's head attribute: take its own record
         record = adapter_head(model, name)
         if record is not None and record.attr != head_name:
-            raise ValueError(f"adapter {name!r} answers through {record.attr!r}, the model through {head_name!r}; "
-                             "adapters served together answer one task")
+            raise ValueError(
+                f"adapter {name!r} answers through {record.attr!r}, the model through {head_name!r}; "
+                "adapters served together answer one task"
+            )
         head = record.module if record is not None else getattr(model, head_name)
         if installed(head) is not None:
-            raise ValueError(f"adapter {name!r}: a regression head on standardized targets cannot be served "
-                             "with other adapters yet; export it alone")
+            raise ValueError(
+                f"adapter {name!r}: a regression head on standardized targets cannot be served "
+                "with other adapters yet; export it alone"
+            )
         heads.append(copy.deepcopy(head))
     setattr(model, head_name, RowHeads(heads, model))
     set_active_adapters(model, [])

@@ -3,6 +3,7 @@
 Training order is a pure function of (seed, epoch), so a run resumed at step k takes exactly the
 batches the uninterrupted run would have taken; nothing about the order lives in a DataLoader.
 """
+
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -62,8 +63,9 @@ def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int) -> Dict[st
         fill = pad_id if key == "input_ids" else 0
         batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=torch.long)
     if "attention_mask" not in batch:
-        batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                                for r in rows], dtype=torch.long)
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], dtype=torch.long
+        )
     if split.labels is not None:
         batch["labels"] = split.labels[list(indices)]
     return batch
@@ -87,11 +89,11 @@ class TrainOrder:
     def batch(self, step: int) -> List[int]:
         epoch, index = divmod(step, self.steps_per_epoch)
         perm = self.permutation(epoch)
-        return perm[index * self.batch_size:(index + 1) * self.batch_size].tolist()
+        return perm[index * self.batch_size : (index + 1) * self.batch_size].tolist()
 
 
 def eval_batches(split: EncodedSplit, batch_size: int) -> Iterator[List[int]]:
     """Batches of similar lengths (less padding); predictions are put back in example order by the caller."""
     order = sorted(range(len(split)), key=lambda i: len(split.features[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]

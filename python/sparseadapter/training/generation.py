@@ -17,6 +17,7 @@ num_beams > 1) under the run's --precision autocast and scores ROUGE-1/2/L F1 ag
 Beside it: the lead baseline (the source's first sentence) and the base model zero-shot (the adapter
 switched off, the same prompt, decoding and precision), so a table shows what the adapter adds.
 """
+
 import contextlib
 import inspect
 import json
@@ -35,7 +36,13 @@ from .batching import EncodedSplit
 from .config import LM_OBJECTIVES, TrainConfig
 from .data import DataError, Example, lead_sentence
 from .engine import (
-    autocast, fit_max_length, load_examples, load_saved, position_limit, resolve_device, set_threads,
+    autocast,
+    fit_max_length,
+    load_examples,
+    load_saved,
+    position_limit,
+    resolve_device,
+    set_threads,
 )
 from .metrics import rouge
 from .progress import progress_bar
@@ -49,8 +56,9 @@ DECODINGS = ("greedy", "beam", "sample")
 
 # ------------------------------------------------------------------------------------------- objectives
 
+
 def model_kind(model_path: str) -> str:
-    """"seq2seq" (an encoder-decoder), "causal-lm" (a decoder-only LM) or "encoder", from the config."""
+    """ "seq2seq" (an encoder-decoder), "causal-lm" (a decoder-only LM) or "encoder", from the config."""
     import transformers
 
     try:
@@ -71,26 +79,36 @@ def resolve_objective(cfg: TrainConfig, task: TaskSpec, model_path: Optional[str
     if not task.generation:
         natural = "regression" if task.is_regression else "classification"
         if wanted in LM_OBJECTIVES:
-            raise ValueError(f"objective {wanted} trains text generation, and task {task.name} is "
-                             f"{natural}; generation tasks are bbc-headlines, or custom files with source "
-                             "and target columns")
+            raise ValueError(
+                f"objective {wanted} trains text generation, and task {task.name} is "
+                f"{natural}; generation tasks are bbc-headlines, or custom files with source "
+                "and target columns"
+            )
         if wanted is not None and wanted != natural:
-            raise ValueError(f"task {task.name} is {natural}, not {wanted} (custom files: pass --regression "
-                             "or --objective regression for real-valued labels)")
+            raise ValueError(
+                f"task {task.name} is {natural}, not {wanted} (custom files: pass --regression "
+                "or --objective regression for real-valued labels)"
+            )
         return natural
     if wanted in ("classification", "regression"):
-        raise ValueError(f"task {task.name} generates text (source -> target); its objective is causal-lm or "
-                         f"seq2seq, not {wanted}")
+        raise ValueError(
+            f"task {task.name} generates text (source -> target); its objective is causal-lm or seq2seq, not {wanted}"
+        )
     kind = model_kind(model_path)
     if kind == "encoder":
-        raise ValueError(f"task {task.name} generates text, and model {cfg.model} is an encoder without a "
-                         "language-model head; use a causal or seq2seq LM, e.g. --model smollm2")
+        raise ValueError(
+            f"task {task.name} generates text, and model {cfg.model} is an encoder without a "
+            "language-model head; use a causal or seq2seq LM, e.g. --model smollm2"
+        )
     if wanted == "seq2seq" and kind != "seq2seq":
-        raise ValueError(f"objective seq2seq needs an encoder-decoder model; {cfg.model} is decoder-only "
-                         "(use --objective causal-lm)")
+        raise ValueError(
+            f"objective seq2seq needs an encoder-decoder model; {cfg.model} is decoder-only (use --objective causal-lm)"
+        )
     if wanted == "causal-lm" and kind != "causal-lm":
-        raise ValueError(f"objective causal-lm needs a decoder-only model; {cfg.model} is an encoder-decoder "
-                         "(use --objective seq2seq)")
+        raise ValueError(
+            f"objective causal-lm needs a decoder-only model; {cfg.model} is an encoder-decoder "
+            "(use --objective seq2seq)"
+        )
     return kind
 
 
@@ -126,6 +144,7 @@ def load_lm(model_path: str, objective: str, seed: int):
 
 # ---------------------------------------------------------------------------------------------- prompts
 
+
 class Prompter:
     """Token ids of the prompt for a source and of the training target, for one objective.
 
@@ -136,24 +155,34 @@ class Prompter:
     tokens always survive); targets to `max_target` tokens including the closing eos.
     """
 
-    def __init__(self, tokenizer, objective: str, instruction: Optional[str], chat_template: bool,
-                 max_source: int, max_target: int):
+    def __init__(
+        self,
+        tokenizer,
+        objective: str,
+        instruction: Optional[str],
+        chat_template: bool,
+        max_source: int,
+        max_target: int,
+    ):
         self.tokenizer, self.objective = tokenizer, objective
         self.instruction = instruction or None
         self.max_source, self.max_target = max_source, max_target
         self.eos = tokenizer.eos_token_id
-        self.uses_chat_template = bool(objective == "causal-lm" and chat_template
-                                       and getattr(tokenizer, "chat_template", None))
+        self.uses_chat_template = bool(
+            objective == "causal-lm" and chat_template and getattr(tokenizer, "chat_template", None)
+        )
         self.target_prefix = ""
         if objective == "causal-lm":
             if self.uses_chat_template:
                 content = f"{self.instruction}\n\n{PLACEHOLDER}" if self.instruction else PLACEHOLDER
-                text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+                )
                 parts = text.split(PLACEHOLDER)
                 if len(parts) != 2:
-                    raise ValueError("the tokenizer's chat template does not render the user message once "
-                                     "(pass --no-chat-template)")
+                    raise ValueError(
+                        "the tokenizer's chat template does not render the user message once (pass --no-chat-template)"
+                    )
                 prefix, suffix = parts
                 self.prefix = self._ids(prefix)
             else:
@@ -173,10 +202,10 @@ class Prompter:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def prompt(self, source: str) -> List[int]:
-        return self.prefix + self._ids(source)[:self.max_source] + self.suffix
+        return self.prefix + self._ids(source)[: self.max_source] + self.suffix
 
     def target(self, target: str) -> List[int]:
-        ids = self._ids(self.target_prefix + target)[:self.max_target - 1]
+        ids = self._ids(self.target_prefix + target)[: self.max_target - 1]
         return ids + [self.eos]
 
 
@@ -185,12 +214,13 @@ def _special_tokens_around(tokenizer) -> "tuple[List[int], List[int]]":
     bare = tokenizer("a", add_special_tokens=False).input_ids
     full = tokenizer("a").input_ids
     for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
     return [], []
 
 
 # ------------------------------------------------------------------------------------- encoded splits
+
 
 @dataclass
 class GenerationSetup:
@@ -199,8 +229,8 @@ class GenerationSetup:
     tokenizer: object
     prompter: Prompter
     objective: str
-    keep_logits: bool = False       # the model's forward takes logits_to_keep (causal LM)
-    single_line: bool = True        # targets are one line: outputs are cut to their first real line
+    keep_logits: bool = False  # the model's forward takes logits_to_keep (causal LM)
+    single_line: bool = True  # targets are one line: outputs are cut to their first real line
     max_new_tokens: int = 32
     num_beams: int = 1
     batch_size: int = 16
@@ -220,8 +250,9 @@ class LMSplit(EncodedSplit):
     def subset(self, keep: Sequence[int]) -> "LMSplit":
         """The examples at indices `keep`, in that order (the same setup)."""
         labels = [self.labels[i] for i in keep] if self.labels is not None else None
-        return LMSplit([self.features[i] for i in keep], labels, sources=[self.sources[i] for i in keep],
-                       setup=self.setup)
+        return LMSplit(
+            [self.features[i] for i in keep], labels, sources=[self.sources[i] for i in keep], setup=self.setup
+        )
 
     def collate_batch(self, indices: Sequence[int], pad_id: int) -> Dict[str, torch.Tensor]:
         rows = [self.features[i] for i in indices]
@@ -229,12 +260,28 @@ class LMSplit(EncodedSplit):
             return collate_causal(rows, pad_id, self.setup.keep_logits)
         return collate_seq2seq(rows, pad_id)
 
-    def evaluate_generation(self, model: nn.Module, batch_size: int, device: torch.device, *, desc: str = "eval",
-                            progress: bool = True, precision: str = "fp32") -> Dict[str, float]:
+    def evaluate_generation(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        device: torch.device,
+        *,
+        desc: str = "eval",
+        progress: bool = True,
+        precision: str = "fp32",
+    ) -> Dict[str, float]:
         if self.labels is None:
             raise ValueError(f"{desc}: this split has no targets to score against")
-        predictions = generate(model, self.setup, [f["prompt"] for f in self.features], device=device,
-                               batch_size=batch_size, desc=desc, progress=progress, precision=precision)
+        predictions = generate(
+            model,
+            self.setup,
+            [f["prompt"] for f in self.features],
+            device=device,
+            batch_size=batch_size,
+            desc=desc,
+            progress=progress,
+            precision=precision,
+        )
         self.last_predictions = predictions
         return score(predictions, self.labels)
 
@@ -248,15 +295,15 @@ def collate_causal(rows: List[Dict[str, List[int]]], pad_id: int, keep_logits: b
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (row, seq) in enumerate(zip(rows, seqs)):
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-        labels[i, width - len(row["target"]):] = torch.tensor(row["target"])
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        labels[i, width - len(row["target"]) :] = torch.tensor(row["target"])
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     if keep_logits:
         # The model shifts labels by one: logits at the last K positions, with the labels of those same
         # positions, score every target token (the first of them predicted from the last prompt token).
         keep = min(width, longest_target + 1)
-        batch["labels"] = labels[:, width - keep:]
+        batch["labels"] = labels[:, width - keep :]
         batch["logits_to_keep"] = torch.arange(width - keep, width)
     else:
         batch["labels"] = labels
@@ -270,22 +317,24 @@ def collate_seq2seq(rows: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, 
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), target_width), -100, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row["prompt"])] = torch.tensor(row["prompt"])
-        mask[i, :len(row["prompt"])] = 1
-        labels[i, :len(row["target"])] = torch.tensor(row["target"])
+        ids[i, : len(row["prompt"])] = torch.tensor(row["prompt"])
+        mask[i, : len(row["prompt"])] = 1
+        labels[i, : len(row["target"])] = torch.tensor(row["target"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_setup(tokenizer, model: nn.Module, task: TaskSpec, cfg: TrainConfig,
-               train_examples: Optional[Sequence[Example]] = None) -> GenerationSetup:
+def make_setup(
+    tokenizer, model: nn.Module, task: TaskSpec, cfg: TrainConfig, train_examples: Optional[Sequence[Example]] = None
+) -> GenerationSetup:
     objective = objective_of(model)
     instruction = task.prompt if cfg.prompt is None else cfg.prompt
     prompter = Prompter(tokenizer, objective, instruction, cfg.chat_template, cfg.max_length, cfg.max_target_length)
     prompter.max_source = fit_source_length(prompter, cfg, model)
     keep = objective == "causal-lm" and "logits_to_keep" in inspect.signature(model.forward).parameters
     single = all("\n" not in (e.label or "") for e in train_examples or ())
-    return GenerationSetup(tokenizer, prompter, objective, keep, single, cfg.max_new_tokens, cfg.num_beams,
-                           cfg.eval_batch_size)
+    return GenerationSetup(
+        tokenizer, prompter, objective, keep, single, cfg.max_new_tokens, cfg.num_beams, cfg.eval_batch_size
+    )
 
 
 def fit_source_length(prompter: Prompter, cfg: TrainConfig, model: nn.Module) -> int:
@@ -295,13 +344,19 @@ def fit_source_length(prompter: Prompter, cfg: TrainConfig, model: nn.Module) ->
     overhead = len(prompter.prefix) + len(prompter.suffix)
     answer = max(cfg.max_target_length, cfg.max_new_tokens)
     if prompter.objective == "causal-lm":
-        return fit_max_length(cfg.max_length, model, overhead + answer,
-                              f"tokens of the prompt's instruction and template ({overhead}) and the answer "
-                              f"(max_target_length {cfg.max_target_length}, max_new_tokens {cfg.max_new_tokens})")
+        return fit_max_length(
+            cfg.max_length,
+            model,
+            overhead + answer,
+            f"tokens of the prompt's instruction and template ({overhead}) and the answer "
+            f"(max_target_length {cfg.max_target_length}, max_new_tokens {cfg.max_new_tokens})",
+        )
     limit = position_limit(model)  # an encoder-decoder: the answer is the decoder's, on positions of its own
     if limit is not None and answer > limit:
-        raise ValueError(f"max_target_length {cfg.max_target_length} / max_new_tokens {cfg.max_new_tokens}: the "
-                         f"model's decoder has {limit} positions (max_position_embeddings)")
+        raise ValueError(
+            f"max_target_length {cfg.max_target_length} / max_new_tokens {cfg.max_new_tokens}: the "
+            f"model's decoder has {limit} positions (max_position_embeddings)"
+        )
     return fit_max_length(cfg.max_length, model, overhead, f"tokens of the prompt's instruction ({overhead})")
 
 
@@ -319,6 +374,7 @@ def encode_lm(setup: GenerationSetup, examples: Sequence[Example]) -> LMSplit:
 
 
 # -------------------------------------------------------------------------------------------- decoding
+
 
 def clean_output(text: str, single_line: bool) -> str:
     """The answer in a generated text. For one-line targets: the first line that is not a preamble
@@ -356,11 +412,26 @@ def _stopping_criteria(tokenizer, stop: Sequence[str], start: int):
 
 
 @torch.no_grad()
-def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[int]], *, device: torch.device,
-             batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, decoding: Optional[str] = None,
-             num_beams: Optional[int] = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             stop: Sequence[str] = (), seed: int = 0, clean: bool = True, desc: str = "generate",
-             progress: bool = False, precision: str = "fp32") -> List[str]:
+def generate(
+    model: nn.Module,
+    setup: GenerationSetup,
+    prompts: Sequence[List[int]],
+    *,
+    device: torch.device,
+    batch_size: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    decoding: Optional[str] = None,
+    num_beams: Optional[int] = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    clean: bool = True,
+    desc: str = "generate",
+    progress: bool = False,
+    precision: str = "fp32",
+) -> List[str]:
     """The texts `model` generates from each prompt (token ids), in order, under the autocast of
     `precision` (engine.autocast: the run's --precision).
 
@@ -376,8 +447,12 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
         raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
     if decoding == "beam" and beams < 2:
         beams = 4
-    options = dict(max_new_tokens=max_new_tokens or setup.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                   num_beams=beams if decoding == "beam" else 1, do_sample=decoding == "sample")
+    options = dict(
+        max_new_tokens=max_new_tokens or setup.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        num_beams=beams if decoding == "beam" else 1,
+        do_sample=decoding == "sample",
+    )
     if decoding == "sample":
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     stop = [s for s in stop if s]
@@ -385,12 +460,14 @@ def generate(model: nn.Module, setup: GenerationSetup, prompts: Sequence[List[in
     causal = setup.objective == "causal-lm"
     limit = position_limit(model)
     if causal and limit is not None and prompts and max(map(len, prompts)) + options["max_new_tokens"] > limit:
-        raise ValueError(f"prompts of up to {max(map(len, prompts))} tokens and max_new_tokens "
-                         f"{options['max_new_tokens']} do not fit the model's {limit} positions "
-                         "(max_position_embeddings); lower --max-new-tokens")
+        raise ValueError(
+            f"prompts of up to {max(map(len, prompts))} tokens and max_new_tokens "
+            f"{options['max_new_tokens']} do not fit the model's {limit} positions "
+            "(max_position_embeddings); lower --max-new-tokens"
+        )
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: List[Optional[str]] = [None] * len(prompts)
     was_training = model.training
     model.eval()
@@ -428,8 +505,16 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, fl
     return result
 
 
-def baselines(model: nn.Module, split: LMSplit, device: torch.device, *, batch_size: Optional[int] = None,
-              zero_shot: bool = True, progress: bool = False, precision: str = "fp32") -> Dict[str, Dict[str, float]]:
+def baselines(
+    model: nn.Module,
+    split: LMSplit,
+    device: torch.device,
+    *,
+    batch_size: Optional[int] = None,
+    zero_shot: bool = True,
+    progress: bool = False,
+    precision: str = "fp32",
+) -> Dict[str, Dict[str, float]]:
     """ROUGE of the lead baseline (each source's first sentence) and, with `zero_shot`, of the base model
     with its adapters off (sa.disable_adapter; same prompt, decoding and precision); their predictions in
     split.baseline_predictions."""
@@ -438,9 +523,16 @@ def baselines(model: nn.Module, split: LMSplit, device: torch.device, *, batch_s
     predictions = {"lead": lead}
     if zero_shot:
         with sa_adapters.disable_adapter(model):
-            predictions["zero_shot"] = generate(model, split.setup, [f["prompt"] for f in split.features],
-                                                device=device, batch_size=batch_size, desc="zero-shot",
-                                                progress=progress, precision=precision)
+            predictions["zero_shot"] = generate(
+                model,
+                split.setup,
+                [f["prompt"] for f in split.features],
+                device=device,
+                batch_size=batch_size,
+                desc="zero-shot",
+                progress=progress,
+                precision=precision,
+            )
         found["zero_shot"] = score(predictions["zero_shot"], split.labels)
     split.baseline_predictions = predictions
     return found
@@ -451,19 +543,24 @@ def write_predictions(path: Path, split: LMSplit) -> None:
     extra = split.baseline_predictions or {}
     with open(path, "w", encoding="utf-8") as f:
         for i, source in enumerate(split.sources):
-            row = {"source": source, "reference": split.labels[i] if split.labels else None,
-                   "prediction": split.last_predictions[i] if split.last_predictions else None}
+            row = {
+                "source": source,
+                "reference": split.labels[i] if split.labels else None,
+                "prediction": split.last_predictions[i] if split.last_predictions else None,
+            }
             row.update({name: values[i] for name, values in extra.items()})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def finish_test(model: nn.Module, split: LMSplit, cfg: TrainConfig, out_dir: Path, device: torch.device,
-                log=None) -> Optional[Dict[str, Dict[str, float]]]:
+def finish_test(
+    model: nn.Module, split: LMSplit, cfg: TrainConfig, out_dir: Path, device: torch.device, log=None
+) -> Optional[Dict[str, Dict[str, float]]]:
     """After the final test evaluation of a run: the baselines (with cfg.baselines) and predictions.jsonl."""
     found = None
     if cfg.baselines:
-        found = baselines(model, split, device, batch_size=cfg.eval_batch_size, progress=cfg.progress,
-                          precision=cfg.precision)
+        found = baselines(
+            model, split, device, batch_size=cfg.eval_batch_size, progress=cfg.progress, precision=cfg.precision
+        )
     write_predictions(Path(out_dir) / "predictions.jsonl", split)
     return found
 
@@ -478,9 +575,12 @@ def rouge_rows(rows: Sequence, indent: str = "") -> List[str]:
     name_width = max(len(name) for name, _ in rows)
     lines = [indent + f"{'':<{name_width}}  " + "  ".join(f"{h:>7}" for h in ROUGE_HEADER) + "    words"]
     for name, m in rows:
-        lines.append(indent + f"{name:<{name_width}}  " + "  ".join(f"{100 * m[k]:>7.2f}" for k in
-                                                                   ("rouge1", "rouge2", "rougeL"))
-                     + f"  {m.get('words', math.nan):>7.1f}")
+        lines.append(
+            indent
+            + f"{name:<{name_width}}  "
+            + "  ".join(f"{100 * m[k]:>7.2f}" for k in ("rouge1", "rouge2", "rougeL"))
+            + f"  {m.get('words', math.nan):>7.1f}"
+        )
     return lines
 
 
@@ -488,8 +588,11 @@ def rouge_markdown(rows: Sequence) -> str:
     """The rows of rouge_rows as a markdown table."""
     lines = ["| | " + " | ".join(ROUGE_HEADER) + " | words |", "|---|---:|---:|---:|---:|"]
     for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL"))
-                     + f" | {m.get('words', math.nan):.1f} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL"))
+            + f" | {m.get('words', math.nan):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -505,26 +608,36 @@ def table_rows(metrics: Dict[str, float], found: Optional[Dict[str, Dict[str, fl
 
 # ------------------------------------------------------------------------------------- saved adapters
 
-def evaluate_saved_generation(cfg: TrainConfig, task: TaskSpec, tokenizer, model: nn.Module,
-                              examples: Dict[str, List[Example]], split: str, device: torch.device) -> Dict:
+
+def evaluate_saved_generation(
+    cfg: TrainConfig,
+    task: TaskSpec,
+    tokenizer,
+    model: nn.Module,
+    examples: Dict[str, List[Example]],
+    split: str,
+    device: torch.device,
+) -> Dict:
     """`sparseadapter eval` of a generation adapter: ROUGE on `split`, with the baselines (cfg.baselines)."""
     setup = make_setup(tokenizer, model, task, cfg, examples.get("train"))
     encoded = encode_lm(setup, examples[split])
     t = time.perf_counter()
-    metrics = encoded.evaluate_generation(model, cfg.eval_batch_size, device, desc=f"eval {split}",
-                                          progress=cfg.progress, precision=cfg.precision)
+    metrics = encoded.evaluate_generation(
+        model, cfg.eval_batch_size, device, desc=f"eval {split}", progress=cfg.progress, precision=cfg.precision
+    )
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded)
     if cfg.baselines:
-        metrics["baselines"] = baselines(model, encoded, device, batch_size=cfg.eval_batch_size,
-                                         progress=cfg.progress, precision=cfg.precision)
+        metrics["baselines"] = baselines(
+            model, encoded, device, batch_size=cfg.eval_batch_size, progress=cfg.progress, precision=cfg.precision
+        )
     return metrics
 
 
 def read_sources(path: str) -> List[str]:
     """Sources to generate from: a .txt file (one per line), or .csv/.tsv/.jsonl with a source (or text)
     column."""
-    from .data import _read_text, table_columns, read_generation_table, read_table
+    from .data import _read_text, read_generation_table, read_table, table_columns
     from .tasks import TaskSpec as _Spec
 
     p = Path(path)
@@ -542,19 +655,35 @@ def read_sources(path: str) -> List[str]:
     return sources
 
 
-def generate_saved(adapter_dir: str, *, sources: Optional[List[str]] = None, split: str = "test", limit: int = 5,
-                   decoding: str = "greedy", num_beams: int = 4, temperature: float = 1.0, top_p: float = 1.0,
-                   top_k: int = 0, seed: int = 0, max_new_tokens: Optional[int] = None, stop: Sequence[str] = (),
-                   batch_size: int = 8, adapter: bool = True, clean: bool = True,
-                   overrides: Optional[dict] = None) -> List[Dict[str, Optional[str]]]:
+def generate_saved(
+    adapter_dir: str,
+    *,
+    sources: Optional[List[str]] = None,
+    split: str = "test",
+    limit: int = 5,
+    decoding: str = "greedy",
+    num_beams: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    max_new_tokens: Optional[int] = None,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    adapter: bool = True,
+    clean: bool = True,
+    overrides: Optional[dict] = None,
+) -> List[Dict[str, Optional[str]]]:
     """What `sparseadapter generate` runs: a saved generation adapter (or run folder) on its base model,
     generating from `sources`, or from the first `limit` examples (0: all) of `split` of its task.
     Rows of {"source", "generated", "reference"} (reference only for examples of a split). It runs
     under the adapter's training precision (overrides["precision"] to change it)."""
     cfg, task, tokenizer, model = load_saved(adapter_dir, overrides)
     if not task.generation:
-        raise ValueError(f"{adapter_dir} holds an adapter for {task.name}, which is not a generation task; "
-                         "`generate` needs one trained with objective causal-lm or seq2seq")
+        raise ValueError(
+            f"{adapter_dir} holds an adapter for {task.name}, which is not a generation task; "
+            "`generate` needs one trained with objective causal-lm or seq2seq"
+        )
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     model.to(device)
@@ -576,9 +705,24 @@ def generate_saved(adapter_dir: str, *, sources: Optional[List[str]] = None, spl
     prompts = [setup.prompter.prompt(s) for s in sources]
     context = contextlib.nullcontext() if adapter else sa_adapters.disable_adapter(model)
     with context:
-        texts = generate(model, setup, prompts, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                         decoding=decoding, num_beams=num_beams, temperature=temperature, top_p=top_p, top_k=top_k,
-                         stop=stop, seed=seed, clean=clean, progress=cfg.progress, precision=cfg.precision)
+        texts = generate(
+            model,
+            setup,
+            prompts,
+            device=device,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            decoding=decoding,
+            num_beams=num_beams,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            clean=clean,
+            progress=cfg.progress,
+            precision=cfg.precision,
+        )
     rows = []
     for source, text, reference in zip(sources, texts, references):
         row = {"source": source, "generated": text}

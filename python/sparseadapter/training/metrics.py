@@ -7,6 +7,7 @@ no positive examples for F1) it is 0.0 rather than NaN, so model selection can a
 NaN or infinite inputs to the correlations raise ValueError instead (a diverged model, not a score).
 ROUGE (generation tasks) is the exception: it comes from the rouge-score package.
 """
+
 import math
 import numbers
 from collections import Counter
@@ -21,8 +22,10 @@ from .tasks import TaskSpec
 def _as_list(values, what: str) -> List:
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
-            raise ValueError(f"{what} must be 1-D, got shape {tuple(values.shape)}"
-                             + (" (take the argmax of the logits first)" if values.dim() == 2 else ""))
+            raise ValueError(
+                f"{what} must be 1-D, got shape {tuple(values.shape)}"
+                + (" (take the argmax of the logits first)" if values.dim() == 2 else "")
+            )
         return values.detach().cpu().tolist()
     values = list(values)
     if any(isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0 for v in values):
@@ -136,8 +139,12 @@ def spearman(predictions, labels) -> float:
 
 
 METRICS: Dict[str, Callable[[Sequence, Sequence], float]] = {
-    "accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "matthews": matthews_corrcoef,
-    "pearson": pearson, "spearman": spearman,
+    "accuracy": accuracy,
+    "f1": f1,
+    "macro_f1": macro_f1,
+    "matthews": matthews_corrcoef,
+    "pearson": pearson,
+    "spearman": spearman,
 }
 
 
@@ -207,10 +214,22 @@ def compute_metrics(task: TaskSpec, predictions, labels) -> Dict[str, float]:
 COLLAPSE_STD_FRACTION = 0.05
 # Keys that evaluate() adds beside the task's metrics: what the predictions look like, and what a constant
 # baseline (the training majority class / the training mean) scores on the same examples.
-DIAGNOSTIC_KEYS = ("prediction_mean", "prediction_std", "label_std", "predicted_classes", "label_classes",
-                   "top_class", "top_class_share", "baseline",
-                   # question answering (qa.py): counts, and the unanswerable part's F1 (its exact match again)
-                   "total", "has_answer_total", "no_answer_total", "no_answer_f1", "has_answer_span_exact")
+DIAGNOSTIC_KEYS = (
+    "prediction_mean",
+    "prediction_std",
+    "label_std",
+    "predicted_classes",
+    "label_classes",
+    "top_class",
+    "top_class_share",
+    "baseline",
+    # question answering (qa.py): counts, and the unanswerable part's F1 (its exact match again)
+    "total",
+    "has_answer_total",
+    "no_answer_total",
+    "no_answer_f1",
+    "has_answer_span_exact",
+)
 
 
 def is_diagnostic(key: str) -> bool:
@@ -247,8 +266,12 @@ def prediction_diagnostics(task: TaskSpec, predictions, labels, baseline=None) -
     else:
         counts = Counter(int(v) for v in p)
         top = min(counts, key=lambda c: (-counts[c], c))
-        out = {"predicted_classes": len(counts), "label_classes": len(set(int(v) for v in y)), "top_class": top,
-               "top_class_share": counts[top] / len(p)}
+        out = {
+            "predicted_classes": len(counts),
+            "label_classes": len(set(int(v) for v in y)),
+            "top_class": top,
+            "top_class_share": counts[top] / len(p),
+        }
     if baseline is not None:
         out["baseline"] = baseline
         constant = [baseline] * len(y)
@@ -265,8 +288,11 @@ def describe_baseline(task: TaskSpec, values: Dict[str, float]) -> Optional[str]
     """'always <majority class>' / 'the training mean 2.74' with what it scores, from evaluate()'s keys."""
     if "baseline" not in values:
         return None
-    what = (f"predicting the training mean ({values['baseline']:.4g})" if task.is_regression
-            else f"always predicting the training majority class {class_name(task, values['baseline'])!r}")
+    what = (
+        f"predicting the training mean ({values['baseline']:.4g})"
+        if task.is_regression
+        else f"always predicting the training majority class {class_name(task, values['baseline'])!r}"
+    )
     scores = "  ".join(f"{m} {values[f'baseline_{m}']:.4f}" for m in task.metrics if f"baseline_{m}" in values)
     if "baseline_loss" in values:
         scores += f"  (loss {values['baseline_loss']:.4f})"
@@ -283,11 +309,15 @@ def collapse_warning(task: TaskSpec, values: Dict[str, float], split: str = "") 
             return None
         spread, label_spread = values["prediction_std"], values["label_std"]
         if label_spread > 0 and spread < COLLAPSE_STD_FRACTION * label_spread:
-            return (f"{where}predictions collapsed: they spread {spread:.4g} (std), {spread / label_spread:.1%} of "
-                    f"the labels' {label_spread:.4g}; the model answers about {values['prediction_mean']:.4g} "
-                    f"for every example, so its correlations mean nothing{tail}")
+            return (
+                f"{where}predictions collapsed: they spread {spread:.4g} (std), {spread / label_spread:.1%} of "
+                f"the labels' {label_spread:.4g}; the model answers about {values['prediction_mean']:.4g} "
+                f"for every example, so its correlations mean nothing{tail}"
+            )
         return None
     if values.get("predicted_classes") == 1 and values.get("label_classes", 2) > 1:
-        return (f"{where}predictions collapsed: every example gets class "
-                f"{class_name(task, values['top_class'])!r}, so the scores are those of a constant{tail}")
+        return (
+            f"{where}predictions collapsed: every example gets class "
+            f"{class_name(task, values['top_class'])!r}, so the scores are those of a constant{tail}"
+        )
     return None

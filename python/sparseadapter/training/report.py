@@ -1,4 +1,5 @@
 """What a run reports: results.json and results.md in the run folder, and the one-screen summary."""
+
 import json
 from typing import List, Optional
 
@@ -41,12 +42,22 @@ def _normalization(result: RunResult) -> Optional[dict]:
 
 def results_dict(result: RunResult) -> dict:
     return {
-        "task": result.task.name, "model": result.config.model, "adapter": describe_adapter(result),
-        "examples": result.sizes, "steps": result.steps, "best_step": result.best_step,
-        "validation": result.validation, "test": result.test, "parameters": result.counts,
-        "timings_s": result.timings, "adapter_dir": str(result.adapter_dir), "config": result.config.to_dict(),
-        "target_normalization": _normalization(result), "warnings": warnings(result),
-        "objective": result.objective, "baselines": result.baselines,
+        "task": result.task.name,
+        "model": result.config.model,
+        "adapter": describe_adapter(result),
+        "examples": result.sizes,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "validation": result.validation,
+        "test": result.test,
+        "parameters": result.counts,
+        "timings_s": result.timings,
+        "adapter_dir": str(result.adapter_dir),
+        "config": result.config.to_dict(),
+        "target_normalization": _normalization(result),
+        "warnings": warnings(result),
+        "objective": result.objective,
+        "baselines": result.baselines,
     }
 
 
@@ -77,8 +88,11 @@ def results_table(result: RunResult) -> str:
     for generation, ROUGE beside the lead and zero-shot baselines (rouge_table)."""
     if result.task.generation:
         rows = _rouge_table_rows(result)
-        return ("ROUGE F1 x 100 (rouge-score, stemmed); baselines on the same test examples\n\n"
-                + rouge_markdown(rows)) if rows else ""
+        return (
+            ("ROUGE F1 x 100 (rouge-score, stemmed); baselines on the same test examples\n\n" + rouge_markdown(rows))
+            if rows
+            else ""
+        )
     metrics = ["loss", *result.task.metrics]
     lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in (("validation", result.validation), ("test", result.test)):
@@ -100,25 +114,31 @@ def write_results(result: RunResult) -> None:
     text += f"{results_table(result)}\n\n{parameter_line(result)}\n"
     if result.target_normalization:
         mean, scale = result.target_normalization
-        text += (f"\nRegression targets standardized with the training labels' mean {mean:.6g} and standard "
-                 f"deviation {scale:.6g} (stored with the head; predictions are in label units; loss is the "
-                 f"MSE in standardized units, 1.0 being as good as predicting the mean).\n")
+        text += (
+            f"\nRegression targets standardized with the training labels' mean {mean:.6g} and standard "
+            f"deviation {scale:.6g} (stored with the head; predictions are in label units; loss is the "
+            f"MSE in standardized units, 1.0 being as good as predicting the mean).\n"
+        )
     (out / "results.md").write_text(text)
 
 
 def parameter_line(result: RunResult) -> str:
     c = result.counts
     adapter = c["trainable"] - c["head"]
-    line = f"trainable {c['trainable']:,} = adapter {adapter:,} + task head {c['head']:,} " \
-           f"({_percent(c['trainable'], c['total'])} of {c['total']:,})"
+    line = (
+        f"trainable {c['trainable']:,} = adapter {adapter:,} + task head {c['head']:,} "
+        f"({_percent(c['trainable'], c['total'])} of {c['total']:,})"
+    )
     if c["sparse_dense_size"]:
-        line += (f"; adapter weights {c['sparse_nnz']:,} nonzeros of {c['sparse_dense_size']:,} "
-                 f"(sparsity {1 - c['sparse_nnz'] / c['sparse_dense_size']:.3f})")
+        line += (
+            f"; adapter weights {c['sparse_nnz']:,} nonzeros of {c['sparse_dense_size']:,} "
+            f"(sparsity {1 - c['sparse_nnz'] / c['sparse_dense_size']:.3f})"
+        )
     return line
 
 
 def _steps(result: RunResult) -> str:
-    """"98 steps, median 1.41 s/step, bf16; compile 31.2 s" (what shaped the train time)."""
+    """ "98 steps, median 1.41 s/step, bf16; compile 31.2 s" (what shaped the train time)."""
     t, cfg = result.timings, result.config
     text = f"{result.steps} steps"
     if "step_median_s" in t:
@@ -150,13 +170,18 @@ def summary(result: RunResult) -> str:
             rows += ["  ROUGE       F1 x 100; baselines on the same test examples"] + table
     if result.target_normalization:
         mean, scale = result.target_normalization
-        rows.append(f"  targets     standardized: mean {mean:.4g}, std {scale:.4g} of the training labels "
-                    "(loss in standardized units)")
+        rows.append(
+            f"  targets     standardized: mean {mean:.4g}, std {scale:.4g} of the training labels "
+            "(loss in standardized units)"
+        )
     shown = None
     for split, values in (("validation", result.validation), ("test", result.test)):
         if values is not None and not result.task.generation:
-            rows.append(f"  {split:<11} " + "  ".join(f"{k} {values[k]:.4f}" for k in result.task.metrics)
-                        + f"  (loss {values['loss']:.4f})")
+            rows.append(
+                f"  {split:<11} "
+                + "  ".join(f"{k} {values[k]:.4f}" for k in result.task.metrics)
+                + f"  (loss {values['loss']:.4f})"
+            )
             shown = (split, values)
     if shown is not None and describe_baseline(result.task, shown[1]):
         rows.append(f"  baseline    {shown[0]}, {describe_baseline(result.task, shown[1])}")

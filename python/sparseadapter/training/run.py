@@ -10,6 +10,7 @@ A run folder holds:
   results.json, results.md   the final numbers
   predictions.jsonl generation tasks: per test example the reference, the adapter's output and the baselines'
 """
+
 import contextlib
 import gc
 import json
@@ -34,9 +35,22 @@ from . import generation
 from .batching import EncodedSplit, collate
 from .config import FILE_TASKS, TrainConfig
 from .engine import (
-    add_pruned_adapter, autocast, encode_splits, evaluate, load_examples, load_task_model, micro_batches,
-    prepare_head, regression_scale, resolve_device, resolve_model_path, save_adapter_dir, set_threads, task_loss,
-    to_device, train_order,
+    add_pruned_adapter,
+    autocast,
+    encode_splits,
+    evaluate,
+    load_examples,
+    load_task_model,
+    micro_batches,
+    prepare_head,
+    regression_scale,
+    resolve_device,
+    resolve_model_path,
+    save_adapter_dir,
+    set_threads,
+    task_loss,
+    to_device,
+    train_order,
 )
 from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
@@ -45,8 +59,7 @@ from .tasks import TaskSpec
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "predictions.jsonl")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
 # Options a resumed run may change: they do not alter what is computed.
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir",
-                     "compile"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir", "compile"}
 
 
 @dataclass
@@ -86,16 +99,20 @@ def prepare_output(cfg: TrainConfig, out: Path, log: Callable[[str], None] = pri
         changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != mine[k])
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in changed)
-            raise ValueError(f"--resume: the run in {out} was made with other settings ({details}); "
-                             "a resumed run must use the same ones")
+            raise ValueError(
+                f"--resume: the run in {out} was made with other settings ({details}); "
+                "a resumed run must use the same ones"
+            )
         found = ckpt.usable_checkpoint(out, log)
         if found is not None:
             _trim_metrics(out / "metrics.jsonl", ckpt.read_state(found)["step"])
             return found
         log(f"{out}: the run stopped before its first checkpoint; starting it over")
     elif previous.is_file() and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                         "or choose another --output-dir")
+        raise ValueError(
+            f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --output-dir"
+        )
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     for name in RUN_DIRS:
@@ -107,8 +124,9 @@ def _read_run_config(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))["train_config"]
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError) as err:
-        raise ValueError(f"--resume: {path} is not a readable run config ({type(err).__name__}); "
-                         "start over with --overwrite") from None
+        raise ValueError(
+            f"--resume: {path} is not a readable run config ({type(err).__name__}); start over with --overwrite"
+        ) from None
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: {path} is not a readable run config; start over with --overwrite")
     return saved
@@ -125,8 +143,12 @@ def _trim_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and not record.get("final") and isinstance(record.get("step"), int) \
-                and record["step"] <= step:
+        if (
+            isinstance(record, dict)
+            and not record.get("final")
+            and isinstance(record.get("step"), int)
+            and record["step"] <= step
+        ):
             keep.append(line)
     atomic_write(path, "".join(f"{line}\n" for line in keep).encode())
 
@@ -149,10 +171,12 @@ def selection_split(split: Optional[EncodedSplit], limit: Optional[int]) -> Opti
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warm-up to the peak, then linear decay to zero at the last step."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return factor
 
 
@@ -161,9 +185,11 @@ def _format_record(record: dict) -> str:
     if "step_s" in record:
         parts.append(f"{1000 * record['step_s']:.0f} ms/step")
     if "split" in record:
-        parts += [f"{record['split']} {k} {v:.4f}" for k, v in record.items()
-                  if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s", "examples")
-                  and not is_diagnostic(k)]
+        parts += [
+            f"{record['split']} {k} {v:.4f}"
+            for k, v in record.items()
+            if k not in ("step", "epoch", "train_loss", "lr", "split", "step_s", "examples") and not is_diagnostic(k)
+        ]
         if "examples" in record:
             parts.append(f"on {record['examples']} examples")
     return " | ".join(parts)
@@ -221,11 +247,17 @@ class Run:
         self.target_scale = regression_scale(self.model) if self.task.is_regression else 1.0
         self.baseline = baseline_prediction(self.task, train_labels)
         if cfg.batch_size < self.world.size:
-            raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be at least the "
-                             f"number of processes ({self.world.size})")
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is the global batch and must be at least the "
+                f"number of processes ({self.world.size})"
+            )
         if self.world.is_main:
-            self.log(f"task {self.task.name}: " + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
-                     + f" examples; model {cfg.model}" + (f"; {self.world.size} processes" if self.world.distributed else ""))
+            self.log(
+                f"task {self.task.name}: "
+                + ", ".join(f"{k} {n}" for k, n in self.sizes.items())
+                + f" examples; model {cfg.model}"
+                + (f"; {self.world.size} processes" if self.world.distributed else "")
+            )
         self.selection = selection_split(self.splits.get("validation"), cfg.eval_max_examples)
         self.order = train_order(cfg, self.sizes["train"])  # optimizer-step batches
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.order.steps_per_epoch))
@@ -237,21 +269,32 @@ class Run:
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, self.model, self.cfg.adapter_name)
             if state["step"] > self.total:
-                raise ValueError(f"{self.resume_from}: the checkpoint is at step {state['step']}, past this run's "
-                                 f"{self.total} steps")
+                raise ValueError(
+                    f"{self.resume_from}: the checkpoint is at step {state['step']}, past this run's {self.total} steps"
+                )
             if self.world.is_main:
                 self.log(f"resuming {self.out} from step {state['step']} of {self.total}")
             self.timings.update(state.get("timings", {}))
             return state
 
         def prune_on_main():
-            (self.out / "config.json").write_text(json.dumps(
-                {"train_config": self.cfg.to_dict(), "model_path": self.model_path, "task": self.task.name,
-                 "objective": self.objective,
-                 "label_names": list(self.task.label_names) if self.task.label_names else None,
-                 "target_normalization": dict(zip(("mean", "scale"), self.target)) if self.target else None,
-                 "world_size": self.world.size, "sparseadapter": __version__, "torch": torch.__version__},
-                indent=2, sort_keys=True))
+            (self.out / "config.json").write_text(
+                json.dumps(
+                    {
+                        "train_config": self.cfg.to_dict(),
+                        "model_path": self.model_path,
+                        "task": self.task.name,
+                        "objective": self.objective,
+                        "label_names": list(self.task.label_names) if self.task.label_names else None,
+                        "target_normalization": dict(zip(("mean", "scale"), self.target)) if self.target else None,
+                        "world_size": self.world.size,
+                        "sparseadapter": __version__,
+                        "torch": torch.__version__,
+                    },
+                    indent=2,
+                    sort_keys=True,
+                )
+            )
             start = time.perf_counter()
             add_pruned_adapter(self.model, self.cfg, self.splits["train"], self.order, self.pad_id, self.device)
             self.timings["prune_s"] = time.perf_counter() - start
@@ -274,7 +317,8 @@ class Run:
         state["param_names"] = [n for n, _ in named]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _schedule(self.total, round(cfg.warmup_ratio * self.total)))
+            self.optimizer, _schedule(self.total, round(cfg.warmup_ratio * self.total))
+        )
         # fp16 only: the loss is scaled up before backward so small gradients survive float16, and a step
         # whose gradients overflowed is skipped (the scale then halves). Disabled, it passes through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -286,8 +330,10 @@ class Run:
                     raise ValueError(f"{self.resume_from}: the checkpoint has no gradient scaler state for fp16")
                 self.scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) != self.world.size:
-                raise ValueError(f"{self.resume_from} was written by a run of {len(state['rng'])} process(es); "
-                                 f"resume it with as many (this one has {self.world.size})")
+                raise ValueError(
+                    f"{self.resume_from} was written by a run of {len(state['rng'])} process(es); "
+                    f"resume it with as many (this one has {self.world.size})"
+                )
             ckpt.set_rng_state(state["rng"][self.world.rank], self.device)
         else:
             # dropout in the frozen base: the same draws in every run of this seed (a stream per rank)
@@ -329,8 +375,9 @@ class Run:
                 with autocast(cfg.precision, self.device):
                     loss = task_loss(self.forward_model(**batch), batch, self.task, self.target_scale)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower --lr "
-                                             f"(now {cfg.lr}) or check the labels")
+                    raise FloatingPointError(
+                        f"training loss is {loss.item()} at step {step}: lower --lr (now {cfg.lr}) or check the labels"
+                    )
                 self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
             total += loss.item() * weight
         if self.scaler.is_enabled():
@@ -347,8 +394,14 @@ class Run:
         self.has_validation = self.validation_ready()
         self.model.train()
         start = time.perf_counter()
-        bar = progress_bar(None, desc="train", enabled=cfg.progress and self.world.is_main, total=self.total,
-                           initial=state["step"], unit="step")
+        bar = progress_bar(
+            None,
+            desc="train",
+            enabled=cfg.progress and self.world.is_main,
+            total=self.total,
+            initial=state["step"],
+            unit="step",
+        )
         for key in ("step_times", "first_steps", "recompiling_steps"):
             state.setdefault(key, [])
         first = True  # a resumed run compiles anew: each compiled process's first step is recorded
@@ -369,8 +422,11 @@ class Run:
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             step = state["step"]
             done = step == self.total
-            evaluate_now = done or (cfg.eval_every and step % cfg.eval_every == 0) or \
-                (not cfg.eval_every and step % order.steps_per_epoch == 0)
+            evaluate_now = (
+                done
+                or (cfg.eval_every and step % cfg.eval_every == 0)
+                or (not cfg.eval_every and step % order.steps_per_epoch == 0)
+            )
             if evaluate_now:
                 t = time.perf_counter()
                 record = self.on_main(self._evaluate_and_keep_best)
@@ -409,19 +465,31 @@ class Run:
 
     def _evaluate_and_keep_best(self) -> dict:
         state, order = self.state, self.order
-        recent = state["step_times"][-state["loss_count"]:] if state["loss_count"] else []
-        record = {"step": state["step"], "epoch": state["step"] / order.steps_per_epoch,
-                  "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
-                  "lr": self.scheduler.get_last_lr()[0]}
+        recent = state["step_times"][-state["loss_count"] :] if state["loss_count"] else []
+        record = {
+            "step": state["step"],
+            "epoch": state["step"] / order.steps_per_epoch,
+            "train_loss": state["loss_sum"] / max(1, state["loss_count"]),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         if recent:
             record["step_s"] = statistics.median(recent)  # median step time since the previous record
         state["loss_sum"], state["loss_count"] = 0.0, 0
         if self.has_validation:
             t = time.perf_counter()
             subset = self.selection is not self.splits["validation"]
-            metrics = evaluate(self.model, self.selection, self.task, self.cfg.eval_batch_size,
-                               self.pad_id, self.device, desc="eval validation" + (" subset" if subset else ""),
-                               progress=self.cfg.progress, precision=self.cfg.precision, baseline=self.baseline)
+            metrics = evaluate(
+                self.model,
+                self.selection,
+                self.task,
+                self.cfg.eval_batch_size,
+                self.pad_id,
+                self.device,
+                desc="eval validation" + (" subset" if subset else ""),
+                progress=self.cfg.progress,
+                precision=self.cfg.precision,
+                baseline=self.baseline,
+            )
             self.timings["eval_s"] += time.perf_counter() - t
             record.update(split="validation", **metrics)
             if subset:
@@ -437,11 +505,16 @@ class Run:
         rng = dist_.all_gather(ckpt.rng_state(self.device), self.world)  # every rank's dropout stream
 
         def save():
-            self.state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                              rng=rng, timings=dict(self.timings))
+            self.state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng=rng,
+                timings=dict(self.timings),
+            )
             if self.scaler.is_enabled():
                 self.state["scaler"] = self.scaler.state_dict()
             ckpt.save_checkpoint(self.out, self.model, self.cfg.adapter_name, self.state)
+
         self.on_main(save)
 
     # -- the end -----------------------------------------------------------------------------------------
@@ -463,13 +536,30 @@ class Run:
         test = baselines = None
         t = time.perf_counter()
         if validation is not None and self.selection is not self.splits["validation"]:
-            validation = evaluate(self.model, self.splits["validation"], self.task, cfg.eval_batch_size, self.pad_id,
-                                  self.device, desc="final validation", progress=cfg.progress,
-                                  precision=cfg.precision)
+            validation = evaluate(
+                self.model,
+                self.splits["validation"],
+                self.task,
+                cfg.eval_batch_size,
+                self.pad_id,
+                self.device,
+                desc="final validation",
+                progress=cfg.progress,
+                precision=cfg.precision,
+            )
         if "test" in self.splits and self.splits["test"].labels is not None:
-            test = evaluate(self.model, self.splits["test"], self.task, cfg.eval_batch_size, self.pad_id,
-                            self.device, desc="final test", progress=cfg.progress, precision=cfg.precision,
-                            baseline=self.baseline)
+            test = evaluate(
+                self.model,
+                self.splits["test"],
+                self.task,
+                cfg.eval_batch_size,
+                self.pad_id,
+                self.device,
+                desc="final test",
+                progress=cfg.progress,
+                precision=cfg.precision,
+                baseline=self.baseline,
+            )
         self.timings["eval_s"] += time.perf_counter() - t
         if test is not None and self.task.generation:  # the lead and zero-shot baselines, predictions.jsonl
             t = time.perf_counter()
@@ -478,15 +568,31 @@ class Run:
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
-                _append_jsonl(out / "metrics.jsonl",
-                              {"step": best_step or state["step"], "final": True, "split": split, **metrics})
+                _append_jsonl(
+                    out / "metrics.jsonl",
+                    {"step": best_step or state["step"], "final": True, "split": split, **metrics},
+                )
         sa_adapters.write_model_card(str(final), metrics={"validation": validation, "test": test})
         counts = dict(sa_adapters.trainable_parameters(self.model))
         counts["head"] = sum(p.numel() for p in head_parameters(self.model))
-        result = RunResult(out, final, self.task, self.sizes, validation, test, counts, self.timings,
-                           state["step"], best_step, cfg, target_normalization=self.target,
-                           objective=self.objective, baselines=baselines)
+        result = RunResult(
+            out,
+            final,
+            self.task,
+            self.sizes,
+            validation,
+            test,
+            counts,
+            self.timings,
+            state["step"],
+            best_step,
+            cfg,
+            target_normalization=self.target,
+            objective=self.objective,
+            baselines=baselines,
+        )
         from .report import write_results  # report formats RunResult: imported here to avoid a cycle
+
         write_results(result)
         return result
 
@@ -498,6 +604,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> Optional[R
     """
     if cfg.task in FILE_TASKS:  # extractive question answering: a span head, windows, EM/F1 (qa.py)
         from .qa import QARun
+
         run = QARun(cfg, log)
     else:
         run = Run(cfg, log)

@@ -13,6 +13,7 @@ bag-of-words; each question takes its best over its references; an unanswerable 
 reference) is right, exact and F1 both 1, only for an empty prediction, and an empty prediction scores 0
 on an answerable one. Scores are percentages (0-100), as the official script prints them.
 """
+
 import collections
 import json
 import math
@@ -63,8 +64,8 @@ class QAExample:
 @dataclass(frozen=True)
 class SquadFile:
     examples: Tuple[QAExample, ...]
-    version_2: bool            # the file is v2.0 (or has unanswerable questions)
-    realigned: int = 0         # answers whose answer_start did not match their text, moved to the nearest match
+    version_2: bool  # the file is v2.0 (or has unanswerable questions)
+    realigned: int = 0  # answers whose answer_start did not match their text, moved to the nearest match
 
     def titles(self) -> List[str]:
         return list(dict.fromkeys(e.title for e in self.examples))
@@ -81,7 +82,7 @@ def _where(article: int, paragraph: Optional[int] = None, question: Optional[int
 
 def _align(context: str, text: str, start) -> Optional[int]:
     """The answer's start: `start` when the context holds `text` there, else the nearest place it does."""
-    if isinstance(start, int) and not isinstance(start, bool) and context[start:start + len(text)] == text:
+    if isinstance(start, int) and not isinstance(start, bool) and context[start : start + len(text)] == text:
         return start
     places = [m.start() for m in re.finditer(re.escape(text), context)]
     if not places:
@@ -93,7 +94,7 @@ def _align(context: str, text: str, start) -> Optional[int]:
 def parse_squad(data, source: PathLike = "squad") -> SquadFile:
     """SquadFile from the parsed JSON of a SQuAD file (see read_squad)."""
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise DataError("not a SQuAD file: expected a JSON object with a \"data\" list of articles", source)
+        raise DataError('not a SQuAD file: expected a JSON object with a "data" list of articles', source)
     version = str(data.get("version", ""))
     examples: List[QAExample] = []
     seen: Dict[str, str] = {}
@@ -101,41 +102,41 @@ def parse_squad(data, source: PathLike = "squad") -> SquadFile:
     impossible_any = False
     for a, article in enumerate(data["data"]):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            raise DataError(f"{_where(a)}: expected an object with a \"paragraphs\" list", source)
+            raise DataError(f'{_where(a)}: expected an object with a "paragraphs" list', source)
         title = article.get("title", "")
         title = title if isinstance(title, str) else str(title)
         for p, paragraph in enumerate(article["paragraphs"]):
             where = _where(a, p, title=title)
             if not isinstance(paragraph, dict):
-                raise DataError(f"{where}: expected an object with \"context\" and \"qas\"", source)
+                raise DataError(f'{where}: expected an object with "context" and "qas"', source)
             context = paragraph.get("context")
             if not isinstance(context, str) or not context.strip():
-                raise DataError(f"{where}: missing or empty \"context\"", source)
+                raise DataError(f'{where}: missing or empty "context"', source)
             qas = paragraph.get("qas")
             if not isinstance(qas, list):
-                raise DataError(f"{where}: \"qas\" must be a list of questions", source)
+                raise DataError(f'{where}: "qas" must be a list of questions', source)
             for q, qa in enumerate(qas):
                 where = _where(a, p, q, title)
                 if not isinstance(qa, dict):
-                    raise DataError(f"{where}: expected an object with \"id\", \"question\" and \"answers\"", source)
+                    raise DataError(f'{where}: expected an object with "id", "question" and "answers"', source)
                 qid, question = qa.get("id"), qa.get("question")
                 if not isinstance(qid, str) or not qid:
-                    raise DataError(f"{where}: missing \"id\"", source)
+                    raise DataError(f'{where}: missing "id"', source)
                 if qid in seen:
                     raise DataError(f"{where}: id {qid!r} repeats ({seen[qid]})", source)
                 seen[qid] = where
                 if not isinstance(question, str) or not question.strip():
-                    raise DataError(f"{where} ({qid}): missing or empty \"question\"", source)
+                    raise DataError(f'{where} ({qid}): missing or empty "question"', source)
                 impossible = qa.get("is_impossible", False)
                 if not isinstance(impossible, bool):
-                    raise DataError(f"{where} ({qid}): \"is_impossible\" must be true or false", source)
+                    raise DataError(f'{where} ({qid}): "is_impossible" must be true or false', source)
                 raw = qa.get("answers", [])
                 if not isinstance(raw, list):
-                    raise DataError(f"{where} ({qid}): \"answers\" must be a list", source)
+                    raise DataError(f'{where} ({qid}): "answers" must be a list', source)
                 answers = []
                 for r in raw:
                     if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                        raise DataError(f"{where} ({qid}): each answer needs a \"text\" and an \"answer_start\"", source)
+                        raise DataError(f'{where} ({qid}): each answer needs a "text" and an "answer_start"', source)
                     text = r["text"]
                     if not text.strip():
                         continue
@@ -151,8 +152,7 @@ def parse_squad(data, source: PathLike = "squad") -> SquadFile:
                 examples.append(QAExample(qid, question.strip(), context, labels, impossible, title))
     if not examples:
         raise DataError("no questions", source)
-    return SquadFile(tuple(examples), version.startswith("v2") or version.startswith("2") or impossible_any,
-                     realigned)
+    return SquadFile(tuple(examples), version.startswith("v2") or version.startswith("2") or impossible_any, realigned)
 
 
 def read_squad(path: PathLike) -> SquadFile:
@@ -185,14 +185,21 @@ def to_squad_json(examples: Sequence[QAExample], version_2: bool = True) -> dict
     """Questions back in the SQuAD JSON layout (articles by title, paragraphs by context, in first-seen order)."""
     articles: Dict[str, Dict[str, List[dict]]] = {}
     for e in examples:
-        qa = {"id": e.id, "question": e.question,
-              "answers": [{"text": a.text, "answer_start": a.start} for a in (e.answers or ())]}
+        qa = {
+            "id": e.id,
+            "question": e.question,
+            "answers": [{"text": a.text, "answer_start": a.start} for a in (e.answers or ())],
+        }
         if version_2:
             qa["is_impossible"] = e.is_impossible
         articles.setdefault(e.title, {}).setdefault(e.context, []).append(qa)
-    return {"version": "v2.0" if version_2 else "1.1",
-            "data": [{"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in paragraphs.items()]}
-                     for t, paragraphs in articles.items()]}
+    return {
+        "version": "v2.0" if version_2 else "1.1",
+        "data": [
+            {"title": t, "paragraphs": [{"context": c, "qas": q} for c, q in paragraphs.items()]}
+            for t, paragraphs in articles.items()
+        ],
+    }
 
 
 # ------------------------------------------------------------------------------------------ official scores
@@ -250,12 +257,16 @@ def squad_scores(examples: Sequence[QAExample], predictions: Mapping[str, str]) 
 def _totals(per: Dict[str, Tuple[int, float]], ids: List[str], prefix: str) -> Dict[str, float]:
     if not ids:
         return {f"{prefix}total": 0}
-    return {f"{prefix}exact": 100.0 * math.fsum(per[i][0] for i in ids) / len(ids),
-            f"{prefix}f1": 100.0 * math.fsum(per[i][1] for i in ids) / len(ids), f"{prefix}total": len(ids)}
+    return {
+        f"{prefix}exact": 100.0 * math.fsum(per[i][0] for i in ids) / len(ids),
+        f"{prefix}f1": 100.0 * math.fsum(per[i][1] for i in ids) / len(ids),
+        f"{prefix}total": len(ids),
+    }
 
 
-def best_null_threshold(examples: Sequence[QAExample], best_text: Mapping[str, str],
-                        null_margin: Mapping[str, float]) -> Tuple[float, float, float]:
+def best_null_threshold(
+    examples: Sequence[QAExample], best_text: Mapping[str, str], null_margin: Mapping[str, float]
+) -> Tuple[float, float, float]:
     """The null-answer threshold that maximizes F1 (then exact match) on labelled `examples`.
 
     A question is answered "" when its null_margin (null score minus the best span's score) is above
