@@ -695,7 +695,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
       hidden_pre.dim() == 2 && hidden_pre.size(0) == in.num_tokens && hidden_pre.size(1) == in.max_bottleneck, op,
       ": hidden_pre must be the forward's [", in.num_tokens, ", ", in.max_bottleneck, "], got ", hidden_pre.sizes());
   const auto options = in.x.options();
-  const auto g = grad_out.reshape({in.num_tokens, in.out_features}).contiguous();
+  // the shape as a named vector: nvcc 13.0 mis-translates a braced list here into host code that does not compile
+  const std::vector<int64_t> flat_shape{in.num_tokens, in.out_features};
+  const auto g = grad_out.reshape(flat_shape).contiguous();
   const auto saved = hidden_pre.contiguous();
   const auto K = static_cast<int64_t>(in.adapters.size());
   int64_t rows_down = 0;
