@@ -4,8 +4,8 @@ autograd. This package knows tensors only; modules live in `sparseadapter`."""
 import torch  # noqa: F401  (first: _C links against libtorch, which torch loads)
 
 from . import (
-    _C,  # noqa: F401  (loading the library registers torch.ops.sparseadapter)
-    autocast,  # noqa: E402,F401  (after ops: registers autocast for the ops in autocast.LOWER_PRECISION_OPS)
+    _library,  # first: loads the library (registering torch.ops.sparseadapter) and checks its version
+    autocast,  # noqa: F401  (after the library: registers autocast for the ops in autocast.LOWER_PRECISION_OPS)
 )
 from .ops import (
     ADAPTER_ACTIVATIONS,
@@ -35,12 +35,7 @@ from .path_cache import install as _install_path_cache
 from .path_cache import load_path_decisions, save_path_decisions
 
 _install_path_cache()  # this machine's path measurements in, this process's out at exit
-if not hasattr(_C, "__version__"):
-    raise ImportError(
-        f"{_C.__file__} was built from older sources than this package; rebuild it "
-        "(bash scripts/install.sh, or python setup.py build_ext --inplace)"
-    )
-__version__ = _C.__version__  # the repository's VERSION, compiled in (setup.py)
+__version__ = _library._C.__version__  # the repository's VERSION, compiled in (setup.py)
 
 __all__ = [
     "__version__",

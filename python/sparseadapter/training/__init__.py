@@ -16,7 +16,8 @@ from .data import (
 )
 from .engine import evaluate_saved
 from .metrics import METRICS, accuracy, compute_metrics, f1, macro_f1, matthews_corrcoef, pearson, rouge, spearman
-from .run import RunResult, train
+from .result import RunResult
+from .run import train
 from .tasks import TASKS, TaskSpec, get_task
 
 __all__ = [

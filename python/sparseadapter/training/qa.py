@@ -44,7 +44,9 @@ from .config import TrainConfig
 from .data import DataError
 from .engine import autocast, resolve_device, resolve_model_path, save_adapter_dir, set_threads, to_device
 from .progress import progress_bar
-from .run import Run, RunResult, _append_jsonl, prepare_output
+from .report import write_results
+from .result import RunResult
+from .run import Run, append_jsonl, prepare_output
 from .squad import QAExample, SquadFile, best_null_threshold, read_squad, squad_scores
 
 
@@ -552,7 +554,7 @@ class QARun(Run):
                 state["best"] = {"step": state["step"], "metrics": metrics}
                 set_head_info(self.model, self.cfg.adapter_name, null_threshold=metrics.get("null_threshold", 0.0))
                 save_adapter_dir(self.model, self.out / "best", self.cfg)
-        _append_jsonl(self.out / "metrics.jsonl", record)
+        append_jsonl(self.out / "metrics.jsonl", record)
         return record
 
     def finish(self) -> RunResult:
@@ -575,7 +577,7 @@ class QARun(Run):
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
-                _append_jsonl(
+                append_jsonl(
                     out / "metrics.jsonl",
                     {"step": best_step or state["step"], "final": True, "split": split, **metrics},
                 )
@@ -597,8 +599,6 @@ class QARun(Run):
             None,
             objective=self.objective,
         )
-        from .report import write_results
-
         write_results(result)
         with open(out / "results.md", "a", encoding="utf-8") as f:
             f.write("\n" + qa_notes(result, self.version_2) + "\n")

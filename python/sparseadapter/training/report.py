@@ -5,7 +5,7 @@ from typing import List, Optional
 
 from .generation import rouge_markdown, rouge_rows, table_rows
 from .metrics import class_name, collapse_warning, describe_baseline
-from .run import RunResult
+from .result import RunResult
 
 
 def _percent(part: int, whole: int) -> str:

@@ -19,9 +19,8 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -54,32 +53,13 @@ from .engine import (
 )
 from .metrics import baseline_prediction, collapse_warning, is_diagnostic
 from .progress import progress_bar
-from .tasks import TaskSpec
+from .report import write_results
+from .result import RunResult
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "results.md", "predictions.jsonl")
 RUN_DIRS = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "best", "adapter", "init")
 # Options a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "threads", "device", "eval_batch_size", "output_dir", "compile"}
-
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    adapter_dir: Path
-    task: TaskSpec
-    sizes: Dict[str, int]
-    validation: Optional[Dict[str, float]]
-    test: Optional[Dict[str, float]]
-    counts: Dict[str, int]
-    timings: Dict[str, float]
-    steps: int
-    best_step: Optional[int]
-    config: TrainConfig
-    # regression: the (mean, scale) the head standardizes its targets by (sparseadapter.adapters.head)
-    target_normalization: Optional[Tuple[float, float]] = None
-    objective: str = "classification"  # or regression, causal-lm, seq2seq, span (qa.QARun)
-    # generation tasks: ROUGE of the lead baseline and of the base model zero-shot, on test
-    baselines: Optional[Dict[str, Dict[str, float]]] = None
 
 
 def prepare_output(cfg: TrainConfig, out: Path, log: Callable[[str], None] = print) -> Optional[Path]:
@@ -153,7 +133,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     atomic_write(path, "".join(f"{line}\n" for line in keep).encode())
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
@@ -498,7 +478,7 @@ class Run:
             if state["best"] is None or metrics[main] > state["best"]["metrics"][main]:
                 state["best"] = {"step": state["step"], "metrics": metrics}
                 save_adapter_dir(self.model, self.out / "best", self.cfg)
-        _append_jsonl(self.out / "metrics.jsonl", record)
+        append_jsonl(self.out / "metrics.jsonl", record)
         return record
 
     def _checkpoint(self) -> None:
@@ -568,7 +548,7 @@ class Run:
         best_step = state["best"]["step"] if state["best"] is not None else None
         for split, metrics in (("validation", validation), ("test", test)):
             if metrics is not None:
-                _append_jsonl(
+                append_jsonl(
                     out / "metrics.jsonl",
                     {"step": best_step or state["step"], "final": True, "split": split, **metrics},
                 )
@@ -591,8 +571,6 @@ class Run:
             objective=self.objective,
             baselines=baselines,
         )
-        from .report import write_results  # report formats RunResult: imported here to avoid a cycle
-
         write_results(result)
         return result
 
