@@ -17,9 +17,6 @@ from ..pruning.api import PRUNABLE_ATTR
 from ..sparse_linear import SparseLinear
 
 BERT_INIT_STD = 0.02
-# Activations the fused sparse adapter kernel computes (all of them since its CPU kernel vectorizes
-# GELU, SiLU and tanh; the tuple stays so that a new activation is opted in deliberately).
-FUSED_ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -102,7 +99,7 @@ class BottleneckAdapter(nn.Module):
         m = self._modules  # not nn.Module.__getattr__: this runs at every call (one per token when decoding)
         return (
             self.fused
-            and self.activation_name in FUSED_ACTIVATIONS
+            and self.activation_name in sparseadapter_ext.ADAPTER_ACTIVATIONS  # what the fused kernel computes
             and isinstance(m["down"], SparseLinear)
             and isinstance(m["up"], SparseLinear)
             and isinstance(m["layer_norm"], nn.Identity)

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from ..adapters import BottleneckAdapter
+from ..adapters.config import ACTIVATIONS
 from ..sparse_linear import SparseLinear
 from .sparse_linear import DTYPES, TOLERANCES, machine_header, parse_shape
 from .timing import time_interleaved
@@ -44,7 +45,7 @@ def parse_args(argv=None):
         help="d x r (hidden x bottleneck)",
     )
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9, 0.95])
-    p.add_argument("--activation", choices=["relu", "gelu", "silu", "tanh", "identity"], default="relu")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="relu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--min-run-time",

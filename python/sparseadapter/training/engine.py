@@ -15,6 +15,7 @@ from torch import nn
 from .. import adapters as sa_adapters
 from ..adapters.head import head_module, set_target_normalization, target_normalization, target_stats
 from ..adapters.io import atomic_write
+from ..pruning.scores import DATA_METHODS
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
 from .config import FILE_TASKS, LM_OBJECTIVES, TrainConfig, fp16_device_problem
 from .data import (
@@ -375,7 +376,7 @@ def add_pruned_adapter(
     in fp32 whatever --precision. With --grad-accumulation a step batch is scored in its micro-batches,
     each loss weighted by its share of the step batch: the same scores as the whole batch at once."""
     adapter_cfg = cfg.adapter_config()
-    if not (adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")):
+    if not (adapter_cfg.is_sparse and adapter_cfg.pruner in DATA_METHODS):
         sa_adapters.add_adapter(model, cfg.adapter_name, adapter_cfg)
         return
     count = min(cfg.calibration_batches, order.steps_per_epoch)

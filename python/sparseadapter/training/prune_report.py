@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 
 from .. import adapters as sa_adapters
 from ..pruning.api import PRUNABLE_ATTR
+from ..pruning.scores import DATA_METHODS
 from ..sparse_linear import SparseLinear
 from .config import FILE_TASKS, TrainConfig
 from .engine import (
@@ -28,7 +29,7 @@ def prune_report(cfg: TrainConfig, save: Optional[str] = None) -> Dict:
     device = resolve_device(cfg.device)
     set_threads(cfg, device)
     adapter_cfg = cfg.adapter_config()
-    needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in ("snip", "grasp")
+    needs_data = adapter_cfg.is_sparse and adapter_cfg.pruner in DATA_METHODS
     if cfg.task in FILE_TASKS:  # question answering: the span model, scored on training windows
         from .qa import encode_split, load_qa_model, read_qa_files
 
