@@ -681,19 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_multi_patterns_cpu<B>(op, in, true);
   }
-  TORCH_CHECK_TYPE(
-      grad_out.scalar_type() == x.scalar_type() && hidden_pre.scalar_type() == x.scalar_type(), op,
-      ": grad_out and hidden_pre must have x's dtype ", x.scalar_type(), ", got ", grad_out.scalar_type(), " and ",
-      hidden_pre.scalar_type());
-  TORCH_CHECK_VALUE(
-      grad_out.device() == x.device() && hidden_pre.device() == x.device(), op,
-      ": grad_out and hidden_pre must be on x's device ", x.device());
-  TORCH_CHECK_VALUE(
-      grad_out.sizes().vec() == in.out_shape, op, ": grad_out must have shape ", c10::IntArrayRef(in.out_shape),
-      ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(
-      hidden_pre.dim() == 2 && hidden_pre.size(0) == in.num_tokens && hidden_pre.size(1) == in.max_bottleneck, op,
-      ": hidden_pre must be the forward's [", in.num_tokens, ", ", in.max_bottleneck, "], got ", hidden_pre.sizes());
+  check_multi_adapter_backward_tensors(op, in, x, grad_out, hidden_pre);
   const auto options = in.x.options();
   // the shape as a named vector: nvcc 13.0 mis-translates a braced list here into host code that does not compile
   const std::vector<int64_t> flat_shape{in.num_tokens, in.out_features};

@@ -654,6 +654,17 @@ void check_like(const char* op, const char* name, const at::Tensor& t, c10::IntA
 
 }  // namespace
 
+void check_multi_adapter_backward_tensors(
+    const char* op,
+    const MultiAdapterInputs& in,
+    const at::Tensor& x,
+    const at::Tensor& grad_out,
+    const at::Tensor& hidden_pre) {
+  check_like(op, "grad_out", grad_out, in.out_shape, x);
+  const std::array<int64_t, 2> hidden_shape{in.num_tokens, in.max_bottleneck};
+  check_like(op, "hidden_pre", hidden_pre, hidden_shape, x);
+}
+
 AdapterBackwardInputs check_adapter_backward_inputs(
     const at::Tensor& grad_out,
     const at::Tensor& x,

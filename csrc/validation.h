@@ -191,6 +191,15 @@ MultiAdapterInputs check_multi_adapter_inputs(
     const std::array<std::optional<at::Tensor>, 8>& transposed,
     c10::DeviceType device_type);
 
+// sparse_adapter_multi_backward's grad_out (the forward output's shape) and hidden_pre (the forward's
+// [tokens, max bottleneck]), both with x's dtype and device.
+void check_multi_adapter_backward_tensors(
+    const char* op,
+    const MultiAdapterInputs& in,
+    const at::Tensor& x,
+    const at::Tensor& grad_out,
+    const at::Tensor& hidden_pre);
+
 // csr_to_dense and csr_gather: a pattern of num_rows x num_cols and its values (csr_to_dense: `data`
 // is values [nnz]) or the dense matrix it samples (csr_gather: `data` is [num_rows, num_cols]).
 struct PatternData {
