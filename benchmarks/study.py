@@ -20,7 +20,7 @@ the main questions on both tasks:
 seed; the seed moves initialization, pruning ties, data order and dropout).
 
     python benchmarks/study.py --seeds 0
-    python benchmarks/study_report.py        # STUDY.md tables and PNG plots from the results
+    python benchmarks/study_report.py        # docs/study.md tables and PNG plots from the results
 """
 
 import argparse
@@ -45,7 +45,7 @@ LR_GRID = {"houlsby": (1e-3, 3e-3), "pfeiffer": (1e-3, 3e-3), "lora": (3e-3, 1e-
 LARGE_SPARSE = ((2, 0.5), (4, 0.75))
 BUDGET_EXAMPLES = 4096  # the budget stage: 256 steps instead of 64  # (width factor, sparsity of the widened adapter)
 # Per task: the fixed subset sizes and sequence length that keep the study within about two hours at
-# one thread on the 2-vCPU machine (measured step and eval costs are in STUDY.md).
+# one thread on the 2-vCPU machine (measured step and eval costs are in docs/study.md).
 # Validation and test: SST-2 872 of 6,735 / all 872; MRPC all 500 / 600 of 1,725 (fixed seeded subsets).
 TASKS = {
     "sst2": dict(data_dir="SST-2", max_train_examples=1024, max_eval_examples=872, max_length=64),

@@ -4,7 +4,7 @@
 
 prints the Markdown tables (test scores, mean ± std over seeds) and writes the plots, one PNG per task
 (accuracy vs sparsity per pruner, the dense adapter as a line: the paper's Figure 2), to --figures.
-STUDY.md quotes both; the prose there is written from them.
+docs/study.md quotes both; the prose there is written from them.
 """
 
 import argparse

@@ -27,11 +27,12 @@
 # -fsanitize-recover=address with halt_on_error=0, so one report does not end the run; reports go to
 # files (log_path), because pytest captures the stderr of passing tests.
 #
-# The raw-op probe: spmm / sddmm do no O(nnz) check of the pattern (README: the O(1) checks run per
-# call, the structural check at SparseLinear build / load and in validate_csr / csr_transpose). The
-# probe feeds each of them, in its own subprocess under ASan, a few corrupt patterns and prints what
-# happens (an error, or the ASan report: out-of-bounds read or write). These are documented, expected
-# outcomes of unchecked input and do not change the exit status.
+# The raw-op probe: spmm / sddmm do no O(nnz) check of the pattern
+# (docs/kernels.md, "Checks on every call": the O(1) checks run per call, the structural check at
+# SparseLinear build / load and in validate_csr / csr_transpose). The probe feeds each of them, in its
+# own subprocess under ASan, a few corrupt patterns and prints what happens (an error, or the ASan
+# report: out-of-bounds read or write). These are documented, expected outcomes of unchecked input
+# and do not change the exit status.
 #
 # Cost on a 2-vCPU machine (MAX_JOBS=1, one test thread): build about 200 s, tests about 30 s, probe
 # about 60 s.

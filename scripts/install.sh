@@ -3,7 +3,8 @@
 #   VENV        where to put it (default: .venv in the repository)
 #   TORCH_SPEC  which torch to install (default: torch==2.13.0, the CPU build)
 # The extension compiles against the torch in that environment (--no-build-isolation); it gets the
-# CUDA kernels when that torch is a CUDA build and a toolkit is found (see README, "CUDA").
+# CUDA kernels when that torch is a CUDA build and a toolkit is found
+# (see docs/cuda.md, "Building with the CUDA kernels").
 #
 # Run again, it does only what changed (scripts/build_state.py keeps the stamps): pip runs only when
 # the requirement specs below, pyproject.toml's [project] table or setup.py changed; the extension is

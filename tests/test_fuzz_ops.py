@@ -8,10 +8,10 @@ each class is tried a fixed number of times. The oracle: a ValueError or TypeErr
 the problem, or a result equal to a float64 reference computed on the same stored entries (NaN/Inf
 propagate as they do there; finite entries within the rounding bound of the sum).
 
-The contract being tested (README): spmm, sddmm and sparse_linear check shapes, dtypes and devices on
-every call (O(1)); the O(nnz) structural check (crow starting at 0, non-decreasing, ending at nnz,
-columns in range) runs in validate_csr, in csr_transpose (whose ATen index conversions write through
-the indices) and when a SparseLinear is built or loaded, and on CPU spmm / sddmm / sparse_linear
+The contract being tested (docs/kernels.md, "Checks on every call"): spmm, sddmm and sparse_linear
+check shapes, dtypes and devices on every call (O(1)); the O(nnz) structural check (crow starting at
+0, non-decreasing, ending at nnz, columns in range) runs in validate_csr, in csr_transpose (whose ATen
+index conversions write through the indices) and when a SparseLinear is built or loaded, and on CPU spmm / sddmm / sparse_linear
 also check the structure their kernels follow on every call (one pass over raw memory), so there
 structural corruption is an error too. The CUDA kernels trust the pattern (a per-call check would
 synchronize); structural corruption is fed to them only through the guarded entry points.

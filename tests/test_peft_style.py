@@ -18,7 +18,7 @@ from sparseadapter.cli import main
 
 transformers = pytest.importorskip("transformers")
 PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def make_model(seed=0):
@@ -275,9 +275,9 @@ def test_cli_rejects_inconsistent_peft_flags(tiny_model, sentiment_files, capsys
     assert needle in err and err.count("\n") == 1, err
 
 
-def test_readme_prune_example_runs(tiny_model, sentiment_files, capsys):
-    """The README's `sparseadapter prune` line, on the tiny model and data (its options as written)."""
-    line = next(line for line in README.read_text().splitlines() if line.startswith("sparseadapter prune"))
+def test_documented_prune_example_runs(tiny_model, sentiment_files, capsys):
+    """docs/cli.md's `sparseadapter prune` line, on the tiny model and data (its options as written)."""
+    line = next(line for line in CLI_PAGE.read_text().splitlines() if line.startswith("sparseadapter prune"))
     argv = shlex.split(line.split("#")[0])[1:]
     assert main(prune_args(tiny_model, sentiment_files, *argv[1:])) == 0, capsys.readouterr().err
     out = capsys.readouterr().out

