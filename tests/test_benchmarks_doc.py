@@ -31,19 +31,6 @@ def test_benchmarks_md_matches_its_sources():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_every_committed_record_is_valid_and_used():
-    results = os.path.join(ROOT, "benchmarks", "results")
-    names = sorted(n for n in os.listdir(results) if n.endswith(".json"))
-    assert names
-    sections = "".join(
-        open(p, encoding="utf-8").read()
-        for p in render_benchmarks.section_files(os.path.join(ROOT, "benchmarks", "sections"))
-    )
-    for name in names:
-        record = read_record(os.path.join(results, name))
-        assert record.tables and name in sections
-
-
 def fixture_record(**changes):
     data = {
         "format": FORMAT,
@@ -180,3 +167,43 @@ def test_check_mode_reports_a_stale_file(tmp_path):
     del bad["meta"]["load"]
     (tmp_path / "results" / "run.json").write_text(json.dumps(bad))
     assert render_benchmarks.main(args + ["--check"]) == 2  # a malformed record: an error, not a diff
+
+
+def load_importer():
+    spec = importlib.util.spec_from_file_location(
+        "record_from_markdown", os.path.join(ROOT, "scripts", "record_from_markdown.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_markdown_report_becomes_the_same_record(tmp_path):
+    """What a suite appends with --markdown reads back as the tables and metadata it was made of, so a
+    run made without --record can still become a record."""
+    from sparseadapter.bench.record import record_from_dict
+    from sparseadapter.bench.table import report
+
+    record = record_from_dict(fixture_record(), "fixture")
+    header = [
+        "date: 2026-12-05T01:00:00+00:00",
+        "machine: box | CPU X | 2 logical CPUs | CPU capability AVX512 | our CPU kernels avx512",
+        "torch 2.13.0+cpu | BLAS mkl | python 3.11.7 | our ops' path mode auto",
+        "threads: torch.set_num_threads(1) | OMP_WAIT_POLICY=PASSIVE | load average at start 0.50 0.40 0.30",
+        "device cpu | dtype float32 | seed 0",
+    ]
+    tables = [record.tables[1], record.tables[0], record.tables[0]]  # a paragraph between tables: a caption
+    source = tmp_path / "run.md"
+    source.write_text("some words\n" + report(header, tables))
+    out = tmp_path / "run.json"
+    importer = load_importer()
+    assert importer.main([str(source), "--kind", "decode", "--command", "cmd", "--output", str(out)]) == 0
+    got = read_record(str(out))
+    tables[0].title = "table 0"  # no caption to take a title from
+    assert got.tables == tables and got.tables[1].title == "speed"
+    assert got.command == "cmd" and got.kind == "decode"
+    assert got.meta["header"] == header and got.meta["threads"] == 1 and got.meta["cpu"] == "CPU X"
+    assert got.meta["isa"] == "AVX512, our kernels avx512" and got.meta["load"] == "0.50 0.40 0.30"
+    assert got.meta["torch"] == "2.13.0+cpu" and got.meta["python"] == "3.11.7" and got.meta["gpu"] is None
+    source.write_text("no code block\n\n| a |\n|---|\n| 1 |\n")
+    assert importer.main([str(source), "--kind", "decode", "--command", "cmd", "--output", str(out)]) == 2
