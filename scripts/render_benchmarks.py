@@ -105,17 +105,15 @@ def section_files(sections_dir: str) -> List[str]:
 
 def render(sections_dir: str, results_dir: str) -> str:
     records = Records(results_dir)
-    parts = [GENERATED]
+    parts = []
     for path in section_files(sections_dir):
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.endswith("\n"):
-            raise RenderError(f"{path}: must end with a newline")
-        parts.append(render_section(text, os.path.relpath(path, ROOT), records))
+            text = f.read().rstrip("\n") + "\n"
+        parts.append(render_section(text, os.path.relpath(path, ROOT), records).rstrip("\n"))
     unused = sorted(set(n for n in os.listdir(results_dir) if n.endswith(".json")) - set(records.cache))
     if unused:
         raise RenderError(f"records no section names (add them to a section or delete them): {', '.join(unused)}")
-    return "".join(parts)
+    return GENERATED + "\n\n".join(parts) + "\n"  # sections apart by one blank line
 
 
 def main(argv=None) -> int:
