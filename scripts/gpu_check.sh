@@ -4,7 +4,8 @@
 # path), the training-step benchmark (bf16 and autocast, path chosen by measurement), and a
 # compute-sanitizer memcheck; print a summary table last.
 # Writes under $OUT (the device tool's output folder; ./gpu-out elsewhere) six files: gpu.txt,
-# build.log, tests.log, bench.log, gpu_bench.md (the tables), memcheck.log.
+# build.log, tests.log, bench.log, gpu_bench.md (the tables), memcheck.log; and each benchmark's result
+# record (<kind>-cuda*.json: copy it to benchmarks/results/ and render BENCHMARKS.md, see its first lines).
 #   GPU_CHECK_STEPS  which steps, in order (default "tests adapter training memcheck"; also "linear",
 #                    "pruning": the SparseLinear grid and the pruning benchmark)
 #   GPU_CHECK_TESTS  pytest -k expression for the tests step (default "cuda")
@@ -54,13 +55,15 @@ for step in $STEPS; do
         echo "== bench adapter, $mode path" >>"$OUT/bench.log"
         SPARSEADAPTER_PATH=$mode timeout 120 python3 -m sparseadapter.cli bench adapter --device cuda --dtype bfloat16 \
           --tokens 32768 --shapes 768x64 768x256 --sparsity 0.75 0.8 0.9 --rounds 2 --min-run-time 0.05 \
-          --markdown "$table" >>"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+          --markdown "$table" --record "$OUT/adapter-cuda-$mode-path.json" >>"$OUT/bench.log" 2>&1 ||
+          tail -20 "$OUT/bench.log"
         { echo "### sparse_adapter on the $mode path"; cat "$table"; } >>"$OUT/gpu_bench.md"
       done
       summary+=("adapter benchmark: $((SECONDS - start)) s");;
     training)
       timeout 150 python3 -m sparseadapter.cli bench training --device cuda --model bert-base --batch 128 --length 256 \
-        --precision bf16 autocast --rounds 5 --warmup 2 --markdown "$OUT/gpu_bench.md" >>"$OUT/bench.log" 2>&1 ||
+        --precision bf16 autocast --rounds 5 --warmup 2 --markdown "$OUT/gpu_bench.md" \
+        --record "$OUT/training-cuda.json" >>"$OUT/bench.log" 2>&1 ||
         tail -20 "$OUT/bench.log"
       summary+=("training benchmark: $((SECONDS - start)) s");;
     memcheck)
@@ -73,12 +76,14 @@ for step in $STEPS; do
         set -- $run
         dtype=$1; shift
         timeout 240 python3 -m sparseadapter.cli bench linear --device cuda --dtype "$dtype" --tokens "$@" \
-          --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" >>"$OUT/bench.log" 2>&1 ||
+          --rounds 2 --min-run-time 0.1 --markdown "$OUT/gpu_bench.md" --record "$OUT/linear-cuda-$dtype.json" \
+          >>"$OUT/bench.log" 2>&1 ||
           tail -20 "$OUT/bench.log"
       done
       summary+=("SparseLinear benchmark: $((SECONDS - start)) s");;
     pruning)
-      timeout 150 python3 -m sparseadapter.cli bench pruning --device cuda >>"$OUT/bench.log" 2>&1 ||
+      timeout 150 python3 -m sparseadapter.cli bench pruning --device cuda --record "$OUT/pruning-cuda.json" \
+        >>"$OUT/bench.log" 2>&1 ||
         tail -20 "$OUT/bench.log"
       summary+=("pruning benchmark: $((SECONDS - start)) s, in $OUT/bench.log");;
     *) echo "unknown step $step"; exit 2;;

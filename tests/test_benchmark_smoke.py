@@ -28,18 +28,77 @@ def test_bench_sparse_linear_quick(tmp_path):
     assert "48→16" in table and "forward+backward" in table
 
 
-def _bench_quick(suite, tmp_path, *extra):
-    md = tmp_path / f"{suite}.md"
+def test_bench_pruning_and_calibrate_record(tmp_path):
+    """The suites without --quick's markdown: --record still writes their tables."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    runs = {
+        "pruning": ["--min-run-time", "0.01", "--markdown", str(tmp_path / "pruning.md")],
+        "calibrate": ["--quick", "--output", str(tmp_path / "table.json")],
+    }
+    for suite, extra in runs.items():
+        args = ["bench", suite, *extra, "--record", str(tmp_path / f"{suite}.json")]
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparseadapter.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        markdown = (tmp_path / "pruning.md").read_text() if suite == "pruning" else proc.stdout
+        if suite == "calibrate":  # prints its rows as they come, not as markdown: compare the cells
+            from sparseadapter.bench.record import read_record
+
+            table = read_record(str(tmp_path / "calibrate.json")).tables[0]
+            assert table.columns[-3:] == ["0.10", "1.00", "crossover"] and len(table.rows) == 2
+            assert all(" ".join(row[4:-1]) in proc.stdout for row in table.rows), proc.stdout
+            continue
+        _check_record(tmp_path / f"{suite}.json", suite, args[1:], markdown)
+
+
+@pytest.mark.parametrize(
+    "name, message", [("", "must be a file name ending in .json"), ("no/such.json", "does not exist")]
+)
+def test_bench_record_checks_its_path_before_the_run(tmp_path, name, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "sparseadapter.cli", "bench", suite, "--quick", "--markdown", str(md), *extra],
+        [sys.executable, "-m", "sparseadapter.cli", "bench", "linear", "--quick", "--record", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "argument --record: " in proc.stderr and message in proc.stderr, proc.stderr
+    assert "SparseLinear" not in proc.stdout  # nothing was timed
+
+
+def _bench_quick(suite, tmp_path, *extra):
+    """Runs `bench SUITE --quick` with --markdown and --record; the record must hold the same tables as
+    the markdown and name the command."""
+    md, record = tmp_path / f"{suite}.md", tmp_path / f"{suite}.json"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    args = ["bench", suite, "--quick", "--markdown", str(md), *extra, "--record", str(record)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparseadapter.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_record(record, suite, args[1:], md.read_text())
     return proc.stdout, md.read_text()
+
+
+def _check_record(path, kind, args, markdown):
+    """The record reads back (validated), names the command and the run's metadata, and its tables are
+    the ones --markdown wrote."""
+    import shlex
+
+    from sparseadapter.bench.record import read_record
+
+    record = read_record(str(path))
+    assert record.kind == kind
+    assert record.command == shlex.join(["sparseadapter", "bench", *args])
+    meta = record.meta
+    assert meta["date"] and meta["cpu"] and meta["torch"] and meta["python"] and meta["isa"], meta
+    assert meta["threads"] == 1 and meta["load"] and meta["gpu"] is None, meta
+    assert meta["header"] and all(line in markdown for line in meta["header"])
+    assert record.tables and all(t.rows and t.markdown() in markdown for t in record.tables)
 
 
 def test_bench_adapter_quick(tmp_path):

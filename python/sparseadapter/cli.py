@@ -364,7 +364,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="kernel benchmarks (torch.utils.benchmark tables)",
         description="sparseadapter bench {linear,adapter,pruning,calibrate,serving,training,decode} [options]; "
         "`sparseadapter bench linear --help` lists a suite's options. "
-        "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table.",
+        "`--calibrate` is `calibrate`: it rewrites the sparse/dense crossover table. Every suite takes "
+        "--record FILE: the run as a JSON result record, what BENCHMARKS.md is rendered from.",
     )
     bench.add_argument("suite", choices=("linear", "adapter", "pruning", "calibrate", "serving", "training", "decode"))
     bench.add_argument("suite_args", nargs=argparse.REMAINDER, help="options passed to the suite")

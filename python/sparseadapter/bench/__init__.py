@@ -10,6 +10,9 @@ training  one training step (MiniLM on CPU, BERT-base on CUDA): full fine-tuning
 calibrate where the sparse kernel and a dense GEMM cross (the table behind path="auto")
 decode    tokens/s of a causal LM decoding with the KV cache: the base model, our sparse and dense
           adapters, peft LoRA and merged LoRA, at batch 1 and 16
+
+Every suite prints its metadata lines and tables (table.py), and takes --record FILE to save them as a
+result record (record.py), the source BENCHMARKS.md is rendered from (scripts/render_benchmarks.py).
 """
 
 from importlib import import_module

@@ -16,14 +16,16 @@ bandwidth is reported against a copy of x measured in the same run (bytes: x rea
 """
 
 import argparse
-import sys
 
 import torch
 
 from ..adapters import BottleneckAdapter
 from ..adapters.config import ACTIVATIONS
 from ..sparse_linear import SparseLinear
-from .sparse_linear import DTYPES, TOLERANCES, machine_header, parse_shape
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .sparse_linear import DTYPES, TOLERANCES, parse_shape
+from .table import Table, report
 from .timing import time_interleaved
 
 DEFAULT_SHAPES = ["384x64", "768x64", "768x256", "1024x128", "4096x512"]
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append the tables to PATH")
+    add_record_option(p)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
     if args.quick:
@@ -165,11 +168,14 @@ def main(argv=None):
                 rows.append(row)
                 print(format_row(row), flush=True)
                 del cfg
-    table = format_table(rows, header)
-    print(table)
+    found = tables(rows)
+    text = report(header, found)
+    print(text)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+            f.write(text)
+    if args.record:
+        save_record(args.record, "adapter", argv, header, found)
     return 1 if failed else 0
 
 
@@ -188,21 +194,19 @@ def _ratio(row, other, backward):
     return "n/a" if ours is None else f"{row[(other, backward)] / ours:.2f}x"
 
 
-def format_table(rows, header):
-    out = ["", "```", *header, "```", ""]
+def tables(rows):
+    """The forward and forward+backward tables (forward on CUDA: the bandwidth column too)."""
+    out = []
     bandwidth = any("bandwidth" in r for r in rows)
     for backward, title in ((False, "forward"), (True, "forward+backward (grads to x and all adapter parameters)")):
-        out += [
-            f"**adapter {title}**: median ms; ratios = other / fused (> 1: fused is faster); budget = dense "
-            "adapter with the same weight count (bottleneck in parentheses)",
-            "",
-            "| N | d x r | sparsity | fused ms | separate ms | masked dense ms | budget dense ms | separate/fused "
-            "| masked/fused | budget/fused |" + (" GB/s fused / copy |" if bandwidth and not backward else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if bandwidth and not backward else ""),
-        ]
+        columns = ["N", "d x r", "sparsity", "fused ms", "separate ms", "masked dense ms", "budget dense ms"]
+        columns += ["separate/fused", "masked/fused", "budget/fused"]
+        if bandwidth and not backward:
+            columns.append("GB/s fused / copy")
+        cells = []
         for r in rows:
             fused = "FAIL" if "fail" in r else f"{r[('fused', backward)] * 1e3:.4g}"
-            cells = [
+            line = [
                 str(r["n"]),
                 r["shape"],
                 f"{r['sparsity']:g}",
@@ -216,11 +220,11 @@ def format_table(rows, header):
             ]
             if bandwidth and not backward:
                 got, copy = r.get("bandwidth", (None, None))
-                cells.append("n/a" if got is None else f"{got / 1e9:.0f} / {copy / 1e9:.0f} ({got / copy:.0%})")
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                line.append("n/a" if got is None else f"{got / 1e9:.0f} / {copy / 1e9:.0f} ({got / copy:.0%})")
+            cells.append(line)
+        caption = (
+            f"**adapter {title}**: median ms; ratios = other / fused (> 1: fused is faster); budget = dense "
+            "adapter with the same weight count (bottleneck in parentheses)"
+        )
+        out.append(Table(title, columns, cells, caption=caption))
+    return out

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from ..path_choice import CrossoverTable, table_path
 from ..sparse_linear import SparseLinear
-from .sparse_linear import DTYPES, machine_header, parse_shape
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .sparse_linear import DTYPES, parse_shape
+from .table import Table
 from .timing import time_interleaved
 
 DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "64x768", "768x256", "256x768", "384x8", "8x384"]
@@ -49,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="table to write (default: the shipped table for this device and dtype)")
+    add_record_option(p)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
     if args.quick:
@@ -117,13 +121,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     args.rounds, args.markdown = 1, None
-    for line in machine_header(args):
+    header = machine_header(args)
+    for line in header:
         print(line)
     print(
         f"\n{'kind':>8} {'in x out':>10} {'tokens':>7} {'dense us':>9}  sparse/dense time at density "
         f"{' '.join(f'{d:.2f}' for d in args.densities)}  -> crossover"
     )
-    points = []
+    points, rows = [], []
     grid = [("linear", s, measure) for s in args.shapes] + [
         ("adapter", s, measure_adapter) for s in args.adapter_shapes
     ]
@@ -140,10 +145,10 @@ def main(argv=None):
                     "crossover_density": round(cross, 3),
                 }
             )
+            cells = [kind, f"{in_f}x{out_f}", str(tokens), f"{dense * 1e6:.1f}", *(f"{r:.2f}" for r in ratios)]
+            rows.append(cells + [f"{cross:.3f}"])
             print(
-                f"{kind:>8} {f'{in_f}x{out_f}':>10} {tokens:>7} {dense * 1e6:>9.1f}  "
-                f"{' '.join(f'{r:4.2f}' for r in ratios)}  -> {cross:.3f}",
-                flush=True,
+                f"{kind:>8} {cells[1]:>10} {tokens:>7} {cells[3]:>9}  {' '.join(cells[4:])}  -> {cross:.3f}", flush=True
             )
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -159,4 +164,18 @@ def main(argv=None):
     with open(out, "w") as f:
         f.write(table.to_json() + "\n")
     print(f"\nwrote {out}")
+    if args.record:
+        save_record(args.record, "calibrate", argv, header, [crossover_table(args.densities, rows)])
     return 0
+
+
+def crossover_table(densities, rows):
+    columns = ["kind", "in x out", "tokens", "dense us", *(f"{d:.2f}" for d in densities), "crossover"]
+    caption = "sparse/dense time at each density (columns); crossover = the density where it reaches 1"
+    return Table(
+        "crossover density per shape and token count",
+        columns,
+        rows,
+        caption=caption,
+        align="l" + "r" * (len(columns) - 1),
+    )

@@ -41,7 +41,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .sparse_linear import machine_header
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 from .training import error_text, peft_missing
 
 
@@ -100,6 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed calls per row, interleaved (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
+    add_record_option(p)
     p.add_argument("--json", metavar="PATH", help="append one JSON object per (device, batch, row) to PATH")
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
@@ -295,25 +298,20 @@ def _time_of(cell: Cell) -> Optional[float]:
     return cell.cpu_s if cell.cpu_s is not None else cell.wall_s
 
 
-def table_lines(args, cells: List[Cell]) -> List[str]:
-    lines = [
-        "| device | batch | row | tokens/s (wall) | ms / step (CPU) | ms / step (wall) | time / base |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
+def table(cells: List[Cell], caption_text: str) -> Table:
+    columns = ["device", "batch", "row", "tokens/s (wall)", "ms / step (CPU)", "ms / step (wall)", "time / base"]
+    rows = []
     by_key = {(c.device, c.batch, c.row): c for c in cells}
     for c in cells:
         label = f"{ROWS[c.row].label} ({c.row})"
         if c.wall_s is None:
-            reason = (c.reason or "no time").replace("|", "\\|")
-            lines.append(f"| {c.device} | {c.batch} | {label} | {reason} | — | — | — |")
+            rows.append([c.device, str(c.batch), label, c.reason or "no time", "—", "—", "—"])
             continue
         base = by_key.get((c.device, c.batch, "base"))
         ratio = f"{_time_of(c) / _time_of(base):.3f}" if base is not None and base.wall_s is not None else "n/a"
         cpu = f"{1e3 * c.cpu_s:.2f}" if c.cpu_s is not None else "—"
-        lines.append(
-            f"| {c.device} | {c.batch} | {label} | {c.batch / c.wall_s:.1f} | {cpu} | {1e3 * c.wall_s:.2f} | {ratio} |"
-        )
-    return lines
+        rows.append([c.device, str(c.batch), label, f"{c.batch / c.wall_s:.1f}", cpu, f"{1e3 * c.wall_s:.2f}", ratio])
+    return Table("tokens/s per row", columns, rows, caption=caption_text, align="lrlrrrr")
 
 
 def caption(args, model_desc: str) -> str:
@@ -343,7 +341,8 @@ def main(argv=None):
     versions = f"transformers {__import__('transformers').__version__}"
     if not peft_missing():
         versions += f" | peft {__import__('peft').__version__}"
-    header = machine_header(argparse.Namespace(**{**vars(args), "device": args.device[0]}))[:-1] + [
+    gpu = "cuda" if "cuda" in args.device else "cpu"  # the gpu line when any row runs there
+    header = machine_header(argparse.Namespace(**{**vars(args), "device": gpu}))[:-1] + [
         f"model {model_desc} | devices {' '.join(args.device)} | batch {' '.join(map(str, args.batch))} | "
         f"prompt {args.prompt_length} + {args.new_tokens} decoded tokens | {args.rounds} interleaved rounds | "
         f"seed {args.seed}",
@@ -361,12 +360,14 @@ def main(argv=None):
             )
             print(f"  {device} batch {c.batch:<3d} {c.row:16s} {shown}", flush=True)
         cells += found
-    lines = ["", "```", *header, "```", "", caption(args, model_desc), "", *table_lines(args, cells), ""]
-    table = "\n".join(lines)
-    print(table)
+    found = [table(cells, caption(args, model_desc))]
+    text = report(header, found)
+    print(text)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+            f.write(text)
+    if args.record:
+        save_record(args.record, "decode", argv, header, found)
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
             for c in cells:

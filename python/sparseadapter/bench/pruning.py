@@ -13,19 +13,20 @@ Every fused result is checked against the plain one before timing (exact masks a
 
     sparseadapter bench pruning                  # CPU, 1 thread
     sparseadapter bench pruning --device cuda
-    sparseadapter bench pruning --markdown BENCHMARKS.md   # append the table
+    sparseadapter bench pruning --record benchmarks/results/pruning-DATE.json
 """
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 
 import torch
 from torch.utils import benchmark
 
 import sparseadapter_ext as ext
+
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 
 SETUPS = {"bert-base": (12, 768, 64), "minilm": (6, 384, 64)}
 SPARSITY = 0.4
@@ -112,6 +113,32 @@ def time_it(fn, args, label, sub_label, description, min_run_time):
     return t.blocked_autorange(min_run_time=min_run_time)
 
 
+def pruning_header(args):
+    cuda = args.device.startswith("cuda")
+    shared = argparse.Namespace(
+        threads=args.threads, device="cuda" if cuda else "cpu", dtype="float32", min_run_time=0, rounds=1, seed=0
+    )
+    return machine_header(shared)[:-1] + [
+        f"device {args.device} | sparsity {SPARSITY} (keep k = round(0.6 N)) | SNIP scores, float32 | "
+        f"min_run_time {args.min_run_time}s"
+    ]
+
+
+def table(rows):
+    caption = (
+        "Median ms; plain/fused > 1 means the fused kernels are faster. plain = the PyTorch way "
+        "(score: `(g * w).abs()`; select: `torch.cat` + `topk` + scatter + split, exact k; csr: "
+        "`to_sparse_csr`); fused = `prune_score`, `topk_masks`, `mask_to_csr`. kthvalue = "
+        "`torch.cat` + `kthvalue` + compare, shown for reference (not exact k under ties)."
+    )
+    columns = ["setup", "weights", "stage", "plain ms", "fused ms", "plain/fused", "kthvalue ms (not exact k)"]
+    cells = [
+        [name, str(n), stage, f"{tp:.4g}", f"{tf:.4g}", f"{tp / tf:.2f}x", "" if te is None else f"{te:.4g}"]
+        for name, n, stage, tp, tf, te in rows
+    ]
+    return Table("pruning kernels", columns, cells, caption=caption)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="sparseadapter bench pruning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,9 +146,12 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-run-time", type=float, default=0.3)
-    p.add_argument("--markdown", help="append a markdown section to this file")
+    p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
+    add_record_option(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    header = pruning_header(args)
+    print("\n".join(header), flush=True)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     rows, results = [], []
@@ -163,40 +193,14 @@ def main(argv=None):
             t_extra = timed(extra, "kthvalue") if extra else None
             rows.append((name, n, stage, t_plain, t_fused, t_extra))
     benchmark.Compare(results).print()
-
-    header = "| setup | weights | stage | plain ms | fused ms | plain/fused | kthvalue ms (not exact k) |\n|---|---|---|---|---|---|---|\n"
-    table = header + "".join(
-        f"| {name} | {n} | {stage} | {tp:.4g} | {tf:.4g} | {tp / tf:.2f}x | {'' if te is None else f'{te:.4g}'} |\n"
-        for name, n, stage, tp, tf, te in rows
-    )
-    print(table)
+    found = [table(rows)]
+    text = report(header, found)
+    print(text)
     if args.markdown:
-        dev = (
-            torch.cuda.get_device_name()
-            if args.device.startswith("cuda")
-            else (platform.processor() or platform.machine())
-        )
-        cpu_model = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        with open(args.markdown, "a") as f:
-            f.write(
-                "\n## Pruning kernels\n\n"
-                f"`sparseadapter bench pruning --device {args.device} --threads {args.threads}` — "
-                f"{datetime.date.today().isoformat()}\n\n```\n"
-                f"machine: {platform.node() and 'linux'} {platform.machine()} | {cpu_model or dev} | {os.cpu_count()} cores\n"
-                f"torch {torch.__version__} | python {platform.python_version()} | device {args.device}"
-                f"{' (' + dev + ')' if args.device != 'cpu' else ''}\n"
-                f"threads: torch.set_num_threads({args.threads}) | sparsity {SPARSITY} (keep k = round(0.6 N)) | "
-                f"SNIP scores, float32 | min_run_time {args.min_run_time}s\n```\n\n"
-                "Median ms; plain/fused > 1 means the fused kernels are faster. plain = the PyTorch way "
-                "(score: `(g * w).abs()`; select: `torch.cat` + `topk` + scatter + split, exact k; csr: "
-                "`to_sparse_csr`); fused = `prune_score`, `topk_masks`, `mask_to_csr`. kthvalue = "
-                "`torch.cat` + `kthvalue` + compare, shown for reference (not exact k under ties).\n\n" + table
-            )
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(text)
+    if args.record:
+        save_record(args.record, "pruning", argv, header, found)
     return 0
 
 

@@ -25,7 +25,9 @@ import tempfile
 
 import torch
 
-from .sparse_linear import machine_header
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 from .timing import time_interleaved
 
 VARIANTS = ("sparse", "merged-dense", "dense adapters", "no adapters")
@@ -46,6 +48,7 @@ def parse_args(argv=None):
         help="sparseadapter_serve for the C++ rows (default: $SPARSEADAPTER_SERVE; none: no C++ rows)",
     )
     p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
+    add_record_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
@@ -173,29 +176,31 @@ def main(argv=None):
         for server in running:
             server.proc.kill()
         tmp.cleanup()
-    table = format_table(results, args)
-    print(table)
+    found = [table(results, args)]
+    text = report(header, found)
+    print(text)
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + "\n".join(f"    {h}" for h in header) + "\n\n" + table + "\n")
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(text)
+    if args.record:
+        save_record(args.record, "serving", argv, header, found)
     return 0
 
 
-def format_table(results, args):
-    names = list(dict.fromkeys(name for _, name in results))
-    lines = [
+def table(results, args):
+    caption = (
         f"sentences/s at length {args.length}, sparsity {args.sparsity}, {args.threads} thread(s); "
         "ratio = this row's speed / eager dense adapters' (adapters-only rows: / adapters only: dense "
-        "adapters', the 12 Houlsby adapters run on random hidden states, without the model)",
-        "",
-        "| | " + " | ".join(f"batch {b}: sent/s | ratio" for b in args.batch) + " |",
-        "|---|" + "---:|---:|" * len(args.batch),
-    ]
+        "adapters', the 12 Houlsby adapters run on random hidden states, without the model)"
+    )
+    names = list(dict.fromkeys(name for _, name in results))
+    rows = []
     for name in names:
-        cells = []
+        cells = [name]
         for b in args.batch:
             group = "adapters only: " if name.startswith("adapters only") else "eager "
             t, base = results[(b, name)], results[(b, group + "dense adapters")]
             cells += [f"{b / t:.1f}", f"{base / t:.2f}x"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    columns = [""] + [c for b in args.batch for c in (f"batch {b}: sent/s", "ratio")]
+    return Table("sentences/s", columns, rows, caption=caption, align="l" + "r" * (len(columns) - 1))

@@ -30,7 +30,9 @@ import random
 
 import torch
 
-from .sparse_linear import machine_header
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 from .timing import time_calls_interleaved
 
 TARGETS = ("query", "value")
@@ -51,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed calls per row")
     p.add_argument("--no-peft", dest="peft", action="store_false", help="leave out peft's rows")
     p.add_argument("--markdown", metavar="PATH", help="append the tables to PATH")
+    add_record_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
@@ -244,39 +247,38 @@ def main(argv=None):
             raise RuntimeError("; ".join(f"{k}: {e}" for k, e in errors.items()))
         rows[n] = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
         print(f"N={n}: " + ", ".join(f"{k} {args.sequences / t:.1f} seq/s" for k, t in rows[n].items()), flush=True)
-    table = format_tables(rows, args, rss_per_adapter, csr_per_adapter, peft_rank)
-    print(table)
+    found = [table(rows, args, rss_per_adapter, csr_per_adapter, peft_rank)]
+    text = report(header, found)
+    print(text)
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n" + "\n".join(f"    {h}" for h in header) + "\n\n" + table + "\n")
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(text)
+    if args.record:
+        save_record(args.record, "serving", argv, header, found)
     return 0
 
 
-def format_tables(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
+def table(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
     variants = list(next(iter(rows.values())))
     has_peft = "peft mixed" in variants
-    lines = [
-        f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft: dense LoRA rank "
-        f"{peft_rank} (the same nnz)"
-        if has_peft
-        else f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); peft not installed",
-        "",
-        "| adapters N | "
-        + " | ".join(variants)
-        + " | mixed / one adapter | mixed / sub-batches"
-        + (" | mixed / peft mixed | sites only: mixed / peft mixed |" if has_peft else " |"),
-        "|---:|" + "---:|" * (len(variants) + 2 + 2 * has_peft),
-    ]
+    caption = f"sequences/s, {args.sequences} x {args.length} tokens, {args.threads} thread(s); " + (
+        f"peft: dense LoRA rank {peft_rank} (the same nnz)" if has_peft else "peft not installed"
+    )
+    columns = ["adapters N", *variants, "mixed / one adapter", "mixed / sub-batches"]
+    if has_peft:
+        columns += ["mixed / peft mixed", "sites only: mixed / peft mixed"]
+    cells = []
     for n, times in rows.items():
-        cells = [f"{args.sequences / times[v]:.2f}" for v in variants]
-        cells += [f"{times['one adapter'] / times['mixed']:.2f}x", f"{times['sub-batches'] / times['mixed']:.2f}x"]
+        line = [str(n)] + [f"{args.sequences / times[v]:.2f}" for v in variants]
+        line += [f"{times['one adapter'] / times['mixed']:.2f}x", f"{times['sub-batches'] / times['mixed']:.2f}x"]
         if has_peft:
-            cells.append(f"{times['peft mixed'] / times['mixed']:.2f}x")
-            cells.append(f"{times['sites only: peft mixed'] / times['sites only: mixed']:.2f}x")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+            line.append(f"{times['peft mixed'] / times['mixed']:.2f}x")
+            line.append(f"{times['sites only: peft mixed'] / times['sites only: mixed']:.2f}x")
+        cells.append(line)
+    memory = (
         f"memory per added adapter (adapters 2..{max(rows)} added): resident {rss_per_adapter / 1024:.1f} KiB, "
-        f"its tensors {csr_per_adapter / 1024:.1f} KiB, ratio {rss_per_adapter / csr_per_adapter:.2f}x",
-    ]
-    return "\n".join(lines)
+        f"its tensors {csr_per_adapter / 1024:.1f} KiB, ratio {rss_per_adapter / csr_per_adapter:.2f}x"
+    )
+    return Table(
+        "many adapters: sequences/s", columns, cells, caption=caption, notes=[memory], align="r" * len(columns)
+    )

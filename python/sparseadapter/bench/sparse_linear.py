@@ -15,7 +15,8 @@ Every config is checked once before timing (ours against dense: output, grad_x, 
 fast wrong kernel cannot report a number; a failed check is printed as FAIL and makes the exit
 status 1. Each method is timed with Timer.blocked_autorange in --rounds interleaved rounds (so load
 from other processes falls on all methods alike), the blocks merged and the median reported; the
-printed table is torch.utils.benchmark.Compare, --markdown appends medians and ratios.
+printed table is torch.utils.benchmark.Compare, --markdown appends medians and ratios, --record FILE
+saves them as a result record.
 
     sparseadapter bench linear                          # CPU fp32, N=4096, 1 thread
     OMP_WAIT_POLICY=PASSIVE sparseadapter bench linear --threads 2
@@ -23,9 +24,6 @@ printed table is torch.utils.benchmark.Compare, --markdown appends medians and r
 """
 
 import argparse
-import datetime
-import os
-import platform
 import re
 import sys
 import warnings
@@ -35,7 +33,10 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import sparseadapter
-import sparseadapter_ext
+
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (rtol, atol relative to the largest reference magnitude) for ours vs dense in the same dtype.
@@ -83,6 +84,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append markdown tables to PATH")
+    add_record_option(p)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     args = p.parse_args(argv)
     if args.quick:
@@ -96,33 +98,6 @@ def parse_args(argv=None):
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
     return args
-
-
-def machine_header(args):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
-    lines = [
-        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"machine: {platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()} | our CPU kernels {sparseadapter_ext.cpu_isa()}",
-        f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
-        f"python {platform.python_version()} | our ops' path mode {sparseadapter_ext.path_mode()}",
-        f"threads: torch.set_num_threads({args.threads}) | "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
-        f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
-        f"device {args.device} | dtype {args.dtype} | "
-        + (f"activation {args.activation} | " if getattr(args, "activation", None) else "")
-        + f"min_run_time {args.min_run_time}s in {args.rounds} "
-        f"interleaved rounds | seed {args.seed}",
-    ]
-    if args.device == "cuda":
-        lines.insert(2, f"gpu: {torch.cuda.get_device_name()} | CUDA {torch.version.cuda}")
-    return lines
 
 
 class Config:
@@ -252,7 +227,7 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
     return best
 
 
-def run(args):
+def run(args, argv=None):
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -290,8 +265,12 @@ def run(args):
     compare.print()
     for (method, mode), why in notes.items():
         print(f"n/a: {method} {mode}: {why}")
+    found = tables(results, notes)
     if args.markdown:
-        write_markdown(args.markdown, header, results, notes)
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(report(header, found))
+    if args.record:
+        save_record(args.record, "linear", argv, header, found)
     return 1 if failed else 0
 
 
@@ -303,32 +282,35 @@ def ratio(a, b):
     return "n/a" if a is None or b is None else f"{a / b:.2f}x"
 
 
-def write_markdown(path, header, results, notes):
-    out = ["", "```", *header, "```", ""]
+def tables(results, notes):
+    """The forward and forward+backward tables; n/a reasons and failures below the second."""
+    out = []
     for mode, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward (grads to x and values)")):
-        out += [
-            f"**{title}** — median ms; ratios > 1 mean ours is faster",
-            "",
-            "| N | shape | sparsity | ours ms | dense ms | torch.sparse ms | dense/ours | torch.sparse/ours |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        rows = []
         for r in results:
             ours, dense, csr = (r.get((m, mode)) for m in METHODS)
             csr_txt = fmt(csr) + (f" ({r[('variant', mode)]})" if csr is not None else "")
             ours_txt = "FAIL" if "fail" in r else fmt(ours)
-            out.append(
-                f"| {r['n']} | {r['shape']} | {r['sparsity']:g} | {ours_txt} | {fmt(dense)} | {csr_txt} "
-                f"| {ratio(dense, ours)} | {ratio(csr, ours)} |"
+            rows.append(
+                [str(r["n"]), r["shape"], f"{r['sparsity']:g}", ours_txt, fmt(dense), csr_txt]
+                + [ratio(dense, ours), ratio(csr, ours)]
             )
-        out.append("")
-    out += [f"- n/a: {method} {mode}: `{why}`" for (method, mode), why in notes.items()]
-    out += [f"- FAIL {r['shape']} s={r['sparsity']:g} N={r['n']}: {r['fail']}" for r in results if "fail" in r]
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(out) + "\n")
+        out.append(
+            Table(
+                title,
+                ["N", "shape", "sparsity", "ours ms", "dense ms", "torch.sparse ms", "dense/ours", "torch.sparse/ours"],
+                rows,
+                caption=f"**{title}** — median ms; ratios > 1 mean ours is faster",
+            )
+        )
+    out[-1].notes = [f"- n/a: {method} {mode}: `{why}`" for (method, mode), why in notes.items()] + [
+        f"- FAIL {r['shape']} s={r['sparsity']:g} N={r['n']}: {r['fail']}" for r in results if "fail" in r
+    ]
+    return out
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    return run(parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -57,13 +57,15 @@ import statistics
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 import sparseadapter_ext
 
-from .sparse_linear import machine_header
+from .machine import machine_header
+from .recording import add_record_option, save_record
+from .table import Table, report
 from .timing import time_calls_interleaved
 
 
@@ -153,6 +155,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append the table to PATH")
+    add_record_option(p)
     p.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests")
     p.add_argument(
         "--inject-failure",
@@ -381,29 +384,22 @@ def row_cell(row_id: str) -> str:
     return f"{ROWS[row_id].label} ({row_id})"
 
 
-def table_lines(args, results: Dict[str, Dict[str, Result]]) -> List[str]:
-    cuda = args.device == "cuda"
-    memory_head = "peak MiB" if cuda else "trainable state MiB"
-    lines = [
-        f"| row | precision | ms / step | baseline / this | trainable params | {memory_head} | kernel paths |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def table(args, results: Dict[str, Dict[str, Result]], caption_text: str) -> Table:
+    memory_head = "peak MiB" if args.device == "cuda" else "trainable state MiB"
+    columns = ["row", "precision", "ms / step", "baseline / this", "trainable params", memory_head, "kernel paths"]
+    rows = []
     for precision in args.precision:
         timed = {r: res.ms for r, res in results[precision].items() if res.ms is not None}
         for row_id in args.rows:
             res = results[precision][row_id]
             trainable = f"{res.trainable:,}" if res.trainable is not None else "—"
             if res.ms is None:
-                reason = (res.reason or "no time").replace("|", "\\|")
-                lines.append(f"| {row_cell(row_id)} | {precision} | {reason} | — | {trainable} | — | — |")
+                rows.append([row_cell(row_id), precision, res.reason or "no time", "—", trainable, "—", "—"])
                 continue
             base = baseline_of(row_id, timed)
             ratio = f"{timed[base] / res.ms:.2f}x vs {base}" if base else "n/a"
-            lines.append(
-                f"| {row_cell(row_id)} | {precision} | {format_ms(res.ms)} | {ratio} | {trainable} | "
-                f"{res.memory} | {res.paths} |"
-            )
-    return lines
+            rows.append([row_cell(row_id), precision, format_ms(res.ms), ratio, trainable, res.memory, res.paths])
+    return Table("training step", columns, rows, caption=caption_text)
 
 
 def caption(args, model_desc: str) -> str:
@@ -481,10 +477,12 @@ def main(argv=None):
         for row_id, res in results[precision].items():
             shown = format_ms(res.ms) + " ms" if res.ms is not None else res.reason
             print(f"  {precision:8s} {row_id:20s} {shown}", flush=True)
-    lines = ["", "```", *header, "```", "", caption(args, model_desc), "", *table_lines(args, results), ""]
-    table = "\n".join(lines)
-    print(table)
+    found = [table(args, results, caption(args, model_desc))]
+    text = report(header, found)
+    print(text)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+            f.write(text)
+    if args.record:
+        save_record(args.record, "training", argv, header, found)
     return 0
