@@ -265,7 +265,7 @@ def test_the_link_check_finds_a_missing_file_anchor_and_a_link_outside():
 
 
 # Files that refer to sections of these pages: the code, scripts, tests and the pages themselves.
-REFERRING = ["README.md", "setup.py", "CMakeLists.txt", "pyproject.toml", ".ci/run"]
+REFERRING = ["README.md", "BENCHMARKS.md", "setup.py", "CMakeLists.txt", "pyproject.toml", ".ci/run"]
 REFERRING_FOLDERS = ["docs", "python", "sparseadapter_ext", "csrc", "cpp", "scripts", "benchmarks", "tests", "cmake"]
 REFERRING_SUFFIXES = {".py", ".md", ".sh", ".cpp", ".h", ".cu", ".cuh", ".txt", ".in", ".toml"}
 SECTION_REFERENCE = re.compile(r"\b(README(?:\.md)?|docs/[\w.-]+\.md)\s*,\s*\"([^\"]+)\"")
