@@ -11,7 +11,7 @@ from hf_support import one_thread  # noqa: F401
 from qa_support import FIXTURE, fixture_data, qa_model, write_squad  # noqa: F401
 
 from sparseadapter.cli import main
-from sparseadapter.training.data import DataError
+from sparseadapter.training.data.example import DataError
 from sparseadapter.training.qa import (
     NO_SPAN_MARGIN,
     Decoded,
