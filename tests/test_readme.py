@@ -14,13 +14,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
+from repo_paths import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 DIRECTIVE = re.compile(r"<!--\s*readme-test:\s*(prelude=(?P<prelude>[\w-]+)|skip\s+(?P<skip>.*?))\s*-->")
 
 

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from repo_paths import FIXTURES
 
 from sparseadapter.training import (
     SPLITS,
@@ -28,7 +29,7 @@ from sparseadapter.training.data import bbc
 from sparseadapter.training.data.generation_tables import read_generation_table
 from sparseadapter.training.data.tables import table_columns
 
-GLUE = Path(__file__).resolve().parent / "fixtures" / "glue"  # the first rows of the real files
+GLUE = FIXTURES / "glue"  # the first rows of the real files
 
 
 def write(path: Path, lines, bom=False, newline="\n") -> Path:
