@@ -41,7 +41,7 @@ BASELINE_RUN = ("houlsby", "dense", 0)  # the run that also scores the lead and 
 
 def write_tables(folder: Path) -> dict:
     """bbc-headlines' train and test splits as source/target JSON lines; returns {split: path}."""
-    from sparseadapter.training.data import read_bbc_headlines
+    from sparseadapter.training.data.bbc import read_bbc_headlines
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}

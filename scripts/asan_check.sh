@@ -15,12 +15,12 @@
 #   PYTHON          the interpreter (default python3)
 #   ASAN_WORK       work folder (default: a fresh mktemp -d); keeps src/, build.log, tests.log,
 #                   asan.*/ubsan.* reports, junit.xml, fuzz_counts.json, probe.log
-#   ASAN_TESTS      the test files (default: test_validation, test_ops_numerics, test_sparse_linear,
-#                   test_prune_kernels, test_fuzz_ops in tests/)
+#   ASAN_TESTS      the test files (default: test_validation, test_ops_numerics, test_prune_kernels,
+#                   test_fuzz_ops in tests/ext/ and test_sparse_linear in tests/)
 #   ASAN_PROBE=0    skip the raw-op probe (see below)
 #   ASAN_REUSE=1    with ASAN_WORK of an earlier run: reuse its copy and build, run the tests again
 #   MAX_JOBS        parallel compile jobs (torch's cpp_extension); OMP_NUM_THREADS for the tests (default 1)
-#   SPARSEADAPTER_FUZZ_SCALE   multiplies the fuzz test's example budgets (tests/test_fuzz_ops.py)
+#   SPARSEADAPTER_FUZZ_SCALE   multiplies the fuzz test's example budgets (tests/ext/test_fuzz_ops.py)
 #
 # Notes. The compiler is the system g++ (/usr/bin/g++ when present, see scripts/gpu_check.sh), whose
 # libasan is preloaded. detect_leaks=0: CPython keeps objects alive at exit by design. The build uses
@@ -41,7 +41,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
 WORK=${ASAN_WORK:-$(mktemp -d /tmp/sparseadapter-asan.XXXXXX)}
-TESTS=${ASAN_TESTS:-"tests/test_validation.py tests/test_ops_numerics.py tests/test_sparse_linear.py tests/test_prune_kernels.py tests/test_fuzz_ops.py"}
+TESTS=${ASAN_TESTS:-"tests/ext/test_validation.py tests/ext/test_ops_numerics.py tests/test_sparse_linear.py tests/ext/test_prune_kernels.py tests/ext/test_fuzz_ops.py"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK"
 echo "asan_check: work folder $WORK"

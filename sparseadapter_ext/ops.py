@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .autocast import autocast_inputs
+from .grad_slots import GradSlots, backward_output_mask, backward_outputs
 
 _ops = torch.ops.sparseadapter
 
@@ -241,14 +242,18 @@ def _pattern_setup_context(ctx, inputs, output):
     ctx.num_cols = inputs[3] if len(inputs) == 4 else inputs[0].shape[1]
 
 
+_CSR_TO_DENSE_SLOTS = GradSlots.of_op(_ops.csr_to_dense.default, ("values",))
+_CSR_GATHER_SLOTS = GradSlots.of_op(_ops.csr_gather.default, ("dense",))
+
+
 def _csr_to_dense_backward(ctx, grad):
     crow, col = ctx.saved_tensors
-    return _ops.csr_gather.default(grad.contiguous(), crow, col), None, None, None
+    return _CSR_TO_DENSE_SLOTS.pack({"values": _ops.csr_gather.default(grad.contiguous(), crow, col)})
 
 
 def _csr_gather_backward(ctx, grad):
     crow, col = ctx.saved_tensors
-    return _ops.csr_to_dense.default(grad, crow, col, ctx.num_cols), None, None
+    return _CSR_GATHER_SLOTS.pack({"dense": _ops.csr_to_dense.default(grad, crow, col, ctx.num_cols)})
 
 
 torch.library.register_autograd(
@@ -328,17 +333,23 @@ _BACKEND_KEYS = {
 }
 
 
-def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need):
-    """(grad_x, grad_values, grad_bias), None where `need` is False."""
-    need = [bool(n) for n in need]
-    grads = _ops.sparse_linear_backward.default(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, need)
-    return tuple(g if n else None for g, n in zip(grads, need))
+# The inputs of sparse_linear that take a gradient (the same names in the op and its Function).
+_LINEAR_DIFFERENTIABLE = ("x", "values", "bias")
+
+
+def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, needed):
+    """The gradients of x, values and bias by name, None where `needed` says no."""
+    op = _ops.sparse_linear_backward.default
+    mask = backward_output_mask(op, needed)
+    computed = op(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, mask)
+    return backward_outputs(op, computed, mask)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, pattern):
         ctx.pattern = pattern
+        # x is needed for the values' gradient only, values for x's only.
         ctx.save_for_backward(x if values.requires_grad else None, values if x.requires_grad else None)
         return _ops.sparse_linear.default(x, values, bias, *pattern)
 
@@ -346,17 +357,22 @@ class _SparseLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, values = ctx.saved_tensors
         crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = ctx.pattern
-        return (
-            *_linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, ctx.needs_input_grad[:3]),
-            None,
+        slots = _LINEAR_FUNCTION_SLOTS
+        return slots.pack(
+            _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, slots.needed(ctx))
         )
+
+
+_LINEAR_FUNCTION_SLOTS = GradSlots.of_function(_SparseLinearFunction, _LINEAR_DIFFERENTIABLE)
+_LINEAR_OP_SLOTS = GradSlots.of_op(_ops.sparse_linear.default, _LINEAR_DIFFERENTIABLE)
 
 
 def _sparse_linear_setup_context(ctx, inputs, output):
     x, values, bias, crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = inputs
+    needed = _LINEAR_OP_SLOTS.needed(ctx)
     ctx.save_for_backward(
-        x if ctx.needs_input_grad[1] else None,
-        values if ctx.needs_input_grad[0] else None,
+        x if needed["values"] else None,
+        values if needed["x"] else None,
         crow,
         col,
         crow_t,
@@ -367,7 +383,7 @@ def _sparse_linear_setup_context(ctx, inputs, output):
 
 
 def _sparse_linear_backward(ctx, grad_y):
-    return (*_linear_grads(grad_y, *ctx.saved_tensors, ctx.needs_input_grad[:3]),) + (None,) * 7
+    return _LINEAR_OP_SLOTS.pack(_linear_grads(grad_y, *ctx.saved_tensors, _LINEAR_OP_SLOTS.needed(ctx)))
 
 
 @_fake("sparseadapter::sparse_linear_backward", "grad_y")
@@ -505,30 +521,50 @@ def _sparse_adapter_setup_context(ctx, inputs, output):
     )
 
 
-def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, activation, scale, need):
-    """The gradients of (x, residual, down values, down bias, up values, up bias), None where `need`
-    is False: one backward op from the saved pre-activation, which recomputes no forward product."""
-    mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
-    grads = [None] * 6
-    if any(mask):
-        computed = _ops.sparse_adapter_backward.default(
-            grad_out, x, pre, d_values, *down_pattern, u_values, *up_pattern, activation, scale, mask
-        )
-        for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
-            grads[i] = g if m else None
-    if need[1]:
-        grads[1] = grad_out
+# The inputs of sparse_adapter and sparse_adapter_multi that take a gradient (the same names in the
+# ops and their Functions); the backward ops return those of all but the residual, whose gradient is
+# grad_out itself.
+_ADAPTER_DIFFERENTIABLE = ("x", "residual", "down_values", "down_bias", "up_values", "up_bias")
+
+
+def _with_residual_grad(grads, grad_out, needed):
+    """`grads` (a backward op's, by name) plus the residual's: out = residual + ..., so grad_out."""
+    grads["residual"] = grad_out if needed["residual"] else None
     return grads
+
+
+def _adapter_grads(grad_out, x, pre, d_values, down_pattern, u_values, up_pattern, activation, scale, needed):
+    """The gradients of the adapter's differentiable inputs by name, None where `needed` says no: one
+    backward op from the saved pre-activation, which recomputes no forward product."""
+    op = _ops.sparse_adapter_backward.default
+    mask = backward_output_mask(op, needed)
+    grads = dict.fromkeys(needed)
+    if any(mask):
+        computed = op(grad_out, x, pre, d_values, *down_pattern, u_values, *up_pattern, activation, scale, mask)
+        grads.update(backward_outputs(op, computed, mask))
+    return _with_residual_grad(grads, grad_out, needed)
 
 
 class _SparseAdapterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, down_pattern, up_pattern, activation, scale):
+    def forward(
+        ctx, x, residual, down_values, down_bias, up_values, up_bias, down_pattern, up_pattern, activation, scale
+    ):
         out, pre = _ops.sparse_adapter.default(
-            x, residual, d_values, d_bias, *down_pattern, u_values, u_bias, *up_pattern, activation, scale, True
+            x,
+            residual,
+            down_values,
+            down_bias,
+            *down_pattern,
+            up_values,
+            up_bias,
+            *up_pattern,
+            activation,
+            scale,
+            True,
         )
         ctx.patterns, ctx.activation, ctx.scale = (down_pattern, up_pattern), activation, scale
-        ctx.save_for_backward(x, pre, d_values, u_values)
+        ctx.save_for_backward(x, pre, down_values, up_values)
         return out
 
     @staticmethod
@@ -545,9 +581,13 @@ class _SparseAdapterFunction(torch.autograd.Function):
             up_pattern,
             ctx.activation,
             ctx.scale,
-            ctx.needs_input_grad[:6],
+            _ADAPTER_FUNCTION_SLOTS.needed(ctx),
         )
-        return (*grads, None, None, None, None)
+        return _ADAPTER_FUNCTION_SLOTS.pack(grads)
+
+
+_ADAPTER_FUNCTION_SLOTS = GradSlots.of_function(_SparseAdapterFunction, _ADAPTER_DIFFERENTIABLE)
+_ADAPTER_OP_SLOTS = GradSlots.of_op(_ops.sparse_adapter.default, _ADAPTER_DIFFERENTIABLE)
 
 
 def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
@@ -569,7 +609,6 @@ def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
         u_perm_t,
         u_row_order_t,
     ) = ctx.saved_tensors
-    need = ctx.needs_input_grad
     grads = _adapter_grads(
         grad_out,
         x,
@@ -580,9 +619,9 @@ def _sparse_adapter_backward(ctx, grad_out, _grad_hidden):
         (u_crow, u_col, u_crow_t, u_col_t, u_perm_t, u_row_order_t),
         ctx.activation,
         ctx.scale,
-        (need[0], need[1], need[2], need[3], need[10], need[11]),
+        _ADAPTER_OP_SLOTS.needed(ctx),
     )
-    return (grads[0], grads[1], grads[2], grads[3]) + (None,) * 6 + (grads[4], grads[5]) + (None,) * 9
+    return _ADAPTER_OP_SLOTS.pack(grads)
 
 
 @_fake("sparseadapter::sparse_adapter_backward", "grad_out")
@@ -756,32 +795,42 @@ def _multi_static(packed):
 
 
 def _multi_grads(
-    grad_out, x, adapter_index, pre, d_values, d_crow, d_col, d_t, u_values, u_crow, u_col, u_t, sizes, need
+    grad_out, x, adapter_index, pre, d_values, d_crow, d_col, d_t, u_values, u_crow, u_col, u_t, sizes, needed
 ):
-    """The gradients of (x, residual, down values, down bias, up values, up bias), None where `need`
-    is False (one backward op)."""
-    mask = [bool(need[i]) for i in (0, 2, 3, 4, 5)]
-    grads = [None] * 6
+    """The gradients of the adapters' differentiable inputs by name, None where `needed` says no
+    (one backward op)."""
+    op = _ops.sparse_adapter_multi_backward.default
+    mask = backward_output_mask(op, needed)
+    grads = dict.fromkeys(needed)
     if any(mask):
-        computed = _ops.sparse_adapter_multi_backward.default(
+        computed = op(
             grad_out, x, adapter_index, pre, d_values, d_crow, d_col, *d_t, u_values, u_crow, u_col, *u_t, *sizes, mask
         )
-        for i, g, m in zip((0, 2, 3, 4, 5), computed, mask):
-            grads[i] = g if m else None
-    if need[1]:
-        grads[1] = grad_out
-    return grads
+        grads.update(backward_outputs(op, computed, mask))
+    return _with_residual_grad(grads, grad_out, needed)
 
 
 class _SparseAdapterMultiFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, d_values, d_bias, u_values, u_bias, adapter_index, static):
+    def forward(ctx, x, residual, down_values, down_bias, up_values, up_bias, adapter_index, static):
         d_crow, d_col, u_crow, u_col, transposed, sizes = static
         out, pre = _ops.sparse_adapter_multi.default(
-            x, adapter_index, residual, d_values, d_bias, d_crow, d_col, u_values, u_bias, u_crow, u_col, *sizes, True
+            x,
+            adapter_index,
+            residual,
+            down_values,
+            down_bias,
+            d_crow,
+            d_col,
+            up_values,
+            up_bias,
+            u_crow,
+            u_col,
+            *sizes,
+            True,
         )
         ctx.static = static
-        ctx.save_for_backward(x, pre, d_values, u_values, adapter_index)
+        ctx.save_for_backward(x, pre, down_values, up_values, adapter_index)
         return out
 
     @staticmethod
@@ -802,9 +851,13 @@ class _SparseAdapterMultiFunction(torch.autograd.Function):
             u_col,
             transposed[4:],
             sizes,
-            ctx.needs_input_grad[:6],
+            _MULTI_FUNCTION_SLOTS.needed(ctx),
         )
-        return (*grads, None, None)
+        return _MULTI_FUNCTION_SLOTS.pack(grads)
+
+
+_MULTI_FUNCTION_SLOTS = GradSlots.of_function(_SparseAdapterMultiFunction, _ADAPTER_DIFFERENTIABLE)
+_MULTI_OP_SLOTS = GradSlots.of_op(_ops.sparse_adapter_multi.default, _ADAPTER_DIFFERENTIABLE)
 
 
 @_fake("sparseadapter::sparse_adapter_multi", "x", exempt=("adapter_index",))
@@ -891,7 +944,6 @@ def _sparse_adapter_multi_setup_context(ctx, inputs, output):
 
 def _sparse_adapter_multi_backward(ctx, grad_out, _grad_hidden):
     x, pre, adapter_index, d_values, d_crow, d_col, u_values, u_crow, u_col, *transposed = ctx.saved_tensors
-    need = ctx.needs_input_grad
     grads = _multi_grads(
         grad_out,
         x,
@@ -906,9 +958,9 @@ def _sparse_adapter_multi_backward(ctx, grad_out, _grad_hidden):
         u_col,
         transposed[4:],
         ctx.sizes,
-        (need[0], need[2], need[3], need[4], need[7], need[8]),
+        _MULTI_OP_SLOTS.needed(ctx),
     )
-    return (grads[0], None, grads[1], grads[2], grads[3], None, None, grads[4], grads[5]) + (None,) * 17
+    return _MULTI_OP_SLOTS.pack(grads)
 
 
 @_fake("sparseadapter::sparse_adapter_multi_backward", "grad_out", exempt=("adapter_index",))

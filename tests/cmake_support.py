@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGURE_TIMEOUT_S = 300
 BUILD_TIMEOUT_S = 900
 PARALLEL = str(min(4, max(2, os.cpu_count() or 2)))

@@ -1,5 +1,13 @@
 """Shared fixtures: devices under test, random sparse patterns, the numerical test rule and the
-CMake build of the C++ side."""
+CMake build of the C++ side.
+
+Layout: a test lives in the folder of what it tests, mirroring the packages: ext/ (sparseadapter_ext:
+ops, kernels, CPU ISA, autocast, autograd, the numerical oracle), adapters/, pruning/, training/,
+serving/ (the C++ side included), bench/; tests/ itself holds the top-level modules' tests (SparseLinear,
+the CLI) and the cross-cutting ones (README, version, build state, processes). pytest's default import
+mode puts this folder on sys.path when it loads this file, so the support modules beside it (*_support.py,
+repo_paths.py) import from every subfolder; test file names stay unique across folders (that mode
+imports each by its base name)."""
 
 import math
 import os

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_paths import FIXTURES
 
 transformers = pytest.importorskip("transformers")
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "squad-mini-v2.json"
+FIXTURE = FIXTURES / "squad-mini-v2.json"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from repo_paths import REPO
 
 from sparseadapter.bench.record import FORMAT, RecordError, read_record
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 SCRIPT = os.path.join(ROOT, "scripts", "render_benchmarks.py")
 
 

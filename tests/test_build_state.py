@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_state.py"
+SCRIPT = REPO / "scripts" / "build_state.py"
 spec = importlib.util.spec_from_file_location("build_state", SCRIPT)
 build_state = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build_state)

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
+from repo_paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 DIRECTIVE = re.compile(r"<!--\s*readme-test:\s*(prelude=(?P<prelude>[\w-]+)|skip\s+(?P<skip>.*?))\s*-->")

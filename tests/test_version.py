@@ -1,16 +1,16 @@
 """One version: VERSION is read by pyproject.toml (package metadata), setup.py (compiled into the
-extension) and CMakeLists.txt (the C++ library; tests/test_cpp_libtorch.py finds the installed package
+extension) and CMakeLists.txt (the C++ library; tests/serving/test_cpp_libtorch.py finds the installed package
 by this exact version). Nothing else spells it."""
 
 import re
 import subprocess
 import sys
-from pathlib import Path
+
+from repo_paths import REPO
 
 import sparseadapter
 import sparseadapter_ext
 
-REPO = Path(__file__).resolve().parents[1]
 VERSION = (REPO / "VERSION").read_text(encoding="utf-8").strip()
 
 

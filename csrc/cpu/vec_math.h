@@ -3,7 +3,7 @@
 // activation cost more than the two sparse matmuls around it. Always inlined, so each ISA variant of
 // the caller gets its own instructions.
 //
-// Accuracy, measured against float64 (tests/test_fused_activations.py): exp within a few ulp; tanh,
+// Accuracy, measured against float64 (tests/ext/test_fused_activations.py): exp within a few ulp; tanh,
 // SiLU and GELU within about 1.5e-7 absolute (relative for SiLU and small tanh), the class of ATen's
 // own vectorized kernels. The polynomial coefficients are our least-squares fits
 // (scripts/fit_activation_polynomials.py); exp uses Cody-Waite range reduction and a degree-7 Taylor

@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .data import Example
+from .data.example import Example
 from .tasks import TaskSpec
 
 

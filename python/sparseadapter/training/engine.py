@@ -18,17 +18,12 @@ from ..adapters.io import atomic_write
 from ..pruning.scores import DATA_METHODS
 from .batching import EncodedSplit, TrainOrder, collate, encode, eval_batches
 from .config import FILE_TASKS, LM_OBJECTIVES, TrainConfig, fp16_device_problem
-from .data import (
-    Example,
-    infer_table_task,
-    is_generation_table,
-    read_bbc_headlines,
-    read_bbc_news,
-    read_generation_table,
-    read_glue,
-    read_hf_dataset,
-    read_table,
-)
+from .data.bbc import read_bbc_headlines, read_bbc_news
+from .data.example import Example
+from .data.generation_tables import is_generation_table, read_generation_table
+from .data.glue import read_glue, read_hf_dataset
+from .data.tables import read_table
+from .data.task_inference import infer_table_task
 from .metrics import baseline_prediction, compute_metrics, prediction_diagnostics
 from .progress import progress_bar
 from .tasks import CUSTOM_GENERATION, TaskSpec, get_task

@@ -34,7 +34,10 @@ from torch import nn
 from .. import adapters as sa_adapters
 from .batching import EncodedSplit
 from .config import LM_OBJECTIVES, TrainConfig
-from .data import DataError, Example, lead_sentence
+from .data.example import DataError, Example
+from .data.files import read_text
+from .data.generation_tables import lead_sentence, read_generation_table
+from .data.tables import read_table, table_columns
 from .engine import (
     autocast,
     fit_max_length,
@@ -637,7 +640,6 @@ def evaluate_saved_generation(
 def read_sources(path: str) -> List[str]:
     """Sources to generate from: a .txt file (one per line), or .csv/.tsv/.jsonl with a source (or text)
     column."""
-    from .data import _read_text, read_generation_table, read_table, table_columns
     from .tasks import TaskSpec as _Spec
 
     p = Path(path)
@@ -648,7 +650,7 @@ def read_sources(path: str) -> List[str]:
         if "text" in columns:
             return [e.text for e in read_table(p, _Spec("input", 2, pair="text_pair" in columns))]
         raise ValueError(f"{path}: no 'source' (or 'text') column; it has {columns}")
-    lines = [line.strip() for line in _read_text(p).splitlines()]
+    lines = [line.strip() for line in read_text(p).splitlines()]
     sources = [line for line in lines if line]
     if not sources:
         raise ValueError(f"{path}: no text to generate from")

@@ -41,7 +41,7 @@ from ..adapters.heads import head_info, set_head_info
 from . import distributed as dist_
 from .batching import EncodedSplit, TrainOrder, collate, eval_batches
 from .config import TrainConfig
-from .data import DataError
+from .data.example import DataError
 from .engine import autocast, resolve_device, resolve_model_path, save_adapter_dir, set_threads, to_device
 from .progress import progress_bar
 from .report import write_results

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .data import DataError, _read_text
+from .data.example import DataError
+from .data.files import read_text
 
 PathLike = Union[str, Path]
 
@@ -165,7 +166,7 @@ def read_squad(path: PathLike) -> SquadFile:
     """
     path = Path(path)
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"not valid JSON: {err}", path) from None
     return parse_squad(data, path)

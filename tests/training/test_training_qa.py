@@ -9,9 +9,10 @@ import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
 from qa_support import FIXTURE, fixture_data, qa_model, write_squad  # noqa: F401
+from repo_paths import REPO
 
 from sparseadapter.cli import main
-from sparseadapter.training.data import DataError
+from sparseadapter.training.data.example import DataError
 from sparseadapter.training.qa import (
     NO_SPAN_MARGIN,
     Decoded,
@@ -559,9 +560,8 @@ def test_squad_benchmark_splits_by_article(tmp_path):
     """benchmarks/squad.py on the fixture (the real file is evaluation data outside the repository): the test
     article is held out whole, every N-th paragraph of the others validates, nothing is in two splits."""
     import importlib.util
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "squad.py"
+    script = REPO / "benchmarks" / "squad.py"
     spec = importlib.util.spec_from_file_location("squad_benchmark", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -346,7 +346,7 @@ def test_a_later_prune_call_is_recorded_for_saving(model, batch):
 
 
 def test_config_rejects_placement_options_of_another_kind():
-    # for LoRA, target_modules is peft's name for lora_targets (tests/test_peft_style.py)
+    # for LoRA, target_modules is peft's name for lora_targets (tests/adapters/test_peft_style.py)
     assert sa.SparseAdapterConfig(kind="lora", target_modules=["mlp$"]).lora_targets == ["mlp$"]
     with pytest.raises(ValueError, match="lora_targets applies to kind='lora'"):
         sa.SparseAdapterConfig(kind="houlsby", lora_targets=["query$"])

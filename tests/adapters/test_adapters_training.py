@@ -10,10 +10,10 @@ half of what the runs show (see the numbers beside TRAINING).
 
 import csv
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import FIXTURES
 
 transformers = pytest.importorskip("transformers")
 from hf_support import needs_attention_interface, one_thread, tokenizer  # noqa: E402,F401
@@ -24,7 +24,7 @@ import sparseadapter as sa  # noqa: E402
 from sparseadapter import SparseLinear  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SST2 = Path(__file__).resolve().parent / "fixtures" / "glue" / "SST-2" / "train.tsv"
+SST2 = FIXTURES / "glue" / "SST-2" / "train.tsv"
 
 BATCH, MAX_LENGTH, CALIBRATION, TRAIN_BATCHES, STEPS = 16, 32, 64, 5, 30
 # kind -> learning rate. Observed (first-5 mean - last-5 mean; eval loss with the adapter on / off):

@@ -11,11 +11,11 @@ import hashlib
 import io
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
+from repo_paths import REPO
 from training_support import NEGATIVE, POSITIVE, VOCAB, tiny_model, write_csv, write_tiny_model  # noqa: F401
 
 import sparseadapter as sa
@@ -399,7 +399,7 @@ def test_sick_converter_writes_tables_the_custom_task_reads(tmp_path):
 
     from sparseadapter.training import infer_table_task, read_table
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sick.py"
+    script = REPO / "benchmarks" / "sick.py"
     spec = importlib.util.spec_from_file_location("sick_benchmark", script)
     sick = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sick)

@@ -5,13 +5,12 @@ here too, by running the numerical tests under each cap in a fresh process."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
 import sparseadapter_ext as ops
 
-REPO = Path(__file__).resolve().parents[1]
 LEVELS = ["baseline", "avx2", "avx512"]
 
 
@@ -50,6 +49,6 @@ def test_unknown_variant_is_a_clear_error():
 @pytest.mark.parametrize("cap", ["baseline", "avx2"])
 def test_narrower_variants_match_the_reference(cap):
     """SpMM, SDDMM, SparseLinear, the fused adapter and its activations under the cap (CPU cases)."""
-    files = ["tests/test_ops_numerics.py", "tests/test_fused_adapter.py", "tests/test_fused_activations.py"]
+    files = ["tests/ext/test_ops_numerics.py", "tests/ext/test_fused_adapter.py", "tests/ext/test_fused_activations.py"]
     got = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu", *files], cap)
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-2000:]

@@ -4,11 +4,11 @@ for them (on a tiny random BERT, built here)."""
 
 import shlex
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from hf_support import one_thread  # noqa: F401
+from repo_paths import REPO
 from training_support import sentiment_files, tiny_model  # noqa: F401
 
 import sparseadapter as sa
@@ -18,7 +18,7 @@ from sparseadapter.cli import main
 
 transformers = pytest.importorskip("transformers")
 PRUNERS = ("random", "magnitude", "snip", "grasp", "synflow")
-CLI_PAGE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+CLI_PAGE = REPO / "docs" / "cli.md"
 
 
 def make_model(seed=0):
@@ -124,7 +124,7 @@ def test_disable_adapter_on_a_fusion_and_on_a_plain_model():
     assert torch.equal(logits(model, batch), fused)
 
 
-# -- adapter_names= routes rows (tests/test_mixed_adapter_batches.py has the numerics) --------------
+# -- adapter_names= routes rows (tests/adapters/test_mixed_adapter_batches.py has the numerics) --------------
 def test_adapter_names_routing_hook_is_installed_once_and_survives_deepcopy():
     model, batch = make_model(), batches()[0]
     sa.add_adapter(model, "a", sa.SparseAdapterConfig(kind="lora", bottleneck=4))
