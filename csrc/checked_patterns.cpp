@@ -61,7 +61,7 @@ struct Seen {
 
   bool still(const at::Tensor& t) const {
     return !impl.expired() && t.unsafeGetTensorImpl()->version_counter().current_version() == version &&
-        t.const_data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype;
+           t.const_data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype;
   }
 };
 
