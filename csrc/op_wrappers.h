@@ -1,7 +1,8 @@
 // The op-level functions, written once and instantiated per back end `B` (register_cpu.cpp,
-// register_cuda.cpp): check the inputs (on CPU also every index the kernel will follow), allocate the
-// output, run the path chosen for the problem (path_choice.h: the back end's CSR kernel or the dense
-// path of dense_path.h), restore the leading dims.
+// register_cuda.cpp): check the inputs (on CPU also every index the kernel will follow, once per
+// unchanged pattern: check_pattern_bounds_cpu_once), allocate the output, run the path chosen for the
+// problem (path_choice.h: the back end's CSR kernel or the dense path of dense_path.h), restore the
+// leading dims.
 //
 // A back end provides: kDevice; its CSR kernels spmm, sddmm, adapter; csr_to_dense and csr_gather;
 // adapter_dense_fused (false where it has none); timer() (path_choice.h).
@@ -44,7 +45,7 @@ at::Tensor spmm_op(
     const std::optional<at::Tensor>& bias) {
   const auto in = check_spmm_inputs("spmm", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("spmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+    check_pattern_bounds_cpu_once("spmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
@@ -68,7 +69,7 @@ at::Tensor sparse_linear_op(
   const auto in = check_spmm_inputs("sparse_linear", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
   check_transposed_pattern("sparse_linear", in, crow_indices_t, col_indices_t, perm_t, row_order_t);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+    check_pattern_bounds_cpu_once("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
   if (y.numel() > 0) {
@@ -85,7 +86,7 @@ at::Tensor sddmm_op(
     const at::Tensor& col_indices) {
   const auto in = check_sddmm_inputs(grad_out, x, crow_indices, col_indices, B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("sddmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+    check_pattern_bounds_cpu_once("sddmm", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
   }
   auto out = at::empty({in.nnz}, in.x.options());
   if (in.nnz > 0) {
@@ -113,7 +114,7 @@ at::Tensor csr_to_dense_op(
   const auto in =
       check_csr_to_dense_inputs(values, crow_indices, col_indices, num_cols.guard_int(__FILE__, __LINE__), B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("csr_to_dense", in.crow_indices, in.col_indices, in.num_cols, "num_cols");
+    check_pattern_bounds_cpu_once("csr_to_dense", in.crow_indices, in.col_indices, in.num_cols, "num_cols");
   }
   auto dense = at::empty({in.num_rows, in.num_cols}, in.data.options());
   if (dense.numel() > 0) {
@@ -126,7 +127,7 @@ template <typename B>
 at::Tensor csr_gather_op(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
   const auto in = check_csr_gather_inputs(dense, crow_indices, col_indices, B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu("csr_gather", in.crow_indices, in.col_indices, in.num_cols, "dense's columns");
+    check_pattern_bounds_cpu_once("csr_gather", in.crow_indices, in.col_indices, in.num_cols, "dense's columns");
   }
   auto out = at::empty({in.nnz}, in.data.options());
   if (in.nnz > 0) {
@@ -207,9 +208,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
   check_transposed_pattern("sparse_adapter (down)", in.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
   check_transposed_pattern("sparse_adapter (up)", in.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu(
+    check_pattern_bounds_cpu_once(
         "sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features, "x's last dim");
-    check_pattern_bounds_cpu(
+    check_pattern_bounds_cpu_once(
         "sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
         "the bottleneck width (down's rows)");
   }
@@ -399,10 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
   const AdapterInputs& f = in.forward;
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     const char* op = "sparse_adapter_backward";
-    check_pattern_bounds_cpu(op, f.down.crow_indices, f.down.col_indices, f.down.in_features, "x's last dim");
-    check_pattern_bounds_cpu(op, f.up.crow_indices, f.up.col_indices, f.up.in_features, "the bottleneck width");
-    check_pattern_bounds_cpu(op, in.down_crow_t, in.down_col_t, f.down.out_features, "the bottleneck width");
-    check_pattern_bounds_cpu(op, in.up_crow_t, in.up_col_t, f.up.out_features, "out's last dim");
+    check_pattern_bounds_cpu_once(op, f.down.crow_indices, f.down.col_indices, f.down.in_features, "x's last dim");
+    check_pattern_bounds_cpu_once(op, f.up.crow_indices, f.up.col_indices, f.up.in_features, "the bottleneck width");
+    check_pattern_bounds_cpu_once(op, in.down_crow_t, in.down_col_t, f.down.out_features, "the bottleneck width");
+    check_pattern_bounds_cpu_once(op, in.up_crow_t, in.up_col_t, f.up.out_features, "out's last dim");
   }
   AdapterGradients grads = run_adapter_backward<B>(in, output_mask);
   auto none = [&] { return at::empty({0}, in.grad_out.options()); };
@@ -531,6 +532,7 @@ inline at::Tensor segment_hidden(const at::Tensor& hidden_pre, const MultiAdapte
   return hidden_pre.reshape({hidden_pre.numel()}).narrow(0, seg.hidden_offset, n * b).view({n, b});
 }
 
+// Every call: the arrays are views of concatenations packed for the call, which no cache would see again.
 template <typename B>
 void check_multi_patterns_cpu(const char* op, const MultiAdapterInputs& in, bool transposed) {
   for (size_t k = 0; k < in.adapters.size(); ++k) {

@@ -1,5 +1,6 @@
 // Input checks shared by every back end. Each check is O(1) in the data (shapes, dtypes, devices,
-// lengths) and runs on every call; the O(nnz) structural check of a pattern is the validate_csr op.
+// lengths) and runs on every call; the O(nnz) structural check of a pattern is the validate_csr op,
+// and on the CPU every op call's check_pattern_bounds_cpu_once (once per unchanged pattern).
 // Failures raise Python ValueError / TypeError with a message that names the argument.
 #pragma once
 
@@ -65,13 +66,31 @@ SddmmInputs check_sddmm_inputs(
 // and none computes with a corrupt pattern. CUDA kernels trust the pattern checked where it entered
 // (construction, load_state_dict, validate_csr): checking it per call would synchronize.
 // validate_csr and csr_transpose use it for CPU patterns too; num_cols_name (may be null) says
-// where num_cols came from.
+// where num_cols came from. Op calls run it through check_pattern_bounds_cpu_once.
 void check_pattern_bounds_cpu(
     const char* op,
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices,
     int64_t num_cols,
     const char* num_cols_name);
+
+// check_pattern_bounds_cpu, skipped when these very tensors passed it for this num_cols and have not
+// changed since (checked_patterns.cpp says what "changed" covers). What every op call on the CPU runs.
+void check_pattern_bounds_cpu_once(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    const char* num_cols_name);
+
+// The cache of check_pattern_bounds_cpu_once: patterns held, calls that skipped the pass, passes run.
+struct CheckedPatternStats {
+  int64_t entries = 0;
+  int64_t hits = 0;
+  int64_t checks = 0;
+};
+
+CheckedPatternStats checked_pattern_stats();
 
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(

@@ -300,8 +300,9 @@ def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
     kernel directly, as that kernel does (torch._library.autograd), when nothing above autograd has
     work to do: no gradient, no tracing or compiling, no autocast on x's device type (its casts run
     above autograd), no torch function or dispatch mode, no functorch transform, plain tensors all on
-    x's device type (a meta tensor among them takes the dispatcher to the fake kernel's checks)."""
-    if type(x) is not Tensor:
+    x's device type (a meta tensor among them takes the dispatcher to the fake kernel's checks).
+    Parameters count as plain (nn.Parameter disables torch function): a module's weights are."""
+    if type(x) not in _PLAIN_TENSORS:
         return None
     cpu = x.is_cpu
     if not (cpu or x.is_cuda):
@@ -320,11 +321,13 @@ def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
         return None
     for t in tensors:  # (Tensor.is_cpu costs a fifth of Tensor.device.type)
         if t is not None and (
-            type(t) is not Tensor or (not t.is_cpu if cpu else not t.is_cuda) or (grad and t.requires_grad)
+            type(t) not in _PLAIN_TENSORS or (not t.is_cpu if cpu else not t.is_cuda) or (grad and t.requires_grad)
         ):
             return None
     return _BACKEND_KEYS[kind]
 
+
+_PLAIN_TENSORS = frozenset((Tensor, torch.nn.Parameter))
 
 # The kernels an inference call goes to (the ops' C++ kernels); other devices take the dispatcher.
 _BACKEND_KEYS = {

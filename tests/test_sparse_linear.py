@@ -1,10 +1,13 @@
 """SparseLinear: construction, conversion, state_dict round trip, pattern loading, devices, dtypes."""
 
+import threading
+
 import pytest
 import torch
 from conftest import Pattern
 
 from sparseadapter import SparseLinear, csr_to_dense, mask_to_csr
+from sparseadapter.sparse_linear import pinned_pair
 
 
 def test_from_dense_keeps_masked_weights(device, seed):
@@ -283,3 +286,43 @@ def test_all_meta_is_a_shape_computation():
         torch.empty(2, dtype=torch.int64, device="meta"),
     )
     assert out.device.type == "meta" and out.shape == (3, 2)
+
+
+# pinned_pair: a fused adapter pins both projections under one acquisition of the lock
+
+
+def _small_layer(seed):
+    torch.manual_seed(seed)
+    return SparseLinear.from_dense(torch.randn(4, 6), torch.rand(4, 6) < 0.5, torch.randn(4))
+
+
+def test_pinned_pair_holds_both_layers_for_the_block_only(seed):
+    a, b = _small_layer(seed), _small_layer(seed + 1)
+    with pinned_pair(a, b) as (buffers_a, buffers_b):
+        assert (a._pins.readers, b._pins.readers) == (1, 1)
+        assert all(x is y for x, y in zip(buffers_a, a.csr_buffers()))
+        assert all(x is y for x, y in zip(buffers_b, b.csr_buffers()))
+    assert (a._pins.readers, b._pins.readers) == (0, 0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with pinned_pair(a, b):
+            raise RuntimeError("inside")
+    assert (a._pins.readers, b._pins.readers) == (0, 0)
+
+
+def test_pinned_pair_waits_while_either_layer_is_being_swapped(seed):
+    a, b = _small_layer(seed), _small_layer(seed + 1)
+    entered = threading.Event()
+
+    def reader():
+        with pinned_pair(a, b):
+            entered.set()
+
+    b._swap_begin()  # this thread swaps a new state into b
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert not entered.wait(0.2), "pinned_pair entered while b was being swapped"
+    assert a._pins.readers == 0  # nothing pinned while it waits: a's swaps are not held back
+    b._swap_end()
+    assert entered.wait(10)
+    thread.join()
+    assert (a._pins.readers, b._pins.readers) == (0, 0)

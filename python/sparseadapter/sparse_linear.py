@@ -372,3 +372,34 @@ class _Pinned:
     def __exit__(self, *exc) -> None:
         if self.pinned:
             self.layer._unpin()
+
+
+class pinned_pair:  # noqa: N801 (used as a function: `with pinned_pair(a, b) as (buffers_a, buffers_b):`)
+    """`a.pinned()` and `b.pinned()` in one: both layers pinned under one acquisition of the lock (a
+    fused adapter pins its two projections at every call, one per token when decoding)."""
+
+    __slots__ = ("a", "b", "pinned")
+
+    def __init__(self, a: SparseLinear, b: SparseLinear) -> None:
+        self.a, self.b = a, b
+        self.pinned = False
+
+    def __enter__(self):
+        a, b = self.a, self.b
+        if not _tracing():
+            pa, pb, me = a._pins, b._pins, threading.get_ident()
+            while True:
+                with _PINS_LOCK:
+                    if (pa.writer is None or pa.writer == me) and (pb.writer is None or pb.writer == me):
+                        pa.readers += 1
+                        pb.readers += 1
+                        self.pinned = True
+                        break
+                time.sleep(_WAIT_S)
+        return a.csr_buffers(), b.csr_buffers()
+
+    def __exit__(self, *exc) -> None:
+        if self.pinned:
+            with _PINS_LOCK:
+                self.a._pins.readers -= 1
+                self.b._pins.readers -= 1

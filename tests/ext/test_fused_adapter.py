@@ -341,3 +341,26 @@ def test_inference_calls_compute_what_the_dispatcher_computes(device, seed):
     # with a gradient to compute, the autograd path (and its result)
     out = ops.sparse_adapter(x, res, d, u, "gelu", 0.7)
     assert out.requires_grad and torch.equal(out.detach(), through_dispatcher)
+
+
+def test_inference_calls_with_a_modules_parameters_go_straight_to_the_kernel(seed):
+    """A module's weights are nn.Parameters: under no_grad a call with them skips the autograd kernel
+    too (nn.Parameter disables torch function, as a plain tensor), with the dispatcher's result; a
+    tensor subclass still goes through the dispatcher."""
+    torch.manual_seed(seed)
+    down = SparseLinear.from_dense(torch.randn(8, 16), torch.rand(8, 16) < 0.5, torch.randn(8))
+    up = SparseLinear.from_dense(torch.randn(16, 8), torch.rand(16, 8) < 0.5, torch.randn(16))
+    d, u = down.csr_buffers(), up.csr_buffers()
+    assert type(d[0]) is torch.nn.Parameter and d[0].requires_grad
+    x, res = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
+
+    class Marked(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        assert ops.ops._inference_keys(x, res, *d, *u) is not None
+        assert ops.ops._inference_keys(x.as_subclass(Marked), res, *d, *u) is None
+        assert ops.ops._inference_keys(x, res.as_subclass(Marked), *d, *u) is None
+        through_dispatcher = _ops.sparse_adapter.default(x, res, *d, *u, "relu", 1.0, False)[0]
+        assert torch.equal(ops.sparse_adapter(x, res, d, u, "relu", 1.0), through_dispatcher)
+        assert torch.equal(down(x), _ops.sparse_linear.default(x, *down._linear_args()))

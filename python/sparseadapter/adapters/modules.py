@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import sparseadapter_ext
 
 from ..pruning.api import PRUNABLE_ATTR
-from ..sparse_linear import SparseLinear
+from ..sparse_linear import SparseLinear, pinned_pair
 
 BERT_INIT_STD = 0.02
 
@@ -123,7 +123,7 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.runs_fused():
             m = self._modules
-            with m["down"].pinned() as down, m["up"].pinned() as up:  # no load swaps them meanwhile
+            with pinned_pair(m["down"], m["up"]) as (down, up):  # no load swaps them meanwhile
                 return sparseadapter_ext.sparse_adapter(x, residual, down, up, self.activation_name, self.scale)
         delta = self.up(self.dropout(self.activation(self.down(self.layer_norm(x))))) * self.scale
         return delta if residual is None else residual + delta

@@ -84,16 +84,20 @@ class AdapterSlot(nn.Module):
         return router.current() if router is not None else None
 
     def _forward_hook(self, host, args, output):
+        # runs at every call of the host: once per layer and token when decoding, so it reads each
+        # attribute once and passes the running adapters on
         routing = self._routing()
         if routing is not None:
             return self._routed_hook(routing, args, output)
         names = self._running()
-        if not names and self.active_fusion is None:
+        fusion = self.active_fusion
+        if not names and fusion is None:
             return output
         y = _first(output)
-        if self.mode == "after":
-            y = self.run_after(y)
-        elif self.mode in ("parallel", "lora"):
+        mode = self.mode
+        if mode == "after":
+            y = self.run_after(y, names)
+        elif mode in ("parallel", "lora"):
             y = self._add(names, args[0], y)
         else:  # span
             x = self.__dict__["_span_input"]
@@ -147,8 +151,9 @@ class AdapterSlot(nn.Module):
     def _add(self, names: List[str], x: Tensor, base: Tensor) -> Tensor:
         """`base + sum_i A_i(x)`. Each adapter adds its output to the running sum itself (`A(x, base)`),
         a sparse bottleneck adapter inside its fused kernel."""
+        adapters = self._modules["adapters"]._modules  # (see run_after)
         for name in names:
-            base = self.adapters[name](x, base)
+            base = adapters[name](x, base)
         return base
 
     def routed_add(self, routing, x: Tensor, base: Tensor) -> Tensor:
@@ -178,13 +183,16 @@ class AdapterSlot(nn.Module):
                 base = base.index_copy(0, rows, module(x.index_select(0, rows), base.index_select(0, rows)))
         return base
 
-    def run_after(self, y: Tensor) -> Tensor:
+    def run_after(self, y: Tensor, names: Optional[List[str]] = None) -> Tensor:
+        """`y` through the active fusion, else through each running adapter in turn (`names`: the
+        running adapters when the caller has them)."""
         if self.active_fusion is not None:
             fusion = self.fusions[self.active_fusion]
             outputs = [self._add([n], y, y) for n in fusion.adapter_names]
             return fusion(y, outputs)
-        for name in self._running():
-            y = self._add([name], y, y)
+        adapters = self._modules["adapters"]._modules  # not nn.Module.__getattr__: runs per layer and token
+        for name in self._running() if names is None else names:
+            y = adapters[name](y, y)
         return y
 
     def prefix_kv(self, batch: int, heads: int, head_dim: int, like: Tensor):

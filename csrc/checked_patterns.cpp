@@ -1,0 +1,137 @@
+// The patterns whose structure a CPU op call has already checked, so that the next call with the same
+// unchanged tensors skips the O(nnz) pass (a decoding step calls each adapter's op once per token with
+// the same pattern: the pass cost as much as the one-token product).
+//
+// An entry is keyed by the two index tensors' TensorImpl addresses and the column bound, and holds
+// what would differ if the tensors changed: the version counters (every in-place write through torch
+// bumps them, views and detach() included), data pointers (set_, storage swaps), sizes and dtype.
+// It holds weak references to the TensorImpls, so an address cannot be reused by a new tensor while
+// its entry exists (a weak reference keeps the object's memory): an address match is the same
+// tensor. Inference tensors carry no version counter and are checked on every call. Writes that
+// bypass the version counter (through `.data`, numpy or raw pointers) are not seen; validate_csr
+// checks a pattern whatever this cache holds.
+#include <c10/core/TensorImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+
+#include "validation.h"
+
+namespace sparseadapter {
+namespace {
+
+// Enough for every layer of a large model with several adapters; when full, the entries of freed
+// tensors go first, then all of them (the next call of each pattern checks it again).
+constexpr size_t kMaxEntries = 16384;
+
+struct Key {
+  const c10::TensorImpl* crow;
+  const c10::TensorImpl* col;
+  int64_t num_cols;
+  bool operator==(const Key& other) const {
+    return crow == other.crow && col == other.col && num_cols == other.num_cols;
+  }
+};
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    const auto a = reinterpret_cast<uintptr_t>(k.crow);
+    const auto b = reinterpret_cast<uintptr_t>(k.col);
+    return std::hash<uintptr_t>()(a ^ (b * 0x9e3779b97f4a7c15ULL) ^ static_cast<uintptr_t>(k.num_cols));
+  }
+};
+
+// What the check saw of one index tensor.
+struct Seen {
+  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+  uint32_t version;
+  const void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+
+  explicit Seen(const at::Tensor& t)
+      : impl(t.getIntrusivePtr()),
+        version(t.unsafeGetTensorImpl()->version_counter().current_version()),
+        data(t.const_data_ptr()),
+        numel(t.numel()),
+        dtype(t.scalar_type()) {}
+
+  bool still(const at::Tensor& t) const {
+    return !impl.expired() && t.unsafeGetTensorImpl()->version_counter().current_version() == version &&
+           t.const_data_ptr() == data && t.numel() == numel && t.scalar_type() == dtype;
+  }
+};
+
+struct Entry {
+  Seen crow, col;
+};
+
+struct Cache {
+  std::mutex mutex;
+  std::unordered_map<Key, Entry, KeyHash> entries;
+  std::atomic<int64_t> hits{0}, checks{0};
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: ops may run during interpreter shutdown
+  return *c;
+}
+
+// Tensors worth an entry whose changes the cache can see: with a version counter, in strided memory,
+// and held by someone besides this call (a contiguous copy or a view made for one call never comes
+// back, and an entry would only keep its memory).
+bool trackable(const at::Tensor& t) {
+  return !t.is_inference() && t.has_storage() && t.layout() == at::kStrided && t.use_count() > 1;
+}
+
+}  // namespace
+
+void check_pattern_bounds_cpu_once(
+    const char* op,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    const char* num_cols_name) {
+  auto& c = cache();
+  const bool track = trackable(crow_indices) && trackable(col_indices);
+  const Key key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols};
+  if (track) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    const auto it = c.entries.find(key);
+    if (it != c.entries.end()) {
+      if (it->second.crow.still(crow_indices) && it->second.col.still(col_indices)) {
+        c.hits.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      c.entries.erase(it);  // changed: check again below
+    }
+  }
+  c.checks.fetch_add(1, std::memory_order_relaxed);
+  check_pattern_bounds_cpu(op, crow_indices, col_indices, num_cols, num_cols_name);  // raises when bad
+  if (!track) {
+    return;
+  }
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.entries.size() >= kMaxEntries) {
+    for (auto it = c.entries.begin(); it != c.entries.end();) {
+      it = it->second.crow.impl.expired() || it->second.col.impl.expired() ? c.entries.erase(it) : std::next(it);
+    }
+    if (c.entries.size() >= kMaxEntries) {
+      c.entries.clear();
+    }
+  }
+  c.entries.insert_or_assign(key, Entry{Seen(crow_indices), Seen(col_indices)});
+}
+
+CheckedPatternStats checked_pattern_stats() {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return {
+      static_cast<int64_t>(c.entries.size()), c.hits.load(std::memory_order_relaxed),
+      c.checks.load(std::memory_order_relaxed)};
+}
+
+}  // namespace sparseadapter
