@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "json_lines.h"
+#include "line_reader.h"
 
 namespace {
 
