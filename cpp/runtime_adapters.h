@@ -5,11 +5,8 @@
 // adapter_config.json and its safetensors file) is read and checked here as load_adapter checks it
 // (format, kind, model type, sites, which tensors, their dtypes, sizes, and each CSR pattern through
 // the validate_csr op: index ranges, sorted unique columns per row) before a table changes; a load
-// that fails anywhere leaves every table as it was.
-//
-// Not checked here: the config's and the tensor file's SHA-256 checksums (config_sha256,
-// weights_sha256), which Python's load_adapter verifies; a damaged file is still refused when its
-// structure or its patterns are wrong.
+// that fails anywhere leaves every table as it was. The config's and the tensor file's SHA-256
+// checksums are verified first (config_sha256 of the config's canonical JSON, weights_sha256).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,6 +16,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <regex>
 #include <set>
@@ -29,6 +27,7 @@
 #include <vector>
 
 #include "safetensors.h"
+#include "sha256.h"
 
 namespace runtime_adapters {
 
@@ -174,7 +173,9 @@ class Tables {
     check_config(meta, config, config_path);
     const int64_t rank = positive(config, "bottleneck", config_path) * positive(config, "large_sparse", config_path);
     const std::string weights_path = dir + "/" + weights_file(meta, config_path);
-    auto tensors = safetensors::read(weights_path, size_limit(rank));
+    const uint64_t limit = size_limit(rank);
+    check_weights_digest(weights_path, meta, limit);
+    auto tensors = safetensors::read(weights_path, limit);
     const std::string saved = meta["name"].get<std::string>();
     std::string activation = "identity";
     double scale = 0;
@@ -199,7 +200,14 @@ class Tables {
     const auto head_weight = take(tensors, head + "weight", used, weights_path, true);
     const auto head_bias = take(tensors, head + "bias", used, weights_path, true);
     for (const auto& [key, _] : tensors) {
-      if (!used.count(key) && key.rfind("head.", 0) != 0) {
+      if (used.count(key)) {
+        continue;
+      }
+      if (key.rfind(head, 0) == 0) {  // e.g. a regression head's target normalization
+        throw Error(
+            weights_path + ": its head holds " + key + "; the tables take a linear head (weight and bias) only");
+      }
+      if (key.rfind("head.", 0) != 0) {  // other heads' tensors: not this model's task, as load_adapter
         throw Error(weights_path + ": holds tensor " + key + ", which no table of this model takes");
       }
     }
@@ -282,10 +290,45 @@ class Tables {
         throw Error(path + " lacks the field \"" + key + "\"");
       }
     }
-    if (!meta["name"].is_string() || !meta["config"].is_object()) {
-      throw Error(path + ": \"name\" must be a string and \"config\" an object");
+    if (!meta["name"].is_string() || !meta["config"].is_object() || !meta["weights_sha256"].is_string()) {
+      throw Error(path + ": \"name\" and \"weights_sha256\" must be strings and \"config\" an object");
+    }
+    if (!meta.contains("config_sha256")) {
+      std::cerr << "sparseadapter_serve: warning: " << path
+                << " has no config_sha256 (saved by sparseadapter before 0.5): its settings are not covered by a "
+                   "checksum; save the adapter again to add one"
+                << std::endl;
+    } else {
+      // The SHA-256 of the canonical JSON (sorted keys, no spaces, ASCII) without the field itself.
+      nlohmann::json body = meta;
+      body.erase("config_sha256");
+      if (!meta["config_sha256"].is_string() || meta["config_sha256"] != sha256::of_text(body.dump(-1, ' ', true))) {
+        throw Error(
+            path +
+            " does not match its own checksum (config_sha256): a setting was edited or the file is "
+            "corrupted; save the adapter again rather than editing it");
+      }
     }
     return meta;
+  }
+
+  static void check_weights_digest(const std::string& path, const nlohmann::json& meta, uint64_t limit) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) {
+      throw Error(path + " does not exist or cannot be read");
+    }
+    const auto size = static_cast<uint64_t>(in.tellg());
+    if (size > limit) {
+      throw Error(
+          path + " is " + std::to_string(size) + " bytes, more than this adapter's config can take (" +
+          std::to_string(limit) + "): not this adapter's tensors");
+    }
+    if (sha256::of_file(path) != meta["weights_sha256"].get<std::string>()) {
+      throw Error(
+          path +
+          " does not match its config's checksum (weights_sha256): the file is corrupted, truncated, or "
+          "from another save");
+    }
   }
 
   void check_config(const nlohmann::json& meta, const nlohmann::json& config, const std::string& path) const {

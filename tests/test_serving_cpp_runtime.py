@@ -1,9 +1,11 @@
 """sparseadapter_serve on a base model exported with empty adapter tables (`export --runtime-adapters`):
 adapter folders saved in Python are loaded without Python (--adapters DIR, admin lines) and answer
 each row as the Python model with those adapters loaded; loading and unloading while serving; bad
-folders (truncated or inconsistent safetensors, a corrupted pattern, another kind, other sites) get a
-clear error naming the file, and serving goes on; the tables grow with each adapter's nnz."""
+folders (checksum mismatch, truncated or inconsistent safetensors, a corrupted pattern, an edited
+setting, another kind, other sites) get a clear error naming the file, and serving goes on; the
+tables grow with each adapter's nnz."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ from runtime_adapters_support import export_base, nnz_bytes, reference, save_ada
 from safetensors.torch import load_file, save_file
 from training_support import tiny_model  # noqa: F401
 
-from sparseadapter.adapters.io import CONFIG_FILE, weights_path
+from sparseadapter.adapters.io import CONFIG_FILE, config_digest, weights_path
 
 pytest.importorskip("transformers")
 RUN_TIMEOUT_S = 180
@@ -143,12 +145,23 @@ def _copy(folders, name, to):
     return to
 
 
+def _reseal(folder):
+    """Recompute the folder's checksums, as a writer of a damaged but self-consistent folder would: the
+    server's structural checks must then catch the damage."""
+    config_path = folder / CONFIG_FILE
+    meta = json.loads(config_path.read_text())
+    meta["weights_sha256"] = hashlib.sha256((folder / meta["weights_file"]).read_bytes()).hexdigest()
+    meta["config_sha256"] = config_digest(meta)
+    config_path.write_text(json.dumps(meta))
+
+
 def _rewrite_tensors(folder, change):
-    """Overwrite the folder's tensor file (same name) with `change(tensors)`."""
+    """Overwrite the folder's tensor file (same name) with `change(tensors)`, checksums resealed."""
     weights = weights_path(str(folder))
     tensors = load_file(weights)
     change(tensors)
     save_file(tensors, weights)
+    _reseal(folder)
     return weights
 
 
@@ -156,17 +169,35 @@ def test_bad_folders_get_clear_errors_and_serving_goes_on(cmake_build, setup, tm
     binary = cmake_build[1] / "sparseadapter_serve"
     root, folders, path, meta = setup
     bad = {}
-    # truncated tensor file
-    folder = _copy(folders, "alpha", tmp_path / "truncated")
+    # a truncated tensor file: its checksum no longer matches
+    folder = _copy(folders, "alpha", tmp_path / "checksum")
     weights = weights_path(str(folder))
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[: len(data) // 2])
-    bad["truncated"] = (folder, [weights, "truncated"])
+    bad["checksum"] = (folder, [weights, "does not match its config's checksum"])
+    # the same, resealed: the safetensors reader finds it short
+    folder = _copy(folders, "alpha", tmp_path / "truncated")
+    weights = weights_path(str(folder))
+    open(weights, "wb").write(data[: len(data) // 2])
+    _reseal(folder)
+    bad["truncated"] = (folder, [weights, "tensor ", "truncated"])
     # a header length past the end of the file
     folder = _copy(folders, "alpha", tmp_path / "header")
     weights = weights_path(str(folder))
     open(weights, "wb").write((10**9).to_bytes(8, "little") + data[8:])
+    _reseal(folder)
     bad["header"] = (folder, [weights, "header length"])
+    # a tensor's data_offsets that disagree with its shape
+    folder = _copy(folders, "alpha", tmp_path / "offsets")
+    weights = weights_path(str(folder))
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    name = next(k for k in header if k.endswith("lora_B.values"))
+    header[name]["shape"] = [header[name]["shape"][0] + 1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    open(weights, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    _reseal(folder)
+    bad["offsets"] = (folder, [weights, f"tensor {name}", "data_offsets"])
     # a column index out of range, in a well-formed file
     folder = _copy(folders, "alpha", tmp_path / "pattern")
     host = meta["adapter_tables"]["tables"][1]["host"]
@@ -185,11 +216,18 @@ def test_bad_folders_get_clear_errors_and_serving_goes_on(cmake_build, setup, tm
     bad["missing"] = (folder, [weights, "lacks tensor head.classifier.bias"])
     # another kind
     bad["kind"] = (root / "houlsby", ["a houlsby adapter; this model's tables take lora adapters"])
+    # an edited setting
+    folder = _copy(folders, "alpha", tmp_path / "edited")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["config"]["lora_alpha"] = 64.0
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    bad["edited"] = (folder, [str(folder / CONFIG_FILE), "does not match its own checksum"])
     # sites of another model
     folder = _copy(folders, "alpha", tmp_path / "sites")
     config = json.loads((folder / CONFIG_FILE).read_text())
     config["sites"]["lora"][0]["in_features"] += 1
     (folder / CONFIG_FILE).write_text(json.dumps(config))
+    _reseal(folder)
     bad["sites"] = (folder, [str(folder / CONFIG_FILE), "the adapter was saved for", "another model or architecture"])
     bad["absent"] = (tmp_path / "absent", ["adapter_config.json does not exist"])
 

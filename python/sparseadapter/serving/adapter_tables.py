@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapters.api import HEAD_NAMES
+from ..adapters.head import installed
 from ..adapters.placement import model_type
 from ..adapters.registry import entry
 from ..adapters.registry import router as registry_router
@@ -295,6 +296,10 @@ def install_tables(model: nn.Module, template: str) -> Dict:
         raise ValueError(
             "runtime-loaded adapters need a task head that is one linear layer (as BERT's classifier); "
             f"this model's is {type(head).__name__}"
+        )
+    if installed(head) is not None:
+        raise ValueError(
+            "runtime-loaded adapters answer through linear heads; this regression head standardizes targets"
         )
     down_name, up_name = _LAYERS.get(config.kind, ("down", "up"))
     by_host = slots(model)
