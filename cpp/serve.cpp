@@ -757,7 +757,7 @@ class Server {
       // Coalesce what is already waiting, never more: a live client is not kept waiting. An admin
       // line ends the round: the requests before it run with the adapters loaded before it.
       while (sentences < batch_size_ && round.size() < batch_size_ && held < kMaxRoundBytes &&
-             !is_admin(round.back())) {
+             (round.empty() || !is_admin(round.back()))) {
         const auto more = reader.next(line, /*wait=*/false);
         if (more == jsonl::LineReader::Got::NotReady || more == jsonl::LineReader::Got::End) {
           break;
