@@ -1,4 +1,4 @@
-// sparseadapter_serve --model MODEL.pt [--threads N] [--batch-size B]
+// sparseadapter_serve --model MODEL.pt [--adapters DIR] [--threads N] [--batch-size B]
 //
 // Serves a model exported by `sparseadapter export` over JSON lines, without Python: one request
 // per stdin line, one answer per non-blank line on stdout, in input order, flushed at once.
@@ -17,6 +17,19 @@
 // {"id", "logits", "score"} for regression; a batch gets "labels"/"label_names"/"scores" lists.
 // A bad request gets {"id", "line", "error"} and serving goes on.
 //
+// Adapters loaded at run time: a model exported with `sparseadapter export --runtime-adapters` (its
+// metadata has "adapter_tables") holds empty tables of CSR adapters (runtime_adapters.h), filled from
+// adapter folders (what save_adapter writes) without Python: --adapters DIR loads every folder in
+// DIR at start (named by the folder; plain files and hidden folders there are skipped), and admin
+// lines load and unload while serving:
+//   {"admin": "load", "name": "x", "path": "DIR/x"}  (name: default the folder's name)
+//   {"admin": "unload", "name": "x"}
+//   {"admin": "list"}
+// answered {"id", "admin", "ok": true, "adapters": [loaded names], "bytes": what the tables hold,
+// "adapter_bytes": what the loaded adapter takes (load)}, or an error line. An admin line ends the
+// round it is read in: the requests before it are answered by the adapters loaded when they were
+// read, those after it by the new set.
+//
 // Consecutive requests are run together, up to B sentences per forward, but only those already
 // waiting on stdin: a client that sends one line and waits for its answer gets it at once. When a
 // forward fails, its requests are run again one by one, so only the requests that fail alone get
@@ -30,11 +43,13 @@
 // Token ids are checked per request against the vocabulary: the smaller of the metadata's
 // vocab_size and the rows of the model's token embedding, when the model has one it can be told by
 // (an Embedding module named word_embeddings, embed_tokens, wte, tokens, ..., else the largest).
-// Exit codes: 0 at end of input, 1 when the model cannot be loaded or the output is gone, 2 bad usage.
+// Exit codes: 0 at end of input, 1 when the model (or an adapter of --adapters) cannot be loaded or
+// the output is gone, 2 bad usage.
 #include <torch/script.h>
 
 #include <ATen/Parallel.h>
 
+#include <dirent.h>
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -44,11 +59,14 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "json_lines.h"
+#include "line_reader.h"
+#include "runtime_adapters.h"
 
 namespace {
 
@@ -61,16 +79,20 @@ constexpr int kMaxJsonDepth = 64;
 constexpr int64_t kDefaultBatchSize = 32;
 
 const char* const kUsage =
-    "usage: sparseadapter_serve --model MODEL.pt [--threads N] [--batch-size B]\n"
+    "usage: sparseadapter_serve --model MODEL.pt [--adapters DIR] [--threads N] [--batch-size B]\n"
     "Answers JSON-lines requests on stdin with one JSON line each on stdout.\n"
     "  --model PATH     TorchScript model written by `sparseadapter export`\n"
+    "  --adapters DIR   load every adapter folder in DIR (a model exported with --runtime-adapters)\n"
     "  --threads N      CPU threads per forward (default: torch's default)\n"
     "  --batch-size B   most sentences per forward (default 32)\n"
     "  --help           show this text\n"
     "request: {\"id\": any, \"input_ids\": [int, ...], \"attention_mask\": [0|1, ...],"
     " \"token_type_ids\": [int, ...]}\n"
     "         (id, attention_mask and token_type_ids optional; arrays of rows for a batch;\n"
-    "         \"adapter\": \"name\" for a model exported with several adapters)\n";
+    "         \"adapter\": \"name\" for a model exported with several adapters)\n"
+    "admin:   {\"admin\": \"load\", \"name\": \"x\", \"path\": \"DIR/x\"}, {\"admin\": \"unload\", \"name\": \"x\"},"
+    " {\"admin\": \"list\"}\n"
+    "         (a model exported with --runtime-adapters)\n";
 
 struct Failure {  // fatal: exit 1
   std::string message;
@@ -102,7 +124,8 @@ std::string last_line(std::string text) {
 
 struct Options {
   std::string model;
-  int threads = 0;  // 0: torch's default
+  std::string adapters;  // a folder of adapter folders
+  int threads = 0;       // 0: torch's default
   int64_t batch_size = kDefaultBatchSize;
   bool help = false;
 };
@@ -132,7 +155,7 @@ Options parse_options(int argc, char** argv) {
       value = name.substr(eq + 1);
       name.resize(eq);
     }
-    if (name != "--model" && name != "--threads" && name != "--batch-size") {
+    if (name != "--model" && name != "--adapters" && name != "--threads" && name != "--batch-size") {
       throw UsageError{"unknown argument '" + std::string(argv[i]) + "'"};
     }
     if (!inline_value) {
@@ -143,6 +166,8 @@ Options parse_options(int argc, char** argv) {
     }
     if (name == "--model") {
       opt.model = value;
+    } else if (name == "--adapters") {
+      opt.adapters = value;
     } else if (name == "--threads") {
       opt.threads = static_cast<int>(positive_int(value, name, 1024));
     } else {
@@ -166,6 +191,11 @@ struct Metadata {
   int64_t pad_token_id = 0;
   int64_t type_vocab_size = 0;        // 0: the model takes no token types (all must be 0)
   std::vector<std::string> adapters;  // several adapters: forward takes an adapter index per row
+  bool runtime_adapters = false;      // adapter tables: `adapters` are the ones loaded now
+  std::string adapter_tables;         // their description (JSON), for runtime_adapters::parse_spec
+
+  // Whether forward takes an adapter index per row (and requests name their adapter).
+  bool indexed() const { return !adapters.empty() || runtime_adapters; }
 };
 
 int64_t meta_int(const jsonl::Value& doc, const char* key, int64_t min) {
@@ -237,6 +267,10 @@ Metadata parse_metadata(const std::string& text) {
         std::to_string(meta.vocab_size));
   }
   meta.type_vocab_size = meta_int(doc, "type_vocab_size", 0);
+  if (const auto* tables = doc.find("adapter_tables"); tables != nullptr && !tables->is_null()) {
+    meta.runtime_adapters = true;
+    jsonl::write(meta.adapter_tables, *tables);
+  }
   if (const auto* adapters = doc.find("adapters"); adapters != nullptr && !adapters->is_null()) {
     const auto* names = adapters->get<jsonl::Array>();
     for (size_t i = 0; names != nullptr && i < names->size(); ++i) {
@@ -323,13 +357,13 @@ torch::jit::Module load_model(const std::string& path, Metadata& meta) {
     throw Failure{"'" + path + "' has no forward method"};
   }
   const size_t inputs = forward->function().getSchema().arguments().size() - 1;  // less self
-  const size_t expected = meta.adapters.empty() ? 3 : 4;
+  const size_t expected = meta.indexed() ? 4 : 3;
   if (inputs != expected) {
     throw Failure{
         "'" + path + "': forward takes " + std::to_string(inputs) + " inputs, expected " + std::to_string(expected) +
-        (meta.adapters.empty() ? " (input_ids, attention_mask, token_type_ids)"
-                               : " (input_ids, attention_mask, token_type_ids, adapter_index: the "
-                                 "metadata lists adapters)")};
+        (!meta.indexed() ? " (input_ids, attention_mask, token_type_ids)"
+                         : " (input_ids, attention_mask, token_type_ids, adapter_index: the "
+                           "metadata lists adapters)")};
   }
   model.eval();
   meta.vocab_size = checked_vocab_size(model, meta.vocab_size);
@@ -357,7 +391,52 @@ struct Request {
   std::vector<Row> rows;
   std::string error;  // set: answered with this error
   size_t bytes = 0;   // what it holds, from above: its parse (the id) and its rows
+  std::string admin;  // an admin line: "load", "unload" or "list" (no rows)
+  std::string admin_name, admin_path;
+  std::string admin_answer;  // its answer's members after the id, once done
 };
+
+// The folder's own name ("DIR/x/" -> "x"): an adapter's default name, as in a multi-adapter export.
+std::string folder_name(std::string path) {
+  path.erase(path.find_last_not_of('/') + 1);
+  return path.substr(path.rfind('/') + 1);
+}
+
+void read_admin(const jsonl::Object& doc, const Metadata& meta, Request& req) {
+  for (const auto& [key, value] : doc) {
+    const auto* text = value.get<std::string>();
+    if (key == "admin" || key == "name" || key == "path") {
+      if (text == nullptr) {
+        throw BadRequest{"\"" + key + "\" must be a string"};
+      }
+      (key == "admin" ? req.admin : key == "name" ? req.admin_name : req.admin_path) = *text;
+    } else if (key != "id") {
+      throw BadRequest{"unknown key \"" + key + "\" in an admin line (expected id, admin, name, path)"};
+    }
+  }
+  if (!meta.runtime_adapters) {
+    throw BadRequest{
+        "admin lines load and unload adapters of a model exported with --runtime-adapters; this one is not"};
+  }
+  if (req.admin == "load") {
+    if (req.admin_path.empty()) {
+      throw BadRequest{"\"admin\": \"load\" needs \"path\", the adapter's folder"};
+    }
+    if (req.admin_name.empty()) {
+      req.admin_name = folder_name(req.admin_path);
+    }
+  } else if (req.admin == "unload") {
+    if (req.admin_name.empty() || !req.admin_path.empty()) {
+      throw BadRequest{"\"admin\": \"unload\" takes \"name\" (and no path)"};
+    }
+  } else if (req.admin == "list") {
+    if (!req.admin_name.empty() || !req.admin_path.empty()) {
+      throw BadRequest{"\"admin\": \"list\" takes no name or path"};
+    }
+  } else {
+    throw BadRequest{"\"admin\" must be \"load\", \"unload\" or \"list\""};
+  }
+}
 
 bool is_array(const jsonl::Value& v) {
   return v.get<jsonl::Array>() != nullptr || v.get<jsonl::IntArray>() != nullptr;
@@ -451,17 +530,18 @@ Row make_row(
   return row;
 }
 
+// "this model serves a, b" (or that none is loaded yet).
 std::string adapter_list(const Metadata& meta) {
   std::string names;
   for (const auto& name : meta.adapters) {
     names += (names.empty() ? "" : ", ") + name;
   }
-  return names;
+  return names.empty() ? "no adapter is loaded" : "this model serves " + names;
 }
 
 // The index of the adapter a request names; a model without several adapters takes no "adapter".
 int64_t adapter_index(const jsonl::Value& value, const Metadata& meta) {
-  if (meta.adapters.empty()) {
+  if (!meta.indexed()) {
     throw BadRequest{
         "unknown key \"adapter\": this model was exported with one adapter (export with several "
         "--adapter to serve several)"};
@@ -474,8 +554,7 @@ int64_t adapter_index(const jsonl::Value& value, const Metadata& meta) {
   if (at == meta.adapters.end()) {
     std::string shown = name->substr(0, 64);
     throw BadRequest{
-        "unknown adapter \"" + shown + (name->size() > 64 ? "...\"" : "\"") + " (this model serves " +
-        adapter_list(meta) + ")"};
+        "unknown adapter \"" + shown + (name->size() > 64 ? "...\"" : "\"") + " (" + adapter_list(meta) + ")"};
   }
   return static_cast<int64_t>(at - meta.adapters.begin());
 }
@@ -497,13 +576,11 @@ void read_rows(const jsonl::Object& doc, const Metadata& meta, Request& req) {
     } else if (key != "id") {
       throw BadRequest{
           "unknown key \"" + key + "\" (expected id, input_ids, attention_mask, token_type_ids" +
-          (meta.adapters.empty() ? ")" : ", adapter)")};
+          (meta.indexed() ? ", adapter)" : ")")};
     }
   }
-  if (!meta.adapters.empty() && req.adapter < 0) {
-    throw BadRequest{
-        "missing \"adapter\": this model serves several adapters (" + adapter_list(meta) +
-        "); name the one that answers"};
+  if (meta.indexed() && req.adapter < 0) {
+    throw BadRequest{"missing \"adapter\": name the adapter that answers the request (" + adapter_list(meta) + ")"};
   }
   if (ids == nullptr) {
     throw BadRequest{"missing input_ids"};
@@ -574,8 +651,13 @@ Request parse_request(const std::string& line, size_t line_no, const Metadata& m
     req.error = "a request must be a JSON object";
     return req;
   }
+  const bool admin = std::any_of(object->begin(), object->end(), [](const auto& m) { return m.first == "admin"; });
   try {
-    read_rows(*object, meta, req);
+    if (admin) {
+      read_admin(*object, meta, req);
+    } else {
+      read_rows(*object, meta, req);
+    }
   } catch (const BadRequest& e) {
     req.error = e.message;
     std::vector<Row>().swap(req.rows);
@@ -594,10 +676,54 @@ Request parse_request(const std::string& line, size_t line_no, const Metadata& m
 
 // ---- running and answering
 
+bool is_admin(const Request& req) {
+  return !req.admin.empty() && req.error.empty();
+}
+
 class Server {
  public:
   Server(torch::jit::Module model, Metadata meta, size_t batch_size)
-      : model_(std::move(model)), meta_(std::move(meta)), batch_size_(batch_size) {}
+      : model_(std::move(model)), meta_(std::move(meta)), batch_size_(batch_size) {
+    if (meta_.runtime_adapters) {
+      try {
+        tables_ = std::make_unique<runtime_adapters::Tables>(
+            model_, runtime_adapters::parse_spec(nlohmann::json::parse(meta_.adapter_tables)));
+      } catch (const std::exception& e) {
+        throw Failure{"the model's adapter tables: " + runtime_adapters::brief(e)};
+      }
+    }
+  }
+
+  // Every adapter folder in dir (sorted by name; plain files and hidden folders skipped).
+  void load_folder_of_adapters(const std::string& dir) {
+    if (!tables_) {
+      throw Failure{"--adapters: the model was not exported with --runtime-adapters (it has no adapter tables)"};
+    }
+    DIR* handle = ::opendir(dir.c_str());
+    if (handle == nullptr) {
+      throw Failure{"--adapters: cannot read the folder '" + dir + "'"};
+    }
+    std::vector<std::string> names;
+    while (const dirent* item = ::readdir(handle)) {
+      const std::string name = item->d_name;
+      DIR* sub = name.empty() || name[0] == '.' ? nullptr : ::opendir((dir + "/" + name).c_str());
+      if (sub != nullptr) {
+        ::closedir(sub);
+        names.push_back(name);
+      }
+    }
+    ::closedir(handle);
+    std::sort(names.begin(), names.end());
+    for (const auto& name : names) {
+      try {
+        const auto loaded = tables_->load(dir + "/" + name, name);
+        std::cerr << "sparseadapter_serve: loaded adapter " << name << " (" << loaded.bytes << " bytes)" << std::endl;
+      } catch (const std::exception& e) {
+        throw Failure{"--adapters: " + runtime_adapters::brief(e)};
+      }
+    }
+    meta_.adapters = tables_->names();
+  }
 
   void serve(int in_fd, int out_fd) {
     jsonl::LineReader reader(in_fd, kMaxLineBytes);
@@ -628,8 +754,10 @@ class Server {
         return;
       }
       take(got);
-      // Coalesce what is already waiting, never more: a live client is not kept waiting.
-      while (sentences < batch_size_ && round.size() < batch_size_ && held < kMaxRoundBytes) {
+      // Coalesce what is already waiting, never more: a live client is not kept waiting. An admin
+      // line ends the round: the requests before it run with the adapters loaded before it.
+      while (sentences < batch_size_ && round.size() < batch_size_ && held < kMaxRoundBytes &&
+             (round.empty() || !is_admin(round.back()))) {
         const auto more = reader.next(line, /*wait=*/false);
         if (more == jsonl::LineReader::Got::NotReady || more == jsonl::LineReader::Got::End) {
           break;
@@ -637,7 +765,10 @@ class Server {
         take(more);
       }
       run(round);
-      for (const auto& req : round) {
+      for (auto& req : round) {
+        if (is_admin(req)) {
+          administer(req);
+        }
         jsonl::write_all(out_fd, answer(req));
       }
       round.clear();
@@ -647,6 +778,37 @@ class Server {
   }
 
  private:
+  // Loads, unloads or lists; the outcome is the request's admin_answer or its error.
+  void administer(Request& req) {
+    std::string answer = ",\"admin\":";
+    jsonl::write_string(answer, req.admin);
+    try {
+      if (req.admin == "load") {
+        const auto loaded = tables_->load(req.admin_path, req.admin_name);
+        answer += ",\"name\":";
+        jsonl::write_string(answer, req.admin_name);
+        answer += ",\"adapter_bytes\":" + std::to_string(loaded.bytes);
+        std::cerr << "sparseadapter_serve: loaded adapter " << req.admin_name << " from " << req.admin_path << " ("
+                  << loaded.bytes << " bytes)" << std::endl;
+      } else if (req.admin == "unload") {
+        tables_->unload(req.admin_name);
+        answer += ",\"name\":";
+        jsonl::write_string(answer, req.admin_name);
+        std::cerr << "sparseadapter_serve: unloaded adapter " << req.admin_name << std::endl;
+      }
+      meta_.adapters = tables_->names();
+      answer += ",\"ok\":true,\"adapters\":[";
+      for (size_t i = 0; i < meta_.adapters.size(); ++i) {
+        if (i > 0) answer += ',';
+        jsonl::write_string(answer, meta_.adapters[i]);
+      }
+      answer += "],\"bytes\":" + std::to_string(tables_->held_bytes());
+      req.admin_answer = std::move(answer);
+    } catch (const std::exception& e) {
+      req.error = runtime_adapters::brief(e);
+    }
+  }
+
   // Every valid sentence of the round, in chunks of at most batch_size_ per forward. When a forward
   // fails, the requests of its chunk run again one by one: a request fails only when it fails alone,
   // and one bad request does not fail the good ones batched with it.
@@ -713,19 +875,19 @@ class Server {
     int64_t* ids_data = ids.data_ptr<int64_t>();
     int64_t* mask_data = mask.data_ptr<int64_t>();
     int64_t* types_data = types.data_ptr<int64_t>();
-    auto adapters = torch::empty({meta_.adapters.empty() ? 0 : n}, options);  // each row's adapter
+    auto adapters = torch::empty({meta_.indexed() ? n : 0}, options);  // each row's adapter
     int64_t* adapters_data = adapters.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       const Row& row = *rows[start + static_cast<size_t>(i)].second;
       std::copy(row.ids.begin(), row.ids.end(), ids_data + i * length);
       std::copy(row.mask.begin(), row.mask.end(), mask_data + i * length);
       std::copy(row.types.begin(), row.types.end(), types_data + i * length);
-      if (!meta_.adapters.empty()) {
+      if (meta_.indexed()) {
         adapters_data[i] = rows[start + static_cast<size_t>(i)].first->adapter;
       }
     }
     const auto out =
-        meta_.adapters.empty() ? model_.forward({ids, mask, types}) : model_.forward({ids, mask, types, adapters});
+        meta_.indexed() ? model_.forward({ids, mask, types, adapters}) : model_.forward({ids, mask, types});
     if (!out.isTensor()) {
       throw std::runtime_error("the model returned a " + out.tagKind() + ", expected a tensor of logits");
     }
@@ -764,6 +926,10 @@ class Server {
       out += "\"line\":" + std::to_string(req.line) + ",\"error\":";
       jsonl::write_string(out, error);
       out += "}\n";
+      return out;
+    }
+    if (!req.admin.empty()) {
+      out += req.admin_answer.substr(1) + "}\n";  // less its leading comma
       return out;
     }
     // A key with one value for a single request, or the list of one value per sentence for a batch.
@@ -813,6 +979,7 @@ class Server {
   torch::jit::Module model_;
   Metadata meta_;
   size_t batch_size_;
+  std::unique_ptr<runtime_adapters::Tables> tables_;  // a model exported with --runtime-adapters
 };
 
 }  // namespace
@@ -837,6 +1004,9 @@ int main(int argc, char** argv) {
     Metadata meta;
     auto model = load_model(opt.model, meta);
     Server server(std::move(model), std::move(meta), static_cast<size_t>(opt.batch_size));
+    if (!opt.adapters.empty()) {
+      server.load_folder_of_adapters(opt.adapters);
+    }
     server.serve(STDIN_FILENO, STDOUT_FILENO);
     return 0;
   } catch (const Failure& f) {

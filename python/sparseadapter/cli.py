@@ -341,6 +341,13 @@ def make_parser() -> argparse.ArgumentParser:
         "that takes an adapter index per row, each adapter named by its folder's name "
         "(torchscript or export format; sparse layers stay CSR, LoRA unmerged)",
     )
+    export.add_argument(
+        "--runtime-adapters",
+        action="store_true",
+        help="write the base model with empty adapter tables at the --adapter's sites (one --adapter: its "
+        "kind and sites, not its weights), for `sparseadapter_serve --adapters DIR` to fill with "
+        "adapter folders of that kind (torchscript format)",
+    )
     export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
     export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
     export.add_argument(
@@ -582,8 +589,12 @@ def _run_export(args) -> int:
             f"{args.adapter[0]} is a generation adapter ({task.name}); export serves classifiers and "
             "regressors (use `sparseadapter generate`)"
         )
-    serving, names = None, None
-    if len(args.adapter) > 1:
+    serving, names, tables = None, None, None
+    if args.runtime_adapters:
+        if len(args.adapter) > 1 or args.fmt != "torchscript":
+            raise UsageError("--runtime-adapters takes one --adapter (the kind and sites) and --format torchscript")
+        args.path, args.merge_lora = "sparse", False
+    elif len(args.adapter) > 1:
         if args.fmt == "aoti":
             raise UsageError("--format aoti takes one --adapter; several export as torchscript or export")
         if args.path == "dense":
@@ -606,14 +617,26 @@ def _run_export(args) -> int:
     )
     labels = None if task.is_regression else list(task.label_names or map(str, range(task.num_labels)))
     meta = serving_metadata(model, labels=labels, pad_token_id=tokenizer.pad_token_id)
-    if names is not None:
+    if args.runtime_adapters:
+        from .serving.adapter_tables import TableServingModel, install_tables
+
+        try:
+            tables = install_tables(model, cfg.adapter_name)
+        except ValueError as err:
+            raise UsageError(f"--runtime-adapters: {err}") from None
+        meta["adapter_tables"] = tables
+        serving = TableServingModel(model)
+    elif names is not None:
         meta["adapters"] = names
         serving = MultiAdapterServingModel(model, names)
     export_model(model, args.output, fmt=args.fmt, meta=meta, serving=serving)
     print(plan.describe())
     print(
         f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
-        f"max length {meta['max_length']}" + (f"; adapters {', '.join(names)}" if names else "") + ")"
+        f"max length {meta['max_length']}"
+        + (f"; adapters {', '.join(names)}" if names else "")
+        + (f"; empty tables for {tables['kind']} adapters at {len(tables['tables'])} sites" if tables else "")
+        + ")"
     )
     return 0
 

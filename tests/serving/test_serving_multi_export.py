@@ -115,3 +115,36 @@ def test_several_adapters_are_checked(two_adapters, tmp_path, capsys):
     shutil.copytree(alpha, twin)
     assert main(["export", "--adapter", str(alpha), "--adapter", str(twin), "--output", out]) == 2
     assert "several adapters are named 'alpha'" in capsys.readouterr().err
+
+
+def test_runtime_adapters_export_holds_empty_tables(two_adapters, tmp_path, capsys):
+    """`export --runtime-adapters`: the base model with empty tables at the adapter's sites (none of
+    its weights); filled from the adapter's folder it answers as the adapter exported alone."""
+    from runtime_adapters_support import add_from_folder
+
+    from sparseadapter.adapters.io import CONFIG_FILE
+
+    alpha, beta = two_adapters
+    base = tmp_path / "base.pt"
+    assert main(["export", "--adapter", str(alpha), "--runtime-adapters", "--output", str(base)]) == 0
+    assert "empty tables for lora adapters" in capsys.readouterr().out
+    meta = _metadata(base)
+    tables = meta["adapter_tables"]
+    assert tables["kind"] == "lora" and tables["head"]["name"] == "classifier" and tables["tables"]
+    module = torch.jit.load(str(base))
+    assert not any("lora" in name for name, _ in module.named_parameters())
+    assert all(t.numel() == 0 for name, t in module.named_buffers() if "serving_table" in name)
+    alone = tmp_path / "alpha.pt"
+    assert main(["export", "--adapter", str(alpha), "--output", str(alone), "--path", "sparse", "--no-merge-lora"]) == 0
+    config = json.loads((alpha / CONFIG_FILE).read_text())["config"]
+    add_from_folder(module, meta, alpha, config["lora_alpha"], config["bottleneck"] * config["large_sparse"])
+    inputs = example_inputs(meta, 3, 10, seed=4)
+    with torch.inference_mode():
+        got = module(*inputs, torch.zeros(3, dtype=torch.long))
+        want = torch.jit.load(str(alone))(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    out = str(tmp_path / "x.pt")
+    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--runtime-adapters", "--output", out]) == 2
+    assert main(["export", "--adapter", str(alpha), "--runtime-adapters", "--format", "export", "--output", out]) == 2
+    assert main(["export", "--adapter", str(beta), "--runtime-adapters", "--output", out]) == 0  # houlsby: fine
+    assert _metadata(out)["adapter_tables"]["kind"] == "houlsby"

@@ -15,6 +15,8 @@ Modes (what the hook computes; `x` the host input, `y` its output, `A_i` the act
 
 A call routed per row (`model(..., adapter_names=[...])`, routing.py) replaces the active adapters:
 each row runs the adapter it names, in the same modes, the slot's adapters in one op over the batch.
+A slot given a serving table (`serve_from_table`, serving/adapter_tables.py) runs routed calls through
+the table instead: the adapters a C++ server loads at run time.
 """
 
 import contextlib
@@ -54,6 +56,18 @@ class AdapterSlot(nn.Module):
         self.__dict__["prefixes"] = {}  # prefix: name -> PrefixGenerator (owned by the model root)
         self.__dict__["_span_input"] = None
         self.__dict__["router"] = None  # the model's Router (routing.py), set when attached
+        self.serving_table: Optional[nn.Module] = None  # serve_from_table
+
+    def serve_from_table(self, table: nn.Module) -> None:
+        """Routed calls run `table(x, adapter_index, base)` (a serving/adapter_tables.SiteTable, whose
+        adapters are filled at run time) instead of this slot's adapters, which are dropped: the
+        export for runtime-loaded adapters holds no adapter of its own."""
+        self.adapters = nn.ModuleDict()
+        self.serving_table = table
+
+    def _routes(self, routing) -> bool:
+        """Whether a routed call has rows for this slot to run."""
+        return self.serving_table is not None or bool(routing.local(self.adapters)[0])
 
     # -- hooks --------------------------------------------------------------------------------
     def attach(self, host: nn.Module, span_start: Optional[nn.Module] = None) -> None:
@@ -117,7 +131,7 @@ class AdapterSlot(nn.Module):
             x = self.__dict__["_span_input"]
             self.__dict__["_span_input"] = None
             if x is None:
-                if not routing.local(self.adapters)[0]:
+                if not self._routes(routing):
                     return output
                 raise RuntimeError("sparseadapter: the span adapter's start module did not run before its end module")
             y = self.routed_add(routing, x, y)
@@ -125,13 +139,13 @@ class AdapterSlot(nn.Module):
 
     def _span_start_hook(self, module, args):
         routing = self._routing()
-        if routing.local(self.adapters)[0] if routing is not None else self._running():
+        if self._routes(routing) if routing is not None else self._running():
             self.__dict__["_span_input"] = args[0]
 
     def _residual_input_hook(self, host, args, kwargs):
         routing = self._routing()
         if routing is not None:
-            if not routing.local(self.adapters)[0]:
+            if not self._routes(routing):
                 return None
             add = lambda r: self.routed_add(routing, r, r)  # noqa: E731
         else:
@@ -168,6 +182,8 @@ class AdapterSlot(nn.Module):
             )
         if x.dim() < 2:
             raise ValueError(f"adapter_names routes rows, but the adapted module's input has shape {tuple(x.shape)}")
+        if self.serving_table is not None:
+            return self.serving_table(x, routing.rows, base)
         names, local = routing.local(self.adapters, x.shape[0])
         if not names:
             return base

@@ -1,5 +1,6 @@
 """Serving: the inference form of a model with adapters, and its export for C++ (sparseadapter_serve)."""
 
+from .adapter_tables import TableServingModel, install_tables
 from .export import FORMATS, METADATA_FILE, ServingModel, example_inputs, export_model, serving_metadata
 from .inference import DEFAULT_TOKENS, InferencePlan, LayerChoice, densify, prepare_for_inference
 from .multi_adapter import MultiAdapterServingModel, RowHeads, load_adapters
@@ -13,9 +14,11 @@ __all__ = [
     "MultiAdapterServingModel",
     "RowHeads",
     "ServingModel",
+    "TableServingModel",
     "densify",
     "example_inputs",
     "export_model",
+    "install_tables",
     "load_adapters",
     "prepare_for_inference",
     "serving_metadata",

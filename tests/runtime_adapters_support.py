@@ -1,0 +1,108 @@
+"""Adapter folders and a base model exported with empty adapter tables (`export --runtime-adapters`),
+shared by the Python and C++ tests of runtime-loaded adapters; and the reference: the same folders
+loaded in Python (load_adapters), one row per adapter."""
+
+import torch
+import transformers
+
+from sparseadapter.adapters import SparseAdapterConfig, add_adapter, save_adapter, set_active_adapters
+from sparseadapter.serving import MultiAdapterServingModel, export_model, load_adapters, prepare_for_inference
+from sparseadapter.serving import serving_metadata as metadata_of
+from sparseadapter.serving.adapter_tables import TableServingModel, install_tables
+
+LABELS = ["a", "b", "c"]
+# name: (kind, sparsity): the LoRA ones load into the tables; the Houlsby one is of another kind
+ADAPTERS = {"alpha": ("lora", 0.6), "beta": ("lora", 0.9), "gamma": ("lora", 0.75), "houlsby": ("houlsby", 0.6)}
+
+
+def classifier(tiny_model):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=len(LABELS))
+
+
+def save_adapters(tiny_model, root):
+    """Each adapter of ADAPTERS, with random weights and head: the LoRA ones in root/adapters/<name>
+    (returned), the Houlsby one in root/houlsby."""
+    for seed, (name, (kind, sparsity)) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(seed)
+        model = classifier(tiny_model)
+        config = SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=sparsity, pruner="random", seed=seed)
+        add_adapter(model, name, config)
+        g = torch.Generator().manual_seed(seed + 10)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "sparseadapter" in pname or pname.startswith("classifier"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        set_active_adapters(model, [name])
+        save_adapter(model, str(root / "adapters" / name if kind == "lora" else root / name), name)
+    return root / "adapters"
+
+
+def export_base(tiny_model, path, kind="lora"):
+    """The base model with empty tables for `kind` adapters; returns its metadata."""
+    torch.manual_seed(0)
+    model = classifier(tiny_model)
+    add_adapter(model, "template", SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.5, pruner="random"))
+    model, _ = prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
+    meta = metadata_of(model, labels=LABELS)
+    meta["adapter_tables"] = install_tables(model, "template")
+    export_model(model, str(path), meta=meta, serving=TableServingModel(model))
+    return meta
+
+
+def reference(tiny_model, folders):
+    """The Python model serving `folders` (in that order): forward(ids, mask, types, adapter_index)."""
+    torch.manual_seed(0)
+    model = classifier(tiny_model)
+    names = load_adapters(model, [str(f) for f in folders])
+    model, _ = prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
+    return MultiAdapterServingModel(model, names).eval()
+
+
+def nnz_bytes(folder):
+    """What adapter `folder` should take in the tables: per site, the values (4 bytes) and column
+    indices (8) of both matrices, their row pointers (8 each) and biases (4 each, zeros for LoRA),
+    and the head's weight and bias (4 each)."""
+    from safetensors.torch import load_file
+
+    from sparseadapter.adapters.io import weights_path
+
+    tensors = load_file(weights_path(str(folder)))
+    total = 0
+    for key, t in tensors.items():
+        if key.endswith(".values"):
+            rows = tensors[key.replace(".values", ".crow_indices")].numel() - 1
+            total += t.numel() * (4 + 8) + (rows + 1) * 8 + rows * 4
+        elif key.startswith("head."):
+            total += t.numel() * 4
+    return total
+
+
+def module_at(model, path):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def add_from_folder(model, meta, folder, alpha=32.0, rank=8):
+    """What sparseadapter_serve's loader does for one LoRA folder, through the tables' TorchScript
+    methods (its checks left to it)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sparseadapter.adapters.io import CONFIG_FILE, weights_path
+
+    tensors = load_file(weights_path(str(folder)))
+    saved = json.loads((folder / CONFIG_FILE).read_text())["name"]  # the file's tensors are named after it
+    tables = meta["adapter_tables"]
+    for t in tables["tables"]:
+        prefix = f"{t['host']}.sparseadapter.adapters.{saved}"
+        layers = [
+            [tensors[f"{prefix}.{layer}.{k}"] for k in ("values", "crow_indices", "col_indices")] + [torch.empty(0)]
+            for layer in (t["down"], t["up"])
+        ]
+        module_at(model, t["module"]).add_adapter(layers[0], layers[1], "identity", alpha / rank)
+    head = tables["head"]
+    module_at(model, head["module"]).add_adapter(
+        tensors[f"head.{head['name']}.weight"], tensors[f"head.{head['name']}.bias"]
+    )
