@@ -179,6 +179,24 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
   }
 }
 
+// The forward of checked adapter inputs: on CPU the bounds of both patterns (once per unchanged
+// pattern), then out and, when save_hidden, hidden_pre (else an empty tensor), on the chosen path.
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> adapter_forward(const AdapterInputs& in, bool save_hidden) {
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu_once(
+        "sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features, "x's last dim");
+    check_pattern_bounds_cpu_once(
+        "sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
+        "the bottleneck width (down's rows)");
+  }
+  const auto options = in.down.x.options();
+  auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
+  auto hidden_pre = at::empty({save_hidden ? in.down.num_tokens : 0, in.down.out_features}, options);
+  run_adapter<B>(in, out, hidden_pre, save_hidden);
+  return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
+}
+
 template <typename B>
 std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
     const at::Tensor& x,
@@ -207,18 +225,29 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_op(
       B::kDevice);
   check_transposed_pattern("sparse_adapter (down)", in.down, down_crow_t, down_col_t, down_perm_t, down_row_order_t);
   check_transposed_pattern("sparse_adapter (up)", in.up, up_crow_t, up_col_t, up_perm_t, up_row_order_t);
-  if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu_once(
-        "sparse_adapter (down)", in.down.crow_indices, in.down.col_indices, in.down.in_features, "x's last dim");
-    check_pattern_bounds_cpu_once(
-        "sparse_adapter (up)", in.up.crow_indices, in.up.col_indices, in.up.in_features,
-        "the bottleneck width (down's rows)");
-  }
-  const auto options = in.down.x.options();
-  auto out = at::empty({in.down.num_tokens, in.up.out_features}, options);
-  auto hidden_pre = at::empty({save_hidden ? in.down.num_tokens : 0, in.down.out_features}, options);
-  run_adapter<B>(in, out, hidden_pre, save_hidden);
-  return {out.view(in.out_shape), save_hidden ? hidden_pre.view(in.hidden_shape) : hidden_pre.view({0})};
+  return adapter_forward<B>(in, save_hidden);
+}
+
+// sparse_adapter's inference form: the forward tensors only, out alone. The same checks of those
+// tensors and the same path as sparse_adapter with save_hidden false.
+template <typename B>
+at::Tensor sparse_adapter_infer_op(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& down_values,
+    const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_values,
+    const std::optional<at::Tensor>& up_bias,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    c10::string_view activation,
+    double scale) {
+  const auto in = check_adapter_inputs(
+      x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow, up_col, activation, scale,
+      B::kDevice);
+  return std::get<0>(adapter_forward<B>(in, false));
 }
 
 // grad @ W for W [rows, cols] in CSR, through its transposed pattern: the back end's spmm inputs.

@@ -74,6 +74,15 @@ TORCH_LIBRARY(sparseadapter, m) {
       "Tensor up_crow_indices_t, Tensor up_col_indices_t, Tensor up_perm_t, Tensor up_row_order_t, "
       "str activation, float scale, bool save_hidden) -> (Tensor out, Tensor hidden_pre)");
 
+  // sparse_adapter at inference: the same out from the forward tensors only (no transposed patterns,
+  // no hidden_pre), so that a call with one token converts and checks 8 tensors instead of 18. It has
+  // no autograd: a call that needs a gradient is an error (use sparse_adapter).
+  m.def(
+      "sparse_adapter_infer(Tensor x, Tensor? residual, "
+      "Tensor down_values, Tensor? down_bias, Tensor down_crow_indices, Tensor down_col_indices, "
+      "Tensor up_values, Tensor? up_bias, Tensor up_crow_indices, Tensor up_col_indices, "
+      "str activation, float scale) -> Tensor");
+
   // sparse_adapter's backward in one call, from out's gradient, x and the saved pre-activation:
   // the gradients of x, down's values and bias, up's values and bias, in that order, each computed
   // only where output_mask says so (else an empty tensor). The residual's gradient is grad_out itself.

@@ -33,6 +33,7 @@ LOWER_PRECISION_OPS = (
     "sddmm",
     "sparse_linear",
     "sparse_adapter",
+    "sparse_adapter_infer",
     "sparse_adapter_multi",
 )
 

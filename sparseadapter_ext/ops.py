@@ -308,13 +308,7 @@ def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
     if not (cpu or x.is_cuda):
         return None
     kind = "cpu" if cpu else "cuda"
-    if (
-        torch.is_autocast_enabled(kind)
-        or capturing_graph()
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-    ):
+    if not _nothing_above_autograd(kind):
         return None
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
@@ -325,6 +319,19 @@ def _inference_keys(x: Tensor, *tensors: Optional[Tensor]):
         ):
             return None
     return _BACKEND_KEYS[kind]
+
+
+def _nothing_above_autograd(kind: str) -> bool:
+    """Whether no state of this thread gives the layers above autograd work for a call on device type
+    `kind`: no autocast there, no tracing or compiling, no torch function or dispatch mode, no
+    functorch transform."""
+    return not (
+        torch.is_autocast_enabled(kind)
+        or capturing_graph()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 _PLAIN_TENSORS = frozenset((Tensor, torch.nn.Parameter))
@@ -658,6 +665,97 @@ def _sparse_adapter_backward_fake(
 torch.library.register_autograd(
     "sparseadapter::sparse_adapter", _sparse_adapter_backward, setup_context=_sparse_adapter_setup_context
 )
+
+
+# sparse_adapter at inference: the forward tensors only (schema: csrc/sparseadapter.cpp).
+
+
+def sparse_adapter_infer(
+    x: Tensor,
+    residual: Optional[Tensor],
+    down: Tuple[Optional[Tensor], ...],
+    up: Tuple[Optional[Tensor], ...],
+    activation: str,
+    scale: float,
+) -> Tensor:
+    """`residual + scale * (act(x @ D.T + bd) @ U.T + bu)` without gradients. `down` and `up` are each
+    `(values, bias or None, crow_indices, col_indices)`. A call that needs a gradient raises (use
+    sparse_adapter); autocast applies as to sparse_adapter."""
+    return _ops.sparse_adapter_infer.default(x, residual, *down, *up, activation, float(scale))
+
+
+@_fake("sparseadapter::sparse_adapter_infer", "x")
+def _sparse_adapter_infer_fake(
+    x, residual, down_values, down_bias, down_crow, down_col, up_values, up_bias, up_crow, up_col, activation, scale
+):
+    torch._check(activation in ADAPTER_ACTIVATIONS, lambda: f"sparse_adapter_infer: unknown activation {activation!r}")
+    return x.new_empty((*x.shape[:-1], up_crow.shape[0] - 1))
+
+
+def _sparse_adapter_infer_setup_context(ctx, inputs, output):
+    # called only when a gradient is needed (torch.library's autograd kernel): refused at the call
+    raise RuntimeError(
+        "sparse_adapter_infer computes no gradient, but an input requires one under grad mode; "
+        "use sparseadapter_ext.sparse_adapter, or call it under torch.no_grad()"
+    )
+
+
+def _sparse_adapter_infer_backward(ctx, grad_out):
+    raise RuntimeError("sparse_adapter_infer has no backward")  # unreachable: setup_context refuses first
+
+
+torch.library.register_autograd(
+    "sparseadapter::sparse_adapter_infer",
+    _sparse_adapter_infer_backward,
+    setup_context=_sparse_adapter_infer_setup_context,
+)
+
+_INFER_REDISPATCH = _ops.sparse_adapter_infer.default.redispatch
+
+
+class PreparedAdapter:
+    """One adapter's inference call with its own tensors fixed: `prepared(x, residual)` is
+    `sparse_adapter_infer(x, residual, down, up, activation, scale)` straight to the back end's kernel,
+    or None where that call must take the dispatcher (the caller then takes its general path).
+
+    Made once per state of the module (its owner rebuilds it when the module changes): what can be
+    known of the module's tensors alone is decided here once (plain tensors, all on the CPU or all on
+    CUDA); each call checks only x, the residual, the thread's state (_nothing_above_autograd) and,
+    under grad mode, that nothing requires a gradient. Every check of the tensors themselves stays in
+    the op (csrc/validation.cpp)."""
+
+    __slots__ = ("args", "cpu", "keys", "weights")
+
+    def __init__(self, down, up, activation: str, scale: float) -> None:
+        if len(down) != 4 or len(up) != 4:
+            raise ValueError("PreparedAdapter: down and up are each (values, bias or None, crow_indices, col_indices)")
+        tensors = [t for t in (*down, *up) if t is not None]
+        self.args = (*down, *up, activation, float(scale))
+        self.weights = (down[0], down[1], up[0], up[1])
+        first = tensors[0]
+        self.cpu = first.is_cpu
+        same = all(t.is_cpu for t in tensors) if self.cpu else all(t.is_cuda for t in tensors)
+        plain = all(type(t) in _PLAIN_TENSORS for t in tensors)
+        self.keys = _BACKEND_KEYS["cpu" if self.cpu else "cuda"] if plain and same else None
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        keys, cpu = self.keys, self.cpu
+        if keys is None or type(x) not in _PLAIN_TENSORS or (not x.is_cpu if cpu else not x.is_cuda):
+            return None
+        if residual is not None and (
+            type(residual) not in _PLAIN_TENSORS or (not residual.is_cpu if cpu else not residual.is_cuda)
+        ):
+            return None
+        if not _nothing_above_autograd("cpu" if cpu else "cuda"):
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (residual is not None and residual.requires_grad)
+            or any(t is not None and t.requires_grad for t in self.weights)
+        ):
+            return None
+        with torch._C._AutoDispatchBelowAutograd():
+            return _INFER_REDISPATCH(keys, x, residual, *self.args)
 
 
 # Several adapters in one batch, one per row: the adapters' arrays concatenated, an index per row.

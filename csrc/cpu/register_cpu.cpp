@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(sparseadapter, CPU, m) {
   m.impl("sparse_linear", &sparse_linear_op<CpuBackend>);
   m.impl("sddmm", &sddmm_op<CpuBackend>);
   m.impl("sparse_adapter", &sparse_adapter_op<CpuBackend>);
+  m.impl("sparse_adapter_infer", &sparse_adapter_infer_op<CpuBackend>);
   m.impl("sparse_linear_backward", &sparse_linear_backward_op<CpuBackend>);
   m.impl("sparse_adapter_backward", &sparse_adapter_backward_op<CpuBackend>);
   m.impl("sparse_adapter_multi", &sparse_adapter_multi_op<CpuBackend>);

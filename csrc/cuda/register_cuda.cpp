@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(sparseadapter, CUDA, m) {
   m.impl("sparse_linear", &sparse_linear_op<CudaBackend>);
   m.impl("sddmm", &sddmm_op<CudaBackend>);
   m.impl("sparse_adapter", &sparse_adapter_op<CudaBackend>);
+  m.impl("sparse_adapter_infer", &sparse_adapter_infer_op<CudaBackend>);
   m.impl("sparse_linear_backward", &sparse_linear_backward_op<CudaBackend>);
   m.impl("sparse_adapter_backward", &sparse_adapter_backward_op<CudaBackend>);
   m.impl("sparse_adapter_multi", &sparse_adapter_multi_op<CudaBackend>);

@@ -32,13 +32,16 @@ _WAIT_S = 1e-4
 
 
 class _Pins:
-    """Forwards in flight on a layer, and the thread swapping a new state in (None when none)."""
+    """Forwards in flight on a layer, the thread swapping a new state in (None when none), and the
+    generation of the layer's state: bumped after every change of its tensors (a load, `.to()` and
+    the like, an attribute set), so that a PreparedPair made from an older state is seen as stale."""
 
-    __slots__ = ("readers", "writer")
+    __slots__ = ("readers", "writer", "generation")
 
     def __init__(self) -> None:
         self.readers = 0
         self.writer: Optional[int] = None
+        self.generation = 0
 
     def __deepcopy__(self, memo) -> "_Pins":  # a copy starts with nothing in flight
         return _Pins()
@@ -237,6 +240,22 @@ class SparseLinear(nn.Module):
     def _swap_end(self) -> None:
         with _PINS_LOCK:
             self._pins.writer = None
+            self._pins.generation += 1
+
+    # Every other change of the layer's tensors or attributes also makes a new generation (see _Pins).
+    @torch.jit.unused
+    def _state_changed(self) -> None:
+        with _PINS_LOCK:
+            self._pins.generation += 1
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)  # a parameter or buffer replaced, a size changed, ...
+        self._state_changed()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)  # .to(), .cuda(), .half(), ...: new tensors in place
+        self._state_changed()
+        return result
 
     def to_dense(self) -> Tensor:
         """The dense weight `[out_features, in_features]`, zeros where pruned."""
@@ -403,3 +422,49 @@ class pinned_pair:  # noqa: N801 (used as a function: `with pinned_pair(a, b) as
             with _PINS_LOCK:
                 self.a._pins.readers -= 1
                 self.b._pins.readers -= 1
+
+
+def _unprepared() -> None:
+    return None
+
+
+class PreparedPair:
+    """The inference call of a fused adapter over two sparse layers, made once per state of the layers:
+    `prepared(x, residual)` runs `sparseadapter_ext.PreparedAdapter` with both layers pinned (as
+    pinned_pair does), or returns None where the caller must take its general path: the call needs the
+    dispatcher (PreparedAdapter), a load is swapping a layer's state in, or a layer changed since
+    (`stale()`; its owner then makes a new one)."""
+
+    __slots__ = ("call", "pins", "generations")
+
+    def __init__(self, a: SparseLinear, b: SparseLinear, activation: str, scale: float) -> None:
+        self.pins = (a._pins, b._pins)
+        # read before the tensors: a change between the two reads leaves this stale, never wrong
+        self.generations = (a._pins.generation, b._pins.generation)
+        self.call = sparseadapter_ext.PreparedAdapter(a.csr_buffers()[:4], b.csr_buffers()[:4], activation, scale)
+
+    def stale(self) -> bool:
+        pa, pb = self.pins
+        return (pa.generation, pb.generation) != self.generations
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        pa, pb = self.pins
+        ga, gb = self.generations
+        with _PINS_LOCK:
+            if pa.generation != ga or pb.generation != gb or pa.writer is not None or pb.writer is not None:
+                return None
+            pa.readers += 1
+            pb.readers += 1
+        try:
+            return self.call(x, residual)
+        finally:
+            with _PINS_LOCK:
+                pa.readers -= 1
+                pb.readers -= 1
+
+    # A copy of the module makes its own (its layers have their own pins and tensors).
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_unprepared, ())

@@ -60,6 +60,12 @@ def _sparse_adapter_args(device, index_dtype, seed, optional):
     return (x, residual, *down, *up, "gelu", 0.5, True)
 
 
+def _sparse_adapter_infer_args(device, index_dtype, seed, optional):
+    """sparse_adapter's case with the forward tensors only."""
+    full = _sparse_adapter_args(device, index_dtype, seed, optional)
+    return (*full[:2], *full[2:6], *full[10:14], "gelu", 0.5)
+
+
 def _sparse_adapter_multi_args(device, index_dtype, seed, optional):
     """Two adapters (bottlenecks 8 and 6) concatenated as sparse_adapter_multi takes them; the middle row
     runs no adapter. Forward arguments only (no transposed patterns)."""
@@ -96,6 +102,7 @@ OP_ARGS = {
     "sddmm": _sddmm_args,
     "sparse_linear": _sparse_linear_args,
     "sparse_adapter": _sparse_adapter_args,
+    "sparse_adapter_infer": _sparse_adapter_infer_args,
     "sparse_adapter_multi": _sparse_adapter_multi_args,
 }
 DIFFERENTIABLE = ("sparse_linear", "sparse_adapter")

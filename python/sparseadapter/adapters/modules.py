@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import sparseadapter_ext
 
 from ..pruning.api import PRUNABLE_ATTR
-from ..sparse_linear import SparseLinear, pinned_pair
+from ..sparse_linear import PreparedPair, SparseLinear, pinned_pair
 
 BERT_INIT_STD = 0.02
 
@@ -71,6 +71,9 @@ class BottleneckAdapter(nn.Module):
     """
 
     sparseadapter_chain = ("down", "up")  # forward order, for SynFlow
+    # The prepared inference call (PreparedPair) of the current state, False where this state has none
+    # (training, not fused, tensors that need the dispatcher), None until the next call decides.
+    _prepared = None
 
     def __init__(
         self,
@@ -120,7 +123,36 @@ class BottleneckAdapter(nn.Module):
             self.scale,
         )
 
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)  # a layer replaced (pruning), train()/eval(), fused, scale, ...
+        self.__dict__["_prepared"] = None
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)  # .to(), .half(), ...
+        self.__dict__["_prepared"] = None
+        return result
+
+    def _prepare(self):
+        """This state's prepared inference call: in eval mode, when the adapter runs fused."""
+        prepared = False
+        if not self.training and self.runs_fused():
+            m = self._modules
+            prepared = PreparedPair(m["down"], m["up"], self.activation_name, self.scale)
+            if prepared.call.keys is None:  # its tensors need the dispatcher at every call
+                prepared = False
+        self.__dict__["_prepared"] = prepared
+        return prepared
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        prepared = self._prepared
+        if prepared is None:
+            prepared = self._prepare()
+        if prepared:
+            out = prepared(x, residual)
+            if out is not None:
+                return out
+            if prepared.stale():  # a layer changed: the next call prepares anew
+                self.__dict__["_prepared"] = None
         if self.runs_fused():
             m = self._modules
             with pinned_pair(m["down"], m["up"]) as (down, up):  # no load swaps them meanwhile
