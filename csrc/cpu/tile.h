@@ -127,8 +127,8 @@ SA_ALWAYS_INLINE void add_partial_sums(vec_t (&acc)[kParts][kVecs]) {
   }
 }
 
-// acc[p][v] += values[e] * in_t[col[e]][v-th vector] for e in [e_begin, e_end): groups of kParts
-// nonzeros, one into each partial sum, and the last e_end - e_begin mod kParts into the first.
+// acc[p][v] += values[e] * in_t[col[e]][v-th vector] for e in [e_begin, e_end), nonzero e into
+// partial sum (e - e_begin) % kParts.
 template <
     int kTile,
     int kParts,
@@ -153,10 +153,13 @@ SA_ALWAYS_INLINE void add_nonzeros(
       for (int v = 0; v < kVecs; ++v) acc[p][v] += value * load_vec<vec_t>(in + v * kLanes);
     }
   }
-  for (; e < e_end; ++e) {  // acc indexed by constants only, so that it stays in registers
-    const acc_t value = static_cast<acc_t>(values[e]);
-    const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
-    for (int v = 0; v < kVecs; ++v) acc[0][v] += value * load_vec<vec_t>(in + v * kLanes);
+#pragma GCC unroll 8
+  for (int p = 0; p < kParts; ++p) {  // unrolled: acc indexed by constants only stays in registers
+    if (e + p < e_end) {
+      const acc_t value = static_cast<acc_t>(values[e + p]);
+      const acc_t* in = in_t + static_cast<int64_t>(col[e + p]) * kTile;
+      for (int v = 0; v < kVecs; ++v) acc[p][v] += value * load_vec<vec_t>(in + v * kLanes);
+    }
   }
 }
 
