@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -50,6 +51,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "768x256"]
 METHODS = ("ours", "sparse", "expand", "dense", "csr", "floor")
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 FORCED_PATHS = {"sparse": "sparse", "expand": "dense"}  # method -> the path mode it runs under
 
 
@@ -79,6 +81,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; thread: CPU time of the timing thread (--threads 1 only), which on a "
+        "machine shared with other processes leaves out the time spent waiting for a CPU",
+    )
+    p.add_argument(
         "--min-run-time",
         type=float,
         default=None,
@@ -102,6 +111,8 @@ def parse_args(argv=None):
         args.min_run_time = 1.0 if args.device == "cpu" else 0.2
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--clock thread times one CPU thread: it needs --threads 1 and --device cpu")
     for s in args.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
@@ -122,7 +133,7 @@ def machine_header(args):
         f"CPU capability {torch.backends.cpu.get_cpu_capability()} | our CPU kernels {sparseadapter_ext.cpu_isa()}",
         f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
         f"python {platform.python_version()} | our ops' path mode {sparseadapter_ext.path_mode()}",
-        f"threads: torch.set_num_threads({args.threads}) | "
+        f"threads: torch.set_num_threads({args.threads}) | clock {getattr(args, 'clock', 'wall')} | "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
         f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         f"device {args.device} | dtype {args.dtype} | "
@@ -276,6 +287,7 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
                 stmt="fn(*fn_args)",
                 globals={"fn": fn, "fn_args": fn_args},
                 num_threads=opts.threads,
+                timer=CLOCKS[opts.clock],
                 label=label,
                 sub_label=sub,
                 description="torch.sparse" if method == "csr" else method,
