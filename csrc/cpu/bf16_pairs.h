@@ -5,6 +5,8 @@
 // conversion), and the weight as a CSR over column pairs whose values hold both bf16 weights of the
 // pair (0 where only one of them is a nonzero). A pair is one instruction for up to two nonzeros,
 // with the tile half the size of the float one; the products are exact in float and summed in float.
+// The instruction treats bf16 denormal inputs as zero and flushes denormal results (round to nearest
+// even otherwise), a difference below 1.2e-38 per product.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -59,12 +61,8 @@ struct PairCsr {
 
 // dst[j * kPairTile + t] = the bf16 pair (src[t][2j], src[t][2j + 1]) as one 32-bit word, for
 // t < rows (tokens rows..kPairTile zero) and j < ceil(cols / 2); an odd last feature is paired with 0.
-SA_TARGET_AVX512_BF16 inline void load_pair_tile(
-    const c10::BFloat16* src,
-    int64_t ld,
-    int64_t rows,
-    int64_t cols,
-    uint32_t* dst) {
+SA_TARGET_AVX512_BF16 inline void
+load_pair_tile(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* dst) {
   const int64_t pairs = (cols + 1) / 2;
   int64_t j_begin = 0;
   if (rows == kPairTile && cols % 2 == 0 && ld % 2 == 0) {  // 16x16 blocks of 32-bit words

@@ -261,8 +261,9 @@ def candidates(cfg, mode):
 
 
 def chosen_paths(decisions):
-    """The paths auto mode chose for the products of one config, e.g. "spmm 64x768 dense"."""
-    return ", ".join(f"{d['op']} {d['dims'][0]}x{d['dims'][1]} {d['path']}" for d in decisions) or "n/a"
+    """The paths auto mode chose for the products of one config, by op and in->out features of its
+    pattern (dims: out, in), e.g. "spmm 768->64 dense"."""
+    return ", ".join(f"{d['op']} {d['dims'][1]}->{d['dims'][0]} {d['path']}" for d in decisions) or "n/a"
 
 
 def measure_mode(cfg, mode, opts, label, sub, skip, notes):
