@@ -45,6 +45,7 @@ from torch.utils import benchmark
 
 import sparseadapter
 import sparseadapter_ext
+from sparseadapter_ext import _C
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (rtol, atol relative to the largest reference magnitude) for ours vs dense in the same dtype.
@@ -260,6 +261,15 @@ def candidates(cfg, mode):
     return found
 
 
+def restore_measurements(decisions):
+    """Puts auto mode's measurements back after a forced method ran: a forced call records its path in
+    their place, and the next auto call would measure again (inside the timer) and might choose anew."""
+    for d in decisions:
+        _C.seed_path_decision(
+            d["op"], d["device"], d["dtype"], d["dims"], d["tokens"], d["path"], d["ms_sparse"], d["ms_dense"]
+        )
+
+
 def chosen_paths(decisions):
     """The paths auto mode chose for the products of one config, by op and in->out features of its
     pattern (dims: out, in), e.g. "spmm 768->64 dense"."""
@@ -271,6 +281,7 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
     all methods alike) and merges each candidate's blocks into one Measurement. Returns
     {method: (Measurement, variant)}."""
     todo, blocks = [], {}
+    measured = [d for d in sparseadapter_ext.path_decisions() if d["source"] != "forced"]
     for method, variant, fn, fn_args in candidates(cfg, mode):
         if method in skip:
             continue
@@ -296,6 +307,8 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
             blocks.setdefault((method, variant), []).append(
                 timer.blocked_autorange(min_run_time=opts.min_run_time / opts.rounds)
             )
+            if method in FORCED_PATHS:
+                restore_measurements(measured)
     best = {}
     for (method, variant), ms in blocks.items():
         m = benchmark.Measurement.merge(ms)[0]
