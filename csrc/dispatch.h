@@ -24,10 +24,12 @@
 
 // CONST_NAME is ISA's value in the body. The switch alone does not change how the body is compiled
 // (the instruction set is a property of a function): a body that must run as AVX-512 or AVX2 code
-// calls a variant defined by SA_DEFINE_ISA_VARIANTS.
+// calls a variant defined by SA_DEFINE_ISA_VARIANTS. kAvx512Bf16 runs the AVX-512 body (the one kernel
+// with a variant of its own tests cpu_isa() itself).
 #define SA_CPU_ISA_SWITCH(ISA, CONST_NAME, ...)                                            \
   [&] {                                                                                    \
     switch (ISA) {                                                                         \
+      case ::sparseadapter::CpuIsa::kAvx512Bf16:                                           \
       case ::sparseadapter::CpuIsa::kAvx512: {                                             \
         constexpr ::sparseadapter::CpuIsa CONST_NAME = ::sparseadapter::CpuIsa::kAvx512;   \
         return __VA_ARGS__();                                                              \

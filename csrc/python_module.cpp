@@ -13,7 +13,7 @@
 
 namespace {
 
-// _C.cpu_isa() -> "avx512" | "avx2" | "baseline": the variant the CPU kernels run.
+// _C.cpu_isa() -> "avx512bf16" | "avx512" | "avx2" | "baseline": the variant the CPU kernels run.
 PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(sparseadapter::cpu_isa_name(sparseadapter::cpu_isa()));

@@ -124,8 +124,9 @@ def clear_path_decisions() -> None:
 
 
 def cpu_isa() -> str:
-    """The x86 vector variant the CPU kernels run: "avx512", "avx2" or "baseline" (the widest the CPU
-    supports, capped by the environment variable SPARSEADAPTER_CPU_ISA, read once)."""
+    """The x86 vector variant the CPU kernels run: "avx512bf16" (AVX-512 with the bf16 dot product,
+    which the bfloat16 SpMM uses), "avx512", "avx2" or "baseline": the widest the CPU supports,
+    capped by the environment variable SPARSEADAPTER_CPU_ISA, read once."""
     from . import _C
 
     return _C.cpu_isa()

@@ -11,10 +11,12 @@
 #define SA_X86_MULTIVERSION 1
 #define SA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c")))
 #define SA_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define SA_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,fma,f16c")))
 #else
 #define SA_X86_MULTIVERSION 0
 #define SA_TARGET_AVX512
 #define SA_TARGET_AVX2
+#define SA_TARGET_AVX512_BF16
 #endif
 
 #define SA_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -27,10 +29,14 @@
 
 namespace sparseadapter {
 
-enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
+// kAvx512Bf16: AVX-512 with the bf16 dot-product instruction (vdpbf16ps). Every kernel runs its
+// AVX-512 variant there (SA_CPU_ISA_SWITCH); the bfloat16 SpMM also has a variant that uses the
+// instruction (bf16_pairs.h).
+enum class CpuIsa { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 
 inline const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAvx512Bf16: return "avx512bf16";
     case CpuIsa::kAvx512: return "avx512";
     case CpuIsa::kAvx2: return "avx2";
     case CpuIsa::kBaseline: return "baseline";
@@ -43,7 +49,7 @@ inline CpuIsa widest_supported_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq")) {
-    return CpuIsa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return CpuIsa::kAvx2;
@@ -53,7 +59,7 @@ inline CpuIsa widest_supported_isa() {
 }
 
 // The variant the kernels run: the widest the CPU supports, capped by SPARSEADAPTER_CPU_ISA
-// (baseline, avx2 or avx512; read once) to run or test a narrower variant, as ATEN_CPU_CAPABILITY
+// (baseline, avx2, avx512 or avx512bf16; read once) to run or test a narrower variant, as ATEN_CPU_CAPABILITY
 // does for ATen. A cap above what the CPU supports changes nothing; an unknown name is an error.
 inline CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
@@ -62,19 +68,19 @@ inline CpuIsa cpu_isa() {
     if (cap == nullptr || *cap == '\0') {
       return widest;
     }
-    for (const CpuIsa level : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    for (const CpuIsa level : {CpuIsa::kBaseline, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAvx512Bf16}) {
       if (std::strcmp(cap, cpu_isa_name(level)) == 0) {
         return std::min(level, widest);
       }
     }
-    TORCH_CHECK(false, "SPARSEADAPTER_CPU_ISA=", cap, ": expected baseline, avx2 or avx512");
+    TORCH_CHECK(false, "SPARSEADAPTER_CPU_ISA=", cap, ": expected baseline, avx2, avx512 or avx512bf16");
   }();
   return isa;
 }
 
 // The vector a variant computes with: one zmm, ymm or xmm register of acc_t.
 template <CpuIsa kIsa>
-constexpr int kVectorBytes = kIsa == CpuIsa::kAvx512 ? 64
+constexpr int kVectorBytes = kIsa >= CpuIsa::kAvx512 ? 64
                              : kIsa == CpuIsa::kAvx2 ? 32
                                                      : 16;
 

@@ -16,6 +16,7 @@
 
 #include "../dispatch.h"
 #include "../kernels.h"
+#include "bf16_pairs.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
 #include "tile.h"
@@ -104,6 +105,14 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
     SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] { SpmmFewTokens<kIsa>::run(a); });
     return;
   }
+#if SA_X86_MULTIVERSION
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (cpu_isa() == CpuIsa::kAvx512Bf16) {  // bf16 pairs with the dot-product instruction
+      pair_spmm(a.crow, a.col, a.values, a.x, a.bias, a.y, in.num_tokens, in.in_features, in.out_features);
+      return;
+    }
+  }
+#endif
 
   // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
   // has work; each row block then stages its own copy of the tile.

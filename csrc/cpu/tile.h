@@ -70,7 +70,7 @@ SA_ALWAYS_INLINE void load_transposed_tile(const scalar_t* src, int64_t ld, int6
       const int64_t full_cols = cols - cols % 16;
       for (int64_t k0 = 0; k0 < full_cols; k0 += 16) {
         for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
-          transpose16x16_to_float(src + t0 * ld + k0, ld, dst + k0 * kTile + t0, kTile);
+          transpose16x16(src + t0 * ld + k0, ld, dst + k0 * kTile + t0, kTile);
         }
       }
       load_transposed_tile_scalar<kTile>(src, ld, rows, full_cols, cols, dst);
@@ -82,17 +82,18 @@ SA_ALWAYS_INLINE void load_transposed_tile(const scalar_t* src, int64_t ld, int6
 }
 
 // dst[t * ld + r] = src[r * kTile + t] for r < rows, t < tokens: an output tile, computed transposed
-// ([rows][kTile]), written back to row-major tokens. Whole 16x16 float blocks go through registers.
+// ([rows][kTile]), written back to row-major tokens. Whole 16x16 blocks go through registers.
 template <CpuIsa kIsa, int kTile, typename scalar_t, typename acc_t>
 SA_ALWAYS_INLINE void store_transposed_tile(const acc_t* src, int64_t rows, int64_t tokens, scalar_t* dst, int64_t ld) {
   int64_t r_begin = 0;
 #if SA_X86_MULTIVERSION
-  if constexpr (kIsa == CpuIsa::kAvx512 && std::is_same_v<scalar_t, float> && kTile % 16 == 0) {
+  if constexpr (
+      kIsa == CpuIsa::kAvx512 && std::is_same_v<acc_t, float> && kHasAvx512Transpose<scalar_t> && kTile % 16 == 0) {
     if (tokens == kTile) {
       r_begin = rows - rows % 16;
       for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
         for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
-          transpose16x16_to_float(src + r0 * kTile + t0, kTile, dst + t0 * ld + r0, ld);
+          transpose16x16(src + r0 * kTile + t0, kTile, dst + t0 * ld + r0, ld);
         }
       }
     }
@@ -101,6 +102,63 @@ SA_ALWAYS_INLINE void store_transposed_tile(const acc_t* src, int64_t rows, int6
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t r = r_begin; r < rows; ++r) {
       dst[t * ld + r] = static_cast<scalar_t>(src[r * kTile + t]);
+    }
+  }
+}
+
+// Partial sums per output vector in the products below: consecutive nonzeros of a row go to different
+// partial sums, so that kParts * kVecs FMA chains are in flight instead of kVecs; with one sum per
+// vector (two chains for a 32-token tile of zmm) the kernel waited on the FMA latency, at a quarter
+// of the FMA throughput. At most 8 accumulators, which leaves registers for the loads.
+template <int kVecs>
+constexpr int kPartialSums = kVecs >= 8 ? 1 : 8 / kVecs;
+
+// acc[0][v] = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]) (for kParts = 4), written out so
+// that acc stays in registers.
+template <int kParts, int kVecs, typename vec_t>
+SA_ALWAYS_INLINE void add_partial_sums(vec_t (&acc)[kParts][kVecs]) {
+  static_assert(kParts == 1 || kParts == 2 || kParts == 4, "1, 2 or 4 partial sums");
+  for (int v = 0; v < kVecs; ++v) {
+    if constexpr (kParts == 4) {
+      acc[0][v] = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    } else if constexpr (kParts == 2) {
+      acc[0][v] += acc[1][v];
+    }
+  }
+}
+
+// acc[p][v] += values[e] * in_t[col[e]][v-th vector] for e in [e_begin, e_end), nonzero e into
+// partial sum (e - e_begin) % kParts.
+template <
+    int kTile,
+    int kParts,
+    int kVecs,
+    int kLanes,
+    typename vec_t,
+    typename acc_t,
+    typename scalar_t,
+    typename col_t>
+SA_ALWAYS_INLINE void add_nonzeros(
+    vec_t (&acc)[kParts][kVecs],
+    const scalar_t* values,
+    const col_t* col,
+    int64_t e_begin,
+    int64_t e_end,
+    const acc_t* in_t) {
+  int64_t e = e_begin;
+  for (; e + kParts <= e_end; e += kParts) {
+    for (int p = 0; p < kParts; ++p) {
+      const acc_t value = static_cast<acc_t>(values[e + p]);
+      const acc_t* in = in_t + static_cast<int64_t>(col[e + p]) * kTile;
+      for (int v = 0; v < kVecs; ++v) acc[p][v] += value * load_vec<vec_t>(in + v * kLanes);
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < kParts; ++p) {  // unrolled: acc indexed by constants only stays in registers
+    if (e + p < e_end) {
+      const acc_t value = static_cast<acc_t>(values[e + p]);
+      const acc_t* in = in_t + static_cast<int64_t>(col[e + p]) * kTile;
+      for (int v = 0; v < kVecs; ++v) acc[p][v] += value * load_vec<vec_t>(in + v * kLanes);
     }
   }
 }
@@ -122,23 +180,18 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
   constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
   static_assert(kTile % kLanes == 0, "tile must be whole vectors");
+  constexpr int kParts = kPartialSums<kVecs>;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-    vec_t acc[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      acc[v] = vec_t{} + b;
+    vec_t acc[kParts][kVecs];
+    for (int p = 0; p < kParts; ++p) {
+      for (int v = 0; v < kVecs; ++v) acc[p][v] = vec_t{} + (p == 0 ? b : acc_t(0));
     }
-    const int64_t e_end = crow[r + 1];
-    for (int64_t e = crow[r]; e < e_end; ++e) {
-      const acc_t value = static_cast<acc_t>(values[e]);
-      const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
-      for (int v = 0; v < kVecs; ++v) {
-        acc[v] += value * load_vec<vec_t>(in + v * kLanes);
-      }
-    }
+    add_nonzeros<kTile, kParts, kVecs, kLanes, vec_t, acc_t>(acc, values, col, crow[r], crow[r + 1], in_t);
+    add_partial_sums(acc);
     acc_t* out = out_t + (r - r_begin) * kTile;
     for (int v = 0; v < kVecs; ++v) {
-      store_vec(out + v * kLanes, acc[v]);
+      store_vec(out + v * kLanes, acc[0][v]);
     }
   }
 }
@@ -164,18 +217,19 @@ SA_ALWAYS_INLINE void blocked_rows_times_tile(
     const vec_t b = vec_t{} + (bias ? static_cast<acc_t>(bias[r]) : acc_t(0));
     for (int v = 0; v < kVecs; ++v) store_vec(out_t + r * kTile + v * kLanes, b);
   }
+  constexpr int kParts = kPartialSums<kVecs>;
   const int32_t* col = order.col.data();
   for (int64_t s = 0; s < order.segments(); ++s) {
     acc_t* out = out_t + static_cast<int64_t>(order.seg_row[s]) * kTile;
-    vec_t acc[kVecs];
-    for (int v = 0; v < kVecs; ++v) acc[v] = load_vec<vec_t>(out + v * kLanes);
-    const int64_t e_end = order.seg_start[s + 1];
-    for (int64_t e = order.seg_start[s]; e < e_end; ++e) {
-      const acc_t value = static_cast<acc_t>(values[e]);
-      const acc_t* in = in_t + static_cast<int64_t>(col[e]) * kTile;
-      for (int v = 0; v < kVecs; ++v) acc[v] += value * load_vec<vec_t>(in + v * kLanes);
+    vec_t acc[kParts][kVecs];
+    for (int v = 0; v < kVecs; ++v) acc[0][v] = load_vec<vec_t>(out + v * kLanes);
+    for (int p = 1; p < kParts; ++p) {
+      for (int v = 0; v < kVecs; ++v) acc[p][v] = vec_t{};
     }
-    for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[v]);
+    add_nonzeros<kTile, kParts, kVecs, kLanes, vec_t, acc_t>(
+        acc, values, col, order.seg_start[s], order.seg_start[s + 1], in_t);
+    add_partial_sums(acc);
+    for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[0][v]);
   }
 }
 

@@ -24,7 +24,10 @@ def test_bench_sparse_linear_quick(tmp_path):
     assert "FAIL" not in proc.stdout
     assert "SparseLinear fwd+bwd" in proc.stdout
     table = md.read_text()
-    assert "| N | shape | sparsity | ours ms | dense ms | torch.sparse ms | dense/ours | torch.sparse/ours |" in table
+    assert (
+        "| N | shape | sparsity | ours ms | path (auto) | sparse ms | expand ms | dense ms | torch.sparse ms " in table
+    )
+    assert "spmm 48->16 " in table and "| ours/floor |" in table
     assert "48→16" in table and "forward+backward" in table
 
 

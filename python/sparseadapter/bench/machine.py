@@ -30,7 +30,8 @@ def machine_header(args) -> List[str]:
         f"torch {torch.__version__} | BLAS {blas.group(1) if blas else 'unknown'} | "
         f"python {platform.python_version()} | our ops' path mode {sparseadapter_ext.path_mode()}",
         f"threads: torch.set_num_threads({args.threads}) | "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
+        + (f"clock {args.clock} | " if getattr(args, "clock", None) else "")
+        + f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} | "
         f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         f"device {args.device} | dtype {args.dtype} | "
         + (f"activation {args.activation} | " if getattr(args, "activation", None) else "")

@@ -3,13 +3,21 @@
 For x of shape [N, in] and a weight [out, in] with a random mask (sparsity = fraction of weights
 REMOVED), times the forward and the forward+backward (gradients to x and to the weight values) of
 
-  ours    sparseadapter.SparseLinear.from_dense(w, mask, bias)(x)
+  ours    sparseadapter.SparseLinear.from_dense(w, mask, bias)(x) in the path mode in effect (auto by
+          default: each product runs the path measured fastest for it, reported in the `path` column)
+  sparse  the same with the path forced to our CSR kernels          (set_path_mode("sparse"))
+  expand  the same with the path forced to the dense expansion: the CSR weight expanded per call into a
+          dense scratch, then the vendor GEMM                      (set_path_mode("dense"))
   dense   F.linear(x, w * mask, bias)            (w * mask computed once, outside the timer)
   csr     torch.sparse CSR (MKL on CPU, cuSPARSE on GPU): the faster, per config, of
             mm      torch.addmm(bias[:, None], w_csr, x.T).T   (torch.sparse.mm(w_csr, x.T).T plus bias)
             linear  F.linear(x, w_csr, bias)
           forward+backward uses `mm` on a CSR tensor built from a values leaf, so the weight gradient
           is the nnz-sized one, like ours.
+  floor   forward only: x read once and y written once (x.sum(0) and torch.zeros(N, out)), the memory
+          traffic no forward can avoid
+
+The path decisions are cleared before each config, so `path` is this run's measurement.
 
 Every config is checked once before timing (ours against dense: output, grad_x, grad_values) so a
 fast wrong kernel cannot report a number; a failed check is printed as FAIL and makes the exit
@@ -26,6 +34,7 @@ saves them as a result record.
 import argparse
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -33,6 +42,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import sparseadapter
+import sparseadapter_ext
+from sparseadapter_ext import _C
 
 from .machine import machine_header
 from .recording import add_record_option, save_record
@@ -42,7 +53,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (rtol, atol relative to the largest reference magnitude) for ours vs dense in the same dtype.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 DEFAULT_SHAPES = ["384x64", "64x384", "768x64", "768x256"]
-METHODS = ("ours", "dense", "csr")
+METHODS = ("ours", "sparse", "expand", "dense", "csr", "floor")
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+FORCED_PATHS = {"sparse": "sparse", "expand": "dense"}  # method -> the path mode it runs under
 
 
 def parse_shape(text):
@@ -71,6 +84,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; thread: CPU time of the timing thread (--threads 1 only), which on a "
+        "machine shared with other processes leaves out the time spent waiting for a CPU",
+    )
+    p.add_argument(
         "--min-run-time",
         type=float,
         default=None,
@@ -82,6 +102,7 @@ def parse_args(argv=None):
         default=4,
         help="interleaved rounds per config; each method's blocks are merged (median of all)",
     )
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to time (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", metavar="PATH", help="append markdown tables to PATH")
     add_record_option(p)
@@ -94,6 +115,8 @@ def parse_args(argv=None):
         args.min_run_time = 1.0 if args.device == "cpu" else 0.2
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--clock thread times one CPU thread: it needs --threads 1 and --device cpu")
     for s in args.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
@@ -119,6 +142,7 @@ class Config:
         self.ours.bias.requires_grad_(False)  # gradients to x and values only, for every method
         self.w_csr = self.w_dense.to_sparse_csr()
         self.nnz = int(mask.sum())
+        self.out_features = out_f
 
     # forward
     def ours_fwd(self):
@@ -132,6 +156,10 @@ class Config:
 
     def csr_linear_fwd(self):
         return F.linear(self.x, self.w_csr, self.bias)
+
+    def floor_fwd(self):
+        self.x.sum(0)
+        return torch.zeros(self.x.shape[0], self.out_features, dtype=self.x.dtype, device=self.x.device)
 
     # forward+backward: gradients by autograd.grad, so nothing accumulates between runs
     def ours_fwdbwd(self, x):
@@ -172,22 +200,56 @@ class Config:
         return None
 
 
+def with_path_mode(mode, fn):
+    """fn run with our ops' path mode forced to `mode` (restored afterwards)."""
+
+    def run(*args):
+        previous = sparseadapter_ext.set_path_mode(mode)
+        try:
+            return fn(*args)
+        finally:
+            sparseadapter_ext.set_path_mode(previous)
+
+    return run
+
+
 def candidates(cfg, mode):
     """(method, variant, fn, fn_args) for every timed call of one mode; torch.sparse's forward has two
     variants and the faster one is reported."""
     if mode == "fwd":
-        return [
+        found = [
             ("ours", None, cfg.ours_fwd, ()),
             ("dense", None, cfg.dense_fwd, ()),
             ("csr", "mm", cfg.csr_mm_fwd, ()),
             ("csr", "linear", cfg.csr_linear_fwd, ()),
+            ("floor", None, cfg.floor_fwd, ()),
         ]
-    leaves = cfg.leaves()
-    return [
-        ("ours", None, cfg.ours_fwdbwd, (leaves["x"],)),
-        ("dense", None, cfg.dense_fwdbwd, (leaves["x"], leaves["w"])),
-        ("csr", "mm", cfg.csr_fwdbwd, (leaves["x"], leaves["values"])),
-    ]
+        ours = (cfg.ours_fwd, ())
+    else:
+        leaves = cfg.leaves()
+        found = [
+            ("ours", None, cfg.ours_fwdbwd, (leaves["x"],)),
+            ("dense", None, cfg.dense_fwdbwd, (leaves["x"], leaves["w"])),
+            ("csr", "mm", cfg.csr_fwdbwd, (leaves["x"], leaves["values"])),
+        ]
+        ours = (cfg.ours_fwdbwd, (leaves["x"],))
+    found += [(method, None, with_path_mode(path, ours[0]), ours[1]) for method, path in FORCED_PATHS.items()]
+    return found
+
+
+def restore_measurements(decisions):
+    """Puts auto mode's measurements back after a forced method ran: a forced call records its path in
+    their place, and the next auto call would measure again (inside the timer) and might choose anew."""
+    for d in decisions:
+        _C.seed_path_decision(
+            d["op"], d["device"], d["dtype"], d["dims"], d["tokens"], d["path"], d["ms_sparse"], d["ms_dense"]
+        )
+
+
+def chosen_paths(decisions):
+    """The paths auto mode chose for the products of one config, by op and in->out features of its
+    pattern (dims: out, in), e.g. "spmm 768->64 dense"."""
+    return ", ".join(f"{d['op']} {d['dims'][1]}->{d['dims'][0]} {d['path']}" for d in decisions) or "n/a"
 
 
 def measure_mode(cfg, mode, opts, label, sub, skip, notes):
@@ -195,6 +257,7 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
     all methods alike) and merges each candidate's blocks into one Measurement. Returns
     {method: (Measurement, variant)}."""
     todo, blocks = [], {}
+    measured = [d for d in sparseadapter_ext.path_decisions() if d["source"] != "forced"]
     for method, variant, fn, fn_args in candidates(cfg, mode):
         if method in skip:
             continue
@@ -212,6 +275,7 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
                 stmt="fn(*fn_args)",
                 globals={"fn": fn, "fn_args": fn_args},
                 num_threads=opts.threads,
+                timer=CLOCKS[opts.clock],
                 label=label,
                 sub_label=sub,
                 description="torch.sparse" if method == "csr" else method,
@@ -219,6 +283,8 @@ def measure_mode(cfg, mode, opts, label, sub, skip, notes):
             blocks.setdefault((method, variant), []).append(
                 timer.blocked_autorange(min_run_time=opts.min_run_time / opts.rounds)
             )
+            if method in FORCED_PATHS:
+                restore_measurements(measured)
     best = {}
     for (method, variant), ms in blocks.items():
         m = benchmark.Measurement.merge(ms)[0]
@@ -245,14 +311,21 @@ def run(args, argv=None):
                 sub = f"{in_f}->{out_f} s={sparsity:g}"
                 tag = f"{args.dtype} N={n} {args.device} threads={args.threads}"
                 row = {"n": n, "shape": f"{in_f}→{out_f}", "sparsity": sparsity, "nnz": cfg.nnz}
+                sparseadapter_ext.clear_path_decisions()  # measured again for this config (auto mode)
+                cfg.ours_fwd()
+                row[("path", "fwd")] = chosen_paths(sparseadapter_ext.path_decisions())
                 problem = cfg.check()
+                row[("path", "fwd+bwd")] = chosen_paths(sparseadapter_ext.path_decisions())
+                print(f"path (auto) {sub} N={n}: {row[('path', 'fwd+bwd')]}", flush=True)
                 if problem:
                     failed = True
                     row["fail"] = problem
                     print(f"FAIL {sub} N={n}: {problem}", flush=True)
                 for mode in ("fwd", "fwd+bwd"):
                     label = f"SparseLinear {mode}, {tag}"
-                    timed = measure_mode(cfg, mode, args, label, sub, {"ours"} if problem else set(), notes)
+                    skip = set(METHODS) - set(args.methods)
+                    skip |= {"ours", *FORCED_PATHS} if problem else set()
+                    timed = measure_mode(cfg, mode, args, label, sub, skip, notes)
                     for method, (m, variant) in timed.items():
                         measurements.append(m)
                         row[(method, mode)] = m.median * 1e3
@@ -288,19 +361,22 @@ def tables(results, notes):
     for mode, title in (("fwd", "forward"), ("fwd+bwd", "forward+backward (grads to x and values)")):
         rows = []
         for r in results:
-            ours, dense, csr = (r.get((m, mode)) for m in METHODS)
+            ours, sparse, expand, dense, csr, floor = (r.get((m, mode)) for m in METHODS)
             csr_txt = fmt(csr) + (f" ({r[('variant', mode)]})" if csr is not None else "")
             ours_txt = "FAIL" if "fail" in r else fmt(ours)
             rows.append(
-                [str(r["n"]), r["shape"], f"{r['sparsity']:g}", ours_txt, fmt(dense), csr_txt]
-                + [ratio(dense, ours), ratio(csr, ours)]
+                [str(r["n"]), r["shape"], f"{r['sparsity']:g}", ours_txt, r[("path", mode)], fmt(sparse)]
+                + [fmt(expand), fmt(dense), csr_txt, fmt(floor)]
+                + [ratio(dense, ours), ratio(csr, ours), ratio(ours, floor)]
             )
         out.append(
             Table(
                 title,
-                ["N", "shape", "sparsity", "ours ms", "dense ms", "torch.sparse ms", "dense/ours", "torch.sparse/ours"],
+                ["N", "shape", "sparsity", "ours ms", "path (auto)", "sparse ms", "expand ms", "dense ms"]
+                + ["torch.sparse ms", "floor ms", "dense/ours", "torch.sparse/ours", "ours/floor"],
                 rows,
-                caption=f"**{title}** — median ms; ratios > 1 mean ours is faster",
+                caption=f"**{title}** — median ms; dense/ours and torch.sparse/ours > 1 mean ours is faster; "
+                "ours/floor: ours over the memory floor",
             )
         )
     out[-1].notes = [f"- n/a: {method} {mode}: `{why}`" for (method, mode), why in notes.items()] + [
