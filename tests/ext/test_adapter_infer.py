@@ -57,7 +57,7 @@ def test_matches_sparse_adapter_and_float64(device, seed, case, activation, path
         assert torch.equal(got, ops.sparse_adapter(x, res, d_full, u_full, activation, 0.7))
 
         def fn(act):
-            return lambda x, res, dv, db, uv, ub: res + 0.7 * up.linear(act(down.linear(x, dv, db)), uv, ub)
+            return lambda xi, ri, dv, db, uv, ub: ri + 0.7 * up.linear(act(down.linear(xi, dv, db)), uv, ub)
 
         inputs = (x, res, d_full[0], d_full[1], u_full[0], u_full[1])
         want, s = float64_reference(fn(ACT[activation]), *inputs)
