@@ -5,6 +5,8 @@
 // conversion), and the weight as a CSR over column pairs whose values hold both bf16 weights of the
 // pair (0 where only one of them is a nonzero). A pair is one instruction for up to two nonzeros,
 // with the tile half the size of the float one; the products are exact in float and summed in float.
+// The x lane of a feature outside the pattern is masked to +0 before the product, so that an Inf or
+// NaN there does not reach the output through 0 * Inf (a CSR product never reads those features).
 // The instruction treats bf16 denormal inputs as zero and flushes denormal results (round to nearest
 // even otherwise), a difference below 1.2e-38 per product.
 #pragma once
@@ -36,22 +38,28 @@ struct PairCsr {
   std::vector<int64_t> crow;
   std::vector<int32_t> pair;
   std::vector<uint32_t> value;
+  std::vector<uint32_t> lanes;  // 0xFFFF for each bf16 half of the pair that holds a nonzero
 
   template <typename index_t>
   PairCsr(const index_t* crow_in, const index_t* col, const c10::BFloat16* values, int64_t rows) {
     crow.resize(rows + 1, 0);
     pair.reserve(static_cast<size_t>(crow_in[rows]));
     value.reserve(static_cast<size_t>(crow_in[rows]));
+    lanes.reserve(static_cast<size_t>(crow_in[rows]));
     for (int64_t r = 0; r < rows; ++r) {
       const size_t row_begin = pair.size();
       for (int64_t e = crow_in[r]; e < crow_in[r + 1]; ++e) {
         const auto p = static_cast<int32_t>(col[e] / 2);
-        const uint32_t bits = static_cast<uint32_t>(values[e].x) << (col[e] % 2 == 0 ? 0 : 16);
+        const int shift = col[e] % 2 == 0 ? 0 : 16;
+        const uint32_t bits = static_cast<uint32_t>(values[e].x) << shift;
+        const uint32_t lane = uint32_t{0xFFFF} << shift;
         if (pair.size() > row_begin && pair.back() == p) {
           value.back() |= bits;
+          lanes.back() |= lane;
         } else {
           pair.push_back(p);
           value.push_back(bits);
+          lanes.push_back(lane);
         }
       }
       crow[r + 1] = static_cast<int64_t>(pair.size());
@@ -110,9 +118,11 @@ SA_TARGET_AVX512_BF16 inline void pair_rows_times_tile(
     for (; e + kParts <= e_end; e += kParts) {
       for (int p = 0; p < kParts; ++p) {
         const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
+        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.lanes[e + p]));
         const uint32_t* x = in_t + static_cast<int64_t>(w.pair[e + p]) * kPairTile;
         for (int v = 0; v < kVecs; ++v) {
-          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)_mm512_loadu_si512(x + 16 * v));
+          const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
+          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
         }
       }
     }
@@ -120,9 +130,11 @@ SA_TARGET_AVX512_BF16 inline void pair_rows_times_tile(
     for (int p = 0; p < kParts; ++p) {  // the last e_end - e < kParts pairs, still one chain each
       if (e + p < e_end) {
         const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
+        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.lanes[e + p]));
         const uint32_t* x = in_t + static_cast<int64_t>(w.pair[e + p]) * kPairTile;
         for (int v = 0; v < kVecs; ++v) {
-          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)_mm512_loadu_si512(x + 16 * v));
+          const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
+          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
         }
       }
     }

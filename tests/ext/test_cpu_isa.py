@@ -92,6 +92,28 @@ def test_bf16_dot_product_variant_matches_the_reference(out_f, in_f, density, to
 
 
 @pytest.mark.skipif(not _has_bf16_variant(), reason="no AVX512-BF16 on this CPU (or capped below it)")
+@pytest.mark.parametrize("special", [float("inf"), float("nan")])
+def test_bf16_dot_product_variant_ignores_features_outside_the_pattern(special):
+    """A pair holding one nonzero must not read its other feature: Inf or NaN there stays out of y."""
+    crow = torch.tensor([0, 1, 2, 4])
+    col = torch.tensor([0, 3, 4, 5])  # row 0 reads feature 0 (not 1), row 1 feature 3 (not 2), row 2 both of (4, 5)
+    values = torch.tensor([0.5, -1.5, 2.0, 0.25]).bfloat16()
+    x = torch.randn(40, 6, dtype=torch.float64).bfloat16()
+    x[:, 1] = special
+    x[:, 2] = special
+    previous = ops.set_path_mode("sparse")
+    try:
+        y = ops.spmm(x, values, crow, col, None, None)
+    finally:
+        ops.set_path_mode(previous)
+    want = torch.stack(
+        [0.5 * x[:, 0].double(), -1.5 * x[:, 3].double(), 2.0 * x[:, 4].double() + 0.25 * x[:, 5].double()], 1
+    )
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not _has_bf16_variant(), reason="no AVX512-BF16 on this CPU (or capped below it)")
 def test_bf16_dot_product_variant_is_capped_by_avx512():
     """Capped at avx512, the same CPU reports and runs the plain AVX-512 variant."""
     got = _run("import sparseadapter_ext as e; print(e.cpu_isa())", "avx512")
