@@ -24,15 +24,61 @@
 namespace sparseadapter {
 
 // spmm's product on the chosen path: y = x @ W.T + bias.
-template <typename B>
-void run_spmm(const SpmmInputs& in, at::Tensor& y) {
-  const PathProblem problem{
+inline PathProblem spmm_problem(const SpmmInputs& in) {
+  return PathProblem{
       "spmm",
       in.x.device(),
       in.x.scalar_type(),
       {in.out_features, in.in_features, in.nnz, in.bias.has_value() ? 1 : 0, 0, 0},
       token_bucket(in.num_tokens)};
-  run_chosen_path(problem, B::timer(), [&] { B::spmm(in, y); }, [&] { spmm_dense<B>(in, y); });
+}
+
+template <typename B>
+void run_spmm(const SpmmInputs& in, at::Tensor& y) {
+  run_chosen_path(spmm_problem(in), B::timer(), [&] { B::spmm(in, y); }, [&] { spmm_dense<B>(in, y); });
+}
+
+// sparse_linear's grad_x = grad_y @ W, on the path chosen for spmm through the transposed pattern:
+// there the CSR kernel with the values permuted to that pattern's order, while the dense path
+// expands W from the forward pattern (no permutation, and the same row-major product as dense
+// autograd's) instead of expanding W.T.
+template <typename B>
+at::Tensor linear_grad_x(
+    const char* op,
+    const at::Tensor& grad_y,
+    const at::Tensor& values,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t) {
+  auto t = check_spmm_inputs(op, grad_y, values, crow_indices_t, col_indices_t, row_order_t, std::nullopt, B::kDevice);
+  check_linear_grad_x_patterns(op, t, perm_t, crow_indices, col_indices);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu_once(op, t.crow_indices, t.col_indices, t.in_features, "grad_y's last dim");
+    check_pattern_bounds_cpu_once(op, crow_indices, col_indices, t.out_features, "the transposed pattern's rows");
+  }
+  auto grad_x = at::empty({t.num_tokens, t.out_features}, t.x.options());
+  if (grad_x.numel() > 0) {
+    auto sparse = [&] {
+      SpmmInputs permuted = t;
+      permuted.values = t.values.index_select(0, perm_t);
+      B::spmm(permuted, grad_x);
+    };
+    auto dense = [&] {
+      SpmmInputs w;  // the forward product's weight: [grad_y's width, grad_x's width]
+      w.values = t.values;
+      w.crow_indices = crow_indices.contiguous();
+      w.col_indices = col_indices.contiguous();
+      w.out_features = t.in_features;
+      w.in_features = t.out_features;
+      w.nnz = t.nnz;
+      at::mm_out(grad_x, t.x, expand_weight<B>(w));
+    };
+    run_chosen_path(spmm_problem(t), B::timer(), sparse, dense);
+  }
+  return grad_x.view(t.out_shape);
 }
 
 template <typename B>
@@ -351,12 +397,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
   at::Tensor grad_x = none(), grad_values = none(), grad_bias = none();
   if (output_mask[0]) {
     TORCH_CHECK_VALUE(values.has_value(), op, ": x's gradient needs values");
-    check_index_tensor(op, "perm_t", perm_t);
-    TORCH_CHECK_VALUE(
-        perm_t.numel() == values->numel(), op, ": perm_t has ", perm_t.numel(), " entries but values has ",
-        values->numel());
-    grad_x =
-        spmm_op<B>(grad_y, values->index_select(0, perm_t), crow_indices_t, col_indices_t, row_order_t, std::nullopt);
+    grad_x = linear_grad_x<B>(
+        op, grad_y, *values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t);
   }
   if (output_mask[1]) {
     TORCH_CHECK_VALUE(x.has_value(), op, ": the values' gradient needs x");

@@ -278,6 +278,25 @@ PatternData check_csr_gather_inputs(
   return in;
 }
 
+void check_linear_grad_x_patterns(
+    const char* op,
+    const SpmmInputs& t,
+    const at::Tensor& perm_t,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices) {
+  check_index_tensor(op, "perm_t", perm_t);
+  check_same_index_dtype(op, "perm_t", perm_t, t.crow_indices);
+  check_device(op, "perm_t", perm_t, t.x.device());
+  TORCH_CHECK_VALUE(perm_t.numel() == t.nnz, op, ": perm_t has ", perm_t.numel(), " entries but values has ", t.nnz);
+  check_pattern(op, crow_indices, col_indices, t.x.device());
+  check_same_index_dtype(op, "crow_indices_t", t.crow_indices, crow_indices);
+  TORCH_CHECK_VALUE(
+      crow_indices.numel() == t.in_features + 1, op, ": grad_y has ", t.in_features, " features but the weight has ",
+      crow_indices.numel() - 1, " rows");
+  TORCH_CHECK_VALUE(
+      col_indices.numel() == t.nnz, op, ": col_indices has ", col_indices.numel(), " entries but values has ", t.nnz);
+}
+
 void check_transposed_pattern(
     const char* op,
     const SpmmInputs& forward,

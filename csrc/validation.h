@@ -92,6 +92,16 @@ struct CheckedPatternStats {
 
 CheckedPatternStats checked_pattern_stats();
 
+// sparse_linear_backward's grad_x: the transposed product `t` (grad_y through the transposed pattern,
+// values in the forward pattern's order), perm_t (one entry per value) and the forward pattern, which
+// must have one row per feature of grad_y and nnz entries.
+void check_linear_grad_x_patterns(
+    const char* op,
+    const SpmmInputs& t,
+    const at::Tensor& perm_t,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices);
+
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(
     const char* op,

@@ -74,6 +74,28 @@ def test_forced_modes_run_their_path_and_are_counted(device):
     torch.testing.assert_close(results["sparse"][0], results["dense"][0])
 
 
+def test_linear_grad_x_on_each_path(device, seed):
+    """sparse_linear's grad_x = grad_y @ W is decided as spmm through the transposed pattern: the CSR
+    kernel there, while the dense path expands W from the forward pattern (no transposed copy);
+    both give the float64 reference, and a forward pattern that does not fit grad_y is named."""
+    p = Pattern(24, 40, 0.3, device=device, seed=seed)
+    crow_t, col_t, perm_t = ops.csr_transpose(p.crow, p.col, 40)
+    transposed = (crow_t, col_t, perm_t, ops.csr_row_order(crow_t))
+    grad_y = torch.randn(3, 100, 24, dtype=torch.float64, device=device)
+    op = torch.ops.sparseadapter.sparse_linear_backward.default
+    for mode in ("sparse", "dense"):
+        ops.set_path_mode(mode)
+        ops.clear_path_decisions()
+        grad_x, _, _ = op(grad_y, None, p.values64, p.crow, p.col, *transposed, [True, False, False])
+        torch.testing.assert_close(grad_x, grad_y @ p.weight64)
+        (d,) = ops.path_decisions()
+        assert (d["op"], d["path"], d["dims"], d["tokens"]) == ("spmm", mode, (40, 24, p.nnz, 0, 0, 0), 512)
+    with pytest.raises(ValueError, match="sparse_linear_backward: grad_y has 24 features but the weight has 23 rows"):
+        op(grad_y, None, p.values64, p.crow[:-1], p.col, *transposed, [True, False, False])
+    with pytest.raises(ValueError, match="sparse_linear_backward: col_indices has 1 entries but values has"):
+        op(grad_y, None, p.values64, p.crow, p.col[:1], *transposed, [True, False, False])
+
+
 def test_auto_measures_each_problem_once_and_keeps_the_faster(device):
     """The first call of a problem times both paths and records the medians; later calls, also with
     another token count in the same power-of-two bucket, reuse the decision; the output is the chosen
