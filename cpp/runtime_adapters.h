@@ -18,6 +18,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -40,15 +41,23 @@ constexpr size_t kConfigLimit = 16 << 20;
 
 // One site's table, as the export's metadata ("adapter_tables") describes it.
 struct Table {
-  std::string module;    // its path in the model
-  std::string host;      // the adapted module: the adapter file names its tensors after it
-  std::string down, up;  // the adapter's two layers ("down", "up"; LoRA: "lora_A", "lora_B")
+  std::string module;  // its path in the model
+  std::string host;    // the adapted module: the adapter file names its tensors after it
   int64_t in_features = 0, out_features = 0;
 };
 
-struct Spec {
-  std::string kind, model_type;
+// What adapters of one kind on one set of sites load into (an exported template adapter).
+struct Layout {
+  std::string kind;
   nlohmann::json sites;
+  std::vector<size_t> tables;  // indices into Spec::tables
+  std::string down, up;        // the adapter's two layers ("down", "up"; LoRA: "lora_A", "lora_B")
+  bool bias = true;            // whether its layers carry biases
+};
+
+struct Spec {
+  std::string model_type;
+  std::vector<Layout> layouts;
   std::vector<Table> tables;
   std::string head_module, head_name;
 };
@@ -60,6 +69,13 @@ inline std::string text_of(const nlohmann::json& doc, const char* key, const std
   return doc[key].get<std::string>();
 }
 
+inline const nlohmann::json& list_of(const nlohmann::json& doc, const char* key, const std::string& where) {
+  if (!doc.contains(key) || !doc[key].is_array() || doc[key].empty()) {
+    throw Error(where + ": \"" + key + "\" must be a non-empty list");
+  }
+  return doc[key];
+}
+
 // The metadata's "adapter_tables" (written by install_tables).
 inline Spec parse_spec(const nlohmann::json& doc) {
   const std::string where = "\"adapter_tables\"";
@@ -67,21 +83,11 @@ inline Spec parse_spec(const nlohmann::json& doc) {
     throw Error(where + " must be an object");
   }
   Spec spec;
-  spec.kind = text_of(doc, "kind", where);
   spec.model_type = text_of(doc, "model_type", where);
-  if (!doc.contains("sites") || !doc["sites"].is_object()) {
-    throw Error(where + ": \"sites\" must be an object");
-  }
-  spec.sites = doc["sites"];
-  if (!doc.contains("tables") || !doc["tables"].is_array() || doc["tables"].empty()) {
-    throw Error(where + ": \"tables\" must be a non-empty list");
-  }
-  for (const auto& t : doc["tables"]) {
+  for (const auto& t : list_of(doc, "tables", where)) {
     Table table;
     table.module = text_of(t, "module", where + ".tables");
     table.host = text_of(t, "host", where + ".tables");
-    table.down = text_of(t, "down", where + ".tables");
-    table.up = text_of(t, "up", where + ".tables");
     if (!t.contains("in_features") || !t["in_features"].is_number_unsigned() || !t.contains("out_features") ||
         !t["out_features"].is_number_unsigned()) {
       throw Error(where + ".tables: in_features and out_features must be sizes");
@@ -89,6 +95,25 @@ inline Spec parse_spec(const nlohmann::json& doc) {
     table.in_features = t["in_features"].get<int64_t>();
     table.out_features = t["out_features"].get<int64_t>();
     spec.tables.push_back(std::move(table));
+  }
+  for (const auto& l : list_of(doc, "layouts", where)) {
+    const std::string at = where + ".layouts";
+    Layout layout;
+    layout.kind = text_of(l, "kind", at);
+    layout.down = text_of(l, "down", at);
+    layout.up = text_of(l, "up", at);
+    if (!l.contains("sites") || !l["sites"].is_object() || !l.contains("bias") || !l["bias"].is_boolean()) {
+      throw Error(at + ": \"sites\" must be an object and \"bias\" true or false");
+    }
+    layout.sites = l["sites"];
+    layout.bias = l["bias"].get<bool>();
+    for (const auto& i : list_of(l, "tables", at)) {
+      if (!i.is_number_unsigned() || i.get<size_t>() >= spec.tables.size()) {
+        throw Error(at + ".tables: " + i.dump() + " is not the index of a table");
+      }
+      layout.tables.push_back(i.get<size_t>());
+    }
+    spec.layouts.push_back(std::move(layout));
   }
   if (!doc.contains("head") || !doc["head"].is_object()) {
     throw Error(where + ": \"head\" must be an object");
@@ -141,7 +166,7 @@ class Tables {
     head_ = submodule(model, spec_.head_module);
     for (auto* m : all()) {
       for (const char* method : {"add_adapter", "remove_adapter", "held_bytes"}) {
-        if (!m->find_method(method)) {
+        if (!m->find_method(method) || (m != &head_ && !m->find_method("skip_adapter"))) {
           throw Error("the model's adapter table has no method " + std::string(method) + ": export it again");
         }
       }
@@ -170,16 +195,16 @@ class Tables {
     const std::string config_path = dir + "/" + kConfigFile;
     const nlohmann::json meta = read_config(config_path);
     const nlohmann::json& config = meta["config"];
-    check_config(meta, config, config_path);
+    const Layout& layout = layout_of(meta, config, config_path);
     const int64_t rank = positive(config, "bottleneck", config_path) * positive(config, "large_sparse", config_path);
     const std::string weights_path = dir + "/" + weights_file(meta, config_path);
-    const uint64_t limit = size_limit(rank);
+    const uint64_t limit = size_limit(layout, rank);
     check_weights_digest(weights_path, meta, limit);
     auto tensors = safetensors::read(weights_path, limit);
     const std::string saved = meta["name"].get<std::string>();
     std::string activation = "identity";
     double scale = 0;
-    if (spec_.kind == "lora") {
+    if (layout.kind == "lora") {
       scale = number(config, "lora_alpha", config_path) / static_cast<double>(rank);
     } else {
       activation = text_of(config, "activation", config_path);
@@ -187,14 +212,16 @@ class Tables {
     }
     // Every tensor, found and typed, before any table changes.
     std::set<std::string> used;
-    std::vector<std::pair<c10::List<at::Tensor>, c10::List<at::Tensor>>> layers;
-    for (const auto& t : spec_.tables) {
+    // per table: the adapter's two layers there, or none where the layout has no site
+    std::vector<std::optional<std::pair<c10::List<at::Tensor>, c10::List<at::Tensor>>>> layers(spec_.tables.size());
+    for (const size_t i : layout.tables) {
+      const Table& t = spec_.tables[i];
       const std::string prefix = t.host + ".sparseadapter.adapters." + saved;
-      auto down = layer(tensors, prefix + "." + t.down, used, weights_path);
-      auto up = layer(tensors, prefix + "." + t.up, used, weights_path);
-      check_pattern(down, rank, t.in_features, prefix + "." + t.down, weights_path, config_path);
-      check_pattern(up, t.out_features, rank, prefix + "." + t.up, weights_path, config_path);
-      layers.emplace_back(std::move(down), std::move(up));
+      auto down = layer(tensors, prefix + "." + layout.down, layout.bias, used, weights_path);
+      auto up = layer(tensors, prefix + "." + layout.up, layout.bias, used, weights_path);
+      check_pattern(down, rank, t.in_features, prefix + "." + layout.down, weights_path, config_path);
+      check_pattern(up, t.out_features, rank, prefix + "." + layout.up, weights_path, config_path);
+      layers[i].emplace(std::move(down), std::move(up));
     }
     const std::string head = "head." + spec_.head_name + ".";
     const auto head_weight = take(tensors, head + "weight", used, weights_path, true);
@@ -215,7 +242,11 @@ class Tables {
     size_t added = 0;
     try {
       for (; added < sites_.size(); ++added) {
-        const auto& [down, up] = layers[added];
+        if (!layers[added]) {
+          loaded.bytes += sites_[added].run_method("skip_adapter").toInt();
+          continue;
+        }
+        const auto& [down, up] = *layers[added];
         try {
           loaded.bytes += sites_[added].run_method("add_adapter", down, up, activation, scale).toInt();
         } catch (const std::exception& e) {
@@ -331,13 +362,9 @@ class Tables {
     }
   }
 
-  void check_config(const nlohmann::json& meta, const nlohmann::json& config, const std::string& path) const {
+  // The layout an adapter folder loads into: its kind's, with its sites; Error naming what differs.
+  const Layout& layout_of(const nlohmann::json& meta, const nlohmann::json& config, const std::string& path) const {
     const std::string kind = text_of(config, "kind", path);
-    if (kind != spec_.kind) {
-      throw Error(
-          path + ": a " + kind + " adapter; this model's tables take " + spec_.kind +
-          " adapters (its kind and sites are fixed at export)");
-    }
     if (meta.contains("model_type") && meta["model_type"].is_string() && meta["model_type"] != spec_.model_type) {
       throw Error(
           path + ": the adapter was saved for a " + meta["model_type"].dump() + " model, this one is \"" +
@@ -346,31 +373,58 @@ class Tables {
     if (config.contains("layer_norm") && config["layer_norm"] == true) {
       throw Error(path + ": an adapter with a layer norm cannot run in the tables' one op per site");
     }
-    const auto& sites = meta["sites"];
-    if (!sites.is_object() || sites.size() != spec_.sites.size()) {
-      throw Error(path + ": its adapter parts " + sites.dump() + " do not match the model's");
+    if (!meta.contains("head") || !meta["head"].is_object()) {
+      throw Error(path + ": saved without its task head (save_adapter(..., include_head=True)); the tables need one");
     }
-    for (const auto& [part, mine] : spec_.sites.items()) {
+    std::vector<const Layout*> of_kind;
+    std::string kinds;
+    for (const auto& layout : spec_.layouts) {
+      kinds += (kinds.empty() ? "" : ", ") + layout.kind;
+      if (layout.kind == kind) {
+        of_kind.push_back(&layout);
+      }
+    }
+    if (of_kind.empty()) {
+      throw Error(
+          path + ": a " + kind + " adapter; this model's tables take " + kinds +
+          " adapters (their kinds and sites are fixed at export)");
+    }
+    std::string mismatch;
+    for (const Layout* layout : of_kind) {
+      mismatch = sites_mismatch(meta["sites"], layout->sites);
+      if (mismatch.empty()) {
+        return *layout;
+      }
+    }
+    if (of_kind.size() > 1) {
+      throw Error(
+          path + ": its sites " + meta["sites"].dump() + " are those of none of this model's " + kind + " layouts");
+    }
+    throw Error(path + ": " + mismatch);
+  }
+
+  // What differs between an adapter's sites and a layout's ("" when nothing).
+  static std::string sites_mismatch(const nlohmann::json& sites, const nlohmann::json& model) {
+    if (!sites.is_object() || sites.size() != model.size()) {
+      return "its adapter parts " + sites.dump() + " do not match the model's";
+    }
+    for (const auto& [part, mine] : model.items()) {
       if (!sites.contains(part) || !sites[part].is_array()) {
-        throw Error(path + ": it has no \"" + part + "\" sites; the model has");
+        return "it has no \"" + part + "\" sites; the model has";
       }
       const auto& theirs = sites[part];
       for (size_t i = 0; i < std::min(mine.size(), theirs.size()); ++i) {
         if (theirs[i] != mine[i]) {
-          throw Error(
-              path + ": the adapter was saved for " + theirs[i].dump() + " but this model has " + mine[i].dump() +
-              " (another model or architecture?)");
+          return "the adapter was saved for " + theirs[i].dump() + " but this model has " + mine[i].dump() +
+                 " (another model or architecture?)";
         }
       }
       if (theirs.size() != mine.size()) {
-        throw Error(
-            path + ": the adapter has " + std::to_string(theirs.size()) + " " + part + " sites, the model " +
-            std::to_string(mine.size()));
+        return "the adapter has " + std::to_string(theirs.size()) + " " + part + " sites, the model " +
+               std::to_string(mine.size());
       }
     }
-    if (!meta.contains("head") || !meta["head"].is_object()) {
-      throw Error(path + ": saved without its task head (save_adapter(..., include_head=True)); the tables need one");
-    }
+    return "";
   }
 
   // The tensor file the config names: a plain file name of ours, never a path.
@@ -405,9 +459,10 @@ class Tables {
 
   // The most bytes this adapter's tensor file can hold: every matrix dense in float64 with int64
   // indices, the head, and room for the header (as load_adapter's limit).
-  uint64_t size_limit(int64_t rank) const {
+  uint64_t size_limit(const Layout& layout, int64_t rank) const {
     uint64_t entries = 0;
-    for (const auto& t : spec_.tables) {
+    for (const size_t i : layout.tables) {
+      const Table& t = spec_.tables[i];
       entries += static_cast<uint64_t>(rank) * (t.in_features + t.out_features + 2) + t.out_features + 2;
     }
     const auto head = head_.attr("weight").toTensor();  // [adapters, outputs, inputs]
@@ -461,6 +516,7 @@ class Tables {
   c10::List<at::Tensor> layer(
       std::map<std::string, at::Tensor>& tensors,
       const std::string& key,
+      bool wants_bias,
       std::set<std::string>& used,
       const std::string& path) const {
     if (!tensors.count(key + ".values") && tensors.count(key + ".weight")) {
@@ -471,7 +527,6 @@ class Tables {
     const auto crow = take(tensors, key + ".crow_indices", used, path, true);
     const auto col = take(tensors, key + ".col_indices", used, path, true);
     auto bias = take(tensors, key + ".bias", used, path, false);
-    const bool wants_bias = spec_.kind != "lora";
     if (bias.defined() != wants_bias) {
       throw Error(path + ": " + key + ".bias is " + (wants_bias ? "missing" : "unexpected"));
     }

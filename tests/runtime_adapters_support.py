@@ -37,14 +37,17 @@ def save_adapters(tiny_model, root):
     return root / "adapters"
 
 
-def export_base(tiny_model, path, kind="lora"):
-    """The base model with empty tables for `kind` adapters; returns its metadata."""
+def export_base(tiny_model, path, kinds=("lora",)):
+    """The base model with empty tables for adapters of `kinds` (one template each, default sites);
+    returns its metadata."""
     torch.manual_seed(0)
     model = classifier(tiny_model)
-    add_adapter(model, "template", SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.5, pruner="random"))
+    for kind in kinds:
+        config = SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.5, pruner="random")
+        add_adapter(model, f"template-{kind}", config)
     model, _ = prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
     meta = metadata_of(model, labels=LABELS)
-    meta["adapter_tables"] = install_tables(model, "template")
+    meta["adapter_tables"] = install_tables(model, [f"template-{kind}" for kind in kinds])
     export_model(model, str(path), meta=meta, serving=TableServingModel(model))
     return meta
 
@@ -58,10 +61,11 @@ def reference(tiny_model, folders):
     return MultiAdapterServingModel(model, names).eval()
 
 
-def nnz_bytes(folder):
-    """What adapter `folder` should take in the tables: per site, the values (4 bytes) and column
-    indices (8) of both matrices, their row pointers (8 each) and biases (4 each, zeros for LoRA),
-    and the head's weight and bias (4 each)."""
+def nnz_bytes(folder, tables):
+    """What adapter `folder` should take in a model's `tables` site tables: per site, the values (4
+    bytes) and column indices (8) of both matrices, their row pointers (8 each) and biases (4 each,
+    zeros for LoRA), the head's weight and bias (4 each), and in every table one 8-byte entry (where
+    the table holds it, or that it does not)."""
     from safetensors.torch import load_file
 
     from sparseadapter.adapters.io import weights_path
@@ -74,7 +78,7 @@ def nnz_bytes(folder):
             total += t.numel() * (4 + 8) + (rows + 1) * 8 + rows * 4
         elif key.startswith("head."):
             total += t.numel() * 4
-    return total
+    return total + 8 * tables
 
 
 def module_at(model, path):
@@ -85,7 +89,7 @@ def module_at(model, path):
 
 def add_from_folder(model, meta, folder, alpha=32.0, rank=8):
     """What sparseadapter_serve's loader does for one LoRA folder, through the tables' TorchScript
-    methods (its checks left to it)."""
+    methods (its checks left to it): the LoRA layout's tables take it, the others skip it."""
     import json
 
     from safetensors.torch import load_file
@@ -95,11 +99,15 @@ def add_from_folder(model, meta, folder, alpha=32.0, rank=8):
     tensors = load_file(weights_path(str(folder)))
     saved = json.loads((folder / CONFIG_FILE).read_text())["name"]  # the file's tensors are named after it
     tables = meta["adapter_tables"]
-    for t in tables["tables"]:
+    layout = next(layout for layout in tables["layouts"] if layout["kind"] == "lora")
+    for i, t in enumerate(tables["tables"]):
+        if i not in layout["tables"]:
+            module_at(model, t["module"]).skip_adapter()
+            continue
         prefix = f"{t['host']}.sparseadapter.adapters.{saved}"
         layers = [
             [tensors[f"{prefix}.{layer}.{k}"] for k in ("values", "crow_indices", "col_indices")] + [torch.empty(0)]
-            for layer in (t["down"], t["up"])
+            for layer in (layout["down"], layout["up"])
         ]
         module_at(model, t["module"]).add_adapter(layers[0], layers[1], "identity", alpha / rank)
     head = tables["head"]

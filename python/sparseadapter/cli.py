@@ -344,9 +344,9 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--runtime-adapters",
         action="store_true",
-        help="write the base model with empty adapter tables at the --adapter's sites (one --adapter: its "
-        "kind and sites, not its weights), for `sparseadapter_serve --adapters DIR` to fill with "
-        "adapter folders of that kind (torchscript format)",
+        help="write the base model with empty adapter tables at the --adapter folders' sites (each one a "
+        "template: its kind and sites, not its weights), for `sparseadapter_serve --adapters DIR` to fill "
+        "with adapter folders of those kinds and sites (torchscript format)",
     )
     export.add_argument("--output", required=True, metavar="FILE", help="file to write (.pt or .pt2)")
     export.add_argument("--format", dest="fmt", default="torchscript", choices=("torchscript", "export", "aoti"))
@@ -590,11 +590,9 @@ def _run_export(args) -> int:
             "regressors (use `sparseadapter generate`)"
         )
     serving, names, tables = None, None, None
-    if args.runtime_adapters:
-        if len(args.adapter) > 1 or args.fmt != "torchscript":
-            raise UsageError("--runtime-adapters takes one --adapter (the kind and sites) and --format torchscript")
-        args.path, args.merge_lora = "sparse", False
-    elif len(args.adapter) > 1:
+    if args.runtime_adapters and args.fmt != "torchscript":
+        raise UsageError("--runtime-adapters writes --format torchscript (the server fills its tables)")
+    if len(args.adapter) > 1:
         if args.fmt == "aoti":
             raise UsageError("--format aoti takes one --adapter; several export as torchscript or export")
         if args.path == "dense":
@@ -607,10 +605,24 @@ def _run_export(args) -> int:
                     f"{args.adapter[0]}'s {task.label_names or task.num_labels}; adapters served "
                     "together answer one task"
                 )
+    if args.runtime_adapters:
+        from .adapters import load_adapter
+        from .serving.multi_adapter import adapter_name_of
+
+        # the other templates give their kinds and sites; the first one's model keeps its linear head
+        templates = [cfg.adapter_name]
+        for path in args.adapter[1:]:
+            templates.append(adapter_name_of(path))
+            try:
+                load_adapter(model, path, templates[-1], load_head=False, activate=False)
+            except ValueError as err:
+                raise UsageError(f"--runtime-adapters: {path}: {err}") from None
+    elif len(args.adapter) > 1:
         from .adapters import delete_adapter
 
         delete_adapter(model, cfg.adapter_name)
         names = load_adapters(model, args.adapter)
+    if len(args.adapter) > 1 or args.runtime_adapters:
         args.path, args.merge_lora = "sparse", False
     model, plan = prepare_for_inference(
         model, path=args.path, tokens=args.tokens, merge_lora=args.merge_lora, inplace=True
@@ -621,7 +633,7 @@ def _run_export(args) -> int:
         from .serving.adapter_tables import TableServingModel, install_tables
 
         try:
-            tables = install_tables(model, cfg.adapter_name)
+            tables = install_tables(model, templates)
         except ValueError as err:
             raise UsageError(f"--runtime-adapters: {err}") from None
         meta["adapter_tables"] = tables
@@ -635,7 +647,12 @@ def _run_export(args) -> int:
         f"wrote {args.output} ({args.fmt}; task {meta['task']}, {meta['num_labels']} outputs, "
         f"max length {meta['max_length']}"
         + (f"; adapters {', '.join(names)}" if names else "")
-        + (f"; empty tables for {tables['kind']} adapters at {len(tables['tables'])} sites" if tables else "")
+        + (
+            f"; empty tables for {' and '.join(layout['kind'] for layout in tables['layouts'])} adapters "
+            f"at {len(tables['tables'])} sites"
+            if tables
+            else ""
+        )
         + ")"
     )
     return 0

@@ -127,8 +127,9 @@ def test_tables_grow_with_nnz(cmake_build, setup):
     lines += [json.dumps({"admin": "unload", "name": "alpha"}), json.dumps({"admin": "unload", "name": "beta"})]
     answers, _ = serve(binary, path, lines)
     empty, alpha, beta, no_alpha, none = answers
-    assert alpha["adapter_bytes"] == nnz_bytes(folders / "alpha")
-    assert beta["adapter_bytes"] == nnz_bytes(folders / "beta")
+    tables = len(meta["adapter_tables"]["tables"])
+    assert alpha["adapter_bytes"] == nnz_bytes(folders / "alpha", tables)
+    assert beta["adapter_bytes"] == nnz_bytes(folders / "beta", tables)
     assert beta["adapter_bytes"] < 0.6 * alpha["adapter_bytes"]
     # dense float32 matrices (rank 8) would take more: 10% of the entries kept, at 12 bytes each, plus
     # the row pointers and biases (the head is dense either way; the tables' head is BERT's, hidden wide)
@@ -294,7 +295,7 @@ def test_bottleneck_adapters_load_too(cmake_build, setup, tiny_model, tmp_path):
     binary = cmake_build[1] / "sparseadapter_serve"
     root, _, _, meta = setup
     path = tmp_path / "houlsby-base.pt"
-    export_base(tiny_model, path, kind="houlsby")
+    export_base(tiny_model, path, kinds=("houlsby",))
     want_model = reference(tiny_model, [root / "houlsby"])
     texts = sentences(meta, (7, 4))
     lines = [json.dumps({"admin": "load", "path": str(root / "houlsby")})]
@@ -304,3 +305,35 @@ def test_bottleneck_adapters_load_too(cmake_build, setup, tiny_model, tmp_path):
     for i, s in enumerate(texts):
         want = python_logits(want_model, ["houlsby"], s, "houlsby")
         torch.testing.assert_close(torch.tensor(answers[1 + i]["logits"]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_of_two_kinds_share_one_base_model(cmake_build, setup, tiny_model, tmp_path):
+    """A base model exported with a LoRA and a Houlsby template takes folders of both kinds: each
+    loads into its kind's tables, a mixed batch answers every row as Python with all of them loaded,
+    and unloading one kind's adapter leaves the others' answers as they were."""
+    binary = cmake_build[1] / "sparseadapter_serve"
+    root, folders, _, meta = setup
+    path = tmp_path / "two-kinds.pt"
+    both = export_base(tiny_model, path, kinds=("lora", "houlsby"))
+    layouts = both["adapter_tables"]["layouts"]
+    assert [layout["kind"] for layout in layouts] == ["lora", "houlsby"]
+    assert not set(layouts[0]["tables"]) & set(layouts[1]["tables"])  # LoRA and Houlsby sites differ
+    order = [folders / "alpha", root / "houlsby", folders / "beta"]
+    names = ["alpha", "houlsby", "beta"]
+    want_model = reference(tiny_model, order)
+    texts = sentences(meta, (6, 8, 3, 9))
+    asked = ["houlsby", "alpha", "beta", "houlsby"]
+    lines = [json.dumps({"admin": "load", "path": str(f)}) for f in order]
+    lines += [json.dumps({"id": i, "input_ids": s, "adapter": a}) for i, (s, a) in enumerate(zip(texts, asked))]
+    lines += [json.dumps({"admin": "unload", "name": "houlsby"})]
+    lines += [json.dumps({"id": f"after-{i}", "input_ids": texts[i], "adapter": asked[i]}) for i in (1, 2)]
+    lines += [json.dumps({"id": "gone", "input_ids": texts[0], "adapter": "houlsby"})]
+    answers, _ = serve(binary, path, lines)
+    assert [a["ok"] for a in answers[:3]] == [True] * 3
+    by_id = {a["id"]: a for a in answers if "id" in a}
+    for i, (s, a) in enumerate(zip(texts, asked)):
+        want = python_logits(want_model, names, s, a)
+        torch.testing.assert_close(torch.tensor(by_id[i]["logits"]), want, rtol=1e-4, atol=1e-5)
+    for i in (1, 2):
+        torch.testing.assert_close(torch.tensor(by_id[f"after-{i}"]["logits"]), torch.tensor(by_id[i]["logits"]))
+    assert "houlsby" in by_id["gone"]["error"]

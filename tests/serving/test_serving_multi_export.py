@@ -130,10 +130,12 @@ def test_runtime_adapters_export_holds_empty_tables(two_adapters, tmp_path, caps
     assert "empty tables for lora adapters" in capsys.readouterr().out
     meta = _metadata(base)
     tables = meta["adapter_tables"]
-    assert tables["kind"] == "lora" and tables["head"]["name"] == "classifier" and tables["tables"]
+    assert [layout["kind"] for layout in tables["layouts"]] == ["lora"]
+    assert tables["head"]["name"] == "classifier" and tables["tables"]
     module = torch.jit.load(str(base))
     assert not any("lora" in name for name, _ in module.named_parameters())
-    assert all(t.numel() == 0 for name, t in module.named_buffers() if "serving_table" in name)
+    tables_held = {name: t for name, t in module.named_buffers() if "serving_table" in name}
+    assert all(t.tolist() == [-1] if name.endswith(".local") else t.numel() == 0 for name, t in tables_held.items())
     alone = tmp_path / "alpha.pt"
     assert main(["export", "--adapter", str(alpha), "--output", str(alone), "--path", "sparse", "--no-merge-lora"]) == 0
     config = json.loads((alpha / CONFIG_FILE).read_text())["config"]
@@ -144,7 +146,15 @@ def test_runtime_adapters_export_holds_empty_tables(two_adapters, tmp_path, caps
         want = torch.jit.load(str(alone))(*inputs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     out = str(tmp_path / "x.pt")
-    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--runtime-adapters", "--output", out]) == 2
     assert main(["export", "--adapter", str(alpha), "--runtime-adapters", "--format", "export", "--output", out]) == 2
+    assert "--format torchscript" in capsys.readouterr().err
     assert main(["export", "--adapter", str(beta), "--runtime-adapters", "--output", out]) == 0  # houlsby: fine
-    assert _metadata(out)["adapter_tables"]["kind"] == "houlsby"
+    assert [layout["kind"] for layout in _metadata(out)["adapter_tables"]["layouts"]] == ["houlsby"]
+    # both folders as templates: tables for LoRA and Houlsby adapters, no weights of either
+    assert main(["export", "--adapter", str(alpha), "--adapter", str(beta), "--runtime-adapters", "--output", out]) == 0
+    assert "empty tables for lora and houlsby adapters" in capsys.readouterr().out
+    both = _metadata(out)["adapter_tables"]
+    assert [layout["kind"] for layout in both["layouts"]] == ["lora", "houlsby"] and "adapters" not in _metadata(out)
+    sites = [set(layout["tables"]) for layout in both["layouts"]]
+    assert sites[0] | sites[1] == set(range(len(both["tables"])))
+    assert all(t.numel() == 0 for name, t in torch.jit.load(out).named_buffers() if "values" in name)

@@ -1,20 +1,26 @@
 """Adapter tables: an exported model whose adapters are loaded at run time, by the C++ server.
 
-`export_model(..., serving=TableServingModel(...))` writes the base model with, at every adapted site,
-a scripted `SiteTable` (the CSR arrays of its adapters concatenated, as sparse_adapter_multi takes
-them, plus each adapter's sizes, activation and scale) and in place of the task head a scripted
-`HeadTable` (each adapter's linear head). Both start empty and have TorchScript methods that add and
-remove one adapter, so `sparseadapter_serve --adapters DIR` (and its admin lines) fill them from
-adapter folders without Python. What a table holds grows with each adapter's nnz (values, indices,
-biases), never with the dense sizes; the head's weight is dense, as in the adapter file.
+`export_model(..., serving=TableServingModel(...))` writes the base model with, at every site that one
+of its template adapters adapts, a scripted `SiteTable` (the CSR arrays of its adapters concatenated, as
+sparse_adapter_multi takes them, plus each adapter's sizes, activation and scale) and in place of the
+task head a scripted `HeadTable` (each adapter's linear head). Both start empty and have TorchScript
+methods that add and remove one adapter, so `sparseadapter_serve --adapters DIR` (and its admin lines)
+fill them from adapter folders without Python. What a table holds grows with each adapter's nnz
+(values, indices, biases), never with the dense sizes; the head's weight is dense, as in the file.
+
+Each template gives a layout: an adapter kind, its sites, the tables at those sites and the names of
+its two layers there. An adapter folder loads when its kind and sites are one layout's; it then goes
+into that layout's tables, and every other table only notes that it does not hold it (`skip_adapter`),
+so adapters of several kinds (LoRA on the attention projections, Houlsby after the blocks) share one
+base model and one mixed batch.
 
 forward(input_ids, attention_mask, token_type_ids, adapter_index) like MultiAdapterServingModel:
-`adapter_index[i]` is the position of row i's adapter in the tables (the order they were added in).
-The metadata's `adapter_tables` tells the server what an adapter folder must hold to be loaded (kind,
-model type, sites, and per table the host module and the names of the two layers).
+`adapter_index[i]` is the position of row i's adapter among all loaded adapters (the order they were
+added in); each table maps it to its own adapters. The metadata's `adapter_tables` tells the server what
+an adapter folder must hold to be loaded (model type, the layouts, per table its host module and sizes).
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +40,10 @@ _LAYERS = {"lora": ("lora_A", "lora_B")}  # the two CSR layers of an adapter, by
 
 
 class SiteTable(nn.Module):
-    """The adapters of one site: `forward(x, adapter_index, base)` is `base + A_k(x)` for each row
-    (k = adapter_index[i]; -1 or no adapters: `base`), all adapters in one sparse_adapter_multi."""
+    """The adapters of one site: `forward(x, adapter_index, base)` is `base + A_k(x)` for each row, k
+    this table's adapter for the loaded adapter `adapter_index[i]` (-1, or one this site does not hold:
+    `base`), all of them in one sparse_adapter_multi. `local[1 + g]` is loaded adapter g's position
+    here, or -1 (`local[0]` is -1, for rows without an adapter)."""
 
     # TorchScript types of the per-adapter lists (an empty list alone would read as List[Tensor])
     bottleneck: List[int]
@@ -52,6 +60,7 @@ class SiteTable(nn.Module):
             self.register_buffer(f"{part}_bias", torch.empty(0, dtype=dtype))
             self.register_buffer(f"{part}_crow", torch.empty(0, dtype=torch.long))
             self.register_buffer(f"{part}_col", torch.empty(0, dtype=torch.long))
+        self.register_buffer("local", torch.full((1,), -1, dtype=torch.long))
         self.bottleneck: List[int] = []
         self.down_nnz: List[int] = []
         self.up_nnz: List[int] = []
@@ -63,7 +72,7 @@ class SiteTable(nn.Module):
             return base
         out, _ = torch.ops.sparseadapter.sparse_adapter_multi(
             x,
-            adapter_index,
+            self.local.index_select(0, adapter_index + 1),
             base,
             self.down_values,
             self.down_bias,
@@ -91,9 +100,9 @@ class SiteTable(nn.Module):
         activation: str,
         scale: float,
     ) -> int:
-        """Append one adapter: `down` and `up` are [values, crow_indices, col_indices, bias] (bias empty
-        for none: zeros), their patterns already checked (validate_csr). Sizes are checked before
-        anything changes. Returns the bytes the adapter takes in the table."""
+        """Append one loaded adapter that this site holds: `down` and `up` are [values, crow_indices,
+        col_indices, bias] (bias empty for none: zeros), their patterns already checked (validate_csr).
+        Sizes are checked before anything changes. Returns the bytes the adapter takes in the table."""
         bottleneck = down[1].numel() - 1
         if bottleneck < 1 or up[1].numel() != self.out_features + 1:
             raise ValueError(
@@ -125,7 +134,8 @@ class SiteTable(nn.Module):
         self.up_nnz.append(parts[1][2].numel())
         self.activations.append(activation)
         self.scales.append(scale)
-        held = 0
+        self.local = torch.cat([self.local, torch.full((1,), len(self.scales) - 1, dtype=torch.long)])
+        held = self.local.element_size()
         for layer in parts:
             for t in layer:
                 held += t.numel() * t.element_size()
@@ -159,8 +169,21 @@ class SiteTable(nn.Module):
         return [values.to(self.down_values.dtype), crow, col, bias.to(self.down_values.dtype)]
 
     @torch.jit.export
-    def remove_adapter(self, k: int) -> None:
-        """Drop adapter k (its entries of every array); the later ones move down by one."""
+    def skip_adapter(self) -> int:
+        """Note a loaded adapter that this site does not hold (its rows get `base`); returns its bytes."""
+        self.local = torch.cat([self.local, torch.full((1,), -1, dtype=torch.long)])
+        return self.local.element_size()
+
+    @torch.jit.export
+    def remove_adapter(self, g: int) -> None:
+        """Forget loaded adapter g (held here or skipped); the later ones move down by one."""
+        if g < 0 or g + 1 >= self.local.numel():
+            raise ValueError("no loaded adapter " + str(g) + " (this table knows " + str(self.local.numel() - 1) + ")")
+        k = int(self.local[g + 1])
+        self.local = torch.cat([self.local[: g + 1], self.local[g + 2 :]])
+        if k < 0:
+            return
+        self.local = torch.where(self.local > k, self.local - 1, self.local)
         b0 = sum(self.bottleneck[:k])
         d0 = sum(self.down_nnz[:k])
         u0 = sum(self.up_nnz[:k])
@@ -183,7 +206,7 @@ class SiteTable(nn.Module):
     @torch.jit.export
     def held_bytes(self) -> int:
         """What the table's arrays take."""
-        held = 0
+        held = (self.local.numel() - 1) * self.local.element_size()
         for t in [self.down_values, self.down_bias, self.down_crow, self.down_col]:
             held += t.numel() * t.element_size()
         for t in [self.up_values, self.up_bias, self.up_crow, self.up_col]:
@@ -280,16 +303,12 @@ class TableServingModel(ServingModel):
         return (*example_inputs(meta, batch, length, seed), torch.full((batch,), -1, dtype=torch.long))
 
 
-def install_tables(model: nn.Module, template: str) -> Dict:
-    """Replace adapter `template` (attached to `model`, pruned: CSR layers) by empty tables at its
-    sites, and the model's linear head by a head table; returns the metadata's `adapter_tables`.
-    Adapters loaded into the tables must be of the template's kind, on the same sites."""
-    e = entry(model, template)
-    config = e.config
-    if config.kind in ("prefix", "mam"):
-        raise ValueError(f"runtime-loaded adapters run as CSR arrays; {config.kind!r} adapters have prefixes")
-    if config.layer_norm:
-        raise ValueError("runtime-loaded adapters run in one op per site, which has no layer norm (layer_norm=True)")
+def install_tables(model: nn.Module, templates: Sequence[str]) -> Dict:
+    """Replace the adapters `templates` (attached to `model`, pruned: CSR layers) by empty tables at
+    their sites, and the model's linear head by a head table; returns the metadata's `adapter_tables`.
+    Each template gives a layout (its kind and sites): adapters loaded into the tables must match one."""
+    if isinstance(templates, str) or not templates:
+        raise ValueError("install_tables takes a non-empty list of template adapter names")
     head_name = next((h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
     head = getattr(model, head_name) if head_name is not None else None
     if not isinstance(head, nn.Linear):
@@ -301,31 +320,63 @@ def install_tables(model: nn.Module, template: str) -> Dict:
         raise ValueError(
             "runtime-loaded adapters answer through linear heads; this regression head standardizes targets"
         )
-    down_name, up_name = _LAYERS.get(config.kind, ("down", "up"))
-    by_host = slots(model)
-    tables: List[Dict] = []
-    dtype = head.weight.dtype
-    for part in sorted(e.sites):
-        for site in e.sites[part]:
-            slot = by_host[site.host]
-            table = torch.jit.script(SiteTable(slot.in_features, slot.out_features, dtype))
-            slot.serve_from_table(table)
-            tables.append(
-                {
-                    "module": f"{IN_SERVING}{site.host}.sparseadapter.{TABLE_ATTR}",
-                    "host": site.host,
-                    "down": down_name,
-                    "up": up_name,
-                    "in_features": slot.in_features,
-                    "out_features": slot.out_features,
-                }
+    layouts: List[Dict] = []
+    for template in templates:
+        layout = _layout(model, template)
+        same = next(
+            (other for other in layouts if (other["kind"], other["sites"]) == (layout["kind"], layout["sites"])), None
+        )
+        if same is not None:
+            raise ValueError(
+                f"templates {same['template']!r} and {template!r} are both {layout['kind']} adapters on the same "
+                "sites; one template per layout"
             )
+        layouts.append(layout)
+    by_host = slots(model)
+    hosts = sorted({site["host"] for layout in layouts for site in layout["host_sites"]})
+    dtype = head.weight.dtype
+    tables: List[Dict] = []
+    for host in hosts:  # every template's adapters leave their slots only now: slots may be shared
+        slot = by_host[host]
+        slot.serve_from_table(torch.jit.script(SiteTable(slot.in_features, slot.out_features, dtype)))
+        tables.append(
+            {
+                "module": f"{IN_SERVING}{host}.sparseadapter.{TABLE_ATTR}",
+                "host": host,
+                "in_features": slot.in_features,
+                "out_features": slot.out_features,
+            }
+        )
     head_table = torch.jit.script(HeadTable(head.in_features, head.out_features, dtype))
     setattr(model, head_name, RoutedHead(head_table, model))
+    for layout in layouts:
+        layout["tables"] = [hosts.index(site["host"]) for site in layout.pop("host_sites")]
+        del layout["template"]
     return {
-        "kind": config.kind,
         "model_type": model_type(model),
-        "sites": {part: [vars(s) for s in sites] for part, sites in e.sites.items()},
+        "layouts": layouts,
         "tables": tables,
         "head": {"module": f"{IN_SERVING}{head_name}.table", "name": head_name},
+    }
+
+
+def _layout(model: nn.Module, template: str) -> Dict:
+    """What adapter `template` fixes for the adapters that load like it: kind, sites, layer names."""
+    e = entry(model, template)
+    config = e.config
+    if config.kind in ("prefix", "mam"):
+        raise ValueError(f"runtime-loaded adapters run as CSR arrays; {config.kind!r} adapters have prefixes")
+    if config.layer_norm:
+        raise ValueError(
+            f"{template}: runtime-loaded adapters run in one op per site, which has no layer norm (layer_norm=True)"
+        )
+    down_name, up_name = _LAYERS.get(config.kind, ("down", "up"))
+    return {
+        "template": template,
+        "kind": config.kind,
+        "sites": {part: [vars(s) for s in sites] for part, sites in e.sites.items()},
+        "host_sites": [{"host": site.host} for part in sorted(e.sites) for site in e.sites[part]],
+        "down": down_name,
+        "up": up_name,
+        "bias": config.kind not in _LAYERS,
     }
