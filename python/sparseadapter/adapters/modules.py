@@ -60,7 +60,51 @@ def dense_weight(layer: nn.Module) -> Tensor:
     return layer.weight
 
 
-class BottleneckAdapter(nn.Module):
+class SparsePairModule(nn.Module):
+    """An adapter of two layers that, once both are sparse, can run as the fused adapter op. In eval
+    mode it keeps the prepared inference call of its current state (PreparedPair: the op straight to
+    its kernel, a decoding step's adapter call without the dispatcher), dropped on every change of the
+    module or its layers: an attribute set (a layer replaced by pruning, train()/eval(), settings), a
+    `.to()`; a layer's own changes (a load, a parameter swap) make the call stale."""
+
+    # The prepared call (PreparedPair) of the current state, False where this state has none
+    # (training, not fused, tensors that need the dispatcher), None until the next call decides.
+    _prepared = None
+
+    def fused_pair(self):
+        """`(a, b, activation, scale)` when this state runs as the fused op over layers a and b; None
+        when it does not."""
+        raise NotImplementedError
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_prepared"] = None
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)  # .to(), .half(), ...
+        self.__dict__["_prepared"] = None
+        return result
+
+    def prepared_call(self, x: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        """This state's prepared call on (x, residual), or None where the caller takes its own path."""
+        prepared = self._prepared
+        if prepared is None:
+            prepared = False
+            pair = None if self.training else self.fused_pair()
+            if pair is not None:
+                prepared = PreparedPair(*pair)
+                if prepared.call.keys is None:  # its tensors need the dispatcher at every call
+                    prepared = False
+            self.__dict__["_prepared"] = prepared
+        if not prepared:
+            return None
+        out = prepared(x, residual)
+        if out is None and prepared.stale():  # a layer changed: the next call prepares anew
+            self.__dict__["_prepared"] = None
+        return out
+
+
+class BottleneckAdapter(SparsePairModule):
     """`delta(x) = scale * up(dropout(act(down(LN(x)))))`, or `residual + delta(x)` given a residual.
 
     Used after a sublayer (Houlsby, Pfeiffer: `y + delta(y)`) or beside one (parallel: `f(x) + delta(x)`).
@@ -71,9 +115,6 @@ class BottleneckAdapter(nn.Module):
     """
 
     sparseadapter_chain = ("down", "up")  # forward order, for SynFlow
-    # The prepared inference call (PreparedPair) of the current state, False where this state has none
-    # (training, not fused, tensors that need the dispatcher), None until the next call decides.
-    _prepared = None
 
     def __init__(
         self,
@@ -123,36 +164,14 @@ class BottleneckAdapter(nn.Module):
             self.scale,
         )
 
-    def __setattr__(self, name, value) -> None:
-        super().__setattr__(name, value)  # a layer replaced (pruning), train()/eval(), fused, scale, ...
-        self.__dict__["_prepared"] = None
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)  # .to(), .half(), ...
-        self.__dict__["_prepared"] = None
-        return result
-
-    def _prepare(self):
-        """This state's prepared inference call: in eval mode, when the adapter runs fused."""
-        prepared = False
-        if not self.training and self.runs_fused():
-            m = self._modules
-            prepared = PreparedPair(m["down"], m["up"], self.activation_name, self.scale)
-            if prepared.call.keys is None:  # its tensors need the dispatcher at every call
-                prepared = False
-        self.__dict__["_prepared"] = prepared
-        return prepared
+    def fused_pair(self):
+        m = self._modules
+        return (m["down"], m["up"], self.activation_name, self.scale) if self.runs_fused() else None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        prepared = self._prepared
-        if prepared is None:
-            prepared = self._prepare()
-        if prepared:
-            out = prepared(x, residual)
-            if out is not None:
-                return out
-            if prepared.stale():  # a layer changed: the next call prepares anew
-                self.__dict__["_prepared"] = None
+        out = self.prepared_call(x, residual)
+        if out is not None:
+            return out
         if self.runs_fused():
             m = self._modules
             with pinned_pair(m["down"], m["up"]) as (down, up):  # no load swaps them meanwhile
@@ -161,9 +180,10 @@ class BottleneckAdapter(nn.Module):
         return delta if residual is None else residual + delta
 
 
-class LoRAAdapter(nn.Module):
+class LoRAAdapter(SparsePairModule):
     """`delta(x) = (alpha / r) * B(A(dropout(x)))`, added to a frozen linear layer's output (or
-    `residual + delta(x)` given a residual, as every slot adapter)."""
+    `residual + delta(x)` given a residual, as every slot adapter). Once both matrices are sparse, in
+    eval mode it runs as the fused adapter op (identity activation, no biases, scale alpha / r)."""
 
     sparseadapter_chain = ("lora_A", "lora_B")
 
@@ -184,7 +204,14 @@ class LoRAAdapter(nn.Module):
         self.scaling = float(alpha) / rank
         _init_pair(self.lora_A, self.lora_B, init)
 
+    def fused_pair(self):
+        m = self._modules
+        return (m["lora_A"], m["lora_B"], "identity", self.scaling) if self.runs_multi() else None
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        out = self.prepared_call(x, residual)
+        if out is not None:
+            return out
         m = self._modules  # not nn.Module.__getattr__ (see BottleneckAdapter.runs_fused)
         if self.training and m["dropout"].p > 0:
             x = m["dropout"](x)
