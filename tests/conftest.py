@@ -66,6 +66,11 @@ PATTERN_CASES = {
     # blocks, a partial last tile; the second with mostly empty rows and blocks
     "blocked": (100, 700, 0.2, 1100),
     "blocked_sparse": (70, 520, 0.03, 1030),
+    # narrow inputs take the SpMM's 64-token tiles (spmm_cpu.cpp) when there is one per thread: features
+    # not a multiple of 16 and a partial last tile; whole tiles with mostly empty rows; no nonzeros
+    "wide_tiles": (45, 100, 0.3, 200),
+    "wide_tiles_whole": (40, 128, 0.02, 256),
+    "wide_tiles_nnz0": (20, 40, 0.0, 130),
 }
 
 

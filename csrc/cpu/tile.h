@@ -90,9 +90,11 @@ SA_ALWAYS_INLINE void store_transposed_tile(const acc_t* src, int64_t rows, int6
   if constexpr (
       kIsa == CpuIsa::kAvx512 && std::is_same_v<acc_t, float> && kHasAvx512Transpose<scalar_t> && kTile % 16 == 0) {
     if (tokens == kTile) {
+      // Token blocks outside: 16 rows of dst are written from start to end before the next 16, where
+      // row blocks outside left every row of dst partly written (twice the time for 64-token tiles).
       r_begin = rows - rows % 16;
-      for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
-        for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+      for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+        for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
           transpose16x16(src + r0 * kTile + t0, kTile, dst + t0 * ld + r0, ld);
         }
       }
