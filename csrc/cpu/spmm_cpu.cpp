@@ -4,7 +4,9 @@
 // tokens, x is staged transposed in the accumulation type (tile.h); each output row then costs one
 // broadcast-FMA of kTile tokens per nonzero, with contiguous loads whatever the column. A tile larger
 // than L1 (in_features * kTile accumulators, 96 KiB for in = 768 in float32) is walked in block
-// order (blocked_order.h) so that each block's columns are read from L1. Narrow inputs take tiles of
+// order (blocked_order.h) so that each block's columns are read from L1; with few outputs the tile is
+// instead staged one column block at a time, each block used while in L1 (column_blocks.h). Narrow
+// inputs take tiles of
 // twice the tokens (kWideTile), which halves the loads of indices and values, and the loop overhead,
 // per FMA.
 #include <ATen/Dispatch.h>
@@ -20,6 +22,7 @@
 #include "../kernels.h"
 #include "aligned_buffer.h"
 #include "bf16_pairs.h"
+#include "column_blocks.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
 #include "tile.h"
@@ -53,6 +56,10 @@ struct SpmmArgs {
   int64_t rows_per_block;
   const BlockedOrder* blocked;     // nullptr: CSR order (then row blocks may split the rows)
   const scalar_t* blocked_values;  // values in blocked order
+  // non-null: the tile is staged and multiplied column block by column block (column_blocks.h);
+  // then one row block, and `blocked` is null
+  const ColumnBlocks* column_blocks;
+  const scalar_t* column_block_values;  // values in column_blocks' order
 };
 
 // Work items [w_begin, w_end) with tiles of kTile tokens (tile_size: std::integral_constant).
@@ -61,7 +68,9 @@ SA_ALWAYS_INLINE void
 spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end, TileSize /*tile_size*/) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kTile = TileSize::value;
-  AlignedVector<acc_t> tile_buffer(a.in_features * kTile + kMaxLanes<acc_t>);
+  // the whole staged input tile, or one column block of it
+  const int64_t staged_cols = a.column_blocks ? a.column_blocks->block_cols : a.in_features;
+  AlignedVector<acc_t> tile_buffer(staged_cols * kTile + kMaxLanes<acc_t>);
   acc_t* xt = tile_buffer.data();
   AlignedVector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
   int64_t staged_tile = -1;
@@ -69,6 +78,14 @@ spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w
     const int64_t tile = w / a.row_blocks;
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
+    if (a.column_blocks) {
+      column_blocks_times_tile<kIsa, kTile>(
+          *a.column_blocks, a.column_block_values, a.bias, a.out_features, a.x + n0 * a.in_features, a.in_features, nt,
+          a.in_features, xt, out_buffer.data());
+      store_transposed_tile<kIsa, kTile>(
+          out_buffer.data(), a.out_features, nt, a.y + n0 * a.out_features, a.out_features);
+      continue;
+    }
     if (tile != staged_tile) {
       load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt);
       staged_tile = tile;
@@ -112,9 +129,16 @@ void run_tiles(SpmmArgs<scalar_t, index_t>& a, int64_t threads) {
   a.row_blocks = tiles >= threads ? 1 : std::max<int64_t>(1, std::min(threads, a.out_features / kRowBlock));
   a.rows_per_block = (a.out_features + a.row_blocks - 1) / a.row_blocks;
   std::optional<BlockedOrder> blocked;
+  std::optional<ColumnBlocks> column_blocks;
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
-  if (a.row_blocks == 1 && walk_in_blocks<kTileTokens, acc_t>(a.in_features, tiles)) {
+  a.column_blocks = nullptr;
+  if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles)) {
+    column_blocks.emplace(tile_column_blocks<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
+    blocked_values = column_blocks->order.gather(a.values);
+    a.column_blocks = &*column_blocks;
+    a.column_block_values = blocked_values.data();
+  } else if (a.row_blocks == 1 && walk_in_blocks<kTileTokens, acc_t>(a.in_features, tiles)) {
     blocked.emplace(tile_blocked_order<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
     blocked_values = blocked->gather(a.values);
     a.blocked = &*blocked;
