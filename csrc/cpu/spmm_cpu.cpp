@@ -6,9 +6,8 @@
 // than L1 (in_features * kTile accumulators, 96 KiB for in = 768 in float32) is walked in block
 // order (blocked_order.h) so that each block's columns are read from L1; with few outputs the tile is
 // instead staged one column block at a time, each block used while in L1 (column_blocks.h). Narrow
-// inputs take tiles of
-// twice the tokens (kWideTile), which halves the loads of indices and values, and the loop overhead,
-// per FMA.
+// inputs take tiles of twice the tokens (kWideTile), which halves the loads of indices and values,
+// and the loop overhead, per FMA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
