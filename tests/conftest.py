@@ -70,6 +70,8 @@ PATTERN_CASES = {
     # more outputs than the SpMM stages column block by column block (column_blocks.h): the whole tile
     # staged, then walked in block order
     "blocked_many_outputs": (150, 300, 0.1, 530),
+    # column blocks without nonzeros are skipped: the output is the bias alone
+    "blocked_nnz0": (60, 600, 0.0, 600),
     # narrow inputs take the SpMM's 64-token tiles (spmm_cpu.cpp) when there is one per thread: features
     # not a multiple of 16 and a partial last tile; whole tiles with mostly empty rows; no nonzeros
     "wide_tiles": (45, 100, 0.3, 200),
