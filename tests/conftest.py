@@ -62,10 +62,21 @@ PATTERN_CASES = {
     "one_col": (24, 1, 0.7, 50),
     "wide": (5, 1031, 0.1, 67),
     "no_tokens": (16, 24, 0.5, 0),
-    # enough tokens and features for the CPU kernels' block order (tile.h): several row and column
-    # blocks, a partial last tile; the second with mostly empty rows and blocks
+    # enough tokens and features for the CPU kernels' block order (tile.h; the SpMM's column blocks,
+    # column_blocks.h): several row and column blocks, a partial last tile and column block; the second
+    # with mostly empty rows and blocks
     "blocked": (100, 700, 0.2, 1100),
     "blocked_sparse": (70, 520, 0.03, 1030),
+    # more outputs than the SpMM stages column block by column block (column_blocks.h): the whole tile
+    # staged, then walked in block order
+    "blocked_many_outputs": (150, 300, 0.1, 530),
+    # column blocks without nonzeros are skipped: the output is the bias alone
+    "blocked_nnz0": (60, 600, 0.0, 600),
+    # narrow inputs take the SpMM's 64-token tiles (spmm_cpu.cpp) when there is one per thread: features
+    # not a multiple of 16 and a partial last tile; whole tiles with mostly empty rows; no nonzeros
+    "wide_tiles": (45, 100, 0.3, 200),
+    "wide_tiles_whole": (40, 128, 0.02, 256),
+    "wide_tiles_nnz0": (20, 40, 0.0, 130),
 }
 
 

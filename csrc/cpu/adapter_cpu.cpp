@@ -19,6 +19,7 @@
 #include "../adapter_pointers.h"
 #include "../dispatch.h"
 #include "../kernels.h"
+#include "aligned_buffer.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
 #include "tile.h"
@@ -82,10 +83,11 @@ template <CpuIsa kIsa, typename scalar_t, typename index_t>
 SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int64_t tile_begin, int64_t tile_end) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t kPad = kMaxLanes<acc_t>;
-  std::vector<acc_t> xt(a.in_features * kTile + kPad);   // x tile, [in][kTile]
-  std::vector<acc_t> ht(a.bottleneck * kTile + kPad);    // bottleneck tile, [bottleneck][kTile]
-  std::vector<acc_t> yt(a.out_features * kTile + kPad);  // output tile, [out][kTile]
-  std::vector<acc_t> rt(a.residual ? a.out_features * kTile + kPad : 0);
+  // cache-line aligned (aligned_buffer.h): vector loads from the staged tiles never split a line
+  AlignedVector<acc_t> xt(a.in_features * kTile + kPad);   // x tile, [in][kTile]
+  AlignedVector<acc_t> ht(a.bottleneck * kTile + kPad);    // bottleneck tile, [bottleneck][kTile]
+  AlignedVector<acc_t> yt(a.out_features * kTile + kPad);  // output tile, [out][kTile]
+  AlignedVector<acc_t> rt(a.residual ? a.out_features * kTile + kPad : 0);
   const acc_t scale = static_cast<acc_t>(a.scale);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n0 = tile * kTile;

@@ -1,10 +1,13 @@
 // CPU SpMM: y = x @ W.T + b with W in CSR.
 //
-// Work is split over (token tile, row block) pairs with at::parallel_for. For each tile of kTile
+// Work is split over (token tile, row block) pairs with at::parallel_for. For each tile of kTile (32)
 // tokens, x is staged transposed in the accumulation type (tile.h); each output row then costs one
 // broadcast-FMA of kTile tokens per nonzero, with contiguous loads whatever the column. A tile larger
 // than L1 (in_features * kTile accumulators, 96 KiB for in = 768 in float32) is walked in block
-// order (blocked_order.h) so that each block's columns are read from L1.
+// order (blocked_order.h) so that each block's columns are read from L1; with few outputs the tile is
+// instead staged one column block at a time, each block used while in L1 (column_blocks.h). Narrow
+// inputs take tiles of twice the tokens (kWideTile), which halves the loads of indices and values,
+// and the loop overhead, per FMA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,7 +19,9 @@
 
 #include "../dispatch.h"
 #include "../kernels.h"
+#include "aligned_buffer.h"
 #include "bf16_pairs.h"
+#include "column_blocks.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
 #include "tile.h"
@@ -24,8 +29,16 @@
 namespace sparseadapter {
 namespace {
 
-constexpr int64_t kTile = 32;      // tokens per tile
-constexpr int64_t kRowBlock = 16;  // rows per work item when there are too few tiles to share
+constexpr int64_t kNarrowTile = 32;  // tokens per tile
+constexpr int64_t kWideTile = 64;    // tokens per tile when such a tile of the input fits L1
+constexpr int64_t kRowBlock = 16;    // rows per work item when there are too few tiles to share
+
+// Whether tiles of kWideTile tokens are used: their staged input tile fits L1 (in_features <= 128 in
+// float32), and there is one for every thread.
+template <typename acc_t>
+bool use_wide_tiles(int64_t in_features, int64_t num_tokens, int64_t threads) {
+  return in_features * kWideTile * static_cast<int64_t>(sizeof(acc_t)) <= kL1Bytes && num_tokens >= kWideTile * threads;
+}
 
 template <typename scalar_t, typename index_t>
 struct SpmmArgs {
@@ -42,19 +55,36 @@ struct SpmmArgs {
   int64_t rows_per_block;
   const BlockedOrder* blocked;     // nullptr: CSR order (then row blocks may split the rows)
   const scalar_t* blocked_values;  // values in blocked order
+  // non-null: the tile is staged and multiplied column block by column block (column_blocks.h);
+  // then one row block, and `blocked` is null
+  const ColumnBlocks* column_blocks;
+  const scalar_t* column_block_values;  // values in column_blocks' order
 };
 
-template <CpuIsa kIsa, typename scalar_t, typename index_t>
-SA_ALWAYS_INLINE void spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end) {
+// Work items [w_begin, w_end) with tiles of kTile tokens (tile_size: std::integral_constant).
+template <CpuIsa kIsa, typename scalar_t, typename index_t, typename TileSize>
+SA_ALWAYS_INLINE void
+spmm_work_items(const SpmmArgs<scalar_t, index_t>& a, int64_t w_begin, int64_t w_end, TileSize /*tile_size*/) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> tile_buffer(a.in_features * kTile + kMaxLanes<acc_t>);
+  constexpr int64_t kTile = TileSize::value;
+  // the whole staged input tile, or one column block of it
+  const int64_t staged_cols = a.column_blocks ? a.column_blocks->block_cols : a.in_features;
+  AlignedVector<acc_t> tile_buffer(staged_cols * kTile + kMaxLanes<acc_t>);
   acc_t* xt = tile_buffer.data();
-  std::vector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
+  AlignedVector<acc_t> out_buffer(a.rows_per_block * kTile);  // [rows][kTile], the output tile transposed
   int64_t staged_tile = -1;
   for (int64_t w = w_begin; w < w_end; ++w) {
     const int64_t tile = w / a.row_blocks;
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
+    if (a.column_blocks) {
+      column_blocks_times_tile<kIsa, kTile>(
+          *a.column_blocks, a.column_block_values, a.bias, a.out_features, a.x + n0 * a.in_features, a.in_features, nt,
+          a.in_features, xt, out_buffer.data());
+      store_transposed_tile<kIsa, kTile>(
+          out_buffer.data(), a.out_features, nt, a.y + n0 * a.out_features, a.out_features);
+      continue;
+    }
     if (tile != staged_tile) {
       load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt);
       staged_tile = tile;
@@ -89,6 +119,38 @@ SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
 
 SA_DEFINE_ISA_VARIANTS(SpmmFewTokens, spmm_few_tokens);
 
+template <int kTileTokens, typename scalar_t, typename index_t>
+void run_tiles(SpmmArgs<scalar_t, index_t>& a, int64_t threads) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
+  // has work; each row block then stages its own copy of the tile.
+  const int64_t tiles = (a.num_tokens + kTileTokens - 1) / kTileTokens;
+  a.row_blocks = tiles >= threads ? 1 : std::max<int64_t>(1, std::min(threads, a.out_features / kRowBlock));
+  a.rows_per_block = (a.out_features + a.row_blocks - 1) / a.row_blocks;
+  std::optional<BlockedOrder> blocked;
+  std::optional<ColumnBlocks> column_blocks;
+  std::vector<scalar_t> blocked_values;
+  a.blocked = nullptr;
+  a.column_blocks = nullptr;
+  if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles)) {
+    column_blocks.emplace(tile_column_blocks<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
+    blocked_values = column_blocks->order.gather(a.values);
+    a.column_blocks = &*column_blocks;
+    a.column_block_values = blocked_values.data();
+  } else if (a.row_blocks == 1 && walk_in_blocks<kTileTokens, acc_t>(a.in_features, tiles)) {
+    blocked.emplace(tile_blocked_order<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
+    blocked_values = blocked->gather(a.values);
+    a.blocked = &*blocked;
+    a.blocked_values = blocked_values.data();
+  }
+
+  SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
+    at::parallel_for(0, tiles * a.row_blocks, 1, [&](int64_t begin, int64_t end) {
+      SpmmWorkItems<kIsa>::run(a, begin, end, std::integral_constant<int, kTileTokens>{});
+    });
+  });
+}
+
 template <typename scalar_t, typename index_t>
 void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   SpmmArgs<scalar_t, index_t> a;
@@ -114,27 +176,12 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   }
 #endif
 
-  // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
-  // has work; each row block then stages its own copy of the tile.
-  const int64_t tiles = (in.num_tokens + kTile - 1) / kTile;
   const int64_t threads = at::get_num_threads();
-  a.row_blocks = tiles >= threads ? 1 : std::max<int64_t>(1, std::min(threads, in.out_features / kRowBlock));
-  a.rows_per_block = (in.out_features + a.row_blocks - 1) / a.row_blocks;
-  std::optional<BlockedOrder> blocked;
-  std::vector<scalar_t> blocked_values;
-  a.blocked = nullptr;
-  if (a.row_blocks == 1 && walk_in_blocks<kTile, at::opmath_type<scalar_t>>(in.in_features, tiles)) {
-    blocked.emplace(
-        tile_blocked_order<kTile, at::opmath_type<scalar_t>>(a.crow, a.col, in.out_features, in.in_features));
-    blocked_values = blocked->gather(a.values);
-    a.blocked = &*blocked;
-    a.blocked_values = blocked_values.data();
+  if (use_wide_tiles<at::opmath_type<scalar_t>>(in.in_features, in.num_tokens, threads)) {
+    run_tiles<kWideTile>(a, threads);
+  } else {
+    run_tiles<kNarrowTile>(a, threads);
   }
-
-  SA_CPU_ISA_SWITCH(cpu_isa(), kIsa, [&] {
-    at::parallel_for(
-        0, tiles * a.row_blocks, 1, [&](int64_t begin, int64_t end) { SpmmWorkItems<kIsa>::run(a, begin, end); });
-  });
 }
 
 }  // namespace

@@ -90,9 +90,11 @@ SA_ALWAYS_INLINE void store_transposed_tile(const acc_t* src, int64_t rows, int6
   if constexpr (
       kIsa == CpuIsa::kAvx512 && std::is_same_v<acc_t, float> && kHasAvx512Transpose<scalar_t> && kTile % 16 == 0) {
     if (tokens == kTile) {
+      // Token blocks outside: 16 rows of dst are written from start to end before the next 16, where
+      // row blocks outside left every row of dst partly written (twice the time for 64-token tiles).
       r_begin = rows - rows % 16;
-      for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
-        for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+      for (int64_t t0 = 0; t0 < kTile; t0 += 16) {
+        for (int64_t r0 = 0; r0 < r_begin; r0 += 16) {
           transpose16x16(src + r0 * kTile + t0, kTile, dst + t0 * ld + r0, ld);
         }
       }
@@ -196,30 +198,37 @@ SA_ALWAYS_INLINE void csr_rows_times_tile(
   }
 }
 
-// The same product with the nonzeros in block order (tile_blocked_order, values gathered into that
-// order): out_t[r][t] = bias[r] + sum of the row's nonzeros, added block by block. Each segment (a
-// row's run inside one block) loads its output vectors, adds its nonzeros, and stores them back:
-// a block's rows of the output tile and columns of the input tile stay in L1, where CSR order
-// would stream the whole input tile from L2 for every row. out_t has `rows` rows; bias may be null.
+// out_t[r][t] = bias[r] for r < rows, t < kTile (0 where bias is null): the start of a product that
+// adds its nonzeros segment by segment.
 template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t>
-SA_ALWAYS_INLINE void blocked_rows_times_tile(
+SA_ALWAYS_INLINE void fill_rows_with_bias(const scalar_t* bias, int64_t rows, acc_t* out_t) {
+  using vec_t = typename Vec<kIsa, acc_t>::type;
+  constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
+  constexpr int kVecs = kTile / kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const vec_t b = vec_t{} + (bias ? static_cast<acc_t>(bias[r]) : acc_t(0));
+    for (int v = 0; v < kVecs; ++v) store_vec(out_t + r * kTile + v * kLanes, b);
+  }
+}
+
+// out_t[seg_row[s]][t] += the nonzeros of segment s, for segments [s_begin, s_end) of a block order
+// (values and col in entry order). Each segment loads its output vectors, adds its nonzeros, and
+// stores them back.
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t>
+SA_ALWAYS_INLINE void add_segments(
     const BlockedOrder& order,
     const scalar_t* values,
-    const scalar_t* bias,
-    int64_t rows,
+    const int32_t* col,
+    int64_t s_begin,
+    int64_t s_end,
     const acc_t* in_t,
     acc_t* out_t) {
   using vec_t = typename Vec<kIsa, acc_t>::type;
   constexpr int kLanes = Vec<kIsa, acc_t>::kLanes;
   constexpr int kVecs = kTile / kLanes;
   static_assert(kTile % kLanes == 0, "tile must be whole vectors");
-  for (int64_t r = 0; r < rows; ++r) {
-    const vec_t b = vec_t{} + (bias ? static_cast<acc_t>(bias[r]) : acc_t(0));
-    for (int v = 0; v < kVecs; ++v) store_vec(out_t + r * kTile + v * kLanes, b);
-  }
   constexpr int kParts = kPartialSums<kVecs>;
-  const int32_t* col = order.col.data();
-  for (int64_t s = 0; s < order.segments(); ++s) {
+  for (int64_t s = s_begin; s < s_end; ++s) {
     acc_t* out = out_t + static_cast<int64_t>(order.seg_row[s]) * kTile;
     vec_t acc[kParts][kVecs];
     for (int v = 0; v < kVecs; ++v) acc[0][v] = load_vec<vec_t>(out + v * kLanes);
@@ -231,6 +240,22 @@ SA_ALWAYS_INLINE void blocked_rows_times_tile(
     add_partial_sums(acc);
     for (int v = 0; v < kVecs; ++v) store_vec(out + v * kLanes, acc[0][v]);
   }
+}
+
+// The same product with the nonzeros in block order (tile_blocked_order, values gathered into that
+// order): out_t[r][t] = bias[r] + sum of the row's nonzeros, added block by block. A block's rows of
+// the output tile and columns of the input tile stay in L1, where CSR order would stream the whole
+// input tile from L2 for every row. out_t has `rows` rows; bias may be null.
+template <CpuIsa kIsa, int kTile, typename acc_t, typename scalar_t>
+SA_ALWAYS_INLINE void blocked_rows_times_tile(
+    const BlockedOrder& order,
+    const scalar_t* values,
+    const scalar_t* bias,
+    int64_t rows,
+    const acc_t* in_t,
+    acc_t* out_t) {
+  fill_rows_with_bias<kIsa, kTile>(bias, rows, out_t);
+  add_segments<kIsa, kTile>(order, values, order.col.data(), 0, order.segments(), in_t, out_t);
 }
 
 // Rows [r_begin, r_end) of the product, in block order when `blocked` is given (then every row:
