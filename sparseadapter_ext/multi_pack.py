@@ -13,12 +13,15 @@ another order) is made anew. Writes that bypass the version counter (numpy, raw 
 seen, as in the op's own cache.
 """
 
+import operator
 import warnings
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ._library import _C
 
 # The positions in a layer's csr_buffers() 8-tuple.
 _VALUES, _BIAS, _CROW, _COL = 0, 1, 2, 3
@@ -74,9 +77,7 @@ def _pack_pattern(adapters, out_features, like, transposed) -> Dict:
 
 def _pack_transposed(adapters, like) -> Tuple[Tensor, ...]:
     index_dtype = _index_dtype(adapters)
-    return tuple(
-        _cat([a[side][i] for a in adapters], like, index_dtype) for side in (0, 1) for i in _TRANSPOSED
-    )
+    return tuple(_cat([a[side][i] for a in adapters], like, index_dtype) for side in (0, 1) for i in _TRANSPOSED)
 
 
 def _pack_values(adapters, out_features) -> Dict:
@@ -89,7 +90,10 @@ def _pack_values(adapters, out_features) -> Dict:
         if all(layer[_BIAS] is None for layer in layers):
             return None
         return _cat(
-            [layer[_BIAS] if layer[_BIAS] is not None else layer[_VALUES].new_zeros(n) for layer, n in zip(layers, sizes)],
+            [
+                layer[_BIAS] if layer[_BIAS] is not None else layer[_VALUES].new_zeros(n)
+                for layer, n in zip(layers, sizes)
+            ],
             like,
         )
 
@@ -113,24 +117,22 @@ def _value_tensors(adapters):
 
 class _Seen:
     """What a pack was made from: the tensors themselves (held, so that no new tensor reuses their
-    identity), their version counters and data pointers. Inference tensors have no version counter:
-    a pack of them is never reused."""
+    identity), their version counters and data pointers (`_C.tensor_states`). Inference tensors have
+    no version counter: a pack of them is never reused."""
 
     __slots__ = ("tensors", "states")
 
     def __init__(self, tensors) -> None:
         self.tensors = tensors
-        self.states = None
-        if not any(t is not None and t.is_inference() for t in tensors):
-            self.states = [None if t is None else (t._version, t.data_ptr()) for t in tensors]
+        self.states = _C.tensor_states(tensors)
 
     def still(self, tensors) -> bool:
-        if self.states is None or len(tensors) != len(self.tensors):
-            return False
-        for t, seen, state in zip(tensors, self.tensors, self.states):
-            if t is not seen or (t is not None and (t._version, t.data_ptr()) != state):
-                return False
-        return True
+        return (
+            self.states is not None
+            and len(tensors) == len(self.tensors)
+            and all(map(operator.is_, tensors, self.tensors))
+            and _C.tensor_states(tensors) == self.states
+        )
 
 
 class _Entry:
@@ -154,7 +156,7 @@ class MultiPackCache:
         if max_entries < 1:
             raise ValueError(f"MultiPackCache: max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
-        self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.made = 0  # patterns packed (a miss), for tests and profiling
         self.values_made = 0
 

@@ -76,6 +76,7 @@ def test_values_and_biases_written_in_place_are_seen(seed, mode):
     x, res = inputs(seed)
     cached_and_plain(cache, x, res, layers)
     ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
     def swap_data():  # as a load does: the same Parameter, new memory, no version bump of its own
         layers[0][1].values.data = layers[0][1].values.data * 2.0
 
@@ -175,7 +176,7 @@ def test_gradients_reach_each_adapters_values_through_a_cached_pattern(seed):
         (out * torch.linspace(-1, 1, OUT)).sum().backward()
         return [p.grad.clone() for d, u, _, _ in layers for p in (*d.parameters(), *u.parameters())]
 
-    for step in range(3):
+    for _ in range(3):
         cached, plain = grads(cache), grads(None)
         for a, b in zip(cached, plain):
             assert torch.equal(a, b)
@@ -195,8 +196,8 @@ def test_a_traced_call_does_not_use_the_cache(seed):
     with torch.no_grad():
         traced = torch.jit.trace(
             lambda x, r: ops.sparse_adapter_multi(x, INDEX, r, specs_of(layers), pack_cache=cache),
-                (x, res),
-                check_trace=False,
+            (x, res),
+            check_trace=False,
         )
     assert cache.made == 0
     with torch.no_grad():
@@ -254,3 +255,18 @@ def test_rows_run_in_place_equal_each_adapter_alone(seed, tokens):
     alone = grads(lambda xg, rg: row_reference(xg, rg, index, layers))
     for a, b in zip(mixed, alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_states_see_writes_and_new_memory_and_refuse_other_objects():
+    a, b = torch.zeros(3), torch.ones(2)
+    first = _C.tensor_states([a, None, b])
+    assert isinstance(first, bytes) and first == _C.tensor_states((a, None, b))
+    a.add_(1.0)
+    assert _C.tensor_states([a, None, b]) != first
+    second = _C.tensor_states([a, None, b])
+    b.data = torch.ones(2)
+    assert _C.tensor_states([a, None, b]) != second
+    with torch.inference_mode():
+        assert _C.tensor_states([a, torch.zeros(1)]) is None
+    with pytest.raises(TypeError, match="item 1 is int, not a tensor or None"):
+        _C.tensor_states([a, 3])
