@@ -19,7 +19,6 @@ A slot given a serving table (`serve_from_table`, serving/adapter_tables.py) run
 the table instead: the adapters a C++ server loads at run time.
 """
 
-import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparseadapter_ext
+
+from ..sparse_linear import pinned_layers
 
 MODES = ("after", "parallel", "residual_input", "span", "lora", "prefix")
 SLOT_ATTR = "sparseadapter"
@@ -189,11 +190,13 @@ class AdapterSlot(nn.Module):
         names, local = routing.local(self.adapters, x.shape[0])
         if not names:
             return base
-        modules = [self.adapters[n] for n in names]
+        adapters = self._modules["adapters"]._modules  # (see run_after)
+        modules = [adapters[n] for n in names]
         if all(getattr(m, "runs_multi", lambda: False)() for m in modules):
-            x = _row_dropout(x, local, [m.dropout for m in modules])
-            with contextlib.ExitStack() as stack:
-                specs = [m.multi_spec(stack) for m in modules]
+            x = _row_dropout(x, local, [m._modules["dropout"] for m in modules])
+            parts = [m.multi_layers() for m in modules]
+            with pinned_layers([layer for part in parts for layer in part[:2]]) as buffers:  # no load swaps them
+                specs = [(buffers[2 * k], buffers[2 * k + 1], part[2], part[3]) for k, part in enumerate(parts)]
                 return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs, pack_cache=self._multi_packs())
         for k, module in enumerate(modules):  # each adapter on its rows
             rows = (local == k).nonzero().flatten()
