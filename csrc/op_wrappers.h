@@ -490,9 +490,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
 // Rows are grouped by adapter (stable: each adapter's rows keep their order), and each group runs the
 // adapter's own kernels (run_adapter / run_adapter_backward: the path chosen for its problem) on its
 // tokens as one contiguous block: a slice of x when every group's rows are consecutive (no copy);
-// else the forward gathers all rows into adapter order once and scatters the output back once (the
-// backward gathers and scatters per group). Rows of adapter -1 get the residual (or zeros). So a
-// mixed batch computes, row by row, what each adapter computes alone.
+// else, with rows of kMultiDirectRowTokens tokens or more, the forward runs each run of consecutive
+// rows of one adapter on its slices (no copy either), and with shorter rows it gathers all rows into
+// adapter order once and scatters the output back once (the backward gathers and scatters per group). Rows of adapter
+// -1 get the residual (or zeros). So a mixed batch computes, row by row, what each adapter computes alone.
 
 struct RowSegment {
   int64_t adapter = -1;  // -1: the rows without an adapter

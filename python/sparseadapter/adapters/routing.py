@@ -5,7 +5,8 @@ never sees it) and pushes a `Routing` for the duration of the call: the adapters
 first appearance, and one index per row into them (-1: the bare model, from `None` or `"__base__"`).
 Each slot met during the forward reads it: the rows of its adapters go through ONE op over the whole
 batch (`sparseadapter_ext.sparse_adapter_multi`: the adapters' CSR arrays concatenated, an adapter
-index per row, the rows grouped by adapter inside the op), rows of other adapters and of the bare
+index per row, the rows grouped by adapter inside the op; each slot keeps the concatenation while the
+adapters' tensors are unchanged, sparseadapter_ext.MultiPackCache), rows of other adapters and of the bare
 model get the slot's input back unchanged; prefix slots give each row its adapter's prefix. The
 active adapters (and any active fusion) are ignored for such a call: each row runs exactly the
 adapter it names. The routing lives on the calling thread, so threads may run differently routed
