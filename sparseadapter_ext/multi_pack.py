@@ -14,6 +14,7 @@ seen, as in the op's own cache.
 """
 
 import operator
+import threading
 import warnings
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
@@ -136,12 +137,12 @@ class _Seen:
 
 
 class _Entry:
-    __slots__ = ("pattern", "pattern_seen", "values", "values_seen")
+    __slots__ = ("pattern", "pattern_seen", "values")
 
     def __init__(self, pattern, pattern_seen) -> None:
         self.pattern, self.pattern_seen = pattern, pattern_seen
-        self.values: Optional[Dict] = None
-        self.values_seen: Optional[_Seen] = None
+        # (concatenated values and biases, _Seen of the tensors), swapped whole: threads may share it
+        self.values: Optional[Tuple[Dict, _Seen]] = None
 
 
 class MultiPackCache:
@@ -149,19 +150,21 @@ class MultiPackCache:
     adapters (see the module docstring): `pack(...)` returns what pack_adapters would, reusing the
     concatenations of an earlier call when their tensors are unchanged. Keeps the packs of the last
     `max_entries` adapter tuples (a server routing several combinations of adapters through a site).
-    Not shared across threads safely beyond what a dict is: two threads may both make a pack, and the
-    later one stays."""
+    Threads may share it (a server's threads routing batches through one model): two may both make
+    a pack, and the later one stays."""
 
     def __init__(self, max_entries: int = 4) -> None:
         if max_entries < 1:
             raise ValueError(f"MultiPackCache: max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # the dict's order and size; never held while packing
         self.made = 0  # patterns packed (a miss), for tests and profiling
         self.values_made = 0
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def pack(self, adapters: Sequence[Tuple], out_features: int, like: Tensor, transposed: bool, values: bool):
         """The pack of `adapters` (as pack_adapters) with the backward's arrays when `transposed`; the
@@ -175,7 +178,10 @@ class MultiPackCache:
             like.device,
         )
         entries = self._entries
-        entry = entries.get(key)
+        with self._lock:
+            entry = entries.get(key)
+            if entry is not None:
+                entries.move_to_end(key)
         if entry is not None:
             has_transposed = "transposed" in entry.pattern
             if (transposed and not has_transposed) or not entry.pattern_seen.still(
@@ -184,28 +190,30 @@ class MultiPackCache:
                 entry = None
         if entry is None:
             entry = self._make_pattern(adapters, out_features, like, transposed)
-            entries[key] = entry
-            if len(entries) > self.max_entries:
-                entries.popitem(last=False)
-        else:
-            entries.move_to_end(key)
+            with self._lock:
+                entries[key] = entry
+                entries.move_to_end(key)
+                while len(entries) > self.max_entries:
+                    entries.popitem(last=False)
         if not values:
             return dict(entry.pattern, **_pack_values(adapters, out_features))
         value_tensors = _value_tensors(adapters)
-        if entry.values is None or not entry.values_seen.still(value_tensors):
+        cached = entry.values
+        if cached is None or not cached[1].still(value_tensors):
+            seen = _Seen(value_tensors)  # before the tensors: a write in between leaves it stale, never wrong
             with torch.inference_mode(False), torch.no_grad():
-                entry.values = _pack_values(adapters, out_features)
-            entry.values_seen = _Seen(value_tensors)
+                cached = entry.values = (_pack_values(adapters, out_features), seen)
             self.values_made += 1
-        return dict(entry.pattern, **entry.values)
+        return dict(entry.pattern, **cached[0])
 
     def _make_pattern(self, adapters, out_features, like, transposed) -> _Entry:
         # Outside inference mode: an inference tensor has no version counter, so the op's check-once
         # cache could not track the concatenations and would check them at every call.
+        seen = _Seen(_pattern_tensors(adapters, transposed))  # before the tensors, as for the values
         with torch.inference_mode(False):
             pattern = _pack_pattern(adapters, out_features, like, transposed)
         self.made += 1
-        return _Entry(pattern, _Seen(_pattern_tensors(adapters, transposed)))
+        return _Entry(pattern, seen)
 
     # A copy of the owner (deepcopy, pickling) starts empty: its adapters are other tensors.
     def __deepcopy__(self, memo) -> "MultiPackCache":

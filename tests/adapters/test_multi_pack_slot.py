@@ -47,8 +47,8 @@ def randomize(model, name, seed):
                 module.values.copy_(torch.randn(module.values.shape, generator=gen).to(module.values.dtype) * 0.3)
 
 
-def data(rows=len(NAMES), length=20):  # 20 tokens per row: the op's in-place row runs
-    ids = torch.randint(1, 40, (rows, length), generator=torch.Generator().manual_seed(1))
+def data(length=20):  # 20 tokens per row: the op's in-place row runs
+    ids = torch.randint(1, 40, (len(NAMES), length), generator=torch.Generator().manual_seed(1))
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 

@@ -5,6 +5,8 @@ replaced or reordered, a dtype move. Each result equals the uncached op's (which
 and gradients reach every adapter's own values. Also the op's in-place row runs (rows of 16 tokens or
 more, shuffled), row by row equal to each adapter alone, forward and backward."""
 
+import threading
+
 import pytest
 import torch
 from conftest import Pattern
@@ -270,3 +272,29 @@ def test_tensor_states_see_writes_and_new_memory_and_refuse_other_objects():
         assert _C.tensor_states([a, torch.zeros(1)]) is None
     with pytest.raises(TypeError, match="item 1 is int, not a tensor or None"):
         _C.tensor_states([a, 3])
+
+
+def test_threads_share_a_cache_that_evicts_while_they_run(seed):
+    """Threads routing different adapter tuples through one small cache: each result stays right."""
+    layers, cache = make_adapters(seed), ops.MultiPackCache(max_entries=1)
+    x, res = inputs(seed)
+    combos = [(layers, INDEX), (layers[::-1], INDEX), (layers[:2], torch.tensor([1, 0, -1, 1, 0, 0]))]
+    wanted = [cached_and_plain(None, x, res, c, i)[1] for c, i in combos]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(30):
+                combo, index = combos[k % len(combos)]
+                with torch.no_grad():
+                    got = ops.sparse_adapter_multi(x, index, res, specs_of(combo), pack_cache=cache)
+                assert torch.equal(got, wanted[k % len(combos)])
+        except Exception as err:  # reported below: a thread's assertion does not fail the test itself
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
