@@ -80,6 +80,16 @@ def test_a_second_routed_call_reuses_the_packs():
     assert packs_made(model) == made
 
 
+def test_another_row_order_of_the_same_adapters_reuses_the_packs():
+    """A slot gets the adapters of a call in its own order, not in the rows' order of first
+    appearance: a batch naming the same adapters in another order is served by the same packs."""
+    model, batch = make_model(), data()
+    check_rows(model, batch)
+    made = packs_made(model)
+    check_rows(model, batch, ["c", None, "a", "b", "b", "a"])
+    assert packs_made(model) == made
+
+
 def test_values_changed_in_place_are_seen():
     model, batch = make_model(), data()
     check_rows(model, batch)

@@ -32,12 +32,16 @@ class Routing:
         # batch of a multiple of the rows then gives each copy its row's adapter
         self.expand = expand
         self._local: Dict[Tuple[int, Tuple[str, ...], int], Tuple[List[str], Tensor]] = {}
+        self._named = frozenset(self.names)
 
     def local(self, held, batch: Optional[int] = None) -> Tuple[List[str], Tensor]:
-        """The adapters of this call that `held` (a container of names) holds, in call order, and each
-        row's index into them (-1 for rows of other adapters and of the bare model), for a batch of
-        `batch` rows (None: the routed rows; ValueError when the batch does not match them)."""
-        names = [n for n in self.names if n in held]
+        """The adapters of this call that `held` (an ordered container of names) holds, in held's order
+        (so batches naming the same adapters in another row order pass a slot the same adapters: its
+        packed arrays stay valid), and each row's index into them (-1 for rows of other adapters and of
+        the bare model), for a batch of `batch` rows (None: the routed rows; ValueError when the batch
+        does not match them)."""
+        named = self._named
+        names = [n for n in held if n in named]
         # a symbolic batch size (torch.export) is not a key: computed anew each time
         key = (id(held), tuple(names), batch or 0) if batch is None or type(batch) is int else None
         hit = self._local.get(key) if key is not None else None
