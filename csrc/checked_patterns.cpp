@@ -15,8 +15,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "validation.h"
 
@@ -126,11 +128,114 @@ void check_pattern_bounds_cpu_once(
   c.entries.insert_or_assign(key, Entry{Seen(crow_indices), Seen(col_indices)});
 }
 
+namespace {
+
+// A group of patterns checked together (sparse_adapter_multi's concatenated arrays): keyed by the
+// tensors' addresses and the sizes that split them per adapter, both compared whole.
+struct GroupKey {
+  std::vector<const c10::TensorImpl*> impls;
+  std::vector<int64_t> sizes;
+  bool operator==(const GroupKey& other) const { return impls == other.impls && sizes == other.sizes; }
+};
+
+struct GroupKeyHash {
+  size_t operator()(const GroupKey& k) const {
+    size_t h = k.impls.size();
+    for (const auto* p : k.impls) {
+      h = h * 0x9e3779b97f4a7c15ULL ^ reinterpret_cast<uintptr_t>(p);
+    }
+    for (const int64_t v : k.sizes) {
+      h = h * 31 ^ static_cast<size_t>(v);
+    }
+    return h;
+  }
+};
+
+struct GroupCache {
+  std::mutex mutex;
+  std::unordered_map<GroupKey, std::vector<Seen>, GroupKeyHash> entries;
+};
+
+GroupCache& group_cache() {
+  static GroupCache* c = new GroupCache();  // never destroyed, as cache()
+  return *c;
+}
+
+bool all_still(const std::vector<Seen>& seen, c10::ArrayRef<at::Tensor> tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!seen[i].still(tensors[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool any_expired(const std::vector<Seen>& seen) {
+  for (const auto& s : seen) {
+    if (s.impl.expired()) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+void check_patterns_cpu_once(
+    c10::ArrayRef<at::Tensor> tensors,
+    c10::ArrayRef<int64_t> sizes,
+    const std::function<void()>& check) {
+  auto& c = group_cache();
+  bool track = true;
+  for (const auto& t : tensors) {
+    track = track && trackable(t);
+  }
+  GroupKey key;
+  if (track) {
+    key.impls.reserve(tensors.size());
+    for (const auto& t : tensors) {
+      key.impls.push_back(t.unsafeGetTensorImpl());
+    }
+    key.sizes.assign(sizes.begin(), sizes.end());
+    std::lock_guard<std::mutex> lock(c.mutex);
+    const auto it = c.entries.find(key);
+    if (it != c.entries.end()) {
+      if (all_still(it->second, tensors)) {
+        cache().hits.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      c.entries.erase(it);  // changed: check again below
+    }
+  }
+  cache().checks.fetch_add(1, std::memory_order_relaxed);
+  check();  // raises when bad
+  if (!track) {
+    return;
+  }
+  std::vector<Seen> seen;
+  seen.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    seen.emplace_back(t);
+  }
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.entries.size() >= kMaxEntries) {
+    for (auto it = c.entries.begin(); it != c.entries.end();) {
+      it = any_expired(it->second) ? c.entries.erase(it) : std::next(it);
+    }
+    if (c.entries.size() >= kMaxEntries) {
+      c.entries.clear();
+    }
+  }
+  c.entries.insert_or_assign(std::move(key), std::move(seen));
+}
+
 CheckedPatternStats checked_pattern_stats() {
   auto& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
+  auto& g = group_cache();
+  std::lock_guard<std::mutex> group_lock(g.mutex);
   return {
-      static_cast<int64_t>(c.entries.size()), c.hits.load(std::memory_order_relaxed),
+      static_cast<int64_t>(c.entries.size() + g.entries.size()), c.hits.load(std::memory_order_relaxed),
       c.checks.load(std::memory_order_relaxed)};
 }
 

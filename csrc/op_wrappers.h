@@ -14,6 +14,7 @@
 #include <array>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dense_path.h"
@@ -489,9 +490,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
 // Rows are grouped by adapter (stable: each adapter's rows keep their order), and each group runs the
 // adapter's own kernels (run_adapter / run_adapter_backward: the path chosen for its problem) on its
 // tokens as one contiguous block: a slice of x when every group's rows are consecutive (no copy);
-// else the forward gathers all rows into adapter order once and scatters the output back once (the
-// backward gathers and scatters per group). Rows of adapter -1 get the residual (or zeros). So a
-// mixed batch computes, row by row, what each adapter computes alone.
+// else, with rows of kMultiDirectRowTokens tokens or more, the forward runs each run of consecutive
+// rows of one adapter on its slices (no copy either), and with shorter rows it gathers all rows into
+// adapter order once and scatters the output back once (the backward gathers and scatters per group). Rows of adapter
+// -1 get the residual (or zeros). So a mixed batch computes, row by row, what each adapter computes alone.
 
 struct RowSegment {
   int64_t adapter = -1;  // -1: the rows without an adapter
@@ -551,6 +553,44 @@ inline std::vector<int64_t> adapter_order(const MultiAdapterInputs& in) {
   return order;
 }
 
+// Rows of at least this many tokens run the forward in place, one run of consecutive rows at a time
+// (row_runs); shorter ones (decoding: one token per row) are gathered, where a kernel call per run
+// would cost more than the copy.
+constexpr int64_t kMultiDirectRowTokens = 16;
+
+// group_rows's segments split into runs of consecutive rows, each a slice (consecutive), in the same
+// order, each with its part of its segment's hidden_pre block.
+inline std::vector<RowSegment> row_runs(const MultiAdapterInputs& in) {
+  const auto K = static_cast<int64_t>(in.adapters.size());
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(K + 1);  // (first row, rows) per adapter
+  for (int64_t r = 0; r < in.num_rows; ++r) {
+    const int64_t a = in.row_adapter[r] < 0 ? K : in.row_adapter[r];
+    auto& list = runs[a];
+    if (!list.empty() && list.back().first + list.back().second == r) {
+      ++list.back().second;
+    } else {
+      list.emplace_back(r, 1);
+    }
+  }
+  std::vector<RowSegment> out;
+  int64_t tokens_before = 0;
+  for (int64_t a = 0; a <= K; ++a) {
+    const int64_t width = a < K ? in.adapters[a].down.out_features : 0;
+    int64_t in_segment = 0;  // tokens of this adapter's earlier runs
+    for (const auto& [first, count] : runs[a]) {
+      RowSegment run;
+      run.adapter = a == K ? -1 : a;
+      run.first_row = first;
+      run.num_rows = count;
+      run.hidden_offset = tokens_before * in.max_bottleneck + in_segment * width;
+      in_segment += count * in.tokens_per_row;
+      out.push_back(std::move(run));
+    }
+    tokens_before += in_segment;
+  }
+  return out;
+}
+
 // The segment's tokens of t [num_tokens, features]: a slice, or its rows gathered (contiguous).
 inline at::Tensor segment_rows(const at::Tensor& t, const RowSegment& seg, const MultiAdapterInputs& in) {
   const int64_t features = t.size(1), tokens_per_row = in.tokens_per_row;
@@ -603,22 +643,56 @@ inline at::Tensor segment_hidden(const at::Tensor& hidden_pre, const MultiAdapte
   return hidden_pre.reshape({hidden_pre.numel()}).narrow(0, seg.hidden_offset, n * b).view({n, b});
 }
 
-// Every call: the arrays are views of concatenations packed for the call, which no cache would see again.
+// Once per unchanged set of concatenated arrays (a caller that packs them once per state passes the
+// same tensors again): each adapter's patterns, views of the concatenations, checked as its own.
 template <typename B>
-void check_multi_patterns_cpu(const char* op, const MultiAdapterInputs& in, bool transposed) {
-  for (size_t k = 0; k < in.adapters.size(); ++k) {
-    const AdapterInputs& a = in.adapters[k];
-    const std::string name = std::string(op) + " (adapter " + std::to_string(k) + ")";
-    check_pattern_bounds_cpu(name.c_str(), a.down.crow_indices, a.down.col_indices, a.down.in_features, "x's last dim");
-    check_pattern_bounds_cpu(
-        name.c_str(), a.up.crow_indices, a.up.col_indices, a.up.in_features, "the adapter's bottleneck width");
-    if (transposed) {
-      const AdapterTransposed& t = in.transposed[k];
-      check_pattern_bounds_cpu(
-          name.c_str(), t.down_crow_t, t.down_col_t, a.down.out_features, "the adapter's bottleneck width");
-      check_pattern_bounds_cpu(name.c_str(), t.up_crow_t, t.up_col_t, a.up.out_features, "out_features");
-    }
+void check_multi_patterns_cpu(
+    const char* op,
+    const MultiAdapterInputs& in,
+    std::vector<at::Tensor> concatenated,
+    c10::ArrayRef<int64_t> bottleneck,
+    c10::ArrayRef<int64_t> down_nnz,
+    c10::ArrayRef<int64_t> up_nnz) {
+  const bool transposed = !in.transposed.empty();
+  // what splits the arrays per adapter, length-prefixed so that no two splits read alike
+  std::vector<int64_t> sizes{in.in_features, in.out_features, static_cast<int64_t>(bottleneck.size())};
+  for (const auto list : {bottleneck, down_nnz, up_nnz}) {
+    sizes.insert(sizes.end(), list.begin(), list.end());
   }
+  check_patterns_cpu_once(concatenated, sizes, [&] {
+    for (size_t k = 0; k < in.adapters.size(); ++k) {
+      const AdapterInputs& a = in.adapters[k];
+      const std::string name = std::string(op) + " (adapter " + std::to_string(k) + ")";
+      check_pattern_bounds_cpu(
+          name.c_str(), a.down.crow_indices, a.down.col_indices, a.down.in_features, "x's last dim");
+      check_pattern_bounds_cpu(
+          name.c_str(), a.up.crow_indices, a.up.col_indices, a.up.in_features, "the adapter's bottleneck width");
+      if (transposed) {
+        const AdapterTransposed& t = in.transposed[k];
+        check_pattern_bounds_cpu(
+            name.c_str(), t.down_crow_t, t.down_col_t, a.down.out_features, "the adapter's bottleneck width");
+        check_pattern_bounds_cpu(name.c_str(), t.up_crow_t, t.up_col_t, a.up.out_features, "out_features");
+      }
+    }
+  });
+}
+
+// The index arrays that check_multi_patterns_cpu reads: the four forward ones, and the transposed
+// crow/col arrays when given.
+inline std::vector<at::Tensor> multi_pattern_arrays(
+    const at::Tensor& down_crow,
+    const at::Tensor& down_col,
+    const at::Tensor& up_crow,
+    const at::Tensor& up_col,
+    const std::optional<at::Tensor>& down_crow_t,
+    const std::optional<at::Tensor>& down_col_t,
+    const std::optional<at::Tensor>& up_crow_t,
+    const std::optional<at::Tensor>& up_col_t) {
+  std::vector<at::Tensor> arrays{down_crow, down_col, up_crow, up_col};
+  if (down_crow_t.has_value() && down_col_t.has_value() && up_crow_t.has_value() && up_col_t.has_value()) {
+    arrays.insert(arrays.end(), {*down_crow_t, *down_col_t, *up_crow_t, *up_col_t});
+  }
+  return arrays;
 }
 
 template <typename B>
@@ -656,41 +730,49 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
       {down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_crow_t, up_col_t, up_perm_t, up_row_order_t},
       B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_multi_patterns_cpu<B>(op, in, false);
+    check_multi_patterns_cpu<B>(
+        op, in,
+        multi_pattern_arrays(down_crow, down_col, up_crow, up_col, down_crow_t, down_col_t, up_crow_t, up_col_t),
+        bottleneck, down_nnz, up_nnz);
   }
   const auto options = in.x.options();
   auto out = at::empty({in.num_tokens, in.out_features}, options);
   // zeros: the blocks of narrower adapters and the rows without one leave parts unwritten
   auto hidden_pre = at::zeros({save_hidden ? in.num_tokens : 0, in.max_bottleneck}, options);
   const int64_t T = in.tokens_per_row;
-  // Each segment of `src` (rows grouped by adapter) through its adapter, into `dst` [tokens, out].
-  auto run_segments = [&](const MultiAdapterInputs& src, at::Tensor& dst) {
-    for (const RowSegment& seg : group_rows(src, src.x.device())) {
-      if (seg.adapter < 0) {  // no adapter: the residual, or zeros
-        const int64_t n = seg.num_rows * T;
-        put_segment_rows(
-            dst, seg, src,
-            src.residual.has_value() ? segment_rows(*src.residual, seg, src)
-                                     : at::zeros({n, src.out_features}, options));
-        continue;
-      }
-      const auto seg_residual =
-          src.residual.has_value() ? std::optional<at::Tensor>(segment_rows(*src.residual, seg, src)) : std::nullopt;
-      const AdapterInputs a = segment_inputs(src, seg, segment_rows(src.x, seg, src), seg_residual);
-      auto seg_out = seg.consecutive ? dst.narrow(0, seg.first_row * T, a.down.num_tokens)
-                                     : at::empty({a.down.num_tokens, src.out_features}, options);
-      auto seg_hidden =
-          save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
-      run_adapter<B>(a, seg_out, seg_hidden, save_hidden);
-      if (!seg.consecutive) {
-        put_segment_rows(dst, seg, src, seg_out);
-      }
+  // One segment of `src` (rows of one adapter) through its adapter, into `dst` [tokens, out].
+  auto run_segment = [&](const MultiAdapterInputs& src, const RowSegment& seg, at::Tensor& dst) {
+    if (seg.adapter < 0) {  // no adapter: the residual, or zeros
+      const int64_t n = seg.num_rows * T;
+      put_segment_rows(
+          dst, seg, src,
+          src.residual.has_value() ? segment_rows(*src.residual, seg, src) : at::zeros({n, src.out_features}, options));
+      return;
+    }
+    const auto seg_residual =
+        src.residual.has_value() ? std::optional<at::Tensor>(segment_rows(*src.residual, seg, src)) : std::nullopt;
+    const AdapterInputs a = segment_inputs(src, seg, segment_rows(src.x, seg, src), seg_residual);
+    auto seg_out = seg.consecutive ? dst.narrow(0, seg.first_row * T, a.down.num_tokens)
+                                   : at::empty({a.down.num_tokens, src.out_features}, options);
+    auto seg_hidden = save_hidden ? segment_hidden(hidden_pre, src, seg) : at::empty({0, a.down.out_features}, options);
+    run_adapter<B>(a, seg_out, seg_hidden, save_hidden);
+    if (!seg.consecutive) {
+      put_segment_rows(dst, seg, src, seg_out);
     }
   };
   if (out.numel() > 0 || hidden_pre.numel() > 0) {
     const auto order = adapter_order(in);
     if (std::is_sorted(order.begin(), order.end())) {  // every adapter's rows consecutive: slices of x
-      run_segments(in, out);
+      for (const RowSegment& seg : group_rows(in, in.x.device())) {
+        run_segment(in, seg, out);
+      }
+    } else if (T >= kMultiDirectRowTokens) {
+      // Rows long enough to run on their own: each run of consecutive rows of one adapter computes on
+      // its slices of x, the residual and out, so no row is copied (a gather of a whole batch and the
+      // scatter back cost more than its kernels).
+      for (const RowSegment& run : row_runs(in)) {
+        run_segment(in, run, out);
+      }
     } else {
       // Rows of one adapter scattered over the batch: one gather into adapter order and one scatter
       // back, rather than one of each per adapter. hidden_pre's blocks come in the same order either way.
@@ -708,7 +790,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_adapter_multi_op(
         sorted.row_adapter[r] = in.row_adapter[order[r]];
       }
       auto sorted_out = at::empty_like(out);
-      run_segments(sorted, sorted_out);
+      for (const RowSegment& seg : group_rows(sorted, sorted.x.device())) {
+        run_segment(sorted, seg, sorted_out);
+      }
       out.view({in.num_rows, -1}).index_copy_(0, index, sorted_out.view({in.num_rows, -1}));
     }
   }
@@ -752,7 +836,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_ad
       {down_crow_t, down_col_t, down_perm_t, down_row_order_t, up_crow_t, up_col_t, up_perm_t, up_row_order_t},
       B::kDevice);
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_multi_patterns_cpu<B>(op, in, true);
+    check_multi_patterns_cpu<B>(
+        op, in,
+        multi_pattern_arrays(down_crow, down_col, up_crow, up_col, down_crow_t, down_col_t, up_crow_t, up_col_t),
+        bottleneck, down_nnz, up_nnz);
   }
   check_multi_adapter_backward_tensors(op, in, x, grad_out, hidden_pre);
   const auto options = in.x.options();

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string>
@@ -83,7 +84,17 @@ void check_pattern_bounds_cpu_once(
     int64_t num_cols,
     const char* num_cols_name);
 
-// The cache of check_pattern_bounds_cpu_once: patterns held, calls that skipped the pass, passes run.
+// `check` (the O(nnz) checks of several patterns at once), skipped when these very tensors passed it
+// with these `sizes` (what splits them, e.g. per adapter) and none has changed since; the same cache
+// and counters as check_pattern_bounds_cpu_once. For sparse_adapter_multi's concatenated arrays, which
+// a caller that packs them once per state passes again unchanged.
+void check_patterns_cpu_once(
+    c10::ArrayRef<at::Tensor> tensors,
+    c10::ArrayRef<int64_t> sizes,
+    const std::function<void()>& check);
+
+// The cache of check_pattern_bounds_cpu_once and check_patterns_cpu_once: patterns held, calls that skipped the pass,
+// passes run.
 struct CheckedPatternStats {
   int64_t entries = 0;
   int64_t hits = 0;

@@ -7,6 +7,7 @@ from . import (
     _library,  # first: loads the library (registering torch.ops.sparseadapter) and checks its version
     autocast,  # noqa: F401  (after the library: registers autocast for the ops in autocast.LOWER_PRECISION_OPS)
 )
+from .multi_pack import MultiPackCache
 from .ops import (
     ADAPTER_ACTIVATIONS,
     PATH_MODES,
@@ -52,6 +53,7 @@ __all__ = [
     "has_cuda_kernels",
     "load_path_decisions",
     "mask_to_csr",
+    "MultiPackCache",
     "path_decisions",
     "path_mode",
     "prune_score",

@@ -3,7 +3,6 @@ the autograd formula of sparse_linear. Schemas and their meaning: csrc/sparseada
 
 import functools
 import inspect
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor
 
 from .autocast import autocast_inputs
 from .grad_slots import GradSlots, backward_output_mask, backward_outputs
+from .multi_pack import MultiPackCache, pack_adapters
 
 _ops = torch.ops.sparseadapter
 
@@ -762,67 +762,13 @@ class PreparedAdapter:
 # Several adapters in one batch, one per row: the adapters' arrays concatenated, an index per row.
 
 
-def pack_adapters(adapters: Sequence[Tuple], out_features: int, like: Tensor, transposed: bool = False):
-    """The arguments of sparse_adapter_multi for `adapters`, each `(down, up, activation, scale)` with
-    down and up the 8-tuples of `SparseLinear.csr_buffers()`: a dict with the concatenated values,
-    biases (None where no adapter has one, zeros for those without where some have), patterns (index
-    dtype: the adapters' own, int64 when they differ), the per-adapter sizes, and with `transposed`
-    the eight arrays of the backward."""
-    if torch.jit.is_tracing():  # the sizes below are the parameters' own: constants of a trace, rightly
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _pack(adapters, out_features, like, transposed)
-    return _pack(adapters, out_features, like, transposed)
-
-
-def _pack(adapters, out_features, like, transposed):
-    downs = [a[0] for a in adapters]
-    ups = [a[1] for a in adapters]
-    index_dtypes = {t.dtype for d, u in zip(downs, ups) for t in (d[2], u[2])}
-    index_dtype = index_dtypes.pop() if len(index_dtypes) == 1 else torch.long
-    device = like.device
-
-    def cat(ts, dtype=None):
-        ts = [t if dtype is None else t.to(dtype) for t in ts]
-        if not ts:
-            return torch.empty(0, dtype=dtype or like.dtype, device=device)
-        return ts[0] if len(ts) == 1 else torch.cat(ts)
-
-    def biases(layers, sizes):
-        if all(layer[1] is None for layer in layers):
-            return None
-        return cat([layer[1] if layer[1] is not None else layer[0].new_zeros(n) for layer, n in zip(layers, sizes)])
-
-    bottleneck = [int(d[2].shape[0]) - 1 for d in downs]
-    packed = dict(
-        down_values=cat([d[0] for d in downs]),
-        down_bias=biases(downs, bottleneck),
-        down_crow=cat([d[2] for d in downs], index_dtype),
-        down_col=cat([d[3] for d in downs], index_dtype),
-        up_values=cat([u[0] for u in ups]),
-        up_bias=biases(ups, [out_features] * len(ups)),
-        up_crow=cat([u[2] for u in ups], index_dtype),
-        up_col=cat([u[3] for u in ups], index_dtype),
-        bottleneck=bottleneck,
-        down_nnz=[int(d[3].shape[0]) for d in downs],
-        up_nnz=[int(u[3].shape[0]) for u in ups],
-        out_features=int(out_features),
-        activation=",".join(str(a[2]) for a in adapters),
-        scale=[float(a[3]) for a in adapters],
-    )
-    if transposed:
-        packed["transposed"] = tuple(
-            cat([layer[i] for layer in layers], index_dtype) for layers in (downs, ups) for i in (4, 5, 6, 7)
-        )
-    return packed
-
-
 def sparse_adapter_multi(
     x: Tensor,
     adapter_index: Tensor,
     residual: Optional[Tensor],
     adapters: Sequence[Tuple],
     out_features: Optional[int] = None,
+    pack_cache: Optional[MultiPackCache] = None,
 ) -> Tensor:
     """Differentiable mixed-adapter bottleneck: row `i` of `x` (`[rows, ..., in]`) gets
     `residual[i] + scale_k * (act_k(x[i] @ D_k.T + bd_k) @ U_k.T + bu_k)` with `k = adapter_index[i]`,
@@ -830,7 +776,8 @@ def sparse_adapter_multi(
     `(down, up, activation, scale)`, down and up the buffers of a SparseLinear (`csr_buffers()`); a
     LoRA adapter is `(A, B, "identity", alpha / r)`. One op over the batch: the rows are grouped by
     adapter inside it, each group running its adapter's kernel. Gradients reach x, the residual and
-    every adapter's values and biases."""
+    every adapter's values and biases. `pack_cache` (a MultiPackCache owned by the call site) keeps the
+    concatenated arrays from call to call while the adapters' tensors are unchanged."""
     if out_features is None:
         if adapters:
             out_features = adapters[0][1][2].numel() - 1
@@ -839,8 +786,10 @@ def sparse_adapter_multi(
         else:
             raise ValueError("sparse_adapter_multi: out_features is needed without adapters and without a residual")
     params = [t for a in adapters for t in (a[0][0], a[0][1], a[1][0], a[1][1])]
+    if pack_cache is not None and capturing_graph():  # a graph records the concatenations, not a cache's
+        pack_cache = None
     if _eager_autograd(x, residual, *params):
-        packed = pack_adapters(adapters, out_features, x, transposed=True)
+        packed = _packed(pack_cache, adapters, out_features, x, transposed=True, values_cached=False)
         cast = autocast_inputs(
             x.device.type,
             x,
@@ -852,7 +801,7 @@ def sparse_adapter_multi(
         )
         return _SparseAdapterMultiFunction.apply(*cast, adapter_index, _multi_static(packed))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *params))
-    packed = pack_adapters(adapters, out_features, x, transposed=needs_grad)
+    packed = _packed(pack_cache, adapters, out_features, x, transposed=needs_grad, values_cached=not needs_grad)
     out, _ = _ops.sparse_adapter_multi.default(
         x,
         adapter_index,
@@ -875,6 +824,12 @@ def sparse_adapter_multi(
         *packed.get("transposed", (None,) * 8),
     )
     return out
+
+
+def _packed(pack_cache, adapters, out_features, x, transposed, values_cached):
+    if pack_cache is None:
+        return pack_adapters(adapters, out_features, x, transposed)
+    return pack_cache.pack(adapters, out_features, x, transposed, values=values_cached)
 
 
 def _multi_static(packed):

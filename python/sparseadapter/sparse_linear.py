@@ -14,7 +14,7 @@ writes to the tensors while forwards run.
 import math
 import threading
 import time
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -393,35 +393,42 @@ class _Pinned:
             self.layer._unpin()
 
 
-class pinned_pair:  # noqa: N801 (used as a function: `with pinned_pair(a, b) as (buffers_a, buffers_b):`)
-    """`a.pinned()` and `b.pinned()` in one: both layers pinned under one acquisition of the lock (a
-    fused adapter pins its two projections at every call, one per token when decoding)."""
+class pinned_layers:  # noqa: N801 (used as a function: `with pinned_layers(layers) as buffers:`)
+    """`layer.pinned()` for every layer of `layers` under one acquisition of the lock: each layer's
+    `csr_buffers()`, in order, which no `load_state_dict` on another thread replaces until the block
+    ends. A fused adapter pins its two projections at every call (one per token when decoding), a
+    mixed-adapter batch the two of each adapter at each adapted site."""
 
-    __slots__ = ("a", "b", "pinned")
+    __slots__ = ("layers", "pinned")
 
-    def __init__(self, a: SparseLinear, b: SparseLinear) -> None:
-        self.a, self.b = a, b
+    def __init__(self, layers: Sequence[SparseLinear]) -> None:
+        self.layers = layers
         self.pinned = False
 
-    def __enter__(self):
-        a, b = self.a, self.b
+    def __enter__(self) -> List[Tuple]:
+        layers = self.layers
         if not _tracing():
-            pa, pb, me = a._pins, b._pins, threading.get_ident()
+            pins, me = [layer._pins for layer in layers], threading.get_ident()
             while True:
                 with _PINS_LOCK:
-                    if (pa.writer is None or pa.writer == me) and (pb.writer is None or pb.writer == me):
-                        pa.readers += 1
-                        pb.readers += 1
+                    if all(p.writer is None or p.writer == me for p in pins):
+                        for p in pins:
+                            p.readers += 1
                         self.pinned = True
                         break
                 time.sleep(_WAIT_S)
-        return a.csr_buffers(), b.csr_buffers()
+        return [layer.csr_buffers() for layer in layers]
 
     def __exit__(self, *exc) -> None:
         if self.pinned:
             with _PINS_LOCK:
-                self.a._pins.readers -= 1
-                self.b._pins.readers -= 1
+                for layer in self.layers:
+                    layer._pins.readers -= 1
+
+
+def pinned_pair(a: SparseLinear, b: SparseLinear) -> pinned_layers:
+    """`with pinned_pair(a, b) as (buffers_a, buffers_b):` both layers pinned (pinned_layers)."""
+    return pinned_layers((a, b))
 
 
 def _unprepared() -> None:

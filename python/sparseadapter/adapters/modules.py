@@ -154,15 +154,11 @@ class BottleneckAdapter(SparsePairModule):
         """Whether a routed batch runs this adapter in the slot's one op (sparse_adapter_multi)."""
         return self.runs_fused()
 
-    def multi_spec(self, stack):
-        """`(down, up, activation, scale)` for sparse_adapter_multi; the layers stay pinned (no load
-        swaps them) until `stack` closes."""
-        return (
-            stack.enter_context(self.down.pinned()),
-            stack.enter_context(self.up.pinned()),
-            self.activation_name,
-            self.scale,
-        )
+    def multi_layers(self):
+        """`(down, up, activation, scale)`: this adapter in sparse_adapter_multi, its two SparseLinear
+        layers (the caller pins them while the op runs)."""
+        m = self._modules
+        return m["down"], m["up"], self.activation_name, self.scale
 
     def fused_pair(self):
         m = self._modules
@@ -223,15 +219,12 @@ class LoRAAdapter(SparsePairModule):
         """Whether a routed batch runs this adapter in the slot's one op: both matrices sparse (a LoRA
         update is a bottleneck adapter with the identity activation, no biases and scale alpha / r;
         its dropout is applied to the rows' input before the op)."""
-        return isinstance(self.lora_A, SparseLinear) and isinstance(self.lora_B, SparseLinear)
+        m = self._modules  # not nn.Module.__getattr__: runs at every routed call
+        return isinstance(m["lora_A"], SparseLinear) and isinstance(m["lora_B"], SparseLinear)
 
-    def multi_spec(self, stack):
-        return (
-            stack.enter_context(self.lora_A.pinned()),
-            stack.enter_context(self.lora_B.pinned()),
-            "identity",
-            self.scaling,
-        )
+    def multi_layers(self):
+        m = self._modules
+        return m["lora_A"], m["lora_B"], "identity", self.scaling
 
     def delta_weight(self) -> Tensor:
         """`(alpha / r) * B @ A`, the dense update that merging adds to the base weight."""

@@ -5,7 +5,8 @@ never sees it) and pushes a `Routing` for the duration of the call: the adapters
 first appearance, and one index per row into them (-1: the bare model, from `None` or `"__base__"`).
 Each slot met during the forward reads it: the rows of its adapters go through ONE op over the whole
 batch (`sparseadapter_ext.sparse_adapter_multi`: the adapters' CSR arrays concatenated, an adapter
-index per row, the rows grouped by adapter inside the op), rows of other adapters and of the bare
+index per row, the rows grouped by adapter inside the op; each slot keeps the concatenation while the
+adapters' tensors are unchanged, sparseadapter_ext.MultiPackCache), rows of other adapters and of the bare
 model get the slot's input back unchanged; prefix slots give each row its adapter's prefix. The
 active adapters (and any active fusion) are ignored for such a call: each row runs exactly the
 adapter it names. The routing lives on the calling thread, so threads may run differently routed
@@ -31,12 +32,16 @@ class Routing:
         # batch of a multiple of the rows then gives each copy its row's adapter
         self.expand = expand
         self._local: Dict[Tuple[int, Tuple[str, ...], int], Tuple[List[str], Tensor]] = {}
+        self._named = frozenset(self.names)
 
     def local(self, held, batch: Optional[int] = None) -> Tuple[List[str], Tensor]:
-        """The adapters of this call that `held` (a container of names) holds, in call order, and each
-        row's index into them (-1 for rows of other adapters and of the bare model), for a batch of
-        `batch` rows (None: the routed rows; ValueError when the batch does not match them)."""
-        names = [n for n in self.names if n in held]
+        """The adapters of this call that `held` (an ordered container of names) holds, in held's order
+        (so batches naming the same adapters in another row order pass a slot the same adapters: its
+        packed arrays stay valid), and each row's index into them (-1 for rows of other adapters and of
+        the bare model), for a batch of `batch` rows (None: the routed rows; ValueError when the batch
+        does not match them)."""
+        named = self._named
+        names = [n for n in held if n in named]
         # a symbolic batch size (torch.export) is not a key: computed anew each time
         key = (id(held), tuple(names), batch or 0) if batch is None or type(batch) is int else None
         hit = self._local.get(key) if key is not None else None

@@ -19,7 +19,6 @@ A slot given a serving table (`serve_from_table`, serving/adapter_tables.py) run
 the table instead: the adapters a C++ server loads at run time.
 """
 
-import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparseadapter_ext
+
+from ..sparse_linear import pinned_layers
 
 MODES = ("after", "parallel", "residual_input", "span", "lora", "prefix")
 SLOT_ATTR = "sparseadapter"
@@ -57,6 +58,8 @@ class AdapterSlot(nn.Module):
         self.__dict__["_span_input"] = None
         self.__dict__["router"] = None  # the model's Router (routing.py), set when attached
         self.serving_table: Optional[nn.Module] = None  # serve_from_table
+        # routed calls: the adapters' arrays concatenated once per state (sparse_adapter_multi)
+        self.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache()
 
     def serve_from_table(self, table: nn.Module) -> None:
         """Routed calls run `table(x, adapter_index, base)` (a serving/adapter_tables.SiteTable, whose
@@ -187,17 +190,25 @@ class AdapterSlot(nn.Module):
         names, local = routing.local(self.adapters, x.shape[0])
         if not names:
             return base
-        modules = [self.adapters[n] for n in names]
+        adapters = self._modules["adapters"]._modules  # (see run_after)
+        modules = [adapters[n] for n in names]
         if all(getattr(m, "runs_multi", lambda: False)() for m in modules):
-            x = _row_dropout(x, local, [m.dropout for m in modules])
-            with contextlib.ExitStack() as stack:
-                specs = [m.multi_spec(stack) for m in modules]
-                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs)
+            x = _row_dropout(x, local, [m._modules["dropout"] for m in modules])
+            parts = [m.multi_layers() for m in modules]
+            with pinned_layers([layer for part in parts for layer in part[:2]]) as buffers:  # no load swaps them
+                specs = [(buffers[2 * k], buffers[2 * k + 1], part[2], part[3]) for k, part in enumerate(parts)]
+                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs, pack_cache=self._multi_packs())
         for k, module in enumerate(modules):  # each adapter on its rows
             rows = (local == k).nonzero().flatten()
             if rows.numel():
                 base = base.index_copy(0, rows, module(x.index_select(0, rows), base.index_select(0, rows)))
         return base
+
+    def _multi_packs(self) -> "sparseadapter_ext.MultiPackCache":
+        packs = self.__dict__.get("multi_packs")
+        if packs is None:  # a slot unpickled from a version without one
+            packs = self.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache()
+        return packs
 
     def run_after(self, y: Tensor, names: Optional[List[str]] = None) -> Tensor:
         """`y` through the active fusion, else through each running adapter in turn (`names`: the
