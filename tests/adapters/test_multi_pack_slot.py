@@ -30,6 +30,9 @@ def make_model():
     model = transformers.BertForSequenceClassification(config).eval()
     for seed, name in enumerate("abc"):
         add(model, name, seed)
+    model, _ = sa.serving.prepare_for_inference(
+        model, path="sparse", merge_lora=False, inplace=True, pack_routed_adapters=True
+    )
     return model
 
 
@@ -68,7 +71,17 @@ def check_rows(model, batch, names=NAMES):
 
 
 def packs_made(model):
-    return sum(s.multi_packs.made for s in slots(model).values() if len(s.adapters))
+    return sum(s.multi_packs.made for s in slots(model).values() if s.multi_packs is not None)
+
+
+def test_packing_is_asked_for():
+    """Without pack_routed_adapters a slot keeps no copy of its adapters' arrays (memory follows the
+    adapters alone); prepare_for_inference without it drops the packs again."""
+    model = make_model()
+    assert all(s.multi_packs is not None for s in slots(model).values() if len(s.adapters))
+    sa.serving.prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
+    assert all(s.multi_packs is None for s in slots(model).values())
+    check_rows(model, data())
 
 
 def test_a_second_routed_call_reuses_the_packs():

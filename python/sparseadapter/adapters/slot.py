@@ -58,8 +58,9 @@ class AdapterSlot(nn.Module):
         self.__dict__["_span_input"] = None
         self.__dict__["router"] = None  # the model's Router (routing.py), set when attached
         self.serving_table: Optional[nn.Module] = None  # serve_from_table
-        # routed calls: the adapters' arrays concatenated once per state (sparse_adapter_multi)
-        self.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache()
+        # routed calls: the adapters' arrays concatenated once per state (sparse_adapter_multi), when
+        # prepare_for_inference(..., pack_routed_adapters=True) gave the slot a MultiPackCache
+        self.__dict__["multi_packs"] = None
 
     def serve_from_table(self, table: nn.Module) -> None:
         """Routed calls run `table(x, adapter_index, base)` (a serving/adapter_tables.SiteTable, whose
@@ -197,18 +198,12 @@ class AdapterSlot(nn.Module):
             parts = [m.multi_layers() for m in modules]
             with pinned_layers([layer for part in parts for layer in part[:2]]) as buffers:  # no load swaps them
                 specs = [(buffers[2 * k], buffers[2 * k + 1], part[2], part[3]) for k, part in enumerate(parts)]
-                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs, pack_cache=self._multi_packs())
+                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs, pack_cache=self.__dict__.get("multi_packs"))
         for k, module in enumerate(modules):  # each adapter on its rows
             rows = (local == k).nonzero().flatten()
             if rows.numel():
                 base = base.index_copy(0, rows, module(x.index_select(0, rows), base.index_select(0, rows)))
         return base
-
-    def _multi_packs(self) -> "sparseadapter_ext.MultiPackCache":
-        packs = self.__dict__.get("multi_packs")
-        if packs is None:  # a slot unpickled from a version without one
-            packs = self.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache()
-        return packs
 
     def run_after(self, y: Tensor, names: Optional[List[str]] = None) -> Tensor:
         """`y` through the active fusion, else through each running adapter in turn (`names`: the
