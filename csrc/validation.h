@@ -9,7 +9,9 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -83,11 +85,39 @@ void check_pattern_bounds_cpu_once(
     int64_t num_cols,
     const char* num_cols_name);
 
-// The cache of check_pattern_bounds_cpu_once: patterns held, calls that skipped the pass, passes run.
+// What a CPU kernel derives from a pattern alone, one slot each in the entry of a checked pattern.
+enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs };
+constexpr size_t kPatternDerivedKinds = 2;
+
+// The `kind` data of a pattern that check_pattern_bounds_cpu_once has checked for num_cols: the one
+// `build` made at an earlier call while these tensors have not changed since, else `build()` (kept
+// for the next call when the cache tracks the tensors). Thread-safe; `build` runs without the lock.
+std::shared_ptr<const void> pattern_derived_cpu(
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    PatternDerivedKind kind,
+    const std::function<std::shared_ptr<const void>()>& build);
+
+// The same, typed: T is the kind's structure.
+template <typename T, typename Build>
+std::shared_ptr<const T> pattern_derived_cpu_as(
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    PatternDerivedKind kind,
+    Build&& build) {
+  return std::static_pointer_cast<const T>(pattern_derived_cpu(
+      crow_indices, col_indices, num_cols, kind, [&]() -> std::shared_ptr<const void> { return build(); }));
+}
+
+// The cache of check_pattern_bounds_cpu_once: patterns held, calls that skipped the pass, passes run,
+// and derived structures built (pattern_derived_cpu).
 struct CheckedPatternStats {
   int64_t entries = 0;
   int64_t hits = 0;
   int64_t checks = 0;
+  int64_t derived_builds = 0;
 };
 
 CheckedPatternStats checked_pattern_stats();
