@@ -62,10 +62,14 @@ at::Tensor expand_weight(const SpmmInputs& in) {
   return dense;
 }
 
-// y = x @ W.T + bias (y: [num_tokens, out_features], contiguous).
+// y = x @ W.T + bias (y: [num_tokens, out_features], contiguous). `kept_weight`, when given, receives
+// the expanded W (the training forward keeps it for the backward's grad_x).
 template <typename B>
-void spmm_dense(const SpmmInputs& in, at::Tensor& y) {
+void spmm_dense(const SpmmInputs& in, at::Tensor& y, at::Tensor* kept_weight = nullptr) {
   const auto w = expand_weight<B>(in);
+  if (kept_weight != nullptr) {
+    *kept_weight = w;
+  }
   if (in.bias.has_value()) {
     at::addmm_out(y, *in.bias, in.x, w.t());
   } else {

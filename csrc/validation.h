@@ -132,6 +132,10 @@ void check_linear_grad_x_patterns(
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices);
 
+// sparse_linear_backward's weight: W as the forward expanded it, [grad_y's features, grad_x's features]
+// in the values' dtype, on grad_y's device (t: the transposed product, as above).
+void check_expanded_weight(const char* op, const at::Tensor& weight, const SpmmInputs& t);
+
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(
     const char* op,
