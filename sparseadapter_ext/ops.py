@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .autocast import autocast_inputs
-from .grad_slots import GradSlots, backward_output_mask, backward_outputs
+from .grad_slots import GradRoute, GradSlots, backward_output_mask, backward_outputs
 
 _ops = torch.ops.sparseadapter
 
@@ -272,7 +272,8 @@ def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
 # Autograd of sparse_linear: one backward op (grad_x = grad_y @ W through the transposed pattern,
 # grad_values by SDDMM, grad_bias by a sum). Registered on the op (torch.compile, torch.export, direct
 # op calls) and, with less host time per call, as the eager autograd.Function of the Python wrappers
-# (_eager_autograd): both compute through _linear_grads. Index tensors get no gradient.
+# (_eager_autograd): both call sparse_linear_backward, the Function with the weight its forward
+# expanded on the dense path (sparse_linear_forward). Index tensors get no gradient.
 
 
 def capturing_graph() -> bool:
@@ -349,12 +350,11 @@ _BACKEND_KEYS = {
 _LINEAR_DIFFERENTIABLE = ("x", "values", "bias")
 
 
-def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, needed, weight=None):
-    """The gradients of x, values and bias by name, None where `needed` says no; `weight` is the
-    forward's expanded W when it kept one (sparse_linear_forward)."""
+def _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, needed):
+    """The gradients of x, values and bias by name, None where `needed` says no."""
     op = _ops.sparse_linear_backward.default
     mask = backward_output_mask(op, needed)
-    computed = op(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, mask, weight)
+    computed = op(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, mask)
     return backward_outputs(op, computed, mask)
 
 
@@ -378,13 +378,16 @@ class _SparseLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, values, weight = ctx.saved_tensors
         crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = ctx.pattern
-        slots = _LINEAR_FUNCTION_SLOTS
-        return slots.pack(
-            _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, slots.needed(ctx), weight)
+        route = _LINEAR_FUNCTION_ROUTE  # (every training step: no dicts by name)
+        mask = route.mask(ctx)
+        computed = _ops.sparse_linear_backward.default(
+            grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, mask, weight
         )
+        return route.pack(computed, mask)
 
 
 _LINEAR_FUNCTION_SLOTS = GradSlots.of_function(_SparseLinearFunction, _LINEAR_DIFFERENTIABLE)
+_LINEAR_FUNCTION_ROUTE = GradRoute(_LINEAR_FUNCTION_SLOTS, _ops.sparse_linear_backward.default)
 _LINEAR_OP_SLOTS = GradSlots.of_op(_ops.sparse_linear.default, _LINEAR_DIFFERENTIABLE)
 
 
