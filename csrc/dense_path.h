@@ -94,16 +94,26 @@ at::Tensor gather_at_pattern(const at::Tensor& dense, const SpmmInputs& w) {
   return out;
 }
 
-// out[e] = (grad_out.T @ x)[row(e), col(e)]: the dense weight gradient sampled at the pattern.
+// out[e] = (grad_out.T @ x)[row(e), col(e)]: the dense weight gradient sampled at the pattern. On the
+// CPU the product is computed in the orientation whose output is wider than tall: oneDNN's bf16 GEMM
+// with 4096 tokens took 1.1 ms for a [64, 768] output and 1.7-1.9 ms for its [768, 64] transpose
+// (one thread, AVX512-BF16), so a layer with more outputs than inputs gathers from (x.T @ grad_out).
 template <typename B>
 void sddmm_dense(const SddmmInputs& in, at::Tensor& out) {
   PatternData p;
-  p.data = at::mm(in.grad_out.t(), in.x);
   p.crow_indices = in.crow_indices;
   p.col_indices = in.col_indices;
   p.num_rows = in.out_features;
   p.num_cols = in.in_features;
   p.nnz = in.nnz;
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    if (in.out_features > in.in_features) {
+      p.data = at::mm(in.x.t(), in.grad_out);  // [in, out]
+      csr_gather_transposed_cpu_kernel(p, out);
+      return;
+    }
+  }
+  p.data = at::mm(in.grad_out.t(), in.x);
   B::csr_gather(p, out);
 }
 

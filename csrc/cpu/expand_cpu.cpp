@@ -1,4 +1,5 @@
-// CPU csr_to_dense and csr_gather: one pass over the rows, split across threads.
+// CPU csr_to_dense and csr_gather (also from a transposed dense matrix): one pass over the rows,
+// split across threads.
 //
 // On AVX-512 CPUs with VBMI2 (16-bit expand/compress), a pattern whose columns increase within each
 // row is walked 32 columns at a time with its column masks (built once per pattern and kept with its
@@ -268,6 +269,28 @@ void csr_gather_cpu_kernel(const PatternData& in, at::Tensor& out) {
       }
     });
   });
+}
+
+}  // namespace sparseadapter
+
+namespace sparseadapter {
+
+void csr_gather_transposed_cpu_kernel(const PatternData& in, at::Tensor& out) {
+  SA_DISPATCH_VALUE_AND_INDEX_TYPES(
+      in.data.scalar_type(), in.crow_indices.scalar_type(), "csr_gather_transposed_cpu", [&] {
+        const scalar_t* dense_t = in.data.const_data_ptr<scalar_t>();
+        const index_t* crow = in.crow_indices.const_data_ptr<index_t>();
+        const index_t* col = in.col_indices.const_data_ptr<index_t>();
+        scalar_t* values = out.mutable_data_ptr<scalar_t>();
+        const int64_t rows = in.num_rows;
+        at::parallel_for(0, rows, row_grain(in), [&](int64_t r_begin, int64_t r_end) {
+          for (int64_t r = r_begin; r < r_end; ++r) {  // column r of dense_t, one read per entry
+            for (int64_t e = crow[r]; e < crow[r + 1]; ++e) {
+              values[e] = dense_t[static_cast<int64_t>(col[e]) * rows + r];
+            }
+          }
+        });
+      });
 }
 
 }  // namespace sparseadapter
