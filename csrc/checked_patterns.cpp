@@ -10,12 +10,18 @@
 // tensor. Inference tensors carry no version counter and are checked on every call. Writes that
 // bypass the version counter (through `.data`, numpy or raw pointers) are not seen; validate_csr
 // checks a pattern whatever this cache holds.
+//
+// An entry also keeps what the CPU kernels derive from its pattern alone (pattern_derived_cpu: the
+// column masks of the expansion, the bf16 kernel's pairs), built at the first call that asks and
+// dropped with the entry, so that a changed pattern is checked and derived again.
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -69,12 +75,13 @@ struct Seen {
 
 struct Entry {
   Seen crow, col;
+  std::array<std::shared_ptr<const void>, kPatternDerivedKinds> derived{};
 };
 
 struct Cache {
   std::mutex mutex;
   std::unordered_map<Key, Entry, KeyHash> entries;
-  std::atomic<int64_t> hits{0}, checks{0};
+  std::atomic<int64_t> hits{0}, checks{0}, derived_builds{0};
 };
 
 Cache& cache() {
@@ -229,6 +236,37 @@ void check_patterns_cpu_once(
   c.entries.insert_or_assign(std::move(key), std::move(seen));
 }
 
+std::shared_ptr<const void> pattern_derived_cpu(
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    PatternDerivedKind kind,
+    const std::function<std::shared_ptr<const void>()>& build) {
+  auto& c = cache();
+  const auto slot = static_cast<size_t>(kind);
+  const bool track = trackable(crow_indices) && trackable(col_indices);
+  const Key key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols};
+  if (track) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    const auto it = c.entries.find(key);
+    if (it != c.entries.end() && it->second.derived[slot] && it->second.crow.still(crow_indices) &&
+        it->second.col.still(col_indices)) {
+      return it->second.derived[slot];
+    }
+  }
+  // Built outside the lock (O(nnz)); two threads may both build it, the later one's is kept.
+  auto built = build();
+  c.derived_builds.fetch_add(1, std::memory_order_relaxed);
+  if (track) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    const auto it = c.entries.find(key);  // only a checked, unchanged pattern keeps it
+    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices)) {
+      it->second.derived[slot] = built;
+    }
+  }
+  return built;
+}
+
 CheckedPatternStats checked_pattern_stats() {
   auto& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
@@ -236,7 +274,7 @@ CheckedPatternStats checked_pattern_stats() {
   std::lock_guard<std::mutex> group_lock(g.mutex);
   return {
       static_cast<int64_t>(c.entries.size() + g.entries.size()), c.hits.load(std::memory_order_relaxed),
-      c.checks.load(std::memory_order_relaxed)};
+      c.checks.load(std::memory_order_relaxed), c.derived_builds.load(std::memory_order_relaxed)};
 }
 
 }  // namespace sparseadapter

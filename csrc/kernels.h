@@ -29,6 +29,8 @@ struct AdapterGradients {
 void csr_to_dense_cpu_kernel(const PatternData& in, at::Tensor& dense);
 // out[e] = in.data[row(e), col[e]] (in.data: the dense matrix); out: [nnz]. Called with nnz > 0.
 void csr_gather_cpu_kernel(const PatternData& in, at::Tensor& out);
+// out[e] = in.data[col[e], row(e)] (in.data: the dense matrix transposed, [num_cols, num_rows]).
+void csr_gather_transposed_cpu_kernel(const PatternData& in, at::Tensor& out);
 
 #ifdef SPARSEADAPTER_WITH_CUDA
 void spmm_cuda_kernel(const SpmmInputs& in, at::Tensor& y);

@@ -42,7 +42,9 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
 // sparse_linear's grad_x = grad_y @ W, on the path chosen for spmm through the transposed pattern:
 // there the CSR kernel with the values permuted to that pattern's order, while the dense path
 // expands W from the forward pattern (no permutation, and the same row-major product as dense
-// autograd's) instead of expanding W.T.
+// autograd's) instead of expanding W.T. `weight`, when defined, is W as the forward expanded it
+// (sparse_linear_forward): the dense path multiplies by it without expanding again, a problem of
+// its own for the path choice (dims[4] = 1), since that path then costs the product alone.
 template <typename B>
 at::Tensor linear_grad_x(
     const char* op,
@@ -53,9 +55,13 @@ at::Tensor linear_grad_x(
     const at::Tensor& crow_indices_t,
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
-    const at::Tensor& row_order_t) {
+    const at::Tensor& row_order_t,
+    const at::Tensor& weight) {
   auto t = check_spmm_inputs(op, grad_y, values, crow_indices_t, col_indices_t, row_order_t, std::nullopt, B::kDevice);
   check_linear_grad_x_patterns(op, t, perm_t, crow_indices, col_indices);
+  if (weight.defined()) {
+    check_expanded_weight(op, weight, t);
+  }
   if constexpr (B::kDevice == c10::DeviceType::CPU) {
     check_pattern_bounds_cpu_once(op, t.crow_indices, t.col_indices, t.in_features, "grad_y's last dim");
     check_pattern_bounds_cpu_once(op, crow_indices, col_indices, t.out_features, "the transposed pattern's rows");
@@ -68,6 +74,10 @@ at::Tensor linear_grad_x(
       B::spmm(permuted, grad_x);
     };
     auto dense = [&] {
+      if (weight.defined()) {
+        at::mm_out(grad_x, t.x, weight);
+        return;
+      }
       SpmmInputs w;  // the forward product's weight: [grad_y's width, grad_x's width]
       w.values = t.values;
       w.crow_indices = crow_indices.contiguous();
@@ -77,7 +87,9 @@ at::Tensor linear_grad_x(
       w.nnz = t.nnz;
       at::mm_out(grad_x, t.x, expand_weight<B>(w));
     };
-    run_chosen_path(spmm_problem(t), B::timer(), sparse, dense);
+    auto problem = spmm_problem(t);
+    problem.dims[4] = weight.defined() ? 1 : 0;
+    run_chosen_path(problem, B::timer(), sparse, dense);
   }
   return grad_x.view(t.out_shape);
 }
@@ -101,6 +113,41 @@ at::Tensor spmm_op(
   return y.view(in.out_shape);
 }
 
+// sparse_linear's forward: y, and when keep_weight and the dense path ran, W as it expanded it (else
+// an undefined tensor).
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> linear_forward(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const at::Tensor& row_order,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t,
+    bool keep_weight) {
+  const auto in = check_spmm_inputs(op, x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
+  check_transposed_pattern(op, in, crow_indices_t, col_indices_t, perm_t, row_order_t);
+  if constexpr (B::kDevice == c10::DeviceType::CPU) {
+    check_pattern_bounds_cpu_once(op, in.crow_indices, in.col_indices, in.in_features, "x's last dim");
+  }
+  auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
+  at::Tensor weight;
+  if (y.numel() > 0) {
+    // the problem of run_spmm: one measurement serves both ops
+    const Path path = run_chosen_path(
+        spmm_problem(in), B::timer(), [&] { B::spmm(in, y); },
+        [&] { spmm_dense<B>(in, y, keep_weight ? &weight : nullptr); });
+    if (path != Path::kDense || !keep_weight) {
+      weight.reset();  // a timing run of the dense path may have left one
+    }
+  }
+  return {y.view(in.out_shape), weight};
+}
+
 template <typename B>
 at::Tensor sparse_linear_op(
     const at::Tensor& x,
@@ -113,16 +160,31 @@ at::Tensor sparse_linear_op(
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t) {
-  const auto in = check_spmm_inputs("sparse_linear", x, values, crow_indices, col_indices, row_order, bias, B::kDevice);
-  check_transposed_pattern("sparse_linear", in, crow_indices_t, col_indices_t, perm_t, row_order_t);
-  if constexpr (B::kDevice == c10::DeviceType::CPU) {
-    check_pattern_bounds_cpu_once("sparse_linear", in.crow_indices, in.col_indices, in.in_features, "x's last dim");
-  }
-  auto y = at::empty({in.num_tokens, in.out_features}, in.x.options());
-  if (y.numel() > 0) {
-    run_spmm<B>(in, y);
-  }
-  return y.view(in.out_shape);
+  return std::get<0>(linear_forward<B>(
+      "sparse_linear", x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t,
+      row_order_t, false));
+}
+
+// sparse_linear_forward: the eager training forward, which keeps W's expansion for grad_x. The
+// weight comes back as an empty tensor when none was kept. Its errors name sparse_linear, the op
+// the caller's layer computes.
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> sparse_linear_forward_op(
+    const at::Tensor& x,
+    const at::Tensor& values,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    const at::Tensor& row_order,
+    const at::Tensor& crow_indices_t,
+    const at::Tensor& col_indices_t,
+    const at::Tensor& perm_t,
+    const at::Tensor& row_order_t,
+    bool keep_weight) {
+  auto [y, weight] = linear_forward<B>(
+      "sparse_linear", x, values, bias, crow_indices, col_indices, row_order, crow_indices_t, col_indices_t, perm_t,
+      row_order_t, keep_weight);
+  return {y, weight.defined() ? weight : at::empty({0}, y.options())};
 }
 
 template <typename B>
@@ -379,8 +441,9 @@ AdapterGradients adapter_backward_sparse(const AdapterBackwardInputs& in, std::a
   return grads;
 }
 
-// sparse_linear's backward in one call: spmm through the transposed pattern for x, sddmm for the
-// values (each on its chosen path), a sum for the bias. Gradients not asked for come back empty.
+// sparse_linear's backward in one call: spmm through the transposed pattern for x (or the product with
+// the forward's expanded weight, when given and not empty), sddmm for the values (each on its chosen
+// path), a sum for the bias. Gradients not asked for come back empty.
 template <typename B>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
     const at::Tensor& grad_y,
@@ -392,14 +455,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_linear_backward_op(
     const at::Tensor& col_indices_t,
     const at::Tensor& perm_t,
     const at::Tensor& row_order_t,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& weight) {
   constexpr const char* op = "sparse_linear_backward";
   auto none = [&] { return at::empty({0}, grad_y.options()); };
   at::Tensor grad_x = none(), grad_values = none(), grad_bias = none();
   if (output_mask[0]) {
     TORCH_CHECK_VALUE(values.has_value(), op, ": x's gradient needs values");
     grad_x = linear_grad_x<B>(
-        op, grad_y, *values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t);
+        op, grad_y, *values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t,
+        weight.has_value() && weight->numel() > 0 ? *weight : at::Tensor());
   }
   if (output_mask[1]) {
     TORCH_CHECK_VALUE(x.has_value(), op, ": the values' gradient needs x");

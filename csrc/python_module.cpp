@@ -151,8 +151,8 @@ PyObject* clear_path_decisions(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
-// _C.checked_pattern_stats() -> {"entries", "hits", "checks"}: the cache of checked CPU patterns
-// (checked_patterns.cpp).
+// _C.checked_pattern_stats() -> {"entries", "hits", "checks", "derived_builds"}: the cache of checked
+// CPU patterns and of what the kernels derive from them (checked_patterns.cpp).
 PyObject* checked_pattern_stats(PyObject*, PyObject*) {
   const auto stats = sparseadapter::checked_pattern_stats();
   PyObject* dict = PyDict_New();
@@ -161,7 +161,8 @@ PyObject* checked_pattern_stats(PyObject*, PyObject*) {
   }
   if (!set_item(dict, "entries", PyLong_FromLongLong(stats.entries)) ||
       !set_item(dict, "hits", PyLong_FromLongLong(stats.hits)) ||
-      !set_item(dict, "checks", PyLong_FromLongLong(stats.checks))) {
+      !set_item(dict, "checks", PyLong_FromLongLong(stats.checks)) ||
+      !set_item(dict, "derived_builds", PyLong_FromLongLong(stats.derived_builds))) {
     Py_DECREF(dict);
     return nullptr;
   }

@@ -52,13 +52,23 @@ TORCH_LIBRARY(sparseadapter, m) {
       "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, "
       "Tensor row_order_t) -> Tensor");
 
+  // sparse_linear's forward in eager training: y, and, when keep_weight and the problem ran on the dense
+  // path, W as that path expanded it ([out_features, in_features], a scratch of the call), else an
+  // empty tensor. Handing it to sparse_linear_backward spares grad_x a second expansion. No autograd
+  // of its own: the eager autograd function of sparse_linear (sparseadapter_ext/ops.py) calls it.
+  m.def(
+      "sparse_linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor crow_indices, Tensor col_indices, "
+      "Tensor row_order, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, Tensor row_order_t, "
+      "bool keep_weight) -> (Tensor y, Tensor weight)");
+
   // sparse_linear's backward in one call: grad_x = grad_y @ W through the transposed pattern, the
   // values' gradient by SDDMM (x needed), the bias's by a sum over the leading dims; each computed
-  // only where output_mask says so (else an empty tensor). values is needed for grad_x only.
+  // only where output_mask says so (else an empty tensor). values is needed for grad_x only. weight,
+  // when given and not empty, is W as sparse_linear_forward expanded it: grad_x's dense path uses it.
   m.def(
       "sparse_linear_backward(Tensor grad_y, Tensor? x, Tensor? values, Tensor crow_indices, "
       "Tensor col_indices, Tensor crow_indices_t, Tensor col_indices_t, Tensor perm_t, Tensor row_order_t, "
-      "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
+      "bool[3] output_mask, Tensor? weight=None) -> (Tensor grad_x, Tensor grad_values, Tensor grad_bias)");
 
   // The whole bottleneck adapter, with D [bottleneck, in] and U [out, bottleneck] in CSR:
   //   hidden_pre = x @ D.T + down_bias,  out = residual + scale * (act(hidden_pre) @ U.T + up_bias)

@@ -297,6 +297,16 @@ void check_linear_grad_x_patterns(
       col_indices.numel() == t.nnz, op, ": col_indices has ", col_indices.numel(), " entries but values has ", t.nnz);
 }
 
+void check_expanded_weight(const char* op, const at::Tensor& weight, const SpmmInputs& t) {
+  TORCH_CHECK_TYPE(
+      weight.scalar_type() == t.values.scalar_type(), op, ": weight has dtype ", weight.scalar_type(),
+      " but values has dtype ", t.values.scalar_type());
+  check_device(op, "weight", weight, t.x.device());
+  TORCH_CHECK_VALUE(
+      weight.dim() == 2 && weight.size(0) == t.in_features && weight.size(1) == t.out_features, op,
+      ": weight must be the expanded [", t.in_features, ", ", t.out_features, "] weight, got shape ", weight.sizes());
+}
+
 void check_transposed_pattern(
     const char* op,
     const SpmmInputs& forward,

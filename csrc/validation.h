@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -93,12 +94,39 @@ void check_patterns_cpu_once(
     c10::ArrayRef<int64_t> sizes,
     const std::function<void()>& check);
 
-// The cache of check_pattern_bounds_cpu_once and check_patterns_cpu_once: patterns held, calls that skipped the pass,
-// passes run.
+// What a CPU kernel derives from a pattern alone, one slot each in the entry of a checked pattern.
+enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs };
+constexpr size_t kPatternDerivedKinds = 2;
+
+// The `kind` data of a pattern that check_pattern_bounds_cpu_once has checked for num_cols: the one
+// `build` made at an earlier call while these tensors have not changed since, else `build()` (kept
+// for the next call when the cache tracks the tensors). Thread-safe; `build` runs without the lock.
+std::shared_ptr<const void> pattern_derived_cpu(
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    PatternDerivedKind kind,
+    const std::function<std::shared_ptr<const void>()>& build);
+
+// The same, typed: T is the kind's structure.
+template <typename T, typename Build>
+std::shared_ptr<const T> pattern_derived_cpu_as(
+    const at::Tensor& crow_indices,
+    const at::Tensor& col_indices,
+    int64_t num_cols,
+    PatternDerivedKind kind,
+    Build&& build) {
+  return std::static_pointer_cast<const T>(pattern_derived_cpu(
+      crow_indices, col_indices, num_cols, kind, [&]() -> std::shared_ptr<const void> { return build(); }));
+}
+
+// The cache of check_pattern_bounds_cpu_once and check_patterns_cpu_once: patterns held, calls that
+// skipped the pass, passes run, and derived structures built (pattern_derived_cpu).
 struct CheckedPatternStats {
   int64_t entries = 0;
   int64_t hits = 0;
   int64_t checks = 0;
+  int64_t derived_builds = 0;
 };
 
 CheckedPatternStats checked_pattern_stats();
@@ -112,6 +140,10 @@ void check_linear_grad_x_patterns(
     const at::Tensor& perm_t,
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices);
+
+// sparse_linear_backward's weight: W as the forward expanded it, [grad_y's features, grad_x's features]
+// in the values' dtype, on grad_y's device (t: the transposed product, as above).
+void check_expanded_weight(const char* op, const at::Tensor& weight, const SpmmInputs& t);
 
 // sparse_linear's extra arguments: the transposed pattern must describe W.T for this x and W.
 void check_transposed_pattern(

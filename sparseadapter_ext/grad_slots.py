@@ -54,6 +54,30 @@ class GradSlots:
         return tuple(out)
 
 
+class GradRoute:
+    """From a backward op's outputs straight to a backward's return tuple, for a backward that runs on
+    every training step: the op's output_mask read from `ctx.needs_input_grad` and its outputs put at
+    their inputs' positions, with no dicts by name in between (the names are resolved once, here)."""
+
+    def __init__(self, slots: GradSlots, backward_op):
+        self.positions = tuple(slots.inputs.index(name) for name in _output_inputs(backward_op))
+        unknown = [name for name in _output_inputs(backward_op) if name not in slots.differentiable]
+        if unknown:
+            raise ValueError(f"{slots.owner}: {backward_op} returns gradients of {unknown}, which take none")
+        self.size = len(slots.inputs)
+
+    def mask(self, ctx) -> list:
+        needs = ctx.needs_input_grad
+        return [bool(needs[i]) for i in self.positions]
+
+    def pack(self, computed: Sequence[Tensor], mask: Sequence[bool]) -> tuple:
+        out = [None] * self.size
+        for i, g, m in zip(self.positions, computed, mask):
+            if m:
+                out[i] = g
+        return tuple(out)
+
+
 def backward_output_mask(backward_op, needed: Mapping[str, bool]) -> list:
     """A backward op's output_mask: one flag per output, from the forward inputs it is the gradient of."""
     return [bool(needed[name]) for name in _output_inputs(backward_op)]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .autocast import autocast_inputs
-from .grad_slots import GradSlots, backward_output_mask, backward_outputs
+from .grad_slots import GradRoute, GradSlots, backward_output_mask, backward_outputs
 from .multi_pack import MultiPackCache, pack_adapters
 
 _ops = torch.ops.sparseadapter
@@ -107,7 +107,8 @@ def path_mode() -> str:
 
 def path_decisions() -> List[dict]:
     """One dict per problem this process ran: op, device, dtype, dims (op-specific sizes: spmm and
-    sddmm (out, in, nnz, has_bias, 0, 0); sparse_adapter (in, bottleneck, out, nnz_down, nnz_up,
+    sddmm (out, in, nnz, has_bias, 0, 0), with 1 in the fifth for sparse_linear's grad_x multiplied by the
+    weight its forward expanded; sparse_adapter (in, bottleneck, out, nnz_down, nnz_up,
     flags)), tokens (rounded up to a power of two), path ("sparse" or "dense"), source ("measured",
     "cached": measured by an earlier process on this machine (path_cache), "forced"), ms_sparse and
     ms_dense (the measured medians, else None), calls."""
@@ -271,7 +272,8 @@ def _validate_csr_fake(crow_indices, col_indices, num_rows, num_cols):
 # Autograd of sparse_linear: one backward op (grad_x = grad_y @ W through the transposed pattern,
 # grad_values by SDDMM, grad_bias by a sum). Registered on the op (torch.compile, torch.export, direct
 # op calls) and, with less host time per call, as the eager autograd.Function of the Python wrappers
-# (_eager_autograd): both compute through _linear_grads. Index tensors get no gradient.
+# (_eager_autograd): both call sparse_linear_backward, the Function with the weight its forward
+# expanded on the dense path (sparse_linear_forward). Index tensors get no gradient.
 
 
 def capturing_graph() -> bool:
@@ -360,21 +362,32 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, pattern):
         ctx.pattern = pattern
+        # On the dense path the forward's expanded W is kept for grad_x (one dense weight per layer
+        # until the backward; empty on the sparse path). values stays saved even then, so that an
+        # in-place change of it before the backward is reported as for every other path.
+        y, weight = _ops.sparse_linear_forward.default(x, values, bias, *pattern, x.requires_grad)
         # x is needed for the values' gradient only, values for x's only.
-        ctx.save_for_backward(x if values.requires_grad else None, values if x.requires_grad else None)
-        return _ops.sparse_linear.default(x, values, bias, *pattern)
+        ctx.save_for_backward(
+            x if values.requires_grad else None,
+            values if x.requires_grad else None,
+            weight if weight.numel() else None,
+        )
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values = ctx.saved_tensors
+        x, values, weight = ctx.saved_tensors
         crow, col, _row_order, crow_t, col_t, perm_t, row_order_t = ctx.pattern
-        slots = _LINEAR_FUNCTION_SLOTS
-        return slots.pack(
-            _linear_grads(grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, slots.needed(ctx))
+        route = _LINEAR_FUNCTION_ROUTE  # (every training step: no dicts by name)
+        mask = route.mask(ctx)
+        computed = _ops.sparse_linear_backward.default(
+            grad_y, x, values, crow, col, crow_t, col_t, perm_t, row_order_t, mask, weight
         )
+        return route.pack(computed, mask)
 
 
 _LINEAR_FUNCTION_SLOTS = GradSlots.of_function(_SparseLinearFunction, _LINEAR_DIFFERENTIABLE)
+_LINEAR_FUNCTION_ROUTE = GradRoute(_LINEAR_FUNCTION_SLOTS, _ops.sparse_linear_backward.default)
 _LINEAR_OP_SLOTS = GradSlots.of_op(_ops.sparse_linear.default, _LINEAR_DIFFERENTIABLE)
 
 
@@ -397,9 +410,40 @@ def _sparse_linear_backward(ctx, grad_y):
     return _LINEAR_OP_SLOTS.pack(_linear_grads(grad_y, *ctx.saved_tensors, _LINEAR_OP_SLOTS.needed(ctx)))
 
 
+@_fake("sparseadapter::sparse_linear_forward", "x")
+def _sparse_linear_forward_fake(
+    x,
+    values,
+    bias,
+    crow_indices,
+    col_indices,
+    row_order,
+    crow_indices_t,
+    col_indices_t,
+    perm_t,
+    row_order_t,
+    keep_weight,
+):
+    # The weight's shape depends on the path chosen at run time, which a graph cannot know.
+    raise RuntimeError(
+        "sparse_linear_forward is the eager training forward and cannot be traced; graphs use sparse_linear "
+        "(whose registered autograd expands the weight in the backward)"
+    )
+
+
 @_fake("sparseadapter::sparse_linear_backward", "grad_y")
 def _sparse_linear_backward_fake(
-    grad_y, x, values, crow_indices, col_indices, crow_indices_t, col_indices_t, perm_t, row_order_t, output_mask
+    grad_y,
+    x,
+    values,
+    crow_indices,
+    col_indices,
+    crow_indices_t,
+    col_indices_t,
+    perm_t,
+    row_order_t,
+    output_mask,
+    weight=None,
 ):
     none = grad_y.new_empty((0,))
     grad_x = grad_y.new_empty((*grad_y.shape[:-1], crow_indices_t.shape[0] - 1)) if output_mask[0] else none

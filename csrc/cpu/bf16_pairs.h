@@ -30,39 +30,54 @@ namespace sparseadapter {
 
 constexpr int64_t kPairTile = 32;  // tokens per tile: two zmm of float accumulators per row
 
-// A CSR weight [rows, cols] regrouped by column pairs: entry e of row r covers columns 2 * pair[e]
-// and 2 * pair[e] + 1 with the bf16 bit patterns value[e] = w[r][2p] | w[r][2p + 1] << 16.
-// Nonzeros of one pair that are adjacent in the CSR row share an entry (rows sorted by column, as
-// pruning makes them, share every pair); others get entries of their own, which sum the same.
-struct PairCsr {
+// A CSR pattern [rows, cols] regrouped by column pairs: entry e of row r covers columns 2 * pair[e]
+// and 2 * pair[e] + 1. Nonzeros of one pair that are adjacent in the CSR row share an entry (rows
+// sorted by column, as pruning makes them, share every pair); others get entries of their own,
+// which sum the same. It depends on the pattern alone, so it is built once per pattern and kept with
+// its checked entry (checked_patterns.cpp); the values are placed into it per call (PairValues).
+struct PairPattern {
   std::vector<int64_t> crow;
   std::vector<int32_t> pair;
-  std::vector<uint32_t> value;
   std::vector<uint32_t> lanes;  // 0xFFFF for each bf16 half of the pair that holds a nonzero
+  std::vector<int64_t> source;  // [2 * entries]: the CSR entries of the low and high half, -1 for none
 
   template <typename index_t>
-  PairCsr(const index_t* crow_in, const index_t* col, const c10::BFloat16* values, int64_t rows) {
+  PairPattern(const index_t* crow_in, const index_t* col, int64_t rows) {
+    const auto nnz = static_cast<size_t>(crow_in[rows]);
     crow.resize(rows + 1, 0);
-    pair.reserve(static_cast<size_t>(crow_in[rows]));
-    value.reserve(static_cast<size_t>(crow_in[rows]));
-    lanes.reserve(static_cast<size_t>(crow_in[rows]));
+    pair.reserve(nnz);
+    lanes.reserve(nnz);
+    source.reserve(2 * nnz);
     for (int64_t r = 0; r < rows; ++r) {
       const size_t row_begin = pair.size();
       for (int64_t e = crow_in[r]; e < crow_in[r + 1]; ++e) {
         const auto p = static_cast<int32_t>(col[e] / 2);
-        const int shift = col[e] % 2 == 0 ? 0 : 16;
-        const uint32_t bits = static_cast<uint32_t>(values[e].x) << shift;
-        const uint32_t lane = uint32_t{0xFFFF} << shift;
-        if (pair.size() > row_begin && pair.back() == p) {
-          value.back() |= bits;
-          lanes.back() |= lane;
-        } else {
+        const int half = static_cast<int>(col[e] % 2);
+        const uint32_t lane = uint32_t{0xFFFF} << (16 * half);
+        if (!(pair.size() > row_begin && pair.back() == p && (lanes.back() & lane) == 0)) {
           pair.push_back(p);
-          value.push_back(bits);
-          lanes.push_back(lane);
+          lanes.push_back(0);
+          source.push_back(-1);
+          source.push_back(-1);
         }
+        lanes.back() |= lane;
+        source[source.size() - 2 + half] = e;
       }
       crow[r + 1] = static_cast<int64_t>(pair.size());
+    }
+  }
+};
+
+// A pattern's pairs with this call's values: value[e] = w[r][2p] | w[r][2p + 1] << 16 (bf16 bits).
+struct PairCsr {
+  const PairPattern& pattern;
+  std::vector<uint32_t> value;
+
+  PairCsr(const PairPattern& p, const c10::BFloat16* values) : pattern(p), value(p.pair.size()) {
+    const int64_t* source = p.source.data();
+    for (size_t i = 0; i < value.size(); ++i) {
+      const int64_t lo = source[2 * i], hi = source[2 * i + 1];
+      value[i] = (lo >= 0 ? uint32_t{values[lo].x} : 0u) | (hi >= 0 ? uint32_t{values[hi].x} << 16 : 0u);
     }
   }
 };
@@ -113,13 +128,13 @@ SA_TARGET_AVX512_BF16 inline void pair_rows_times_tile(
       acc[0][v] = _mm512_set1_ps(bias ? static_cast<float>(bias[r]) : 0.0f);
       for (int p = 1; p < kParts; ++p) acc[p][v] = _mm512_setzero_ps();
     }
-    int64_t e = w.crow[r];
-    const int64_t e_end = w.crow[r + 1];
+    int64_t e = w.pattern.crow[r];
+    const int64_t e_end = w.pattern.crow[r + 1];
     for (; e + kParts <= e_end; e += kParts) {
       for (int p = 0; p < kParts; ++p) {
         const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
-        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.lanes[e + p]));
-        const uint32_t* x = in_t + static_cast<int64_t>(w.pair[e + p]) * kPairTile;
+        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.pattern.lanes[e + p]));
+        const uint32_t* x = in_t + static_cast<int64_t>(w.pattern.pair[e + p]) * kPairTile;
         for (int v = 0; v < kVecs; ++v) {
           const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
           acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
@@ -130,8 +145,8 @@ SA_TARGET_AVX512_BF16 inline void pair_rows_times_tile(
     for (int p = 0; p < kParts; ++p) {  // the last e_end - e < kParts pairs, still one chain each
       if (e + p < e_end) {
         const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
-        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.lanes[e + p]));
-        const uint32_t* x = in_t + static_cast<int64_t>(w.pair[e + p]) * kPairTile;
+        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.pattern.lanes[e + p]));
+        const uint32_t* x = in_t + static_cast<int64_t>(w.pattern.pair[e + p]) * kPairTile;
         for (int v = 0; v < kVecs; ++v) {
           const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
           acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
@@ -184,11 +199,10 @@ SA_TARGET_AVX512_BF16 inline void pair_spmm_tiles(
   }
 }
 
-// y = x @ W.T + bias for bfloat16 x [num_tokens, in_features] and a CSR W, tiles split over threads.
-template <typename index_t>
-void pair_spmm(
-    const index_t* crow,
-    const index_t* col,
+// y = x @ W.T + bias for bfloat16 x [num_tokens, in_features] and W in CSR (its pattern's pairs and
+// its values), tiles split over threads.
+inline void pair_spmm(
+    const PairPattern& pattern,
     const c10::BFloat16* values,
     const c10::BFloat16* x,
     const c10::BFloat16* bias,
@@ -196,7 +210,7 @@ void pair_spmm(
     int64_t num_tokens,
     int64_t in_features,
     int64_t out_features) {
-  const PairCsr w(crow, col, values, out_features);
+  const PairCsr w(pattern, values);
   const int64_t tiles = (num_tokens + kPairTile - 1) / kPairTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     pair_spmm_tiles(w, x, bias, y, num_tokens, in_features, out_features, begin, end);

@@ -9,6 +9,7 @@ namespace sparseadapter {
 TORCH_LIBRARY_IMPL(sparseadapter, CPU, m) {
   m.impl("spmm", &spmm_op<CpuBackend>);
   m.impl("sparse_linear", &sparse_linear_op<CpuBackend>);
+  m.impl("sparse_linear_forward", &sparse_linear_forward_op<CpuBackend>);
   m.impl("sddmm", &sddmm_op<CpuBackend>);
   m.impl("sparse_adapter", &sparse_adapter_op<CpuBackend>);
   m.impl("sparse_adapter_infer", &sparse_adapter_infer_op<CpuBackend>);

@@ -13,12 +13,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../dispatch.h"
 #include "../kernels.h"
+#include "../validation.h"
 #include "aligned_buffer.h"
 #include "bf16_pairs.h"
 #include "column_blocks.h"
@@ -170,7 +172,10 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
 #if SA_X86_MULTIVERSION
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu_isa() == CpuIsa::kAvx512Bf16) {  // bf16 pairs with the dot-product instruction
-      pair_spmm(a.crow, a.col, a.values, a.x, a.bias, a.y, in.num_tokens, in.in_features, in.out_features);
+      const auto pattern = pattern_derived_cpu_as<PairPattern>(
+          in.crow_indices, in.col_indices, in.in_features, PatternDerivedKind::kBf16Pairs,
+          [&] { return std::make_shared<const PairPattern>(a.crow, a.col, in.out_features); });
+      pair_spmm(*pattern, a.values, a.x, a.bias, a.y, in.num_tokens, in.in_features, in.out_features);
       return;
     }
   }

@@ -9,6 +9,7 @@ namespace sparseadapter {
 TORCH_LIBRARY_IMPL(sparseadapter, CUDA, m) {
   m.impl("spmm", &spmm_op<CudaBackend>);
   m.impl("sparse_linear", &sparse_linear_op<CudaBackend>);
+  m.impl("sparse_linear_forward", &sparse_linear_forward_op<CudaBackend>);
   m.impl("sddmm", &sddmm_op<CudaBackend>);
   m.impl("sparse_adapter", &sparse_adapter_op<CudaBackend>);
   m.impl("sparse_adapter_infer", &sparse_adapter_infer_op<CudaBackend>);

@@ -132,3 +132,97 @@ def test_a_sparse_linear_layer_corrupted_after_a_cached_call_is_rejected(seed):
         layer.crow_indices[0] = 1
     with pytest.raises(ValueError, match=r"sparse_linear: crow_indices\[0\] must be 0, got 1"):
         layer(x)
+
+
+# What the kernels derive from a checked pattern (the bf16 kernel's column pairs, the expansion's
+# column masks) is kept with its entry: built at the first call, rebuilt after any change.
+
+
+def _has_vbmi2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vbmi2" in f.read()
+    except OSError:
+        return False
+
+
+def _changed_column(p):
+    """An in-place change of one column to another valid one, keeping its row's columns increasing:
+    the last entry of a row whose last column is not the last column moves one to the right."""
+    for r in range(p.shape[0]):
+        end = int(p.crow[r + 1])
+        if end > int(p.crow[r]) and int(p.col[end - 1]) < p.shape[1] - 1:
+            p.col[end - 1] += 1
+            return
+    raise AssertionError("no column can move")
+
+
+def _reference(p, values, x):
+    w = ops.csr_to_dense(values.double(), p.crow, p.col, p.shape[1])
+    return x.double() @ w.T
+
+
+@pytest.mark.skipif(ops.cpu_isa() != "avx512bf16", reason="the bf16 pair kernel runs on avx512bf16 CPUs only")
+def test_the_bf16_pairs_are_built_once_per_pattern_and_again_after_a_change(seed):
+    p = Pattern(12, 20, 0.5, seed=seed)
+    values = p.values64.bfloat16()
+    x = torch.randn(40, 20).bfloat16()  # more tokens than the few-token products take
+    previous = ops.set_path_mode("sparse")
+    try:
+        before = _stats()
+        first = ops.spmm(x, values, p.crow, p.col)
+        assert _stats()["derived_builds"] == before["derived_builds"] + 1
+        before = _stats()
+        assert torch.equal(ops.spmm(x, values, p.crow, p.col), first)
+        assert _stats()["derived_builds"] == before["derived_builds"]
+        # new values, same pattern: nothing rebuilt, and the new values are used
+        assert torch.equal(ops.spmm(x, values * 2, p.crow, p.col), first * 2)
+        assert _stats()["derived_builds"] == before["derived_builds"]
+
+        _changed_column(p)
+        before = _stats()
+        changed = ops.spmm(x, values, p.crow, p.col)
+        after = _stats()
+        assert after["checks"] == before["checks"] + 1 and after["derived_builds"] == before["derived_builds"] + 1
+        torch.testing.assert_close(changed.double(), _reference(p, values, x), rtol=2e-2, atol=2e-2)
+
+        p.col[0] = 100  # a changed pattern is still checked before the pairs are built from it
+        with pytest.raises(ValueError, match=r"spmm: col_indices\[0\] = 100 is out of range for 20 columns"):
+            ops.spmm(x, values, p.crow, p.col)
+    finally:
+        ops.set_path_mode(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_expansion_follows_a_changed_pattern(dtype, seed):
+    p = Pattern(9, 70, 0.4, seed=seed)  # 70 columns: a partial last word of 32
+    values = p.values64.to(dtype)
+    ops.csr_to_dense(values, p.crow, p.col, 70)
+    before = _stats()
+    ops.csr_to_dense(values, p.crow, p.col, 70)
+    assert _stats()["derived_builds"] == before["derived_builds"]
+    _changed_column(p)
+    mask = torch.zeros(p.shape, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(9), p.crow.diff().long())
+    mask[rows, p.col.long()] = True
+    dense = torch.zeros(p.shape, dtype=dtype)
+    dense[mask] = values
+    before = _stats()
+    assert torch.equal(ops.csr_to_dense(values, p.crow, p.col, 70), dense)
+    other = torch.randn(p.shape).to(dtype)
+    assert torch.equal(ops.csr_gather(other, p.crow, p.col), other[mask])
+    if ops.cpu_isa().startswith("avx512") and _has_vbmi2():  # the masks are built where they are used
+        assert _stats()["derived_builds"] == before["derived_builds"] + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_expansion_of_unsorted_columns_is_exact(dtype):
+    """Columns out of order within a row (allowed by the checks) take the loop over the entries."""
+    crow = torch.tensor([0, 3, 3, 5])
+    col = torch.tensor([40, 2, 33, 1, 0])
+    values = torch.arange(1, 6, dtype=dtype)
+    dense = ops.csr_to_dense(values, crow, col, 41)
+    want = torch.zeros(3, 41, dtype=dtype)
+    want[0, 40], want[0, 2], want[0, 33], want[2, 1], want[2, 0] = 1, 2, 3, 4, 5
+    assert torch.equal(dense, want)
+    assert torch.equal(ops.csr_gather(want * 3, crow, col), values * 3)

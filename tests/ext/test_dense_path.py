@@ -226,3 +226,20 @@ def test_the_cache_folder_carries_measurements_to_the_next_process(tmp_path):
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]"
     assert "path-decision cache not used" in proc.stderr
+
+
+@pytest.mark.parametrize("shape", [(70, 30), (30, 70)])
+def test_the_dense_weight_gradient_in_either_orientation(shape, seed):
+    """sddmm's dense path computes its product with the wider output (on CPU, x.T @ grad_out for a
+    layer with more outputs than inputs) and gathers at the pattern from it either way."""
+    out_f, in_f = shape
+    p = Pattern(out_f, in_f, 0.4, seed=seed)
+    g = torch.randn(2, 50, out_f, dtype=torch.float64)
+    x = torch.randn(2, 50, in_f, dtype=torch.float64)
+    want = torch.einsum("bno,bni->oi", g, x)[p.mask]
+    previous = ops.set_path_mode("dense")
+    try:
+        torch.testing.assert_close(ops.sddmm(g, x, p.crow, p.col), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ops.sddmm(g.float(), x.float(), p.crow, p.col).double(), want, rtol=1e-4, atol=1e-4)
+    finally:
+        ops.set_path_mode(previous)

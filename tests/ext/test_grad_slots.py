@@ -6,7 +6,7 @@ import torch
 from conftest import Pattern
 
 from sparseadapter_ext import ops
-from sparseadapter_ext.grad_slots import GradSlots, backward_output_mask, backward_outputs
+from sparseadapter_ext.grad_slots import GradRoute, GradSlots, backward_output_mask, backward_outputs
 
 _ops = torch.ops.sparseadapter
 
@@ -63,6 +63,23 @@ def test_backward_op_outputs_map_to_forward_inputs():
         "up_values": None,
         "up_bias": "gub",
     }
+
+
+def test_a_route_puts_each_backward_output_at_its_input():
+    """sparse_linear's Function: the backward op's outputs (grad_x, grad_values, grad_bias) go to the
+    Function's inputs of those names, and only where the mask asked for them."""
+    slots = GradSlots.of_function(ops._SparseLinearFunction, ("x", "values", "bias"))
+    route = GradRoute(slots, _ops.sparse_linear_backward.default)
+    assert slots.inputs == ("x", "values", "bias", "pattern")
+    mask = route.mask(_Ctx((True, False, True, False)))
+    assert mask == [True, False, True]
+    assert route.pack(("gx", "gv", "gb"), mask) == ("gx", None, "gb", None)
+
+
+def test_a_route_to_an_input_without_gradient_is_an_error():
+    slots = GradSlots.of_function(ops._SparseLinearFunction, ("x", "values"))
+    with pytest.raises(ValueError, match=r"returns gradients of \['bias'\], which take none"):
+        GradRoute(slots, _ops.sparse_linear_backward.default)
 
 
 def test_op_backward_gives_each_input_its_own_gradient():
