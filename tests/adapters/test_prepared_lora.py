@@ -35,7 +35,9 @@ def _unfused(lora, x, residual):
 def _check(lora, x, residual=None):
     with torch.no_grad():
         out = lora(x, residual)
-        op = ops.sparse_adapter(x, residual, lora.lora_A.csr_buffers(), lora.lora_B.csr_buffers(), "identity", lora.scaling)
+        op = ops.sparse_adapter(
+            x, residual, lora.lora_A.csr_buffers(), lora.lora_B.csr_buffers(), "identity", lora.scaling
+        )
         torch.testing.assert_close(out, op, rtol=0, atol=0)
         torch.testing.assert_close(out, _unfused(lora, x, residual), rtol=1e-5, atol=1e-6)
     return out

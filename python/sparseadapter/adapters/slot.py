@@ -198,7 +198,9 @@ class AdapterSlot(nn.Module):
             parts = [m.multi_layers() for m in modules]
             with pinned_layers([layer for part in parts for layer in part[:2]]) as buffers:  # no load swaps them
                 specs = [(buffers[2 * k], buffers[2 * k + 1], part[2], part[3]) for k, part in enumerate(parts)]
-                return sparseadapter_ext.sparse_adapter_multi(x, local, base, specs, pack_cache=self.__dict__.get("multi_packs"))
+                return sparseadapter_ext.sparse_adapter_multi(
+                    x, local, base, specs, pack_cache=self.__dict__.get("multi_packs")
+                )
         for k, module in enumerate(modules):  # each adapter on its rows
             rows = (local == k).nonzero().flatten()
             if rows.numel():
