@@ -30,9 +30,7 @@ def make_model():
     model = transformers.BertForSequenceClassification(config).eval()
     for seed, name in enumerate("abc"):
         add(model, name, seed)
-    model, _ = sa.serving.prepare_for_inference(
-        model, path="sparse", merge_lora=False, inplace=True, pack_routed_adapters=True
-    )
+    model, _ = sa.serving.prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True, routed_packs=True)
     return model
 
 
@@ -75,7 +73,7 @@ def packs_made(model):
 
 
 def test_packing_is_asked_for():
-    """Without pack_routed_adapters a slot keeps no copy of its adapters' arrays (memory follows the
+    """Without routed_packs a slot keeps no copy of its adapters' arrays (memory follows the
     adapters alone); prepare_for_inference without it drops the packs again."""
     model = make_model()
     assert all(s.multi_packs is not None for s in slots(model).values() if len(s.adapters))

@@ -202,14 +202,14 @@ def test_bench_serving_many_adapters_quick(tmp_path):
     header = (
         "| adapters N | one adapter | mixed | sub-batches |"
         + (" peft one adapter | peft mixed |" if has_peft else "")
-        + " sites only: mixed |"
+        + " sites only: mixed | sites only: mixed, packs kept |"
     )
     assert header in table
     for n in (1, 3):
         row = [line for line in table.splitlines() if line.startswith(f"| {n} | ")]
         assert len(row) == 1, table
         cells = [c.strip() for c in row[0].strip().strip("|").split("|")]
-        assert len(cells) == (12 if has_peft else 7) and all(float(c.rstrip("x")) > 0 for c in cells[1:]), row
+        assert len(cells) == (14 if has_peft else 8) and all(float(c.rstrip("x")) > 0 for c in cells[1:]), row
     memory = re.search(
         r"memory per added adapter \(adapters 2\.\.3 added\): resident (-?[\d.]+) KiB, its tensors "
         r"([\d.]+) KiB, ratio (-?[\d.]+)x",

@@ -59,7 +59,7 @@ class AdapterSlot(nn.Module):
         self.__dict__["router"] = None  # the model's Router (routing.py), set when attached
         self.serving_table: Optional[nn.Module] = None  # serve_from_table
         # routed calls: the adapters' arrays concatenated once per state (sparse_adapter_multi), when
-        # prepare_for_inference(..., pack_routed_adapters=True) gave the slot a MultiPackCache
+        # serving.keep_routed_packs gave the slot a MultiPackCache
         self.__dict__["multi_packs"] = None
 
     def serve_from_table(self, table: nn.Module) -> None:

@@ -14,7 +14,9 @@ timed in interleaved rounds, one call per sample; medians):
                         batch's shape: ours one sparse_adapter_multi per site (AdapterSlot.routed_add on a
                         zero base), peft's LoRA layers with adapter_names and their base layer swapped
                         for one that returns zeros. The base model is most of the time above; this is
-                        where the mixed-batch machinery itself shows.
+                        where the mixed-batch machinery itself shows. "packs kept": ours with each
+                        site keeping its adapters' arrays concatenated between calls
+                        (serving.keep_routed_packs; off by default, it costs a copy of those arrays).
 
 Memory: the growth of the process's resident set from the first adapter to the last, per added
 adapter (all of it when N is 1), against an adapter's own bytes (CSR values, indices and the backward's transposed pattern, biases).
@@ -161,15 +163,21 @@ class _Zeros(torch.nn.Module):
 
 def sites_only(model, other, hidden):
     """(ours, peft's or None): callables running every adapted site's adapter part on `hidden` for a
-    routing `names` (one per row)."""
+    routing `names` (one per row); ours takes `packs`, whether the sites keep their packed arrays
+    (each its own MultiPackCache, kept across calls of either kind)."""
     from ..adapters.registry import registry
     from ..adapters.routing import rows_of
     from ..adapters.slot import slots
+    from ..serving import keep_routed_packs
 
     held = [s for s in slots(model).values() if len(s.adapters)]
     zeros = hidden.new_zeros(hidden.shape)
+    keep_routed_packs(model, True)
+    kept = [slot.multi_packs for slot in held]
 
-    def ours_fn(names):
+    def ours_fn(names, packs=False):
+        for slot, cache in zip(held, kept):
+            slot.__dict__["multi_packs"] = cache if packs else None
         routing = rows_of(names, list(registry(model).adapters), [], hidden.shape[0], hidden.device)
         return [slot.routed_add(routing, hidden, zeros) for slot in held]
 
@@ -239,6 +247,7 @@ def main(argv=None):
             calls["peft one adapter"] = lambda: other(**batch)
             calls["peft mixed"] = lambda: other(**batch, adapter_names=routed)
         calls["sites only: mixed"] = lambda: ours_sites(routed)
+        calls["sites only: mixed, packs kept"] = lambda: ours_sites(routed, packs=True)
         if peft_sites is not None:
             calls["sites only: peft mixed"] = lambda: peft_sites(routed)
         with torch.inference_mode():
@@ -266,7 +275,7 @@ def table(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
     )
     columns = ["adapters N", *variants, "mixed / one adapter", "mixed / sub-batches"]
     if has_peft:
-        columns += ["mixed / peft mixed", "sites only: mixed / peft mixed"]
+        columns += ["mixed / peft mixed", "sites only: mixed / peft mixed", "sites only, packs kept / peft mixed"]
     cells = []
     for n, times in rows.items():
         line = [str(n)] + [f"{args.sequences / times[v]:.2f}" for v in variants]
@@ -274,6 +283,7 @@ def table(rows, args, rss_per_adapter, csr_per_adapter, peft_rank):
         if has_peft:
             line.append(f"{times['peft mixed'] / times['mixed']:.2f}x")
             line.append(f"{times['sites only: peft mixed'] / times['sites only: mixed']:.2f}x")
+            line.append(f"{times['sites only: peft mixed'] / times['sites only: mixed, packs kept']:.2f}x")
         cells.append(line)
     memory = (
         f"memory per added adapter (adapters 2..{max(rows)} added): resident {rss_per_adapter / 1024:.1f} KiB, "

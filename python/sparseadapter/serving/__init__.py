@@ -2,7 +2,7 @@
 
 from .adapter_tables import TableServingModel, install_tables
 from .export import FORMATS, METADATA_FILE, ServingModel, example_inputs, export_model, serving_metadata
-from .inference import DEFAULT_TOKENS, InferencePlan, LayerChoice, densify, prepare_for_inference
+from .inference import DEFAULT_TOKENS, InferencePlan, LayerChoice, densify, keep_routed_packs, prepare_for_inference
 from .multi_adapter import MultiAdapterServingModel, RowHeads, load_adapters
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "example_inputs",
     "export_model",
     "install_tables",
+    "keep_routed_packs",
     "load_adapters",
     "prepare_for_inference",
     "serving_metadata",

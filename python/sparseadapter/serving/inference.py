@@ -84,6 +84,15 @@ def _fold_and_merge(model: nn.Module, merge_lora: bool) -> "tuple[List[str], Lis
     return merged, folded
 
 
+def keep_routed_packs(model: nn.Module, enabled: bool = True) -> None:
+    """Whether each adapted site of `model` keeps the last mixed batch's adapters' arrays concatenated
+    (sparseadapter_ext.MultiPackCache) while they are unchanged, instead of concatenating them at
+    every `adapter_names=` call: faster routed calls with many adapters, for one more copy of those
+    adapters' CSR values and indices in memory. Off by default."""
+    for slot in slots(model).values():
+        slot.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache(max_entries=1) if enabled else None
+
+
 def prepare_for_inference(
     model: nn.Module,
     *,
@@ -91,25 +100,21 @@ def prepare_for_inference(
     tokens: int = DEFAULT_TOKENS,
     merge_lora: bool = True,
     inplace: bool = False,
-    pack_routed_adapters: bool = False,
+    routed_packs: bool = False,
 ) -> "tuple[nn.Module, InferencePlan]":
     """The model in inference form and what was done to it.
 
     path:   "auto" (measured crossover), "sparse" or "dense" for every SparseLinear; None reads the
             SPARSEADAPTER_PATH environment variable, else "auto".
     tokens: rows per call the choice is made for (batch x sequence length).
-    pack_routed_adapters: each adapted site keeps the last mixed batch's adapters' arrays concatenated
-            (sparseadapter_ext.MultiPackCache) while they are unchanged, instead of concatenating them
-            at every `adapter_names=` call: faster routed calls with many adapters, for one more copy
-            of those adapters' CSR values and indices in memory.
+    routed_packs: keep_routed_packs(model, routed_packs): see there.
     """
     if tokens < 1:
         raise ValueError(f"tokens must be positive, got {tokens}")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    for slot in slots(model).values():
-        slot.__dict__["multi_packs"] = sparseadapter_ext.MultiPackCache(max_entries=1) if pack_routed_adapters else None
+    keep_routed_packs(model, routed_packs)
     merged, folded = _fold_and_merge(model, merge_lora)
     idle = {id(m) for slot in slots(model).values() for n in slot.merged for m in slot.adapters[n].modules()}
     choices = []
