@@ -12,6 +12,7 @@ from hf_support import one_thread  # noqa: E402,F401
 import sparseadapter as sa  # noqa: E402
 from sparseadapter import SparseLinear  # noqa: E402
 from sparseadapter.adapters.slot import slots  # noqa: E402
+from sparseadapter.serving import prepare_for_inference  # noqa: E402
 
 NAMES = ["b", "a", None, "c", "a", "b"]
 
@@ -30,7 +31,7 @@ def make_model():
     model = transformers.BertForSequenceClassification(config).eval()
     for seed, name in enumerate("abc"):
         add(model, name, seed)
-    model, _ = sa.serving.prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True, routed_packs=True)
+    model, _ = prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True, routed_packs=True)
     return model
 
 
@@ -77,7 +78,7 @@ def test_packing_is_asked_for():
     adapters alone); prepare_for_inference without it drops the packs again."""
     model = make_model()
     assert all(s.multi_packs is not None for s in slots(model).values() if len(s.adapters))
-    sa.serving.prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
+    prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True)
     assert all(s.multi_packs is None for s in slots(model).values())
     check_rows(model, data())
 
