@@ -1,5 +1,5 @@
 """Shared by the adapter tests that use Hugging Face models: offline mode, the MiniLM tokenizer, the
-transformers version gate for prefix tuning, and training at one thread."""
+transformers version gate for prefix tuning, training at one thread, and a tiny random BERT."""
 
 import os
 
@@ -28,3 +28,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
+    """A 2-layer BERT of hidden size 32 and vocabulary 40 (random weights, eval mode), for tests of
+    adapters on a Hugging Face classifier that need no download."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+    return transformers.BertForSequenceClassification(config).eval()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from hf_support import needs_attention_interface, one_thread  # noqa: E402,F401
+from hf_support import needs_attention_interface, one_thread, tiny_bert_classifier  # noqa: E402,F401
 
 import sparseadapter as sa  # noqa: E402
 import sparseadapter_ext  # noqa: E402
@@ -19,17 +19,7 @@ NAMES = ("a", "b", "c")
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(seed)
 
 
 def config_of(kind, seed):

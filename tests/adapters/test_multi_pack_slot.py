@@ -7,7 +7,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from hf_support import one_thread  # noqa: E402,F401
+from hf_support import one_thread, tiny_bert_classifier  # noqa: E402,F401
 
 import sparseadapter as sa  # noqa: E402
 from sparseadapter import SparseLinear  # noqa: E402
@@ -18,17 +18,7 @@ NAMES = ["b", "a", None, "c", "a", "b"]
 
 
 def make_model():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier()
     for seed, name in enumerate("abc"):
         add(model, name, seed)
     model, _ = prepare_for_inference(model, path="sparse", merge_lora=False, inplace=True, routed_packs=True)
