@@ -30,9 +30,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3, **config_overrides):
     """A 2-layer BERT of hidden size 32 and vocabulary 40 (random weights, eval mode), for tests of
-    adapters on a Hugging Face classifier that need no download."""
+    adapters on a Hugging Face classifier that need no download; `config_overrides` are BertConfig's."""
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=40,
@@ -42,5 +42,6 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
         intermediate_size=64,
         max_position_embeddings=32,
         num_labels=num_labels,
+        **config_overrides,
     )
     return transformers.BertForSequenceClassification(config).eval()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hf_support import one_thread  # noqa: F401
+from hf_support import one_thread, tiny_bert_classifier  # noqa: F401
 from training_support import sentiment_files, tiny_model, train_args  # noqa: F401
 
 import sparseadapter as sa
@@ -20,19 +20,7 @@ HOULSBY = dict(kind="houlsby", bottleneck=8, sparsity=0.5, pruner="random")
 
 
 def make_model(num_labels=3, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(seed, num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hf_support import one_thread  # noqa: F401
+from hf_support import one_thread, tiny_bert_classifier  # noqa: F401
 
 import sparseadapter as sa
 from sparseadapter import SparseLinear
@@ -17,17 +17,7 @@ peft = pytest.importorskip("peft")
 
 def base_model(seed=0):
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(seed)
 
 
 IDS = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(1))

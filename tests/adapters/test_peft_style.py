@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from hf_support import one_thread  # noqa: F401
+from hf_support import one_thread, tiny_bert_classifier  # noqa: F401
 from repo_paths import REPO
 from training_support import sentiment_files, tiny_model  # noqa: F401
 
@@ -22,17 +22,7 @@ CLI_PAGE = REPO / "docs" / "cli.md"
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(seed)
 
 
 def batches(n=2):

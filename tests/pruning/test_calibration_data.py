@@ -3,7 +3,7 @@ DataLoader), only the batches asked for are read, and a batch of the wrong form 
 
 import pytest
 import torch
-from hf_support import one_thread  # noqa: F401
+from hf_support import one_thread, tiny_bert_classifier  # noqa: F401
 from torch.utils.data import DataLoader, Dataset
 
 import sparseadapter as sa
@@ -13,17 +13,7 @@ CFG = dict(kind="houlsby", bottleneck=4, sparsity=0.5, scope="layer")
 
 
 def make_model():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier()
 
 
 def dict_batches(n=4):
