@@ -4,6 +4,7 @@ sparseadapter_serve) against the installed torch, for the C++ tests. conftest.py
 SPARSEADAPTER_CMAKE_BUILD_DIR to reuse a build folder between runs."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -97,3 +98,20 @@ def build_project(tmp_path_factory):
     run_step([cmake, "-S", str(REPO), "-B", str(build), *args], "cmake configure", CONFIGURE_TIMEOUT_S)
     run_step([cmake, "--build", str(build), "--parallel", PARALLEL], "cmake build", BUILD_TIMEOUT_S)
     return cmake, build, args
+
+
+SERVE_TIMEOUT_S = 180
+
+
+def serve_lines(binary, model, lines, *extra, code=0):
+    """Run `sparseadapter_serve --model model --threads 1 *extra` on `lines` (JSON lines on stdin);
+    the exit status must be `code`. Returns (the answers, parsed, one per stdout line; stderr)."""
+    proc = subprocess.run(
+        [str(binary), "--model", str(model), "--threads", "1", *extra],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=SERVE_TIMEOUT_S,
+    )
+    assert proc.returncode == code, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr

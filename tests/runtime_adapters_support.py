@@ -23,18 +23,25 @@ def save_adapters(tiny_model, root):
     """Each adapter of ADAPTERS, with random weights and head: the LoRA ones in root/adapters/<name>
     (returned), the Houlsby one in root/houlsby."""
     for seed, (name, (kind, sparsity)) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(seed)
-        model = classifier(tiny_model)
         config = SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=sparsity, pruner="random", seed=seed)
-        add_adapter(model, name, config)
-        g = torch.Generator().manual_seed(seed + 10)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "sparseadapter" in pname or pname.startswith("classifier"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        set_active_adapters(model, [name])
-        save_adapter(model, str(root / "adapters" / name if kind == "lora" else root / name), name)
+        save_random_adapter(
+            classifier(tiny_model), name, config, seed, root / "adapters" / name if kind == "lora" else root / name
+        )
     return root / "adapters"
+
+
+def save_random_adapter(model, name, config, seed, folder):
+    """Add adapter `name` (`config`) to `model`, give it and the classifier head random weights (seeded
+    by `seed`), and save it with its head in `folder`."""
+    torch.manual_seed(seed)
+    add_adapter(model, name, config)
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "sparseadapter" in pname or pname.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    set_active_adapters(model, [name])
+    save_adapter(model, str(folder), name)
 
 
 def export_base(tiny_model, path, kinds=("lora",)):

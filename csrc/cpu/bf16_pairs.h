@@ -110,6 +110,19 @@ load_pair_tile(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t cols,
   }
 }
 
+// acc += pair entry e's two weights times its pair of features in the staged tile, for kVecs vectors
+// of 16 tokens (the lane of a pair that holds no nonzero masked, so an Inf or NaN there stays out).
+template <int kVecs>
+SA_TARGET_AVX512_BF16 SA_ALWAYS_INLINE void add_pair(const PairCsr& w, int64_t e, const uint32_t* in_t, __m512* acc) {
+  const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e]));
+  const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.pattern.lanes[e]));
+  const uint32_t* x = in_t + static_cast<int64_t>(w.pattern.pair[e]) * kPairTile;
+  for (int v = 0; v < kVecs; ++v) {
+    const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
+    acc[v] = _mm512_dpbf16_ps(acc[v], weights, (__m512bh)xv);
+  }
+}
+
 // out_t[r - r_begin][t] = bias[r] + sum over row r's pairs, for r in [r_begin, r_end) and
 // t < kPairTile: kVecs vectors of 16 tokens, each with kParts partial sums, so that eight
 // vdpbf16ps chains are in flight.
@@ -131,27 +144,11 @@ SA_TARGET_AVX512_BF16 inline void pair_rows_times_tile(
     int64_t e = w.pattern.crow[r];
     const int64_t e_end = w.pattern.crow[r + 1];
     for (; e + kParts <= e_end; e += kParts) {
-      for (int p = 0; p < kParts; ++p) {
-        const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
-        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.pattern.lanes[e + p]));
-        const uint32_t* x = in_t + static_cast<int64_t>(w.pattern.pair[e + p]) * kPairTile;
-        for (int v = 0; v < kVecs; ++v) {
-          const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
-          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
-        }
-      }
+      for (int p = 0; p < kParts; ++p) add_pair<kVecs>(w, e + p, in_t, acc[p]);
     }
 #pragma GCC unroll 8
     for (int p = 0; p < kParts; ++p) {  // the last e_end - e < kParts pairs, still one chain each
-      if (e + p < e_end) {
-        const __m512bh weights = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.value[e + p]));
-        const __m512i keep = _mm512_set1_epi32(static_cast<int32_t>(w.pattern.lanes[e + p]));
-        const uint32_t* x = in_t + static_cast<int64_t>(w.pattern.pair[e + p]) * kPairTile;
-        for (int v = 0; v < kVecs; ++v) {
-          const __m512i xv = _mm512_and_si512(_mm512_loadu_si512(x + 16 * v), keep);
-          acc[p][v] = _mm512_dpbf16_ps(acc[p][v], weights, (__m512bh)xv);
-        }
-      }
+      if (e + p < e_end) add_pair<kVecs>(w, e + p, in_t, acc[p]);
     }
     for (int v = 0; v < kVecs; ++v) {
       __m512 sum = acc[0][v];

@@ -4,14 +4,15 @@ what Python gives it with its adapter; a request naming an unknown adapter, or n
 and the others in its batch are answered."""
 
 import json
-import subprocess
 
 import pytest
 import torch
+from cmake_support import serve_lines
 from hf_support import one_thread  # noqa: F401
+from runtime_adapters_support import save_random_adapter
 from training_support import tiny_model  # noqa: F401
 
-from sparseadapter.adapters import SparseAdapterConfig, add_adapter, save_adapter, set_active_adapters
+from sparseadapter.adapters import SparseAdapterConfig
 from sparseadapter.serving import (
     MultiAdapterServingModel,
     export_model,
@@ -21,7 +22,6 @@ from sparseadapter.serving import (
 )
 
 transformers = pytest.importorskip("transformers")
-RUN_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,8 @@ def exported(tiny_model, tmp_path_factory):
     for seed, (name, kind) in enumerate((("alpha", "lora"), ("beta", "houlsby"))):
         torch.manual_seed(seed)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
-        add_adapter(model, name, SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.6, pruner="random", seed=seed))
-        g = torch.Generator().manual_seed(seed + 10)
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "sparseadapter" in pname or pname.startswith("classifier"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        set_active_adapters(model, [name])
-        save_adapter(model, str(root / name), name)
+        config = SparseAdapterConfig(kind=kind, bottleneck=8, sparsity=0.6, pruner="random", seed=seed)
+        save_random_adapter(model, name, config, seed, root / name)
     torch.manual_seed(0)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
     names = load_adapters(model, [str(root / "alpha"), str(root / "beta")])
@@ -49,18 +43,6 @@ def exported(tiny_model, tmp_path_factory):
     serving = MultiAdapterServingModel(model, names)
     export_model(model, str(root / "both.pt"), meta=meta, serving=serving)
     return root / "both.pt", serving, meta
-
-
-def serve(binary, model, lines, *extra):
-    proc = subprocess.run(
-        [str(binary), "--model", str(model), "--threads", "1", *extra],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
 def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
@@ -73,7 +55,7 @@ def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
     lines.insert(2, json.dumps({"id": "x", "input_ids": sentences[0], "adapter": "gamma"}))
     lines.insert(4, json.dumps({"id": "y", "input_ids": sentences[0]}))
     lines.append(json.dumps({"id": "b", "input_ids": [sentences[1], sentences[2]], "adapter": "beta"}))
-    answers = serve(binary, path, lines, "--batch-size", "16")
+    answers, _ = serve_lines(binary, path, lines, "--batch-size", "16")
     assert [a.get("id") for a in answers] == [0, 1, "x", 2, "y", 3, 4, "b"]
     by_id = {a["id"]: a for a in answers}
     assert by_id["x"]["error"] == 'unknown adapter "gamma" (this model serves alpha, beta)'
@@ -95,7 +77,7 @@ def test_mixed_requests_are_answered_each_by_its_adapter(cmake_build, exported):
 def test_adapter_must_be_a_name(cmake_build, exported):
     binary = cmake_build[1] / "sparseadapter_serve"
     path, _, _ = exported
-    answers = serve(
+    answers, _ = serve_lines(
         binary,
         path,
         [json.dumps({"input_ids": [4, 5], "adapter": 3}), json.dumps({"input_ids": [4, 5], "adapter": "alpha"})],
@@ -109,7 +91,7 @@ def test_a_single_adapter_model_refuses_the_adapter_key(cmake_build, tmp_path):
 
     binary = cmake_build[1] / "sparseadapter_serve"
     path = save(TinyClassifier(), tmp_path / "one.pt", metadata())
-    answers = serve(
+    answers, _ = serve_lines(
         binary, path, [json.dumps({"input_ids": [4, 5], "adapter": "alpha"}), json.dumps({"input_ids": [4, 5]})]
     )
     assert "this model was exported with one adapter" in answers[0]["error"]

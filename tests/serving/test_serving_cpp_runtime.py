@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 import torch
+from cmake_support import serve_lines
 from hf_support import one_thread  # noqa: F401
 from runtime_adapters_support import export_base, nnz_bytes, reference, save_adapters
 from safetensors.torch import load_file, save_file
@@ -20,7 +21,6 @@ from training_support import tiny_model  # noqa: F401
 from sparseadapter.adapters.io import CONFIG_FILE, config_digest, weights_path
 
 pytest.importorskip("transformers")
-RUN_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,6 @@ def setup(tiny_model, tmp_path_factory):
     folders = save_adapters(tiny_model, root)
     meta = export_base(tiny_model, root / "base.pt")
     return root, folders, root / "base.pt", meta
-
-
-def serve(binary, model, lines, *extra, code=0):
-    proc = subprocess.run(
-        [str(binary), "--model", str(model), "--threads", "1", *extra],
-        input="\n".join(lines) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    assert proc.returncode == code, proc.stderr
-    return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
 def sentences(meta, lengths=(5, 9, 3, 7, 6), seed=5):
@@ -63,7 +51,7 @@ def test_folder_loaded_adapters_answer_like_python(cmake_build, setup, tiny_mode
     adapters = ["gamma", "alpha", "beta", "alpha", "gamma"]
     lines = [json.dumps({"id": i, "input_ids": s, "adapter": a}) for i, (s, a) in enumerate(zip(texts, adapters))]
     lines.insert(2, json.dumps({"id": "x", "input_ids": texts[0], "adapter": "delta"}))
-    answers, stderr = serve(binary, path, lines, "--adapters", str(folders), "--batch-size", "16")
+    answers, stderr = serve_lines(binary, path, lines, "--adapters", str(folders), "--batch-size", "16")
     assert "loaded adapter alpha" in stderr and "loaded adapter gamma" in stderr
     assert [a.get("id") for a in answers] == [0, 1, "x", 2, 3, 4]
     by_id = {a["id"]: a for a in answers}
@@ -99,7 +87,7 @@ def test_load_and_unload_while_serving(cmake_build, setup, tiny_model):
         json.dumps({"id": "U2", "admin": "unload", "name": "alpha"}),
         json.dumps({"id": "L3", "admin": "load", "name": "beta", "path": str(folders / "beta")}),
     ]
-    answers, _ = serve(binary, path, lines, "--batch-size", "16")
+    answers, _ = serve_lines(binary, path, lines, "--batch-size", "16")
     by_id = {a.get("id", a.get("name")): a for a in answers}
     assert len(answers) == len(lines) - 1
     assert by_id["none"]["error"] == 'unknown adapter "alpha" (no adapter is loaded)'
@@ -125,7 +113,7 @@ def test_tables_grow_with_nnz(cmake_build, setup):
     lines = [json.dumps({"admin": "list"})]
     lines += [json.dumps({"admin": "load", "path": str(folders / n)}) for n in ("alpha", "beta")]
     lines += [json.dumps({"admin": "unload", "name": "alpha"}), json.dumps({"admin": "unload", "name": "beta"})]
-    answers, _ = serve(binary, path, lines)
+    answers, _ = serve_lines(binary, path, lines)
     empty, alpha, beta, no_alpha, none = answers
     tables = len(meta["adapter_tables"]["tables"])
     assert alpha["adapter_bytes"] == nnz_bytes(folders / "alpha", tables)
@@ -239,7 +227,7 @@ def test_bad_folders_get_clear_errors_and_serving_goes_on(cmake_build, setup, tm
         lines.append(json.dumps({"id": name, "admin": "load", "name": name, "path": str(folder)}))
         lines.append(json.dumps({"id": f"after {name}", "input_ids": good, "adapter": "beta"}))
     lines.append(json.dumps({"id": "list", "admin": "list"}))
-    answers, _ = serve(binary, path, lines)
+    answers, _ = serve_lines(binary, path, lines)
     by_id = {a.get("id"): a for a in answers}
     first = answers[0]
     for name, (_, parts) in bad.items():
@@ -256,9 +244,9 @@ def test_a_bad_folder_at_start_is_a_clear_failure(cmake_build, setup, tmp_path):
     shutil.copytree(folders / "alpha", tmp_path / "alpha")
     shutil.copytree(root / "houlsby", tmp_path / "houlsby")
     (tmp_path / "notes.txt").write_text("plain files are skipped")
-    _, stderr = serve(binary, path, [], "--adapters", str(tmp_path), code=1)
+    _, stderr = serve_lines(binary, path, [], "--adapters", str(tmp_path), code=1)
     assert "--adapters: " in stderr and "a houlsby adapter" in stderr
-    answers, _ = serve(binary, path, [json.dumps({"admin": "nope"})])
+    answers, _ = serve_lines(binary, path, [json.dumps({"admin": "nope"})])
     assert answers[0]["error"] == '"admin" must be "load", "unload" or "list"'
 
 
@@ -267,9 +255,9 @@ def test_a_model_without_tables_refuses_admin_lines(cmake_build, tmp_path):
 
     binary = cmake_build[1] / "sparseadapter_serve"
     path = save(TinyClassifier(), tmp_path / "one.pt", metadata())
-    answers, _ = serve(binary, path, [json.dumps({"admin": "load", "path": str(tmp_path)})])
+    answers, _ = serve_lines(binary, path, [json.dumps({"admin": "load", "path": str(tmp_path)})])
     assert "exported with --runtime-adapters" in answers[0]["error"]
-    _, stderr = serve(binary, path, [], "--adapters", str(tmp_path), code=1)
+    _, stderr = serve_lines(binary, path, [], "--adapters", str(tmp_path), code=1)
     assert "the model was not exported with --runtime-adapters" in stderr
 
 
@@ -300,7 +288,7 @@ def test_bottleneck_adapters_load_too(cmake_build, setup, tiny_model, tmp_path):
     texts = sentences(meta, (7, 4))
     lines = [json.dumps({"admin": "load", "path": str(root / "houlsby")})]
     lines += [json.dumps({"id": i, "input_ids": s, "adapter": "houlsby"}) for i, s in enumerate(texts)]
-    answers, _ = serve(binary, path, lines)
+    answers, _ = serve_lines(binary, path, lines)
     assert answers[0]["ok"] is True
     for i, s in enumerate(texts):
         want = python_logits(want_model, ["houlsby"], s, "houlsby")
@@ -328,7 +316,7 @@ def test_adapters_of_two_kinds_share_one_base_model(cmake_build, setup, tiny_mod
     lines += [json.dumps({"admin": "unload", "name": "houlsby"})]
     lines += [json.dumps({"id": f"after-{i}", "input_ids": texts[i], "adapter": asked[i]}) for i in (1, 2)]
     lines += [json.dumps({"id": "gone", "input_ids": texts[0], "adapter": "houlsby"})]
-    answers, _ = serve(binary, path, lines)
+    answers, _ = serve_lines(binary, path, lines)
     assert [a["ok"] for a in answers[:3]] == [True] * 3
     by_id = {a["id"]: a for a in answers if "id" in a}
     for i, (s, a) in enumerate(zip(texts, asked)):

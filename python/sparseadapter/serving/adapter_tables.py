@@ -30,9 +30,9 @@ from ..adapters.head import installed
 from ..adapters.placement import model_type
 from ..adapters.registry import entry
 from ..adapters.registry import router as registry_router
-from ..adapters.routing import Routing
 from ..adapters.slot import slots
-from .export import ServingModel, example_inputs
+from .export import example_inputs
+from .multi_adapter import MultiAdapterServingModel
 
 TABLE_ATTR = "serving_table"
 IN_SERVING = "model."  # the model's path in the exported ServingModel (metadata paths are the file's)
@@ -276,27 +276,12 @@ class RoutedHead(nn.Module):
         return self.table(x, routing.rows)
 
 
-class TableServingModel(ServingModel):
-    """`forward(input_ids, attention_mask, token_type_ids, adapter_index)` over the model's tables."""
+class TableServingModel(MultiAdapterServingModel):
+    """`forward(input_ids, attention_mask, token_type_ids, adapter_index)` over the model's tables: a
+    multi-adapter model that names no adapter of its own (the tables map each index to theirs)."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.__dict__["router"] = registry_router(model)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        token_type_ids: Tensor,  # type: ignore[override]
-        adapter_index: Tensor,
-    ) -> Tensor:
-        router = self.__dict__["router"]
-        router.enter_call()
-        router.route(Routing([], adapter_index))
-        try:
-            return super().forward(input_ids, attention_mask, token_type_ids)
-        finally:
-            router.leave_call()
+        super().__init__(model, [])
 
     def example(self, meta, batch: int, length: int, seed: int = 0) -> Tuple[Tensor, ...]:
         """example_inputs; every row without an adapter (the tables are empty when exported)."""
