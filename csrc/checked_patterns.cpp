@@ -12,8 +12,9 @@
 // checks a pattern whatever this cache holds.
 //
 // An entry also keeps what the CPU kernels derive from its pattern alone (pattern_derived_cpu: the
-// column masks of the expansion, the bf16 kernel's pairs), built at the first call that asks and
-// dropped with the entry, so that a changed pattern is checked and derived again.
+// column masks of the expansion, the bf16 kernel's pairs, the tile kernels' block orders), built at
+// the first call that asks and dropped with the entry, so that a changed pattern is checked and
+// derived again.
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -73,9 +74,22 @@ struct Seen {
   }
 };
 
+struct Derived {
+  PatternDerivedKind kind;
+  uint64_t variant;
+  std::shared_ptr<const void> data;
+};
+
 struct Entry {
   Seen crow, col;
-  std::array<std::shared_ptr<const void>, kPatternDerivedKinds> derived{};
+  std::vector<Derived> derived;  // a few per pattern: searched in order
+
+  const Derived* find(PatternDerivedKind kind, uint64_t variant) const {
+    for (const auto& d : derived) {
+      if (d.kind == kind && d.variant == variant) return &d;
+    }
+    return nullptr;
+  }
 };
 
 struct Cache {
@@ -241,17 +255,18 @@ std::shared_ptr<const void> pattern_derived_cpu(
     const at::Tensor& col_indices,
     int64_t num_cols,
     PatternDerivedKind kind,
+    uint64_t variant,
     const std::function<std::shared_ptr<const void>()>& build) {
   auto& c = cache();
-  const auto slot = static_cast<size_t>(kind);
   const bool track = trackable(crow_indices) && trackable(col_indices);
   const Key key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols};
   if (track) {
     std::lock_guard<std::mutex> lock(c.mutex);
     const auto it = c.entries.find(key);
-    if (it != c.entries.end() && it->second.derived[slot] && it->second.crow.still(crow_indices) &&
-        it->second.col.still(col_indices)) {
-      return it->second.derived[slot];
+    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices)) {
+      if (const Derived* d = it->second.find(kind, variant)) {
+        return d->data;
+      }
     }
   }
   // Built outside the lock (O(nnz)); two threads may both build it, the later one's is kept.
@@ -260,11 +275,16 @@ std::shared_ptr<const void> pattern_derived_cpu(
   if (track) {
     std::lock_guard<std::mutex> lock(c.mutex);
     const auto it = c.entries.find(key);  // only a checked, unchanged pattern keeps it
-    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices)) {
-      it->second.derived[slot] = built;
+    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices) &&
+        !it->second.find(kind, variant)) {
+      it->second.derived.push_back(Derived{kind, variant, built});
     }
   }
   return built;
+}
+
+bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  return trackable(crow_indices) && trackable(col_indices);
 }
 
 CheckedPatternStats checked_pattern_stats() {

@@ -19,10 +19,17 @@ namespace {
 constexpr const char* kModeEnv = "SPARSEADAPTER_PATH";
 
 // Measurement effort: each path is warmed up once, then timed kMinReps..kMaxReps times in
-// alternation, as many as fit kBudgetMs per path (slow problems are timed fewer times).
+// alternation, as many as fit kBudgetMs per path (slow problems are timed fewer times). Medians
+// within kCloseBand of each other are timed kCloseRounds times as often before the choice: on a
+// shared machine seven timings of each could not tell paths 5-10% apart.
 constexpr int kMinReps = 3;
 constexpr int kMaxReps = 7;
 constexpr double kBudgetMs = 20.0;
+constexpr double kCloseBand = 0.10;
+constexpr int kCloseRounds = 3;
+
+// How much faster than the dense path the sparse path must measure to be kept (prefer_sparse).
+constexpr double kSparseMargin = 0.03;
 
 PathMode mode_from_env() {
   const char* value = std::getenv(kModeEnv);
@@ -141,6 +148,14 @@ PathMode set_path_mode(PathMode mode) {
   return static_cast<PathMode>(mode_storage().exchange(static_cast<int>(mode)));
 }
 
+bool prefer_sparse(double ms_sparse, double ms_dense) {
+  return ms_sparse <= (1.0 - kSparseMargin) * ms_dense;
+}
+
+double sparse_path_margin() {
+  return kSparseMargin;
+}
+
 int64_t token_bucket(int64_t tokens) {
   int64_t bucket = 1;
   while (bucket < tokens) {
@@ -173,13 +188,19 @@ Path run_chosen_path(
   const double warm = std::max(timer.time_ms(run_sparse, problem.device), timer.time_ms(run_dense, problem.device));
   const int reps = std::clamp(static_cast<int>(kBudgetMs / std::max(warm, 1e-3)), kMinReps, kMaxReps);
   std::vector<double> sparse_ms, dense_ms;
-  for (int i = 0; i < reps; ++i) {  // alternated, so that drifting clocks or load hit both alike
-    sparse_ms.push_back(timer.time_ms(run_sparse, problem.device));
-    dense_ms.push_back(timer.time_ms(run_dense, problem.device));
+  const auto time_both = [&](int n) {
+    for (int i = 0; i < n; ++i) {  // alternated, so that drifting clocks or load hit both alike
+      sparse_ms.push_back(timer.time_ms(run_sparse, problem.device));
+      dense_ms.push_back(timer.time_ms(run_dense, problem.device));
+    }
+  };
+  time_both(reps);
+  if (std::abs(median(sparse_ms) / median(dense_ms) - 1.0) < kCloseBand) {
+    time_both((kCloseRounds - 1) * reps);
   }
   const double ms_sparse = median(sparse_ms);
   const double ms_dense = median(dense_ms);
-  const Path path = ms_dense < ms_sparse ? Path::kDense : Path::kSparse;
+  const Path path = prefer_sparse(ms_sparse, ms_dense) ? Path::kSparse : Path::kDense;
   record(problem, decision_of(problem, path, "measured", ms_sparse, ms_dense));
   if (path == Path::kSparse) {  // the dense path ran last: the outputs must hold the chosen result
     run_sparse();

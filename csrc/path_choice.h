@@ -6,7 +6,8 @@
 // Which one is faster depends on the machine (matrix units, memory system), the dtype, the shape,
 // the density and the token count, so it is measured where it runs, never assumed: in "auto" mode the
 // first call of each problem (op, device, dtype, shape, nnz, tokens rounded up to a power of two)
-// times both paths on its own inputs and remembers the faster for the process. The mode comes from
+// times both paths on its own inputs and remembers the faster for the process, the sparse path only
+// where it is faster by a margin (prefer_sparse). The mode comes from
 // the environment variable SPARSEADAPTER_PATH (auto | sparse | dense; default auto), read at first
 // use, or from set_path_mode. Every decision is reported by path_decisions(); sparseadapter_ext's
 // path_cache keeps the measurements of a machine across processes (seed_path_decision).
@@ -44,6 +45,12 @@ struct PathProblem {
 
 int64_t token_bucket(int64_t tokens);
 
+// The decision from the two medians: the sparse path where it takes at most (1 - margin) of the
+// dense path's time. The dense path's cost is bounded by the vendor product's plus an expansion,
+// the sparse path's is not, so a measurement too close to call goes to the dense path.
+bool prefer_sparse(double ms_sparse, double ms_dense);
+double sparse_path_margin();
+
 // How a back end times a path: the CPU times with a steady clock, CUDA with events on the current
 // stream (and cannot time while the stream is being captured into a graph).
 struct PathTimer {
@@ -55,7 +62,7 @@ const PathTimer& cpu_path_timer();
 
 // Runs the chosen path for this problem and returns it. Forced modes run their path. In auto mode a
 // known problem runs its recorded path; a new one is timed (each path warmed up, then timed in
-// alternation, medians compared), recorded, and the winner runs once more so that the outputs hold
+// alternation, medians compared by prefer_sparse), recorded, and the winner runs once more so that the outputs hold
 // its result. Where the back end cannot time, the sparse path runs and nothing is recorded.
 Path run_chosen_path(
     const PathProblem& problem,

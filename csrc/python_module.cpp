@@ -146,6 +146,11 @@ PyObject* seed_path_decision(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// _C.sparse_path_margin() -> float: how much faster the sparse path must measure to be chosen.
+PyObject* sparse_path_margin(PyObject*, PyObject*) {
+  return PyFloat_FromDouble(sparseadapter::sparse_path_margin());
+}
+
 PyObject* clear_path_decisions(PyObject*, PyObject*) {
   sparseadapter::clear_path_decisions();
   Py_RETURN_NONE;
@@ -210,6 +215,7 @@ PyMethodDef methods[] = {
     {"path_mode", path_mode, METH_NOARGS, "The path mode: auto, sparse or dense."},
     {"path_decisions", path_decisions, METH_NOARGS, "The path decisions of this process, one dict per problem."},
     {"clear_path_decisions", clear_path_decisions, METH_NOARGS, "Forgets every path decision."},
+    {"sparse_path_margin", sparse_path_margin, METH_NOARGS, "How much faster the sparse path must measure."},
     {"seed_path_decision", seed_path_decision, METH_VARARGS, "Records a measurement of an earlier process."},
     {"checked_pattern_stats", checked_pattern_stats, METH_NOARGS, "The cache of checked CPU patterns."},
     {"tensor_states", tensor_states, METH_O, "Version counters and data pointers of tensors, as bytes."},

@@ -94,19 +94,25 @@ void check_patterns_cpu_once(
     c10::ArrayRef<int64_t> sizes,
     const std::function<void()>& check);
 
-// What a CPU kernel derives from a pattern alone, one slot each in the entry of a checked pattern.
-enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs };
-constexpr size_t kPatternDerivedKinds = 2;
+// What a CPU kernel derives from a pattern alone, kept in the entry of a checked pattern: one slot
+// per kind and variant (the parameters it was built for, e.g. a block order's block sizes).
+enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs, kBlockedOrder, kColumnBlocks };
 
-// The `kind` data of a pattern that check_pattern_bounds_cpu_once has checked for num_cols: the one
-// `build` made at an earlier call while these tensors have not changed since, else `build()` (kept
-// for the next call when the cache tracks the tensors). Thread-safe; `build` runs without the lock.
+// The `kind` data of a pattern that check_pattern_bounds_cpu_once has checked for num_cols, built for
+// `variant`: the one `build` made at an earlier call while these tensors have not changed since, else
+// `build()` (kept for the next call when the cache tracks the tensors). Thread-safe; `build` runs
+// without the lock.
 std::shared_ptr<const void> pattern_derived_cpu(
     const at::Tensor& crow_indices,
     const at::Tensor& col_indices,
     int64_t num_cols,
     PatternDerivedKind kind,
+    uint64_t variant,
     const std::function<std::shared_ptr<const void>()>& build);
+
+// Whether pattern_derived_cpu keeps what it builds for these tensors (the cache can track them), so
+// that a kernel may take a structure that pays off only when built once.
+bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices);
 
 // The same, typed: T is the kind's structure.
 template <typename T, typename Build>
@@ -115,9 +121,10 @@ std::shared_ptr<const T> pattern_derived_cpu_as(
     const at::Tensor& col_indices,
     int64_t num_cols,
     PatternDerivedKind kind,
+    uint64_t variant,
     Build&& build) {
   return std::static_pointer_cast<const T>(pattern_derived_cpu(
-      crow_indices, col_indices, num_cols, kind, [&]() -> std::shared_ptr<const void> { return build(); }));
+      crow_indices, col_indices, num_cols, kind, variant, [&]() -> std::shared_ptr<const void> { return build(); }));
 }
 
 // The cache of check_pattern_bounds_cpu_once and check_patterns_cpu_once: patterns held, calls that

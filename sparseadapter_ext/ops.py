@@ -90,7 +90,9 @@ PATH_MODES = ("auto", "sparse", "dense")
 def set_path_mode(mode: str) -> str:
     """Which path spmm, sddmm, sparse_linear and sparse_adapter run: "sparse" (the CSR kernels),
     "dense" (the weight expanded per call into a dense scratch, then the vendor GEMM) or "auto" (both
-    timed at the first call of each problem on this machine, the faster kept for the process).
+    timed at the first call of each problem on this machine, the faster kept for the process; the
+    sparse path only where it is faster by `sparse_path_margin()`, since the dense path never costs
+    much more than the vendor's product while the sparse path's cost has no such bound).
     Returns the previous mode. The environment variable SPARSEADAPTER_PATH sets the initial mode."""
     from . import _C
 
@@ -115,6 +117,14 @@ def path_decisions() -> List[dict]:
     from . import _C
 
     return _C.path_decisions()
+
+
+def sparse_path_margin() -> float:
+    """The fraction by which the sparse path's median time must be below the dense path's for auto
+    mode to choose it (0.03: at most 97% of the dense path's time)."""
+    from . import _C
+
+    return _C.sparse_path_margin()
 
 
 def clear_path_decisions() -> None:

@@ -12,7 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -22,6 +22,7 @@
 #include "aligned_buffer.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
+#include "kept_orders.h"
 #include "tile.h"
 #include "vec_math.h"
 
@@ -158,19 +159,21 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
     return;
   }
   const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
-  std::optional<BlockedOrder> down_blocked, up_blocked;
+  std::shared_ptr<const BlockedOrder> down_blocked, up_blocked;
   std::vector<scalar_t> down_blocked_values, up_blocked_values;
   a.down_blocked = a.up_blocked = nullptr;
   if (walk_in_blocks<kTile, acc_t>(a.in_features, tiles)) {
-    down_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.down_crow, a.down_col, a.bottleneck, a.in_features));
+    down_blocked = kept_tile_blocked_order<kTile, acc_t, index_t>(
+        in.down.crow_indices, in.down.col_indices, a.bottleneck, a.in_features);
     down_blocked_values = down_blocked->gather(a.down_values);
-    a.down_blocked = &*down_blocked;
+    a.down_blocked = down_blocked.get();
     a.down_blocked_values = down_blocked_values.data();
   }
   if (walk_in_blocks<kTile, acc_t>(a.bottleneck, tiles)) {
-    up_blocked.emplace(tile_blocked_order<kTile, acc_t>(a.up_crow, a.up_col, a.out_features, a.bottleneck));
+    up_blocked = kept_tile_blocked_order<kTile, acc_t, index_t>(
+        in.up.crow_indices, in.up.col_indices, a.out_features, a.bottleneck);
     up_blocked_values = up_blocked->gather(a.up_values);
-    a.up_blocked = &*up_blocked;
+    a.up_blocked = up_blocked.get();
     a.up_blocked_values = up_blocked_values.data();
   }
 

@@ -194,7 +194,7 @@ std::shared_ptr<const ColumnMasks> vector_masks(const PatternData& in) {
       return nullptr;
     }
     auto masks = pattern_derived_cpu_as<ColumnMasks>(
-        in.crow_indices, in.col_indices, in.num_cols, PatternDerivedKind::kColumnMasks, [&] {
+        in.crow_indices, in.col_indices, in.num_cols, PatternDerivedKind::kColumnMasks, /*variant=*/0, [&] {
           return build_column_masks(
               in.crow_indices.const_data_ptr<index_t>(), in.col_indices.const_data_ptr<index_t>(), in.num_rows,
               in.num_cols);

@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <memory>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -26,6 +25,7 @@
 #include "column_blocks.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
+#include "kept_orders.h"
 #include "tile.h"
 
 namespace sparseadapter {
@@ -122,27 +122,30 @@ SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
 SA_DEFINE_ISA_VARIANTS(SpmmFewTokens, spmm_few_tokens);
 
 template <int kTileTokens, typename scalar_t, typename index_t>
-void run_tiles(SpmmArgs<scalar_t, index_t>& a, int64_t threads) {
+void run_tiles(const SpmmInputs& in, SpmmArgs<scalar_t, index_t>& a, int64_t threads) {
   using acc_t = at::opmath_type<scalar_t>;
   // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
   // has work; each row block then stages its own copy of the tile.
   const int64_t tiles = (a.num_tokens + kTileTokens - 1) / kTileTokens;
   a.row_blocks = tiles >= threads ? 1 : std::max<int64_t>(1, std::min(threads, a.out_features / kRowBlock));
   a.rows_per_block = (a.out_features + a.row_blocks - 1) / a.row_blocks;
-  std::optional<BlockedOrder> blocked;
-  std::optional<ColumnBlocks> column_blocks;
+  std::shared_ptr<const BlockedOrder> blocked;
+  std::shared_ptr<const ColumnBlocks> column_blocks;
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
   a.column_blocks = nullptr;
-  if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles)) {
-    column_blocks.emplace(tile_column_blocks<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
+  const bool kept = pattern_derived_kept_cpu(in.crow_indices, in.col_indices);
+  if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles, kept)) {
+    column_blocks = kept_tile_column_blocks<kTileTokens, acc_t, index_t>(
+        in.crow_indices, in.col_indices, a.out_features, a.in_features);
     blocked_values = column_blocks->order.gather(a.values);
-    a.column_blocks = &*column_blocks;
+    a.column_blocks = column_blocks.get();
     a.column_block_values = blocked_values.data();
   } else if (a.row_blocks == 1 && walk_in_blocks<kTileTokens, acc_t>(a.in_features, tiles)) {
-    blocked.emplace(tile_blocked_order<kTileTokens, acc_t>(a.crow, a.col, a.out_features, a.in_features));
+    blocked = kept_tile_blocked_order<kTileTokens, acc_t, index_t>(
+        in.crow_indices, in.col_indices, a.out_features, a.in_features);
     blocked_values = blocked->gather(a.values);
-    a.blocked = &*blocked;
+    a.blocked = blocked.get();
     a.blocked_values = blocked_values.data();
   }
 
@@ -173,7 +176,7 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (cpu_isa() == CpuIsa::kAvx512Bf16) {  // bf16 pairs with the dot-product instruction
       const auto pattern = pattern_derived_cpu_as<PairPattern>(
-          in.crow_indices, in.col_indices, in.in_features, PatternDerivedKind::kBf16Pairs,
+          in.crow_indices, in.col_indices, in.in_features, PatternDerivedKind::kBf16Pairs, /*variant=*/0,
           [&] { return std::make_shared<const PairPattern>(a.crow, a.col, in.out_features); });
       pair_spmm(*pattern, a.values, a.x, a.bias, a.y, in.num_tokens, in.in_features, in.out_features);
       return;
@@ -183,9 +186,9 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
 
   const int64_t threads = at::get_num_threads();
   if (use_wide_tiles<at::opmath_type<scalar_t>>(in.in_features, in.num_tokens, threads)) {
-    run_tiles<kWideTile>(a, threads);
+    run_tiles<kWideTile>(in, a, threads);
   } else {
-    run_tiles<kNarrowTile>(a, threads);
+    run_tiles<kNarrowTile>(in, a, threads);
   }
 }
 

@@ -226,3 +226,89 @@ def test_the_expansion_of_unsorted_columns_is_exact(dtype):
     want[0, 40], want[0, 2], want[0, 33], want[2, 1], want[2, 0] = 1, 2, 3, 4, 5
     assert torch.equal(dense, want)
     assert torch.equal(ops.csr_gather(want * 3, crow, col), values * 3)
+
+
+def _tiles_for_every_thread(tiles):
+    """Tokens for at least `tiles` 32-token tiles and one per thread (fewer split rows instead),
+    plus a partial tile."""
+    return 32 * max(tiles, torch.get_num_threads()) + 5
+
+
+# (out, in, tokens): the fp32 SpMM staging its tile by column blocks (few outputs, from two tiles on
+# when the blocks are kept), and walking a block order (more outputs, from 16 tiles on).
+TILE_ORDER_CASES = {
+    "column_blocks": (20, 300, _tiles_for_every_thread(2)),
+    "block_order": (200, 300, _tiles_for_every_thread(16)),
+}
+
+
+@pytest.mark.parametrize("case", TILE_ORDER_CASES)
+def test_the_tile_orders_are_built_once_per_pattern_and_again_after_a_change(case, seed):
+    out_f, in_f, tokens = TILE_ORDER_CASES[case]
+    p = Pattern(out_f, in_f, 0.3, seed=seed)
+    values = p.values64.float()
+    x = torch.randn(tokens, in_f)
+    previous = ops.set_path_mode("sparse")
+    try:
+        before = _stats()["derived_builds"]
+        first = ops.spmm(x, values, p.crow, p.col)
+        assert _stats()["derived_builds"] == before + 1
+        torch.testing.assert_close(first.double(), _reference(p, values, x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(ops.spmm(x, values, p.crow, p.col), first)
+        assert torch.equal(ops.spmm(x, values * 2, p.crow, p.col), first * 2)  # new values, same order
+        assert _stats()["derived_builds"] == before + 1
+
+        _changed_column(p)
+        changed = ops.spmm(x, values, p.crow, p.col)
+        assert _stats()["derived_builds"] == before + 2
+        torch.testing.assert_close(changed.double(), _reference(p, values, x), rtol=1e-4, atol=1e-4)
+    finally:
+        ops.set_path_mode(previous)
+
+
+def test_the_sddmm_keeps_an_order_per_block_shape(seed):
+    """Few tiles take CSR order and many the block order: two orders of one pattern, each built once."""
+    p = Pattern(20, 300, 0.3, seed=seed)
+    previous = ops.set_path_mode("sparse")
+    try:
+        for tokens in (100, 64 * 16 + 3):
+            x, grad_out = torch.randn(tokens, 300), torch.randn(tokens, 20)
+            want = (grad_out.double().T @ x.double())[p.mask]
+            before = _stats()["derived_builds"]
+            torch.testing.assert_close(ops.sddmm(grad_out, x, p.crow, p.col).double(), want, rtol=1e-4, atol=1e-4)
+            assert _stats()["derived_builds"] == before + 1
+            ops.sddmm(grad_out, x, p.crow, p.col)
+            assert _stats()["derived_builds"] == before + 1
+        _changed_column(p)
+        mask = ops.csr_to_dense(torch.ones(p.nnz), p.crow, p.col, 300).bool()
+        before = _stats()["derived_builds"]
+        torch.testing.assert_close(
+            ops.sddmm(grad_out, x, p.crow, p.col).double(),
+            (grad_out.double().T @ x.double())[mask],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        assert _stats()["derived_builds"] == before + 1
+    finally:
+        ops.set_path_mode(previous)
+
+
+def test_the_fused_adapter_keeps_its_block_order(seed):
+    down, up = Pattern(20, 300, 0.3, seed=seed), Pattern(300, 20, 0.3, seed=seed + 1)
+
+    def buffers(p):
+        args = p.linear_args(p.values64.float(), None)
+        return args[:4] + args[5:]  # without the forward row order
+
+    x = torch.randn(_tiles_for_every_thread(16), 300)  # the down projection walks in block order
+    previous = ops.set_path_mode("sparse")
+    try:
+        before = _stats()["derived_builds"]
+        first = ops.sparse_adapter(x, x, buffers(down), buffers(up), "relu", 1.0)
+        assert _stats()["derived_builds"] == before + 1
+        want = x.double() + torch.relu(x.double() @ down.weight64.T) @ up.weight64.T
+        torch.testing.assert_close(first.double(), want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(ops.sparse_adapter(x, x, buffers(down), buffers(up), "relu", 1.0), first)
+        assert _stats()["derived_builds"] == before + 1
+    finally:
+        ops.set_path_mode(previous)
