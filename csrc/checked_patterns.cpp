@@ -283,8 +283,14 @@ std::shared_ptr<const void> pattern_derived_cpu(
   return built;
 }
 
-bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices) {
-  return trackable(crow_indices) && trackable(col_indices);
+bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices, int64_t num_cols) {
+  if (!trackable(crow_indices) || !trackable(col_indices)) {
+    return false;
+  }
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  const auto it = c.entries.find(Key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols});
+  return it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices);
 }
 
 CheckedPatternStats checked_pattern_stats() {

@@ -96,7 +96,7 @@ void check_patterns_cpu_once(
 
 // What a CPU kernel derives from a pattern alone, kept in the entry of a checked pattern: one slot
 // per kind and variant (the parameters it was built for, e.g. a block order's block sizes).
-enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs, kBlockedOrder, kColumnBlocks };
+enum class PatternDerivedKind : uint8_t { kColumnMasks, kBf16Pairs, kEntryOrder, kSegmentOrder, kColumnBlocks };
 
 // The `kind` data of a pattern that check_pattern_bounds_cpu_once has checked for num_cols, built for
 // `variant`: the one `build` made at an earlier call while these tensors have not changed since, else
@@ -110,9 +110,11 @@ std::shared_ptr<const void> pattern_derived_cpu(
     uint64_t variant,
     const std::function<std::shared_ptr<const void>()>& build);
 
-// Whether pattern_derived_cpu keeps what it builds for these tensors (the cache can track them), so
-// that a kernel may take a structure that pays off only when built once.
-bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices);
+// Whether pattern_derived_cpu keeps what it builds for these tensors: they are a checked pattern
+// (for num_cols) the cache tracks and they have not changed since. A kernel may then take a structure
+// that pays off only when built once (a pattern sliced per call, e.g. one adapter of a packed set, is
+// not kept).
+bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices, int64_t num_cols);
 
 // The same, typed: T is the kind's structure.
 template <typename T, typename Build>

@@ -4,8 +4,10 @@
 // projection writes the bottleneck tile transposed, which is exactly the layout the up projection
 // reads, so the bottleneck activation never leaves the core's cache and is never transposed back
 // (only written out, once, when the backward needs the pre-activation). A projection whose staged
-// tile exceeds L1 walks its nonzeros in block order (tile.h). The residual is added in the
-// accumulation type before the single rounding to the output dtype.
+// tile exceeds L1 walks its nonzeros in block order (tile.h); with a bottleneck tile that fits L1,
+// the down projection instead stages x one column block at a time (column_blocks.h), as the SpMM
+// does. The residual is added in the accumulation type before the single rounding to the output
+// dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,6 +22,7 @@
 #include "../dispatch.h"
 #include "../kernels.h"
 #include "aligned_buffer.h"
+#include "column_blocks.h"
 #include "cpu_isa.h"
 #include "few_tokens.h"
 #include "kept_orders.h"
@@ -36,6 +39,10 @@ struct AdapterArgs : AdapterPointers<scalar_t, index_t> {
   // projections whose staged tile exceeds L1 walk their nonzeros in block order (tile.h)
   const BlockedOrder *down_blocked, *up_blocked;  // nullptr: CSR order
   const scalar_t *down_blocked_values, *up_blocked_values;
+  // non-null: the down projection stages x one column block at a time (column_blocks.h), for a
+  // bottleneck tile that stays in L1 meanwhile; then down_blocked is null
+  const ColumnBlocks* down_column_blocks;
+  const scalar_t* down_column_block_values;
 };
 
 // The bottleneck activation, in place on n values. fp32 accumulation (fp32, fp16 and bf16 inputs)
@@ -93,10 +100,16 @@ SA_ALWAYS_INLINE void adapter_tiles(const AdapterArgs<scalar_t, index_t>& a, int
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t n0 = tile * kTile;
     const int64_t nt = std::min(kTile, a.num_tokens - n0);
-    load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
-    rows_times_tile<kIsa, kTile>(
-        a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values, a.down_bias, 0, a.bottleneck,
-        xt.data(), ht.data());
+    if (a.down_column_blocks) {  // xt holds one column block at a time
+      column_blocks_times_tile<kIsa, kTile>(
+          *a.down_column_blocks, a.down_column_block_values, a.down_bias, a.bottleneck, a.x + n0 * a.in_features,
+          a.in_features, nt, a.in_features, xt.data(), ht.data());
+    } else {
+      load_transposed_tile<kIsa, kTile>(a.x + n0 * a.in_features, a.in_features, nt, a.in_features, xt.data());
+      rows_times_tile<kIsa, kTile>(
+          a.down_blocked, a.down_blocked_values, a.down_crow, a.down_col, a.down_values, a.down_bias, 0, a.bottleneck,
+          xt.data(), ht.data());
+    }
     if (a.hidden_pre) {
       store_transposed_tile<kIsa, kTile>(ht.data(), a.bottleneck, nt, a.hidden_pre + n0 * a.bottleneck, a.bottleneck);
     }
@@ -160,9 +173,19 @@ void run_adapter(const AdapterInputs& in, at::Tensor& out, at::Tensor& hidden_pr
   }
   const int64_t tiles = (a.num_tokens + kTile - 1) / kTile;
   std::shared_ptr<const BlockedOrder> down_blocked, up_blocked;
+  std::shared_ptr<const ColumnBlocks> down_column_blocks;
   std::vector<scalar_t> down_blocked_values, up_blocked_values;
   a.down_blocked = a.up_blocked = nullptr;
-  if (walk_in_blocks<kTile, acc_t>(a.in_features, tiles)) {
+  a.down_column_blocks = nullptr;
+  if (stage_by_column_blocks<kTile, acc_t>(
+          a.in_features, a.bottleneck, tiles,
+          pattern_derived_kept_cpu(in.down.crow_indices, in.down.col_indices, a.in_features))) {
+    down_column_blocks = kept_tile_column_blocks<kTile, acc_t, index_t>(
+        in.down.crow_indices, in.down.col_indices, a.bottleneck, a.in_features);
+    down_blocked_values = down_column_blocks->order.gather(a.down_values);
+    a.down_column_blocks = down_column_blocks.get();
+    a.down_column_block_values = down_blocked_values.data();
+  } else if (walk_in_blocks<kTile, acc_t>(a.in_features, tiles)) {
     down_blocked = kept_tile_blocked_order<kTile, acc_t, index_t>(
         in.down.crow_indices, in.down.col_indices, a.bottleneck, a.in_features);
     down_blocked_values = down_blocked->gather(a.down_values);

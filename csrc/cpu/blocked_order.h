@@ -73,6 +73,9 @@ struct BlockedOrder {
     seg_start.push_back(nnz);
   }
 
+  // Frees row, for an order kept for products that read only segments, columns and positions.
+  void release_rows() { std::vector<int32_t>().swap(row); }
+
   // values[position[i]] for every entry i, in entry order.
   template <typename scalar_t>
   std::vector<scalar_t> gather(const scalar_t* values) const {

@@ -52,6 +52,10 @@ struct ColumnBlocks {
     // segments are sorted by block: block b starts at its first segment, or where block b + 1 starts
     for (int64_t s = order.segments() - 1; s >= 0; --s) block_segment[order.col[order.seg_start[s]] / block_cols] = s;
     for (int64_t b = blocks - 1; b >= 0; --b) block_segment[b] = std::min(block_segment[b], block_segment[b + 1]);
+    // the product reads segments, local columns and positions only (the blocks are kept with the
+    // pattern, kept_orders.h)
+    order.release_rows();
+    std::vector<int32_t>().swap(order.col);
   }
 
   int64_t blocks() const { return static_cast<int64_t>(block_segment.size()) - 1; }

@@ -155,7 +155,7 @@ void run_sddmm(const SddmmInputs& in, at::Tensor& out) {
   // few tiles: CSR order (one block). Even with the order kept (kept_orders.h), block order was
   // slower here at 128-512 tokens at 90% sparsity and for 64 -> 768, faster only for 768 -> 64 at 50%.
   const bool blocks = tiles >= kMinTilesForBlocks;
-  const auto kept = kept_blocked_order<index_t>(
+  const auto kept = kept_entry_order<index_t>(
       in.crow_indices, in.col_indices, in.out_features, in.in_features, blocks ? kBlockRows : in.out_features,
       blocks ? kBlockCols : in.in_features);
   const BlockedOrder& order = *kept;

@@ -134,7 +134,7 @@ void run_tiles(const SpmmInputs& in, SpmmArgs<scalar_t, index_t>& a, int64_t thr
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
   a.column_blocks = nullptr;
-  const bool kept = pattern_derived_kept_cpu(in.crow_indices, in.col_indices);
+  const bool kept = pattern_derived_kept_cpu(in.crow_indices, in.col_indices, in.in_features);
   if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles, kept)) {
     column_blocks = kept_tile_column_blocks<kTileTokens, acc_t, index_t>(
         in.crow_indices, in.col_indices, a.out_features, a.in_features);

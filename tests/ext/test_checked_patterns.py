@@ -262,6 +262,15 @@ def test_the_tile_orders_are_built_once_per_pattern_and_again_after_a_change(cas
         changed = ops.spmm(x, values, p.crow, p.col)
         assert _stats()["derived_builds"] == before + 2
         torch.testing.assert_close(changed.double(), _reference(p, values, x), rtol=1e-4, atol=1e-4)
+
+        # A pattern the cache cannot keep (inference tensors) is sorted per call where the order pays
+        # off within one call (many tiles), else multiplied in CSR order.
+        with torch.inference_mode():
+            crow, col = p.crow.clone(), p.col.clone()
+        before = _stats()["derived_builds"]
+        for _ in range(2):
+            torch.testing.assert_close(ops.spmm(x, values, crow, col), changed, rtol=1e-5, atol=1e-4)
+        assert _stats()["derived_builds"] == before + (2 if case == "block_order" else 0)
     finally:
         ops.set_path_mode(previous)
 
@@ -293,14 +302,21 @@ def test_the_sddmm_keeps_an_order_per_block_shape(seed):
         ops.set_path_mode(previous)
 
 
-def test_the_fused_adapter_keeps_its_block_order(seed):
-    down, up = Pattern(20, 300, 0.3, seed=seed), Pattern(300, 20, 0.3, seed=seed + 1)
+# (bottleneck, tokens): the fused adapter's down projection 300 -> bottleneck staging x by column
+# blocks (a bottleneck tile within L1, from two tiles on) or walking a block order (from 16 tiles on).
+ADAPTER_ORDER_CASES = {"column_blocks": (20, 32 * 2 + 5), "block_order": (200, 32 * 16 + 5)}
+
+
+@pytest.mark.parametrize("case", ADAPTER_ORDER_CASES)
+def test_the_fused_adapter_keeps_its_tile_order(case, seed):
+    bottleneck, tokens = ADAPTER_ORDER_CASES[case]
+    down, up = Pattern(bottleneck, 300, 0.3, seed=seed), Pattern(300, bottleneck, 0.3, seed=seed + 1)
 
     def buffers(p):
         args = p.linear_args(p.values64.float(), None)
         return args[:4] + args[5:]  # without the forward row order
 
-    x = torch.randn(_tiles_for_every_thread(16), 300)  # the down projection walks in block order
+    x = torch.randn(tokens, 300)
     previous = ops.set_path_mode("sparse")
     try:
         before = _stats()["derived_builds"]
