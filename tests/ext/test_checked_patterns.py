@@ -228,16 +228,18 @@ def test_the_expansion_of_unsorted_columns_is_exact(dtype):
     assert torch.equal(ops.csr_gather(want * 3, crow, col), values * 3)
 
 
-def _tiles_for_every_thread(tiles):
-    """Tokens for at least `tiles` 32-token tiles and one per thread (fewer split rows instead),
-    plus a partial tile."""
-    return 32 * max(tiles, torch.get_num_threads()) + 5
+def _tiles_for_every_thread(tiles, tile_tokens=32):
+    """Tokens for at least `tiles` tiles and one per thread (fewer split rows instead), plus a
+    partial tile."""
+    return tile_tokens * max(tiles, torch.get_num_threads()) + 5
 
 
 # (out, in, tokens): the fp32 SpMM staging its tile by column blocks (few outputs, from two tiles on
-# when the blocks are kept), and walking a block order (more outputs, from 16 tiles on).
+# when the blocks are kept; 64-token tiles once there is one per thread), and walking a block order
+# (more outputs, from 16 tiles on).
 TILE_ORDER_CASES = {
     "column_blocks": (20, 300, _tiles_for_every_thread(2)),
+    "column_blocks_wide_tiles": (20, 300, _tiles_for_every_thread(2, tile_tokens=64)),
     "block_order": (200, 300, _tiles_for_every_thread(16)),
 }
 
