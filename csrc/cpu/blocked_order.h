@@ -13,13 +13,17 @@ namespace sparseadapter {
 // Entries sorted by (row block, column block), CSR order inside a block (a stable counting sort,
 // O(nnz + blocks)). Entry i is nonzero position[i], at (row[i], col[i]); int32 suffices, as no
 // staged tile could hold 2^31 features. Segments, for the products that accumulate row by row, are
-// the maximal runs of entries in one row: segment s is entries [seg_start[s], seg_start[s + 1]) of
-// row seg_row[s]; find_segments() fills them.
+// the maximal runs of entries in one row and one block: segment s is entries [seg_start[s],
+// seg_start[s + 1]) of row seg_row[s]; find_segments() fills them. A run must not cross a block: a
+// row that ends one block and starts the next (a column block whose other rows are empty) would
+// otherwise be one segment, and a product that stages one column block at a time (column_blocks.h)
+// would read the next block's entries from the wrong staged columns.
 struct BlockedOrder {
   std::vector<int64_t> position;
   std::vector<int32_t> row, col;
   std::vector<int64_t> seg_start;
   std::vector<int32_t> seg_row;
+  int64_t block_cols;  // the blocks' width (a run of one row never spans two row blocks)
 
   template <typename index_t>
   BlockedOrder(
@@ -28,7 +32,8 @@ struct BlockedOrder {
       int64_t rows,
       int64_t cols,
       int64_t block_rows,
-      int64_t block_cols) {
+      int64_t block_cols_)
+      : block_cols(block_cols_) {
     const int64_t nnz = static_cast<int64_t>(crow[rows]);
     position.resize(nnz);
     row.resize(nnz);
@@ -65,7 +70,7 @@ struct BlockedOrder {
   void find_segments() {
     const int64_t nnz = static_cast<int64_t>(row.size());
     for (int64_t i = 0; i < nnz; ++i) {
-      if (i == 0 || row[i] != row[i - 1]) {
+      if (i == 0 || row[i] != row[i - 1] || col[i] / block_cols != col[i - 1] / block_cols) {
         seg_start.push_back(i);
         seg_row.push_back(row[i]);
       }

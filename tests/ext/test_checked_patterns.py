@@ -330,3 +330,35 @@ def test_the_fused_adapter_keeps_its_tile_order(case, seed):
         assert _stats()["derived_builds"] == before + 1
     finally:
         ops.set_path_mode(previous)
+
+
+def _row_across_column_blocks():
+    """A pattern [3, 600] whose row 1 ends one column block and starts the next (the other rows are
+    empty there), for 128- and 256-column blocks alike."""
+    crow = torch.tensor([0, 2, 6, 6], dtype=torch.int32)
+    col = torch.tensor([3, 100, 200, 250, 300, 520], dtype=torch.int32)
+    return crow, col, torch.randn(6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tokens", [2 * 32 + 1, 64 * 4 + 1, 32 * 16 + 1])
+def test_a_row_across_column_blocks_is_split_at_each_block(tokens):
+    """Each block is staged on its own, so a row's run of nonzeros must end at a block's end: merged
+    into one run, the next block's nonzeros were read from the previous block's staged columns."""
+    crow, col, values64 = _row_across_column_blocks()
+    w = ops.csr_to_dense(values64, crow, col, 600)
+    x = torch.randn(tokens, 600)
+    previous = ops.set_path_mode("sparse")
+    try:
+        want = x.double() @ w.T
+        torch.testing.assert_close(ops.spmm(x, values64.float(), crow, col).double(), want, rtol=1e-5, atol=1e-4)
+        with torch.inference_mode():  # built for the call, not kept
+            y = ops.spmm(x, values64.float(), crow.clone(), col.clone())
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+        up = Pattern(600, 3, 0.7, seed=tokens)
+        down = (values64.float(), None, crow, col, *ops.csr_transpose(crow, col, 600))
+        down += (ops.csr_row_order(down[4]),)
+        up_args = up.linear_args(up.values64.float(), None)
+        got = ops.sparse_adapter(x, None, down, up_args[:4] + up_args[5:], "identity", 1.0)
+        torch.testing.assert_close(got.double(), want @ up.weight64.T, rtol=1e-5, atol=1e-4)
+    finally:
+        ops.set_path_mode(previous)
