@@ -110,6 +110,13 @@ bool trackable(const at::Tensor& t) {
   return !t.is_inference() && t.has_storage() && t.layout() == at::kStrided && t.use_count() > 1;
 }
 
+// The entry of these tensors if they have not changed since it was made, else null; c.mutex held.
+Entry* unchanged_entry(Cache& c, const Key& key, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  const auto it = c.entries.find(key);
+  return it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices) ? &it->second
+                                                                                                           : nullptr;
+}
+
 }  // namespace
 
 void check_pattern_bounds_cpu_once(
@@ -262,9 +269,8 @@ std::shared_ptr<const void> pattern_derived_cpu(
   const Key key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols};
   if (track) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    const auto it = c.entries.find(key);
-    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices)) {
-      if (const Derived* d = it->second.find(kind, variant)) {
+    if (const Entry* entry = unchanged_entry(c, key, crow_indices, col_indices)) {
+      if (const Derived* d = entry->find(kind, variant)) {
         return d->data;
       }
     }
@@ -274,10 +280,9 @@ std::shared_ptr<const void> pattern_derived_cpu(
   c.derived_builds.fetch_add(1, std::memory_order_relaxed);
   if (track) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    const auto it = c.entries.find(key);  // only a checked, unchanged pattern keeps it
-    if (it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices) &&
-        !it->second.find(kind, variant)) {
-      it->second.derived.push_back(Derived{kind, variant, built});
+    Entry* entry = unchanged_entry(c, key, crow_indices, col_indices);  // only a checked pattern keeps it
+    if (entry != nullptr && !entry->find(kind, variant)) {
+      entry->derived.push_back(Derived{kind, variant, built});
     }
   }
   return built;
@@ -289,8 +294,8 @@ bool pattern_derived_kept_cpu(const at::Tensor& crow_indices, const at::Tensor& 
   }
   auto& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  const auto it = c.entries.find(Key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols});
-  return it != c.entries.end() && it->second.crow.still(crow_indices) && it->second.col.still(col_indices);
+  const Key key{crow_indices.unsafeGetTensorImpl(), col_indices.unsafeGetTensorImpl(), num_cols};
+  return unchanged_entry(c, key, crow_indices, col_indices) != nullptr;
 }
 
 CheckedPatternStats checked_pattern_stats() {

@@ -40,16 +40,15 @@ constexpr int64_t kRowBlock = 16;    // rows per work item when there are too fe
 // time (few outputs, column_blocks.h), whose blocks fit L1 whatever in_features. For fp32 768->64 the
 // wider tiles took 1-10% less time than 32-token tiles (min of 15 runs, 256-4096 tokens, 50-90%
 // sparsity): per nonzero, one index and one value load serve four vector FMAs instead of two.
+// order_kept: the pattern's orders are kept with it (pattern_derived_kept_cpu).
 template <typename acc_t>
-bool use_wide_tiles(const SpmmInputs& in, int64_t threads) {
+bool use_wide_tiles(const SpmmInputs& in, int64_t threads, bool order_kept) {
   if (in.num_tokens < kWideTile * threads) {
     return false;
   }
   const int64_t tiles = (in.num_tokens + kWideTile - 1) / kWideTile;
   return in.in_features * kWideTile * static_cast<int64_t>(sizeof(acc_t)) <= kL1Bytes ||
-         stage_by_column_blocks<kWideTile, acc_t>(
-             in.in_features, in.out_features, tiles,
-             pattern_derived_kept_cpu(in.crow_indices, in.col_indices, in.in_features));
+         stage_by_column_blocks<kWideTile, acc_t>(in.in_features, in.out_features, tiles, order_kept);
 }
 
 template <typename scalar_t, typename index_t>
@@ -132,7 +131,7 @@ SA_ALWAYS_INLINE void spmm_few_tokens(const SpmmArgs<scalar_t, index_t>& a) {
 SA_DEFINE_ISA_VARIANTS(SpmmFewTokens, spmm_few_tokens);
 
 template <int kTileTokens, typename scalar_t, typename index_t>
-void run_tiles(const SpmmInputs& in, SpmmArgs<scalar_t, index_t>& a, int64_t threads) {
+void run_tiles(const SpmmInputs& in, SpmmArgs<scalar_t, index_t>& a, int64_t threads, bool order_kept) {
   using acc_t = at::opmath_type<scalar_t>;
   // Few tiles (short inputs, e.g. one request at serving time): split rows too, so every thread
   // has work; each row block then stages its own copy of the tile.
@@ -144,8 +143,8 @@ void run_tiles(const SpmmInputs& in, SpmmArgs<scalar_t, index_t>& a, int64_t thr
   std::vector<scalar_t> blocked_values;
   a.blocked = nullptr;
   a.column_blocks = nullptr;
-  const bool kept = pattern_derived_kept_cpu(in.crow_indices, in.col_indices, in.in_features);
-  if (a.row_blocks == 1 && stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles, kept)) {
+  if (a.row_blocks == 1 &&
+      stage_by_column_blocks<kTileTokens, acc_t>(a.in_features, a.out_features, tiles, order_kept)) {
     column_blocks = kept_tile_column_blocks<kTileTokens, acc_t, index_t>(
         in.crow_indices, in.col_indices, a.out_features, a.in_features);
     blocked_values = column_blocks->order.gather(a.values);
@@ -195,10 +194,11 @@ void run_spmm(const SpmmInputs& in, at::Tensor& y) {
 #endif
 
   const int64_t threads = at::get_num_threads();
-  if (use_wide_tiles<at::opmath_type<scalar_t>>(in, threads)) {
-    run_tiles<kWideTile>(in, a, threads);
+  const bool order_kept = pattern_derived_kept_cpu(in.crow_indices, in.col_indices, in.in_features);
+  if (use_wide_tiles<at::opmath_type<scalar_t>>(in, threads, order_kept)) {
+    run_tiles<kWideTile>(in, a, threads, order_kept);
   } else {
-    run_tiles<kNarrowTile>(in, a, threads);
+    run_tiles<kNarrowTile>(in, a, threads, order_kept);
   }
 }
 
